@@ -1,0 +1,135 @@
+// The KV store interface the forward pass talks to, and the policies behind it.
+//
+// One KvCache per rank holds every sequence of that rank: a pool of fixed-size blocks sized by a
+// byte budget, and per (sequence, layer, local KV head) a dense slot array in blocks with its own
+// length and block table (docs/dms-semantics.md §4). Policies decide which slots are recycled:
+//   none    dense cache, nothing evicted
+//   dms     the model's own decisions (bits computed by the forward pass, runtime/dms.h)
+//   forced  synthetic DMS: bits drawn at a fixed rate from a seeded hash of (layer, head,
+//           position) — for measuring memory and speed on models without DMS weights; labelled
+//           as synthetic in every report
+//   window  sliding window of `window` tokens plus `sinks` first tokens (StreamingLLM)
+//   tova    keeps at most `budget_tokens` per head, evicting the lowest-attention token (TOVA)
+//   h2o     keeps `budget_tokens` per head: recent half + heavy hitters by accumulated attention
+//
+// Threading: not thread-safe; the engine drives it from one thread (the attention of different
+// heads may run on the backend's worker threads inside AttendAndAppend).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace dmsrt {
+
+using SeqId = int32_t;
+
+enum class KvPolicyKind { kNone, kDms, kForced, kWindow, kTova, kH2o };
+const char* KvPolicyName(KvPolicyKind k);
+absl::StatusOr<KvPolicyKind> ParseKvPolicy(const std::string& name);
+
+struct KvPolicyConfig {
+  KvPolicyKind kind = KvPolicyKind::kNone;
+  int32_t window = 0;          // dms/forced: the delay window w; window policy: tokens kept
+  int32_t sinks = 4;           // window policy: first tokens always kept
+  int32_t budget_tokens = 0;   // tova/h2o: tokens kept per head
+  double force_rate = 0.0;     // forced: probability that a token is flagged
+  uint64_t seed = 0;           // forced: hash seed
+};
+
+// Shapes of the part of the model this rank holds.
+struct KvGeometry {
+  int32_t n_layers = 0;
+  int32_t n_kv_heads = 0;      // KV heads on this rank
+  int32_t n_heads = 0;         // query heads on this rank (n_kv_heads * group)
+  int32_t head_dim = 0;
+  int32_t block_tokens = 16;   // slots per block
+  int32_t kv_head_offset = 0;  // global index of this rank's first KV head (for forced hashing)
+};
+
+// Compression figures of docs/dms-semantics.md §6, token-weighted.
+struct KvHeadFigures {
+  int64_t logical = 0;   // L: tokens the head has seen
+  int64_t resident = 0;  // n: slots in use
+  int64_t flagged = 0;   // tokens flagged for eviction
+  int64_t kv_reads = 0;  // Σ over steps of resident slots read
+  int64_t dense_reads = 0;  // Σ over steps of L
+};
+struct KvFigures {
+  int64_t logical_tokens = 0;   // Σ L over sequences, layers, heads
+  int64_t resident_tokens = 0;  // Σ n
+  int64_t flagged_tokens = 0;
+  int64_t kv_reads = 0;
+  int64_t dense_reads = 0;
+  int64_t blocks_held = 0;      // blocks actually held (shared blocks once)
+  int64_t dense_blocks = 0;     // blocks a dense cache would hold
+  int64_t kv_bytes = 0;         // bytes of the blocks held
+  double cache_cr() const;      // Σ L / Σ n
+  double eviction_rate() const; // flagged / Σ L
+  double asymptotic_cr() const; // 1 / (1 - rate)
+  double block_cr() const;      // dense_blocks / blocks_held
+  // Per layer (summed over heads) and per (layer, head) (summed over sequences).
+  std::vector<KvHeadFigures> per_layer;
+  std::vector<KvHeadFigures> per_head;  // [layer * n_kv_heads + head]
+};
+
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+
+  virtual const KvGeometry& geometry() const = 0;
+  virtual const KvPolicyConfig& policy() const = 0;
+
+  // Sequences. Fork shares every block of `parent` (reference counted); a block is copied the
+  // first time a sequence writes into a shared one. Free returns unshared blocks at once.
+  virtual absl::StatusOr<SeqId> Create() = 0;
+  virtual absl::StatusOr<SeqId> Fork(SeqId parent) = 0;
+  virtual absl::Status Free(SeqId seq) = 0;
+  // Tokens the sequence has seen (its next position).
+  virtual int64_t Length(SeqId seq) const = 0;
+
+  // Makes sure that appending `n_new` tokens to `seq` cannot run out of blocks mid-step (new
+  // blocks and copy-on-write copies included). RESOURCE_EXHAUSTED when the pool cannot provide
+  // them; the cache is unchanged then, so the scheduler can preempt and retry.
+  virtual absl::Status Reserve(SeqId seq, int32_t n_new) = 0;
+
+  // One layer of one step for one sequence: attention of `n` new tokens (positions
+  // Length(seq) .. Length(seq)+n-1) over what they may see, then their K/V are committed.
+  // Visibility and the resulting cache follow docs/dms-semantics.md §3-§5 exactly.
+  //   q     [n, n_heads, head_dim]     after RoPE
+  //   k, v  [n, n_kv_heads, head_dim]  k after RoPE
+  //   evict [n, n_kv_heads]            decision bits d[t, j] (dms only; nullptr otherwise)
+  //   out   [n, n_heads, head_dim]     softmax(q k^T / sqrt(hd)) v
+  // Must be called for layers 0..n_layers-1 in order; the sequence advances by n after the last.
+  // Requires a successful Reserve(seq, n) for this step.
+  virtual void AttendAndAppend(SeqId seq, int32_t layer, int32_t n, const float* q,
+                               const float* k, const float* v, const uint8_t* evict,
+                               float* out) = 0;
+
+  // Pool state.
+  virtual int64_t total_blocks() const = 0;
+  virtual int64_t free_blocks() const = 0;
+  virtual int64_t block_bytes() const = 0;  // bytes of one block (K and V, one head)
+
+  // Figures over all live sequences, or one.
+  virtual KvFigures Figures() const = 0;
+  virtual KvFigures Figures(SeqId seq) const = 0;
+
+  // Debug/test access: absolute positions resident in (seq, layer, head), in slot order.
+  virtual std::vector<int32_t> ResidentPositions(SeqId seq, int32_t layer,
+                                                 int32_t head) const = 0;
+};
+
+// CPU implementation (float32 slots). `budget_bytes` bounds the pool; the pool is allocated once.
+absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& geometry,
+                                                        const KvPolicyConfig& policy,
+                                                        int64_t budget_bytes);
+
+// Parses "2GiB", "512MiB", "1.5GB", "100000000" into bytes.
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text);
+
+}  // namespace dmsrt
