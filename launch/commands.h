@@ -9,5 +9,6 @@ int RunCommandLine(int argc, char** argv);
 // Subcommand entry points: argv[0] is the subcommand name.
 int RunGenerate(int argc, char** argv);
 int RunTokenize(int argc, char** argv);
+int RunScore(int argc, char** argv);
 
 }  // namespace dmsrt

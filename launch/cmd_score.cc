@@ -1,0 +1,117 @@
+// `dmsrt score`: teacher-forced evaluation of a text — perplexity, the top-1 prediction at
+// every position, and optionally every logit (for comparison with another implementation).
+//
+//   dmsrt score [--model PATH] (--text TEXT | --file F | --tokens "1 2 3") [--prefill-chunk N]
+//       [--dump-logits FILE] [--json] [backend/KV options as for generate]
+//
+// --dump-logits writes float32 little-endian [n_tokens, vocab]: row i is the distribution after
+// tokens 0..i.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/figures.h"
+#include "launch/run_options.h"
+#include "parallel/status_macros.h"
+
+namespace dmsrt {
+namespace {
+
+absl::Status Score(int argc, char** argv) {
+  std::set<std::string> value_opts = RunValueOptions();
+  value_opts.insert({"text", "file", "tokens", "dump-logits"});
+  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json", "add-bos"}));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
+  std::vector<int32_t> ids;
+  if (args.Has("tokens")) {
+    for (absl::string_view t : absl::StrSplit(args.Get("tokens"), ' ', absl::SkipEmpty())) {
+      int32_t id;
+      if (!absl::SimpleAtoi(t, &id) || id < 0 || id >= ctx.model->config.vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("--tokens: '", t, "' is not a token id of this model"));
+      }
+      ids.push_back(id);
+    }
+  } else {
+    std::string text = args.Get("text");
+    if (args.Has("file")) {
+      std::ifstream in(args.Get("file"), std::ios::binary);
+      if (!in) return absl::NotFoundError(absl::StrCat("cannot read --file ", args.Get("file")));
+      std::stringstream ss;
+      ss << in.rdbuf();
+      text = ss.str();
+    }
+    ids = ctx.tokenizer->Encode(text, /*parse_special=*/true, args.Flag("add-bos"));
+  }
+  if (ids.size() < 2) return absl::InvalidArgumentError("score needs at least 2 tokens");
+
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(*ctx.model, ctx.backend_options));
+  DMSRT_ASSIGN_OR_RETURN(SeqId seq, backend->kv().Create());
+  std::ofstream dump;
+  if (args.Has("dump-logits")) {
+    dump.open(args.Get("dump-logits"), std::ios::binary);
+    if (!dump) return absl::InvalidArgumentError(absl::StrCat("cannot write ", args.Get("dump-logits")));
+  }
+  std::vector<int32_t> top1;
+  double nll = 0;
+  int64_t scored = 0;
+  for (size_t at = 0; at < ids.size(); at += ctx.prefill_chunk) {
+    size_t end = std::min(ids.size(), at + ctx.prefill_chunk);
+    SeqChunk c;
+    c.seq = seq;
+    c.tokens.assign(ids.begin() + at, ids.begin() + end);
+    c.logits = SeqChunk::Logits::kAll;
+    DMSRT_ASSIGN_OR_RETURN(ForwardResult fr, backend->Forward({c}));
+    const int32_t vocab = fr.vocab;
+    for (size_t r = 0; r < c.tokens.size(); ++r) {
+      const float* row = fr.logits.data() + r * vocab;
+      if (dump) dump.write(reinterpret_cast<const char*>(row), sizeof(float) * vocab);
+      int32_t best = 0;
+      float mx = row[0];
+      for (int32_t v = 1; v < vocab; ++v) {
+        if (row[v] > mx) mx = row[v], best = v;
+      }
+      top1.push_back(best);
+      size_t pos = at + r;
+      if (pos + 1 < ids.size()) {
+        double sum = 0;
+        for (int32_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
+        nll -= static_cast<double>(row[ids[pos + 1]]) - mx - std::log(sum);
+        ++scored;
+      }
+    }
+  }
+  const double ppl = std::exp(nll / scored);
+  KvFigures figs = backend->kv().Figures(seq);
+  if (args.Flag("json")) {
+    nlohmann::json j = {{"token_ids", ids}, {"top1", top1}, {"tokens", ids.size()},
+                        {"perplexity", ppl}, {"mean_nll", nll / scored}};
+    j.update(FiguresJson(figs, backend->kv().geometry().n_kv_heads, false));
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::printf("%zu tokens, perplexity %.4f (mean NLL %.4f nats)\n%s\n", ids.size(), ppl,
+                nll / scored, FiguresLine(figs, KvPolicyName(ctx.backend_options.kv_policy.kind)).c_str());
+  }
+  return backend->kv().Free(seq);
+}
+
+}  // namespace
+
+int RunScore(int argc, char** argv) {
+  absl::Status s = Score(argc, argv);
+  if (!s.ok()) {
+    std::fprintf(stderr, "dmsrt score: %s\n", std::string(s.message()).c_str());
+    return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
+  }
+  return 0;
+}
+
+}  // namespace dmsrt

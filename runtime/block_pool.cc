@@ -1,0 +1,37 @@
+// BlockPool: one allocation for the whole KV budget, a LIFO free list (recently freed blocks are
+// likely still in cache) and plain integer reference counts.
+#include "runtime/block_pool.h"
+
+namespace dmsrt {
+
+BlockPool::BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_dim)
+    : total_blocks_(total_blocks),
+      half_(static_cast<int64_t>(block_tokens) * head_dim),
+      floats_per_block_(2 * static_cast<int64_t>(block_tokens) * head_dim),
+      data_(new float[static_cast<size_t>(total_blocks * 2 * static_cast<int64_t>(block_tokens) *
+                                          head_dim)]),
+      refcount_(static_cast<size_t>(total_blocks), 0) {
+  free_.reserve(static_cast<size_t>(total_blocks));
+  // Highest id at the bottom so that block 0 is handed out first.
+  for (int64_t b = total_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+int32_t BlockPool::Allocate() {
+  if (free_.empty()) return -1;
+  const int32_t b = free_.back();
+  free_.pop_back();
+  refcount_[b] = 1;
+  return b;
+}
+
+void BlockPool::Release(int32_t block) {
+  if (--refcount_[block] == 0) free_.push_back(block);
+}
+
+int64_t BlockPool::TotalRefs() const {
+  int64_t s = 0;
+  for (int32_t r : refcount_) s += r;
+  return s;
+}
+
+}  // namespace dmsrt
