@@ -8,9 +8,13 @@ BlockPool::BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_di
     : total_blocks_(total_blocks),
       half_(static_cast<int64_t>(block_tokens) * head_dim),
       floats_per_block_(2 * static_cast<int64_t>(block_tokens) * head_dim),
-      data_(new float[static_cast<size_t>(total_blocks * 2 * static_cast<int64_t>(block_tokens) *
-                                          head_dim)]),
+      data_(new (std::nothrow) float[static_cast<size_t>(
+          total_blocks * 2 * static_cast<int64_t>(block_tokens) * head_dim)]),
       refcount_(static_cast<size_t>(total_blocks), 0) {
+  if (data_ == nullptr) {
+    total_blocks_ = 0;
+    return;
+  }
   free_.reserve(static_cast<size_t>(total_blocks));
   // Highest id at the bottom so that block 0 is handed out first.
   for (int64_t b = total_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <vector>
 
 namespace dmsrt {
@@ -19,6 +20,8 @@ class BlockPool {
   // left uninitialised (pages are touched only when a block is first written).
   BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_dim);
 
+  // False when the storage could not be allocated (the pool is then unusable).
+  bool ok() const { return data_ != nullptr; }
   int64_t total_blocks() const { return total_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t floats_per_block() const { return floats_per_block_; }

@@ -203,6 +203,7 @@ class CpuKvCache final : public KvCache {
     scale_ = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
   }
 
+  bool pool_ok() const { return pool_.ok(); }
   const KvGeometry& geometry() const override { return geo_; }
   const KvPolicyConfig& policy() const override { return pol_; }
 
@@ -622,6 +623,7 @@ class CpuKvCache final : public KvCache {
   std::vector<const float*> kp_, vp_;  // key/value row pointers of the keys one query sees
   std::vector<float> probs_;           // [g, m]
   std::vector<int32_t> cow_scratch_;
+  std::vector<uint8_t> chunk_flag_;    // [n] flags of a chunk's tokens
 };
 
 void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q,
@@ -786,7 +788,12 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
         absl::StrCat("KV budget of ", budget_bytes, " bytes needs more than 2^31 blocks; use "
                      "larger blocks"));
   }
-  return std::unique_ptr<KvCache>(new CpuKvCache(g, p, total_blocks));
+  auto cache = std::make_unique<CpuKvCache>(g, p, total_blocks);
+  if (!cache->pool_ok()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "could not allocate the KV pool of %d bytes; lower --kv-budget", total_blocks * block_bytes));
+  }
+  return std::unique_ptr<KvCache>(std::move(cache));
 }
 
 }  // namespace dmsrt
