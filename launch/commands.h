@@ -10,5 +10,6 @@ int RunCommandLine(int argc, char** argv);
 int RunGenerate(int argc, char** argv);
 int RunTokenize(int argc, char** argv);
 int RunScore(int argc, char** argv);
+int RunBench(int argc, char** argv);
 
 }  // namespace dmsrt

@@ -155,25 +155,26 @@ class Engine {
     int32_t thread_index;
   };
   // Something that holds (or wants) a KV sequence: a job's root or one thread.
+  using Outbox = std::vector<std::pair<std::shared_ptr<EventSink>, EngineEvent>>;
   struct Resident {
     Job* job = nullptr;
     Thread* thread = nullptr;  // null for the root
   };
 
   void DrainInbox();
-  void CancelThread(Job& job, Thread& t, std::vector<EngineEvent>& out);
+  void CancelThread(Job& job, Thread& t, Outbox& out);
   void FinishThread(Job& job, Thread& t, FinishReason reason, const std::string& message,
-                    std::vector<EngineEvent>& out);
-  void MaybeFinishJob(Job& job, std::vector<EngineEvent>& out);
+                    Outbox& out);
+  void MaybeFinishJob(Job& job, Outbox& out);
   void HandleToken(Job& job, Thread& t, int32_t token, float logprob,
-                   std::vector<EngineEvent>& out);
+                   Outbox& out);
   void Preempt(const Resident& r);
   int64_t BlocksFor(int64_t tokens) const;
   int64_t FreeBlocks() const;
-  void Admit(std::vector<EngineEvent>& out);
-  void Emit(std::vector<EngineEvent>& events);
+  void Admit(Outbox& out);
+  void Emit(Outbox& events);
   void UpdateStats(double step_seconds, int64_t generated_this_step);
-  void FailEverything(const absl::Status& status, std::vector<EngineEvent>& out);
+  void FailEverything(const absl::Status& status, Outbox& out);
 
   Backend& backend_;
   const Tokenizer& tok_;
@@ -187,6 +188,7 @@ class Engine {
   std::map<JobId, bool> live_ ABSL_GUARDED_BY(mu_);  // job id -> accepted and not finished
   JobId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;  // jobs_ not empty after the last step
   EngineStats stats_ ABSL_GUARDED_BY(mu_);
 
   // Stepping side (the engine thread only).

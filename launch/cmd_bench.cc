@@ -1,0 +1,194 @@
+// `dmsrt bench`: prefill and decode speed on a model, next to the measured memory-bandwidth
+// floor, written as a table and as a JSON profile.
+//
+//   dmsrt bench [--model PATH] [--prefill 512] [--decode 128] [--reps 3] [--threads N]
+//       [--tokens-file F] [--out profile.json] [--json] [KV options as for generate]
+//
+// Prefill: one sequence, the whole prompt in chunks of --prefill-chunk. Decode: --decode greedy
+// steps of one token after the prompt, EOS ignored (the count is fixed). Each figure is the median
+// of --reps repetitions with min and max. Floor: decode must read every weight once per token,
+// so tokens/s <= copy bandwidth / weight bytes; the copy bandwidth is measured here, with the same
+// thread count, as (read + write bytes) / time of a large memcpy split across threads.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/figures.h"
+#include "launch/run_options.h"
+#include "parallel/status_macros.h"
+
+namespace dmsrt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Stat {
+  double median = 0, min = 0, max = 0;
+};
+Stat Summarise(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+
+// (read + write) bytes per second of a parallel memcpy of `bytes`, best of several runs.
+double CopyBandwidth(int threads, size_t bytes) {
+  std::vector<char> a(bytes), b(bytes);
+  std::memset(a.data(), 1, bytes);
+  std::memset(b.data(), 2, bytes);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto t0 = Clock::now();
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        size_t lo = bytes * t / threads, hi = bytes * (t + 1) / threads;
+        std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
+      });
+    }
+    for (auto& t : ts) t.join();
+    double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, 2.0 * bytes / s);
+  }
+  return best;
+}
+
+int32_t Argmax(const float* x, int32_t n) {
+  return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
+
+absl::Status Bench(int argc, char** argv) {
+  std::set<std::string> value_opts = RunValueOptions();
+  value_opts.insert({"prefill", "decode", "reps", "tokens-file", "out"});
+  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json"}));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
+  DMSRT_ASSIGN_OR_RETURN(int64_t n_prefill, args.GetInt("prefill", 512));
+  DMSRT_ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode", 128));
+  DMSRT_ASSIGN_OR_RETURN(int64_t reps, args.GetInt("reps", 3));
+  if (n_prefill < 1 || n_decode < 0 || reps < 1) {
+    return absl::InvalidArgumentError("--prefill must be >= 1, --decode >= 0, --reps >= 1");
+  }
+  const Model& model = *ctx.model;
+  std::vector<int32_t> prompt;
+  if (args.Has("tokens-file")) {
+    std::ifstream in(args.Get("tokens-file"));
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", args.Get("tokens-file")));
+    int64_t id;
+    while (in >> id) {
+      if (id < 0 || id >= model.config.vocab) return absl::InvalidArgumentError("token id out of range in --tokens-file");
+      prompt.push_back(static_cast<int32_t>(id));
+    }
+    if (static_cast<int64_t>(prompt.size()) < n_prefill) {
+      return absl::InvalidArgumentError(absl::StrCat("--tokens-file has ", prompt.size(), " ids, fewer than --prefill"));
+    }
+    prompt.resize(n_prefill);
+  } else {
+    std::mt19937 rng(1234);
+    std::uniform_int_distribution<int32_t> pick(100, model.config.vocab - 1);
+    for (int64_t i = 0; i < n_prefill; ++i) prompt.push_back(pick(rng));
+  }
+  const int threads = ctx.backend_options.threads > 0 ? ctx.backend_options.threads
+                                                      : static_cast<int>(std::thread::hardware_concurrency());
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(model, ctx.backend_options));
+  KvCache& kv = backend->kv();
+
+  std::vector<double> prefill_tps, decode_tps;
+  std::vector<int32_t> decoded;
+  KvFigures figs;
+  for (int64_t rep = 0; rep < reps + 1; ++rep) {  // rep 0 warms up
+    DMSRT_ASSIGN_OR_RETURN(SeqId seq, kv.Create());
+    auto t0 = Clock::now();
+    ForwardResult fr;
+    for (size_t at = 0; at < prompt.size(); at += ctx.prefill_chunk) {
+      size_t end = std::min(prompt.size(), at + ctx.prefill_chunk);
+      SeqChunk c{seq, std::vector<int32_t>(prompt.begin() + at, prompt.begin() + end),
+                 end == prompt.size() ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone};
+      DMSRT_ASSIGN_OR_RETURN(fr, backend->Forward({c}));
+    }
+    auto t1 = Clock::now();
+    decoded.clear();
+    int32_t next = Argmax(fr.logits.data(), fr.vocab);
+    for (int64_t i = 0; i < n_decode; ++i) {
+      decoded.push_back(next);
+      DMSRT_ASSIGN_OR_RETURN(fr, backend->Forward({SeqChunk{seq, {next}, SeqChunk::Logits::kLast}}));
+      next = Argmax(fr.logits.data(), fr.vocab);
+    }
+    auto t2 = Clock::now();
+    if (rep > 0) {
+      prefill_tps.push_back(prompt.size() / std::chrono::duration<double>(t1 - t0).count());
+      if (n_decode > 0) decode_tps.push_back(n_decode / std::chrono::duration<double>(t2 - t1).count());
+    }
+    figs = kv.Figures(seq);
+    DMSRT_RETURN_IF_ERROR(kv.Free(seq));
+  }
+  const double bw = CopyBandwidth(threads, size_t{512} << 20);
+  const double floor_tps = bw / static_cast<double>(model.weight_bytes);
+  Stat pf = Summarise(prefill_tps);
+  Stat dc = n_decode > 0 ? Summarise(decode_tps) : Stat{};
+  // Matrix FLOPs per token: 2 * (weights used per token); attention is excluded (small at 512).
+  double params = 0;
+  const ModelConfig& c = model.config;
+  params += static_cast<double>(c.n_layers) *
+            (2.0 * c.hidden * c.n_heads * c.head_dim + 2.0 * c.hidden * c.n_kv_heads * c.head_dim +
+             3.0 * c.hidden * c.ffn);
+  params += static_cast<double>(c.vocab) * c.hidden;
+  nlohmann::json j = {{"model", model.source_path},
+                      {"backend", backend->name()},
+                      {"threads", threads},
+                      {"kv_policy", KvPolicyName(ctx.backend_options.kv_policy.kind)},
+                      {"kv_synthetic", ctx.synthetic_eviction},
+                      {"prefill_tokens", n_prefill},
+                      {"decode_tokens", n_decode},
+                      {"reps", reps},
+                      {"prefill_tokens_per_s", {{"median", pf.median}, {"min", pf.min}, {"max", pf.max}}},
+                      {"decode_tokens_per_s", {{"median", dc.median}, {"min", dc.min}, {"max", dc.max}}},
+                      {"prefill_gflops", pf.median * 2.0 * params / 1e9},
+                      {"weight_bytes", model.weight_bytes},
+                      {"copy_bandwidth_gb_per_s", bw / 1e9},
+                      {"decode_floor_tokens_per_s", floor_tps},
+                      {"decode_fraction_of_floor", floor_tps > 0 ? dc.median / floor_tps : 0.0},
+                      {"decoded_token_ids", decoded}};
+  j.update(FiguresJson(figs, kv.geometry().n_kv_heads, false));
+  if (args.Has("out")) {
+    std::ofstream out(args.Get("out"));
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write --out ", args.Get("out")));
+    out << j.dump(2) << "\n";
+  }
+  if (args.Flag("json")) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::printf("%-28s %12s %12s %12s\n", "figure", "median", "min", "max");
+    std::printf("%-28s %12.1f %12.1f %12.1f\n", "prefill tokens/s", pf.median, pf.min, pf.max);
+    std::printf("%-28s %12.1f %12.1f %12.1f\n", "decode tokens/s", dc.median, dc.min, dc.max);
+    std::printf("prefill %.1f GFLOP/s (matrix FLOPs); decode floor %.1f tokens/s = %.1f GB/s copy "
+                "bandwidth / %s of weights; decode at %.0f%% of the floor\n",
+                pf.median * 2.0 * params / 1e9, floor_tps, bw / 1e9,
+                HumanBytes(model.weight_bytes).c_str(), floor_tps > 0 ? 100.0 * dc.median / floor_tps : 0.0);
+    std::printf("%s\n", FiguresLine(figs, KvPolicyName(ctx.backend_options.kv_policy.kind)).c_str());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunBench(int argc, char** argv) {
+  absl::Status s = Bench(argc, argv);
+  if (!s.ok()) {
+    std::fprintf(stderr, "dmsrt bench: %s\n", std::string(s.message()).c_str());
+    return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
+  }
+  return 0;
+}
+
+}  // namespace dmsrt

@@ -1,0 +1,244 @@
+// Unit tests of the CPU KV store: dense attention against a float64 reference (GQA mapping,
+// block boundaries, chunked prefill), the pool budget and RESOURCE_EXHAUSTED, figures, the
+// baseline policies (window, tova, h2o, forced) and the parsers.
+#include "runtime/kv_cache.h"
+
+#include <algorithm>
+#include <numeric>
+#include <set>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/unit/kv_test_util.h"
+
+namespace dmsrt {
+namespace {
+
+using kvtest::FeedChunk;
+using kvtest::MakeStream;
+using kvtest::MaxRelErr;
+using kvtest::RefAttention;
+using kvtest::Stream;
+
+KvGeometry Geo(int32_t layers, int32_t nkv, int32_t nh, int32_t hd, int32_t block) {
+  KvGeometry g;
+  g.n_layers = layers;
+  g.n_kv_heads = nkv;
+  g.n_heads = nh;
+  g.head_dim = hd;
+  g.block_tokens = block;
+  return g;
+}
+
+// Feeds the whole stream in chunks of the given sizes and checks every output against the
+// float64 reference with visibility `vis(layer, j, kp, qp)`.
+void CheckAgainstReference(KvCache& cache, const Stream& s, const std::vector<int32_t>& chunks,
+                           bool with_bits,
+                           const std::function<bool(int32_t, int32_t, int32_t, int32_t)>& vis,
+                           double tol) {
+  auto seq = cache.Create();
+  ASSERT_TRUE(seq.ok());
+  int32_t from = 0;
+  for (int32_t n : chunks) {
+    std::vector<std::vector<float>> out;
+    ASSERT_TRUE(FeedChunk(cache, *seq, s, from, n, with_bits, &out).ok());
+    for (int32_t l = 0; l < s.n_layers; ++l) {
+      for (int32_t i = 0; i < n; ++i) {
+        const int32_t qp = from + i;
+        auto ref = RefAttention(s, l, qp, [&](int32_t j, int32_t kp) { return vis(l, j, kp, qp); });
+        const double err = MaxRelErr(out[l].data() + (size_t)i * s.nh * s.hd, ref.data(), ref.size());
+        ASSERT_LT(err, tol) << "layer " << l << " query " << qp;
+      }
+    }
+    from += n;
+    EXPECT_EQ(cache.Length(*seq), from);
+  }
+  ASSERT_TRUE(cache.Free(*seq).ok());
+}
+
+struct DenseCase {
+  int32_t nkv, nh, hd, block, len, chunk;
+};
+
+class DenseAttention : public ::testing::TestWithParam<DenseCase> {};
+
+TEST_P(DenseAttention, MatchesFloat64Reference) {
+  const DenseCase c = GetParam();
+  KvPolicyConfig pol;
+  auto cache = MakeCpuKvCache(Geo(2, c.nkv, c.nh, c.hd, c.block), pol, 64ll << 20);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  Stream s = MakeStream(c.len, 2, c.nh, c.nkv, c.hd, 1234 + c.len, 0.5);
+  std::vector<int32_t> chunks;
+  for (int32_t t = 0; t < c.len; t += c.chunk) chunks.push_back(std::min(c.chunk, c.len - t));
+  CheckAgainstReference(**cache, s, chunks, false,
+                        [](int32_t, int32_t, int32_t kp, int32_t qp) { return kp <= qp; }, 2e-5);
+  // Dense: every head holds every token, in order.
+  EXPECT_EQ((*cache)->free_blocks(), (*cache)->total_blocks());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DenseAttention,
+    ::testing::Values(DenseCase{1, 1, 1, 1, 19, 1}, DenseCase{3, 9, 64, 16, 33, 1},
+                      DenseCase{3, 9, 64, 16, 33, 7}, DenseCase{2, 8, 19, 5, 40, 40},
+                      DenseCase{4, 4, 8, 3, 25, 4}, DenseCase{1, 5, 111, 7, 29, 3},
+                      DenseCase{2, 6, 17, 16, 48, 16}, DenseCase{2, 6, 17, 16, 49, 1}),
+    [](const auto& info) {
+      const DenseCase& c = info.param;
+      return absl::StrCat("kv", c.nkv, "_heads", c.nh, "_dim", c.hd, "_block", c.block, "_len",
+                          c.len, "_chunk", c.chunk);
+    });
+
+TEST(KvCache, DenseResidentPositionsAndFigures_block4_len10) {
+  KvPolicyConfig pol;
+  auto cache = MakeCpuKvCache(Geo(3, 2, 4, 8, 4), pol, 1 << 20);
+  ASSERT_TRUE(cache.ok());
+  KvCache& kv = **cache;
+  Stream s = MakeStream(10, 3, 4, 2, 8, 7, 0.5);
+  auto seq = kv.Create();
+  ASSERT_TRUE(seq.ok());
+  ASSERT_TRUE(FeedChunk(kv, *seq, s, 0, 6, false).ok());
+  for (int t = 6; t < 10; ++t) ASSERT_TRUE(FeedChunk(kv, *seq, s, t, 1, false).ok());
+  std::vector<int32_t> all(10);
+  std::iota(all.begin(), all.end(), 0);
+  for (int l = 0; l < 3; ++l)
+    for (int j = 0; j < 2; ++j) EXPECT_EQ(kv.ResidentPositions(*seq, l, j), all);
+  KvFigures f = kv.Figures();
+  EXPECT_EQ(f.logical_tokens, 3 * 2 * 10);
+  EXPECT_EQ(f.resident_tokens, 3 * 2 * 10);
+  EXPECT_EQ(f.flagged_tokens, 0);
+  EXPECT_EQ(f.blocks_held, 3 * 2 * 3);  // ceil(10 / 4) = 3 per head
+  EXPECT_EQ(f.dense_blocks, 3 * 2 * 3);
+  EXPECT_EQ(f.kv_bytes, f.blocks_held * kv.block_bytes());
+  EXPECT_EQ(kv.block_bytes(), 2 * 4 * 8 * 4);
+  EXPECT_EQ(f.kv_reads, f.dense_reads);
+  EXPECT_EQ(f.dense_reads, 3 * 2 * 55);  // Σ_{t<10} (t+1)
+  EXPECT_DOUBLE_EQ(f.cache_cr(), 1.0);
+  EXPECT_DOUBLE_EQ(f.block_cr(), 1.0);
+  EXPECT_DOUBLE_EQ(f.asymptotic_cr(), 1.0);
+  ASSERT_EQ(f.per_layer.size(), 3u);
+  ASSERT_EQ(f.per_head.size(), 6u);
+  EXPECT_EQ(f.per_layer[1].logical, 20);
+  EXPECT_EQ(f.per_head[5].resident, 10);
+  KvFigures fs = kv.Figures(*seq);
+  EXPECT_EQ(fs.blocks_held, f.blocks_held);
+  ASSERT_TRUE(kv.Free(*seq).ok());
+  EXPECT_EQ(kv.free_blocks(), kv.total_blocks());
+  EXPECT_EQ(kv.Figures().blocks_held, 0);
+}
+
+TEST(KvCache, BudgetExhaustionLeavesOthersIntact_block4) {
+  // 2 layers x 1 head x block 4: a budget of 10 blocks.
+  KvGeometry g = Geo(2, 1, 2, 8, 4);
+  const int64_t block_bytes = 2 * 4 * 8 * 4;
+  KvPolicyConfig pol;
+  auto cache = MakeCpuKvCache(g, pol, 10 * block_bytes + 17);
+  ASSERT_TRUE(cache.ok());
+  KvCache& kv = **cache;
+  EXPECT_EQ(kv.total_blocks(), 10);
+  Stream s = MakeStream(40, 2, 2, 1, 8, 99, 0.5);
+  auto a = kv.Create();
+  auto b = kv.Create();
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(FeedChunk(kv, *a, s, 0, 12, false).ok());  // 3 blocks per layer: 6
+  // b wants 9 tokens = 3 blocks per layer = 6 > 4 free.
+  absl::Status st = FeedChunk(kv, *b, s, 0, 9, false);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_NE(std::string(st.message()).find("--kv-budget"), std::string::npos) << st;
+  EXPECT_EQ(kv.Length(*b), 0);
+  EXPECT_EQ(kv.free_blocks(), 4);
+  // A reservation of a's next step must not be eaten by b.
+  ASSERT_TRUE(kv.Reserve(*a, 4).ok());  // 2 more blocks
+  EXPECT_EQ(kv.Reserve(*b, 8).code(), absl::StatusCode::kResourceExhausted);  // needs 4, 2 left
+  ASSERT_TRUE(kv.Reserve(*b, 4).ok());
+  // a continues and gives the same outputs as an unconstrained cache.
+  std::vector<std::vector<float>> out_a;
+  ASSERT_TRUE(FeedChunk(kv, *a, s, 12, 4, false, &out_a).ok());
+  auto big = MakeCpuKvCache(g, pol, 1 << 20);
+  auto r = (*big)->Create();
+  std::vector<std::vector<float>> ref;
+  ASSERT_TRUE(FeedChunk(**big, *r, s, 0, 12, false).ok());
+  ASSERT_TRUE(FeedChunk(**big, *r, s, 12, 4, false, &ref).ok());
+  EXPECT_EQ(out_a, ref);
+  // The pool never exceeds the budget.
+  EXPECT_LE(kv.total_blocks() * kv.block_bytes(), 10 * block_bytes + 17);
+  ASSERT_TRUE(kv.Free(*a).ok());
+  ASSERT_TRUE(kv.Free(*b).ok());
+  EXPECT_EQ(kv.free_blocks(), 10);
+}
+
+TEST(KvCache, AttendWithoutReserveFailsLoudly_block2) {
+  KvGeometry g = Geo(1, 1, 1, 4, 2);
+  KvPolicyConfig pol;
+  auto cache = MakeCpuKvCache(g, pol, 2 * 2 * 4 * 4);  // one block
+  ASSERT_TRUE(cache.ok());
+  KvCache& kv = **cache;
+  Stream s = MakeStream(3, 1, 1, 1, 4, 5, 0.5);
+  auto a = kv.Create();
+  ASSERT_TRUE(FeedChunk(kv, *a, s, 0, 2, false).ok());
+  std::vector<float> out(4, 0.0f);
+  kv.AttendAndAppend(*a, 0, 1, s.qt(0, 2), s.kt(0, 2), s.vt(0, 2), nullptr, out.data());
+  EXPECT_TRUE(std::isnan(out[0]));
+  EXPECT_EQ(kv.Reserve(*a, 1).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(kv.Free(*a).ok());
+  EXPECT_EQ(kv.free_blocks(), 1);
+}
+
+TEST(KvCache, RejectsBadConfigs) {
+  KvPolicyConfig pol;
+  EXPECT_EQ(MakeCpuKvCache(Geo(1, 2, 3, 8, 4), pol, 1 << 20).status().code(),
+            absl::StatusCode::kInvalidArgument);  // 3 heads over 2 KV heads
+  EXPECT_EQ(MakeCpuKvCache(Geo(1, 1, 1, 8, 4), pol, 10).status().code(),
+            absl::StatusCode::kInvalidArgument);  // budget below one block
+  pol.kind = KvPolicyKind::kWindow;
+  pol.window = 0;
+  EXPECT_EQ(MakeCpuKvCache(Geo(1, 1, 1, 8, 4), pol, 1 << 20).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  pol.kind = KvPolicyKind::kH2o;
+  pol.budget_tokens = 1;
+  EXPECT_EQ(MakeCpuKvCache(Geo(1, 1, 1, 8, 4), pol, 1 << 20).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  pol.kind = KvPolicyKind::kForced;
+  pol.window = 4;
+  pol.force_rate = 1.5;
+  EXPECT_EQ(MakeCpuKvCache(Geo(1, 1, 1, 8, 4), pol, 1 << 20).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto kv = MakeCpuKvCache(Geo(1, 1, 1, 8, 4), KvPolicyConfig{}, 1 << 20);
+  ASSERT_TRUE(kv.ok());
+  EXPECT_EQ((*kv)->Free(42).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*kv)->Fork(42).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*kv)->Reserve(42, 1).code(), absl::StatusCode::kNotFound);
+}
+
+TEST(KvParse, PolicyNames) {
+  for (auto k : {KvPolicyKind::kNone, KvPolicyKind::kDms, KvPolicyKind::kForced,
+                 KvPolicyKind::kWindow, KvPolicyKind::kTova, KvPolicyKind::kH2o}) {
+    auto p = ParseKvPolicy(KvPolicyName(k));
+    ASSERT_TRUE(p.ok());
+    EXPECT_EQ(*p, k);
+  }
+  EXPECT_EQ(*ParseKvPolicy("DMS"), KvPolicyKind::kDms);
+  auto bad = ParseKvPolicy("snapkv");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(bad.status().message()).find("none, dms, forced, window, tova, h2o"),
+            std::string::npos);
+}
+
+TEST(KvParse, ByteSizes) {
+  EXPECT_EQ(*ParseByteSize("2GiB"), 2ll << 30);
+  EXPECT_EQ(*ParseByteSize("512MiB"), 512ll << 20);
+  EXPECT_EQ(*ParseByteSize("1.5GB"), 1500000000ll);
+  EXPECT_EQ(*ParseByteSize("100000"), 100000);
+  EXPECT_EQ(*ParseByteSize("100000000"), 100000000);
+  EXPECT_EQ(*ParseByteSize("64 KiB"), 65536);
+  EXPECT_EQ(*ParseByteSize("8G"), 8ll << 30);
+  EXPECT_EQ(*ParseByteSize("3kb"), 3000);
+  EXPECT_EQ(*ParseByteSize("7B"), 7);
+  for (const char* bad : {"0.5", "-1", "", "GiB", "abc", "1.2.3GB", "12XB", "-2GiB", "1e3",
+                          "99999999999999999999999"}) {
+    EXPECT_EQ(ParseByteSize(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace dmsrt
