@@ -59,8 +59,8 @@ __global__ void RingUpdateKernel(DmsRingParams p, const int32_t* __restrict__ po
         const int prev = (t - 1) % ring;
         const uint8_t d = bits[hs];
         rflag[prev] = d;
-        if (last_vis_pool != nullptr) {
-          const int ps = rslot[prev];
+        const int ps = rslot[prev];
+        if (last_vis_pool != nullptr && ps >= 0) {
           const size_t e = static_cast<size_t>(table[ps / bt]) * bt + ps % bt;
           last_vis_pool[e] = d ? (t - 1) + p.window : INT_MAX;
         }

@@ -24,7 +24,9 @@
 //
 // Example: the two all-reduces of a TP decoder layer and the free-block agreement.
 //
-//   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&argc, &argv, {.tp = 2}));
+//   ParallelOptions opts;
+//   opts.tp = 2;
+//   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&argc, &argv, opts));
 //   Communicator& tp = *par.tp_comm;                 // this rank's replica, size tp
 //   ShardPlan plan = ...MakeShardPlan(dims, tp.size(), tp.rank());
 //   ... attn_out = o_proj(local heads)                // [n_tokens, hidden], partial sums

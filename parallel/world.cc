@@ -11,7 +11,7 @@
 #include "absl/strings/str_format.h"
 
 #ifdef DMSRT_HAVE_MPI
-#include <mpi.h>
+#include "parallel/mpi/mpi_comm.h"
 #endif
 
 namespace dmsrt {

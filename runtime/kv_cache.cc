@@ -140,20 +140,44 @@ namespace {
 
 // ---- small numeric helpers --------------------------------------------------------------------
 
-// Eight independent partial sums so the compiler can keep them in one vector register.
+// 8-float vectors through GCC/Clang vector extensions: portable (the compiler lowers them to
+// AVX/AVX-512/NEON or scalar code) and free of intrinsics headers.
+typedef float V8 __attribute__((vector_size(32)));
+
+inline V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float Sum8(V8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
 inline float Dot(const float* a, const float* b, int32_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  V8 acc0 = {0, 0, 0, 0, 0, 0, 0, 0};
+  V8 acc1 = acc0;
   int32_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += a[i + u] * b[i + u];
+  for (; i + 16 <= n; i += 16) {
+    acc0 += Load8(a + i) * Load8(b + i);
+    acc1 += Load8(a + i + 8) * Load8(b + i + 8);
   }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i + 8 <= n; i += 8) acc0 += Load8(a + i) * Load8(b + i);
+  float s = Sum8(acc0 + acc1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 inline void Axpy(float alpha, const float* x, float* y, int32_t n) {
-  for (int32_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  int32_t i = 0;
+  const V8 va = {alpha, alpha, alpha, alpha, alpha, alpha, alpha, alpha};
+  for (; i + 8 <= n; i += 8) Store8(y + i, Load8(y + i) + va * Load8(x + i));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+inline void Prefetch(const float* p, int32_t bytes) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int32_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 inline uint64_t SplitMix64(uint64_t x) {
@@ -523,7 +547,12 @@ class CpuKvCache final : public KvCache {
     const int32_t hd = geo_.head_dim;
     if (probs_.size() < static_cast<size_t>(g) * m) probs_.resize(static_cast<size_t>(g) * m);
     float* p = probs_.data();
+    // Rows of consecutive slots are contiguous only inside a block, so hardware prefetchers stall
+    // at every block edge: fetch a few rows ahead explicitly.
+    constexpr int32_t kAhead = 6;
+    const int32_t row_bytes = hd * static_cast<int32_t>(sizeof(float));
     for (int32_t c = 0; c < m; ++c) {
+      if (c + kAhead < m) Prefetch(kp_[c + kAhead], row_bytes);
       const float* kr = kp_[c];
       for (int32_t h = 0; h < g; ++h) p[h * m + c] = Dot(qg + h * hd, kr, hd) * scale_;
     }
@@ -541,6 +570,7 @@ class CpuKvCache final : public KvCache {
     }
     std::fill(outg, outg + static_cast<size_t>(g) * hd, 0.0f);
     for (int32_t c = 0; c < m; ++c) {
+      if (c + kAhead < m) Prefetch(vp_[c + kAhead], row_bytes);
       const float* vr = vp_[c];
       for (int32_t h = 0; h < g; ++h) Axpy(p[h * m + c], vr, outg + h * hd, hd);
     }
@@ -605,6 +635,7 @@ class CpuKvCache final : public KvCache {
   }
 
   void Poison(float* out, int32_t n) {
+    if (out == nullptr) return;
     std::fill(out, out + static_cast<size_t>(n) * geo_.n_heads * geo_.head_dim,
               std::numeric_limits<float>::quiet_NaN());
   }
@@ -638,9 +669,32 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
   Sequence& s = *it->second;
   const int64_t P = s.length;
   HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
-  if (s.broken || heads[0].logical != P) {  // out of order, repeated, or an earlier failure
+  // Commit-only (q == out == nullptr): the tokens are stored without attention. Possible for the
+  // policies whose cache does not depend on attention weights.
+  const bool attend = q != nullptr && out != nullptr;
+  const bool scored = pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o;
+  if (s.broken || heads[0].logical != P || (!attend && (scored || q != out))) {
+    // Out of order, repeated, an earlier failure, or a commit-only call the policy cannot do.
     s.broken = true;
     Poison(out, n);
+    return;
+  }
+  if (!attend) {
+    for (int32_t j = 0; j < geo_.n_kv_heads && !s.broken; ++j) {
+      for (int32_t i = 0; i < n; ++i) {
+        const int64_t off = static_cast<int64_t>(i) * geo_.n_kv_heads * geo_.head_dim +
+                            static_cast<int64_t>(j) * geo_.head_dim;
+        if (!Commit(s, heads[j], P + i, Decision(layer, j, P + i, evict, i), k + off, v + off)) {
+          s.broken = true;
+          break;
+        }
+      }
+    }
+    if (!s.broken && layer == geo_.n_layers - 1) {
+      s.length = P + n;
+      total_reserved_ -= s.reserved;
+      s.reserved = 0;
+    }
     return;
   }
   const int32_t nkv = geo_.n_kv_heads;

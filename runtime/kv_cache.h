@@ -105,7 +105,10 @@ class KvCache {
   //   evict [n, n_kv_heads]            decision bits d[t, j] (dms only; nullptr otherwise)
   //   out   [n, n_heads, head_dim]     softmax(q k^T / sqrt(hd)) v
   // Must be called for layers 0..n_layers-1 in order; the sequence advances by n after the last.
-  // Requires a successful Reserve(seq, n) for this step.
+  // Requires a successful Reserve(seq, n) for this step. With q == out == nullptr the tokens are
+  // committed without attention (policies none/dms/forced/window; used to fill caches quickly).
+  // Misuse (no reservation, layers out of order) fills `out` with NaN and marks the sequence
+  // inconsistent: its next Reserve returns FAILED_PRECONDITION.
   virtual void AttendAndAppend(SeqId seq, int32_t layer, int32_t n, const float* q,
                                const float* k, const float* v, const uint8_t* evict,
                                float* out) = 0;

@@ -53,11 +53,10 @@ std::unique_ptr<MappedFile> MappedFile::FromBytes(const uint8_t* data, size_t si
   std::unique_ptr<MappedFile> f(new MappedFile());
   f->path_ = name;
   f->size_ = size;
-  // Over-allocate by 64 bytes and align the start so data offsets keep the file's alignment.
-  f->owned_.reset(new uint8_t[size + 64]);
-  uint8_t* base = f->owned_.get();
-  uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63};
-  uint8_t* dst = reinterpret_cast<uint8_t*>(aligned);
+  // Exactly `size` bytes (operator new aligns to 16), so that AddressSanitizer catches any read
+  // past the end when parsers are fuzzed on buffers.
+  f->owned_.reset(new uint8_t[size > 0 ? size : 1]);
+  uint8_t* dst = f->owned_.get();
   if (size > 0) std::memcpy(dst, data, size);
   f->data_ = dst;
   return f;

@@ -19,7 +19,8 @@ class MappedFile {
  public:
   // Opens and maps `path` read-only. Errors name the file and the failing system call.
   static absl::StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path);
-  // Wraps bytes already in memory (copied), for parsers run on buffers (fuzzing, tests).
+  // Copies bytes already in memory, for parsers run on buffers (fuzzing, tests). The copy is
+  // only 16-byte aligned, so tensor views into it may be less aligned than in a mapped file.
   static std::unique_ptr<MappedFile> FromBytes(const uint8_t* data, size_t size,
                                                const std::string& name);
 

@@ -276,7 +276,7 @@ absl::StatusOr<PreTokenizer> ParsePreTokenizer(std::string_view name) {
     return PreTokenizer::kQwen2;
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown pre-tokenizer '", name,
+      "unknown pre-tokenizer '", absl::string_view(name.data(), name.size()),
       "' (supported: smollm, gpt2, llama-bpe/llama3, qwen2 and their aliases)"));
 }
 

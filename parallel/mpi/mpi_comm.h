@@ -23,6 +23,13 @@
 // Destroy communicators before the MpiRuntime (MPI_Comm_free needs MPI alive).
 #pragma once
 
+// C API only: the deprecated C++ bindings of Open MPI / MPICH would need libmpi_cxx at link time.
+#ifndef OMPI_SKIP_MPICXX
+#define OMPI_SKIP_MPICXX 1
+#endif
+#ifndef MPICH_SKIP_MPICXX
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
 
 #include <memory>

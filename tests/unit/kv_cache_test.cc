@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <random>
 #include <set>
 #include <string>
 
@@ -208,6 +209,229 @@ TEST(KvCache, RejectsBadConfigs) {
   EXPECT_EQ((*kv)->Free(42).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ((*kv)->Fork(42).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ((*kv)->Reserve(42, 1).code(), absl::StatusCode::kNotFound);
+}
+
+// ---- baselines ------------------------------------------------------------------------------
+
+std::vector<int32_t> Sorted(std::vector<int32_t> v) {
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+std::vector<int32_t> ChunkSizes(int32_t T, uint32_t seed, int32_t max_chunk) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> c;
+  for (int32_t t = 0; t < T;) {
+    const int32_t n = std::min<int32_t>(T - t, rng() % 2 ? 1 : 1 + rng() % max_chunk);
+    c.push_back(n);
+    t += n;
+  }
+  return c;
+}
+
+struct WindowCase {
+  int32_t window, sinks, block, len, max_chunk;
+};
+class WindowPolicy : public ::testing::TestWithParam<WindowCase> {};
+
+TEST_P(WindowPolicy, KeepsExactlySinksAndLastWindow) {
+  const WindowCase c = GetParam();
+  KvPolicyConfig pol;
+  pol.kind = KvPolicyKind::kWindow;
+  pol.window = c.window;
+  pol.sinks = c.sinks;
+  const int32_t nkv = 2, nh = 6, hd = 9;
+  auto cache = MakeCpuKvCache(Geo(2, nkv, nh, hd, c.block), pol, 4 << 20);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  KvCache& kv = **cache;
+  Stream s = MakeStream(c.len, 2, nh, nkv, hd, 77 + c.len, 0.5);
+  auto vis = [&](int32_t kp, int32_t qp) { return kp <= qp && (kp < c.sinks || qp - kp < c.window); };
+  auto seq = kv.Create();
+  int32_t from = 0;
+  for (int32_t n : ChunkSizes(c.len, c.len, c.max_chunk)) {
+    std::vector<std::vector<float>> out;
+    ASSERT_TRUE(FeedChunk(kv, *seq, s, from, n, false, &out).ok());
+    const int32_t p = from + n - 1;
+    std::vector<int32_t> want;
+    for (int32_t k = 0; k <= p; ++k)
+      if (vis(k, p)) want.push_back(k);
+    for (int32_t l = 0; l < 2; ++l) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        auto res = kv.ResidentPositions(*seq, l, j);
+        ASSERT_LE((int32_t)res.size(), c.sinks + c.window);
+        ASSERT_EQ(Sorted(res), want) << "after " << p;
+      }
+      for (int32_t i = 0; i < n; ++i) {
+        auto ref = RefAttention(s, l, from + i, [&](int32_t, int32_t kp) { return vis(kp, from + i); });
+        ASSERT_LT(MaxRelErr(out[l].data() + (size_t)i * nh * hd, ref.data(), ref.size()), 2e-5);
+      }
+    }
+    from += n;
+  }
+  const KvFigures f = kv.Figures();
+  EXPECT_EQ(f.resident_tokens, 2 * nkv * std::min(c.len, c.sinks + c.window));
+  EXPECT_EQ(f.blocks_held, 2 * nkv * ((std::min(c.len, c.sinks + c.window) + c.block - 1) / c.block));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sizes, WindowPolicy,
+    ::testing::Values(WindowCase{1, 0, 1, 10, 3}, WindowCase{4, 2, 4, 37, 9},
+                      WindowCase{7, 4, 5, 64, 20}, WindowCase{16, 1, 16, 111, 40},
+                      WindowCase{3, 0, 2, 19, 19}),
+    [](const auto& info) {
+      const WindowCase& c = info.param;
+      return absl::StrCat("window", c.window, "_sinks", c.sinks, "_block", c.block, "_len", c.len,
+                          "_chunk", c.max_chunk);
+    });
+
+// Independent float64 simulation of tova / h2o on one head of one layer.
+std::vector<std::vector<int32_t>> SimulateScored(const Stream& s, int32_t l, int32_t j,
+                                                 bool h2o, int32_t budget) {
+  const int32_t g = s.nh / s.nkv;
+  std::vector<int32_t> pos;
+  std::vector<double> score;
+  int32_t victim = -1;
+  std::vector<std::vector<int32_t>> history;
+  for (int32_t t = 0; t < s.T; ++t) {
+    if (victim >= 0) {
+      pos[victim] = t;
+      score[victim] = 0;
+      victim = -1;
+    } else {
+      pos.push_back(t);
+      score.push_back(0);
+    }
+    const int32_t m = (int32_t)pos.size();
+    std::vector<double> avg(m, 0.0);
+    for (int32_t hh = 0; hh < g; ++hh) {
+      const float* q = s.qt(l, t) + (size_t)(j * g + hh) * s.hd;
+      std::vector<double> sc(m);
+      double mx = -1e300, sum = 0;
+      for (int32_t c = 0; c < m; ++c) {
+        const float* k = s.kt(l, pos[c]) + (size_t)j * s.hd;
+        double d = 0;
+        for (int32_t i = 0; i < s.hd; ++i) d += (double)q[i] * k[i];
+        sc[c] = d / std::sqrt((double)s.hd);
+        mx = std::max(mx, sc[c]);
+      }
+      for (auto& x : sc) sum += (x = std::exp(x - mx));
+      for (int32_t c = 0; c < m; ++c) avg[c] += sc[c] / sum / g;
+    }
+    if (h2o)
+      for (int32_t c = 0; c < m; ++c) score[c] += avg[c];
+    if (m >= budget) {
+      double best = 0;
+      for (int32_t c = 0; c < m; ++c) {
+        if (h2o && pos[c] > t - budget / 2) continue;
+        const double v = h2o ? score[c] : avg[c];
+        if (victim < 0 || v < best || (v == best && pos[c] < pos[victim])) {
+          victim = c;
+          best = v;
+        }
+      }
+    }
+    history.push_back(Sorted(pos));
+  }
+  return history;
+}
+
+struct ScoredCase {
+  KvPolicyKind kind;
+  int32_t budget, block, len;
+};
+class ScoredPolicy : public ::testing::TestWithParam<ScoredCase> {};
+
+TEST_P(ScoredPolicy, MatchesFloat64SimulationAndStaysInBudget) {
+  const ScoredCase c = GetParam();
+  const bool h2o = c.kind == KvPolicyKind::kH2o;
+  KvPolicyConfig pol;
+  pol.kind = c.kind;
+  pol.budget_tokens = c.budget;
+  const int32_t nkv = 2, nh = 4, hd = 7;
+  Stream s = MakeStream(c.len, 1, nh, nkv, hd, 900 + c.budget, 0.5);
+  std::vector<std::vector<std::vector<int32_t>>> sim;
+  for (int32_t j = 0; j < nkv; ++j) sim.push_back(SimulateScored(s, 0, j, h2o, c.budget));
+  for (bool chunked : {false, true}) {
+    auto cache = MakeCpuKvCache(Geo(1, nkv, nh, hd, c.block), pol, 4 << 20);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    KvCache& kv = **cache;
+    auto seq = kv.Create();
+    int32_t from = 0;
+    for (int32_t n : chunked ? ChunkSizes(c.len, c.budget, 2 * c.budget) : std::vector<int32_t>(c.len, 1)) {
+      std::vector<std::vector<float>> out;
+      ASSERT_TRUE(FeedChunk(kv, *seq, s, from, n, false, &out).ok());
+      const int32_t p = from + n - 1;
+      for (int32_t j = 0; j < nkv; ++j) {
+        auto res = Sorted(kv.ResidentPositions(*seq, 0, j));
+        ASSERT_LE((int32_t)res.size(), c.budget);
+        ASSERT_EQ(res, sim[j][p]) << "after " << p << " head " << j << (chunked ? " chunked" : "");
+        if (h2o) {  // the recent half is always resident
+          for (int32_t k = std::max(0, p - c.budget / 2 + 1); k <= p; ++k)
+            ASSERT_TRUE(std::binary_search(res.begin(), res.end(), k));
+        }
+      }
+      from += n;
+    }
+    const KvFigures f = kv.Figures();
+    EXPECT_EQ(f.resident_tokens, nkv * std::min(c.len, c.budget));
+    EXPECT_LT(f.kv_reads, f.dense_reads);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Budgets, ScoredPolicy,
+    ::testing::Values(ScoredCase{KvPolicyKind::kTova, 1, 1, 12}, ScoredCase{KvPolicyKind::kTova, 5, 2, 40},
+                      ScoredCase{KvPolicyKind::kTova, 16, 16, 64}, ScoredCase{KvPolicyKind::kH2o, 2, 1, 15},
+                      ScoredCase{KvPolicyKind::kH2o, 7, 3, 50}, ScoredCase{KvPolicyKind::kH2o, 20, 8, 64}),
+    [](const auto& info) {
+      const ScoredCase& c = info.param;
+      return absl::StrCat(KvPolicyName(c.kind), "_budget", c.budget, "_block", c.block, "_len", c.len);
+    });
+
+TEST(ForcedPolicy, DeterministicRateAndChunkInvariant_w8_rate075) {
+  KvPolicyConfig pol;
+  pol.kind = KvPolicyKind::kForced;
+  pol.window = 8;
+  pol.force_rate = 0.75;
+  pol.seed = 3;
+  const int32_t T = 1200, nkv = 4, nh = 4, hd = 4;
+  KvGeometry g = Geo(2, nkv, nh, hd, 16);
+  g.kv_head_offset = 4;
+  Stream s = MakeStream(T, 2, nh, nkv, hd, 11, 0.5);
+  auto run = [&](const KvPolicyConfig& p, const std::vector<int32_t>& chunks) {
+    auto cache = MakeCpuKvCache(g, p, 16 << 20);
+    EXPECT_TRUE(cache.ok());
+    auto seq = (*cache)->Create();
+    int32_t from = 0;
+    for (int32_t n : chunks) {
+      EXPECT_TRUE(FeedChunk(**cache, *seq, s, from, n, true, nullptr).ok());  // bits ignored
+      from += n;
+    }
+    std::vector<std::vector<int32_t>> res;
+    for (int l = 0; l < 2; ++l)
+      for (int j = 0; j < nkv; ++j) res.push_back(Sorted((*cache)->ResidentPositions(*seq, l, j)));
+    return std::make_pair(res, (*cache)->Figures());
+  };
+  auto a = run(pol, std::vector<int32_t>(T, 1));
+  auto b = run(pol, ChunkSizes(T, 5, 100));
+  auto c = run(pol, {T});
+  EXPECT_EQ(a.first, b.first);
+  EXPECT_EQ(a.first, c.first);
+  EXPECT_EQ(a.second.kv_reads, b.second.kv_reads);
+  EXPECT_EQ(a.second.kv_reads, c.second.kv_reads);
+  // The last w+1 tokens are always resident; the rate is close to the configured one.
+  for (const auto& r : a.first) {
+    for (int32_t k = T - 9; k < T; ++k) EXPECT_TRUE(std::binary_search(r.begin(), r.end(), k));
+  }
+  EXPECT_NEAR(a.second.eviction_rate(), 0.75, 0.03);
+  EXPECT_NEAR(a.second.asymptotic_cr(), 4.0, 0.6);
+  EXPECT_GT(a.second.cache_cr(), 3.0);
+  EXPECT_GT(a.second.block_cr(), 2.5);
+  // Heads differ; another seed gives another cache.
+  EXPECT_NE(a.first[0], a.first[1]);
+  KvPolicyConfig other = pol;
+  other.seed = 4;
+  EXPECT_NE(run(other, {T}).first, a.first);
 }
 
 TEST(KvParse, PolicyNames) {

@@ -1,0 +1,496 @@
+// Quantized matmul kernels; see matmul.h for the algorithm and its invariants.
+#include "kernels/cpu/matmul.h"
+
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own `__Y = __Y` idiom.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/reference/quant.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DMSRT_MM_AVX2 1
+#endif
+
+namespace dmsrt {
+namespace kernels {
+
+namespace {
+
+constexpr int kMaxRowTile = 4;    // weight rows per register tile
+constexpr int kMaxTokTile = 4;    // tokens per register tile
+
+inline float HalfToFloat(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return Fp16ToFp32(h);
+#endif
+}
+
+// Arguments of one register tile: R consecutive weight rows against T consecutive tokens.
+struct TileArgs {
+  const uint8_t* w;    // first weight row
+  int64_t row_bytes;
+  const int8_t* xq;    // first token's quantized activations [T, cols]
+  const float* xd;     // [T, nb]
+  const float* xs;     // [T, nb]
+  const float* xf;     // first token's float activations [T, cols]
+  int64_t cols;
+  int64_t nb;          // blocks of 32 per row
+  float* y;            // y[t * ldy + r]
+  int64_t ldy;
+};
+
+#if DMSRT_MM_AVX2
+
+inline float Hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// Σ over groups of 4 of u8 * s8 products -> 8 int32 lanes.
+inline __m256i DotU8S8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  const __m256i p = _mm256_maddubs_epi16(u, s);
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+// 16 bytes of packed nibbles -> 32 bytes: low nibbles (elements 0..15) then high (16..31).
+inline __m256i UnpackNibbles(const uint8_t* qs) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// Q4_0 / Q4_1 weights: unsigned nibbles q; value = q*d + m (Q4_1) or (q-8)*d (Q4_0, m = -8d).
+// Σ_i value_i * x_i = d * dx * Σ q*xq + m * s  (s = dx * Σ xq).
+template <int R, int T, bool kQ4_1>
+void TileQ4(const TileArgs& a) {
+  __m256 acc[R][T];
+  float macc[R][T];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      acc[r][t] = _mm256_setzero_ps();
+      macc[r][t] = 0.0f;
+    }
+  }
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m256i wq[R];
+    float wd[R], wm[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = a.w + r * a.row_bytes;
+      if (kQ4_1) {
+        const BlockQ4_1* blk = reinterpret_cast<const BlockQ4_1*>(row) + b;
+        wd[r] = HalfToFloat(blk->d);
+        wm[r] = HalfToFloat(blk->m);
+        wq[r] = UnpackNibbles(blk->qs);
+      } else {
+        const BlockQ4_0* blk = reinterpret_cast<const BlockQ4_0*>(row) + b;
+        wd[r] = HalfToFloat(blk->d);
+        wm[r] = -8.0f * wd[r];
+        wq[r] = UnpackNibbles(blk->qs);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + t * a.cols + b * kQK));
+      const float dx = a.xd[t * a.nb + b];
+      const float sx = a.xs[t * a.nb + b];
+      for (int r = 0; r < R; ++r) {
+        const __m256 p = _mm256_cvtepi32_ps(DotU8S8(wq[r], xv));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[r] * dx), acc[r][t]);
+        macc[r][t] += wm[r] * sx;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) a.y[t * a.ldy + r] = Hsum(acc[r][t]) + macc[r][t];
+  }
+}
+
+// Q8_0 weights: signed × signed via |w| (unsigned) and sign(x, w).
+template <int R, int T>
+void TileQ8_0(const TileArgs& a) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m256i wq[R], wabs[R];
+    float wd[R];
+    for (int r = 0; r < R; ++r) {
+      const BlockQ8_0* blk = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes) + b;
+      wd[r] = HalfToFloat(blk->d);
+      wq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->qs));
+      wabs[r] = _mm256_sign_epi8(wq[r], wq[r]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + t * a.cols + b * kQK));
+      const float dx = a.xd[t * a.nb + b];
+      for (int r = 0; r < R; ++r) {
+        const __m256 p = _mm256_cvtepi32_ps(DotU8S8(wabs[r], _mm256_sign_epi8(xv, wq[r])));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[r] * dx), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) a.y[t * a.ldy + r] = Hsum(acc[r][t]);
+  }
+}
+
+#else  // scalar fallback
+
+template <int R, int T, bool kQ4_1>
+void TileQ4(const TileArgs& a) {
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = a.w + r * a.row_bytes;
+    for (int t = 0; t < T; ++t) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int8_t* xq = a.xq + t * a.cols + b * kQK;
+        const uint8_t* qs;
+        float d, m;
+        if (kQ4_1) {
+          const BlockQ4_1* blk = reinterpret_cast<const BlockQ4_1*>(row) + b;
+          d = HalfToFloat(blk->d);
+          m = HalfToFloat(blk->m);
+          qs = blk->qs;
+        } else {
+          const BlockQ4_0* blk = reinterpret_cast<const BlockQ4_0*>(row) + b;
+          d = HalfToFloat(blk->d);
+          m = -8.0f * d;
+          qs = blk->qs;
+        }
+        int32_t dot = 0;
+        for (int j = 0; j < kQK / 2; ++j) {
+          dot += (qs[j] & 0x0F) * xq[j] + (qs[j] >> 4) * xq[j + kQK / 2];
+        }
+        acc += d * a.xd[t * a.nb + b] * static_cast<float>(dot) + m * a.xs[t * a.nb + b];
+      }
+      a.y[t * a.ldy + r] = acc;
+    }
+  }
+}
+
+template <int R, int T>
+void TileQ8_0(const TileArgs& a) {
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = a.w + r * a.row_bytes;
+    for (int t = 0; t < T; ++t) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const BlockQ8_0* blk = reinterpret_cast<const BlockQ8_0*>(row) + b;
+        const int8_t* xq = a.xq + t * a.cols + b * kQK;
+        int32_t dot = 0;
+        for (int j = 0; j < kQK; ++j) dot += blk->qs[j] * xq[j];
+        acc += HalfToFloat(blk->d) * a.xd[t * a.nb + b] * static_cast<float>(dot);
+      }
+      a.y[t * a.ldy + r] = acc;
+    }
+  }
+}
+
+#endif  // DMSRT_MM_AVX2
+
+}  // namespace
+
+void DequantizeRowFast(int type, const void* src, float* dst, int64_t cols) {
+  int64_t i = 0;
+  if (type == kTypeF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+#if defined(__AVX512F__)
+    for (; i + 16 <= cols; i += 16) {
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+    }
+#elif defined(__F16C__)
+    for (; i + 8 <= cols; i += 8) {
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+    }
+#endif
+    for (; i < cols; ++i) dst[i] = HalfToFloat(h[i]);
+    return;
+  }
+  if (type == kTypeBF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+#if DMSRT_MM_AVX2
+    for (; i + 8 <= cols; i += 8) {
+      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+#endif
+    for (; i < cols; ++i) dst[i] = Bf16ToFp32(h[i]);
+    return;
+  }
+  DequantizeRow(type, src, dst, cols);
+}
+
+namespace {
+
+// Float-converted rows (F32, F16, BF16, Q6_K): one row at a time into a per-thread scratch,
+// then a float dot against each token.
+template <int R, int T>
+void TileFloat(const TileArgs& a, int type) {
+  thread_local std::vector<float> scratch;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = a.w + r * a.row_bytes;
+    const float* wf;
+    if (type == kTypeF32) {
+      wf = reinterpret_cast<const float*>(row);
+    } else {
+      if (static_cast<int64_t>(scratch.size()) < a.cols) scratch.resize(a.cols);
+      DequantizeRowFast(type, row, scratch.data(), a.cols);
+      wf = scratch.data();
+    }
+    for (int t = 0; t < T; ++t) a.y[t * a.ldy + r] = DotF32(wf, a.xf + t * a.cols, a.cols);
+  }
+}
+
+using TileFn = void (*)(const TileArgs&);
+
+template <int R, int T>
+void TileQ4_0(const TileArgs& a) { TileQ4<R, T, false>(a); }
+template <int R, int T>
+void TileQ4_1(const TileArgs& a) { TileQ4<R, T, true>(a); }
+template <int R, int T>
+void TileF32(const TileArgs& a) { TileFloat<R, T>(a, kTypeF32); }
+template <int R, int T>
+void TileF16(const TileArgs& a) { TileFloat<R, T>(a, kTypeF16); }
+template <int R, int T>
+void TileBF16(const TileArgs& a) { TileFloat<R, T>(a, kTypeBF16); }
+template <int R, int T>
+void TileQ6_K(const TileArgs& a) { TileFloat<R, T>(a, kTypeQ6_K); }
+
+// Table [row tile 1 or 4][tokens 1..4].
+struct TileTable {
+  TileFn fn[2][kMaxTokTile];
+};
+
+#define DMSRT_TILE_TABLE(F)                                                       \
+  TileTable{{{F<1, 1>, F<1, 2>, F<1, 3>, F<1, 4>}, {F<4, 1>, F<4, 2>, F<4, 3>, F<4, 4>}}}
+
+const TileTable* TableFor(int type) {
+  static const TileTable kQ4_0 = DMSRT_TILE_TABLE(TileQ4_0);
+  static const TileTable kQ4_1 = DMSRT_TILE_TABLE(TileQ4_1);
+  static const TileTable kQ8_0 = DMSRT_TILE_TABLE(TileQ8_0);
+  static const TileTable kF32 = DMSRT_TILE_TABLE(TileF32);
+  static const TileTable kF16 = DMSRT_TILE_TABLE(TileF16);
+  static const TileTable kBF16 = DMSRT_TILE_TABLE(TileBF16);
+  static const TileTable kQ6_K = DMSRT_TILE_TABLE(TileQ6_K);
+  switch (type) {
+    case kTypeQ4_0: return &kQ4_0;
+    case kTypeQ4_1: return &kQ4_1;
+    case kTypeQ8_0: return &kQ8_0;
+    case kTypeF32: return &kF32;
+    case kTypeF16: return &kF16;
+    case kTypeBF16: return &kBF16;
+    case kTypeQ6_K: return &kQ6_K;
+    default: return nullptr;
+  }
+}
+
+bool UsesQuantizedActs(int type) {
+  return type == kTypeQ4_0 || type == kTypeQ4_1 || type == kTypeQ8_0;
+}
+
+// A chunk of rows of one spec.
+struct Chunk {
+  int spec;
+  int64_t r0, r1;
+};
+
+}  // namespace
+
+float DotF32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#elif DMSRT_MM_AVX2
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  float sum = Hsum(_mm256_add_ps(s0, s1));
+#else
+  float sum = 0.0f;
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void QuantizeActivations(const float* x, int64_t n, int64_t cols, int8_t* qs, float* d,
+                         float* s) {
+  const int64_t nb = cols / kQK;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + t * cols + b * kQK;
+      int8_t* qb = qs + t * cols + b * kQK;
+#if DMSRT_MM_AVX2
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float am = _mm_cvtss_f32(m4);
+      const float db = am / 127.0f;
+      const float id = db != 0.0f ? 1.0f / db : 0.0f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], idv));
+      // Sum of the 32 quantized values.
+      __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(qsum), _mm256_extracti128_si256(qsum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      const int32_t sum = _mm_cvtsi128_si32(s4);
+      // Pack 32 int32 -> 32 int8 in element order (packs work per 128-bit lane; fix with a
+      // permute).
+      const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+      const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+      __m256i p = _mm256_packs_epi16(p01, p23);
+      p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p);
+#else
+      float am = 0.0f;
+      for (int j = 0; j < kQK; ++j) am = std::max(am, std::fabs(xb[j]));
+      const float db = am / 127.0f;
+      const float id = db != 0.0f ? 1.0f / db : 0.0f;
+      int32_t sum = 0;
+      for (int j = 0; j < kQK; ++j) {
+        const int q = static_cast<int>(std::nearbyint(xb[j] * id));
+        qb[j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+#endif
+      d[t * nb + b] = db;
+      s[t * nb + b] = db * static_cast<float>(sum);
+    }
+  }
+}
+
+bool MatMulSupported(int type, int64_t cols) {
+  if (TableFor(type) == nullptr || cols <= 0) return false;
+  const int64_t bs = QuantBlockSize(type);
+  if (cols % bs != 0) return false;
+  if (UsesQuantizedActs(type) && cols % kQK != 0) return false;
+  return true;
+}
+
+bool MatMulBatch(ThreadPool* pool, const MatmulSpec* specs, int n_specs, int64_t cols,
+                 const float* x, int64_t n, MatmulWorkspace* ws) {
+  bool need_q = false;
+  int64_t total_rows = 0;
+  for (int i = 0; i < n_specs; ++i) {
+    if (!MatMulSupported(specs[i].type, cols)) return false;
+    need_q = need_q || UsesQuantizedActs(specs[i].type);
+    total_rows += specs[i].rows;
+  }
+  if (n <= 0 || total_rows == 0) return true;
+  const int nth = pool ? pool->size() : 1;
+  const int64_t nb = cols / kQK;
+
+  if (need_q) {
+    if (static_cast<int64_t>(ws->qs.size()) < n * cols) ws->qs.resize(n * cols);
+    if (static_cast<int64_t>(ws->d.size()) < n * nb) {
+      ws->d.resize(n * nb);
+      ws->s.resize(n * nb);
+    }
+    int8_t* qs = ws->qs.data();
+    float* d = ws->d.data();
+    float* s = ws->s.data();
+    if (pool == nullptr || n < 8) {
+      QuantizeActivations(x, n, cols, qs, d, s);
+    } else {
+      pool->Run([&](int ith, int nth_) {
+        const int64_t t0 = n * ith / nth_, t1 = n * (ith + 1) / nth_;
+        QuantizeActivations(x + t0 * cols, t1 - t0, cols, qs + t0 * cols, d + t0 * nb,
+                            s + t0 * nb);
+      });
+    }
+  }
+
+  // Chunks: about 8 per worker so a preempted worker does not hold up the others; a multiple
+  // of the row tile so most rows go through the 4-row kernels.
+  int64_t chunk_rows = (total_rows + 8 * nth - 1) / (8 * nth);
+  if (n > 1) chunk_rows = std::max<int64_t>(chunk_rows, 16);
+  chunk_rows = std::max<int64_t>(kMaxRowTile, (chunk_rows + kMaxRowTile - 1) / kMaxRowTile * kMaxRowTile);
+  std::vector<Chunk> chunks;  // small: tens of entries
+  for (int i = 0; i < n_specs; ++i) {
+    for (int64_t r = 0; r < specs[i].rows; r += chunk_rows) {
+      chunks.push_back({i, r, std::min(specs[i].rows, r + chunk_rows)});
+    }
+  }
+  std::atomic<int64_t> next{0};
+  const int8_t* qs = need_q ? ws->qs.data() : nullptr;
+  const float* xd = need_q ? ws->d.data() : nullptr;
+  const float* xs = need_q ? ws->s.data() : nullptr;
+
+  auto work = [&](int, int) {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= static_cast<int64_t>(chunks.size())) break;
+      const Chunk& ch = chunks[c];
+      const MatmulSpec& sp = specs[ch.spec];
+      const TileTable* table = TableFor(sp.type);
+      const int64_t row_bytes = sp.w_stride > 0 ? sp.w_stride : QuantRowBytes(sp.type, cols);
+      const uint8_t* w = static_cast<const uint8_t*>(sp.w);
+      for (int64_t t0 = 0; t0 < n; t0 += kMaxTokTile) {
+        const int T = static_cast<int>(std::min<int64_t>(kMaxTokTile, n - t0));
+        TileArgs a;
+        a.row_bytes = row_bytes;
+        a.xq = qs ? qs + t0 * cols : nullptr;
+        a.xd = xd ? xd + t0 * nb : nullptr;
+        a.xs = xs ? xs + t0 * nb : nullptr;
+        a.xf = x + t0 * cols;
+        a.cols = cols;
+        a.nb = nb;
+        a.ldy = sp.ldy;
+        int64_t r = ch.r0;
+        for (; r + kMaxRowTile <= ch.r1; r += kMaxRowTile) {
+          a.w = w + r * row_bytes;
+          a.y = sp.y + t0 * sp.ldy + r;
+          table->fn[1][T - 1](a);
+        }
+        for (; r < ch.r1; ++r) {
+          a.w = w + r * row_bytes;
+          a.y = sp.y + t0 * sp.ldy + r;
+          table->fn[0][T - 1](a);
+        }
+      }
+    }
+  };
+  if (pool == nullptr || chunks.size() == 1) {
+    work(0, 1);
+  } else {
+    pool->Run(work);
+  }
+  return true;
+}
+
+}  // namespace kernels
+}  // namespace dmsrt

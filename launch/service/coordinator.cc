@@ -1,0 +1,981 @@
+// Coordinator implementation (see coordinator.h). Every handler takes mu_ only briefly; messages to
+// replicas are collected under mu_ and written after it is released, each under its replica's own
+// write mutex, so a slow stream never blocks the job table.
+#include "launch/service/coordinator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "runtime/kv_cache.h"
+
+namespace dmsrt {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+grpc::Status Invalid(const std::string& msg) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg);
+}
+
+const char* OutcomeName(v1::JobOutcome o) {
+  switch (o) {
+    case v1::JOB_RUNNING: return "running";
+    case v1::JOB_SUCCEEDED: return "succeeded";
+    case v1::JOB_NO_ANSWER: return "no_answer";
+    case v1::JOB_CANCELLED: return "cancelled";
+    case v1::JOB_FAILED: return "failed";
+    case v1::JOB_DEADLINE_EXCEEDED: return "deadline_exceeded";
+    case v1::JOB_QUEUED: return "queued";
+    default: return "unspecified";
+  }
+}
+
+std::string PolicyNameOf(v1::KvPolicy p) {
+  switch (p) {
+    case v1::KV_POLICY_NONE: return "none";
+    case v1::KV_POLICY_DMS: return "dms";
+    case v1::KV_POLICY_FORCED: return "forced";
+    case v1::KV_POLICY_WINDOW: return "window";
+    case v1::KV_POLICY_TOVA: return "tova";
+    case v1::KV_POLICY_H2O: return "h2o";
+    default: return "";
+  }
+}
+
+// Resident tokens a thread of `len` logical tokens is expected to hold under the replica's
+// policy (docs/dms-semantics.md: a flagged token leaves after the window, so at most the window
+// plus the unflagged share of the rest stays).
+double ExpectedResident(const v1::ReplicaInfo& info, double measured_rate, double len) {
+  const std::string& p = info.kv_policy();
+  double rate = 0.0;
+  if (p == "forced") rate = info.kv_force_rate();
+  if (p == "dms") rate = measured_rate;
+  if (p == "window") return std::min(len, static_cast<double>(info.kv_window()) + 4.0);
+  if (rate <= 0.0) return len;
+  const double w = std::max(0, info.kv_window());
+  if (len <= w) return len;
+  return w + (1.0 - rate) * (len - w);
+}
+
+}  // namespace
+
+void Coordinator::Histogram::Observe(double v) {
+  size_t i = 0;
+  while (i < bounds.size() && v > bounds[i]) ++i;
+  ++counts[i];
+  sum += v;
+  ++count;
+}
+
+Coordinator::Coordinator(const Model& model, const Tokenizer& tokenizer, CoordinatorOptions options)
+    : model_(model), tok_(tokenizer), options_(std::move(options)) {
+  const std::vector<double> bounds = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+  {
+    absl::MutexLock lock(&mu_);
+    ttft_.bounds = bounds;
+    ttft_.counts.assign(bounds.size() + 1, 0);
+    e2e_.bounds = bounds;
+    e2e_.counts.assign(bounds.size() + 1, 0);
+  }
+  monitor_ = std::thread([this] { MonitorLoop(); });
+}
+
+Coordinator::~Coordinator() { Shutdown(); }
+
+void Coordinator::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return;
+    shutdown_ = true;
+  }
+  if (monitor_.joinable()) monitor_.join();
+}
+
+grpc::Status Coordinator::CheckAuth(grpc::ServerContext* ctx) const {
+  if (options_.auth_token.empty()) return grpc::Status::OK;
+  auto md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing 'authorization: Bearer <token>' metadata (the server runs with --auth-token)");
+  }
+  std::string v(it->second.data(), it->second.size());
+  if (v != "Bearer " + options_.auth_token) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token does not match");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, std::string* id, int32_t* n_out) {
+  // ---- field validation -------------------------------------------------------------------
+  std::string text;
+  bool chat = false;
+  switch (req.input_case()) {
+    case v1::JobRequest::kPrompt: text = req.prompt(); break;
+    case v1::JobRequest::kChat: text = req.chat(); chat = true; break;
+    default: return Invalid("the request has no input: set `prompt` (raw text) or `chat` (a user message)");
+  }
+  if (text.empty()) return Invalid("the prompt is empty: send a non-empty `prompt` or `chat`");
+  if (static_cast<int64_t>(text.size()) > options_.max_prompt_bytes) {
+    return Invalid(absl::StrFormat("the prompt is %d bytes; the limit is %d: shorten it", text.size(),
+                                   options_.max_prompt_bytes));
+  }
+  const int64_t budget = req.kv().kv_budget_bytes();
+  if (req.n() < 0) return Invalid(absl::StrCat("n = ", req.n(), " is negative: set n >= 1"));
+  if (budget < 0) {
+    return Invalid(absl::StrCat("kv.kv_budget_bytes = ", budget, " is negative: set a positive byte count or 0"));
+  }
+  if (req.n() == 0 && budget == 0) {
+    return Invalid("n = 0: set n >= 1 threads, or leave n at 0 and set kv.kv_budget_bytes (budget mode)");
+  }
+  if (req.n() > 0 && budget > 0) {
+    return Invalid("set either n or kv.kv_budget_bytes, not both");
+  }
+  if (req.n() > options_.max_n) {
+    return Invalid(absl::StrFormat("n = %d exceeds the limit of %d threads per job: lower n", req.n(),
+                                   options_.max_n));
+  }
+  const v1::SamplingParams& sp = req.sampling();
+  if (!std::isfinite(sp.temperature()) || sp.temperature() < 0) {
+    return Invalid("sampling.temperature must be a finite number >= 0 (0 = greedy)");
+  }
+  if (!std::isfinite(sp.top_p()) || sp.top_p() < 0 || sp.top_p() > 1) {
+    return Invalid("sampling.top_p must be in [0, 1] (0 or 1 = off)");
+  }
+  if (sp.top_k() < 0) return Invalid("sampling.top_k must be >= 0 (0 = off)");
+  if (!std::isfinite(sp.min_p()) || sp.min_p() < 0 || sp.min_p() > 1) {
+    return Invalid("sampling.min_p must be in [0, 1] (0 = off)");
+  }
+  const v1::StoppingCriteria& st = req.stopping();
+  if (st.max_tokens() < 0) return Invalid("stopping.max_tokens must be >= 0 (0 = the server default)");
+  if (st.max_tokens() > options_.max_tokens_limit) {
+    return Invalid(absl::StrFormat("stopping.max_tokens = %d exceeds the limit of %d: lower it",
+                                   st.max_tokens(), options_.max_tokens_limit));
+  }
+  const int32_t max_tokens = st.max_tokens() > 0 ? st.max_tokens() : options_.default_max_tokens;
+  if (st.stop_size() > options_.max_stop_strings) {
+    return Invalid(absl::StrFormat("%d stop strings; the limit is %d: send fewer", st.stop_size(),
+                                   options_.max_stop_strings));
+  }
+  for (const std::string& s : st.stop()) {
+    if (s.empty()) return Invalid("stopping.stop contains an empty string: remove it");
+    if (static_cast<int32_t>(s.size()) > options_.max_stop_length) {
+      return Invalid(absl::StrFormat("a stop string is %d bytes; the limit is %d", s.size(),
+                                     options_.max_stop_length));
+    }
+  }
+  if (!v1::KvPolicy_IsValid(req.dms().policy())) {
+    return Invalid(absl::StrCat("dms.policy = ", static_cast<int>(req.dms().policy()),
+                                " is not a known KvPolicy value"));
+  }
+  if (req.dms().window() < 0) return Invalid("dms.window must be >= 0");
+  if (!std::isfinite(req.dms().force_rate()) || req.dms().force_rate() < 0 ||
+      req.dms().force_rate() >= 1) {
+    return Invalid("dms.force_rate must be in [0, 1)");
+  }
+  if (!v1::Selection_IsValid(req.answer().selection())) {
+    return Invalid(absl::StrCat("answer.selection = ", static_cast<int>(req.answer().selection()),
+                                " is not a known Selection value"));
+  }
+  std::shared_ptr<const std::regex> pattern;
+  if (!req.answer().extraction_regex().empty()) {
+    absl::StatusOr<std::shared_ptr<const std::regex>> re =
+        CompileAnswerRegex(req.answer().extraction_regex());
+    if (!re.ok()) return Invalid(std::string(re.status().message()));
+    pattern = *re;
+  }
+  if (!std::isfinite(req.deadline_seconds()) || req.deadline_seconds() < 0) {
+    return Invalid("deadline_seconds must be >= 0 (0 = none)");
+  }
+
+  // ---- tokenize -------------------------------------------------------------------------------
+  std::string rendered = text;
+  if (chat) {
+    absl::StatusOr<std::string> r =
+        ApplyChatTemplate(model_.tokenizer, {ChatMessage{"user", text}}, true);
+    if (!r.ok()) return Invalid(absl::StrCat("cannot render the chat: ", r.status().message()));
+    rendered = *r;
+  }
+  std::vector<int32_t> prompt = tok_.Encode(rendered, /*parse_special=*/true,
+                                            /*add_bos=*/model_.tokenizer.add_bos);
+  if (prompt.empty()) return Invalid("the prompt tokenizes to nothing: send some text");
+  const int64_t ctx_len = model_.config.max_positions;
+  if (ctx_len > 0 && static_cast<int64_t>(prompt.size()) + max_tokens > ctx_len) {
+    return Invalid(absl::StrFormat(
+        "the prompt is %d tokens; with max_tokens %d it exceeds the model context of %d tokens: "
+        "shorten the prompt or lower stopping.max_tokens",
+        prompt.size(), max_tokens, ctx_len));
+  }
+
+  std::vector<Outgoing> out;
+  {
+    absl::MutexLock lock(&mu_);
+    // ---- capacity ---------------------------------------------------------------------------------
+    std::vector<std::shared_ptr<Replica>> alive;
+    for (auto& [rid, r] : replicas_) {
+      if (r->alive) alive.push_back(r);
+    }
+    if (alive.empty()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "no replica is registered with the coordinator: start `dmsrt serve` and retry");
+    }
+    for (auto& r : alive) {
+      const std::string want = PolicyNameOf(req.dms().policy());
+      if (!want.empty() && want != r->info.kv_policy()) {
+        return Invalid(absl::StrFormat(
+            "dms.policy = %s but replica %d runs --kv-policy %s: leave dms.policy unset or start the "
+            "replicas with --kv-policy %s",
+            want, r->id, r->info.kv_policy(), want));
+      }
+    }
+    // The replica with the most blocks decides whether one thread can fit at all.
+    std::shared_ptr<Replica> big = alive.front();
+    for (auto& r : alive) {
+      if (r->info.kv_blocks_total() > big->info.kv_blocks_total()) big = r;
+    }
+    const v1::ReplicaInfo& bi = big->info;
+    const double bt = std::max(1, bi.kv_block_tokens());
+    const double per_tok_blocks = static_cast<double>(bi.blocks_per_token_dense());
+    const double full_len = static_cast<double>(prompt.size() + max_tokens);
+    const double rate = big->stats.eviction_rate();
+    const double thread_blocks =
+        std::ceil(ExpectedResident(bi, rate, full_len) / bt + 1) * per_tok_blocks;
+    if (thread_blocks > static_cast<double>(bi.kv_blocks_total())) {
+      return grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrFormat("one thread of %d prompt + %d generated tokens needs about %.0f KV blocks "
+                          "(%.1f MiB) but the largest replica holds %d blocks: lower "
+                          "stopping.max_tokens, shorten the prompt, or raise the replicas' --kv-budget",
+                          prompt.size(), max_tokens, thread_blocks,
+                          thread_blocks * bi.kv_block_bytes() / 1048576.0, bi.kv_blocks_total()));
+    }
+    int32_t n = req.n();
+    if (n == 0) {
+      // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
+      // generated part is estimated with the policy's eviction rate, so a compressing policy buys
+      // more threads in the same bytes.
+      const double bb = static_cast<double>(bi.kv_block_bytes());
+      const double prompt_bytes = std::ceil(prompt.size() / bt) * per_tok_blocks * bb;
+      const double resident_full = ExpectedResident(bi, rate, full_len);
+      const double own_tokens = std::max(1.0, resident_full - static_cast<double>(prompt.size()) * (resident_full / full_len));
+      const double per_thread_bytes = (std::ceil(own_tokens / bt) + 1) * per_tok_blocks * bb;
+      const double avail = static_cast<double>(budget) - prompt_bytes;
+      const int64_t fit = avail > 0 ? static_cast<int64_t>(avail / per_thread_bytes) : 0;
+      if (fit < 1) {
+        return grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrFormat("kv.kv_budget_bytes = %d holds no thread: the prompt takes about %.0f bytes "
+                            "and each thread about %.0f bytes: raise the budget to at least %.0f",
+                            budget, prompt_bytes, per_thread_bytes, prompt_bytes + per_thread_bytes));
+      }
+      n = static_cast<int32_t>(std::min<int64_t>(fit, options_.max_n));
+    }
+
+    auto job = std::make_unique<Job>();
+    job->id = absl::StrCat("job-", next_job_++);
+    job->request = req;
+    job->prompt = std::move(prompt);
+    job->n = n;
+    job->max_tokens = max_tokens;
+    job->pattern = pattern;
+    switch (req.answer().selection()) {
+      case v1::SELECTION_MAX_MEAN_LOGPROB: job->selection = Selection::kMaxMeanLogprob; break;
+      case v1::SELECTION_FIRST_FINISHED: job->selection = Selection::kFirstFinished; break;
+      default: job->selection = Selection::kMajorityVote; break;
+    }
+    job->threads.resize(n);
+    job->start = Clock::now();
+    if (req.deadline_seconds() > 0) {
+      job->deadline = job->start + std::chrono::microseconds(
+                                       static_cast<int64_t>(req.deadline_seconds() * 1e6));
+    }
+    job->outcome = v1::JOB_RUNNING;
+    v1::JobEvent acc;
+    acc.set_job_id(job->id);
+    acc.mutable_accepted()->set_n(n);
+    acc.mutable_accepted()->set_prompt_tokens(static_cast<int64_t>(job->prompt.size()));
+    job->events.push_back(acc);
+    std::vector<int32_t> all(n);
+    for (int32_t i = 0; i < n; ++i) all[i] = i;
+    Job& ref = *job;
+    *id = job->id;
+    *n_out = n;
+    jobs_[job->id] = std::move(job);
+    AssignThreads(ref, all, &out);
+}
+  Send(out);
+  return grpc::Status::OK;
+}
+
+bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
+                                std::vector<Outgoing>* out) {
+  std::vector<std::shared_ptr<Replica>> alive;
+  for (auto& [rid, r] : replicas_) {
+    if (r->alive) alive.push_back(r);
+  }
+  if (alive.empty()) return false;
+  std::map<int32_t, std::vector<int32_t>> plan;
+  for (int32_t idx : indices) {
+    std::shared_ptr<Replica> best;
+    double best_load = 0;
+    for (auto& r : alive) {
+      const double cap = std::max<int64_t>(1, r->info.kv_blocks_total());
+      const double load = static_cast<double>(r->assigned_open) / cap;
+      if (!best || load < best_load) {
+        best = r;
+        best_load = load;
+      }
+    }
+    ++best->assigned_open;
+    job.threads[idx].replica = best->id;
+    plan[best->id].push_back(idx);
+  }
+  for (auto& [rid, idxs] : plan) {
+    Outgoing o;
+    o.replica = replicas_[rid];
+    v1::ThreadAssignment* a = o.msg.mutable_assign();
+    a->set_job_id(job.id);
+    for (int32_t t : job.prompt) a->add_prompt_tokens(t);
+    for (int32_t t : idxs) a->add_thread_indices(t);
+    *a->mutable_sampling() = job.request.sampling();
+    a->set_max_tokens(job.max_tokens);
+    for (const std::string& s : job.request.stopping().stop()) a->add_stop(s);
+    a->set_ignore_eos(job.request.stopping().ignore_eos());
+    a->set_stream_tokens(true);
+    out->push_back(std::move(o));
+  }
+  return true;
+}
+
+void Coordinator::Send(std::vector<Outgoing>& out) {
+  for (Outgoing& o : out) {
+    bool ok = false;
+    {
+      absl::MutexLock wl(&o.replica->write_mu);
+      if (o.replica->open && o.replica->stream != nullptr) ok = o.replica->stream->Write(o.msg);
+    }
+    (void)ok;  // a broken stream ends its Connect handler, which reassigns the threads
+  }
+  out.clear();
+}
+
+void Coordinator::CancelRemaining(Job& job, std::vector<Outgoing>* out) {
+  std::set<int32_t> replicas;
+  for (size_t i = 0; i < job.threads.size(); ++i) {
+    ThreadState& ts = job.threads[i];
+    if (ts.finished) continue;
+    auto it = replicas_.find(ts.replica);
+    if (ts.replica < 0 || it == replicas_.end() || !it->second->alive) {
+      v1::ThreadFinished tf;
+      tf.set_thread_index(static_cast<int32_t>(i));
+      tf.set_reason(v1::CANCELLED);
+      tf.set_message("cancelled before a replica ran it");
+      OnThreadFinished(job, tf, out);
+      if (job.done) return;
+      continue;
+    }
+    replicas.insert(ts.replica);
+  }
+  for (int32_t rid : replicas) {
+    Outgoing o;
+    o.replica = replicas_[rid];
+    o.msg.mutable_cancel()->set_job_id(job.id);
+    o.msg.mutable_cancel()->set_thread_index(-1);
+    out->push_back(std::move(o));
+  }
+}
+
+v1::VoteUpdate Coordinator::VoteUpdateOf(const Job& job) const {
+  v1::VoteUpdate vu;
+  for (const VoteEntry& e : job.votes.Sorted()) {
+    v1::Vote* v = vu.add_table();
+    v->set_answer(e.answer);
+    v->set_votes(e.votes);
+  }
+  vu.set_finished(job.finished_count);
+  vu.set_running(job.n - job.finished_count);
+  return vu;
+}
+
+void Coordinator::OnThreadFinished(Job& job, const v1::ThreadFinished& tf_in,
+                                   std::vector<Outgoing>* out) {
+  const int32_t idx = tf_in.thread_index();
+  if (job.done || idx < 0 || idx >= job.n) return;
+  ThreadState& ts = job.threads[idx];
+  if (ts.finished) return;
+  ts.finished = true;
+  ++job.finished_count;
+  auto rit = replicas_.find(ts.replica);
+  if (rit != replicas_.end() && rit->second->assigned_open > 0) --rit->second->assigned_open;
+  v1::ThreadFinished tf = tf_in;
+  tf.set_replica(ts.replica);
+  const bool votes = tf.reason() == v1::STOP || tf.reason() == v1::STOP_STRING ||
+                     tf.reason() == v1::LENGTH;
+  if (votes) {
+    std::optional<std::string> ans = ExtractAnswer(tf.text(), job.pattern.get());
+    if (ans) {
+      tf.set_answer(*ans);
+      tf.set_has_answer(true);
+    }
+    job.votes.Add(ans, tf.mean_logprob());
+  }
+  ts.result = tf;
+  v1::JobEvent ev;
+  ev.set_job_id(job.id);
+  *ev.mutable_thread_finished() = tf;
+  job.events.push_back(ev);
+  v1::JobEvent vu;
+  vu.set_job_id(job.id);
+  *vu.mutable_vote_update() = VoteUpdateOf(job);
+  job.events.push_back(vu);
+
+  const int64_t running = job.n - job.finished_count;
+  if (job.request.answer().early_stop() && !job.early_stopped && running > 0 &&
+      job.votes.Decided(running)) {
+    job.early_stopped = true;
+    CancelRemaining(job, out);
+    if (job.done) return;
+  }
+  if (job.finished_count == job.n) {
+    std::optional<std::string> sel = job.votes.Select(job.selection);
+    v1::JobOutcome outcome;
+    std::string msg;
+    bool all_failed = true;
+    for (const ThreadState& t : job.threads) {
+      if (t.result.reason() != v1::ERROR && t.result.reason() != v1::PREEMPTED_FAILED) all_failed = false;
+    }
+    if (job.deadline_hit) {
+      outcome = v1::JOB_DEADLINE_EXCEEDED;
+      msg = "the job's deadline passed; threads still running were cancelled";
+    } else if (job.cancel_requested) {
+      outcome = v1::JOB_CANCELLED;
+      msg = "cancelled";
+    } else if (sel) {
+      outcome = v1::JOB_SUCCEEDED;
+    } else if (all_failed) {
+      outcome = v1::JOB_FAILED;
+      msg = job.threads.empty() ? "no threads" : job.threads[0].result.message();
+    } else {
+      outcome = v1::JOB_NO_ANSWER;
+      msg = "no thread produced an answer";
+    }
+    FinishJob(job, outcome, msg);
+  }
+}
+
+void Coordinator::FinishJob(Job& job, v1::JobOutcome outcome, const std::string& message) {
+  if (job.done) return;
+  job.done = true;
+  job.outcome = outcome;
+  v1::JobEvent ev;
+  ev.set_job_id(job.id);
+  v1::JobFinished* jf = ev.mutable_job_finished();
+  jf->set_outcome(outcome);
+  jf->set_n(job.n);
+  jf->set_message(message);
+  std::optional<std::string> sel = job.votes.Select(job.selection);
+  if (sel) {
+    jf->set_selected_answer(*sel);
+    jf->set_has_answer(true);
+  }
+  for (const VoteEntry& e : job.votes.Sorted()) {
+    v1::Vote* v = jf->add_votes();
+    v->set_answer(e.answer);
+    v->set_votes(e.votes);
+  }
+  for (const ThreadState& t : job.threads) *jf->add_threads() = t.result;
+  const double secs = SecondsSince(job.start);
+  jf->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(job.prompt.size()));
+  jf->mutable_usage()->set_generated_tokens(job.generated);
+  jf->mutable_usage()->set_seconds(secs);
+  jf->mutable_usage()->set_time_to_first_token_seconds(job.ttft);
+  job.events.push_back(ev);
+  ++outcomes_[OutcomeName(outcome)];
+  e2e_.Observe(secs);
+}
+
+void Coordinator::FillStatus(const Job& job, v1::JobStatus* s) const {
+  s->set_job_id(job.id);
+  s->set_outcome(job.outcome);
+  s->set_n(job.n);
+  s->set_threads_finished(job.finished_count);
+  s->set_threads_running(job.n - job.finished_count);
+  for (const VoteEntry& e : job.votes.Sorted()) {
+    v1::Vote* v = s->add_votes();
+    v->set_answer(e.answer);
+    v->set_votes(e.votes);
+  }
+  std::optional<std::string> sel = job.votes.Select(job.selection);
+  if (sel) {
+    s->set_selected_answer(*sel);
+    s->set_has_answer(true);
+  }
+  s->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(job.prompt.size()));
+  s->mutable_usage()->set_generated_tokens(job.generated);
+  s->mutable_usage()->set_seconds(SecondsSince(job.start));
+  s->mutable_usage()->set_time_to_first_token_seconds(job.ttft);
+  for (const ThreadState& t : job.threads) {
+    if (t.finished) *s->add_threads() = t.result;
+  }
+}
+
+grpc::Status Coordinator::SubmitJob(grpc::ServerContext* ctx, const v1::JobRequest* req,
+                                    v1::SubmitJobResponse* resp) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  std::string id;
+  int32_t n = 0;
+  grpc::Status s = CreateJob(*req, &id, &n);
+  if (!s.ok()) return s;
+  resp->set_job_id(id);
+  resp->set_n(n);
+  return grpc::Status::OK;
+}
+
+namespace {
+struct WatchArg {
+  const std::vector<v1::JobEvent>* events;
+  size_t next;
+  const bool* shutdown;
+};
+bool WatchReady(WatchArg* a) { return a->events->size() > a->next || *a->shutdown; }
+}  // namespace
+
+grpc::Status Coordinator::Watch(grpc::ServerContext* ctx, const std::string& id,
+                                grpc::ServerWriter<v1::JobEvent>* writer,
+                                bool cancel_on_disconnect) {
+  size_t next = 0;
+  for (;;) {
+    std::vector<v1::JobEvent> batch;
+    bool done = false;
+    v1::JobOutcome outcome = v1::JOB_RUNNING;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = jobs_.find(id);
+      if (it == jobs_.end()) {
+        return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                            absl::StrCat("no job '", id, "': list jobs with ListJobs"));
+      }
+      Job& job = *it->second;
+      WatchArg arg{&job.events, next, &shutdown_};
+      mu_.AwaitWithTimeout(absl::Condition(&WatchReady, &arg), absl::Milliseconds(200));
+      for (size_t i = next; i < job.events.size(); ++i) batch.push_back(job.events[i]);
+      next = job.events.size();
+      done = job.done;
+      outcome = job.outcome;
+      if (shutdown_ && !done) {
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+      }
+    }
+    bool broken = ctx->IsCancelled();
+    for (const v1::JobEvent& e : batch) {
+      if (broken) break;
+      if (!writer->Write(e)) broken = true;
+    }
+    if (broken) {
+      if (cancel_on_disconnect) {
+        std::vector<Outgoing> out;
+        {
+          absl::MutexLock lock(&mu_);
+          auto it = jobs_.find(id);
+          if (it != jobs_.end() && !it->second->done) {
+            it->second->cancel_requested = true;
+            CancelRemaining(*it->second, &out);
+          }
+        }
+        Send(out);
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the call; the job was cancelled");
+    }
+    if (done) {
+      if (outcome == v1::JOB_DEADLINE_EXCEEDED) {
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            "the job's deadline passed; partial results are in the final event");
+      }
+      if (outcome == v1::JOB_CANCELLED) {
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the job was cancelled");
+      }
+      return grpc::Status::OK;
+    }
+  }
+}
+
+grpc::Status Coordinator::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
+                                   grpc::ServerWriter<v1::JobEvent>* writer) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  if (req->job_id().empty()) return Invalid("job_id is empty: pass the id SubmitJob returned");
+  return Watch(ctx, req->job_id(), writer, /*cancel_on_disconnect=*/true);
+}
+
+grpc::Status Coordinator::RunJob(grpc::ServerContext* ctx, const v1::JobRequest* req,
+                                 grpc::ServerWriter<v1::JobEvent>* writer) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  std::string id;
+  int32_t n = 0;
+  grpc::Status s = CreateJob(*req, &id, &n);
+  if (!s.ok()) return s;
+  return Watch(ctx, id, writer, /*cancel_on_disconnect=*/true);
+}
+
+grpc::Status Coordinator::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
+                                 v1::JobStatus* resp) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(req->job_id());
+  if (it == jobs_.end()) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("no job '", req->job_id(), "': list jobs with ListJobs"));
+  }
+  FillStatus(*it->second, resp);
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
+                                    v1::CancelJobResponse* resp) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  std::vector<Outgoing> out;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(req->job_id());
+    if (it == jobs_.end()) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("no job '", req->job_id(), "': list jobs with ListJobs"));
+    }
+    Job& job = *it->second;
+    if (job.done) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat("job '", job.id, "' already finished (", OutcomeName(job.outcome), ")"));
+    }
+    if (req->has_thread_index()) {
+      const int32_t t = req->thread_index();
+      if (t < 0 || t >= job.n) {
+        return Invalid(absl::StrFormat("thread_index %d is outside 0..%d", t, job.n - 1));
+      }
+      ThreadState& ts = job.threads[t];
+      if (ts.finished) {
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                            absl::StrFormat("thread %d of job '%s' already finished", t, job.id));
+      }
+      auto rit = replicas_.find(ts.replica);
+      if (rit == replicas_.end() || !rit->second->alive) {
+        v1::ThreadFinished tf;
+        tf.set_thread_index(t);
+        tf.set_reason(v1::CANCELLED);
+        OnThreadFinished(job, tf, &out);
+      } else {
+        Outgoing o;
+        o.replica = rit->second;
+        o.msg.mutable_cancel()->set_job_id(job.id);
+        o.msg.mutable_cancel()->set_thread_index(t);
+        out.push_back(std::move(o));
+      }
+    } else {
+      job.cancel_requested = true;
+      CancelRemaining(job, &out);
+    }
+  }
+  Send(out);
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
+                                   v1::ListJobsResponse* resp) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, job] : jobs_) {
+    if (job->done && !req->include_finished()) continue;
+    v1::JobStatus* s = resp->add_jobs();
+    FillStatus(*job, s);
+    s->clear_threads();
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
+                                           const v1::GetClusterStatusRequest* req,
+                                           v1::ClusterStatus* resp) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  absl::MutexLock lock(&mu_);
+  resp->set_model(model_.config.name);
+  for (auto& [rid, r] : replicas_) {
+    v1::ReplicaStatus* rs = resp->add_replicas();
+    rs->set_replica(rid);
+    rs->set_state(r->alive ? "ready" : "lost");
+    rs->set_tp(r->info.tp());
+    rs->set_running_threads(r->stats.running_threads());
+    rs->set_queued_threads(r->stats.waiting_threads());
+    rs->set_tokens_per_second(r->stats.tokens_per_second());
+    rs->set_preemptions(r->stats.preemptions());
+    rs->set_kv_policy(r->info.kv_policy());
+    rs->set_last_heartbeat_age_seconds(SecondsSince(r->last_heartbeat));
+    v1::RankStatus* k = rs->add_ranks();
+    k->set_rank(0);
+    k->set_kv_blocks_total(r->stats.kv_blocks_total());
+    k->set_kv_blocks_used(r->stats.kv_blocks_used());
+    k->set_kv_blocks_free(r->stats.kv_blocks_free());
+    const int64_t per = std::max<int64_t>(1, r->info.blocks_per_token_dense());
+    k->set_kv_tokens_capacity(r->stats.kv_blocks_total() / per * r->info.kv_block_tokens());
+    k->set_kv_block_bytes(r->info.kv_block_bytes());
+    k->set_logical_tokens(r->stats.logical_tokens());
+    k->set_resident_tokens(r->stats.resident_tokens());
+    k->set_cache_cr(r->stats.cache_cr());
+    if (r->alive) {
+      resp->set_kv_blocks_total(resp->kv_blocks_total() + r->stats.kv_blocks_total());
+      resp->set_kv_blocks_used(resp->kv_blocks_used() + r->stats.kv_blocks_used());
+      resp->set_running_threads(resp->running_threads() + r->stats.running_threads());
+      resp->set_queued_threads(resp->queued_threads() + r->stats.waiting_threads());
+    }
+  }
+  for (auto& [id, job] : jobs_) {
+    if (job->done) continue;
+    if (job->generated > 0) {
+      resp->set_jobs_running(resp->jobs_running() + 1);
+    } else {
+      resp->set_jobs_queued(resp->jobs_queued() + 1);
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::Connect(
+    grpc::ServerContext* ctx,
+    grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::ReplicaMessage>* stream) {
+  grpc::Status a = CheckAuth(ctx);
+  if (!a.ok()) return a;
+  v1::ReplicaMessage m;
+  if (!stream->Read(&m) || m.msg_case() != v1::ReplicaMessage::kRegister) {
+    return Invalid("a replica must send `register` first");
+  }
+  auto rep = std::make_shared<Replica>();
+  {
+    absl::MutexLock lock(&mu_);
+    rep->id = m.register_().replica();
+    if (replicas_.count(rep->id) && replicas_[rep->id]->alive) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                          absl::StrCat("replica ", rep->id, " is already registered"));
+    }
+    rep->info = m.register_();
+    rep->stats.set_kv_blocks_total(rep->info.kv_blocks_total());
+    rep->stats.set_kv_blocks_free(rep->info.kv_blocks_total());
+    rep->last_heartbeat = Clock::now();
+    {
+      absl::MutexLock wl(&rep->write_mu);
+      rep->stream = stream;
+      rep->open = true;
+    }
+    replicas_[rep->id] = rep;
+  }
+  while (stream->Read(&m)) {
+    std::vector<Outgoing> out;
+    {
+      absl::MutexLock lock(&mu_);
+      rep->last_heartbeat = Clock::now();
+      if (!rep->alive) break;
+      switch (m.msg_case()) {
+        case v1::ReplicaMessage::kHeartbeat:
+          rep->stats = m.heartbeat();
+          break;
+        case v1::ReplicaMessage::kProgress: {
+          const v1::JobEvent& ev = m.progress();
+          auto it = jobs_.find(ev.job_id());
+          if (it == jobs_.end()) break;
+          Job& job = *it->second;
+          if (job.done) break;
+          if (ev.has_token()) {
+            const int32_t t = ev.token().thread_index();
+            if (t < 0 || t >= job.n || job.threads[t].replica != rep->id) break;
+            if (job.ttft < 0) {
+              job.ttft = SecondsSince(job.start);
+              ttft_.Observe(job.ttft);
+            }
+            job.generated += ev.token().token_ids_size();
+            if (job.request.stream_tokens()) job.events.push_back(ev);
+          } else if (ev.has_thread_finished()) {
+            const int32_t t = ev.thread_finished().thread_index();
+            if (t < 0 || t >= job.n || job.threads[t].replica != rep->id) break;
+            OnThreadFinished(job, ev.thread_finished(), &out);
+          }
+          break;
+        }
+        case v1::ReplicaMessage::kRejected: {
+          auto it = jobs_.find(m.rejected().job_id());
+          if (it == jobs_.end()) break;
+          for (int32_t t : m.rejected().thread_indices()) {
+            v1::ThreadFinished tf;
+            tf.set_thread_index(t);
+            tf.set_reason(v1::ERROR);
+            tf.set_message(m.rejected().message());
+            OnThreadFinished(*it->second, tf, &out);
+          }
+          break;
+        }
+        default:
+          break;
+      }
+    }
+    Send(out);
+  }
+  {
+    absl::MutexLock wl(&rep->write_mu);
+    rep->open = false;
+    rep->stream = nullptr;
+  }
+  ReplicaLost(rep->id);
+  return grpc::Status::OK;
+}
+
+void Coordinator::ReplicaLost(int32_t replica_id) {
+  std::vector<Outgoing> out;
+  {
+    absl::MutexLock lock(&mu_);
+    auto rit = replicas_.find(replica_id);
+    if (rit == replicas_.end()) return;
+    rit->second->alive = false;
+    rit->second->assigned_open = 0;
+    for (auto& [id, job] : jobs_) {
+      if (job->done) continue;
+      std::vector<int32_t> orphans;
+      for (size_t i = 0; i < job->threads.size(); ++i) {
+        if (!job->threads[i].finished && job->threads[i].replica == replica_id) {
+          orphans.push_back(static_cast<int32_t>(i));
+          job->threads[i].replica = -1;
+        }
+      }
+      if (orphans.empty()) continue;
+      if (job->cancel_requested || job->deadline_hit || job->early_stopped ||
+          !AssignThreads(*job, orphans, &out)) {
+        v1::JobEvent err;
+        err.set_job_id(job->id);
+        err.mutable_error()->set_message(absl::StrFormat(
+            "replica %d was lost and no other replica can take its %d threads", replica_id,
+            orphans.size()));
+        err.mutable_error()->set_retryable(true);
+        job->events.push_back(err);
+        for (int32_t t : orphans) {
+          v1::ThreadFinished tf;
+          tf.set_thread_index(t);
+          tf.set_reason(job->cancel_requested || job->early_stopped ? v1::CANCELLED : v1::ERROR);
+          tf.set_message(absl::StrCat("replica ", replica_id, " was lost"));
+          OnThreadFinished(*job, tf, &out);
+          if (job->done) break;
+        }
+      } else {
+        ++lost_replica_preemptions_;
+      }
+    }
+  }
+  Send(out);
+}
+
+void Coordinator::MonitorLoop() {
+  for (;;) {
+    std::vector<Outgoing> out;
+    std::vector<int32_t> stale;
+    {
+      absl::MutexLock lock(&mu_);
+      if (shutdown_) break;
+      const auto now = Clock::now();
+      for (auto& [id, job] : jobs_) {
+        if (job->done || job->deadline_hit || !job->deadline || now < *job->deadline) continue;
+        job->deadline_hit = true;
+        CancelRemaining(*job, &out);
+      }
+      for (auto& [rid, r] : replicas_) {
+        if (r->alive && std::chrono::duration<double>(now - r->last_heartbeat).count() >
+                            options_.replica_timeout_seconds) {
+          stale.push_back(rid);
+        }
+      }
+    }
+    Send(out);
+    for (int32_t rid : stale) ReplicaLost(rid);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+std::string Coordinator::MetricsText() {
+  absl::MutexLock lock(&mu_);
+  int64_t running = 0, waiting = 0, total = 0, used = 0, preempt = 0, prompt = 0, gen = 0;
+  int64_t logical = 0, resident = 0, flagged = 0;
+  for (auto& [rid, r] : replicas_) {
+    const v1::ReplicaStats& s = r->stats;
+    prompt += s.prompt_tokens_total();
+    gen += s.generation_tokens_total();
+    preempt += s.preemptions();
+    if (!r->alive) continue;
+    running += s.running_threads();
+    waiting += s.waiting_threads();
+    total += s.kv_blocks_total();
+    used += s.kv_blocks_used();
+    logical += s.logical_tokens();
+    resident += s.resident_tokens();
+    flagged += s.flagged_tokens();
+  }
+  int64_t jobs_running = 0;
+  for (auto& [id, job] : jobs_) jobs_running += job->done ? 0 : 1;
+  std::string o;
+  auto gauge = [&](const char* name, const char* help, double v) {
+    absl::StrAppendFormat(&o, "# HELP dmsrt:%s %s\n# TYPE dmsrt:%s gauge\ndmsrt:%s %.17g\n", name,
+                          help, name, name, v);
+  };
+  auto counter = [&](const char* name, const char* help, double v) {
+    absl::StrAppendFormat(&o, "# HELP dmsrt:%s %s\n# TYPE dmsrt:%s counter\ndmsrt:%s %.17g\n", name,
+                          help, name, name, v);
+  };
+  gauge("num_requests_running", "Threads (sequences) holding KV on the replicas.", running);
+  gauge("num_requests_waiting", "Threads queued on the replicas (new or preempted).", waiting);
+  gauge("num_jobs_running", "Jobs accepted and not finished.", jobs_running);
+  gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1) over live replicas.",
+        total > 0 ? static_cast<double>(used) / total : 0.0);
+  gauge("kv_blocks_total", "KV blocks over live replicas.", total);
+  gauge("kv_blocks_used", "KV blocks in use over live replicas.", used);
+  counter("num_preemptions_total", "Threads preempted for recompute.", preempt);
+  counter("prompt_tokens_total", "Prompt tokens prefilled.", prompt);
+  counter("generation_tokens_total", "Tokens generated.", gen);
+  gauge("kv_logical_tokens", "Tokens a dense cache would hold (summed over layers and heads).", logical);
+  gauge("kv_resident_tokens", "Tokens held in the KV cache (summed over layers and heads).", resident);
+  gauge("kv_evicted_tokens", "Logical minus resident tokens.", logical - resident);
+  gauge("kv_flagged_tokens", "Tokens flagged for eviction.", flagged);
+  gauge("kv_cache_cr", "Cache compression ratio: logical / resident tokens.",
+        resident > 0 ? static_cast<double>(logical) / resident : 1.0);
+  auto hist = [&](const char* name, const char* help, const Histogram& h) {
+    absl::StrAppendFormat(&o, "# HELP dmsrt:%s %s\n# TYPE dmsrt:%s histogram\n", name, help, name);
+    int64_t cum = 0;
+    for (size_t i = 0; i < h.bounds.size(); ++i) {
+      cum += h.counts[i];
+      absl::StrAppendFormat(&o, "dmsrt:%s_bucket{le=\"%g\"} %d\n", name, h.bounds[i], cum);
+    }
+    cum += h.counts.back();
+    absl::StrAppendFormat(&o, "dmsrt:%s_bucket{le=\"+Inf\"} %d\ndmsrt:%s_sum %.17g\ndmsrt:%s_count %d\n",
+                          name, cum, name, h.sum, name, h.count);
+  };
+  hist("time_to_first_token_seconds", "Time from submission to the first generated token of a job.", ttft_);
+  hist("e2e_request_latency_seconds", "Time from submission to the end of a job.", e2e_);
+  absl::StrAppend(&o, "# HELP dmsrt:jobs_total Finished jobs by outcome.\n# TYPE dmsrt:jobs_total counter\n");
+  for (const char* oc : {"succeeded", "no_answer", "cancelled", "failed", "deadline_exceeded"}) {
+    auto it = outcomes_.find(oc);
+    absl::StrAppendFormat(&o, "dmsrt:jobs_total{outcome=\"%s\"} %d\n", oc,
+                          it == outcomes_.end() ? 0 : it->second);
+  }
+  int64_t alive = 0;
+  for (auto& [rid, r] : replicas_) alive += r->alive ? 1 : 0;
+  gauge("replicas_ready", "Replicas registered and alive.", alive);
+  return o;
+}
+
+}  // namespace dmsrt

@@ -1,0 +1,297 @@
+// `dmsrt submit`: a client of JobService.RunJob.
+//
+// On a terminal it redraws one progress line (threads running/done, tokens/s, KV in use, current
+// vote) from the event stream plus a cluster-status poll; otherwise it prints one plain line per
+// finished thread. Then the selected answer, the vote table and per-thread figures; --json prints
+// one JSON object instead. Exit codes: 0 answered (or no answer), 1 bad usage or RPC error,
+// 3 the job was cancelled, failed or passed its deadline.
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "dmsrt/v1/dmsrt.grpc.pb.h"
+#include "launch/args.h"
+#include "launch/service_commands.h"
+#include "parallel/status_macros.h"
+
+namespace dmsrt {
+
+namespace {
+
+const char* ReasonName(v1::FinishReason r) { return v1::FinishReason_Name(r).c_str(); }
+
+std::string OutcomeText(v1::JobOutcome o) {
+  std::string s = v1::JobOutcome_Name(o);
+  if (s.rfind("JOB_", 0) == 0) s = s.substr(4);
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+const char* CodeName(grpc::StatusCode c) {
+  switch (c) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    default: return "ERROR";
+  }
+}
+
+absl::StatusOr<v1::JobRequest> BuildRequest(const Args& a) {
+  v1::JobRequest r;
+  if (a.Has("prompt") == a.Has("chat")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
+  }
+  if (a.Has("prompt")) r.set_prompt(a.Get("prompt"));
+  if (a.Has("chat")) r.set_chat(a.Get("chat"));
+  if (a.Has("n") && a.Has("budget")) return absl::InvalidArgumentError("give --n or --budget, not both");
+  DMSRT_ASSIGN_OR_RETURN(int64_t n, a.GetInt("n", a.Has("budget") ? 0 : 8));
+  r.set_n(static_cast<int32_t>(n));
+  if (a.Has("budget")) {
+    DMSRT_ASSIGN_OR_RETURN(int64_t b, a.GetInt("budget", 0));
+    r.mutable_kv()->set_kv_budget_bytes(b);
+  }
+  DMSRT_ASSIGN_OR_RETURN(int64_t mt, a.GetInt("max-tokens", 0));
+  r.mutable_stopping()->set_max_tokens(static_cast<int32_t>(mt));
+  if (a.Has("stop")) r.mutable_stopping()->add_stop(a.Get("stop"));
+  DMSRT_ASSIGN_OR_RETURN(double t, a.GetDouble("temperature", 0.7));
+  r.mutable_sampling()->set_temperature(static_cast<float>(t));
+  DMSRT_ASSIGN_OR_RETURN(double tp, a.GetDouble("top-p", 1.0));
+  r.mutable_sampling()->set_top_p(static_cast<float>(tp));
+  DMSRT_ASSIGN_OR_RETURN(int64_t tk, a.GetInt("top-k", 0));
+  r.mutable_sampling()->set_top_k(static_cast<int32_t>(tk));
+  DMSRT_ASSIGN_OR_RETURN(int64_t seed, a.GetInt("seed", 0));
+  r.mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
+  if (a.Has("regex")) r.mutable_answer()->set_extraction_regex(a.Get("regex"));
+  std::string sel = a.Get("selection", "majority");
+  if (sel == "majority") {
+    r.mutable_answer()->set_selection(v1::SELECTION_MAJORITY_VOTE);
+  } else if (sel == "logprob") {
+    r.mutable_answer()->set_selection(v1::SELECTION_MAX_MEAN_LOGPROB);
+  } else if (sel == "first") {
+    r.mutable_answer()->set_selection(v1::SELECTION_FIRST_FINISHED);
+  } else {
+    return absl::InvalidArgumentError("--selection must be majority, logprob or first");
+  }
+  r.mutable_answer()->set_early_stop(a.Flag("early-stop"));
+  DMSRT_ASSIGN_OR_RETURN(double dl, a.GetDouble("deadline", 0));
+  r.set_deadline_seconds(dl);
+  return r;
+}
+
+}  // namespace
+
+int RunSubmit(int argc, char** argv) {
+  absl::StatusOr<Args> parsed = Args::Parse(
+      argc, argv,
+      {"address", "prompt", "chat", "n", "budget", "max-tokens", "temperature", "top-p", "top-k",
+       "seed", "stop", "regex", "selection", "deadline", "auth-token", "tls-ca", "timeout"},
+      {"json", "early-stop", "no-progress"});
+  if (!parsed.ok()) {
+    std::cerr << "dmsrt submit: " << parsed.status().message() << "\n";
+    return 1;
+  }
+  const Args& a = *parsed;
+  absl::StatusOr<v1::JobRequest> req = BuildRequest(a);
+  if (!req.ok()) {
+    std::cerr << "dmsrt submit: " << req.status().message() << "\n";
+    return 1;
+  }
+  const bool json = a.Flag("json");
+  const bool tty = !json && !a.Flag("no-progress") && isatty(STDOUT_FILENO);
+  req->set_stream_tokens(tty);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (a.Has("tls-ca")) {
+    std::ifstream f(a.Get("tls-ca"));
+    std::stringstream ss;
+    ss << f.rdbuf();
+    grpc::SslCredentialsOptions o;
+    o.pem_root_certs = ss.str();
+    creds = grpc::SslCredentials(o);
+  }
+  const std::string address = a.Get("address", "127.0.0.1:50051");
+  auto channel = grpc::CreateChannel(address, creds);
+  auto stub = v1::JobService::NewStub(channel);
+  grpc::ClientContext ctx;
+  if (a.Has("auth-token")) ctx.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
+  absl::StatusOr<double> timeout = a.GetDouble("timeout", 0);
+  if (timeout.ok() && *timeout > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(*timeout * 1000)));
+  }
+  ctx.set_wait_for_ready(false);
+
+  // Progress state, shared with the cluster poll thread.
+  std::mutex pm;
+  int32_t n = 0, done = 0;
+  int64_t tokens = 0;
+  std::string leader = "-";
+  double kv_pct = 0, tps = 0;
+  std::atomic<bool> finished{false};
+  auto draw = [&] {
+    if (!tty) return;
+    std::lock_guard<std::mutex> l(pm);
+    std::printf("\r\033[K threads %d running / %d done | %lld tokens | %.1f tok/s | KV %.1f%% | vote: %s",
+                n - done, done, static_cast<long long>(tokens), tps, kv_pct, leader.c_str());
+    std::fflush(stdout);
+  };
+  std::thread poller;
+  if (tty) {
+    poller = std::thread([&] {
+      while (!finished.load()) {
+        grpc::ClientContext c;
+        if (a.Has("auth-token")) c.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
+        c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+        v1::ClusterStatus cs;
+        if (stub->GetClusterStatus(&c, v1::GetClusterStatusRequest(), &cs).ok()) {
+          std::lock_guard<std::mutex> l(pm);
+          kv_pct = cs.kv_blocks_total() > 0 ? 100.0 * cs.kv_blocks_used() / cs.kv_blocks_total() : 0;
+          tps = 0;
+          for (const auto& r : cs.replicas()) tps += r.state() == "ready" ? r.tokens_per_second() : 0;
+        }
+        draw();
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      }
+    });
+  }
+
+  auto reader = stub->RunJob(&ctx, *req);
+  v1::JobEvent ev;
+  std::string job_id;
+  v1::JobFinished final;
+  bool have_final = false;
+  std::vector<std::string> errors;
+  while (reader->Read(&ev)) {
+    job_id = ev.job_id();
+    switch (ev.event_case()) {
+      case v1::JobEvent::kAccepted: {
+        std::lock_guard<std::mutex> l(pm);
+        n = ev.accepted().n();
+        if (!json && !tty) {
+          std::printf("%s: %d threads, %lld prompt tokens\n", job_id.c_str(), n,
+                      static_cast<long long>(ev.accepted().prompt_tokens()));
+        }
+        break;
+      }
+      case v1::JobEvent::kToken: {
+        std::lock_guard<std::mutex> l(pm);
+        tokens += ev.token().token_ids_size();
+        break;
+      }
+      case v1::JobEvent::kThreadFinished: {
+        const v1::ThreadFinished& t = ev.thread_finished();
+        {
+          std::lock_guard<std::mutex> l(pm);
+          ++done;
+        }
+        if (!json && !tty) {
+          std::printf("thread %d: %s, %lld tokens, cache CR %.2f, answer %s\n", t.thread_index(),
+                      ReasonName(t.reason()), static_cast<long long>(t.tokens()), t.cache_cr(),
+                      t.has_answer() ? t.answer().c_str() : "(none)");
+        }
+        break;
+      }
+      case v1::JobEvent::kVoteUpdate: {
+        std::lock_guard<std::mutex> l(pm);
+        if (ev.vote_update().table_size() > 0) {
+          leader = absl::StrCat(ev.vote_update().table(0).answer(), " (",
+                                ev.vote_update().table(0).votes(), ")");
+        }
+        break;
+      }
+      case v1::JobEvent::kError:
+        errors.push_back(ev.error().message());
+        if (!json) std::fprintf(stderr, "\nerror: %s%s\n", ev.error().message().c_str(),
+                                ev.error().retryable() ? " (retryable)" : "");
+        break;
+      case v1::JobEvent::kJobFinished:
+        final = ev.job_finished();
+        have_final = true;
+        break;
+      default:
+        break;
+    }
+    draw();
+  }
+  grpc::Status st = reader->Finish();
+  finished = true;
+  if (poller.joinable()) poller.join();
+  if (tty) std::printf("\n");
+  if (!have_final) {
+    std::cerr << "dmsrt submit: " << CodeName(st.error_code()) << ": " << st.error_message() << "\n";
+    return 1;
+  }
+  int rc = 0;
+  if (final.outcome() == v1::JOB_CANCELLED || final.outcome() == v1::JOB_FAILED ||
+      final.outcome() == v1::JOB_DEADLINE_EXCEEDED) {
+    rc = 3;
+  }
+  if (json) {
+    nlohmann::json j;
+    j["job_id"] = job_id;
+    j["outcome"] = OutcomeText(final.outcome());
+    j["status"] = CodeName(st.error_code());
+    j["n"] = final.n();
+    j["answer"] = final.has_answer() ? nlohmann::json(final.selected_answer()) : nlohmann::json(nullptr);
+    j["message"] = final.message();
+    nlohmann::json votes = nlohmann::json::array();
+    for (const auto& v : final.votes()) votes.push_back({{"answer", v.answer()}, {"votes", v.votes()}});
+    j["votes"] = votes;
+    nlohmann::json threads = nlohmann::json::array();
+    for (const auto& t : final.threads()) {
+      threads.push_back({{"index", t.thread_index()},
+                         {"reason", ReasonName(t.reason())},
+                         {"tokens", t.tokens()},
+                         {"cache_cr", t.cache_cr()},
+                         {"mean_logprob", t.mean_logprob()},
+                         {"answer", t.has_answer() ? nlohmann::json(t.answer()) : nlohmann::json(nullptr)},
+                         {"replica", t.replica()},
+                         {"message", t.message()}});
+    }
+    j["threads"] = threads;
+    j["usage"] = {{"prompt_tokens", final.usage().prompt_tokens()},
+                  {"generated_tokens", final.usage().generated_tokens()},
+                  {"seconds", final.usage().seconds()},
+                  {"time_to_first_token_seconds", final.usage().time_to_first_token_seconds()}};
+    j["errors"] = errors;
+    std::cout << j.dump() << std::endl;
+    return rc;
+  }
+  std::printf("outcome: %s%s%s\n", OutcomeText(final.outcome()).c_str(),
+              final.message().empty() ? "" : " — ", final.message().c_str());
+  std::printf("answer: %s\n", final.has_answer() ? final.selected_answer().c_str() : "(none)");
+  std::printf("votes:\n");
+  for (const auto& v : final.votes()) std::printf("  %-24s %d\n", v.answer().c_str(), v.votes());
+  std::printf("threads:\n  %-6s %-16s %-7s %-9s %-8s %s\n", "index", "reason", "tokens", "cache_cr",
+              "replica", "answer");
+  for (const auto& t : final.threads()) {
+    std::printf("  %-6d %-16s %-7lld %-9.2f %-8d %s\n", t.thread_index(), ReasonName(t.reason()),
+                static_cast<long long>(t.tokens()), t.cache_cr(), t.replica(),
+                t.has_answer() ? t.answer().c_str() : "-");
+  }
+  const auto& u = final.usage();
+  std::printf("usage: %lld prompt tokens, %lld generated tokens, %.2f s (%.1f tokens/s), first token after %.2f s\n",
+              static_cast<long long>(u.prompt_tokens()), static_cast<long long>(u.generated_tokens()),
+              u.seconds(), u.seconds() > 0 ? u.generated_tokens() / u.seconds() : 0.0,
+              u.time_to_first_token_seconds());
+  return rc;
+}
+
+}  // namespace dmsrt

@@ -1,0 +1,120 @@
+"""Fixtures for the gRPC end-to-end tests: a 2-replica `dmsrt serve` under mpirun on loopback.
+
+Every wait is bounded; the server is stopped (SIGTERM to the mpirun process group, then SIGKILL)
+whatever the tests do. Ports are free 127.0.0.1 ports picked at start. Nothing leaves the host.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+SRC = os.environ.get("DMSRT_SOURCE_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+BIN = os.environ.get("DMSRT_BIN", os.path.join(SRC, "build", "bin", "dmsrt"))
+MPIRUN = os.environ.get("DMSRT_MPIRUN", "mpirun")
+MODEL = os.environ.get("DMSRT_MODEL", os.path.join(SRC, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+sys.path.insert(0, os.path.join(SRC, "examples", "python"))
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, np=2, kv_budget="128MiB", extra=()):
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="dmsrt_serve_", suffix=".log", delete=False)
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1")
+        self.cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                    "-np", str(np), BIN, "serve", "--model", MODEL, "--listen", self.address,
+                    "--threads", "1", "--kv-budget", kv_budget,
+                    "--metrics-port", str(self.metrics_port)] + list(extra)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.np = np
+
+    def log_text(self):
+        with open(self.log.name, "r", errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, client, timeout=180):
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                cs = client.cluster()
+                ready = [r for r in cs.replicas if r.state == "ready"]
+                if len(ready) == self.np:
+                    return cs
+                last = f"{len(ready)} of {self.np} replicas ready"
+            except Exception as e:  # not listening yet
+                last = repr(e)
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout}s ({last}):\n{self.log_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def stubs_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stubs"))
+
+
+@pytest.fixture(scope="session")
+def server(stubs_dir):
+    if not os.path.exists(BIN):
+        pytest.fail(f"{BIN} not built")
+    if not os.path.exists(MODEL):
+        pytest.fail(f"default model {MODEL} missing: run launch/setup.sh")
+    from dmsrt_client import DmsrtClient
+    srv = Server()
+    client = DmsrtClient(srv.address, stubs_dir=stubs_dir)
+    try:
+        srv.wait_ready(client)
+        yield srv
+    finally:
+        client.close()
+        srv.stop()
+
+
+@pytest.fixture()
+def client(server, stubs_dir):
+    from dmsrt_client import DmsrtClient
+    c = DmsrtClient(server.address, stubs_dir=stubs_dir)
+    yield c
+    c.close()
+
+
+def wait_idle(client, timeout=30):
+    """Waits until no KV block is in use and no thread runs or waits on any live replica."""
+    deadline = time.time() + timeout
+    cs = None
+    while time.time() < deadline:
+        cs = client.cluster()
+        if cs.kv_blocks_used == 0 and cs.running_threads == 0 and cs.queued_threads == 0:
+            return cs
+        time.sleep(0.2)
+    raise AssertionError(f"cluster not idle after {timeout}s: {cs}")

@@ -1,0 +1,374 @@
+// Engine tests on a tiny generated model (tests/fixtures/make_tiny_model.py): forked threads equal
+// independent runs, cancel frees every block within one step, preemption under a tiny budget
+// reproduces the unconstrained run exactly, a sequence that cannot fit alone fails with a reason,
+// background stepping with concurrent submitters; plus answer extraction and voting.
+#include "runtime/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "runtime/answer.h"
+
+namespace dmsrt {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ThreadOut {
+  std::vector<int32_t> tokens;  // from token events
+  std::string text;             // concatenated deltas
+  std::string final_text;
+  FinishReason reason = FinishReason::kError;
+  bool finished = false;
+  std::string message;
+  int32_t preemptions = 0;
+};
+
+struct JobOut {
+  std::map<int32_t, ThreadOut> threads;
+  bool finished = false;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (std::system("python3 -c 'import gguf, numpy' >/dev/null 2>&1") != 0) {
+      skip_reason_ = "python3 with the gguf and numpy packages is not available";
+      return;
+    }
+    char tmpl[] = "/tmp/dmsrt_engine_XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    const std::string cmd = "python3 " + std::string(DMSRT_SOURCE_DIR) +
+                            "/tests/fixtures/make_tiny_model.py --out " + dir_ +
+                            " --arch llama --format gguf --seed 11 >/dev/null";
+    if (std::system(cmd.c_str()) != 0) {
+      skip_reason_ = "make_tiny_model.py failed";
+      return;
+    }
+    auto m = LoadModel(dir_ + "/model.gguf");
+    if (!m.ok()) {
+      skip_reason_ = "LoadModel failed: " + m.status().ToString();
+      return;
+    }
+    model_ = m->release();
+    auto t = Tokenizer::Create(model_->tokenizer);
+    if (!t.ok()) {
+      skip_reason_ = "Tokenizer::Create failed: " + t.status().ToString();
+      return;
+    }
+    tok_ = t->release();
+  }
+  static void TearDownTestSuite() {
+    delete tok_;
+    delete model_;
+    tok_ = nullptr;
+    model_ = nullptr;
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+  void SetUp() override {
+    if (!skip_reason_.empty()) GTEST_SKIP() << skip_reason_;
+  }
+
+  std::unique_ptr<Backend> MakeBackend(int64_t budget_bytes) {
+    BackendOptions o;
+    o.threads = 1;
+    o.kv_budget_bytes = budget_bytes;
+    o.kv_block_tokens = 16;
+    auto b = MakeCpuBackend(*model_, o);
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? std::move(*b) : nullptr;
+  }
+
+  // Blocks one sequence of `tokens` tokens holds in a dense cache.
+  int64_t DenseBlocks(const Backend& b, int64_t tokens) {
+    const KvGeometry& g = const_cast<Backend&>(b).kv().geometry();
+    return static_cast<int64_t>(g.n_layers) * g.n_kv_heads * ((tokens + g.block_tokens - 1) / g.block_tokens);
+  }
+
+  static EngineJobSpec Spec(std::vector<int32_t> threads, int32_t max_tokens, uint64_t seed) {
+    EngineJobSpec s;
+    // 19 prompt tokens: an awkward length that leaves the last prompt block partly filled, so
+    // every forked thread must copy it on its first write.
+    for (int32_t i = 0; i < 19; ++i) s.prompt.push_back(5 + (i * 37) % 250);
+    s.thread_indices = std::move(threads);
+    s.sampling.temperature = 0.9f;
+    s.sampling.top_k = 40;
+    s.sampling.seed = seed;
+    s.max_tokens = max_tokens;
+    s.ignore_eos = true;
+    return s;
+  }
+
+  // Submits and returns the sink's target.
+  static JobId SubmitTo(Engine& e, EngineJobSpec spec, std::shared_ptr<JobOut> out,
+                        std::shared_ptr<std::mutex> mu) {
+    auto sink = [out, mu](const EngineEvent& ev) {
+      std::lock_guard<std::mutex> l(*mu);
+      switch (ev.kind) {
+        case EngineEvent::Kind::kTokens: {
+          ThreadOut& t = out->threads[ev.thread_index];
+          t.tokens.insert(t.tokens.end(), ev.token_ids.begin(), ev.token_ids.end());
+          t.text += ev.text;
+          break;
+        }
+        case EngineEvent::Kind::kThreadFinished: {
+          ThreadOut& t = out->threads[ev.thread_index];
+          t.finished = true;
+          t.reason = ev.reason;
+          t.final_text = ev.text;
+          t.message = ev.message;
+          t.preemptions = ev.preemptions;
+          break;
+        }
+        case EngineEvent::Kind::kJobFinished:
+          out->finished = true;
+          break;
+      }
+    };
+    auto id = e.Submit(std::move(spec), sink);
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+
+  static void RunUntilIdle(Engine& e, int max_steps = 5000) {
+    for (int i = 0; i < max_steps && !e.Idle(); ++i) {
+      auto r = e.Step();
+      ASSERT_TRUE(r.ok()) << r.status();
+    }
+    ASSERT_TRUE(e.Idle()) << "engine did not finish within " << max_steps << " steps";
+  }
+
+  static inline std::string dir_;
+  static inline std::string skip_reason_;
+  static inline Model* model_ = nullptr;
+  static inline Tokenizer* tok_ = nullptr;
+};
+
+TEST_F(EngineTest, ForkedThreads_n4_EqualIndependentRuns) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  auto forked = std::make_shared<JobOut>();
+  SubmitTo(engine, Spec({0, 1, 2, 3}, 24, 7), forked, mu);
+  // One step prefills the root and forks: the four threads share the prompt's blocks.
+  ASSERT_TRUE(engine.Step().ok());
+  const int64_t used = backend->kv().total_blocks() - backend->kv().free_blocks();
+  EXPECT_GT(used, 0);
+  EXPECT_LT(used, 4 * DenseBlocks(*backend, 19 + 1)) << "forked threads should share the prompt";
+  RunUntilIdle(engine);
+
+  std::vector<std::shared_ptr<JobOut>> alone;
+  for (int32_t i = 0; i < 4; ++i) {
+    alone.push_back(std::make_shared<JobOut>());
+    SubmitTo(engine, Spec({i}, 24, 7), alone.back(), mu);
+    RunUntilIdle(engine);
+  }
+  ASSERT_TRUE(forked->finished);
+  std::set<std::vector<int32_t>> distinct;
+  for (int32_t i = 0; i < 4; ++i) {
+    const ThreadOut& f = forked->threads[i];
+    const ThreadOut& a = alone[i]->threads[i];
+    ASSERT_TRUE(f.finished && a.finished);
+    EXPECT_EQ(f.reason, FinishReason::kLength);
+    EXPECT_EQ(f.tokens.size(), 24u);
+    EXPECT_EQ(f.tokens, a.tokens) << "thread " << i;
+    EXPECT_EQ(f.final_text, a.final_text) << "thread " << i;
+    EXPECT_EQ(f.text, f.final_text);
+    distinct.insert(f.tokens);
+  }
+  EXPECT_GT(distinct.size(), 1u) << "different seeds should give different threads";
+  EXPECT_EQ(backend->kv().free_blocks(), backend->kv().total_blocks());
+}
+
+TEST_F(EngineTest, CancelFreesBlocksWithinOneStep) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  JobId id = SubmitTo(engine, Spec({0, 1, 2, 3}, 500, 1), out, mu);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(engine.Step().ok());
+  EXPECT_LT(backend->kv().free_blocks(), backend->kv().total_blocks());
+  EXPECT_EQ(engine.Stats().running_threads, 4);
+  ASSERT_TRUE(engine.Cancel(id).ok());
+  ASSERT_TRUE(engine.Step().ok());
+  EXPECT_EQ(backend->kv().free_blocks(), backend->kv().total_blocks());
+  EXPECT_TRUE(out->finished);
+  for (int32_t i = 0; i < 4; ++i) EXPECT_EQ(out->threads[i].reason, FinishReason::kCancelled);
+  EXPECT_TRUE(engine.Idle());
+  EXPECT_EQ(engine.Cancel(id).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(EngineTest, CancelOneThreadLeavesOthersRunning) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  JobId id = SubmitTo(engine, Spec({0, 1, 2}, 12, 3), out, mu);
+  ASSERT_TRUE(engine.Step().ok());
+  ASSERT_TRUE(engine.Cancel(id, 1).ok());
+  RunUntilIdle(engine);
+  EXPECT_EQ(out->threads[1].reason, FinishReason::kCancelled);
+  EXPECT_EQ(out->threads[0].reason, FinishReason::kLength);
+  EXPECT_EQ(out->threads[2].reason, FinishReason::kLength);
+  EXPECT_EQ(backend->kv().free_blocks(), backend->kv().total_blocks());
+}
+
+TEST_F(EngineTest, PreemptionUnderTinyBudgetMatchesUnconstrainedRun) {
+  const int32_t kMaxTokens = 45;
+  auto mu = std::make_shared<std::mutex>();
+  // Unconstrained.
+  auto big = MakeBackend(8 << 20);
+  ASSERT_NE(big, nullptr);
+  Engine e1(*big, *tok_, *model_);
+  auto ref = std::make_shared<JobOut>();
+  SubmitTo(e1, Spec({0, 1, 2, 3}, kMaxTokens, 5), ref, mu);
+  RunUntilIdle(e1);
+  EXPECT_EQ(e1.Stats().preemptions, 0);
+
+  // A budget that holds about one and a half full threads: the four must take turns.
+  auto probe = MakeBackend(8 << 20);
+  const int64_t per_thread = DenseBlocks(*probe, 19 + kMaxTokens);
+  const int64_t block_bytes = probe->kv().block_bytes();
+  probe.reset();
+  auto small = MakeBackend(per_thread * 3 / 2 * block_bytes);
+  ASSERT_NE(small, nullptr);
+  ASSERT_LT(small->kv().total_blocks(), 2 * per_thread);
+  Engine e2(*small, *tok_, *model_);
+  auto got = std::make_shared<JobOut>();
+  SubmitTo(e2, Spec({0, 1, 2, 3}, kMaxTokens, 5), got, mu);
+  int64_t max_used = 0;
+  for (int i = 0; i < 5000 && !e2.Idle(); ++i) {
+    ASSERT_TRUE(e2.Step().ok());
+    max_used = std::max(max_used, small->kv().total_blocks() - small->kv().free_blocks());
+  }
+  ASSERT_TRUE(e2.Idle());
+  EXPECT_GT(e2.Stats().preemptions, 0) << "the budget was meant to force preemption";
+  EXPECT_LE(max_used, small->kv().total_blocks());
+  int32_t preempted_threads = 0;
+  for (int32_t i = 0; i < 4; ++i) {
+    const ThreadOut& r = ref->threads[i];
+    const ThreadOut& g = got->threads[i];
+    ASSERT_TRUE(g.finished);
+    EXPECT_EQ(g.reason, FinishReason::kLength) << g.message;
+    EXPECT_EQ(g.tokens, r.tokens) << "thread " << i;
+    EXPECT_EQ(g.final_text, r.final_text) << "thread " << i;
+    preempted_threads += g.preemptions > 0 ? 1 : 0;
+  }
+  EXPECT_GT(preempted_threads, 0);
+  EXPECT_EQ(small->kv().free_blocks(), small->kv().total_blocks());
+}
+
+TEST_F(EngineTest, SequenceThatCannotFitAloneFailsWithReason) {
+  auto probe = MakeBackend(8 << 20);
+  const int64_t per_thread = DenseBlocks(*probe, 19 + 64);
+  const int64_t block_bytes = probe->kv().block_bytes();
+  probe.reset();
+  auto small = MakeBackend(per_thread / 2 * block_bytes);
+  ASSERT_NE(small, nullptr);
+  Engine engine(*small, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  SubmitTo(engine, Spec({0}, 64, 2), out, mu);
+  RunUntilIdle(engine);
+  ASSERT_TRUE(out->finished);
+  EXPECT_EQ(out->threads[0].reason, FinishReason::kPreemptedFailed);
+  EXPECT_NE(out->threads[0].message.find("KV budget"), std::string::npos) << out->threads[0].message;
+  EXPECT_EQ(small->kv().free_blocks(), small->kv().total_blocks());
+}
+
+TEST_F(EngineTest, RejectsBadJobs) {
+  auto backend = MakeBackend(1 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  EngineJobSpec empty = Spec({0}, 4, 0);
+  empty.prompt.clear();
+  EXPECT_EQ(engine.Submit(empty, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Submit(Spec({}, 4, 0), nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Submit(Spec({1, 1}, 4, 0), nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Submit(Spec({0}, 0, 0), nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EngineJobSpec bad_id = Spec({0}, 4, 0);
+  bad_id.prompt[0] = 1 << 30;
+  EXPECT_EQ(engine.Submit(bad_id, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.Cancel(12345).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(EngineTest, BackgroundThreadWithConcurrentSubmitters) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  engine.Start();
+  auto mu = std::make_shared<std::mutex>();
+  std::vector<std::shared_ptr<JobOut>> outs(12);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 3; ++c) {
+    clients.emplace_back([&, c] {
+      for (int j = 0; j < 4; ++j) {
+        auto o = std::make_shared<JobOut>();
+        outs[c * 4 + j] = o;
+        SubmitTo(engine, Spec({0, 1}, 6, c * 10 + j), o, mu);
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < 3000 && !engine.Idle(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  engine.Stop();
+  ASSERT_TRUE(engine.Idle());
+  for (auto& o : outs) {
+    std::lock_guard<std::mutex> l(*mu);
+    EXPECT_TRUE(o->finished);
+    EXPECT_EQ(o->threads.size(), 2u);
+  }
+  EngineStats s = engine.Stats();
+  EXPECT_EQ(s.generation_tokens_total, 12 * 2 * 6);
+  EXPECT_EQ(s.kv_blocks_used, 0);
+}
+
+// ---- answer extraction and voting ------------------------------------------------------------
+
+TEST(AnswerTest, ExtractsBoxedWithBalancedBraces) {
+  EXPECT_EQ(ExtractAnswer("so \\boxed{3} then \\boxed{\\frac{1}{2}} done", nullptr), "\\frac{1}{2}");
+  EXPECT_EQ(ExtractAnswer("\\boxed{1,000}", nullptr), "1000");
+}
+
+TEST(AnswerTest, FallsBackToLastNumberNormalised) {
+  EXPECT_EQ(ExtractAnswer("we get 12 apples, total 1,000.0.", nullptr), "1000");
+  EXPECT_EQ(ExtractAnswer("x = -7", nullptr), "-7");
+  EXPECT_EQ(ExtractAnswer("2.50", nullptr), "2.5");
+  EXPECT_FALSE(ExtractAnswer("no digits here", nullptr).has_value());
+}
+
+TEST(AnswerTest, RegexUsesLastMatchAndGroup) {
+  auto re = CompileAnswerRegex("answer is (\\w+)");
+  ASSERT_TRUE(re.ok());
+  EXPECT_EQ(ExtractAnswer("answer is foo. no, answer is bar", re->get()), "bar");
+  EXPECT_EQ(CompileAnswerRegex("(unclosed").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(AnswerTest, MajorityTiesGoToEarliestAndEarlyStop) {
+  VoteTable v;
+  v.Add(std::string("5"), -1.0);
+  v.Add(std::string("7"), -0.5);
+  EXPECT_EQ(v.Select(Selection::kMajorityVote), "5");
+  EXPECT_EQ(v.Select(Selection::kMaxMeanLogprob), "7");
+  EXPECT_EQ(v.Select(Selection::kFirstFinished), "5");
+  v.Add(std::string("7"), -0.7);
+  v.Add(std::nullopt, 0);
+  EXPECT_EQ(v.Select(Selection::kMajorityVote), "7");
+  EXPECT_EQ(v.abstained(), 1);
+  // 7:2, 5:1 -> with 1 running the leader cannot be caught only if 2 > 1 + 1: not decided.
+  EXPECT_FALSE(v.Decided(1));
+  EXPECT_TRUE(v.Decided(0));
+  v.Add(std::string("7"), -0.7);
+  EXPECT_TRUE(v.Decided(1));  // 3 > 1 + 1
+}
+
+}  // namespace
+}  // namespace dmsrt
