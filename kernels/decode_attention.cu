@@ -4,7 +4,11 @@
 // with 16-byte loads (8 bf16 per lane); D=128 gives 8 row groups per CTA. Each row group keeps an
 // online softmax (max, sum, accumulator) for every query head of the GQA group, so K and V are
 // read from device memory exactly once per step. kUnroll rows per group are loaded before the
-// first is used, so each thread has 2*kUnroll 16-byte loads in flight. At the end the row groups
+// first is used (2*kUnroll 16-byte loads in flight per thread) and the running softmax is
+// rescaled once per such chunk, not once per row. Block ids are staged in shared memory per
+// window of slots so that the K/V loads never wait on a dependent table load. (A variant that
+// also prefetched the next chunk in registers ran slower on an H100: 164 instead of 128
+// registers for g = 4 cost occupancy; see docs/perf-gpu-notes.md.) At the end the row groups
 // merge through shared memory; with several splits a second kernel merges the CTAs by their
 // log-sum-exp (all exponentials in base 2, the scale folded into q).
 #include "kernels/decode_attention.cuh"
@@ -27,6 +31,37 @@ constexpr int kUnroll = 4;
 
 template <int D>
 constexpr int RowGroups() { return (kThreads / 32) * (32 / (D / 8)); }
+
+// Loads the K and V rows of one chunk (kUnroll rows of this row group); rows past t1 read as 0.
+// `s_table` holds the block ids first_blk, first_blk+1, ... of the current window.
+template <int D>
+__device__ __forceinline__ void LoadChunk(int base, int t1, int grp, int sub, int bt, int bt_shift,
+                                          const int32_t* s_table, int first_blk,
+                                          const __nv_bfloat16* __restrict__ k_pool,
+                                          const __nv_bfloat16* __restrict__ v_pool, uint4* kr,
+                                          uint4* vr) {
+  constexpr int kGroups = RowGroups<D>();
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int t = base + u * kGroups + grp;
+    if (t < t1) {
+      int blk_i, in_blk;
+      if (bt_shift >= 0) {
+        blk_i = t >> bt_shift;
+        in_blk = t & (bt - 1);
+      } else {
+        blk_i = t / bt;
+        in_blk = t - blk_i * bt;
+      }
+      const size_t off = (static_cast<size_t>(s_table[blk_i - first_blk]) * bt + in_blk) * D + sub * 8;
+      kr[u] = LoadU4(k_pool + off);
+      vr[u] = LoadU4(v_pool + off);
+    } else {
+      kr[u] = make_uint4(0, 0, 0, 0);
+      vr[u] = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
 
 template <int D, int G>
 __global__ void __launch_bounds__(kThreads)
@@ -73,43 +108,72 @@ DecodeSplitKernel(DecodeAttentionParams p, int32_t split_tokens, int32_t num_spl
     for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
   }
 
-  // The loop bound is uniform across the warp so that the shuffles below see every lane.
-  for (int base = t0; base < t1; base += kGroups * kUnroll) {
-    uint4 kr[kUnroll], vr[kUnroll];
-    bool valid[kUnroll];
+  // Block index of slot t: a shift and a mask when block_tokens is a power of two (the usual
+  // case), a division otherwise.
+  const int bt_shift = (bt & (bt - 1)) == 0 ? __ffs(bt) - 1 : -1;
+
+  // The slots of the split are walked in windows; each window's block ids are staged in shared
+  // memory first, so the K/V loads of a chunk do not wait behind a dependent block-table load.
+  // Loop bounds are uniform across the CTA (barriers) and the warp (shuffles).
+  constexpr int kStep = kGroups * kUnroll;
+  constexpr int kTableWindow = 512;
+  __shared__ int32_t s_table[kTableWindow];
+  const int window_tokens = max(kStep, ((kTableWindow - 2) * bt) / kStep * kStep);
+  for (int w0 = t0; w0 < t1; w0 += window_tokens) {
+    const int w1 = min(t1, w0 + window_tokens);
+    const int first_blk = w0 / bt, last_blk = (w1 - 1) / bt;
+    __syncthreads();
+    for (int i = threadIdx.x; i <= last_blk - first_blk; i += kThreads) s_table[i] = table[first_blk + i];
+    __syncthreads();
+    for (int base = w0; base < w1; base += kStep) {
+      bool valid[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + u * kGroups + grp;
-      valid[u] = t < t1;
-      if (valid[u]) {
-        const int blk = table[t / bt];
-        const size_t off = (static_cast<size_t>(blk) * bt + (t % bt)) * D + sub * 8;
-        kr[u] = LoadU4(k_pool + off);
-        vr[u] = LoadU4(v_pool + off);
-      } else {
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < kUnroll; ++u) valid[u] = base + u * kGroups + grp < w1;
+      uint4 kr[kUnroll], vr[kUnroll];
+      LoadChunk<D>(base, w1, grp, sub, bt, bt_shift, s_table, first_blk, k_pool, v_pool, kr, vr);
+      // Scores of the kUnroll rows for every head of the group.
+      float s[kUnroll][G];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float kf[8];
+        Bf16x8ToFloat(kr[u], kf);
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          float acc_s = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc_s = fmaf(qf[h][i], kf[i], acc_s);
+          s[u][h] = cuda_detail::WarpSum<kLanes>(acc_s);
+        }
       }
-    }
+      // One rescale per chunk of kUnroll rows (rows are in increasing t, so valid[0] is false
+      // only when the whole chunk is past the end for this row group).
+      if (valid[0]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float kf[8], vf[8];
-      Bf16x8ToFloat(kr[u], kf);
-      Bf16x8ToFloat(vr[u], vf);
+        for (int h = 0; h < G; ++h) {
+          float mx = m[h];
 #pragma unroll
-      for (int h = 0; h < G; ++h) {
-        float s = 0.f;
+          for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][h]) : mx;
+          const float c = exp2f(m[h] - mx);
+          m[h] = mx;
+          float lsum = l[h] * c;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s = fmaf(qf[h][i], kf[i], s);
-        s = cuda_detail::WarpSum<kLanes>(s);
-        if (valid[u] && h < g) {
-          const float m_new = fmaxf(m[h], s);
-          const float c = exp2f(m[h] - m_new);
-          const float pr = exp2f(s - m_new);
-          l[h] = l[h] * c + pr;
+          for (int u = 0; u < kUnroll; ++u) {
+            s[u][h] = valid[u] ? exp2f(s[u][h] - mx) : 0.f;  // s now holds the weights p
+            lsum += s[u][h];
+          }
+          l[h] = lsum;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(acc[h][i], c, pr * vf[i]);
-          m[h] = m_new;
+          for (int i = 0; i < 8; ++i) acc[h][i] *= c;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          float vf[8];
+          Bf16x8ToFloat(vr[u], vf);
+#pragma unroll
+          for (int h = 0; h < G; ++h) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
+          }
         }
       }
     }
@@ -219,12 +283,22 @@ cudaError_t DispatchGroup(const DecodeAttentionParams& p, int32_t split, int32_t
 
 int32_t DecodeAttentionSplitTokens(int32_t batch, int32_t n_kv_heads, int32_t max_length,
                                    int32_t num_sms) {
-  constexpr int32_t kMinSplit = 256;
+  // Measured on an H100 (docs/perf-gpu-notes.md): a CTA of this kernel keeps 4 resident per
+  // multiprocessor for g <= 4. Few heads (small batches): fill about one wave of resident CTAs,
+  // with splits of 256..2048 slots (the best sizes measured at batch 1 and 8). Many heads: about
+  // four waves of CTAs so the last, partial wave costs little, splits of at least 256 slots.
+  auto round128 = [](int64_t x) { return (x + 127) / 128 * 128; };
   const int64_t heads = std::max<int64_t>(1, static_cast<int64_t>(batch) * n_kv_heads);
-  const int64_t target_ctas = 4LL * std::max(1, num_sms);
-  const int64_t splits = std::max<int64_t>(1, (target_ctas + heads - 1) / heads);
-  int64_t split = (std::max(1, max_length) + splits - 1) / splits;
-  split = std::max<int64_t>(kMinSplit, (split + 127) / 128 * 128);
+  const int64_t resident = 4LL * std::max(1, num_sms);
+  const int64_t len = std::max(1, max_length);
+  int64_t split;
+  if (heads * 4 <= resident) {
+    const int64_t splits = resident / heads;
+    split = std::min<int64_t>(2048, std::max<int64_t>(256, round128((len + splits - 1) / splits)));
+  } else {
+    const int64_t splits = std::max<int64_t>(1, (4 * resident + heads - 1) / heads);
+    split = std::max<int64_t>(256, round128((len + splits - 1) / splits));
+  }
   return static_cast<int32_t>(split);
 }
 

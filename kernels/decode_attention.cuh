@@ -7,7 +7,8 @@
 // merge kernel combines them. Slot order is irrelevant to attention (keys are stored after RoPE),
 // so a CTA walks its slots in any order.
 //
-// Storage: bf16; accumulation fp32. head_dim 64, 128 or 256; g <= 8.
+// Storage: bf16; accumulation fp32. head_dim 64, 128 or 256; g <= 8. q and the pools are read
+// with 16-byte loads and must be 16-byte aligned.
 //   q            [batch, n_heads, head_dim]
 //   k_pool/v_pool [num_blocks, block_tokens, head_dim]
 //   block_tables [batch, n_kv_heads, max_blocks_per_head]   int32 block ids

@@ -84,6 +84,28 @@ __global__ void RingUpdateKernel(DmsRingParams p, const int32_t* __restrict__ po
   }
 }
 
+__global__ void BoundaryFlagKernel(DmsRingParams p, const int32_t* __restrict__ positions,
+                                   const uint8_t* __restrict__ bits,
+                                   const int32_t* __restrict__ block_tables,
+                                   const int32_t* __restrict__ ring_slot, uint8_t* ring_flag,
+                                   int32_t* last_vis_pool) {
+  const int hs = blockIdx.x * blockDim.x + threadIdx.x;
+  if (hs >= p.batch * p.n_kv_heads) return;
+  const int b = hs / p.n_kv_heads;
+  const int t = positions[b];
+  if (t < 1) return;
+  const int ring = p.window + 1;
+  const int prev = (t - 1) % ring;
+  const uint8_t d = bits[hs];
+  ring_flag[static_cast<size_t>(hs) * ring + prev] = d;
+  const int ps = ring_slot[static_cast<size_t>(hs) * ring + prev];
+  if (last_vis_pool != nullptr && ps >= 0) {
+    const int32_t* table = block_tables + static_cast<size_t>(hs) * p.max_blocks_per_head;
+    last_vis_pool[static_cast<size_t>(table[ps / p.block_tokens]) * p.block_tokens +
+                  ps % p.block_tokens] = d ? (t - 1) + p.window : INT_MAX;
+  }
+}
+
 __global__ void RopeDmsKernel(RopeDmsParams p, const int32_t* __restrict__ positions,
                               __nv_bfloat16* q, __nv_bfloat16* k, uint8_t* bits) {
   const int head = blockIdx.x, t = blockIdx.y;
@@ -145,6 +167,21 @@ cudaError_t DmsRingUpdate(const DmsRingParams& p, const int32_t* positions, cons
   RingUpdateKernel<<<grid, 32, 0, stream>>>(p, positions, bits, k, v, spare_blocks, lengths,
                                             block_tables, ring_slot, ring_flag, k_pool, v_pool,
                                             pos_pool, last_vis_pool, status);
+  DMSRT_LAUNCH_CHECK(stream);
+  return cudaSuccess;
+}
+
+cudaError_t DmsApplyBoundaryFlag(const DmsRingParams& p, const int32_t* positions,
+                                 const uint8_t* bits, const int32_t* block_tables,
+                                 const int32_t* ring_slot, uint8_t* ring_flag,
+                                 int32_t* last_vis_pool, cudaStream_t stream) {
+  if (p.batch <= 0 || p.n_kv_heads <= 0 || p.window < 1 || p.block_tokens <= 0 ||
+      p.max_blocks_per_head <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int total = p.batch * p.n_kv_heads;
+  BoundaryFlagKernel<<<(total + 127) / 128, 128, 0, stream>>>(p, positions, bits, block_tables,
+                                                             ring_slot, ring_flag, last_vis_pool);
   DMSRT_LAUNCH_CHECK(stream);
   return cudaSuccess;
 }

@@ -63,6 +63,15 @@ cudaError_t DmsRingUpdate(const DmsRingParams& p, const int32_t* positions, cons
                           __nv_bfloat16* v_pool, int32_t* pos_pool, int32_t* last_vis_pool,
                           int32_t* status, cudaStream_t stream);
 
+// Step 2 alone, for the first token t of a prefill chunk, BEFORE the chunk's attention: flags
+// token t-1 (the last token of the previous chunk) with d[t] in the ring and in last_vis_pool,
+// so that the chunk's queries see it only up to t-1+w (docs/dms-semantics.md §5). The ring
+// update of token t repeats the same write later (idempotent). Does nothing when t == 0.
+cudaError_t DmsApplyBoundaryFlag(const DmsRingParams& p, const int32_t* positions,
+                                 const uint8_t* bits, const int32_t* block_tables,
+                                 const int32_t* ring_slot, uint8_t* ring_flag,
+                                 int32_t* last_vis_pool, cudaStream_t stream);
+
 struct RopeDmsParams {
   int32_t n_tokens = 0;
   int32_t n_heads = 0;

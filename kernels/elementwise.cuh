@@ -4,7 +4,9 @@
 //   ResidualAdd      x += y                                                x, y [n]
 //   SiluMul          out[r][i] = silu(gate[r][i]) * up[r][i]               rows with strides
 //   EmbeddingGather  out[r] = table[ids[r]]  (ids outside [0, vocab) give a zero row)
-// Launchers allocate nothing, return the launch error.
+// RmsNorm uses 16-byte accesses when dim % 8 == 0: x, weight and out must then be 16-byte
+// aligned (cudaMalloc'd buffers and row offsets of whole rows are). Launchers allocate nothing
+// and return the launch error.
 #pragma once
 
 #include <cuda_bf16.h>

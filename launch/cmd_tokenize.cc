@@ -18,6 +18,7 @@
 #include "launch/commands.h"
 #include "runtime/model.h"
 #include "runtime/tokenizer.h"
+#include "runtime/tokenizer_json.h"
 
 namespace dmsrt {
 namespace {
@@ -33,7 +34,10 @@ constexpr char kUsage[] =
     "       dmsrt tokenize [--model PATH] --decode-jsonl F|-   JSON id arrays in, strings out\n"
     "       dmsrt tokenize [--model PATH] --chat F [--template F] [--render]\n"
     "                      [--no-generation-prompt]           F: [{\"role\":..,\"content\":..}]\n"
-    "  --pre NAME  split words as pre-tokenizer family NAME instead of the model's own\n";
+    "  --model PATH          GGUF file or Hugging Face directory (default: the bundled model)\n"
+    "  --tokenizer-dir DIR   read only DIR/tokenizer.json (+ tokenizer_config.json), no weights\n"
+    "  --pre NAME            pre-tokenize as family NAME (smollm, gpt2, llama-bpe, qwen2)\n"
+    "                        instead of the model's own\n";
 
 std::string Dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -96,7 +100,7 @@ int ForEachLine(const std::string& path, Fn fn) {
 int RunTokenize(int argc, char** argv) {
   auto args = Args::Parse(argc, argv,
                           {"model", "text", "file", "decode", "jsonl", "decode-jsonl", "chat",
-                           "template", "pre"},
+                           "template", "pre", "tokenizer-dir"},
                           {"no-special", "add-bos", "json", "stats", "render",
                            "no-generation-prompt", "help"});
   if (!args.ok()) {
@@ -123,16 +127,23 @@ int RunTokenize(int argc, char** argv) {
     return 2;
   }
 
-  std::string model_path = args->Get("model");
-  if (model_path.empty()) {
-    auto def = DefaultModelPath();
-    if (!def.ok()) return Fail(std::string(def.status().message()));
-    model_path = *def;
-  }
   const auto t_load = std::chrono::steady_clock::now();
-  auto model = LoadModel(model_path);
-  if (!model.ok()) return Fail(std::string(model.status().message()));
-  TokenizerSpec spec = (*model)->tokenizer;
+  TokenizerSpec spec;
+  if (args->Has("tokenizer-dir")) {
+    auto loaded = LoadTokenizerJson(args->Get("tokenizer-dir"));
+    if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
+    spec = *std::move(loaded);
+  } else {
+    std::string model_path = args->Get("model");
+    if (model_path.empty()) {
+      auto def = DefaultModelPath();
+      if (!def.ok()) return Fail(std::string(def.status().message()));
+      model_path = *def;
+    }
+    auto model = LoadModel(model_path);
+    if (!model.ok()) return Fail(std::string(model.status().message()));
+    spec = (*model)->tokenizer;
+  }
   if (args->Has("pre")) spec.pre = args->Get("pre");
   auto tok = Tokenizer::Create(spec);
   if (!tok.ok()) return Fail(std::string(tok.status().message()));

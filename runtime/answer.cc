@@ -92,7 +92,9 @@ std::optional<std::string> ExtractAnswer(const std::string& text, const std::reg
       last = m.size() > 1 && m[1].matched ? m[1].str() : m[0].str();
     }
     if (!last) return std::nullopt;
-    return NormalizeAnswer(*last);
+    std::string a = NormalizeAnswer(*last);
+    if (a.empty()) return std::nullopt;
+    return a;
   }
   // Last \boxed{...} with balanced braces.
   static const std::string kBoxed = "\\boxed{";
@@ -105,7 +107,10 @@ std::optional<std::string> ExtractAnswer(const std::string& text, const std::reg
       if (text[j] == '{') ++depth;
       if (text[j] == '}') --depth;
     }
-    if (depth == 0) return NormalizeAnswer(text.substr(i, j - 1 - i));
+    if (depth == 0) {
+      std::string a = NormalizeAnswer(text.substr(i, j - 1 - i));
+      if (!a.empty()) return a;  // an empty \boxed{} (a template echo) is no answer
+    }
     if (at == 0) break;
     at = text.rfind(kBoxed, at - 1);
   }

@@ -1,15 +1,16 @@
 // A fixed pool of KV blocks with a free list and reference counts.
 //
-// Memory is allocated once, at construction, from a byte budget and never grows: every block
+// Memory is allocated once, at construction, from a byte budget and never grows (on Linux an
+// anonymous mapping advised for transparent huge pages: decode attention walks many 8 KB blocks
+// scattered over the pool, and 4 KB pages would cost a TLB miss per block). Every block
 // holds the keys and values of `block_tokens` slots of ONE KV head, float32:
 //   block b: K [block_tokens, head_dim] followed by V [block_tokens, head_dim]
 // Reference counts let forked sequences share blocks (copy-on-write is done by the owner of the
 // block tables, runtime/kv_cache.cc). Not thread-safe.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <memory>
-#include <new>
 #include <vector>
 
 namespace dmsrt {
@@ -19,6 +20,9 @@ class BlockPool {
   // `total_blocks` blocks of `block_tokens` x `head_dim` floats for K and for V. The storage is
   // left uninitialised (pages are touched only when a block is first written).
   BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_dim);
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
 
   // False when the storage could not be allocated (the pool is then unusable).
   bool ok() const { return data_ != nullptr; }
@@ -35,10 +39,10 @@ class BlockPool {
   int32_t refcount(int32_t block) const { return refcount_[block]; }
 
   // [block_tokens, head_dim] keys and values of a block.
-  float* keys(int32_t block) { return data_.get() + static_cast<int64_t>(block) * floats_per_block_; }
+  float* keys(int32_t block) { return data_ + static_cast<int64_t>(block) * floats_per_block_; }
   float* values(int32_t block) { return keys(block) + half_; }
   const float* keys(int32_t block) const {
-    return data_.get() + static_cast<int64_t>(block) * floats_per_block_;
+    return data_ + static_cast<int64_t>(block) * floats_per_block_;
   }
   const float* values(int32_t block) const { return keys(block) + half_; }
 
@@ -49,7 +53,8 @@ class BlockPool {
   int64_t total_blocks_;
   int64_t half_;              // block_tokens * head_dim
   int64_t floats_per_block_;  // 2 * half_
-  std::unique_ptr<float[]> data_;
+  float* data_ = nullptr;      // [total_blocks, floats_per_block]
+  size_t mapped_bytes_ = 0;    // > 0 when data_ is an anonymous mapping (else new[])
   std::vector<int32_t> refcount_;  // [total_blocks]
   std::vector<int32_t> free_;      // stack of free block ids
 };

@@ -131,7 +131,8 @@ class CpuBackend : public Backend {
   int32_t kv_head_begin_ = 0, n_kv_ = 0;     // KV heads
   int32_t ffn_begin_ = 0, ffn_ = 0;          // FFN channels
   int32_t hidden_ = 0, head_dim_ = 0, rope_dim_ = 0, vocab_ = 0;
-  bool dms_bits_ = false;                    // compute DMS decisions and pass them to the cache
+  bool dms_bits_ = false;       // pass DMS decisions to the cache (policy dms)
+  bool dms_variant_a_ = false;  // zero the repurposed query channel (Variant A models)
 
   std::vector<Layer> layers_;
   std::vector<float> output_norm_;           // [hidden]
@@ -175,6 +176,10 @@ absl::Status CpuBackend::Init() {
         "KV policy 'dms' needs a model with DMS decisions (dms_* config fields or an attached "
         "adapter); use policy 'forced' for synthetic eviction on other models");
   }
+  // Variant A repurposes a query channel: it is zeroed in every forward pass of a DMS model,
+  // whatever the KV policy, because the model was trained that way. The bits reach the cache only
+  // under the dms policy.
+  dms_variant_a_ = c.dms.enabled && !c.dms.separate_alpha;
   dms_bits_ = options_.kv_policy.kind == KvPolicyKind::kDms && c.dms.enabled;
 
   // One rank: everything is local.
@@ -264,6 +269,7 @@ absl::Status CpuBackend::Init() {
   if (policy.kind == KvPolicyKind::kDms && policy.window <= 0) policy.window = c.dms.window;
   DMSRT_ASSIGN_OR_RETURN(kv_, MakeCpuKvCache(geo, policy, options_.kv_budget_bytes));
   pool_ = std::make_unique<kn::ThreadPool>(options_.threads);
+  kv_->SetThreadPool(pool_.get());  // attention of different KV heads runs on the same workers
   return absl::OkStatus();
 }
 
@@ -347,7 +353,8 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
   float* q = q_.data();
   float* k = k_.data();
   float* v = v_.data();
-  uint8_t* bits = dms_bits_ ? bits_.data() : nullptr;
+  uint8_t* bits = dms_bits_ ? bits_.data() : nullptr;  // handed to the cache
+  uint8_t* bits_a = bits_.data();                      // Variant A decisions (always computed)
   const float eps = cfg_.rms_eps;
 
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
@@ -376,12 +383,12 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
       kn::RmsNorm(q, L.q_norm.data(), N * n_heads_, hd, eps, q);
       kn::RmsNorm(k, L.k_norm.data(), N * n_kv_, hd, eps, k);
     }
-    if (dms_bits_ && !cfg_.dms.separate_alpha) {
-      DmsDecideVariantA(cfg_.dms, static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q, bits);
+    if (dms_variant_a_) {
+      DmsDecideVariantA(cfg_.dms, static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q, bits_a);
     }
     kn::RopeNeox(q, N, n_heads_, hd, rope_dim_, QW, cos_sin_.data());
     kn::RopeNeox(k, N, n_kv_, hd, rope_dim_, KW, cos_sin_.data());
-    if (dms_bits_ && !cfg_.dms.separate_alpha) {
+    if (dms_variant_a_) {
       DmsZeroAfterRope(static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q);
     }
     {

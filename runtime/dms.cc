@@ -6,6 +6,11 @@
 // BF16 and converted per element here (they are a few KB per layer, so no dequantised copy is
 // kept). The threshold is evaluated in float: logit * alpha_scale - offset > 0, as the reference
 // does in the model's compute type.
+//
+// dms_alpha_per == "layer": Variant A copies the bit of LOCAL KV head 0 (the header's contract);
+// under tensor parallelism a rank whose first KV head is not global head 0 therefore needs that
+// bit from rank 0. Variant B reads global row 0 of the adapter on every rank, so ranks agree.
+// Per-layer Variant A together with TP > 1 is not handled here.
 #include "runtime/dms.h"
 
 #include <cmath>

@@ -303,26 +303,30 @@ void Engine::Admit(Outbox& out) {
       running += x.thread ? 1 : static_cast<int64_t>(x.job->threads.size());
     }
     int64_t need;
+    int64_t need_alone;  // what one thread of it needs with the whole budget to itself
     int64_t new_threads;
     if (r.thread == nullptr) {
       new_threads = 0;
       for (auto& t : job.threads) new_threads += t->finished ? 0 : 1;
       // The prompt, then one copy-on-write/growth block per (layer, head) for every thread.
+      // Threads that do not fit after the fork are preempted and recomputed one by one.
       need = BlocksFor(static_cast<int64_t>(job.spec.prompt.size())) + new_threads * per_token_block;
+      need_alone = BlocksFor(static_cast<int64_t>(job.spec.prompt.size())) + per_token_block;
     } else {
       new_threads = 1;
       need = BlocksFor(static_cast<int64_t>(r.thread->tokens.size())) + per_token_block;
+      need_alone = need;
     }
     const int64_t headroom = running * per_token_block;
     const int64_t free_now = FreeBlocks();
     const bool nothing_resident = resident_.empty();
-    if (nothing_resident && need > kv.total_blocks()) {
+    if (nothing_resident && need_alone > kv.total_blocks()) {
       // Cannot fit even with the whole budget to itself.
       waiting_.pop_front();
       std::string msg = absl::StrFormat(
           "needs about %d KV blocks (%d bytes) but the whole budget is %d blocks: raise the KV "
-          "budget, shorten the prompt or lower n",
-          need, need * kv.block_bytes(), kv.total_blocks());
+          "budget or shorten the prompt",
+          need_alone, need_alone * kv.block_bytes(), kv.total_blocks());
       if (r.thread == nullptr) {
         job.root_waiting = false;
         for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kPreemptedFailed, msg, out);
@@ -598,11 +602,14 @@ void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
   absl::MutexLock lock(&mu_);
   stats_ = s;
   busy_ = !jobs_.empty();
+  if (step_seconds > 0.0) last_work_ = std::chrono::steady_clock::now();
 }
 
 EngineStats Engine::Stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  EngineStats s = stats_;
+  if (std::chrono::steady_clock::now() - last_work_ > std::chrono::seconds(2)) s.tokens_per_second = 0.0;
+  return s;
 }
 
 void Engine::Start() {

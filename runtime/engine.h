@@ -22,6 +22,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -106,7 +107,7 @@ struct EngineStats {
   int64_t flagged_tokens = 0;
   double cache_cr = 1.0;
   double eviction_rate = 0.0;
-  double tokens_per_second = 0.0;  // generated tokens per second over the last steps
+  double tokens_per_second = 0.0;  // generated tokens per second over the last steps (0 when idle 2 s)
   int64_t preemptions = 0;
   int64_t prompt_tokens_total = 0;
   int64_t generation_tokens_total = 0;
@@ -190,6 +191,7 @@ class Engine {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool busy_ ABSL_GUARDED_BY(mu_) = false;  // jobs_ not empty after the last step
   EngineStats stats_ ABSL_GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point last_work_ ABSL_GUARDED_BY(mu_);
 
   // Stepping side (the engine thread only).
   std::map<JobId, std::unique_ptr<Job>> jobs_;

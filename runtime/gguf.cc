@@ -9,19 +9,10 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
-
-
-// Local ASSIGN_OR_RETURN: this file stays free of dependencies beyond abseil and tensor.h so the
-// fuzz targets can compile it on its own.
-#define DMSRT_GGUF_CONCAT_(a, b) a##b
-#define DMSRT_GGUF_CONCAT(a, b) DMSRT_GGUF_CONCAT_(a, b)
-#define DMSRT_GGUF_ASSIGN(var, expr) DMSRT_GGUF_ASSIGN_IMPL(DMSRT_GGUF_CONCAT(so_, __LINE__), var, expr)
-#define DMSRT_GGUF_ASSIGN_IMPL(so, var, expr) \
-  auto so = (expr);                           \
-  if (!so.ok()) return so.status();           \
-  auto var = *so
+#include "parallel/status_macros.h"  // header-only, abseil only
 
 namespace dmsrt {
 
@@ -34,12 +25,25 @@ constexpr int kMaxArrayDepth = 8;            // nested arrays deeper than this a
 // Smallest encoding of one value of type t (used to bound counts before allocating).
 uint64_t MinValueBytes(GgufType t) {
   switch (t) {
-    case GgufType::kUint8: case GgufType::kInt8: case GgufType::kBool: return 1;
-    case GgufType::kUint16: case GgufType::kInt16: return 2;
-    case GgufType::kUint32: case GgufType::kInt32: case GgufType::kFloat32: return 4;
-    case GgufType::kUint64: case GgufType::kInt64: case GgufType::kFloat64: return 8;
-    case GgufType::kString: return 8;
-    case GgufType::kArray: return 12;
+    case GgufType::kUint8:
+    case GgufType::kInt8:
+    case GgufType::kBool:
+      return 1;
+    case GgufType::kUint16:
+    case GgufType::kInt16:
+      return 2;
+    case GgufType::kUint32:
+    case GgufType::kInt32:
+    case GgufType::kFloat32:
+      return 4;
+    case GgufType::kUint64:
+    case GgufType::kInt64:
+    case GgufType::kFloat64:
+      return 8;
+    case GgufType::kString:
+      return 8;
+    case GgufType::kArray:
+      return 12;
   }
   return 0;
 }
@@ -48,8 +52,14 @@ bool ValidType(uint32_t t) { return t <= static_cast<uint32_t>(GgufType::kFloat6
 
 bool IsInteger(GgufType t) {
   switch (t) {
-    case GgufType::kUint8: case GgufType::kInt8: case GgufType::kUint16: case GgufType::kInt16:
-    case GgufType::kUint32: case GgufType::kInt32: case GgufType::kUint64: case GgufType::kInt64:
+    case GgufType::kUint8:
+    case GgufType::kInt8:
+    case GgufType::kUint16:
+    case GgufType::kInt16:
+    case GgufType::kUint32:
+    case GgufType::kInt32:
+    case GgufType::kUint64:
+    case GgufType::kInt64:
       return true;
     default:
       return false;
@@ -73,9 +83,9 @@ class Cursor {
 
   absl::Status Need(uint64_t n, const std::string& what) const {
     if (n > remaining()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path_, ": GGUF truncated: ", what, " needs ", n, " bytes at offset ", pos_, " but only ",
-          remaining(), " remain"));
+      return absl::InvalidArgumentError(absl::StrCat(path_, ": GGUF truncated: ", what, " needs ",
+                                                     n, " bytes at offset ", pos_, " but only ",
+                                                     remaining(), " remain"));
     }
     return absl::OkStatus();
   }
@@ -109,20 +119,46 @@ class Cursor {
   const std::string& path_;
 };
 
+// Reads one number into the matching field of `out` (u64, i64 or f64).
+template <typename T>
+absl::Status ReadNumber(Cursor& c, const std::string& what, GgufValue* out) {
+  absl::StatusOr<T> v = c.Read<T>(what);
+  if (!v.ok()) return v.status();
+  if (out == nullptr) return absl::OkStatus();
+  if constexpr (std::is_floating_point_v<T>) {
+    out->f64 = static_cast<double>(*v);
+  } else if constexpr (std::is_signed_v<T>) {
+    out->i64 = static_cast<int64_t>(*v);
+  } else {
+    out->u64 = static_cast<uint64_t>(*v);
+  }
+  return absl::OkStatus();
+}
+
 // Validates (and skips over) one value of type t; fills `out` for scalars, strings and arrays.
 absl::Status ReadValue(Cursor& c, GgufType t, const std::string& what, int depth, GgufValue* out) {
   if (out) out->type = t;
   switch (t) {
-    case GgufType::kUint8: { auto v = c.Read<uint8_t>(what); if (!v.ok()) return v.status(); if (out) out->u64 = *v; return absl::OkStatus(); }
-    case GgufType::kInt8: { auto v = c.Read<int8_t>(what); if (!v.ok()) return v.status(); if (out) out->i64 = *v; return absl::OkStatus(); }
-    case GgufType::kUint16: { auto v = c.Read<uint16_t>(what); if (!v.ok()) return v.status(); if (out) out->u64 = *v; return absl::OkStatus(); }
-    case GgufType::kInt16: { auto v = c.Read<int16_t>(what); if (!v.ok()) return v.status(); if (out) out->i64 = *v; return absl::OkStatus(); }
-    case GgufType::kUint32: { auto v = c.Read<uint32_t>(what); if (!v.ok()) return v.status(); if (out) out->u64 = *v; return absl::OkStatus(); }
-    case GgufType::kInt32: { auto v = c.Read<int32_t>(what); if (!v.ok()) return v.status(); if (out) out->i64 = *v; return absl::OkStatus(); }
-    case GgufType::kUint64: { auto v = c.Read<uint64_t>(what); if (!v.ok()) return v.status(); if (out) out->u64 = *v; return absl::OkStatus(); }
-    case GgufType::kInt64: { auto v = c.Read<int64_t>(what); if (!v.ok()) return v.status(); if (out) out->i64 = *v; return absl::OkStatus(); }
-    case GgufType::kFloat32: { auto v = c.Read<float>(what); if (!v.ok()) return v.status(); if (out) out->f64 = *v; return absl::OkStatus(); }
-    case GgufType::kFloat64: { auto v = c.Read<double>(what); if (!v.ok()) return v.status(); if (out) out->f64 = *v; return absl::OkStatus(); }
+    case GgufType::kUint8:
+      return ReadNumber<uint8_t>(c, what, out);
+    case GgufType::kInt8:
+      return ReadNumber<int8_t>(c, what, out);
+    case GgufType::kUint16:
+      return ReadNumber<uint16_t>(c, what, out);
+    case GgufType::kInt16:
+      return ReadNumber<int16_t>(c, what, out);
+    case GgufType::kUint32:
+      return ReadNumber<uint32_t>(c, what, out);
+    case GgufType::kInt32:
+      return ReadNumber<int32_t>(c, what, out);
+    case GgufType::kUint64:
+      return ReadNumber<uint64_t>(c, what, out);
+    case GgufType::kInt64:
+      return ReadNumber<int64_t>(c, what, out);
+    case GgufType::kFloat32:
+      return ReadNumber<float>(c, what, out);
+    case GgufType::kFloat64:
+      return ReadNumber<double>(c, what, out);
     case GgufType::kBool: {
       auto v = c.Read<uint8_t>(what);
       if (!v.ok()) return v.status();
@@ -137,8 +173,8 @@ absl::Status ReadValue(Cursor& c, GgufType t, const std::string& what, int depth
     }
     case GgufType::kArray: {
       if (depth >= kMaxArrayDepth) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": arrays nested deeper than ",
-                                                       kMaxArrayDepth, " levels"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": arrays nested deeper than ", kMaxArrayDepth, " levels"));
       }
       auto et = c.Read<uint32_t>(absl::StrCat(what, " element type"));
       if (!et.ok()) return et.status();
@@ -151,9 +187,9 @@ absl::Status ReadValue(Cursor& c, GgufType t, const std::string& what, int depth
       if (!n.ok()) return n.status();
       uint64_t min_bytes = MinValueBytes(elem);
       if (*n > c.remaining() / min_bytes) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            what, ": array of ", *n, " ", GgufTypeName(elem), " values cannot fit in the ",
-            c.remaining(), " bytes left in the file"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": array of ", *n, " ", GgufTypeName(elem),
+                         " values cannot fit in the ", c.remaining(), " bytes left in the file"));
       }
       const uint8_t* begin = c.here();
       size_t start = c.pos();
@@ -187,19 +223,32 @@ absl::Status WithPath(const std::string& path, const absl::Status& s) {
 
 const char* GgufTypeName(GgufType t) {
   switch (t) {
-    case GgufType::kUint8: return "uint8";
-    case GgufType::kInt8: return "int8";
-    case GgufType::kUint16: return "uint16";
-    case GgufType::kInt16: return "int16";
-    case GgufType::kUint32: return "uint32";
-    case GgufType::kInt32: return "int32";
-    case GgufType::kFloat32: return "float32";
-    case GgufType::kBool: return "bool";
-    case GgufType::kString: return "string";
-    case GgufType::kArray: return "array";
-    case GgufType::kUint64: return "uint64";
-    case GgufType::kInt64: return "int64";
-    case GgufType::kFloat64: return "float64";
+    case GgufType::kUint8:
+      return "uint8";
+    case GgufType::kInt8:
+      return "int8";
+    case GgufType::kUint16:
+      return "uint16";
+    case GgufType::kInt16:
+      return "int16";
+    case GgufType::kUint32:
+      return "uint32";
+    case GgufType::kInt32:
+      return "int32";
+    case GgufType::kFloat32:
+      return "float32";
+    case GgufType::kBool:
+      return "bool";
+    case GgufType::kString:
+      return "string";
+    case GgufType::kArray:
+      return "array";
+    case GgufType::kUint64:
+      return "uint64";
+    case GgufType::kInt64:
+      return "int64";
+    case GgufType::kFloat64:
+      return "float64";
   }
   return "unknown";
 }
@@ -242,14 +291,14 @@ absl::Status GgufFile::ParseAll() {
     return absl::InvalidArgumentError(
         absl::StrCat("not a GGUF file: bad magic \"", shown, "\" (expected \"GGUF\")"));
   }
-  DMSRT_GGUF_ASSIGN(version, c.Read<uint32_t>("version"));
+  DMSRT_ASSIGN_OR_RETURN(auto version, c.Read<uint32_t>("version"));
   if (version != 2 && version != 3) {
     return absl::InvalidArgumentError(
         absl::StrCat("unsupported GGUF version ", version, " (supported: 2 and 3)"));
   }
   version_ = version;
-  DMSRT_GGUF_ASSIGN(n_tensors, c.Read<uint64_t>("tensor count"));
-  DMSRT_GGUF_ASSIGN(n_kv, c.Read<uint64_t>("metadata key/value count"));
+  DMSRT_ASSIGN_OR_RETURN(auto n_tensors, c.Read<uint64_t>("tensor count"));
+  DMSRT_ASSIGN_OR_RETURN(auto n_kv, c.Read<uint64_t>("metadata key/value count"));
   // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least
   // 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset) bytes.
   if (n_kv > c.remaining() / 13) {
@@ -266,13 +315,12 @@ absl::Status GgufFile::ParseAll() {
   key_order_.reserve(static_cast<size_t>(n_kv));
   for (uint64_t i = 0; i < n_kv; ++i) {
     const std::string where = absl::StrCat("metadata entry #", i);
-    DMSRT_GGUF_ASSIGN(key_view, c.ReadString(absl::StrCat(where, " key")));
+    DMSRT_ASSIGN_OR_RETURN(auto key_view, c.ReadString(absl::StrCat(where, " key")));
     std::string key(key_view);
     const std::string what = absl::StrCat("metadata '", key, "'");
-    DMSRT_GGUF_ASSIGN(type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
+    DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
     if (!ValidType(type_id)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": unknown value type id ", type_id));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": unknown value type id ", type_id));
     }
     GgufValue v;
     absl::Status s = ReadValue(c, static_cast<GgufType>(type_id), what, 0, &v);
@@ -287,17 +335,17 @@ absl::Status GgufFile::ParseAll() {
 
   if (const GgufValue* a = Find("general.alignment")) {
     if (!IsInteger(a->type)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "metadata 'general.alignment' has type ", GgufTypeName(a->type), ", expected uint32"));
+      return absl::InvalidArgumentError(absl::StrCat("metadata 'general.alignment' has type ",
+                                                     GgufTypeName(a->type), ", expected uint32"));
     }
     uint64_t al = a->type == GgufType::kInt8 || a->type == GgufType::kInt16 ||
                           a->type == GgufType::kInt32 || a->type == GgufType::kInt64
                       ? static_cast<uint64_t>(a->i64)
                       : a->u64;
     if (al == 0 || (al & (al - 1)) != 0 || al > (1u << 24)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "metadata 'general.alignment' = ", static_cast<int64_t>(al),
-          " is not a power of two in [1, 16M]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("metadata 'general.alignment' = ", static_cast<int64_t>(al),
+                       " is not a power of two in [1, 16M]"));
     }
     alignment_ = al;
   }
@@ -307,13 +355,13 @@ absl::Status GgufFile::ParseAll() {
   tensor_index_.reserve(static_cast<size_t>(n_tensors));
   for (uint64_t i = 0; i < n_tensors; ++i) {
     const std::string where = absl::StrCat("tensor info #", i);
-    DMSRT_GGUF_ASSIGN(name_view, c.ReadString(absl::StrCat(where, " name")));
+    DMSRT_ASSIGN_OR_RETURN(auto name_view, c.ReadString(absl::StrCat(where, " name")));
     std::string name(name_view);
     if (name.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": empty tensor name"));
     }
     const std::string what = absl::StrCat("tensor '", name, "'");
-    DMSRT_GGUF_ASSIGN(n_dims, c.Read<uint32_t>(absl::StrCat(what, " n_dims")));
+    DMSRT_ASSIGN_OR_RETURN(auto n_dims, c.Read<uint32_t>(absl::StrCat(what, " n_dims")));
     if (n_dims < 1 || n_dims > kMaxDims) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": n_dims = ", n_dims, " (must be 1..", kMaxDims, ")"));
@@ -322,35 +370,33 @@ absl::Status GgufFile::ParseAll() {
     t.name = name;
     uint64_t numel = 1;
     for (uint32_t d = 0; d < n_dims; ++d) {
-      DMSRT_GGUF_ASSIGN(ne, c.Read<uint64_t>(absl::StrCat(what, " ne[", d, "]")));
+      DMSRT_ASSIGN_OR_RETURN(auto ne, c.Read<uint64_t>(absl::StrCat(what, " ne[", d, "]")));
       if (ne == 0 || ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
         return absl::InvalidArgumentError(
             absl::StrCat(what, ": dimension ne[", d, "] = ", ne, " is out of range"));
       }
-      if (numel > std::numeric_limits<uint64_t>::max() / ne ||
-          numel * ne > (uint64_t{1} << 50)) {
+      if (numel > std::numeric_limits<uint64_t>::max() / ne || numel * ne > (uint64_t{1} << 50)) {
         return absl::InvalidArgumentError(
             absl::StrCat(what, ": element count overflows (dimension ne[", d, "] = ", ne, ")"));
       }
       numel *= ne;
       t.ne.push_back(static_cast<int64_t>(ne));
     }
-    DMSRT_GGUF_ASSIGN(type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
+    DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
     DType dt = static_cast<DType>(type_id);
     if (type_id > 1000 || BlockSize(dt) == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": unknown tensor type id ", type_id));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor type id ", type_id));
     }
     t.type = dt;
     if (t.ne[0] % BlockSize(dt) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": row length ne[0] = ", t.ne[0], " is not a multiple of the ", DTypeName(dt),
-          " block size ", BlockSize(dt)));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": row length ne[0] = ", t.ne[0],
+                                                     " is not a multiple of the ", DTypeName(dt),
+                                                     " block size ", BlockSize(dt)));
     }
     // numel <= 2^50 and block bytes <= 292, so this cannot overflow 64 bits.
     t.nbytes = static_cast<size_t>(numel / static_cast<uint64_t>(BlockSize(dt)) *
                                    static_cast<uint64_t>(BlockBytes(dt)));
-    DMSRT_GGUF_ASSIGN(offset, c.Read<uint64_t>(absl::StrCat(what, " offset")));
+    DMSRT_ASSIGN_OR_RETURN(auto offset, c.Read<uint64_t>(absl::StrCat(what, " offset")));
     t.offset = offset;
     if (tensor_index_.count(t.name)) {
       return absl::InvalidArgumentError(absl::StrCat("duplicate tensor name '", t.name, "'"));
@@ -363,9 +409,8 @@ absl::Status GgufFile::ParseAll() {
   uint64_t end_of_infos = c.pos();
   data_offset_ = (end_of_infos + alignment_ - 1) / alignment_ * alignment_;
   if (!tensors_.empty() && data_offset_ > size) {
-    return absl::InvalidArgumentError(absl::StrCat("data section starts at ", data_offset_,
-                                                   ", past the end of the file (", size,
-                                                   " bytes)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data section starts at ", data_offset_, ", past the end of the file (", size, " bytes)"));
   }
   const uint64_t data_bytes = data_offset_ <= size ? size - data_offset_ : 0;
   std::vector<const GgufTensorInfo*> by_offset;
@@ -406,8 +451,8 @@ absl::Status GgufFile::TypeError(const std::string& key, const GgufValue& v,
                                  const char* want) const {
   std::string have = GgufTypeName(v.type);
   if (v.type == GgufType::kArray) have = absl::StrCat("array of ", GgufTypeName(v.elem_type));
-  return absl::InvalidArgumentError(absl::StrCat(path(), ": metadata '", key, "' has type ", have,
-                                                 ", expected ", want));
+  return absl::InvalidArgumentError(
+      absl::StrCat(path(), ": metadata '", key, "' has type ", have, ", expected ", want));
 }
 
 namespace {
@@ -422,20 +467,30 @@ bool IsSigned(GgufType t) {
 int64_t ArrayInt(GgufType t, const uint8_t* p, uint64_t i, bool* fits) {
   *fits = true;
   switch (t) {
-    case GgufType::kUint8: return LoadLE<uint8_t>(p + i);
-    case GgufType::kInt8: return LoadLE<int8_t>(p + i);
-    case GgufType::kUint16: return LoadLE<uint16_t>(p + 2 * i);
-    case GgufType::kInt16: return LoadLE<int16_t>(p + 2 * i);
-    case GgufType::kUint32: return LoadLE<uint32_t>(p + 4 * i);
-    case GgufType::kInt32: return LoadLE<int32_t>(p + 4 * i);
-    case GgufType::kInt64: return LoadLE<int64_t>(p + 8 * i);
+    case GgufType::kUint8:
+      return LoadLE<uint8_t>(p + i);
+    case GgufType::kInt8:
+      return LoadLE<int8_t>(p + i);
+    case GgufType::kUint16:
+      return LoadLE<uint16_t>(p + 2 * i);
+    case GgufType::kInt16:
+      return LoadLE<int16_t>(p + 2 * i);
+    case GgufType::kUint32:
+      return LoadLE<uint32_t>(p + 4 * i);
+    case GgufType::kInt32:
+      return LoadLE<int32_t>(p + 4 * i);
+    case GgufType::kInt64:
+      return LoadLE<int64_t>(p + 8 * i);
     case GgufType::kUint64: {
       uint64_t v = LoadLE<uint64_t>(p + 8 * i);
       if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) *fits = false;
       return static_cast<int64_t>(v);
     }
-    case GgufType::kBool: return LoadLE<uint8_t>(p + i) != 0;
-    default: *fits = false; return 0;
+    case GgufType::kBool:
+      return LoadLE<uint8_t>(p + i) != 0;
+    default:
+      *fits = false;
+      return 0;
   }
 }
 }  // namespace
@@ -498,7 +553,8 @@ absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(const std::str
 absl::StatusOr<std::vector<int32_t>> GgufFile::GetInt32Array(const std::string& key) const {
   const GgufValue* v = Find(key);
   if (!v) return Missing(path(), key);
-  if (v->type != GgufType::kArray || !(IsInteger(v->elem_type) || v->elem_type == GgufType::kBool)) {
+  if (v->type != GgufType::kArray ||
+      !(IsInteger(v->elem_type) || v->elem_type == GgufType::kBool)) {
     return TypeError(key, *v, "array of integers");
   }
   std::vector<int32_t> out;
@@ -508,8 +564,8 @@ absl::StatusOr<std::vector<int32_t>> GgufFile::GetInt32Array(const std::string& 
     int64_t x = ArrayInt(v->elem_type, v->begin, i, &fits);
     if (!fits || x < std::numeric_limits<int32_t>::min() ||
         x > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError(absl::StrCat(path(), ": metadata '", key, "'[", i,
-                                                     "] does not fit an int32"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path(), ": metadata '", key, "'[", i, "] does not fit an int32"));
     }
     out.push_back(static_cast<int32_t>(x));
   }

@@ -28,8 +28,23 @@
 // is committed, attends, and picks the next victim): exactly what decoding would give, at
 // O(chunk * budget) cost.
 //
-// Attention is float32 with float accumulation and max subtraction; single-threaded, no heap
-// allocation in steady state (scratch buffers are members and only grow).
+// Memory. Reserve computes, per head, an upper bound on the blocks a step can take: appended
+// slots (a token appends unless the token leaving the window is known to be flagged; the flags a
+// policy fixes in advance — window, forced — are used, model bits not yet seen count as "append
+// and maybe recycle") plus copies of shared blocks the step may write (recycled slots and the
+// partial last block). The bound is promised to the sequence (other sequences' Reserve cannot
+// take it) and released when the step's last layer is done. A step that would exceed its promise
+// (AttendAndAppend without Reserve) writes NaN and marks the sequence inconsistent instead of
+// taking blocks promised to others.
+//
+// Attention is float32 with float accumulation and max subtraction (exp by a ~1 ulp polynomial
+// on 8-wide vectors). No heap allocation in steady state: scratch buffers are members (one set,
+// or one per head when heads run on workers) and only grow. Single-threaded unless SetThreadPool gives workers; then the heads
+// of a layer are spread over them once the step has enough work, while bookkeeping and block
+// allocation stay on the calling thread (decode commits first, a chunk attends first).
+// Per-token costs of decode: the K rows are read once (g dot products each), the softmax runs
+// per query head, and V is accumulated in tiles of 32 rows that stay in L1 while every query
+// head of the group adds them into register accumulators.
 #include "runtime/kv_cache.h"
 
 #include <algorithm>
@@ -45,6 +60,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kernels/cpu/thread_pool.h"
 #include "runtime/block_pool.h"
 
 namespace dmsrt {
@@ -175,6 +191,93 @@ inline void Axpy(float alpha, const float* x, float* y, int32_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// Lane u = q . rows[u] for eight rows (n a multiple of 8).
+inline V8 Dot8Keys(const float* q, const float* const* rows, int32_t n) {
+  V8 a[8];
+  for (int u = 0; u < 8; ++u) a[u] = V8{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int32_t i = 0; i < n; i += 8) {
+    const V8 qv = Load8(q + i);
+    for (int u = 0; u < 8; ++u) a[u] += qv * Load8(rows[u] + i);
+  }
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  // Transpose-add: after three rounds lane u holds the sum of a[u]'s lanes.
+  V8 b[4];
+  for (int u = 0; u < 4; ++u) {
+    b[u] = __builtin_shufflevector(a[2 * u], a[2 * u + 1], 0, 8, 1, 9, 4, 12, 5, 13) +
+           __builtin_shufflevector(a[2 * u], a[2 * u + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  const V8 c0 = __builtin_shufflevector(b[0], b[1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(b[0], b[1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const V8 c1 = __builtin_shufflevector(b[2], b[3], 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(b[2], b[3], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(c0, c1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(c0, c1, 4, 5, 6, 7, 12, 13, 14, 15);
+#else  // compilers without __builtin_shufflevector (GCC < 12)
+  V8 r;
+  for (int u = 0; u < 8; ++u) r[u] = Sum8(a[u]);
+  return r;
+#endif
+}
+
+// out[0 .. 8*NV) += Σ_{c in [c0, c1)} p[c] * rows[c][0 .. 8*NV), accumulating in registers.
+template <int NV>
+inline void AccumulateRows(const float* p, const float* const* rows, int32_t c0, int32_t c1,
+                           float* out) {
+  V8 acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = Load8(out + 8 * u);
+  for (int32_t c = c0; c < c1; ++c) {
+    const float a = p[c];
+    const V8 va = {a, a, a, a, a, a, a, a};
+    const float* r = rows[c];
+    for (int u = 0; u < NV; ++u) acc[u] += va * Load8(r + 8 * u);
+  }
+  for (int u = 0; u < NV; ++u) Store8(out + 8 * u, acc[u]);
+}
+
+typedef int32_t V8i __attribute__((vector_size(32)));
+
+// exp(x) for x <= 0 (Cephes-style: x = n ln2 + r, degree-5 polynomial for e^r, scale by 2^n);
+// about 1 ulp, with inputs below -87 clamped (their weight is below 1e-38 of the maximum).
+inline V8 ExpNonPositive(V8 x) {
+  const V8 lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+  x = x < lo ? lo : x;
+  const V8 fx = x * 1.44269504088896341f + 0.5f;
+  V8i n = __builtin_convertvector(fx, V8i);                // truncates toward zero
+  n += (V8i)(__builtin_convertvector(n, V8) > fx);          // -1 where that rounded up: floor
+  const V8 nf = __builtin_convertvector(n, V8);
+  x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  const V8 x2 = x * x;
+  V8 y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x2 + x + 1.0f;
+  const V8i e = (n + 127) << 23;
+  return y * (V8)e;
+}
+
+// Numerically stable softmax of p[0..m) in place (max subtraction, float sum).
+inline void SoftmaxInPlace(float* p, int32_t m) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int32_t c = 0; c < m; ++c) mx = std::max(mx, p[c]);
+  const V8 vmx = {mx, mx, mx, mx, mx, mx, mx, mx};
+  V8 vsum = {0, 0, 0, 0, 0, 0, 0, 0};
+  int32_t c = 0;
+  for (; c + 8 <= m; c += 8) {
+    const V8 e = ExpNonPositive(Load8(p + c) - vmx);
+    Store8(p + c, e);
+    vsum += e;
+  }
+  float sum = Sum8(vsum);
+  for (; c < m; ++c) {
+    p[c] = std::exp(p[c] - mx);
+    sum += p[c];
+  }
+  const float inv = 1.0f / sum;
+  for (c = 0; c < m; ++c) p[c] *= inv;
+}
+
 inline void Prefetch(const float* p, int32_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int32_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
@@ -203,6 +306,13 @@ struct HeadState {
   int64_t dense_reads = 0;
 };
 
+// Per-worker buffers of the attention of one KV head.
+struct Scratch {
+  std::vector<const float*> kp, vp;  // key/value row pointers of the keys one query sees
+  std::vector<float> probs;          // [g, m] attention weights
+  std::vector<uint8_t> chunk_flag;   // [n] flags of a chunk's tokens
+};
+
 struct Sequence {
   std::vector<HeadState> heads;  // [n_layers * n_kv_heads]
   int64_t length = 0;            // tokens committed in every layer
@@ -225,6 +335,12 @@ class CpuKvCache final : public KvCache {
       w_ = std::numeric_limits<int32_t>::max();
     }
     scale_ = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
+    scratch_.resize(1);
+  }
+
+  void SetThreadPool(kernels::ThreadPool* pool) override {
+    threads_ = pool;
+    scratch_.resize(pool != nullptr ? std::max(1, geo_.n_kv_heads) : 1);
   }
 
   bool pool_ok() const { return pool_.ok(); }
@@ -425,19 +541,30 @@ class CpuKvCache final : public KvCache {
     cow_scratch_.clear();
     if (ring_policy_) {
       const int64_t R = static_cast<int64_t>(h.ring.size());
-      for (int64_t t = P; t < P + n_new; ++t) {
-        const int64_t kk = t - w_ - 1;  // the token leaving the window
-        if (kk < 0) {
-          ++appends;
-        } else if (kk < P) {
-          const int32_t slot = h.ring[kk % R];
-          int f = kk <= P - 2 ? h.flag[slot] : KnownFlag(layer, j, kk);
-          if (f != 0) cow_scratch_.push_back(h.blocks[slot / bt]);  // recycled (maybe)
-          if (f != 1) ++appends;                                    // appended (maybe)
+      const int64_t end = P + n_new;  // tokens P .. end-1 arrive; token t evicts kk = t - w - 1
+      // kk < 0: nothing leaves, the token appends.
+      const int64_t first_leaving = std::max<int64_t>(P, static_cast<int64_t>(w_) + 1);
+      appends += std::min(end, first_leaving) - P;
+      // 0 <= kk < P: an old token leaves (at most min(P, w+1) of them, all in the ring).
+      const int64_t old_end = std::min<int64_t>(end, P + w_ + 1);
+      for (int64_t t = first_leaving; t < old_end; ++t) {
+        const int64_t kk = t - w_ - 1;
+        const int32_t slot = h.ring[kk % R];
+        const int f = kk <= P - 2 ? h.flag[slot] : KnownFlag(layer, j, kk);
+        if (f != 0) cow_scratch_.push_back(h.blocks[slot / bt]);  // recycled (maybe)
+        if (f != 1) ++appends;                                    // appended (maybe)
+      }
+      // kk >= P: a token of this step leaves; its slot is private by then, so only whether it
+      // is recycled matters. Counted exactly where the policy fixes the flags.
+      const int64_t lo = std::max(first_leaving, old_end);
+      if (lo < end) {
+        const int64_t k0 = lo - w_ - 1, k1 = end - w_ - 1;  // leaving tokens k0 .. k1-1
+        if (pol_.kind == KvPolicyKind::kWindow) {
+          appends += std::max<int64_t>(0, std::min<int64_t>(k1, pol_.sinks) - k0);
+        } else if (pol_.kind == KvPolicyKind::kForced && k1 - k0 <= (1 << 16)) {
+          for (int64_t kk = k0; kk < k1; ++kk) appends += KnownFlag(layer, j, kk) != 1;
         } else {
-          // A token of this step: its slot is private by then; only whether it is recycled
-          // matters.
-          if (KnownFlag(layer, j, kk) != 1) ++appends;
+          appends += k1 - k0;  // model bits not seen yet (or a huge chunk): assume appends
         }
       }
     } else if (pol_.kind == KvPolicyKind::kNone) {
@@ -542,64 +669,81 @@ class CpuKvCache final : public KvCache {
 
   // Softmax attention of the g query heads of one group over m keys given by row pointers.
   //   qg [g, head_dim], outg [g, head_dim]; probabilities are left in probs_[h * m + c].
-  void AttendGroup(const float* qg, int32_t m, float* outg) {
+  void AttendGroup(Scratch& sc, const float* qg, int32_t m, float* outg) const {
     const int32_t g = group_;
     const int32_t hd = geo_.head_dim;
-    if (probs_.size() < static_cast<size_t>(g) * m) probs_.resize(static_cast<size_t>(g) * m);
-    float* p = probs_.data();
+    if (sc.probs.size() < static_cast<size_t>(g) * m) sc.probs.resize(static_cast<size_t>(g) * m);
+    float* p = sc.probs.data();
+    const float* const* kp = sc.kp.data();
+    const float* const* vp = sc.vp.data();
     // Rows of consecutive slots are contiguous only inside a block, so hardware prefetchers stall
     // at every block edge: fetch a few rows ahead explicitly.
     constexpr int32_t kAhead = 6;
     const int32_t row_bytes = hd * static_cast<int32_t>(sizeof(float));
-    for (int32_t c = 0; c < m; ++c) {
-      if (c + kAhead < m) Prefetch(kp_[c + kAhead], row_bytes);
-      const float* kr = kp_[c];
+    int32_t c = 0;
+    if (hd % 8 == 0) {
+      // Eight keys at a time: each query chunk is loaded once per eight keys and the eight dot
+      // products are reduced together (a transpose-add instead of eight horizontal sums).
+      for (; c + 8 <= m; c += 8) {
+        for (int32_t u = 0; u < 8; ++u) {
+          if (c + kAhead + u < m) Prefetch(kp[c + kAhead + u], row_bytes);
+        }
+        for (int32_t h = 0; h < g; ++h) {
+          Store8(p + h * m + c, Dot8Keys(qg + h * hd, kp + c, hd) * scale_);
+        }
+      }
+    }
+    for (; c < m; ++c) {
+      if (c + kAhead < m) Prefetch(kp[c + kAhead], row_bytes);
+      const float* kr = kp[c];
       for (int32_t h = 0; h < g; ++h) p[h * m + c] = Dot(qg + h * hd, kr, hd) * scale_;
     }
-    for (int32_t h = 0; h < g; ++h) {
-      float* ph = p + h * m;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int32_t c = 0; c < m; ++c) mx = std::max(mx, ph[c]);
-      float sum = 0.0f;
-      for (int32_t c = 0; c < m; ++c) {
-        ph[c] = std::exp(ph[c] - mx);
-        sum += ph[c];
-      }
-      const float inv = 1.0f / sum;
-      for (int32_t c = 0; c < m; ++c) ph[c] *= inv;
-    }
+    for (int32_t h = 0; h < g; ++h) SoftmaxInPlace(p + h * m, m);
     std::fill(outg, outg + static_cast<size_t>(g) * hd, 0.0f);
-    for (int32_t c = 0; c < m; ++c) {
-      if (c + kAhead < m) Prefetch(vp_[c + kAhead], row_bytes);
-      const float* vr = vp_[c];
-      for (int32_t h = 0; h < g; ++h) Axpy(p[h * m + c], vr, outg + h * hd, hd);
+    // V in tiles of keys that stay in L1 while each query head of the group accumulates its
+    // output in registers.
+    constexpr int32_t kTile = 32;
+    for (int32_t c0 = 0; c0 < m; c0 += kTile) {
+      const int32_t c1 = std::min(m, c0 + kTile);
+      for (int32_t c = c0; c < c1; ++c) Prefetch(vp[c], row_bytes);
+      for (int32_t h = 0; h < g; ++h) {
+        const float* ph = p + h * m;
+        float* oh = outg + h * hd;
+        if (hd == 64) {
+          AccumulateRows<8>(ph, vp, c0, c1, oh);
+        } else if (hd == 128) {
+          AccumulateRows<16>(ph, vp, c0, c1, oh);
+        } else {
+          for (int32_t c = c0; c < c1; ++c) Axpy(ph[c], vp[c], oh, hd);
+        }
+      }
     }
   }
 
-  void EnsureKeyScratch(size_t m) {
-    if (kp_.size() < m) {
-      kp_.resize(m);
-      vp_.resize(m);
+  static void EnsureKeyScratch(Scratch& sc, size_t m) {
+    if (sc.kp.size() < m) {
+      sc.kp.resize(m);
+      sc.vp.resize(m);
     }
   }
 
-  // Points kp_/vp_ at slots 0..n-1 of a head.
-  void GatherAllSlots(const HeadState& h) {
-    EnsureKeyScratch(static_cast<size_t>(h.n));
+  // Points the scratch key/value pointers at slots 0..n-1 of a head.
+  void GatherAllSlots(Scratch& sc, const HeadState& h) const {
+    EnsureKeyScratch(sc, static_cast<size_t>(h.n));
     const int32_t bt = geo_.block_tokens;
     const int32_t hd = geo_.head_dim;
     for (int32_t sl = 0; sl < h.n; ++sl) {
       const int32_t b = h.blocks[sl / bt];
-      kp_[sl] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
-      vp_[sl] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
+      sc.kp[sl] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
+      sc.vp[sl] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
     }
   }
 
   // tova/h2o: after the query of token t attended over all slots, pick the next victim.
-  void PickVictim(HeadState& h, int64_t t) {
+  void PickVictim(const Scratch& sc, HeadState& h, int64_t t) const {
     const int32_t g = group_;
     const int32_t m = h.n;
-    const float* p = probs_.data();
+    const float* p = sc.probs.data();
     if (pol_.kind == KvPolicyKind::kH2o) {
       for (int32_t c = 0; c < m; ++c) {
         float a = 0.0f;
@@ -634,6 +778,19 @@ class CpuKvCache final : public KvCache {
     h.victim = best;
   }
 
+  // Runs fn(j, scratch) for every local KV head j: on the worker threads when a pool is set and
+  // the step has enough work (`madds` multiply-adds) to pay for waking them, else inline.
+  template <typename Fn>
+  void ForEachHead(int64_t madds, const Fn& fn) {
+    const int32_t nkv = geo_.n_kv_heads;
+    if (threads_ == nullptr || threads_->size() < 2 || nkv < 2 || madds < (1 << 20)) {
+      for (int32_t j = 0; j < nkv; ++j) fn(j, scratch_[0]);
+      return;
+    }
+    // One chunk per head, each with its own scratch (a worker may run several heads).
+    threads_->ParallelFor(nkv, [&](int64_t j) { fn(static_cast<int32_t>(j), scratch_[j]); });
+  }
+
   void Poison(float* out, int32_t n) {
     if (out == nullptr) return;
     std::fill(out, out + static_cast<size_t>(n) * geo_.n_heads * geo_.head_dim,
@@ -650,11 +807,10 @@ class CpuKvCache final : public KvCache {
   absl::flat_hash_map<SeqId, std::unique_ptr<Sequence>> seqs_;
   SeqId next_id_ = 0;
   int64_t total_reserved_ = 0;
-  // Scratch, grown on demand and reused.
-  std::vector<const float*> kp_, vp_;  // key/value row pointers of the keys one query sees
-  std::vector<float> probs_;           // [g, m]
+  // Scratch, grown on demand and reused: one set, or one per KV head with a thread pool.
+  std::vector<Scratch> scratch_;
   std::vector<int32_t> cow_scratch_;
-  std::vector<uint8_t> chunk_flag_;    // [n] flags of a chunk's tokens
+  kernels::ThreadPool* threads_ = nullptr;
 };
 
 void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q,
@@ -703,69 +859,96 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
   const int32_t g = group_;
   const int64_t qstride = static_cast<int64_t>(nh) * hd;   // per token in q/out
   const int64_t kstride = static_cast<int64_t>(nkv) * hd;  // per token in k/v
-  const bool token_by_token =
-      n == 1 || pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o;
+  auto qof = [&](int32_t i, int32_t j) { return q + i * qstride + static_cast<int64_t>(j) * g * hd; };
+  auto oof = [&](int32_t i, int32_t j) { return out + i * qstride + static_cast<int64_t>(j) * g * hd; };
+  auto kof = [&](const float* base, int32_t i, int32_t j) {
+    return base + i * kstride + static_cast<int64_t>(j) * hd;
+  };
 
-  for (int32_t j = 0; j < nkv && !s.broken; ++j) {
-    HeadState& h = heads[j];
-    if (token_by_token) {
-      // Decode order (§4): bookkeeping first, then attention over slots 0..n-1 = R(t).
+  if (scored) {
+    // tova/h2o: token by token (commit, attend over every slot, pick the next victim).
+    Scratch& sc = scratch_[0];
+    for (int32_t j = 0; j < nkv && !s.broken; ++j) {
+      HeadState& h = heads[j];
       for (int32_t i = 0; i < n; ++i) {
         const int64_t t = P + i;
-        const float* krow = k + i * kstride + static_cast<int64_t>(j) * hd;
-        const float* vrow = v + i * kstride + static_cast<int64_t>(j) * hd;
-        if (!Commit(s, h, t, Decision(layer, j, t, evict, i), krow, vrow)) {
+        if (!Commit(s, h, t, 0, kof(k, i, j), kof(v, i, j))) {
           s.broken = true;
           break;
         }
-        GatherAllSlots(h);
-        AttendGroup(q + i * qstride + static_cast<int64_t>(j) * g * hd, h.n,
-                    out + i * qstride + static_cast<int64_t>(j) * g * hd);
+        GatherAllSlots(sc, h);
+        AttendGroup(sc, qof(i, j), h.n, oof(i, j));
         h.kv_reads += h.n;
         h.dense_reads += t + 1;
-        if (pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o) PickVictim(h, t);
+        PickVictim(sc, h, t);
       }
-      continue;
     }
-
-    // Exact chunk (§5). Flags inside the chunk: flag(P+c) = d[P+c+1], the last one still 0.
-    const int32_t bt = geo_.block_tokens;
-    if (chunk_flag_.size() < static_cast<size_t>(n)) chunk_flag_.resize(n);
-    for (int32_t c = 0; c < n; ++c) {
-      chunk_flag_[c] = c + 1 < n ? Decision(layer, j, P + c + 1, evict, c + 1) : 0;
-    }
-    const uint8_t first_bit = Decision(layer, j, P, evict, 0);  // flags token P-1
-    const int32_t n_old = h.n;
-    EnsureKeyScratch(static_cast<size_t>(n_old) + n);
-    for (int32_t i = 0; i < n; ++i) {
-      const int64_t qpos = P + i;
-      int32_t m = 0;
-      for (int32_t sl = 0; sl < n_old; ++sl) {
-        const int64_t kpos = h.pos[sl];
-        const bool flagged = kpos == P - 1 ? first_bit != 0 : h.flag[sl] != 0;
-        if (flagged && qpos - kpos > w_) continue;
-        const int32_t b = h.blocks[sl / bt];
-        kp_[m] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
-        vp_[m] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
-        ++m;
-      }
-      for (int32_t c = 0; c <= i; ++c) {
-        if (chunk_flag_[c] && i - c > w_) continue;
-        kp_[m] = k + c * kstride + static_cast<int64_t>(j) * hd;
-        vp_[m] = v + c * kstride + static_cast<int64_t>(j) * hd;
-        ++m;
-      }
-      AttendGroup(q + i * qstride + static_cast<int64_t>(j) * g * hd, m,
-                  out + i * qstride + static_cast<int64_t>(j) * g * hd);
-      h.kv_reads += m;
-      h.dense_reads += qpos + 1;
-    }
-    for (int32_t i = 0; i < n; ++i) {
-      const uint8_t d = i == 0 ? first_bit : chunk_flag_[i - 1];
-      if (!Commit(s, h, P + i, d, k + i * kstride + static_cast<int64_t>(j) * hd,
-                  v + i * kstride + static_cast<int64_t>(j) * hd)) {
+  } else if (n == 1) {
+    // Decode (§4): bookkeeping for every head first (it allocates, so it stays on this thread),
+    // then attention over slots 0..n-1 = R(t), one head per worker.
+    int64_t work = 0;
+    for (int32_t j = 0; j < nkv; ++j) {
+      if (!Commit(s, heads[j], P, Decision(layer, j, P, evict, 0), kof(k, 0, j), kof(v, 0, j))) {
         s.broken = true;
         break;
+      }
+      work += heads[j].n;
+    }
+    if (!s.broken) {
+      ForEachHead(work * g * hd, [&](int32_t j, Scratch& sc) {
+        HeadState& h = heads[j];
+        GatherAllSlots(sc, h);
+        AttendGroup(sc, qof(0, j), h.n, oof(0, j));
+        h.kv_reads += h.n;
+        h.dense_reads += P + 1;
+      });
+    }
+  } else {
+    // Exact chunk (§5): every query attends (old slots with the §3 rule, the chunk's own keys
+    // with their last-visible-query bound) before any token of the chunk is committed.
+    const int32_t bt = geo_.block_tokens;
+    int64_t work = 0;
+    for (int32_t j = 0; j < nkv; ++j) work += (heads[j].n + n) * static_cast<int64_t>(n);
+    ForEachHead(work * g * hd, [&](int32_t j, Scratch& sc) {
+      HeadState& h = heads[j];
+      // Flags inside the chunk: flag(P+c) = d[P+c+1]; the last one is still 0.
+      if (sc.chunk_flag.size() < static_cast<size_t>(n)) sc.chunk_flag.resize(n);
+      for (int32_t c = 0; c < n; ++c) {
+        sc.chunk_flag[c] = c + 1 < n ? Decision(layer, j, P + c + 1, evict, c + 1) : 0;
+      }
+      const uint8_t first_bit = Decision(layer, j, P, evict, 0);  // flags token P-1
+      const int32_t n_old = h.n;
+      EnsureKeyScratch(sc, static_cast<size_t>(n_old) + n);
+      for (int32_t i = 0; i < n; ++i) {
+        const int64_t qpos = P + i;
+        int32_t m = 0;
+        for (int32_t sl = 0; sl < n_old; ++sl) {
+          const int64_t kpos = h.pos[sl];
+          const bool flagged = kpos == P - 1 ? first_bit != 0 : h.flag[sl] != 0;
+          if (flagged && qpos - kpos > w_) continue;
+          const int32_t b = h.blocks[sl / bt];
+          sc.kp[m] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
+          sc.vp[m] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
+          ++m;
+        }
+        for (int32_t c = 0; c <= i; ++c) {
+          if (sc.chunk_flag[c] && i - c > w_) continue;
+          sc.kp[m] = kof(k, c, j);
+          sc.vp[m] = kof(v, c, j);
+          ++m;
+        }
+        AttendGroup(sc, qof(i, j), m, oof(i, j));
+        h.kv_reads += m;
+        h.dense_reads += qpos + 1;
+      }
+    });
+    for (int32_t j = 0; j < nkv && !s.broken; ++j) {
+      for (int32_t i = 0; i < n; ++i) {
+        if (!Commit(s, heads[j], P + i, Decision(layer, j, P + i, evict, i), kof(k, i, j),
+                    kof(v, i, j))) {
+          s.broken = true;
+          break;
+        }
       }
     }
   }

@@ -26,6 +26,10 @@
 
 namespace dmsrt {
 
+namespace kernels {
+class ThreadPool;  // kernels/cpu/thread_pool.h
+}
+
 using SeqId = int32_t;
 
 enum class KvPolicyKind { kNone, kDms, kForced, kWindow, kTova, kH2o };
@@ -112,6 +116,12 @@ class KvCache {
   virtual void AttendAndAppend(SeqId seq, int32_t layer, int32_t n, const float* q,
                                const float* k, const float* v, const uint8_t* evict,
                                float* out) = 0;
+
+  // Optional: worker threads for the attention of different KV heads inside AttendAndAppend
+  // (bookkeeping and block allocation stay on the calling thread). The pool must outlive the
+  // cache or be reset to nullptr; AttendAndAppend then calls pool->ParallelFor and must not be
+  // called while the pool runs something else. Default: single-threaded.
+  virtual void SetThreadPool(kernels::ThreadPool* /*pool*/) {}
 
   // Pool state.
   virtual int64_t total_blocks() const = 0;

@@ -36,7 +36,7 @@ class MappedFile {
   MappedFile() = default;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
-  bool mapped_ = false;           // true: munmap in the destructor
+  bool mapped_ = false;               // true: munmap in the destructor
   std::unique_ptr<uint8_t[]> owned_;  // FromBytes storage
   std::string path_;
 };

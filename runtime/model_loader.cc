@@ -26,11 +26,10 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <unordered_set>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -44,9 +43,12 @@ namespace dmsrt {
 
 const char* ArchName(Arch a) {
   switch (a) {
-    case Arch::kLlama: return "llama";
-    case Arch::kQwen2: return "qwen2";
-    case Arch::kQwen3: return "qwen3";
+    case Arch::kLlama:
+      return "llama";
+    case Arch::kQwen2:
+      return "qwen2";
+    case Arch::kQwen3:
+      return "qwen3";
   }
   return "unknown";
 }
@@ -79,7 +81,8 @@ bool HasGgufMagic(const std::string& p) {
   return in.gcount() == 4 && std::memcmp(m, "GGUF", 4) == 0;
 }
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string ShapeStr(const std::vector<int64_t>& s) {
@@ -96,8 +99,8 @@ absl::Status CheckTensor(const std::string& file, const WeightTensor& w,
   }
   if (w.shape != want) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": tensor '", w.name, "' has shape ",
-                                                   ShapeStr(w.shape), ", expected ",
-                                                   ShapeStr(want), " from the model config"));
+                                                   ShapeStr(w.shape), ", expected ", ShapeStr(want),
+                                                   " from the model config"));
   }
   return absl::OkStatus();
 }
@@ -114,17 +117,18 @@ absl::Status CheckTensor(const std::string& file, const WeightTensor& w,
 // Qwen2/Qwen3 GGUF files and all Hugging Face checkpoints are already in rotate-half order.
 absl::StatusOr<WeightTensor> UnpermuteRopeRows(LoadedModel& m, const WeightTensor& w,
                                                int32_t n_heads, int32_t head_dim) {
+  const std::string& file = m.source_path;
   WeightTensor out = w;
   const bool is_bias = w.shape.size() == 1;
   const int64_t total_rows = is_bias ? w.cols : w.rows;
   if (total_rows != int64_t{n_heads} * head_dim || head_dim % 2 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "' has ", total_rows,
-                                                   " rows, expected n_heads*head_dim = ",
-                                                   int64_t{n_heads} * head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": tensor '", w.name, "' has ", total_rows,
+                     " rows, expected n_heads*head_dim = ", int64_t{n_heads} * head_dim));
   }
   if (is_bias && BlockSize(w.type) != 1) {
-    return absl::UnimplementedError(absl::StrCat("bias '", w.name, "' is quantized (",
-                                                 DTypeName(w.type), ")"));
+    return absl::UnimplementedError(
+        absl::StrCat(file, ": bias '", w.name, "' is quantized (", DTypeName(w.type), ")"));
   }
   const size_t row_bytes = is_bias ? static_cast<size_t>(BlockBytes(w.type))
                                    : static_cast<size_t>(RowBytes(w.type, w.cols));
@@ -155,9 +159,9 @@ absl::Status FinishDms(const std::string& file, DmsConfig& d, bool block_size_gi
   }
   if (block_size_given) {
     if (d.paged_block_size < 1 || d.paged_block_size >= d.window) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file, ": dms_paged_attention_block_size ", d.paged_block_size,
-          " must be at least 1 and below dms_window_size ", d.window));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": dms_paged_attention_block_size ", d.paged_block_size,
+                       " must be at least 1 and below dms_window_size ", d.window));
     }
   } else if (d.paged_block_size >= d.window) {
     // The default (256) only describes how the reference pages its cache; with a window that
@@ -194,14 +198,15 @@ absl::Status CheckAdapters(const std::string& file, Model& m) {
   if (with == 0) {
     if (c.dms.separate_alpha) {
       return absl::InvalidArgumentError(absl::StrCat(
-          file, ": dms_separate_alpha is true but the DMS adapter tensors (dms_proj_alpha) are "
-                "missing; attach them with an adapter file"));
+          file,
+          ": dms_separate_alpha is true but the DMS adapter tensors (dms_proj_alpha) are "
+          "missing; attach them with an adapter file"));
     }
     return absl::OkStatus();
   }
   if (with != c.n_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(file, ": DMS adapter tensors present in ",
-                                                   with, " of ", c.n_layers, " layers"));
+    return absl::InvalidArgumentError(absl::StrCat(file, ": DMS adapter tensors present in ", with,
+                                                   " of ", c.n_layers, " layers"));
   }
   if (!c.dms.enabled) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -209,8 +214,8 @@ absl::Status CheckAdapters(const std::string& file, Model& m) {
   }
   for (const LayerWeights& l : m.weights.layers) {
     if (!l.dms_alpha.present() || !l.dms_alpha_norm.present()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file, ": a layer has only one of dms_proj_alpha / dms_proj_alpha_norm"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": a layer has only one of dms_proj_alpha / dms_proj_alpha_norm"));
     }
     DMSRT_RETURN_IF_ERROR(CheckTensor(file, l.dms_alpha, {c.n_kv_heads, c.hidden}));
     DMSRT_RETURN_IF_ERROR(CheckTensor(file, l.dms_alpha_norm, {c.hidden}));
@@ -234,8 +239,8 @@ absl::Status CheckConfig(const std::string& file, const ModelConfig& c) {
     return bad(absl::StrCat("head counts ", c.n_heads, "/", c.n_kv_heads));
   }
   if (c.n_heads % c.n_kv_heads != 0) {
-    return bad(absl::StrCat("attention heads (", c.n_heads,
-                            ") are not a multiple of KV heads (", c.n_kv_heads, ")"));
+    return bad(absl::StrCat("attention heads (", c.n_heads, ") are not a multiple of KV heads (",
+                            c.n_kv_heads, ")"));
   }
   if (c.head_dim < 2 || c.head_dim % 2 != 0) {
     return bad(absl::StrCat("head_dim ", c.head_dim, " must be even and at least 2"));
@@ -319,10 +324,9 @@ int64_t CountWeightBytes(const Model& m) {
   add(m.weights.output_norm);
   add(m.weights.output);
   for (const LayerWeights& l : m.weights.layers) {
-    for (const WeightTensor* w :
-         {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm,
-          &l.ffn_norm, &l.w_gate, &l.w_up, &l.w_down, &l.dms_alpha_norm, &l.dms_alpha,
-          &l.dms_alpha_bias}) {
+    for (const WeightTensor* w : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv,
+                                  &l.q_norm, &l.k_norm, &l.ffn_norm, &l.w_gate, &l.w_up, &l.w_down,
+                                  &l.dms_alpha_norm, &l.dms_alpha, &l.dms_alpha_bias}) {
       add(*w);
     }
   }
@@ -379,13 +383,13 @@ absl::StatusOr<int32_t> GgufI32(const GgufFile& g, const std::string& key,
                                 std::optional<int32_t> def) {
   if (!g.Has(key)) {
     if (def) return *def;
-    return absl::InvalidArgumentError(absl::StrCat(g.path(), ": required key '", key,
-                                                   "' is missing"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(g.path(), ": required key '", key, "' is missing"));
   }
   DMSRT_ASSIGN_OR_RETURN(int64_t v, g.GetInt(key));
   if (v < 0 || v > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat(g.path(), ": '", key, "' = ", v,
-                                                   " is out of range"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(g.path(), ": '", key, "' = ", v, " is out of range"));
   }
   return static_cast<int32_t>(v);
 }
@@ -416,8 +420,8 @@ absl::StatusOr<TokenizerSpec> GgufTokenizer(const GgufFile& g) {
     DMSRT_ASSIGN_OR_RETURN(auto v, g.GetOptionalInt(key));
     if (!v) return absl::OkStatus();
     if (*v < 0 || *v >= n) {
-      return absl::InvalidArgumentError(absl::StrCat(g.path(), ": '", key, "' = ", *v,
-                                                     " is outside the vocabulary of ", n));
+      return absl::InvalidArgumentError(
+          absl::StrCat(g.path(), ": '", key, "' = ", *v, " is outside the vocabulary of ", n));
     }
     *out = static_cast<int32_t>(*v);
     return absl::OkStatus();
@@ -452,6 +456,7 @@ absl::StatusOr<TokenizerSpec> GgufTokenizer(const GgufFile& g) {
 
 absl::StatusOr<std::unique_ptr<Model>> LoadGguf(const std::string& path) {
   auto m = std::make_unique<LoadedModel>();
+  m->source_path = path;
   DMSRT_ASSIGN_OR_RETURN(m->gguf, GgufFile::Open(path));
   const GgufFile& g = *m->gguf;
   ModelConfig& c = m->config;
@@ -477,12 +482,11 @@ absl::StatusOr<std::unique_ptr<Model>> LoadGguf(const std::string& path) {
   if (c.n_heads < 1) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": attention.head_count is 0"));
   }
-  DMSRT_ASSIGN_OR_RETURN(c.head_dim,
-                         GgufI32(g, a + "attention.key_length", c.hidden / c.n_heads));
+  DMSRT_ASSIGN_OR_RETURN(c.head_dim, GgufI32(g, a + "attention.key_length", c.hidden / c.n_heads));
   DMSRT_ASSIGN_OR_RETURN(int32_t v_len, GgufI32(g, a + "attention.value_length", c.head_dim));
   if (v_len != c.head_dim) {
-    return absl::UnimplementedError(absl::StrCat(path, ": value_length ", v_len,
-                                                 " differs from key_length ", c.head_dim));
+    return absl::UnimplementedError(
+        absl::StrCat(path, ": value_length ", v_len, " differs from key_length ", c.head_dim));
   }
   DMSRT_ASSIGN_OR_RETURN(c.ffn, GgufI32(g, a + "feed_forward_length", std::nullopt));
   DMSRT_ASSIGN_OR_RETURN(c.max_positions, GgufI32(g, a + "context_length", 4096));
@@ -493,9 +497,9 @@ absl::StatusOr<std::unique_ptr<Model>> LoadGguf(const std::string& path) {
   c.rope_theta = static_cast<float>(theta.value_or(10000.0));
   for (const char* k : {"attention.sliding_window", "attention.sliding_window_pattern"}) {
     if (g.Has(a + k)) {
-      return absl::UnimplementedError(absl::StrCat(
-          path, ": sliding-window attention ('", a + k,
-          "') is not supported; DMS needs every layer to use full attention"));
+      return absl::UnimplementedError(
+          absl::StrCat(path, ": sliding-window attention ('", a + k,
+                       "') is not supported; DMS needs every layer to use full attention"));
     }
   }
 
@@ -555,8 +559,9 @@ absl::StatusOr<std::unique_ptr<Model>> LoadGguf(const std::string& path) {
       rs = cand;
     } else {
       return absl::UnimplementedError(absl::StrCat(
-          path, ": rope_freqs.weight holds per-frequency factors that are not Llama-3 scaling "
-                "with the file's parameters"));
+          path,
+          ": rope_freqs.weight holds per-frequency factors that are not Llama-3 scaling "
+          "with the file's parameters"));
     }
   }
 
@@ -671,8 +676,7 @@ class JsonConfig {
   absl::StatusOr<int32_t> Int(const char* k, std::optional<int32_t> def) const {
     if (!Has(k)) {
       if (def) return *def;
-      return absl::InvalidArgumentError(absl::StrCat(file_, ": required key '", k,
-                                                     "' is missing"));
+      return absl::InvalidArgumentError(absl::StrCat(file_, ": required key '", k, "' is missing"));
     }
     const Json& v = j_.at(k);
     if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX) {
@@ -744,8 +748,7 @@ absl::Status ReadHfDms(const std::string& file, const Json& j, DmsConfig& d) {
   d.enabled = true;
   DMSRT_ASSIGN_OR_RETURN(d.window, cfg.Int("dms_window_size", std::nullopt));
   DMSRT_ASSIGN_OR_RETURN(double scale, cfg.Float("dms_alpha_scale", d.alpha_scale));
-  DMSRT_ASSIGN_OR_RETURN(double off, cfg.Float("dms_initial_alpha_offset",
-                                               d.initial_alpha_offset));
+  DMSRT_ASSIGN_OR_RETURN(double off, cfg.Float("dms_initial_alpha_offset", d.initial_alpha_offset));
   d.alpha_scale = static_cast<float>(scale);
   d.initial_alpha_offset = static_cast<float>(off);
   DMSRT_ASSIGN_OR_RETURN(d.separate_alpha, cfg.Bool("dms_separate_alpha", false));
@@ -802,9 +805,10 @@ absl::StatusOr<std::unique_ptr<Model>> LoadHf(const std::string& dir) {
   DMSRT_ASSIGN_OR_RETURN(bool tie, cfg.Bool("tie_word_embeddings", false));
   DMSRT_ASSIGN_OR_RETURN(bool sliding, cfg.Bool("use_sliding_window", false));
   if (sliding) {
-    return absl::UnimplementedError(absl::StrCat(
-        cfg_path, ": use_sliding_window is true; sliding-window attention is not supported "
-                  "(DMS needs every layer to use full attention)"));
+    return absl::UnimplementedError(
+        absl::StrCat(cfg_path,
+                     ": use_sliding_window is true; sliding-window attention is not supported "
+                     "(DMS needs every layer to use full attention)"));
   }
   if (j.contains("layer_types") && !j["layer_types"].is_null()) {
     if (!j["layer_types"].is_array()) {
@@ -812,9 +816,8 @@ absl::StatusOr<std::unique_ptr<Model>> LoadHf(const std::string& dir) {
     }
     for (const Json& t : j["layer_types"]) {
       if (!t.is_string() || t.get<std::string>() != "full_attention") {
-        return absl::UnimplementedError(absl::StrCat(
-            cfg_path, ": layer_types contains ", t.dump(),
-            "; only full_attention layers are supported"));
+        return absl::UnimplementedError(absl::StrCat(cfg_path, ": layer_types contains ", t.dump(),
+                                                     "; only full_attention layers are supported"));
       }
     }
   }
@@ -861,7 +864,8 @@ absl::StatusOr<std::unique_ptr<Model>> LoadHf(const std::string& dir) {
   const SafetensorsSet& st = *m->hf;
   auto req = [&](const std::string& n) -> absl::StatusOr<WeightTensor> {
     auto t = st.Tensor(n);
-    if (!t.ok()) return absl::Status(t.status().code(), absl::StrCat(dir, ": ", t.status().message()));
+    if (!t.ok())
+      return absl::Status(t.status().code(), absl::StrCat(dir, ": ", t.status().message()));
     return t;
   };
   auto opt = [&](const std::string& n) -> WeightTensor {
@@ -904,6 +908,7 @@ absl::StatusOr<std::unique_ptr<Model>> LoadHf(const std::string& dir) {
   }
   DMSRT_RETURN_IF_ERROR(CheckLayers(dir, *m));
   DMSRT_ASSIGN_OR_RETURN(m->tokenizer, LoadTokenizerJson(dir));
+  CollectEosIds(m->tokenizer, {});
   if (static_cast<int64_t>(m->tokenizer.tokens.size()) > c.vocab) {
     return absl::InvalidArgumentError(absl::StrCat(dir, ": the tokenizer has ",
                                                    m->tokenizer.tokens.size(),
@@ -937,8 +942,8 @@ absl::Status AttachDmsAdapter(Model& model, const std::string& safetensors_path)
   }
   for (const LayerWeights& l : m->weights.layers) {
     if (l.dms_alpha.present() || l.dms_alpha_norm.present()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          safetensors_path, ": the model already has DMS adapter tensors"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(safetensors_path, ": the model already has DMS adapter tensors"));
     }
   }
   DMSRT_ASSIGN_OR_RETURN(auto f, SafetensorsFile::Open(safetensors_path));
@@ -959,8 +964,8 @@ absl::Status AttachDmsAdapter(Model& model, const std::string& safetensors_path)
       if (v == "True" || v == "False") {
         parsed = (v == "True");
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(
-            safetensors_path, ": metadata '", k, "' = '", v, "' is not a number or boolean"));
+        return absl::InvalidArgumentError(absl::StrCat(safetensors_path, ": metadata '", k, "' = '",
+                                                       v, "' is not a number or boolean"));
       }
     }
     j[k] = parsed;
@@ -970,16 +975,17 @@ absl::Status AttachDmsAdapter(Model& model, const std::string& safetensors_path)
     DMSRT_RETURN_IF_ERROR(ReadHfDms(safetensors_path, j, d));
     cfg.dms = d;
   } else if (!cfg.dms.enabled) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        safetensors_path, ": the model has no DMS config and the adapter's metadata has no "
-                          "dms_window_size"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(safetensors_path,
+                     ": the model has no DMS config and the adapter's metadata has no "
+                     "dms_window_size"));
   }
   cfg.dms.separate_alpha = false;  // CheckAdapters sets it once the tensors are verified
   for (int32_t i = 0; i < cfg.n_layers; ++i) {
     LayerWeights& l = weights.layers[static_cast<size_t>(i)];
-    for (const std::string& prefix : {absl::StrCat("model.layers.", i, ".self_attn."),
-                                      absl::StrCat("layers.", i, ".self_attn."),
-                                      absl::StrCat("blk.", i, ".")}) {
+    for (const std::string& prefix :
+         {absl::StrCat("model.layers.", i, ".self_attn."),
+          absl::StrCat("layers.", i, ".self_attn."), absl::StrCat("blk.", i, ".")}) {
       const bool gguf_style = prefix.rfind("blk.", 0) == 0;
       const std::string a = prefix + (gguf_style ? "dms_alpha" : "dms_proj_alpha");
       if (!f->HasTensor(a + ".weight")) continue;
@@ -996,8 +1002,9 @@ absl::Status AttachDmsAdapter(Model& model, const std::string& safetensors_path)
   probe.weights = std::move(weights);
   DMSRT_RETURN_IF_ERROR(CheckAdapters(safetensors_path, probe));
   if (!probe.weights.layers.empty() && !probe.weights.layers[0].dms_alpha.present()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        safetensors_path, ": no DMS adapter tensors (model.layers.{i}.self_attn.dms_proj_alpha.*)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(safetensors_path,
+                     ": no DMS adapter tensors (model.layers.{i}.self_attn.dms_proj_alpha.*)"));
   }
   m->config = probe.config;
   m->weights = std::move(probe.weights);

@@ -8,9 +8,8 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 
@@ -29,8 +28,10 @@ bool DepthWithinLimit(const char* p, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     char ch = p[i];
     if (in_string) {
-      if (ch == '\\') ++i;
-      else if (ch == '"') in_string = false;
+      if (ch == '\\')
+        ++i;
+      else if (ch == '"')
+        in_string = false;
     } else if (ch == '"') {
       in_string = true;
     } else if (ch == '[' || ch == '{') {
@@ -47,9 +48,18 @@ absl::Status Bad(const std::string& path, const std::string& msg) {
 }
 
 bool ParseDType(const std::string& s, DType* t) {
-  if (s == "F32") { *t = DType::kF32; return true; }
-  if (s == "F16") { *t = DType::kF16; return true; }
-  if (s == "BF16") { *t = DType::kBF16; return true; }
+  if (s == "F32") {
+    *t = DType::kF32;
+    return true;
+  }
+  if (s == "F16") {
+    *t = DType::kF16;
+    return true;
+  }
+  if (s == "BF16") {
+    *t = DType::kBF16;
+    return true;
+  }
   return false;
 }
 
@@ -99,8 +109,8 @@ absl::Status SafetensorsFile::ParseAll() {
     return Bad(path, absl::StrCat("header length ", n, " exceeds the file (", size, " bytes)"));
   }
   if (n > kMaxHeaderBytes) {
-    return Bad(path, absl::StrCat("header length ", n, " exceeds the limit of ",
-                                  kMaxHeaderBytes, " bytes"));
+    return Bad(path, absl::StrCat("header length ", n, " exceeds the limit of ", kMaxHeaderBytes,
+                                  " bytes"));
   }
   if (n < 2) return Bad(path, "header is empty");
   data_offset_ = 8 + n;
@@ -145,14 +155,13 @@ absl::Status SafetensorsFile::ParseAll() {
     t.name = name;
     const std::string dtype = dt->get<std::string>();
     if (!ParseDType(dtype, &t.type)) {
-      return absl::UnimplementedError(absl::StrCat(
-          path, ": ", what, " has dtype ", dtype, ", which is not supported (F32, F16, BF16)"));
+      return absl::UnimplementedError(absl::StrCat(path, ": ", what, " has dtype ", dtype,
+                                                   ", which is not supported (F32, F16, BF16)"));
     }
     if (sh->size() > 8) return Bad(path, absl::StrCat(what, ": more than 8 dimensions"));
     uint64_t numel = 1;
     for (const Json& d : *sh) {
-      if (!d.is_number_unsigned() &&
-          !(d.is_number_integer() && d.get<int64_t>() >= 0)) {
+      if (!d.is_number_unsigned() && !(d.is_number_integer() && d.get<int64_t>() >= 0)) {
         return Bad(path, absl::StrCat(what, ": shape entries must be non-negative integers"));
       }
       uint64_t v = d.get<uint64_t>();
@@ -163,8 +172,7 @@ absl::Status SafetensorsFile::ParseAll() {
       t.shape.push_back(static_cast<int64_t>(v));
     }
     for (const Json& o : *off) {
-      if (!o.is_number_unsigned() &&
-          !(o.is_number_integer() && o.get<int64_t>() >= 0)) {
+      if (!o.is_number_unsigned() && !(o.is_number_integer() && o.get<int64_t>() >= 0)) {
         return Bad(path, absl::StrCat(what, ": data_offsets must be non-negative integers"));
       }
     }
@@ -229,9 +237,9 @@ absl::Status SafetensorsSet::Add(std::unique_ptr<SafetensorsFile> file) {
   const size_t idx = files_.size();
   for (const auto& t : file->tensors()) {
     if (where_.count(t.name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(file->path(), ": tensor '", t.name, "' also appears in ",
-                       files_[where_[t.name]]->path()));
+      return absl::InvalidArgumentError(absl::StrCat(file->path(), ": tensor '", t.name,
+                                                     "' also appears in ",
+                                                     files_[where_[t.name]]->path()));
     }
   }
   for (const auto& t : file->tensors()) where_[t.name] = idx;

@@ -27,8 +27,8 @@ namespace dmsrt {
 struct SafetensorsTensorInfo {
   std::string name;
   DType type = DType::kF32;
-  std::vector<int64_t> shape;  // outermost first
-  uint64_t begin = 0, end = 0; // byte range within the data section
+  std::vector<int64_t> shape;   // outermost first
+  uint64_t begin = 0, end = 0;  // byte range within the data section
 };
 
 class SafetensorsFile {

@@ -29,9 +29,9 @@ inline bool Before(const std::pair<float, int32_t>& a, const std::pair<float, in
 
 int32_t Argmax(const float* logits, int32_t vocab) {
   int32_t best = 0;
-  float bv = logits[0];
-  for (int32_t i = 1; i < vocab; ++i) {
-    if (logits[i] > bv) {  // strict: ties keep the lowest id
+  float bv = -std::numeric_limits<float>::infinity();
+  for (int32_t i = 0; i < vocab; ++i) {
+    if (logits[i] > bv) {  // strict: ties keep the lowest id; NaN never wins
       bv = logits[i];
       best = i;
     }

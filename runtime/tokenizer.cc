@@ -138,6 +138,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const TokenizerSp
     }
   }
 
+  // End-of-turn markers are control tokens whatever the file says (llama.cpp overrides a
+  // mislabelled type the same way), so they render verbatim and parse only as specials.
+  for (const char* text : kEndOfGenerationTexts) {
+    const int32_t id = t->LookupToken(text);
+    if (id >= 0) t->types_[id] = kTypeControl;
+  }
+
   // Merge rules "left right" (the separator is the first space after the first byte); the
   // first occurrence of a pair sets its rank.
   t->merges_.reserve(spec.merges.size());
@@ -283,7 +290,7 @@ void BpeTokenizer::EncodeWord(std::string_view word, std::vector<int32_t>* out) 
                static_cast<uint32_t>(i), 1};
   }
   struct Bigram {
-    int32_t rank, left, right, left_sym, right_sym;
+    int32_t rank, left, right, left_sym, right_sym, result;
   };
   auto worse = [](const Bigram& a, const Bigram& b) {
     return a.rank > b.rank || (a.rank == b.rank && a.left > b.left);
@@ -293,7 +300,7 @@ void BpeTokenizer::EncodeWord(std::string_view word, std::vector<int32_t>* out) 
     if (l < 0 || r < 0 || syms[l].sym < 0 || syms[r].sym < 0) return;
     auto it = merges_.find(PairKey(syms[l].sym, syms[r].sym));
     if (it == merges_.end()) return;
-    queue.push({it->second.rank, l, r, syms[l].sym, syms[r].sym});
+    queue.push({it->second.rank, l, r, syms[l].sym, syms[r].sym, it->second.result});
   };
   for (int32_t i = 1; i < n; ++i) try_add(i - 1, i);
   while (!queue.empty()) {
@@ -303,7 +310,7 @@ void BpeTokenizer::EncodeWord(std::string_view word, std::vector<int32_t>* out) 
     Symbol& r = syms[bg.right];
     // Stale entries: either side merged since the pair was queued.
     if (l.len == 0 || r.len == 0 || l.sym != bg.left_sym || r.sym != bg.right_sym) continue;
-    l.sym = merges_.find(PairKey(bg.left_sym, bg.right_sym))->second.result;
+    l.sym = bg.result;
     l.len += r.len;
     r.len = 0;
     l.next = r.next;
@@ -487,11 +494,14 @@ absl::StatusOr<std::string> ApplyChatTemplate(const TokenizerSpec& spec,
       tmpl.find("<|end_header_id|>") != std::string::npos) {
     // Llama-3: BOS, then header-delimited turns, each closed by <|eot_id|>.
     const bool trim = tmpl.find("trim") != std::string::npos;
+    // BOS opens the first turn (the template adds it with the first message).
     std::string out;
-    if (spec.bos_id >= 0 && spec.bos_id < static_cast<int32_t>(spec.tokens.size())) {
-      out = spec.tokens[spec.bos_id];
-    } else {
-      out = "<|begin_of_text|>";
+    if (!messages.empty()) {
+      if (spec.bos_id >= 0 && spec.bos_id < static_cast<int32_t>(spec.tokens.size())) {
+        out = spec.tokens[spec.bos_id];
+      } else {
+        out = "<|begin_of_text|>";
+      }
     }
     for (const ChatMessage& m : messages) {
       absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",

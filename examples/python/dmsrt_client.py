@@ -66,7 +66,8 @@ class DmsrtClient:
 
     def request(self, prompt=None, chat=None, n=0, kv_budget_bytes=0, max_tokens=0,
                 temperature=0.7, top_p=1.0, top_k=0, seed=0, stop=(), regex="",
-                selection=0, early_stop=False, deadline_seconds=0.0, stream_tokens=False):
+                selection=0, early_stop=False, deadline_seconds=0.0, stream_tokens=False,
+                ignore_eos=False):
         pb = self.pb
         req = pb.JobRequest(n=n, deadline_seconds=deadline_seconds, stream_tokens=stream_tokens)
         if prompt is not None:
@@ -75,7 +76,8 @@ class DmsrtClient:
             req.chat = chat
         req.sampling.CopyFrom(pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                                 seed=seed))
-        req.stopping.CopyFrom(pb.StoppingCriteria(max_tokens=max_tokens, stop=list(stop)))
+        req.stopping.CopyFrom(pb.StoppingCriteria(max_tokens=max_tokens, stop=list(stop),
+                                                  ignore_eos=ignore_eos))
         if kv_budget_bytes:
             req.kv.kv_budget_bytes = kv_budget_bytes
         req.answer.CopyFrom(pb.AnswerOptions(extraction_regex=regex, selection=selection,
@@ -106,6 +108,7 @@ class DmsrtClient:
                     "cache_cr": t.cache_cr,
                     "answer": t.answer if t.has_answer else None,
                     "replica": t.replica,
+                    "text": t.text,
                 } for t in jf.threads]
                 result["usage"] = {"prompt_tokens": jf.usage.prompt_tokens,
                                    "generated_tokens": jf.usage.generated_tokens,

@@ -8,9 +8,12 @@
 // every weight is read once per token and the cost is converting and multiplying quantized
 // weights. X is quantized once per call to 8-bit blocks of 32 (a float scale d and the scaled
 // sum s = d·Σq per block), and each block of W is combined with it by an 8-bit integer dot
-// product (AVX-VNNI / AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw` otherwise); Q4_1's min term and
-// Q4_0's -8 offset fold in through s. For several tokens (prefill) each unpacked weight block is
-// reused against up to 4 tokens from registers, so the per-token cost drops well below decode.
+// product (AVX-512 VNNI `vpdpbusd` on two blocks per 512-bit register; AVX2 `vpmaddubsw` or
+// AVX-VNNI on one block per 256-bit register; a scalar loop otherwise); Q4_1's min term and
+// Q4_0's -8 offset fold in through s. Decode is bound by memory bandwidth, so the weight rows are
+// software-prefetched a few blocks ahead. For several tokens (prefill) each unpacked weight block
+// is reused against up to 4 tokens from registers (4 rows x 4 tokens tiles), so the per-token
+// cost drops well below decode.
 // F32/F16/BF16/Q6_K rows are converted to float (a small per-thread scratch) and use float dots.
 //
 // Work is split over output rows in chunks that workers take from a shared counter; each output
@@ -32,6 +35,7 @@ struct MatmulWorkspace {
   std::vector<int8_t> qs;  // [n, cols] activations quantized to int8
   std::vector<float> d;    // [n, cols/32] block scales
   std::vector<float> s;    // [n, cols/32] d * Σ q of each block
+  std::vector<int64_t> chunks;  // work list of the current call: (spec, first row, end row)
 };
 
 // One product of a batch that shares the same activations X.

@@ -85,6 +85,8 @@ Coordinator::Coordinator(const Model& model, const Tokenizer& tokenizer, Coordin
     ttft_.counts.assign(bounds.size() + 1, 0);
     e2e_.bounds = bounds;
     e2e_.counts.assign(bounds.size() + 1, 0);
+    itl_.bounds = {0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5};
+    itl_.counts.assign(itl_.bounds.size() + 1, 0);
   }
   monitor_ = std::thread([this] { MonitorLoop(); });
 }
@@ -115,7 +117,18 @@ grpc::Status Coordinator::CheckAuth(grpc::ServerContext* ctx) const {
   return grpc::Status::OK;
 }
 
-grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, std::string* id, int32_t* n_out) {
+std::string Coordinator::TraceParent(grpc::ServerContext* ctx) {
+  auto md = ctx->client_metadata();
+  auto it = md.find("traceparent");
+  if (it == md.end()) return "";
+  std::string v(it->second.data(), it->second.size());
+  // version-traceid-parentid-flags: 2-32-16-2 lowercase hex digits (W3C Trace Context).
+  static const std::regex kForm("^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$");
+  return std::regex_match(v, kForm) ? v : "";
+}
+
+grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string& traceparent,
+                                    std::string* id, int32_t* n_out) {
   // ---- field validation -------------------------------------------------------------------
   std::string text;
   bool chat = false;
@@ -280,9 +293,25 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, std::string* id, 
       n = static_cast<int32_t>(std::min<int64_t>(fit, options_.max_n));
     }
 
+    // Forget the oldest finished jobs beyond the retention count (only those finished a while
+    // ago, so a watcher still draining one never loses it).
+    {
+      int64_t finished = 0;
+      for (auto& [jid, j] : jobs_) finished += j->done ? 1 : 0;
+      const auto now = Clock::now();
+      for (auto it = jobs_.begin(); it != jobs_.end() && finished > options_.keep_finished_jobs;) {
+        if (it->second->done && now - it->second->finished_at > std::chrono::seconds(60)) {
+          it = jobs_.erase(it);
+          --finished;
+        } else {
+          ++it;
+        }
+      }
+    }
     auto job = std::make_unique<Job>();
     job->id = absl::StrCat("job-", next_job_++);
     job->request = req;
+    job->traceparent = traceparent;
     job->prompt = std::move(prompt);
     job->n = n;
     job->max_tokens = max_tokens;
@@ -303,6 +332,7 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, std::string* id, 
     acc.set_job_id(job->id);
     acc.mutable_accepted()->set_n(n);
     acc.mutable_accepted()->set_prompt_tokens(static_cast<int64_t>(job->prompt.size()));
+    acc.mutable_accepted()->set_traceparent(job->traceparent);
     job->events.push_back(acc);
     std::vector<int32_t> all(n);
     for (int32_t i = 0; i < n; ++i) all[i] = i;
@@ -351,6 +381,7 @@ bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
     for (const std::string& s : job.request.stopping().stop()) a->add_stop(s);
     a->set_ignore_eos(job.request.stopping().ignore_eos());
     a->set_stream_tokens(true);
+    a->set_traceparent(job.traceparent);
     out->push_back(std::move(o));
   }
   return true;
@@ -475,6 +506,7 @@ void Coordinator::OnThreadFinished(Job& job, const v1::ThreadFinished& tf_in,
 void Coordinator::FinishJob(Job& job, v1::JobOutcome outcome, const std::string& message) {
   if (job.done) return;
   job.done = true;
+  job.finished_at = Clock::now();
   job.outcome = outcome;
   v1::JobEvent ev;
   ev.set_job_id(job.id);
@@ -505,6 +537,7 @@ void Coordinator::FinishJob(Job& job, v1::JobOutcome outcome, const std::string&
 
 void Coordinator::FillStatus(const Job& job, v1::JobStatus* s) const {
   s->set_job_id(job.id);
+  s->set_traceparent(job.traceparent);
   s->set_outcome(job.outcome);
   s->set_n(job.n);
   s->set_threads_finished(job.finished_count);
@@ -534,7 +567,7 @@ grpc::Status Coordinator::SubmitJob(grpc::ServerContext* ctx, const v1::JobReque
   if (!a.ok()) return a;
   std::string id;
   int32_t n = 0;
-  grpc::Status s = CreateJob(*req, &id, &n);
+  grpc::Status s = CreateJob(*req, TraceParent(ctx), &id, &n);
   if (!s.ok()) return s;
   resp->set_job_id(id);
   resp->set_n(n);
@@ -623,7 +656,7 @@ grpc::Status Coordinator::RunJob(grpc::ServerContext* ctx, const v1::JobRequest*
   if (!a.ok()) return a;
   std::string id;
   int32_t n = 0;
-  grpc::Status s = CreateJob(*req, &id, &n);
+  grpc::Status s = CreateJob(*req, TraceParent(ctx), &id, &n);
   if (!s.ok()) return s;
   return Watch(ctx, id, writer, /*cancel_on_disconnect=*/true);
 }
@@ -765,11 +798,13 @@ grpc::Status Coordinator::Connect(
   {
     absl::MutexLock lock(&mu_);
     rep->id = m.register_().replica();
+    // Replicas started by separate launches (not one mpirun world) all call themselves 0: give a
+    // newcomer whose index is taken by a live replica the next free one.
     if (replicas_.count(rep->id) && replicas_[rep->id]->alive) {
-      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
-                          absl::StrCat("replica ", rep->id, " is already registered"));
+      rep->id = replicas_.rbegin()->first + 1;
     }
     rep->info = m.register_();
+    rep->info.set_replica(rep->id);
     rep->stats.set_kv_blocks_total(rep->info.kv_blocks_total());
     rep->stats.set_kv_blocks_free(rep->info.kv_blocks_total());
     rep->last_heartbeat = Clock::now();
@@ -804,6 +839,13 @@ grpc::Status Coordinator::Connect(
               ttft_.Observe(job.ttft);
             }
             job.generated += ev.token().token_ids_size();
+            ThreadState& ts = job.threads[t];
+            const auto now = Clock::now();
+            if (ts.first_token) {
+              itl_.Observe(std::chrono::duration<double>(now - ts.last_token).count());
+            }
+            ts.first_token = true;
+            ts.last_token = now;
             if (job.request.stream_tokens()) job.events.push_back(ev);
           } else if (ev.has_thread_finished()) {
             const int32_t t = ev.thread_finished().thread_index();
@@ -875,7 +917,7 @@ void Coordinator::ReplicaLost(int32_t replica_id) {
           if (job->done) break;
         }
       } else {
-        ++lost_replica_preemptions_;
+        lost_replica_preemptions_ += static_cast<int64_t>(orphans.size());
       }
     }
   }
@@ -966,6 +1008,8 @@ std::string Coordinator::MetricsText() {
   };
   hist("time_to_first_token_seconds", "Time from submission to the first generated token of a job.", ttft_);
   hist("e2e_request_latency_seconds", "Time from submission to the end of a job.", e2e_);
+  hist("inter_token_latency_seconds",
+       "Time between consecutive tokens of one thread, as seen by the coordinator.", itl_);
   absl::StrAppend(&o, "# HELP dmsrt:jobs_total Finished jobs by outcome.\n# TYPE dmsrt:jobs_total counter\n");
   for (const char* oc : {"succeeded", "no_answer", "cancelled", "failed", "deadline_exceeded"}) {
     auto it = outcomes_.find(oc);
@@ -975,6 +1019,10 @@ std::string Coordinator::MetricsText() {
   int64_t alive = 0;
   for (auto& [rid, r] : replicas_) alive += r->alive ? 1 : 0;
   gauge("replicas_ready", "Replicas registered and alive.", alive);
+  gauge("replicas_lost", "Replicas whose stream broke or whose heartbeats stopped.",
+        static_cast<double>(replicas_.size()) - alive);
+  counter("threads_reassigned_total", "Threads moved to another replica after theirs was lost.",
+          lost_replica_preemptions_);
   return o;
 }
 

@@ -36,6 +36,7 @@ struct CoordinatorOptions {
   int32_t max_n = 64;                   // threads per job at most
   int32_t default_max_tokens = 256;
   int32_t max_tokens_limit = 4096;
+  int32_t keep_finished_jobs = 1000;    // finished jobs kept for GetJob/WatchJob (then the oldest go)
   int32_t max_stop_strings = 16;
   int32_t max_stop_length = 256;
   int64_t max_prompt_bytes = 1 << 20;
@@ -78,10 +79,12 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
     bool finished = false;
     v1::ThreadFinished result;
     bool first_token = false;
+    std::chrono::steady_clock::time_point last_token;  // for inter-token latency
   };
   struct Job {
     std::string id;
     v1::JobRequest request;
+    std::string traceparent;
     std::vector<int32_t> prompt;
     int32_t n = 0;
     int32_t max_tokens = 0;
@@ -97,6 +100,7 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
     bool early_stopped = false;
     std::chrono::steady_clock::time_point start;
     std::optional<std::chrono::steady_clock::time_point> deadline;
+    std::chrono::steady_clock::time_point finished_at;
     double ttft = -1;
     int64_t generated = 0;
     int32_t finished_count = 0;
@@ -116,7 +120,10 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
 
   grpc::Status CheckAuth(grpc::ServerContext* ctx) const;
   // Validates and creates a job; returns its id.
-  grpc::Status CreateJob(const v1::JobRequest& req, std::string* id, int32_t* n);
+  grpc::Status CreateJob(const v1::JobRequest& req, const std::string& traceparent, std::string* id,
+                         int32_t* n);
+  // The W3C `traceparent` metadata of a call when it is well formed, else empty.
+  static std::string TraceParent(grpc::ServerContext* ctx);
   // Sends thread indices to replicas. Requires mu_. Collects messages to send after unlocking.
   struct Outgoing {
     std::shared_ptr<Replica> replica;
@@ -157,7 +164,8 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
   };
   Histogram ttft_ ABSL_GUARDED_BY(mu_);
   Histogram e2e_ ABSL_GUARDED_BY(mu_);
-  int64_t lost_replica_preemptions_ ABSL_GUARDED_BY(mu_) = 0;
+  Histogram itl_ ABSL_GUARDED_BY(mu_);
+  int64_t lost_replica_preemptions_ ABSL_GUARDED_BY(mu_) = 0;  // threads reassigned
 
   std::thread monitor_;
 };

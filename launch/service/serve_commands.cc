@@ -139,6 +139,8 @@ std::set<std::string> ServiceValueOptions() {
   return o;
 }
 
+absl::Status ServeRank(const Args& args, ParallelContext& par);
+
 absl::Status Serve(int argc, char** argv) {
   std::set<std::string> vopts = ServiceValueOptions();
   for (const std::string& o : RunValueOptions()) vopts.insert(o);
@@ -152,6 +154,16 @@ absl::Status Serve(int argc, char** argv) {
   popts.tp = 1;
   popts.timeout = absl::Seconds(600);
   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&argc, &argv, popts));
+  absl::Status s = ServeRank(args, par);
+  // A rank that fails must not leave the others waiting in a collective: stop the whole job.
+  if (!s.ok() && par.world.world_size() > 1) {
+    std::cerr << "dmsrt serve: rank " << par.world.rank() << ": " << s << std::endl;
+    par.Fail(s);
+  }
+  return s;
+}
+
+absl::Status ServeRank(const Args& args, ParallelContext& par) {
   const World& world = par.world;
   DMSRT_ASSIGN_OR_RETURN(RunContext rc, LoadRunContext(args));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(*rc.model, rc.backend_options));

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <string>
 #include <cstdio>
 #include <thread>
 
@@ -188,7 +189,13 @@ absl::Status MpiComm::Run(const char* what, int64_t count, Blocking blocking,
   if (timeout_ == absl::InfiniteDuration()) {
     rc = blocking();
     if (rc != MPI_SUCCESS) {
-      absl::Status s = MpiError(rc, what, __FILE__, __LINE__);
+      // "MPI_Iallreduce" -> "MPI_Allreduce": name the call that actually failed.
+      std::string name = what;
+      if (name.rfind("MPI_I", 0) == 0 && name.size() > 5) {
+        name.erase(4, 1);
+        name[4] = static_cast<char>(name[4] - 'a' + 'A');
+      }
+      absl::Status s = MpiError(rc, name.c_str(), __FILE__, __LINE__);
       broken_ = s.ToString();
       return s;
     }

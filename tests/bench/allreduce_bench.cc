@@ -184,6 +184,33 @@ double MemcpyBandwidthGBs(int64_t bytes) {
   return bytes / t[t.size() / 2] / 1e9;
 }
 
+#ifdef DMSRT_HAVE_NCCL
+// Median of 5 device-to-device copies of `bytes`, timed with CUDA events.
+absl::StatusOr<double> DeviceCopyBandwidthGBs(int64_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  DMSRT_CUDA_RETURN_IF_ERROR(cudaMalloc(&a, bytes));
+  DMSRT_CUDA_RETURN_IF_ERROR(cudaMalloc(&b, bytes));
+  DMSRT_CUDA_RETURN_IF_ERROR(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  DMSRT_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e0));
+  DMSRT_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e1));
+  std::vector<float> ms(5);
+  for (float& m : ms) {
+    DMSRT_CUDA_RETURN_IF_ERROR(cudaEventRecord(e0));
+    DMSRT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    DMSRT_CUDA_RETURN_IF_ERROR(cudaEventRecord(e1));
+    DMSRT_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(e1));
+    DMSRT_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&m, e0, e1));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  std::sort(ms.begin(), ms.end());
+  return bytes / (ms[ms.size() / 2] * 1e-3) / 1e9;
+}
+#endif
+
 absl::Status Run(int argc, char** argv, int* exit_code) {
   DMSRT_ASSIGN_OR_RETURN(Args args, ParseArgs(argc, argv));
   ParallelOptions opts;
@@ -280,6 +307,13 @@ absl::Status Run(int argc, char** argv, int* exit_code) {
       std::printf("# Ceiling: single-thread memcpy of %lld B on rank 0: %.2f GB/s\n",
                   static_cast<long long>(rows.back().bytes), MemcpyBandwidthGBs(rows.back().bytes));
     }
+#ifdef DMSRT_HAVE_NCCL
+    if (device && !rows.empty()) {
+      DMSRT_ASSIGN_OR_RETURN(double gbs, DeviceCopyBandwidthGBs(rows.back().bytes));
+      std::printf("# Ceiling: device-to-device cudaMemcpy of %lld B on rank 0: %.2f GB/s\n",
+                  static_cast<long long>(rows.back().bytes), gbs);
+    }
+#endif
     if (!args.json.empty()) {
       FILE* f = std::fopen(args.json.c_str(), "w");
       if (f == nullptr) return absl::NotFoundError("cannot write " + args.json);

@@ -37,12 +37,12 @@ def main():
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
-    import llama_cpp
+    sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
+    from llama_ref import open_llama
 
     text = open(os.path.join(ROOT, "tests", "oracle", "data", "teacher_forced.txt"), "rb").read()
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.prefill + args.decode + 8,
-                          n_threads=args.threads, n_threads_batch=args.threads, n_batch=args.prefill,
-                          logits_all=False, verbose=False)
+    llm = open_llama(args.model, n_ctx=args.prefill + args.decode + 8, n_threads=args.threads,
+                     n_threads_batch=args.threads, n_batch=args.prefill, logits_all=False)
     ids = llm.tokenize(text, add_bos=False, special=True)
     while len(ids) < args.prefill:
         ids = ids + ids

@@ -9,7 +9,7 @@
 // the memory bandwidth measured in the same process (a large memcpy): "eff GB/s" is the resident
 // K/V bytes the step reads divided by its median time.
 //
-//   kv_bench [--max_context=32768] [--min_context=1024] [--steps=9]
+//   kv_bench [--max_context=32768] [--min_context=1024] [--steps=9] [--threads=1]
 // Prints a table, then one JSON object per row (prefix "JSON ").
 #include <algorithm>
 #include <chrono>
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
+#include "kernels/cpu/thread_pool.h"
 #include "runtime/kv_cache.h"
 
 namespace dmsrt {
@@ -62,6 +63,7 @@ struct Row {
 int Main(int argc, char** argv) {
   int64_t max_context = 32768, min_context = 1024;
   int32_t steps = 9;
+  int32_t threads = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&](const char* name) -> const char* {
@@ -74,12 +76,14 @@ int Main(int argc, char** argv) {
       min_context = std::atoll(v2);
     } else if (const char* v3 = val("--steps=")) {
       steps = std::atoi(v3);
+    } else if (const char* v4 = val("--threads=")) {
+      threads = std::atoi(v4);
     } else {
-      std::fprintf(stderr, "usage: kv_bench [--max_context=N] [--min_context=N] [--steps=N]\n");
+      std::fprintf(stderr, "usage: kv_bench [--max_context=N] [--min_context=N] [--steps=N] [--threads=N]\n");
       return 2;
     }
   }
-  if (max_context < 1 || min_context < 1 || steps < 1) {
+  if (max_context < 1 || min_context < 1 || steps < 1 || threads < 1) {
     std::fprintf(stderr, "kv_bench: sizes and steps must be positive\n");
     return 2;
   }
@@ -125,6 +129,7 @@ int Main(int argc, char** argv) {
   for (auto& x : qbuf) x = u(rng);
 
   const double copy_gbs = MeasureCopyGBs();
+  kernels::ThreadPool pool(threads);
   std::vector<Row> rows;
   const int64_t dense_bytes_per_token = 2LL * geo.n_layers * nkv * hd * 4;
   for (const Policy& pol : policies) {
@@ -137,6 +142,7 @@ int Main(int argc, char** argv) {
       return 1;
     }
     KvCache& kv = **cache;
+    if (threads > 1) kv.SetThreadPool(&pool);
     auto seq = kv.Create();
     if (!seq.ok()) return 1;
     int64_t pos = 0;
@@ -198,18 +204,30 @@ int Main(int argc, char** argv) {
   }
 
   std::printf("kv_bench: 16 layers, 4 KV heads, 16 query heads, head_dim 64, block 16, float32, "
-              "1 sequence, 1 thread; decode attention+append over all layers, %d steps\n", steps);
-  std::printf("memcpy bandwidth (read+write): %.2f GB/s\n", copy_gbs);
+              "1 sequence, %d thread(s); decode attention+append over all layers, %d steps\n", threads,
+              steps);
+  std::printf("memcpy bandwidth (read+write): %.2f GB/s; GB/s = resident K/V bytes read per step / "
+              "median step time (above the copy figure when the cache fits in the CPU caches)\n",
+              copy_gbs);
+  // Timings on a shared machine depend on its load: print it next to them.
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    char buf[128] = {0};
+    if (std::fgets(buf, sizeof(buf), f) != nullptr) std::printf("load average: %s", buf);
+    std::fclose(f);
+  }
   std::printf("%-30s %8s %12s %12s %12s %8s %8s %8s %12s %20s %8s\n", "policy", "context",
               "resident/hd", "KV MiB", "dense MiB", "cacheCR", "blockCR", "asymCR", "ms/token",
               "min..max ms", "GB/s");
   for (const Row& r : rows) {
     char range[64];
     std::snprintf(range, sizeof(range), "%.3f..%.3f", r.ms_min, r.ms_max);
-    std::printf("%-30s %8lld %12.1f %12.2f %12.2f %8.2f %8.2f %8.2f %12.3f %20s %8.2f\n",
+    // The asymptotic CR (1 / (1 - eviction rate)) is a DMS figure; for the window it says nothing.
+    char asym[32] = "n/a";
+    if (r.synthetic) std::snprintf(asym, sizeof(asym), "%.2f", r.asymptotic_cr);
+    std::printf("%-30s %8lld %12.1f %12.2f %12.2f %8.2f %8.2f %8s %12.3f %20s %8.2f\n",
                 r.policy.c_str(), (long long)r.context, r.resident_per_head,
-                r.kv_bytes / 1048576.0, r.dense_bytes / 1048576.0, r.cache_cr, r.block_cr,
-                r.asymptotic_cr, r.ms_median, range, r.eff_gbs);
+                r.kv_bytes / 1048576.0, r.dense_bytes / 1048576.0, r.cache_cr, r.block_cr, asym,
+                r.ms_median, range, r.eff_gbs);
   }
   for (const Row& r : rows) {
     nlohmann::json j = {{"bench", "kv_decode_attention"},
@@ -225,13 +243,15 @@ int Main(int argc, char** argv) {
                         {"dense_kv_bytes", r.dense_bytes},
                         {"cache_cr", r.cache_cr},
                         {"block_cr", r.block_cr},
-                        {"asymptotic_cr", r.asymptotic_cr},
+                        {"asymptotic_cr", r.synthetic ? nlohmann::json(r.asymptotic_cr)
+                                                      : nlohmann::json(nullptr)},
                         {"ms_per_token_median", r.ms_median},
                         {"ms_per_token_min", r.ms_min},
                         {"ms_per_token_max", r.ms_max},
                         {"effective_gbs", r.eff_gbs},
                         {"copy_gbs", copy_gbs},
-                        {"steps", steps}};
+                        {"steps", steps},
+                        {"threads", threads}};
     std::printf("JSON %s\n", j.dump().c_str());
   }
   return 0;

@@ -61,7 +61,7 @@ add_executable(mpi_comm_test ${CMAKE_CURRENT_SOURCE_DIR}/mpi/mpi_comm_test.cc)
 target_link_libraries(mpi_comm_test PRIVATE dmsrt_parallel GTest::gtest)
 set_target_properties(mpi_comm_test PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/tests)
 foreach(np 2 3 4)
-  dmsrt_mpi_test(mpi_comm_np${np} ${np} 120 $<TARGET_FILE:mpi_comm_test>)
+  dmsrt_mpi_test(mpi_comm_np${np} ${np} 90 $<TARGET_FILE:mpi_comm_test>)
 endforeach()
 # Without mpirun the binary must skip every test (and exit 0) instead of hanging.
 add_test(NAME mpi_comm_without_mpirun COMMAND mpi_comm_test)

@@ -84,6 +84,16 @@ def test_python_client_best_of_8(client):
     wait_idle(client)
 
 
+def test_same_seed_same_threads(client):
+    """Thread i samples with seed + i whatever replica runs it: a rerun reproduces every thread."""
+    kw = dict(chat=MATH, n=4, max_tokens=24, temperature=0.9, seed=11, timeout=120)
+    a = client.run_job(**kw)
+    b = client.run_job(**kw)
+    key = lambda r: [(t["index"], t["tokens"], t["reason"], t["answer"]) for t in r["threads"]]
+    assert key(a) == key(b)
+    assert a["votes"] == b["votes"] and a["answer"] == b["answer"]
+
+
 def test_streamed_tokens_match_usage(client):
     res = client.run_job(prompt="Count: 1, 2, 3,", n=2, max_tokens=10, seed=4, stream_tokens=True,
                          timeout=120)
@@ -145,7 +155,7 @@ def test_malformed_requests(client):
 def test_deadline(client):
     with pytest.raises(grpc.RpcError) as ei:
         for _ in client.stub.RunJob(client.request(prompt="Tell a long story.", n=2, max_tokens=2000,
-                                                   deadline_seconds=1.0), timeout=60):
+                                                   deadline_seconds=1.0, ignore_eos=True), timeout=60):
             pass
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ei.value.details()
     wait_idle(client)
@@ -162,7 +172,8 @@ def running_blocks(client, timeout=60):
 
 
 def test_cancel_frees_memory(client):
-    resp = client.submit(prompt="Write a long essay about the sea.", n=4, max_tokens=2000, seed=9)
+    resp = client.submit(prompt="Write a long essay about the sea.", n=4, max_tokens=2000, seed=9,
+                         ignore_eos=True)
     assert resp.n == 4
     cs = running_blocks(client)
     assert cs.kv_blocks_used <= cs.kv_blocks_total
@@ -181,7 +192,8 @@ def test_cancel_frees_memory(client):
 
 
 def test_cancel_one_thread(client):
-    resp = client.submit(prompt="Write a long essay about mountains.", n=2, max_tokens=2000, seed=2)
+    resp = client.submit(prompt="Write a long essay about mountains.", n=2, max_tokens=2000, seed=2,
+                         ignore_eos=True)
     running_blocks(client)
     client.cancel(resp.job_id, thread_index=1)
     deadline = time.time() + 20
@@ -198,7 +210,7 @@ def test_cancel_one_thread(client):
 
 def test_client_disconnect_cancels_job(client):
     call = client.stub.RunJob(client.request(prompt="Describe the history of Rome.", n=2,
-                                             max_tokens=2000, seed=5))
+                                             max_tokens=2000, seed=5, ignore_eos=True))
     first = next(call)  # the accepted event
     job_id = first.job_id
     running_blocks(client)
@@ -221,6 +233,7 @@ def test_metrics_endpoint(server, client):
     for name in ["dmsrt:num_requests_running", "dmsrt:num_requests_waiting", "dmsrt:kv_cache_usage_perc",
                  "dmsrt:num_preemptions_total", "dmsrt:prompt_tokens_total", "dmsrt:generation_tokens_total",
                  "dmsrt:time_to_first_token_seconds_bucket", "dmsrt:e2e_request_latency_seconds_count",
+                 "dmsrt:inter_token_latency_seconds_count",
                  "dmsrt:kv_resident_tokens", "dmsrt:kv_evicted_tokens", "dmsrt:kv_cache_cr",
                  'dmsrt:jobs_total{outcome="succeeded"}']:
         assert name in body, name
@@ -231,6 +244,7 @@ def test_metrics_endpoint(server, client):
             values[k] = float(v)
     assert values["dmsrt:e2e_request_latency_seconds_count"] >= 1
     assert values["dmsrt:generation_tokens_total"] >= 1
+    assert values["dmsrt:inter_token_latency_seconds_count"] >= 3
     assert 0.0 <= values["dmsrt:kv_cache_usage_perc"] <= 1.0
 
 
@@ -292,3 +306,35 @@ def test_health_service(server):
     raw = check(None, timeout=10)
     ch.close()
     assert raw == b"\x08\x01"  # status: SERVING
+
+
+def test_traceparent_is_kept(client):
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    resp = client.stub.SubmitJob(client.request(prompt="3 * 3 =", n=1, max_tokens=4),
+                                 metadata=[("traceparent", tp)])
+    assert client.get(resp.job_id).traceparent == tp
+    first = next(iter(client.watch(resp.job_id, timeout=60)))
+    assert first.accepted.traceparent == tp
+    bad = client.stub.SubmitJob(client.request(prompt="3 * 3 =", n=1, max_tokens=4),
+                                metadata=[("traceparent", "not-a-trace")])
+    assert client.get(bad.job_id).traceparent == ""
+    wait_idle(client)
+
+
+def test_early_stop_and_budget_cli(server):
+    """submit --budget picks n; with --early-stop any cancelled threads were cancelled only once
+    the leader could no longer be caught (leader > runner-up + cancelled, see VoteTable)."""
+    p = subprocess.run([BIN, "submit", "--address", server.address, "--chat",
+                        "What is 12 * 3? Answer in \\boxed{}.", "--budget", "40000000",
+                        "--max-tokens", "48", "--early-stop", "--seed", "4", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["n"] >= 2 and len(res["threads"]) == res["n"]
+    votes = sorted((v["votes"] for v in res["votes"]), reverse=True)
+    cancelled = sum(1 for t in res["threads"] if t["reason"] == "CANCELLED")
+    if cancelled:
+        runner_up = votes[1] if len(votes) > 1 else 0
+        assert votes[0] > runner_up + cancelled, res
+        assert res["outcome"] == "succeeded"
+    print(f"budget 40 MB -> n={res['n']}, early stop cancelled {cancelled} threads, votes {votes}")

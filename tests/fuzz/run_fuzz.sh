@@ -36,10 +36,21 @@ ABSL_LIBS="-labsl_status -labsl_statusor -labsl_strings -labsl_str_format_intern
   -labsl_synchronization -labsl_time -labsl_base -labsl_spinlock_wait -labsl_stacktrace
   -labsl_symbolize -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal
   -labsl_graphcycles_internal -labsl_exponential_biased -labsl_time_zone"
-FLAGS="-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
-  -fno-sanitize-recover=undefined -I$SRC"
-PARSERS="$SRC/runtime/gguf.cc $SRC/runtime/safetensors.cc $SRC/runtime/mapped_file.cc
-  $SRC/runtime/tensor.cc"
+COMMON="-std=c++17 -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=undefined -I$SRC"
+# Parser objects are built once (instrumented for coverage) and shared by both targets; they are
+# rebuilt only when their source is newer.
+mkdir -p "$WORK/obj"
+OBJS=""
+for src in gguf safetensors mapped_file tensor; do
+  obj="$WORK/obj/$src.o"
+  if [ ! -f "$obj" ] || [ "$SRC/runtime/$src.cc" -nt "$obj" ] || [ "$SRC/runtime/$src.h" -nt "$obj" ]; then
+    echo "== compiling runtime/$src.cc"
+    # shellcheck disable=SC2086
+    "$CXX" $COMMON -fsanitize=fuzzer-no-link,address,undefined -c "$SRC/runtime/$src.cc" \
+        -o "$obj" || { echo "FAIL: could not compile runtime/$src.cc with $CXX"; exit 1; }
+  fi
+  OBJS="$OBJS $obj"
+done
 
 python3 "$SRC/tests/fuzz/make_seeds.py" "$WORK/seeds_gguf" "$WORK/seeds_safetensors" || exit 1
 
@@ -48,20 +59,24 @@ for target in gguf safetensors; do
   bin="$WORK/${target}_fuzz"
   echo "== building $bin"
   # shellcheck disable=SC2086
-  if ! "$CXX" $FLAGS "$SRC/tests/fuzz/${target}_fuzz.cc" $PARSERS -o "$bin" $ABSL_LIBS -pthread; then
+  if ! "$CXX" $COMMON -fsanitize=fuzzer,address,undefined "$SRC/tests/fuzz/${target}_fuzz.cc" \
+      $OBJS -o "$bin" $ABSL_LIBS -pthread; then
     echo "FAIL: could not build the $target fuzz target"
     exit 1
   fi
   corpus="$WORK/corpus_$target"
   mkdir -p "$corpus"
   echo "== fuzzing $target for ${SECS}s"
+  log="$WORK/${target}.log"
   (cd "$WORK" && "$bin" -max_total_time="$SECS" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
-      -print_final_stats=1 "$corpus" "$WORK/seeds_$target") 2>&1 | tail -n 25
-  rc=${PIPESTATUS[0]}
+      -print_final_stats=1 "$corpus" "$WORK/seeds_$target") >"$log" 2>&1
+  rc=$?
   if [ "$rc" -ne 0 ]; then
+    tail -n 60 "$log"
     echo "FAIL: $target fuzzer exited with $rc; reproducer in $WORK (crash-*/leak-*/timeout-*)"
     status=1
   else
+    grep -E "^Done|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)" "$log"
     echo "OK: $target: no crash in ${SECS}s"
   fi
 done

@@ -93,18 +93,16 @@ TEST_P(DecodeAttention, MatchesReference) {
   DeviceBuffer<uint16_t> dq(q), dk(k), dv(v), dout(q.size());
   DeviceBuffer<int32_t> dtab(tables), dlen(lengths);
   DeviceBuffer<uint8_t> ws(std::max<size_t>(1, DecodeAttentionWorkspaceSize(p, sms)));
-  dout.Poison(gpu_test::kPoisonFloat);
-  ws.Poison(gpu_test::kPoisonFloat);
-  ASSERT_CUDA_OK(::dmsrt::DecodeAttention(p, Bf(dq), Bf(dk), Bf(dv), dtab.get(), dlen.get(), Bf(dout),
-                                 ws.get(), ws.size(), sms, nullptr));
-  ASSERT_CUDA_OK(cudaDeviceSynchronize());
-  const std::vector<float> got = gpu_test::Bf16ToFloat(dout.Download());
-
   std::vector<float> want(q.size());
   kernels::DecodeAttentionRef(c.batch, c.heads, c.kv, c.dim, c.block, max_blocks, p.scale,
                               qf.data(), kf.data(), vf.data(), tables.data(), lengths.data(),
                               want.data());
-  ExpectClose(got, want);
+  dout.Poison(gpu_test::kPoisonFloat);
+  ws.Poison(gpu_test::kPoisonFloat);
+  ASSERT_CUDA_OK(::dmsrt::DecodeAttention(p, Bf(dq), Bf(dk), Bf(dv), dtab.get(), dlen.get(),
+                                          Bf(dout), ws.get(), ws.size(), sms, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  ExpectClose(gpu_test::Bf16ToFloat(dout.Download()), want);
 }
 
 std::vector<DecodeCase> DecodeCases() {
@@ -122,6 +120,9 @@ std::vector<DecodeCase> DecodeCases() {
   cases.push_back({5, 8, 1, 128, 4096, 16, 0, true});   // g = 8, ragged, auto split
   cases.push_back({4, 12, 4, 256, 777, 16, 128, true}); // head_dim 256, g = 3
   cases.push_back({7, 32, 8, 128, 2053, 64, 0, true});
+  cases.push_back({2, 8, 2, 128, 500, 24, 80, true});   // block size not a power of two
+  cases.push_back({2, 8, 2, 128, 3000, 1, 2000, true});  // splits spanning several table windows
+  cases.push_back({1, 4, 1, 64, 20000, 16, 0, false});   // long head, automatic split
   return cases;
 }
 

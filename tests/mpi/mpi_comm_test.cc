@@ -3,7 +3,7 @@
 // Inputs are small integers stored as float (or int64 values above 2^53), so every sum, minimum
 // and gather is exact and compared with ==. Each collective runs in two modes: blocking MPI calls
 // (no timeout) and the watchdog path (non-blocking calls polled against a deadline). A world
-// timeout of 60 s guards every test, so a rank that fails an ASSERT and leaves early makes the
+// timeout of 30 s guards every test, so a rank that fails an ASSERT and leaves early makes the
 // others fail with DEADLINE_EXCEEDED rather than hang. Started without mpirun, every test skips.
 #include <cstdint>
 #include <cstring>
@@ -22,7 +22,7 @@ namespace dmsrt {
 namespace {
 
 MpiComm* g_world = nullptr;  // set by main under mpirun
-constexpr absl::Duration kGuard = absl::Seconds(60);
+constexpr absl::Duration kGuard = absl::Seconds(30);
 
 class MpiTest : public ::testing::Test {
  protected:
@@ -265,6 +265,7 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   std::unique_ptr<dmsrt::MpiRuntime> runtime;
   std::unique_ptr<dmsrt::MpiComm> world;
+  std::unique_ptr<dmsrt::MpiComm> verdict;  // separate, so it never matches a test's collective
   if (dmsrt::InsideMpirun()) {
     absl::StatusOr<std::unique_ptr<dmsrt::MpiRuntime>> rt = dmsrt::MpiRuntime::Init(&argc, &argv);
     if (!rt.ok()) {
@@ -278,6 +279,12 @@ int main(int argc, char** argv) {
       return 1;
     }
     world = std::move(*wc);
+    wc = dmsrt::MpiComm::WorldDup();
+    if (!wc.ok()) {
+      std::fprintf(stderr, "MPI verdict communicator: %s\n", wc.status().ToString().c_str());
+      return 1;
+    }
+    verdict = std::move(*wc);
     dmsrt::g_world = world.get();
     if (world->rank() != 0) {
       ::testing::TestEventListeners& ls = ::testing::UnitTest::GetInstance()->listeners();
@@ -286,13 +293,14 @@ int main(int argc, char** argv) {
     }
   }
   int rc = RUN_ALL_TESTS();
-  if (world != nullptr) {
+  if (verdict != nullptr) {
     // Every rank exits with the worst result, so mpirun reports a failure seen on any rank.
     int64_t worst = rc;
-    world->set_timeout(dmsrt::kGuard);
-    absl::Status s = world->AllReduce(&worst, &worst, 1, dmsrt::ReduceOp::kMax);
+    verdict->set_timeout(dmsrt::kGuard);
+    absl::Status s = verdict->AllReduce(&worst, &worst, 1, dmsrt::ReduceOp::kMax);
     rc = s.ok() ? static_cast<int>(worst) : 1;
     dmsrt::g_world = nullptr;
+    verdict.reset();
     world.reset();
   }
   runtime.reset();

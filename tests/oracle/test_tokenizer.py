@@ -13,6 +13,7 @@ reason when the binary, the model, llama_cpp, gguf or jinja2 is missing. Run dir
 (`python3 test_tokenizer.py`) it runs itself under pytest, exiting 77 (skip) without pytest.
 """
 import ctypes
+import functools
 import json
 import os
 import random
@@ -94,21 +95,22 @@ def corpus_strings():
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def run_dmsrt(args, stdin=None):
-    proc = subprocess.run([_bin(), "tokenize", "--model", _model()] + args,
+def run_dmsrt(args, stdin=None, tokenizer_dir=None):
+    source = ["--tokenizer-dir", tokenizer_dir] if tokenizer_dir else ["--model", _model()]
+    proc = subprocess.run([_bin(), "tokenize"] + source + args,
                           input=stdin.encode("utf-8") if stdin is not None else None,
                           capture_output=True, timeout=300)
     return proc
 
 
-def dmsrt_encode(strings, special, pre=None):
+def dmsrt_encode(strings, special, pre=None, tokenizer_dir=None):
     extra = ["--pre", pre] if pre else []
     if not special:
         extra.append("--no-special")
     stdin = "".join(json.dumps(s) + "\n" for s in strings)
-    proc = run_dmsrt(["--jsonl", "-"] + extra, stdin)
+    proc = run_dmsrt(["--jsonl", "-"] + extra, stdin, tokenizer_dir)
     assert proc.returncode == 0, proc.stderr.decode()
-    lines = proc.stdout.decode().splitlines()
+    lines = proc.stdout.decode().split("\n")[:-1]
     assert len(lines) == len(strings)
     return [json.loads(l) for l in lines]
 
@@ -117,7 +119,7 @@ def dmsrt_decode(id_lists):
     stdin = "".join(json.dumps(ids) + "\n" for ids in id_lists)
     proc = run_dmsrt(["--decode-jsonl", "-"], stdin)
     assert proc.returncode == 0, proc.stderr.decode()
-    return [json.loads(l) for l in proc.stdout.decode().splitlines()]
+    return [json.loads(l) for l in proc.stdout.decode().split("\n")[:-1]]
 
 
 def _report(capsys, msg):
@@ -125,10 +127,17 @@ def _report(capsys, msg):
         print("\n[oracle_tokenizer] " + msg)
 
 
+@functools.lru_cache(maxsize=None)
+def _reader(path):
+    """The parsed GGUF (slow to parse: read once per run)."""
+    gguf = _require("gguf")
+    return gguf.GGUFReader(path)
+
+
 def _vocab_only_copy(src, dst, pre):
     """Writes a tensor-less GGUF with the metadata of `src` and tokenizer.ggml.pre = pre."""
     gguf = _require("gguf")
-    r = gguf.GGUFReader(src)
+    r = _reader(src)
     w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
@@ -143,6 +152,49 @@ def _vocab_only_copy(src, dst, pre):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+                "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+
+
+def _write_hf_tokenizer(src, out_dir, family):
+    """Writes tokenizer.json + tokenizer_config.json with the vocabulary of GGUF `src`, in the
+    shape Hugging Face files of `family` have."""
+    r = _reader(src)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    merges = r.fields["tokenizer.ggml.merges"].contents()
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+    if family == "smollm":
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, byte_level]}
+    elif family == "gpt2":
+        pre = byte_level
+    else:
+        pattern = LLAMA3_SPLIT if family == "llama-bpe" else QWEN2_SPLIT
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+             "invert": False}, dict(byte_level, use_regex=False)]}
+    doc = {
+        "version": "1.0",
+        "added_tokens": [{"id": i, "content": t, "special": types[i] == 3}
+                         for i, t in enumerate(tokens) if types[i] in (3, 4)],
+        "pre_tokenizer": pre,
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in merges]},
+    }
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False)
+    bos = int(r.fields["tokenizer.ggml.bos_token_id"].contents())
+    eos = int(r.fields["tokenizer.ggml.eos_token_id"].contents())
+    cfg = {"bos_token": tokens[bos], "eos_token": {"content": tokens[eos]},
+           "add_bos_token": False,
+           "chat_template": r.fields["tokenizer.chat_template"].contents()}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False)
 
 
 if pytest is not None:
@@ -186,27 +238,75 @@ if pytest is not None:
                 (special, len(strings), n_tokens, len(mismatches)))
         assert not mismatches, "first mismatch: %r\n want %s\n got  %s" % mismatches[0]
 
-    @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2"])
-    def test_other_pre_tokenizers_match_llama_cpp(llama_cpp, strings, pre, capsys):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "vocab-%s.gguf" % pre)
-            _vocab_only_copy(_model(), path, pre)
-            other = llama_cpp.Llama(path, vocab_only=True, verbose=False)
-            for special in (True, False):
-                ours = dmsrt_encode(strings, special, pre=pre)
-                bad = [(s, w, g) for s, g in zip(strings, ours)
-                       for w in [other.tokenize(s.encode("utf-8"), add_bos=False,
-                                                special=special)] if g != w]
-                _report(capsys, "%s special=%s: %d strings, %d mismatches" %
-                        (pre, special, len(strings), len(bad)))
-                assert not bad, "first mismatch: %r\n want %s\n got  %s" % bad[0]
+    @pytest.fixture(scope="module")
+    def variant(llama_cpp, tmp_path_factory):
+        """llama.cpp on a vocab-only copy of the model whose pre-tokenizer is `pre`."""
+        made = {}
 
-    def test_decode_round_trip(ref, strings, capsys):
-        ids = [ref.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in strings]
+        def get(pre):
+            if pre not in made:
+                path = str(tmp_path_factory.mktemp("vocab") / ("vocab-%s.gguf" % pre))
+                _vocab_only_copy(_model(), path, pre)
+                made[pre] = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+            return made[pre]
+        return get
+
+    @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2"])
+    def test_other_pre_tokenizers_match_llama_cpp(variant, strings, pre, capsys):
+        other = variant(pre)
+        for special in (True, False):
+            ours = dmsrt_encode(strings, special, pre=pre)
+            bad = [(s, w, g) for s, g in zip(strings, ours)
+                   for w in [other.tokenize(s.encode("utf-8"), add_bos=False,
+                                            special=special)] if g != w]
+            _report(capsys, "%s special=%s: %d strings, %d mismatches" %
+                    (pre, special, len(strings), len(bad)))
+            assert not bad, "first mismatch: %r\n want %s\n got  %s" % bad[0]
+
+    @pytest.mark.parametrize("family", ["smollm", "llama-bpe", "qwen2", "gpt-2"])
+    def test_tokenizer_json_matches_llama_cpp(ref, variant, strings, family, capsys):
+        # The Hugging Face path: the same vocabulary as tokenizer.json files, loaded by
+        # LoadTokenizerJson (family recognised from the pre_tokenizer), against llama.cpp.
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_hf_tokenizer(_model(), tmp, "gpt2" if family == "gpt-2" else family)
+            other = ref if family == "smollm" else variant(family)
+            ours = dmsrt_encode(strings, True, tokenizer_dir=tmp)
+            bad = [(s, w, g) for s, g in zip(strings, ours)
+                   for w in [other.tokenize(s.encode("utf-8"), add_bos=False, special=True)]
+                   if g != w]
+            _report(capsys, "tokenizer.json %s: %d strings, %d mismatches" %
+                    (family, len(strings), len(bad)))
+            assert not bad, "first mismatch: %r\n want %s\n got  %s" % bad[0]
+            # The chat template travels through tokenizer_config.json too.
+            conv = os.path.join(tmp, "conv.json")
+            with open(conv, "w", encoding="utf-8") as f:
+                json.dump([{"role": "user", "content": "Hi"}], f)
+            a = run_dmsrt(["--chat", conv, "--render"], tokenizer_dir=tmp)
+            b = run_dmsrt(["--chat", conv, "--render"])
+            assert a.returncode == 0 and a.stdout == b.stdout, a.stderr.decode()
+
+    @pytest.mark.parametrize("special", [True, False], ids=["parse_special", "no_special"])
+    def test_decode_round_trip(ref, strings, special, capsys):
+        ids = [ref.tokenize(s.encode("utf-8"), add_bos=False, special=special) for s in strings]
         texts = dmsrt_decode(ids)
         bad = [(s, t) for s, t in zip(strings, texts) if s != t]
-        _report(capsys, "decode round trip: %d strings, %d mismatches" % (len(strings), len(bad)))
+        _report(capsys, "decode round trip special=%s: %d strings, %d mismatches" %
+                (special, len(strings), len(bad)))
         assert not bad, "first mismatch: %r -> %r" % bad[0]
+
+    def test_invalid_utf8_matches_llama_cpp(ref):
+        # Bytes that are not UTF-8 become U+FFFD per offending byte, as in llama.cpp.
+        cases = [b"\xff\xfe abc", b"caf\xc3", b"\xe6\x97 x", b"\x80\x80hello", b"ok \xf0\x9f\x98",
+                 b"\xc3\xa9\xc3", b"\xf8\x88\x80\x80\x80z", b"\xed\xa0\x80 surrogate"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bytes.bin")
+            for c in cases:
+                with open(path, "wb") as f:
+                    f.write(c)
+                proc = run_dmsrt(["--file", path])
+                assert proc.returncode == 0, proc.stderr.decode()
+                got = [int(x) for x in proc.stdout.split()]
+                assert got == ref.tokenize(c, add_bos=False, special=True), c
 
     def test_cli_text_json_and_decode(env):
         text = "Hello, world! It's 2024.\n<|im_end|>"
@@ -278,8 +378,7 @@ if pytest is not None:
                                                 bos_token=bos_token, eos_token="")
 
     def _model_template_and_bos():
-        gguf = _require("gguf")
-        r = gguf.GGUFReader(_model())
+        r = _reader(_model())
         tmpl = r.fields["tokenizer.chat_template"].contents()
         bos = r.fields["tokenizer.ggml.tokens"].contents()[
             int(r.fields["tokenizer.ggml.bos_token_id"].contents())]
@@ -358,5 +457,5 @@ if __name__ == "__main__":
     if pytest is None:
         print("SKIP: pytest is not installed (pip install pytest)")
         sys.exit(77)
-    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", os.path.abspath(__file__)] +
+    sys.exit(pytest.main(["-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__)] +
                          sys.argv[1:]))

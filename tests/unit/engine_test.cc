@@ -96,8 +96,10 @@ class EngineTest : public ::testing::Test {
     // every forked thread must copy it on its first write.
     for (int32_t i = 0; i < 19; ++i) s.prompt.push_back(5 + (i * 37) % 250);
     s.thread_indices = std::move(threads);
-    s.sampling.temperature = 0.9f;
-    s.sampling.top_k = 40;
+    // The random-weight model's logits are very peaked (a token's own embedding dominates), so a
+    // high temperature is what makes threads with different seeds diverge.
+    s.sampling.temperature = 16.0f;
+    s.sampling.top_k = 0;
     s.sampling.seed = seed;
     s.max_tokens = max_tokens;
     s.ignore_eos = true;
@@ -142,6 +144,10 @@ class EngineTest : public ::testing::Test {
     }
     ASSERT_TRUE(e.Idle()) << "engine did not finish within " << max_steps << " steps";
   }
+
+  // Runs an n-thread job unconstrained and under a budget of about 1.5 full threads; every thread
+  // must come out identical, and some must have been preempted and recomputed.
+  void PreemptionCase(int32_t n);
 
   static inline std::string dir_;
   static inline std::string skip_reason_;
@@ -221,19 +227,31 @@ TEST_F(EngineTest, CancelOneThreadLeavesOthersRunning) {
   EXPECT_EQ(backend->kv().free_blocks(), backend->kv().total_blocks());
 }
 
-TEST_F(EngineTest, PreemptionUnderTinyBudgetMatchesUnconstrainedRun) {
+TEST_F(EngineTest, PreemptionUnderTinyBudget_n4_MatchesUnconstrainedRun) {
+  PreemptionCase(4);
+}
+
+// Eight threads: even the fork's copy-on-write blocks do not all fit, so threads are preempted
+// right after the fork and recomputed one by one.
+TEST_F(EngineTest, PreemptionUnderTinyBudget_n8_MatchesUnconstrainedRun) {
+  PreemptionCase(8);
+}
+
+void EngineTest::PreemptionCase(int32_t n) {
   const int32_t kMaxTokens = 45;
+  std::vector<int32_t> idx;
+  for (int32_t i = 0; i < n; ++i) idx.push_back(i);
   auto mu = std::make_shared<std::mutex>();
   // Unconstrained.
   auto big = MakeBackend(8 << 20);
   ASSERT_NE(big, nullptr);
   Engine e1(*big, *tok_, *model_);
   auto ref = std::make_shared<JobOut>();
-  SubmitTo(e1, Spec({0, 1, 2, 3}, kMaxTokens, 5), ref, mu);
+  SubmitTo(e1, Spec(idx, kMaxTokens, 5), ref, mu);
   RunUntilIdle(e1);
   EXPECT_EQ(e1.Stats().preemptions, 0);
 
-  // A budget that holds about one and a half full threads: the four must take turns.
+  // A budget that holds about one and a half full threads: the threads must take turns.
   auto probe = MakeBackend(8 << 20);
   const int64_t per_thread = DenseBlocks(*probe, 19 + kMaxTokens);
   const int64_t block_bytes = probe->kv().block_bytes();
@@ -243,7 +261,7 @@ TEST_F(EngineTest, PreemptionUnderTinyBudgetMatchesUnconstrainedRun) {
   ASSERT_LT(small->kv().total_blocks(), 2 * per_thread);
   Engine e2(*small, *tok_, *model_);
   auto got = std::make_shared<JobOut>();
-  SubmitTo(e2, Spec({0, 1, 2, 3}, kMaxTokens, 5), got, mu);
+  SubmitTo(e2, Spec(idx, kMaxTokens, 5), got, mu);
   int64_t max_used = 0;
   for (int i = 0; i < 5000 && !e2.Idle(); ++i) {
     ASSERT_TRUE(e2.Step().ok());
@@ -253,7 +271,7 @@ TEST_F(EngineTest, PreemptionUnderTinyBudgetMatchesUnconstrainedRun) {
   EXPECT_GT(e2.Stats().preemptions, 0) << "the budget was meant to force preemption";
   EXPECT_LE(max_used, small->kv().total_blocks());
   int32_t preempted_threads = 0;
-  for (int32_t i = 0; i < 4; ++i) {
+  for (int32_t i = 0; i < n; ++i) {
     const ThreadOut& r = ref->threads[i];
     const ThreadOut& g = got->threads[i];
     ASSERT_TRUE(g.finished);
@@ -336,6 +354,9 @@ TEST_F(EngineTest, BackgroundThreadWithConcurrentSubmitters) {
 TEST(AnswerTest, ExtractsBoxedWithBalancedBraces) {
   EXPECT_EQ(ExtractAnswer("so \\boxed{3} then \\boxed{\\frac{1}{2}} done", nullptr), "\\frac{1}{2}");
   EXPECT_EQ(ExtractAnswer("\\boxed{1,000}", nullptr), "1000");
+  // An empty box (the prompt's instruction echoed) is skipped.
+  EXPECT_EQ(ExtractAnswer("it is \\boxed{12}. Put it in \\boxed{}", nullptr), "12");
+  EXPECT_EQ(ExtractAnswer("so 9. Answer: \\boxed{}", nullptr), "9");
 }
 
 TEST(AnswerTest, FallsBackToLastNumberNormalised) {

@@ -75,12 +75,22 @@ std::vector<uint8_t> ValidFile() {
   b.Key("f64", GgufType::kFloat64).Raw<double>(-2.25);
   b.Key("flag", GgufType::kBool).Raw<uint8_t>(1);
   b.Key("words", GgufType::kArray).Raw<uint32_t>(8).Raw<uint64_t>(3).Str("a").Str("").Str("ccc");
-  b.Key("ints", GgufType::kArray).Raw<uint32_t>(5).Raw<uint64_t>(3).Raw<int32_t>(1).Raw<int32_t>(-2).Raw<int32_t>(3);
+  b.Key("ints", GgufType::kArray)
+      .Raw<uint32_t>(5)
+      .Raw<uint64_t>(3)
+      .Raw<int32_t>(1)
+      .Raw<int32_t>(-2)
+      .Raw<int32_t>(3);
   b.Key("nested", GgufType::kArray)
       .Raw<uint32_t>(9)
       .Raw<uint64_t>(2)
-      .Raw<uint32_t>(0).Raw<uint64_t>(2).Raw<uint8_t>(7).Raw<uint8_t>(8)
-      .Raw<uint32_t>(8).Raw<uint64_t>(1).Str("x");
+      .Raw<uint32_t>(0)
+      .Raw<uint64_t>(2)
+      .Raw<uint8_t>(7)
+      .Raw<uint8_t>(8)
+      .Raw<uint32_t>(8)
+      .Raw<uint64_t>(1)
+      .Str("x");
   b.Key("big_u64s", GgufType::kArray).Raw<uint32_t>(10).Raw<uint64_t>(1).Raw<uint64_t>(~0ull);
   b.TensorInfo("w", {3, 2}, DType::kF32, 0);
   b.TensorInfo("v", {4}, DType::kF32, 32);
@@ -231,7 +241,11 @@ TEST(GgufHostile, BadTypesAndNesting) {
   n.Raw<uint32_t>(0).Raw<uint64_t>(0);
   ExpectError(n.out, "nested deeper");
   GgufBuilder d;
-  d.Header(0, 2).Key("k", GgufType::kUint8).Raw<uint8_t>(1).Key("k", GgufType::kUint8).Raw<uint8_t>(2);
+  d.Header(0, 2)
+      .Key("k", GgufType::kUint8)
+      .Raw<uint8_t>(1)
+      .Key("k", GgufType::kUint8)
+      .Raw<uint8_t>(2);
   ExpectError(d.out, "duplicate metadata key 'k'");
   GgufBuilder a;
   a.Header(0, 1).Key("general.alignment", GgufType::kUint32).Raw<uint32_t>(24);
@@ -282,6 +296,24 @@ TEST(GgufHostile, BadTensorInfos) {
   ExpectError(d.out, "duplicate tensor name 'a'");
 }
 
+TEST(Gguf, CustomAlignment64) {
+  auto make = [](uint64_t second_offset) {
+    GgufBuilder b;
+    b.Header(2, 1);
+    b.Key("general.alignment", GgufType::kUint32).Raw<uint32_t>(64);
+    b.TensorInfo("a", {4}, DType::kF32, 0);
+    b.TensorInfo("b", {4}, DType::kF32, second_offset);
+    b.Align(64);
+    b.out.resize(b.out.size() + 128, 0x11);
+    return b.out;
+  };
+  auto f = Parse(make(64));
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ((*f)->alignment(), 64u);
+  EXPECT_EQ((*f)->data_offset() % 64, 0u);
+  ExpectError(make(32), "not a multiple of the alignment 64");
+}
+
 // Every prefix of a valid file must fail cleanly (only the full file is valid).
 TEST(GgufRobustness, TruncationAtEveryOffset) {
   const std::vector<uint8_t> full = ValidFile();
@@ -330,7 +362,8 @@ TEST(GgufRobustness, RandomByteFlipsSeed1234) {
 }
 
 TEST(GgufDefaultModel, Header) {
-  const std::string path = std::string(DMSRT_SOURCE_DIR) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  const std::string path =
+      std::string(DMSRT_SOURCE_DIR) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
   auto f = GgufFile::Open(path);
   if (absl::IsNotFound(f.status())) GTEST_SKIP() << "default model not present: " << path;
   ASSERT_TRUE(f.ok()) << f.status();

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/thread_pool.h"
 #include "tests/unit/kv_test_util.h"
 
 namespace dmsrt {
@@ -432,6 +433,106 @@ TEST(ForcedPolicy, DeterministicRateAndChunkInvariant_w8_rate075) {
   KvPolicyConfig other = pol;
   other.seed = 4;
   EXPECT_NE(run(other, {T}).first, a.first);
+}
+
+// Commit-only calls (q == out == nullptr) leave the same cache as attending calls.
+TEST(KvCache, CommitOnlyFillMatchesAttendingFill_dms_w4_block3) {
+  KvPolicyConfig pol;
+  pol.kind = KvPolicyKind::kDms;
+  pol.window = 4;
+  const int32_t nkv = 2, nh = 4, hd = 16, T = 45;
+  Stream s = MakeStream(T, 2, nh, nkv, hd, 321, 0.5);
+  auto a = MakeCpuKvCache(Geo(2, nkv, nh, hd, 3), pol, 1 << 20);
+  auto b = MakeCpuKvCache(Geo(2, nkv, nh, hd, 3), pol, 1 << 20);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto sa = (*a)->Create();
+  auto sb = (*b)->Create();
+  ASSERT_TRUE(FeedChunk(**a, *sa, s, 0, 30, true).ok());
+  ASSERT_TRUE((*b)->Reserve(*sb, 30).ok());
+  for (int32_t l = 0; l < 2; ++l) {
+    (*b)->AttendAndAppend(*sb, l, 30, nullptr, s.kt(l, 0), s.vt(l, 0), s.bt(l, 0), nullptr);
+  }
+  EXPECT_EQ((*b)->Length(*sb), 30);
+  for (int32_t t = 30; t < T; ++t) {
+    std::vector<std::vector<float>> oa, ob;
+    ASSERT_TRUE(FeedChunk(**a, *sa, s, t, 1, true, &oa).ok());
+    ASSERT_TRUE(FeedChunk(**b, *sb, s, t, 1, true, &ob).ok());
+    EXPECT_EQ(oa, ob) << t;
+  }
+  for (int32_t l = 0; l < 2; ++l)
+    for (int32_t j = 0; j < nkv; ++j)
+      EXPECT_EQ((*a)->ResidentPositions(*sa, l, j), (*b)->ResidentPositions(*sb, l, j));
+  // tova cannot commit without attention weights: refused loudly.
+  KvPolicyConfig tova;
+  tova.kind = KvPolicyKind::kTova;
+  tova.budget_tokens = 4;
+  auto c = MakeCpuKvCache(Geo(1, nkv, nh, hd, 3), tova, 1 << 20);
+  auto sc = (*c)->Create();
+  ASSERT_TRUE((*c)->Reserve(*sc, 2).ok());
+  (*c)->AttendAndAppend(*sc, 0, 2, nullptr, s.kt(0, 0), s.vt(0, 0), nullptr, nullptr);
+  EXPECT_EQ((*c)->Reserve(*sc, 1).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Several sequences reserve before any of them runs (as a batched step does): reservations add
+// up, and each step stays within its own.
+TEST(KvCache, ReservationsOfABatchAddUp_block2) {
+  KvGeometry g = Geo(1, 1, 1, 4, 2);
+  KvPolicyConfig pol;
+  const int64_t bb = 2 * 2 * 4 * 4;
+  auto cache = MakeCpuKvCache(g, pol, 5 * bb);
+  ASSERT_TRUE(cache.ok());
+  KvCache& kv = **cache;
+  Stream s = MakeStream(8, 1, 1, 1, 4, 8, 0.5);
+  auto a = kv.Create();
+  auto b = kv.Create();
+  auto c = kv.Create();
+  ASSERT_TRUE(kv.Reserve(*a, 4).ok());  // 2 blocks
+  ASSERT_TRUE(kv.Reserve(*b, 3).ok());  // 2 blocks
+  EXPECT_EQ(kv.Reserve(*c, 3).code(), absl::StatusCode::kResourceExhausted);  // 1 left
+  ASSERT_TRUE(kv.Reserve(*c, 2).ok());  // 1 block
+  std::vector<float> out(4 * 4);
+  kv.AttendAndAppend(*b, 0, 3, s.qt(0, 0), s.kt(0, 0), s.vt(0, 0), nullptr, out.data());
+  kv.AttendAndAppend(*c, 0, 2, s.qt(0, 0), s.kt(0, 0), s.vt(0, 0), nullptr, out.data());
+  kv.AttendAndAppend(*a, 0, 4, s.qt(0, 0), s.kt(0, 0), s.vt(0, 0), nullptr, out.data());
+  for (float x : out) EXPECT_FALSE(std::isnan(x));
+  EXPECT_EQ(kv.free_blocks(), 0);
+  EXPECT_EQ(kv.Length(*a), 4);
+  EXPECT_EQ(kv.Length(*b), 3);
+  EXPECT_EQ(kv.Length(*c), 2);
+  // b's half-full block has room for one more token without a new block.
+  EXPECT_TRUE(kv.Reserve(*b, 1).ok());
+  EXPECT_EQ(kv.Reserve(*a, 1).code(), absl::StatusCode::kResourceExhausted);
+}
+
+// Worker threads for the heads give bit-identical results (each head is computed the same way,
+// only on another thread), for decode steps and chunks, and for every policy.
+TEST(KvCache, ThreadPoolGivesIdenticalResults_kv4_threads3) {
+  kernels::ThreadPool pool(3);
+  for (KvPolicyKind kind : {KvPolicyKind::kNone, KvPolicyKind::kDms, KvPolicyKind::kWindow,
+                            KvPolicyKind::kTova}) {
+    KvPolicyConfig pol;
+    pol.kind = kind;
+    pol.window = 9;
+    pol.budget_tokens = 40;
+    const int32_t nkv = 4, nh = 8, hd = 64, T = 150;
+    Stream s = MakeStream(T, 2, nh, nkv, hd, 17, 0.5);
+    auto a = MakeCpuKvCache(Geo(2, nkv, nh, hd, 16), pol, 8 << 20);
+    auto b = MakeCpuKvCache(Geo(2, nkv, nh, hd, 16), pol, 8 << 20);
+    ASSERT_TRUE(a.ok() && b.ok());
+    (*b)->SetThreadPool(&pool);
+    auto sa = (*a)->Create();
+    auto sb = (*b)->Create();
+    int32_t from = 0;
+    for (int32_t n : ChunkSizes(T, 3, 60)) {
+      std::vector<std::vector<float>> oa, ob;
+      ASSERT_TRUE(FeedChunk(**a, *sa, s, from, n, true, &oa).ok());
+      ASSERT_TRUE(FeedChunk(**b, *sb, s, from, n, true, &ob).ok());
+      ASSERT_EQ(oa, ob) << KvPolicyName(kind) << " at " << from;
+      from += n;
+    }
+    EXPECT_EQ((*a)->Figures().kv_reads, (*b)->Figures().kv_reads);
+    (*b)->SetThreadPool(nullptr);
+  }
 }
 
 TEST(KvParse, PolicyNames) {

@@ -182,11 +182,16 @@ TEST(ForkCowBudget, ReserveCountsCopies_block4) {
 // A tight pool under random forks, steps and preemptions: whenever Reserve succeeds the step
 // completes (the reservation covers new blocks and copies), outputs equal those of a mirror cache
 // with room to spare, and a refused Reserve leaves everything as it was.
-TEST(ForkCowBudget, TightPoolStress_dms_w3_block2) {
+class TightPool : public ::testing::TestWithParam<KvPolicyKind> {};
+
+TEST_P(TightPool, StressForksStepsPreemptions_w3_block2_pool60) {
   const int32_t layers = 2, nkv = 2, nh = 4, hd = 5, block = 2;
   KvPolicyConfig pol;
-  pol.kind = KvPolicyKind::kDms;
+  pol.kind = GetParam();
   pol.window = 3;
+  pol.sinks = 1;
+  pol.force_rate = 0.6;
+  pol.budget_tokens = 6;
   const int64_t bb = 2 * block * hd * 4;
   auto tight = MakeCpuKvCache(Geo(layers, nkv, nh, hd, block), pol, 60 * bb);
   auto roomy = MakeCpuKvCache(Geo(layers, nkv, nh, hd, block), pol, 8 << 20);
@@ -265,6 +270,12 @@ TEST(ForkCowBudget, TightPoolStress_dms_w3_block2) {
   EXPECT_EQ(A.free_blocks(), A.total_blocks());
   EXPECT_EQ(B.free_blocks(), B.total_blocks());
 }
+
+INSTANTIATE_TEST_SUITE_P(Policies, TightPool,
+                         ::testing::Values(KvPolicyKind::kNone, KvPolicyKind::kDms,
+                                           KvPolicyKind::kForced, KvPolicyKind::kWindow,
+                                           KvPolicyKind::kTova, KvPolicyKind::kH2o),
+                         [](const auto& info) { return std::string(KvPolicyName(info.param)); });
 
 }  // namespace
 }  // namespace dmsrt

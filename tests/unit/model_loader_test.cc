@@ -8,16 +8,16 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <functional>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "runtime/gguf.h"
 #include "runtime/model.h"
@@ -45,11 +45,23 @@ std::vector<std::pair<std::string, const WeightTensor*>> AllTensors(const Model&
     const LayerWeights& l = m.weights.layers[i];
     const std::string p = "layer" + std::to_string(i) + ".";
     const std::pair<const char*, const WeightTensor*> ts[] = {
-        {"attn_norm", &l.attn_norm}, {"wq", &l.wq}, {"wk", &l.wk}, {"wv", &l.wv},
-        {"wo", &l.wo}, {"bq", &l.bq}, {"bk", &l.bk}, {"bv", &l.bv}, {"q_norm", &l.q_norm},
-        {"k_norm", &l.k_norm}, {"ffn_norm", &l.ffn_norm}, {"w_gate", &l.w_gate},
-        {"w_up", &l.w_up}, {"w_down", &l.w_down}, {"dms_alpha_norm", &l.dms_alpha_norm},
-        {"dms_alpha", &l.dms_alpha}, {"dms_alpha_bias", &l.dms_alpha_bias}};
+        {"attn_norm", &l.attn_norm},
+        {"wq", &l.wq},
+        {"wk", &l.wk},
+        {"wv", &l.wv},
+        {"wo", &l.wo},
+        {"bq", &l.bq},
+        {"bk", &l.bk},
+        {"bv", &l.bv},
+        {"q_norm", &l.q_norm},
+        {"k_norm", &l.k_norm},
+        {"ffn_norm", &l.ffn_norm},
+        {"w_gate", &l.w_gate},
+        {"w_up", &l.w_up},
+        {"w_down", &l.w_down},
+        {"dms_alpha_norm", &l.dms_alpha_norm},
+        {"dms_alpha", &l.dms_alpha},
+        {"dms_alpha_bias", &l.dms_alpha_bias}};
     for (const auto& [n, t] : ts) out.emplace_back(p + n, t);
   }
   return out;
@@ -180,15 +192,18 @@ class TinyModels : public ::testing::Test {
         {"llama-q4_1", "--arch llama --format gguf --quant q4_1 --seed 3"},
         {"llama-q8_0", "--arch llama --format gguf --quant q8_0 --kv-heads 4 --seed 4"},
         {"qwen2-dmsB-gguf", "--arch qwen2 --format gguf --dms-window 8 --dms-variant B"},
-        {"qwen3-dmsB-hf-bf16", "--arch qwen3 --format hf --quant bf16 --shards 3 "
-                               "--dms-window 8 --dms-variant B --dms-per layer"},
+        {"qwen3-dmsB-hf-bf16",
+         "--arch qwen3 --format hf --quant bf16 --shards 3 "
+         "--dms-window 8 --dms-variant B --dms-per layer"},
         {"qwen3-dmsA-gguf", "--arch qwen3 --format gguf --dms-window 16 --dms-per layer"},
-        {"qwen3-adapter", "--arch qwen3 --format hf --dms-window 12 --dms-variant B "
-                          "--dms-adapter-file"},
+        {"qwen3-adapter",
+         "--arch qwen3 --format hf --dms-window 12 --dms-variant B "
+         "--dms-adapter-file"},
         {"llama-rope-llama3", "--arch llama --format hf --rope-scaling llama3 --rope-factor 8"},
         {"llama-rope-llama3-gguf",
          "--arch llama --format gguf --rope-scaling llama3 --rope-factor 8"},
         {"qwen2-rope-linear-gguf", "--arch qwen2 --format gguf --rope-scaling linear"},
+        {"qwen2-rope-yarn-gguf", "--arch qwen2 --format gguf --rope-scaling yarn"},
     };
     std::string cmd = "set -e;";
     for (const auto& [name, args] : models) {
@@ -290,6 +305,7 @@ TEST_F(TinyModels, GgufAndHfOfOneSeedAreIdentical) {
     // The tokenizer description agrees between GGUF metadata and tokenizer.json.
     EXPECT_EQ(g->tokenizer.tokens, h->tokenizer.tokens);
     EXPECT_EQ(g->tokenizer.eos_id, h->tokenizer.eos_id);
+    EXPECT_EQ(g->tokenizer.eos_ids, h->tokenizer.eos_ids);
     EXPECT_EQ(g->tokenizer.merges, h->tokenizer.merges);
   }
 }
@@ -431,6 +447,10 @@ TEST_F(TinyModels, RopeScaling) {
   }
   EXPECT_EQ(lin->config.rope_scaling.type, RopeScaling::Type::kLinear);
   EXPECT_FLOAT_EQ(lin->config.rope_scaling.factor, 4.0f);
+  auto yarn = LoadModel(Path("qwen2-rope-yarn-gguf"));
+  ASSERT_FALSE(yarn.ok());
+  EXPECT_TRUE(absl::IsUnimplemented(yarn.status())) << yarn.status();
+  EXPECT_TRUE(HasSubstr(yarn.status(), "YaRN")) << yarn.status();
 }
 
 TEST_F(TinyModels, RefusedConfigurations) {
@@ -440,20 +460,42 @@ TEST_F(TinyModels, RefusedConfigurations) {
     const char* needle;
   };
   const std::vector<Case> cases = {
-      {"arch", [](Json& j) { j["model_type"] = "mistral"; j["architectures"] = {"MistralForCausalLM"}; },
+      {"arch",
+       [](Json& j) {
+         j["model_type"] = "mistral";
+         j["architectures"] = {"MistralForCausalLM"};
+       },
        "mistral"},
       {"sliding", [](Json& j) { j["use_sliding_window"] = true; }, "use_sliding_window"},
-      {"layer_types", [](Json& j) { j["layer_types"] = {"full_attention", "sliding_attention"}; },
+      {"layer_types",
+       [](Json& j) {
+         j["layer_types"] = {"full_attention", "sliding_attention"};
+       },
        "sliding_attention"},
-      {"yarn", [](Json& j) { j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}}; },
+      {"yarn",
+       [](Json& j) {
+         j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+       },
        "'yarn'"},
       {"ffn", [](Json& j) { j["intermediate_size"] = 96; }, "expected [96, 64]"},
       {"heads", [](Json& j) { j["num_key_value_heads"] = 3; }, "not a multiple of KV heads"},
-      {"dms_block", [](Json& j) { j["dms_window_size"] = 8; j["dms_paged_attention_block_size"] = 8; },
+      {"dms_block",
+       [](Json& j) {
+         j["dms_window_size"] = 8;
+         j["dms_paged_attention_block_size"] = 8;
+       },
        "must be at least 1 and below dms_window_size 8"},
-      {"dms_per", [](Json& j) { j["dms_window_size"] = 8; j["dms_alpha_per"] = "token"; },
+      {"dms_per",
+       [](Json& j) {
+         j["dms_window_size"] = 8;
+         j["dms_alpha_per"] = "token";
+       },
        "dms_alpha_per"},
-      {"dms_sep", [](Json& j) { j["dms_window_size"] = 8; j["dms_separate_alpha"] = true; },
+      {"dms_sep",
+       [](Json& j) {
+         j["dms_window_size"] = 8;
+         j["dms_separate_alpha"] = true;
+       },
        "adapter tensors"},
       {"qwen3_no_norm", [](Json& j) { j["model_type"] = "qwen3"; }, "q_norm"},
       {"missing_key", [](Json& j) { j.erase("hidden_size"); }, "'hidden_size'"},
@@ -470,7 +512,8 @@ TEST_F(TinyModels, RefusedConfigurations) {
   auto missing = LoadModel(dir_ + "/does-not-exist");
   EXPECT_TRUE(absl::IsNotFound(missing.status())) << missing.status();
   // A directory without the weights named by the config.
-  const std::string d = EditedCopy("llama-hf", "bad-layers", [](Json& j) { j["num_hidden_layers"] = 3; });
+  const std::string d =
+      EditedCopy("llama-hf", "bad-layers", [](Json& j) { j["num_hidden_layers"] = 3; });
   auto m = LoadModel(d);
   ASSERT_FALSE(m.ok());
   EXPECT_TRUE(HasSubstr(m.status(), "model.layers.2.input_layernorm.weight")) << m.status();
@@ -508,6 +551,12 @@ TEST_F(TinyModels, RefusedGgufFiles) {
   ASSERT_FALSE(m.ok());
   EXPECT_TRUE(HasSubstr(m.status(), "runs past the end of the file")) << m.status();
   EXPECT_TRUE(HasSubstr(m.status(), p2));
+  // GGUF recognised by its magic whatever the file is called.
+  const std::string noext = dir_ + "/model_without_extension";
+  WriteBytes(noext, good);
+  auto by_magic = LoadModel(noext);
+  ASSERT_TRUE(by_magic.ok()) << by_magic.status();
+  EXPECT_EQ((*by_magic)->source_format, "gguf");
   // Not a model at all.
   const std::string p3 = dir_ + "/notes.txt";
   WriteBytes(p3, {'h', 'e', 'l', 'l', 'o'});
@@ -530,6 +579,32 @@ TEST_F(TinyModels, RefusedGgufFiles) {
   m = LoadModel(p4);
   ASSERT_FALSE(m.ok());
   EXPECT_TRUE(HasSubstr(m.status(), "has shape [272, 64], expected [272, 96]")) << m.status();
+}
+
+// Seeded byte flips in the metadata and tensor-info region of a tiny GGUF: LoadModel must
+// return a model or an error for every variant, never crash.
+TEST_F(TinyModels, RandomHeaderFlipsSeed7NeverCrash) {
+  const std::vector<uint8_t> good = ReadBytes(Path("qwen2-gguf"));
+  auto g = GgufFile::Open(Path("qwen2-gguf"));
+  ASSERT_TRUE(g.ok());
+  const size_t header = static_cast<size_t>((*g)->data_offset());
+  std::mt19937_64 rng(7);
+  const std::string p = dir_ + "/flipped.gguf";
+  int loaded = 0, refused = 0;
+  for (int iter = 0; iter < 300; ++iter) {
+    std::vector<uint8_t> b = good;
+    const int flips = 1 + static_cast<int>(rng() % 3);
+    for (int k = 0; k < flips; ++k) b[rng() % header] = static_cast<uint8_t>(rng());
+    WriteBytes(p, b);
+    auto m = LoadModel(p);
+    if (m.ok()) {
+      ++loaded;
+    } else {
+      ++refused;
+      EXPECT_TRUE(HasSubstr(m.status(), p)) << m.status();
+    }
+  }
+  EXPECT_EQ(loaded + refused, 300);
 }
 
 }  // namespace

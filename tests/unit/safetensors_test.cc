@@ -9,11 +9,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace dmsrt {
 namespace {
@@ -89,7 +88,8 @@ TEST(Safetensors, ParsesValidFile) {
 TEST(SafetensorsHostile, Lengths) {
   ExpectError({1, 2, 3}, "too short");
   ExpectError(Build("{}", {}, 1000), "exceeds the file");
-  std::vector<uint8_t> big = Build("{}", {}, static_cast<int64_t>(SafetensorsFile::kMaxHeaderBytes + 1));
+  std::vector<uint8_t> big =
+      Build("{}", {}, static_cast<int64_t>(SafetensorsFile::kMaxHeaderBytes + 1));
   big.resize(SafetensorsFile::kMaxHeaderBytes + 64, ' ');
   ExpectError(big, "exceeds the limit");
   ExpectError(Build("{\"a\"", {}), "not valid JSON");
@@ -117,8 +117,9 @@ TEST(SafetensorsHostile, Entries) {
   ExpectError(one({{"dtype", "F32"}, {"shape", {4}}, {"data_offsets", {0, 17}}}), "outside");
   ExpectError(one({{"dtype", "F32"}, {"shape", {4}}, {"data_offsets", {8, 4}}}), "outside");
   ExpectError(one({{"dtype", "F32"}, {"shape", {3}}, {"data_offsets", {0, 16}}}), "need 12");
-  ExpectError(one({{"dtype", "F32"}, {"shape", {1ull << 40, 1ull << 40}}, {"data_offsets", {0, 16}}}),
-              "too large");
+  ExpectError(
+      one({{"dtype", "F32"}, {"shape", {1ull << 40, 1ull << 40}}, {"data_offsets", {0, 16}}}),
+      "too large");
   ExpectError(one("x"), "not an object");
   Json h;
   h["a"] = {{"dtype", "F32"}, {"shape", {4}}, {"data_offsets", {0, 16}}};

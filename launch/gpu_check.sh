@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One-call check of the CUDA kernels on a GPU machine: configure + build (CUDA on, no MPI/gRPC),
+# run the GPU tests (ctest -L gpu), run the kernel benchmark and the PyTorch SDPA peer, and print
+# a short summary table LAST (decode-attention GB/s vs measured copy bandwidth and vs SDPA, the
+# DMS time ratio, peak device memory).
+#
+# Works on a bare machine that has only a CUDA toolkit, CMake and PyTorch: abseil and GoogleTest
+# are built from third_party/ (run launch/fetch_source_deps.sh beforehand where the registry is
+# reachable and carry third_party/ along). Logs and JSON go to $OUT when it is set, otherwise to
+# $BUILD/gpu_check/.
+#
+# Usage: launch/gpu_check.sh [--quick] [--no-bench] [--build-dir DIR]
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+build="$here/build-gpu"
+quick=""
+bench=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick="--quick" ;;
+    --no-bench) bench=0 ;;
+    --build-dir) build="$2"; shift ;;
+    *) echo "usage: $0 [--quick] [--no-bench] [--build-dir DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+out="${OUT:-$build/gpu_check}"
+mkdir -p "$out"
+jobs=$(nproc 2>/dev/null || echo 4)
+
+echo "== device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | head -3
+date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+
+echo "== configure"
+cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDMSRT_WITH_CUDA=ON -DDMSRT_WITH_MPI=OFF \
+  -DDMSRT_WITH_GRPC=OFF -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 || {
+  tail -40 "$out/build.log"; echo "gpu_check: configure failed (log: $out/build.log)"; exit 1; }
+grep "dmsrt:" "$out/build.log"
+
+echo "== build (-j$jobs)"
+build_status="full"
+if ! cmake --build "$build" -j"$jobs" >>"$out/build.log" 2>&1; then
+  # Another part of the tree may not build here; the GPU tests and the benchmark may still.
+  gpu_targets=$(ls "$here"/tests/gpu/*_test.c* 2>/dev/null | xargs -n1 basename | sed 's/\.c[cu]*$//' | tr '\n' ' ')
+  echo "full build failed; building only: $gpu_targets gpu_attention_bench"
+  grep -E "error" "$out/build.log" | head -10
+  build_status="partial"
+  for t in $gpu_targets gpu_attention_bench; do
+    cmake --build "$build" -j"$jobs" --target "$t" >>"$out/build.log" 2>&1 || {
+      echo "target $t failed to build"; build_status="partial (some targets failed)"; }
+  done
+fi
+echo "build: $build_status"
+
+echo "== ctest -L gpu"
+tests_rc=0
+(cd "$build" && ctest -L gpu --output-on-failure --timeout 600) 2>&1 | tee "$out/ctest.log"
+tests_rc=${PIPESTATUS[0]}
+tests_line=$(grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1)
+
+if [ "$bench" = 1 ]; then
+  echo "== kernel benchmark"
+  if [ -x "$build/bin/gpu_attention_bench" ]; then
+    "$build/bin/gpu_attention_bench" $quick --json "$out/gpu_bench.json" 2>&1 | tee "$out/bench.txt"
+  else
+    echo "gpu_attention_bench was not built"
+  fi
+  echo "== PyTorch SDPA peer"
+  PYTHONUNBUFFERED=1 python3 "$here/tests/bench/sdpa_peer.py" $quick --json "$out/sdpa.json" 2>&1 | tee "$out/sdpa.txt"
+fi
+
+echo "== summary"
+python3 - "$out" "$tests_line" "$build_status" <<'PY' | tee "$out/summary.txt"
+import json, os, sys
+out, tests_line, build_status = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(name):
+    p = os.path.join(out, name)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except Exception:
+        return None
+b = load("gpu_bench.json")
+s = load("sdpa.json")
+print(f"build: {build_status}; gpu tests: {tests_line or 'no result'}")
+if b:
+    print(f"device: {b['device']} ({b['sms']} SMs); copy D2D (read+write): {b['copy_gbps']:.0f} GB/s")
+    sd = {(r['batch'], r['len']): r for r in (s['sdpa'] if s else [])}
+    print(f"{'batch':>5} {'len':>6} {'dmsrt ms':>9} {'GB/s':>7} {'%copy':>6} {'sdpa ms':>8} {'sdpa GB/s':>9} {'speedup':>7}")
+    for r in b['decode']:
+        p = sd.get((r['batch'], r['dense_len']))
+        ps = f"{p['median_ms']:>8.4f} {p['gbps']:>9.0f} {p['median_ms']/r['median_ms']:>6.2f}x" if p else f"{'-':>8} {'-':>9} {'-':>7}"
+        print(f"{r['batch']:>5} {r['dense_len']:>6} {r['median_ms']:>9.4f} {r['gbps']:>7.0f} {100*r['gbps']/b['copy_gbps']:>5.1f}% {ps}")
+    for d in b['dms']:
+        print(f"DMS batch {d['dense']['batch']} L {d['dense']['dense_len']}: resident {d['dms']['resident_len']} -> {d['time_ratio']:.2f}x faster than dense")
+    print(f"prefill 2048+2048 survivors: {b['prefill_ms']:.3f} ms ({b['prefill_tflops']:.2f} TFLOP/s); sampling 64x151936: {b['sampling_ms']:.3f} ms")
+    peak = b['peak_used_bytes'] / 2**30
+    tp = s['peak_bytes'] / 2**30 if s else float('nan')
+    print(f"peak device memory: dmsrt bench {peak:.2f} GiB in use; torch SDPA {tp:.2f} GiB allocated")
+else:
+    print("no benchmark results")
+PY
+exit $tests_rc

@@ -1,0 +1,77 @@
+"""TLS: `serve --tls-cert --tls-key` (a self-signed certificate for 127.0.0.1 made here with the
+openssl CLI); `submit --tls-ca` and a Python secure channel get answers, a plaintext client does
+not."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import grpc
+import pytest
+
+from conftest import BIN, MODEL, free_port
+
+
+@pytest.fixture(scope="module")
+def tls_server():
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command-line tool is not installed")
+    d = tempfile.mkdtemp(prefix="dmsrt_tls_")
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    addr = f"127.0.0.1:{free_port()}"
+    log = tempfile.NamedTemporaryFile(prefix="dmsrt_tls_", suffix=".log", delete=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1",
+                             "--kv-budget", "32MiB", "--tls-cert", cert, "--tls-key", key],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, open(log.name).read()
+            if "replica 0" in open(log.name).read():
+                break
+            assert time.time() < deadline, open(log.name).read()
+            time.sleep(0.3)
+        yield addr, cert
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_tls_submit_and_python(tls_server, stubs_dir):
+    addr, cert = tls_server
+    deadline = time.time() + 60
+    while True:
+        p = subprocess.run([BIN, "submit", "--address", addr, "--tls-ca", cert, "--prompt", "1 + 2 =",
+                            "--n", "2", "--max-tokens", "6", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        # UNAVAILABLE until the replica has registered with its coordinator.
+        if p.returncode == 0 or time.time() > deadline or "UNAVAILABLE" not in p.stderr:
+            break
+        time.sleep(0.5)
+    assert p.returncode == 0, p.stderr
+    from dmsrt_client import load_stubs
+    pb, pb_grpc = load_stubs(stubs_dir)
+    with open(cert, "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    ch = grpc.secure_channel(addr, creds)
+    cs = pb_grpc.JobServiceStub(ch).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+    assert len(cs.replicas) == 1
+    ch.close()
+    plain = grpc.insecure_channel(addr)
+    with pytest.raises(grpc.RpcError) as ei:
+        pb_grpc.JobServiceStub(plain).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    plain.close()
