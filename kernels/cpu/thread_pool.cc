@@ -89,8 +89,12 @@ void ThreadPool::ParallelFor(int64_t n_chunks, const std::function<void(int64_t)
       std::this_thread::yield();
     }
   }
-  if (mine == n_chunks && n_chunks >= 4) {
-    solo_left_ = kSoloRegions;  // nobody else showed up
+  // Judge only regions whose workers were already awake: waking a sleeper takes longer than a
+  // short region, which says nothing about the machine being busy.
+  if (wake) {
+    // no verdict
+  } else if (mine == n_chunks && n_chunks >= 4) {
+    solo_left_ = kSoloRegions;  // spinning workers never got a core
   } else if (spins > 0) {
     const auto t_end = std::chrono::steady_clock::now();
     if (t_end - t_wait > t_wait - t_start) solo_left_ = kSoloRegions;  // a worker was preempted

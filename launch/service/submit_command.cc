@@ -102,7 +102,8 @@ int RunSubmit(int argc, char** argv) {
   absl::StatusOr<Args> parsed = Args::Parse(
       argc, argv,
       {"address", "prompt", "chat", "n", "budget", "max-tokens", "temperature", "top-p", "top-k",
-       "seed", "stop", "regex", "selection", "deadline", "auth-token", "tls-ca", "timeout"},
+       "seed", "stop", "regex", "selection", "deadline", "auth-token", "tls-ca", "timeout",
+       "wait-ready"},
       {"json", "early-stop", "no-progress"});
   if (!parsed.ok()) {
     std::cerr << "dmsrt submit: " << parsed.status().message() << "\n";
@@ -129,6 +130,38 @@ int RunSubmit(int argc, char** argv) {
   const std::string address = a.Get("address", "127.0.0.1:50051");
   auto channel = grpc::CreateChannel(address, creds);
   auto stub = v1::JobService::NewStub(channel);
+  // --wait-ready S: a freshly started server needs a moment before a replica has registered and
+  // loaded its model; poll the cluster status until one is ready (or S seconds pass).
+  absl::StatusOr<double> wait_ready = a.GetDouble("wait-ready", 0);
+  if (!wait_ready.ok()) {
+    std::cerr << "dmsrt submit: " << wait_ready.status().message() << "\n";
+    return 1;
+  }
+  if (*wait_ready > 0) {
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(*wait_ready * 1000));
+    bool ready = false;
+    std::string last = "no answer";
+    while (!ready && std::chrono::steady_clock::now() < until) {
+      grpc::ClientContext c;
+      if (a.Has("auth-token")) c.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
+      c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      v1::ClusterStatus cs;
+      grpc::Status st = stub->GetClusterStatus(&c, v1::GetClusterStatusRequest(), &cs);
+      if (st.ok()) {
+        for (const auto& r : cs.replicas()) ready = ready || r.state() == "ready";
+        last = ready ? "ready" : "no replica ready yet";
+      } else {
+        last = st.error_message();
+      }
+      if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+    if (!ready) {
+      std::cerr << "dmsrt submit: no replica at " << address << " became ready within "
+                << *wait_ready << " s (" << last << ")\n";
+      return 1;
+    }
+  }
   grpc::ClientContext ctx;
   if (a.Has("auth-token")) ctx.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
   absl::StatusOr<double> timeout = a.GetDouble("timeout", 0);

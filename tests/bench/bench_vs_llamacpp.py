@@ -42,7 +42,7 @@ def main():
 
     text = open(os.path.join(ROOT, "tests", "oracle", "data", "teacher_forced.txt"), "rb").read()
     llm = open_llama(args.model, n_ctx=args.prefill + args.decode + 8, n_threads=args.threads,
-                     n_threads_batch=args.threads, n_batch=args.prefill, logits_all=False)
+                     n_threads_batch=args.threads, n_batch=args.prefill, logits_all=True)
     ids = llm.tokenize(text, add_bos=False, special=True)
     while len(ids) < args.prefill:
         ids = ids + ids
