@@ -2,7 +2,7 @@
 // floor, written as a table and as a JSON profile.
 //
 //   dmsrt bench [--model PATH] [--prefill 512] [--decode 128] [--reps 3] [--threads N]
-//       [--tokens-file F] [--out profile.json] [--json] [KV options as for generate]
+//       [--tokens-file F] [--out profile.json] [--json] [KV options as for generate] [--tp N]
 //
 // Prefill: one sequence, the whole prompt in chunks of --prefill-chunk. Decode: --decode greedy
 // steps of one token after the prompt, EOS ignored (the count is fixed). Each figure is the median
@@ -28,6 +28,7 @@
 #include "launch/figures.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
+#include "runtime/tp_replica.h"
 
 namespace dmsrt {
 namespace {
@@ -68,10 +69,12 @@ int32_t Argmax(const float* x, int32_t n) {
   return static_cast<int32_t>(std::max_element(x, x + n) - x);
 }
 
-absl::Status Bench(int argc, char** argv) {
+absl::Status Bench(int argc, char** argv, TpSession* tp) {
   std::set<std::string> value_opts = RunValueOptions();
+  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
   value_opts.insert({"prefill", "decode", "reps", "tokens-file", "out"});
   DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json"}));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
   DMSRT_ASSIGN_OR_RETURN(int64_t n_prefill, args.GetInt("prefill", 512));
   DMSRT_ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode", 128));
@@ -100,7 +103,8 @@ absl::Status Bench(int argc, char** argv) {
   }
   const int threads = ctx.backend_options.threads > 0 ? ctx.backend_options.threads
                                                       : static_cast<int>(std::thread::hardware_concurrency());
-  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(model, ctx.backend_options));
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeRunBackend(ctx, *tp));
+  if (backend == nullptr) return absl::OkStatus();  // a TP follower: the leader is done
   KvCache& kv = backend->kv();
 
   std::vector<double> prefill_tps, decode_tps;
@@ -132,6 +136,7 @@ absl::Status Bench(int argc, char** argv) {
     figs = kv.Figures(seq);
     DMSRT_RETURN_IF_ERROR(kv.Free(seq));
   }
+  if (tp->tp > 1) DMSRT_RETURN_IF_ERROR(ShutdownTpFollowers(*backend));  // they are done
   const double bw = CopyBandwidth(threads, size_t{512} << 20);
   const double floor_tps = bw / static_cast<double>(model.weight_bytes);
   Stat pf = Summarise(prefill_tps);
@@ -159,6 +164,7 @@ absl::Status Bench(int argc, char** argv) {
                       {"decode_floor_tokens_per_s", floor_tps},
                       {"decode_fraction_of_floor", floor_tps > 0 ? dc.median / floor_tps : 0.0},
                       {"decoded_token_ids", decoded}};
+  if (tp->tp > 1) j["tp"] = tp->tp;  // KV figures are the whole group's
   j.update(FiguresJson(figs, kv.geometry().n_kv_heads, false));
   if (args.Has("out")) {
     std::ofstream out(args.Get("out"));
@@ -183,12 +189,9 @@ absl::Status Bench(int argc, char** argv) {
 }  // namespace
 
 int RunBench(int argc, char** argv) {
-  absl::Status s = Bench(argc, argv);
-  if (!s.ok()) {
-    std::fprintf(stderr, "dmsrt bench: %s\n", std::string(s.message()).c_str());
-    return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
-  }
-  return 0;
+  TpSession tp;
+  absl::Status s = Bench(argc, argv, &tp);
+  return CommandExit("bench", s, &tp);
 }
 
 }  // namespace dmsrt

@@ -4,6 +4,7 @@
 //       [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...
 //       [--threads N] [--kv-policy none|dms|forced|window|tova|h2o] [--kv-budget 1GiB]
 //       [--dms-force-rate R] [--dms-window W] [--prefill-chunk N] [--json]
+//       [--tp N] [--tp-timeout S]      (tensor parallel: mpirun -np N dmsrt generate --tp N ...)
 //
 // The prompt is prefilled in chunks of --prefill-chunk tokens (exact DMS visibility inside and
 // across chunks), then tokens are decoded one at a time. Text is streamed as whole UTF-8
@@ -33,8 +34,9 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-absl::Status Generate(int argc, char** argv) {
+absl::Status Generate(int argc, char** argv, TpSession* tp) {
   std::set<std::string> value_opts = RunValueOptions();
+  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
   value_opts.insert({"prompt", "chat", "system", "max-tokens", "temperature", "top-p", "top-k",
                      "min-p", "seed", "stop"});
   // --stop may repeat: collect every occurrence before the generic parser keeps the last.
@@ -46,6 +48,7 @@ absl::Status Generate(int argc, char** argv) {
   if (args.Has("prompt") == args.Has("chat")) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
   }
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
   const Model& model = *ctx.model;
   const Tokenizer& tok = *ctx.tokenizer;
@@ -85,7 +88,8 @@ absl::Status Generate(int argc, char** argv) {
         prompt.size(), max_tokens, model.config.max_positions));
   }
 
-  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(model, ctx.backend_options));
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeRunBackend(ctx, *tp));
+  if (backend == nullptr) return absl::OkStatus();  // a TP follower: the leader is done
   KvCache& kv = backend->kv();
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, kv.Create());
 
@@ -176,6 +180,7 @@ absl::Status Generate(int argc, char** argv) {
                         {"backend", backend->name()},
                         {"model", model.source_path}};
     j.update(FiguresJson(figs, kv.geometry().n_kv_heads, /*detail=*/true));
+    if (tp->tp > 1) j["tp"] = tp->tp;  // KV figures are the whole group's
     std::cout << j.dump() << std::endl;
   } else {
     std::printf("\n\n[%s] prompt %zu tokens, generated %zu tokens (%s); prefill %.1f tokens/s, "
@@ -189,12 +194,9 @@ absl::Status Generate(int argc, char** argv) {
 }  // namespace
 
 int RunGenerate(int argc, char** argv) {
-  absl::Status s = Generate(argc, argv);
-  if (!s.ok()) {
-    std::fprintf(stderr, "dmsrt generate: %s\n", std::string(s.message()).c_str());
-    return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
-  }
-  return 0;
+  TpSession tp;
+  absl::Status s = Generate(argc, argv, &tp);
+  return CommandExit("generate", s, &tp);
 }
 
 }  // namespace dmsrt

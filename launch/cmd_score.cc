@@ -2,7 +2,7 @@
 // every position, and optionally every logit (for comparison with another implementation).
 //
 //   dmsrt score [--model PATH] (--text TEXT | --file F | --tokens "1 2 3") [--prefill-chunk N]
-//       [--dump-logits FILE] [--json] [backend/KV options as for generate]
+//       [--dump-logits FILE] [--json] [backend/KV options as for generate] [--tp N]
 //
 // --dump-logits writes float32 little-endian [n_tokens, vocab]: row i is the distribution after
 // tokens 0..i.
@@ -26,10 +26,12 @@
 namespace dmsrt {
 namespace {
 
-absl::Status Score(int argc, char** argv) {
+absl::Status Score(int argc, char** argv, TpSession* tp) {
   std::set<std::string> value_opts = RunValueOptions();
+  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
   value_opts.insert({"text", "file", "tokens", "dump-logits"});
   DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json", "add-bos"}));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
   std::vector<int32_t> ids;
   if (args.Has("tokens")) {
@@ -53,7 +55,8 @@ absl::Status Score(int argc, char** argv) {
   }
   if (ids.size() < 2) return absl::InvalidArgumentError("score needs at least 2 tokens");
 
-  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(*ctx.model, ctx.backend_options));
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeRunBackend(ctx, *tp));
+  if (backend == nullptr) return absl::OkStatus();  // a TP follower: the leader is done
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, backend->kv().Create());
   std::ofstream dump;
   if (args.Has("dump-logits")) {
@@ -106,12 +109,9 @@ absl::Status Score(int argc, char** argv) {
 }  // namespace
 
 int RunScore(int argc, char** argv) {
-  absl::Status s = Score(argc, argv);
-  if (!s.ok()) {
-    std::fprintf(stderr, "dmsrt score: %s\n", std::string(s.message()).c_str());
-    return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
-  }
-  return 0;
+  TpSession tp;
+  absl::Status s = Score(argc, argv, &tp);
+  return CommandExit("score", s, &tp);
 }
 
 }  // namespace dmsrt

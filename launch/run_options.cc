@@ -1,7 +1,12 @@
 #include "launch/run_options.h"
 
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "parallel/status_macros.h"
+#include "parallel/world.h"
+#include "runtime/tp_replica.h"
 
 namespace dmsrt {
 
@@ -86,6 +91,62 @@ absl::StatusOr<RunContext> LoadRunContext(const Args& args) {
     return absl::InvalidArgumentError("--dms-force-rate only goes with --kv-policy forced");
   }
   return ctx;
+}
+
+const std::set<std::string>& TpValueOptions() {
+  static const std::set<std::string> kOptions = {"tp", "tp-timeout"};
+  return kOptions;
+}
+
+absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv) {
+  TpSession session;
+  DMSRT_ASSIGN_OR_RETURN(int64_t tp, args.GetInt("tp", 0));
+  DMSRT_ASSIGN_OR_RETURN(double timeout_s, args.GetDouble("tp-timeout", 300.0));
+  if (tp < 0) return absl::InvalidArgumentError("--tp must be >= 1 (or 0 = the number of ranks)");
+  if (!(timeout_s > 0)) return absl::InvalidArgumentError("--tp-timeout must be > 0 seconds");
+  if (!InsideMpirun()) {
+    if (tp > 1) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--tp %d needs %d processes: launch with mpirun -np %d dmsrt %s ... --tp %d", tp, tp, tp,
+          (*argv)[0], tp));
+    }
+    return session;  // one process, no MPI: exactly as without tensor parallelism
+  }
+  const LauncherEnv env = ReadLauncherEnv();
+  const int world = env.world_size.value_or(1);
+  if (tp == 0) tp = world;
+  if (tp != world) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--tp %d under mpirun with %d ranks: this subcommand runs one tensor-parallel group, so "
+        "launch with mpirun -np %d (replicas x tp is for serve)",
+        tp, world, tp));
+  }
+  ParallelOptions opts;
+  opts.tp = static_cast<int>(tp);
+  opts.timeout = absl::Seconds(timeout_s);
+  DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(argc, argv, opts));
+  session.par = std::make_unique<ParallelContext>(std::move(par));
+  session.tp = session.par->world.tp();
+  return session;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeRunBackend(RunContext& ctx, TpSession& tp) {
+  ctx.backend_options.comm = tp.comm();
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> local,
+                         MakeCpuBackend(*ctx.model, ctx.backend_options));
+  if (tp.tp <= 1) return local;
+  if (tp.leader()) return MakeTpLeaderBackend(std::move(local), tp.comm());
+  DMSRT_RETURN_IF_ERROR(RunTpFollower(*local, tp.comm()));
+  return std::unique_ptr<Backend>();
+}
+
+int CommandExit(const char* command, const absl::Status& s, TpSession* tp) {
+  if (s.ok()) return 0;
+  if (tp != nullptr && tp->par != nullptr && tp->par->world.world_size() > 1) {
+    return tp->par->Fail(absl::Status(s.code(), absl::StrCat(command, ": ", s.message())));
+  }
+  std::fprintf(stderr, "dmsrt %s: %s\n", command, std::string(s.message()).c_str());
+  return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
 }
 
 }  // namespace dmsrt

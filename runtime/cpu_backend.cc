@@ -8,10 +8,17 @@
 //
 // Tensor-parallel layout: each layer keeps views of the weight slices this rank uses and the
 // ranges of query heads, KV heads and FFN channels it owns (q_head_begin_, kv_head_begin_,
-// ffn_begin_ ...). With one rank the ranges are the whole model; a rank of a TP group would own a
-// contiguous range of KV heads with their query groups, the matching rows of q/k/v and columns of
-// o_proj, a contiguous FFN slice (rows of gate/up, columns of down), and all-reduce after o_proj
-// and down_proj.
+// ffn_begin_ ...). With one rank the ranges are the whole model. With BackendOptions::comm of
+// size tp > 1 the rank takes its part of the shard plan (parallel/shard_plan.h): a contiguous
+// range of KV heads with their query groups (its KV cache holds only those heads, and the
+// eviction policy runs on them with their global indices), the matching rows of q/k/v (pointer
+// offsets) and columns of o_proj, an FFN slice aligned to down_proj's blocks (rows of gate/up,
+// columns of down), and a vocabulary slice of the output projection. o_proj and down_proj give
+// partial sums that are all-reduced (sum); the logits slices are all-gathered so every rank
+// returns full rows. A column slice that does not start and end on a block boundary is read as
+// the block-aligned cover with zeros in the extra input columns (exact). Embeddings are looked up
+// in the full, shared table. KV reservations are agreed across the group before any collective,
+// so a full cache on one rank fails the step on every rank alike.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,6 +33,8 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/reference/quant.h"
+#include "parallel/comm.h"
+#include "parallel/shard_plan.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend.h"
 #include "runtime/dms.h"
@@ -108,6 +117,9 @@ class CpuBackend : public Backend {
  private:
   struct Layer {
     LinearView wq, wk, wv, wo, gate, up, down;
+    // Input columns of wo / down as read: the owned slice, or its block-aligned cover; `*_pad` is
+    // the offset of the owned slice inside it (0 and the slice width when aligned).
+    int64_t wo_in = 0, wo_pad = 0, down_in = 0, down_pad = 0;
     std::vector<float> attn_norm, ffn_norm;  // [hidden]
     std::vector<float> q_norm, k_norm;       // [head_dim] (Qwen3) or empty
     std::vector<float> bq, bk, bv;           // local slices of the biases (Qwen2) or empty
@@ -118,6 +130,12 @@ class CpuBackend : public Backend {
   absl::Status Init();
   void Matmuls(const kn::MatmulSpec* specs, int n_specs, int64_t cols, const float* x,
                int64_t n);
+  // Row-parallel product y = W_slice x_slice, where W's input columns as read are `in` wide and
+  // the owned `width` columns sit at `pad` inside them (zeros elsewhere).
+  void RowParallel(const LinearView& w, int64_t in, int64_t pad, const float* x, int64_t width,
+                   int64_t n, float* y);
+  // All-ranks agreement on the step's KV reservations (tp > 1).
+  absl::Status AgreeReservations(const absl::Status& mine);
 
   const Model& model_;
   const ModelConfig& cfg_;
@@ -131,6 +149,12 @@ class CpuBackend : public Backend {
   int32_t kv_head_begin_ = 0, n_kv_ = 0;     // KV heads
   int32_t ffn_begin_ = 0, ffn_ = 0;          // FFN channels
   int32_t hidden_ = 0, head_dim_ = 0, rope_dim_ = 0, vocab_ = 0;
+  // Tensor parallelism: the group (null with one rank), this rank's vocabulary slice, and every
+  // rank's slice (to place the all-gathered logits).
+  Communicator* comm_ = nullptr;
+  int tp_ = 1;
+  int32_t vocab_begin_ = 0, n_vocab_ = 0, max_vocab_slice_ = 0;
+  std::vector<Range> vocab_slices_;
   bool dms_bits_ = false;       // pass DMS decisions to the cache (policy dms)
   bool dms_variant_a_ = false;  // zero the repurposed query channel (Variant A models)
 
@@ -141,6 +165,8 @@ class CpuBackend : public Backend {
 
   // Scratch, [N, ...] for the N tokens of a step.
   std::vector<float> x_, xn_, q_, k_, v_, attn_, o_, gate_, up_, cos_sin_, final_;
+  std::vector<float> pad_;                   // zero-padded row-parallel input (unaligned slices)
+  std::vector<float> logits_local_, logits_all_;  // [R, max_vocab_slice], [tp, R, max_vocab_slice]
   std::vector<uint8_t> bits_;
   std::vector<int64_t> pos_;
 };
@@ -192,6 +218,45 @@ absl::Status CpuBackend::Init() {
   hidden_ = c.hidden;
   head_dim_ = c.head_dim;
   vocab_ = c.vocab;
+  vocab_begin_ = 0;
+  n_vocab_ = c.vocab;
+  max_vocab_slice_ = c.vocab;
+  vocab_slices_ = {Range{0, c.vocab}};
+  if (options_.comm != nullptr && options_.comm->size() > 1) {
+    comm_ = options_.comm;
+    tp_ = comm_->size();
+    if (comm_->device_buffers()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the CPU backend needs a host-memory communicator; got ", comm_->Describe()));
+    }
+    const ModelDims dims{c.n_heads, c.n_kv_heads, c.head_dim, c.hidden, c.ffn, c.vocab};
+    ShardOptions so;
+    // Split the FFN in whole blocks of down_proj so its column slices need no padding.
+    const WeightTensor& down0 = model_.weights.layers[0].w_down;
+    if (down0.present() && BlockSize(down0.type) > 0 && c.ffn % BlockSize(down0.type) == 0) {
+      so.ffn_align = BlockSize(down0.type);
+    }
+    absl::StatusOr<ShardPlan> plan = MakeShardPlan(dims, tp_, comm_->rank(), so);
+    if (!plan.ok()) {
+      return absl::Status(plan.status().code(),
+                          absl::StrCat("tensor parallelism over ", tp_, " ranks: ",
+                                       plan.status().message()));
+    }
+    q_head_begin_ = static_cast<int32_t>(plan->q_heads.begin);
+    n_heads_ = static_cast<int32_t>(plan->q_heads.size());
+    kv_head_begin_ = static_cast<int32_t>(plan->kv_heads.begin);
+    n_kv_ = static_cast<int32_t>(plan->kv_heads.size());
+    ffn_begin_ = static_cast<int32_t>(plan->ffn.begin);
+    ffn_ = static_cast<int32_t>(plan->ffn.size());
+    vocab_begin_ = static_cast<int32_t>(plan->vocab.begin);
+    n_vocab_ = static_cast<int32_t>(plan->vocab.size());
+    max_vocab_slice_ = static_cast<int32_t>(plan->max_vocab_slice);
+    vocab_slices_.clear();
+    for (int r = 0; r < tp_; ++r) {
+      DMSRT_ASSIGN_OR_RETURN(ShardPlan pr, MakeShardPlan(dims, tp_, r, so));
+      vocab_slices_.push_back(pr.vocab);
+    }
+  }
 
   const int64_t hd = head_dim_;
   const WeightTensor& emb = model_.weights.tok_embd;
@@ -203,7 +268,8 @@ absl::Status CpuBackend::Init() {
   }
   DMSRT_ASSIGN_OR_RETURN(output_norm_,
                          ToFloat(model_.weights.output_norm, "output_norm", 0, hidden_));
-  DMSRT_ASSIGN_OR_RETURN(output_, MakeView(model_.weights.output, "output", 0, vocab_, 0, hidden_));
+  DMSRT_ASSIGN_OR_RETURN(output_, MakeView(model_.weights.output, "output", vocab_begin_,
+                                            n_vocab_, 0, hidden_));
 
   layers_.resize(c.n_layers);
   for (int32_t l = 0; l < c.n_layers; ++l) {
@@ -214,10 +280,24 @@ absl::Status CpuBackend::Init() {
     DMSRT_ASSIGN_OR_RETURN(L.wq, MakeView(lw.wq, "attn_q", q0, nq, 0, hidden_));
     DMSRT_ASSIGN_OR_RETURN(L.wk, MakeView(lw.wk, "attn_k", k0, nk, 0, hidden_));
     DMSRT_ASSIGN_OR_RETURN(L.wv, MakeView(lw.wv, "attn_v", k0, nk, 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.wo, MakeView(lw.wo, "attn_output", 0, hidden_, q0, nq));
+    {
+      // Row-parallel: the owned input columns, widened to whole blocks when they are not.
+      const Range cov = BlockCover(Range{q0, q0 + nq}, lw.wo.cols, BlockSize(lw.wo.type));
+      DMSRT_ASSIGN_OR_RETURN(L.wo, MakeView(lw.wo, "attn_output", 0, hidden_, cov.begin,
+                                            cov.size()));
+      L.wo_in = cov.size();
+      L.wo_pad = q0 - cov.begin;
+    }
     DMSRT_ASSIGN_OR_RETURN(L.gate, MakeView(lw.w_gate, "ffn_gate", ffn_begin_, ffn_, 0, hidden_));
     DMSRT_ASSIGN_OR_RETURN(L.up, MakeView(lw.w_up, "ffn_up", ffn_begin_, ffn_, 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.down, MakeView(lw.w_down, "ffn_down", 0, hidden_, ffn_begin_, ffn_));
+    {
+      const Range cov = BlockCover(Range{ffn_begin_, ffn_begin_ + ffn_}, lw.w_down.cols,
+                                   BlockSize(lw.w_down.type));
+      DMSRT_ASSIGN_OR_RETURN(L.down, MakeView(lw.w_down, "ffn_down", 0, hidden_, cov.begin,
+                                              cov.size()));
+      L.down_in = cov.size();
+      L.down_pad = ffn_begin_ - cov.begin;
+    }
     DMSRT_ASSIGN_OR_RETURN(L.attn_norm, ToFloat(lw.attn_norm, "attn_norm", 0, hidden_));
     DMSRT_ASSIGN_OR_RETURN(L.ffn_norm, ToFloat(lw.ffn_norm, "ffn_norm", 0, hidden_));
     if (c.qk_norm) {
@@ -279,6 +359,35 @@ void CpuBackend::Matmuls(const kn::MatmulSpec* specs, int n_specs, int64_t cols,
   kn::MatMulBatch(pool_.get(), specs, n_specs, cols, x, n, &ws_);
 }
 
+void CpuBackend::RowParallel(const LinearView& w, int64_t in, int64_t pad, const float* x,
+                             int64_t width, int64_t n, float* y) {
+  const float* input = x;
+  if (in != width) {
+    Grow(pad_, static_cast<size_t>(n * in));
+    std::fill(pad_.begin(), pad_.begin() + n * in, 0.0f);
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy(x + t * width, x + (t + 1) * width, pad_.data() + t * in + pad);
+    }
+    input = pad_.data();
+  }
+  const kn::MatmulSpec spec = {w.type, w.data, w.rows, y, w.rows, w.stride};
+  Matmuls(&spec, 1, in, input, n);
+}
+
+absl::Status CpuBackend::AgreeReservations(const absl::Status& mine) {
+  // The largest failing status code over the group (0 = every rank reserved).
+  int64_t code = mine.ok() ? 0 : static_cast<int64_t>(mine.code());
+  DMSRT_RETURN_IF_ERROR(comm_->host()->AllReduce(&code, &code, 1, ReduceOp::kMax));
+  if (!mine.ok()) return mine;
+  if (code == 0) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(code),
+                      absl::StrCat("KV reservation failed on another rank of the TP group ",
+                                   comm_->Describe(), " (",
+                                   absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
+                                   "); raise --kv-budget, or run fewer or shorter sequences at "
+                                   "once"));
+}
+
 absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& batch) {
   ForwardResult result;
   result.vocab = vocab_;
@@ -305,8 +414,16 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
     N += static_cast<int64_t>(ch.tokens.size());
   }
   if (N == 0) return result;
-  for (const SeqChunk& ch : batch) {
-    DMSRT_RETURN_IF_ERROR(kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
+  {
+    absl::Status reserved;
+    for (const SeqChunk& ch : batch) {
+      reserved = kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size()));
+      if (!reserved.ok()) break;
+    }
+    // Ranks evict different amounts, so one may be full while the others are not: agree before
+    // the first collective of the step, so every rank runs it or none does.
+    if (comm_ != nullptr) reserved = AgreeReservations(reserved);
+    DMSRT_RETURN_IF_ERROR(reserved);
   }
 
   const int64_t hd = head_dim_;
@@ -400,11 +517,8 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
         t += n;
       }
     }
-    {
-      const kn::MatmulSpec spec = {L.wo.type, L.wo.data, L.wo.rows, o_.data(), H, L.wo.stride};
-      Matmuls(&spec, 1, QW, attn_.data(), N);
-    }
-    // (tensor parallelism: all-reduce o_ here)
+    RowParallel(L.wo, L.wo_in, L.wo_pad, attn_.data(), QW, N, o_.data());
+    if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
     kn::AddInPlace(x, o_.data(), N * H);
 
     kn::RmsNorm(x, L.ffn_norm.data(), N, H, eps, xn);
@@ -416,12 +530,8 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
       Matmuls(specs, 2, H, xn, N);
     }
     kn::SiluMul(gate_.data(), up_.data(), gate_.data(), N * F);
-    {
-      const kn::MatmulSpec spec = {L.down.type, L.down.data, L.down.rows, o_.data(), H,
-                                   L.down.stride};
-      Matmuls(&spec, 1, F, gate_.data(), N);
-    }
-    // (tensor parallelism: all-reduce o_ here)
+    RowParallel(L.down, L.down_in, L.down_pad, gate_.data(), F, N, o_.data());
+    if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
     kn::AddInPlace(x, o_.data(), N * H);
   }
 
@@ -451,9 +561,28 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
       kn::RmsNorm(x + rows[r] * H, output_norm_.data(), 1, H, eps, &final_[r * H]);
     }
     result.logits.resize(static_cast<size_t>(R) * vocab_);
-    const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows, result.logits.data(),
-                                 vocab_, output_.stride};
-    Matmuls(&spec, 1, H, final_.data(), R);
+    if (comm_ == nullptr) {
+      const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows,
+                                   result.logits.data(), vocab_, output_.stride};
+      Matmuls(&spec, 1, H, final_.data(), R);
+    } else {
+      // This rank's vocabulary columns, padded to the largest slice, then every rank's.
+      const int64_t M = max_vocab_slice_;
+      Grow(logits_local_, static_cast<size_t>(R * M));
+      Grow(logits_all_, static_cast<size_t>(tp_ * R * M));
+      std::fill(logits_local_.begin(), logits_local_.begin() + R * M, 0.0f);
+      const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows,
+                                   logits_local_.data(), M, output_.stride};
+      if (n_vocab_ > 0) Matmuls(&spec, 1, H, final_.data(), R);
+      DMSRT_RETURN_IF_ERROR(comm_->AllGather(logits_local_.data(), R * M, logits_all_.data()));
+      for (int r = 0; r < tp_; ++r) {
+        const Range vs = vocab_slices_[static_cast<size_t>(r)];
+        for (int64_t row = 0; row < R; ++row) {
+          const float* src = logits_all_.data() + (static_cast<int64_t>(r) * R + row) * M;
+          std::copy(src, src + vs.size(), result.logits.data() + row * vocab_ + vs.begin);
+        }
+      }
+    }
   }
   return result;
 }

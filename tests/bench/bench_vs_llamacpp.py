@@ -42,11 +42,18 @@ def main():
 
     text = open(os.path.join(ROOT, "tests", "oracle", "data", "teacher_forced.txt"), "rb").read()
     llm = open_llama(args.model, n_ctx=args.prefill + args.decode + 8, n_threads=args.threads,
-                     n_threads_batch=args.threads, n_batch=args.prefill, logits_all=True)
+                     n_threads_batch=args.threads, n_batch=args.prefill, logits_all=False)
     ids = llm.tokenize(text, add_bos=False, special=True)
     while len(ids) < args.prefill:
         ids = ids + ids
     ids = ids[: args.prefill]
+
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # Without logits_all llama.cpp computes only the last row's logits (as dmsrt does) and
+        # llama-cpp-python no longer copies them into `scores`: read them from the context.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
     # llama.cpp: warm-up + reps.
     pf, dc = [], []
@@ -55,10 +62,10 @@ def main():
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
         for _ in range(args.decode):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits()))
         t2 = time.perf_counter()
         if rep:
             pf.append(args.prefill / (t1 - t0))

@@ -6,15 +6,21 @@
 // Reserve errors come back untouched; DMS Variant A zeroes its query channel.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/reference/quant.h"
+#include "parallel/comm.h"
 #include "runtime/backend.h"
 #include "runtime/model.h"
 
@@ -437,6 +443,225 @@ TEST_F(CpuBackendTest, DmsVariantAZeroesChannelAndEvicts) {
   BackendOptions o;
   o.kv_policy = p;
   EXPECT_EQ(MakeCpuBackend(*plain, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---- tensor parallelism without MPI: ranks as threads -------------------------------------------
+
+// A Communicator whose ranks are threads of this process (shared memory, a cyclic barrier), so the
+// sharded forward pass is tested by every unit run, with or without MPI. Sums run over ranks in
+// rank order, so every rank gets bit-identical results (as MPI's reductions give).
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int n) : n_(n), slots_(static_cast<size_t>(n)) {}
+  int size() const { return n_; }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const int64_t gen = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != gen; });
+    }
+  }
+  std::vector<const void*>& slots() { return slots_; }
+
+ private:
+  const int n_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  int64_t generation_ = 0;
+  std::vector<const void*> slots_;
+};
+
+class ThreadComm final : public Communicator {
+ public:
+  ThreadComm(ThreadGroup* g, int rank) : g_(g), rank_(rank) {}
+  int size() const override { return g_->size(); }
+  int rank() const override { return rank_; }
+  const char* kind() const override { return "threads"; }
+  std::string Describe() const override { return "threads[" + std::to_string(size()) + "]"; }
+
+  template <class T>
+  absl::Status Reduce(const T* send, T* recv, int64_t count, ReduceOp op) {
+    g_->slots()[rank_] = send;
+    g_->Wait();
+    std::vector<T> acc(static_cast<const T*>(g_->slots()[0]),
+                       static_cast<const T*>(g_->slots()[0]) + count);
+    for (int r = 1; r < size(); ++r) {
+      const T* p = static_cast<const T*>(g_->slots()[r]);
+      for (int64_t i = 0; i < count; ++i) {
+        acc[i] = op == ReduceOp::kSum ? acc[i] + p[i]
+                                      : (op == ReduceOp::kMin ? std::min(acc[i], p[i])
+                                                              : std::max(acc[i], p[i]));
+      }
+    }
+    g_->Wait();  // everyone has read every send buffer
+    std::copy(acc.begin(), acc.end(), recv);
+    return absl::OkStatus();
+  }
+  absl::Status AllReduce(const float* s, float* r, int64_t c, ReduceOp op) override {
+    return Reduce(s, r, c, op);
+  }
+  absl::Status AllReduce(const int64_t* s, int64_t* r, int64_t c, ReduceOp op) override {
+    return Reduce(s, r, c, op);
+  }
+  absl::Status AllGatherBytes(const void* send, int64_t bytes, void* recv) override {
+    g_->slots()[rank_] = send;
+    g_->Wait();
+    std::vector<char> all(static_cast<size_t>(bytes * size()));
+    for (int r = 0; r < size(); ++r) {
+      std::memcpy(all.data() + r * bytes, g_->slots()[r], static_cast<size_t>(bytes));
+    }
+    g_->Wait();
+    std::memcpy(recv, all.data(), all.size());
+    return absl::OkStatus();
+  }
+  absl::Status Broadcast(void* buf, int64_t bytes, int root) override {
+    g_->slots()[rank_] = buf;
+    g_->Wait();
+    if (rank_ != root) std::memcpy(buf, g_->slots()[root], static_cast<size_t>(bytes));
+    g_->Wait();
+    return absl::OkStatus();
+  }
+  absl::Status Barrier() override {
+    g_->Wait();
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<Communicator>> Split(int, int) override {
+    return absl::UnimplementedError("ThreadComm::Split");
+  }
+  absl::Status Abort(const std::string& reason) override { return absl::AbortedError(reason); }
+
+ private:
+  ThreadGroup* g_;
+  int rank_;
+};
+
+// Runs `fn(rank, comm)` on `tp` threads and joins them.
+void RunRanks(int tp, const std::function<void(int, Communicator*)>& fn) {
+  ThreadGroup group(tp);
+  std::vector<std::unique_ptr<ThreadComm>> comms;
+  for (int r = 0; r < tp; ++r) comms.push_back(std::make_unique<ThreadComm>(&group, r));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < tp; ++r) threads.emplace_back([&, r] { fn(r, comms[r].get()); });
+  for (auto& t : threads) t.join();
+}
+
+struct TpCase {
+  ModelCase model;
+  int tp;
+  double tol;  // max |delta logit| / max |logit| against one rank
+};
+
+// Sharded forward passes (head, FFN and vocabulary slices, all-reduce, all-gather) against one
+// rank: f32 models agree to rounding; quantized ones within activation-quantization error (an
+// unaligned o_proj slice is read through its zero-padded block cover, which changes the int8
+// blocks of the activations). Forced eviction: every rank keeps exactly the single-rank
+// residents of its global heads.
+TEST_F(CpuBackendTest, TensorParallelMatchesOneRank) {
+  const TpCase cases[] = {
+      // Qwen2 biases sliced per rank; 2 KV heads over 2 ranks.
+      {{"qwen2_gguf_f32", "--arch qwen2 --format gguf --seed 3", "model.gguf", 0}, 2, 1e-5},
+      // 4 KV heads over 4 ranks, uneven vocabulary split (275 = 69+69+69+68).
+      {{"llama_hf_tp4", "--arch llama --format hf --seed 11 --heads 8 --kv-heads 4 --hidden 64 "
+                        "--vocab 275", "", 0}, 4, 1e-5},
+      // Q4_1: o_proj slices of 32 values (whole blocks), FFN split in whole blocks.
+      {{"llama_gguf_q4_1", "--arch llama --format gguf --seed 7 --quant q4_1", "model.gguf", 0},
+       2, 1e-5},
+      // Q8_0 with 16-value o_proj slices: the zero-padded block cover.
+      {{"llama_gguf_q8_0_tp4", "--arch llama --format gguf --seed 12 --quant q8_0 --heads 4 "
+                               "--kv-heads 4 --hidden 64", "model.gguf", 0}, 4, 0.05},
+  };
+  for (const TpCase& tc : cases) {
+    SCOPED_TRACE(tc.model.name);
+    std::unique_ptr<Model> m = Load(tc.model);
+    ASSERT_NE(m, nullptr);
+    KvPolicyConfig forced;
+    forced.kind = KvPolicyKind::kForced;
+    forced.force_rate = 0.7;
+    forced.window = 3;
+    forced.seed = 5;
+    const std::vector<int32_t> prompt = {5, 100, 37, 250, 7, 7, 191, 64, 3, 12, 44, 90, 13};
+    // One rank.
+    auto ref = MakeBackend(*m, 1, forced);
+    ASSERT_NE(ref, nullptr);
+    SeqId rs = *ref->kv().Create();
+    std::vector<float> want = RunChunk(*ref, rs, prompt);
+    for (int32_t t : {9, 8, 7, 6, 5}) {
+      std::vector<float> row = RunChunk(*ref, rs, {t});
+      want.insert(want.end(), row.begin(), row.end());
+    }
+    // tp ranks.
+    std::vector<std::vector<float>> got(tc.tp);
+    std::vector<std::string> errors(tc.tp);
+    std::vector<int64_t> mismatched(tc.tp, 0), compared(tc.tp, 0);
+    RunRanks(tc.tp, [&](int rank, Communicator* comm) {
+      BackendOptions o;
+      o.threads = 1;
+      o.kv_policy = forced;
+      o.kv_budget_bytes = 64ll << 20;
+      o.kv_block_tokens = 4;
+      o.comm = comm;
+      auto b = MakeCpuBackend(*m, o);
+      if (!b.ok()) {
+        errors[rank] = b.status().ToString();
+        return;  // every rank fails alike (same model, same degree)
+      }
+      SeqId s = *(*b)->kv().Create();
+      got[rank] = RunChunk(**b, s, prompt);
+      for (int32_t t : {9, 8, 7, 6, 5}) {
+        std::vector<float> row = RunChunk(**b, s, {t});
+        got[rank].insert(got[rank].end(), row.begin(), row.end());
+      }
+      const KvGeometry& g = (*b)->kv().geometry();
+      for (int32_t l = 0; l < g.n_layers; ++l) {
+        for (int32_t j = 0; j < g.n_kv_heads; ++j) {
+          ++compared[rank];
+          if ((*b)->kv().ResidentPositions(s, l, j) !=
+              ref->kv().ResidentPositions(rs, l, g.kv_head_offset + j)) {
+            ++mismatched[rank];
+          }
+        }
+      }
+    });
+    double max_ref = 0, max_d = 0;
+    for (float v : want) max_ref = std::max(max_ref, std::fabs(static_cast<double>(v)));
+    for (int r = 0; r < tc.tp; ++r) {
+      ASSERT_TRUE(errors[r].empty()) << "rank " << r << ": " << errors[r];
+      ASSERT_EQ(got[r].size(), want.size()) << "rank " << r;
+      // Every rank returns the full logits, identical across ranks.
+      EXPECT_EQ(got[r], got[0]) << "rank " << r;
+      for (size_t i = 0; i < want.size(); ++i) {
+        max_d = std::max(max_d, std::fabs(static_cast<double>(got[r][i]) - want[i]));
+      }
+      EXPECT_GT(compared[r], 0);
+      EXPECT_EQ(mismatched[r], 0) << "rank " << r << ": resident sets differ from one rank";
+    }
+    std::printf("[tp %d] %s: max |delta logit| %.3g (max |logit| %.3g)\n", tc.tp,
+                tc.model.name.c_str(), max_d, max_ref);
+    EXPECT_LE(max_d, tc.tol * std::max(1.0, max_ref)) << "max |delta logit| " << max_d;
+  }
+}
+
+TEST_F(CpuBackendTest, TensorParallelRefusesDegreeNotDividingKvHeads) {
+  std::unique_ptr<Model> m =
+      Load({"llama_gguf_f32", "--arch llama --format gguf --seed 1", "model.gguf", 0});
+  ASSERT_NE(m, nullptr);  // 2 KV heads
+  std::vector<absl::Status> st(3);
+  RunRanks(3, [&](int rank, Communicator* comm) {
+    BackendOptions o;
+    o.threads = 1;
+    o.kv_budget_bytes = 1 << 20;
+    o.comm = comm;
+    st[rank] = MakeCpuBackend(*m, o).status();
+  });
+  for (const absl::Status& s : st) {
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+    EXPECT_NE(s.message().find("does not divide the model's 2 KV heads"), std::string::npos) << s;
+  }
 }
 
 }  // namespace

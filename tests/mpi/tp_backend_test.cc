@@ -1,0 +1,371 @@
+// Tensor parallelism of the CPU backend, run under mpirun (label mpi): every rank builds its shard
+// of a tiny f32 model and a full single-rank copy of the same model, TP rank 0 drives a scripted
+// workload (create, chunked prefill, fork, batched decode of two sequences, free, reserve) through
+// the leader backend while the other ranks follow, and then
+//   * the leader's logits match the single-rank logits within f32 rounding (the only difference
+//     is the order of the partial sums of o_proj and down_proj), and greedy choices agree;
+//   * on every rank, the KV cache of each live sequence holds exactly the single-rank cache's
+//     resident positions for the same global heads (eviction is local and bit-identical);
+//   * the leader's free-block figure is the minimum over the ranks.
+// Models: llama (HF) and qwen3 (GGUF, q/k norms) with 4 and 8 KV heads, policies none, forced DMS
+// and the model's own DMS decisions (Variant A and Variant B). Also: a TP degree that does not
+// divide the KV heads is refused with the shard plan's message.
+//
+// Tiny models are written by tests/fixtures/make_tiny_model.py into $DMSRT_TP_MODELS (tp.cmake
+// runs it as a fixture). Without mpirun every test skips with the reason.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "parallel/comm.h"
+#include "parallel/comm_factory.h"
+#include "parallel/world.h"
+#include "runtime/backend.h"
+#include "runtime/model.h"
+#include "runtime/tp_replica.h"
+
+namespace dmsrt {
+namespace {
+
+ParallelContext* g_par = nullptr;
+
+std::string ModelDir(const std::string& name) {
+  const char* root = std::getenv("DMSRT_TP_MODELS");
+  return std::string(root ? root : "tp_models") + "/" + name;
+}
+
+int32_t Argmax(const float* x, int32_t n) {
+  return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
+
+// The scripted workload. Tokens come from `choose` (greedy on the single-rank run, replayed on the
+// TP run so both see the same inputs). Every step's logits rows are appended to `logits`.
+struct Script {
+  std::vector<int32_t> chosen;          // tokens picked after each step, in order
+  std::vector<std::vector<float>> logits;
+  std::vector<SeqId> live;               // sequences alive at the end
+};
+
+absl::Status RunScript(Backend& b, const std::vector<int32_t>* replay, Script* out) {
+  KvCache& kv = b.kv();
+  size_t next_choice = 0;
+  auto choose = [&](const float* row, int32_t vocab, int32_t bump) {
+    int32_t t = (Argmax(row, vocab) + bump) % vocab;
+    if (replay != nullptr) t = (*replay)[next_choice++];
+    out->chosen.push_back(t);
+    return t;
+  };
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 21; ++i) prompt.push_back((i * 37 + 11) % 150 + 3);
+
+  absl::StatusOr<SeqId> a = kv.Create();
+  if (!a.ok()) return a.status();
+  SeqChunk c1{*a, std::vector<int32_t>(prompt.begin(), prompt.begin() + 13),
+              SeqChunk::Logits::kAll};
+  absl::StatusOr<ForwardResult> r = b.Forward({c1});
+  if (!r.ok()) return r.status();
+  out->logits.push_back(r->logits);
+  SeqChunk c2{*a, std::vector<int32_t>(prompt.begin() + 13, prompt.end()), SeqChunk::Logits::kLast};
+  r = b.Forward({c2});
+  if (!r.ok()) return r.status();
+  out->logits.push_back(r->logits);
+  const int32_t vocab = r->vocab;
+  int32_t ta = choose(r->logits.data(), vocab, 0);
+  int32_t tb = choose(r->logits.data(), vocab, 1);  // the fork takes another branch
+
+  absl::StatusOr<SeqId> bseq = kv.Fork(*a);
+  if (!bseq.ok()) return bseq.status();
+  bool a_live = true;
+  for (int step = 0; step < 14; ++step) {
+    if (step == 9) {  // free the parent; the fork keeps its shared blocks
+      absl::Status s = kv.Free(*a);
+      if (!s.ok()) return s;
+      a_live = false;
+    }
+    std::vector<SeqChunk> batch;
+    if (a_live) batch.push_back({*a, {ta}, SeqChunk::Logits::kLast});
+    // Every third step the fork takes a 3-token chunk (mixed prefill and decode in one batch).
+    if (step % 3 == 1) {
+      batch.push_back({*bseq, {tb, static_cast<int32_t>((tb + 5) % vocab), 7},
+                       SeqChunk::Logits::kAll});
+    } else {
+      batch.push_back({*bseq, {tb}, SeqChunk::Logits::kLast});
+    }
+    r = b.Forward(batch);
+    if (!r.ok()) return r.status();
+    out->logits.push_back(r->logits);
+    size_t row = 0;
+    if (a_live) ta = choose(r->logits.data() + row++ * vocab, vocab, 0);
+    row = r->row_chunk.size() - 1;  // the fork's last row
+    tb = choose(r->logits.data() + row * vocab, vocab, 0);
+  }
+  absl::Status s = kv.Reserve(*bseq, 4);
+  if (!s.ok()) return s;
+  out->live = {*bseq};
+  return absl::OkStatus();
+}
+
+struct Case {
+  std::string model;   // directory under $DMSRT_TP_MODELS
+  std::string file;    // file inside it ("" = the directory is an HF model)
+  std::string policy;  // none | forced | dms
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.model << "/" << c.policy; }
+
+class TpBackendTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TpBackendTest, MatchesSingleRank) {
+  if (g_par == nullptr) GTEST_SKIP() << "not under mpirun (run with mpirun -np 2 or 4)";
+  Communicator* comm = g_par->tp_comm.get();
+  const int tp = comm->size();
+  const int rank = comm->rank();
+  const Case& tc = GetParam();
+
+  absl::StatusOr<std::unique_ptr<Model>> model = LoadModel(ModelDir(tc.model) + (tc.file.empty() ? "" : "/" + tc.file));
+  ASSERT_TRUE(model.ok()) << model.status();
+  if ((*model)->config.n_kv_heads % tp != 0) {
+    GTEST_SKIP() << tc.model << " has " << (*model)->config.n_kv_heads << " KV heads, not "
+                 << "divisible by " << tp;
+  }
+  BackendOptions opts;
+  opts.threads = 1;
+  opts.kv_budget_bytes = 4 << 20;
+  opts.kv_block_tokens = 4;
+  if (tc.policy == "forced") {
+    opts.kv_policy.kind = KvPolicyKind::kForced;
+    opts.kv_policy.force_rate = 0.75;
+    opts.kv_policy.window = 4;
+    opts.kv_policy.seed = 7;
+  } else if (tc.policy == "dms") {
+    ASSERT_TRUE((*model)->config.dms.enabled) << tc.model << " has no DMS fields";
+    opts.kv_policy.kind = KvPolicyKind::kDms;
+    opts.kv_policy.window = (*model)->config.dms.window;
+  }
+
+  // Single-rank reference on every rank (deterministic, so identical everywhere).
+  absl::StatusOr<std::unique_ptr<Backend>> ref = MakeCpuBackend(**model, opts);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  Script want;
+  absl::Status s = RunScript(**ref, nullptr, &want);
+  ASSERT_TRUE(s.ok()) << s;
+
+  BackendOptions topts = opts;
+  topts.comm = comm;
+  absl::StatusOr<std::unique_ptr<Backend>> shard = MakeCpuBackend(**model, topts);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const KvGeometry geo = (*shard)->kv().geometry();
+  EXPECT_EQ(geo.n_kv_heads * tp, (*model)->config.n_kv_heads);
+  EXPECT_EQ(geo.kv_head_offset, rank * geo.n_kv_heads);
+
+  Backend* local = shard->get();
+  std::unique_ptr<Backend> leader;
+  Script got;
+  if (rank == 0) {
+    absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
+    ASSERT_TRUE(l.ok()) << l.status();
+    leader = std::move(*l);
+    s = RunScript(*leader, &want.chosen, &got);
+    ASSERT_TRUE(s.ok()) << s;
+    // The leader's view of the cache is the group's: geometry and figures of every head.
+    EXPECT_EQ(leader->kv().geometry().n_kv_heads, (*model)->config.n_kv_heads);
+    for (SeqId seq : want.live) {
+      const KvFigures gf = leader->kv().Figures(seq);
+      const KvFigures rf = (*ref)->kv().Figures(seq);
+      EXPECT_EQ(gf.logical_tokens, rf.logical_tokens);
+      EXPECT_EQ(gf.resident_tokens, rf.resident_tokens);
+      EXPECT_EQ(gf.flagged_tokens, rf.flagged_tokens);
+      EXPECT_EQ(gf.kv_reads, rf.kv_reads);
+      ASSERT_EQ(gf.per_head.size(), rf.per_head.size());
+      for (size_t h = 0; h < rf.per_head.size(); ++h) {
+        EXPECT_EQ(gf.per_head[h].resident, rf.per_head[h].resident) << "head index " << h;
+        EXPECT_EQ(gf.per_head[h].flagged, rf.per_head[h].flagged) << "head index " << h;
+      }
+      ASSERT_EQ(gf.per_layer.size(), rf.per_layer.size());
+      for (size_t l = 0; l < rf.per_layer.size(); ++l) {
+        EXPECT_EQ(gf.per_layer[l].resident, rf.per_layer[l].resident) << "layer " << l;
+      }
+    }
+    const int64_t leader_free = leader->kv().free_blocks();
+    ASSERT_TRUE(ShutdownTpFollowers(*leader).ok());
+    // The facade's figure is the minimum of the ranks' own pools.
+    int64_t v = local->kv().free_blocks(), min_free = 0;
+    ASSERT_TRUE(comm->AllReduce(&v, &min_free, 1, ReduceOp::kMin).ok());
+    EXPECT_EQ(leader_free, min_free);
+
+    // Logits: same rows, f32 rounding only.
+    ASSERT_EQ(got.logits.size(), want.logits.size());
+    double max_abs = 0, max_ref = 0;
+    int greedy_diff = 0;
+    for (size_t i = 0; i < want.logits.size(); ++i) {
+      ASSERT_EQ(got.logits[i].size(), want.logits[i].size()) << "step " << i;
+      for (size_t j = 0; j < want.logits[i].size(); ++j) {
+        const double d = std::fabs(got.logits[i][j] - want.logits[i][j]);
+        max_abs = std::max(max_abs, d);
+        max_ref = std::max(max_ref, std::fabs(static_cast<double>(want.logits[i][j])));
+        EXPECT_LE(d, 1e-4 * std::max(1.0, std::fabs(static_cast<double>(want.logits[i][j]))))
+            << "step " << i << " element " << j;
+        if (d > 1e-3) break;  // one report per row is enough
+      }
+    }
+    // Greedy: the TP run's own argmax equals the replayed single-rank choice at every decode row.
+    for (size_t i = 1; i < want.logits.size(); ++i) {
+      const int32_t vocab = (*model)->config.vocab;
+      const size_t rows = got.logits[i].size() / vocab;
+      for (size_t row = 0; row < rows; ++row) {
+        if (Argmax(got.logits[i].data() + row * vocab, vocab) !=
+            Argmax(want.logits[i].data() + row * vocab, vocab)) {
+          ++greedy_diff;
+        }
+      }
+    }
+    EXPECT_EQ(greedy_diff, 0);
+    std::printf("[tp %d] %s/%s: max |dlogit| %.3g (max |logit| %.3g), greedy rows differing %d\n",
+                tp, tc.model.c_str(), tc.policy.c_str(), max_abs, max_ref, greedy_diff);
+  } else {
+    s = RunTpFollower(**shard, comm);
+    ASSERT_TRUE(s.ok()) << s;
+    int64_t v = (*shard)->kv().free_blocks(), min_free = 0;
+    ASSERT_TRUE(comm->AllReduce(&v, &min_free, 1, ReduceOp::kMin).ok());
+  }
+
+  // Residents per (layer, local head) equal the single-rank cache's for the same global head.
+  const KvCache& tkv = rank == 0 ? leader->kv() : (*shard)->kv();
+  const KvCache& rkv = (*ref)->kv();
+  int64_t compared = 0, evicted = 0;
+  for (SeqId seq : want.live) {
+    ASSERT_EQ(tkv.Length(seq), rkv.Length(seq));
+    for (int32_t l = 0; l < geo.n_layers; ++l) {
+      for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
+        const std::vector<int32_t> a = tkv.ResidentPositions(seq, l, j);
+        const std::vector<int32_t> b = rkv.ResidentPositions(seq, l, geo.kv_head_offset + j);
+        EXPECT_EQ(a, b) << "rank " << rank << " seq " << seq << " layer " << l << " local head "
+                        << j << " (global " << geo.kv_head_offset + j << ")";
+        ++compared;
+        evicted += rkv.Length(seq) - static_cast<int64_t>(b.size());
+      }
+    }
+  }
+  if (tc.policy != "none") EXPECT_GT(evicted, 0) << "the policy evicted nothing";
+  EXPECT_GT(compared, 0);
+  ASSERT_TRUE(comm->Barrier().ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, TpBackendTest,
+    ::testing::Values(Case{"llama_hf_kv4", "", "none"}, Case{"llama_hf_kv4", "", "forced"},
+                      Case{"qwen3_gguf_kv8", "model.gguf", "none"},
+                      Case{"qwen3_gguf_kv8", "model.gguf", "forced"},
+                      Case{"llama_dmsA_kv4", "", "dms"}, Case{"qwen3_dmsB_kv4", "", "dms"}),
+    [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
+
+// A full KV cache on any rank fails the step on every rank alike (RESOURCE_EXHAUSTED at the
+// leader, the followers keep following), and the group goes on after a sequence is freed.
+TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
+  if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
+  Communicator* comm = g_par->tp_comm.get();
+  absl::StatusOr<std::unique_ptr<Model>> model = LoadModel(ModelDir("llama_hf_kv4"));
+  ASSERT_TRUE(model.ok()) << model.status();
+  if ((*model)->config.n_kv_heads % comm->size() != 0) GTEST_SKIP() << "degree does not divide";
+  BackendOptions opts;
+  opts.threads = 1;
+  opts.kv_budget_bytes = 24 << 10;
+  opts.kv_block_tokens = 4;
+  opts.kv_policy.kind = KvPolicyKind::kForced;  // ranks evict different amounts
+  opts.kv_policy.force_rate = 0.5;
+  opts.kv_policy.window = 2;
+  opts.comm = comm;
+  absl::StatusOr<std::unique_ptr<Backend>> shard = MakeCpuBackend(**model, opts);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  if (comm->rank() != 0) {
+    absl::Status s = RunTpFollower(**shard, comm);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_TRUE(comm->Barrier().ok());
+    return;
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
+  ASSERT_TRUE(l.ok()) << l.status();
+  Backend& b = **l;
+  absl::StatusOr<SeqId> seq = b.kv().Create();
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  absl::Status last;
+  int steps = 0;
+  for (; steps < 2000; ++steps) {
+    absl::StatusOr<ForwardResult> r =
+        b.Forward({SeqChunk{*seq, {static_cast<int32_t>(3 + steps % 100)},
+                            SeqChunk::Logits::kLast}});
+    if (!r.ok()) {
+      last = r.status();
+      break;
+    }
+  }
+  EXPECT_TRUE(absl::IsResourceExhausted(last)) << last;
+  EXPECT_GT(steps, 0);
+  const int64_t full_free = b.kv().free_blocks();
+  ASSERT_TRUE(b.kv().Free(*seq).ok());
+  EXPECT_GT(b.kv().free_blocks(), full_free);
+  seq = b.kv().Create();
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  absl::StatusOr<ForwardResult> r = b.Forward({SeqChunk{*seq, {5, 6, 7}, SeqChunk::Logits::kLast}});
+  EXPECT_TRUE(r.ok()) << r.status();
+  std::printf("[tp %d] cache full after %d decode steps: %s\n", comm->size(), steps,
+              std::string(last.message()).c_str());
+  ASSERT_TRUE(ShutdownTpFollowers(b).ok());
+  ASSERT_TRUE(comm->Barrier().ok());
+}
+
+TEST(TpBackendRefusal, DegreeMustDivideKvHeads) {
+  if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
+  Communicator* comm = g_par->tp_comm.get();
+  if (comm->size() < 3) GTEST_SKIP() << "needs at least 3 ranks";
+  // Three ranks of a model with 4 KV heads.
+  absl::StatusOr<std::unique_ptr<Communicator>> sub =
+      comm->Split(comm->rank() < 3 ? 0 : 1, comm->rank());
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  if (comm->rank() < 3) {
+    absl::StatusOr<std::unique_ptr<Model>> model = LoadModel(ModelDir("llama_hf_kv4"));
+    ASSERT_TRUE(model.ok()) << model.status();
+    BackendOptions opts;
+    opts.threads = 1;
+    opts.kv_budget_bytes = 1 << 20;
+    opts.comm = sub->get();
+    absl::StatusOr<std::unique_ptr<Backend>> b = MakeCpuBackend(**model, opts);
+    ASSERT_FALSE(b.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(b.status())) << b.status();
+    EXPECT_NE(b.status().message().find("does not divide the model's 4 KV heads"),
+              std::string::npos)
+        << b.status();
+    EXPECT_NE(b.status().message().find("valid degrees for this model: 1, 2, 4"),
+              std::string::npos)
+        << b.status();
+  }
+  ASSERT_TRUE(comm->Barrier().ok());
+}
+
+}  // namespace
+}  // namespace dmsrt
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  std::unique_ptr<dmsrt::ParallelContext> par;
+  if (dmsrt::InsideMpirun()) {
+    dmsrt::ParallelOptions opts;
+    opts.timeout = absl::Seconds(120);
+    absl::StatusOr<dmsrt::ParallelContext> p = dmsrt::InitParallel(&argc, &argv, opts);
+    if (!p.ok()) {
+      std::fprintf(stderr, "InitParallel: %s\n", p.status().ToString().c_str());
+      return 1;
+    }
+    par = std::make_unique<dmsrt::ParallelContext>(std::move(*p));
+    dmsrt::g_par = par.get();
+  }
+  const int rc = RUN_ALL_TESTS();
+  dmsrt::g_par = nullptr;
+  return rc;
+}
