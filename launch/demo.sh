@@ -6,7 +6,7 @@
 #   bash launch/demo.sh ["question"] [n]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=build/bin/dmsrt
+bin=${DMSRT_BIN:-build/bin/dmsrt}
 [ -x $bin ] || { echo "demo.sh: $bin is missing: run launch/setup.sh" >&2; exit 1; }
 question=${1:-"What is 12 times 7? Put the final answer in \\boxed{}."}
 n=${2:-8}
