@@ -23,42 +23,26 @@ import shlex
 import shutil
 import subprocess
 
+import sys
+
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = os.path.join(ROOT, "tests", "oracle", "data", "teacher_forced.txt")
-DECISIVE_MARGIN = 0.5
+sys.path.insert(0, os.path.join(ROOT, "tests", "oracle"))
+import oracle_common  # noqa: E402
+from oracle_common import DECISIVE_MARGIN, PROMPTS  # noqa: E402
+
 MEAN_TOL = 0.3
 MAX_TOL = 4.0
 TP = 3
 TOKENS = 24
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n",
-    "Once upon a time, in a small village by the sea,",
-    "<|im_start|>user\nWhat is 15 plus 27?<|im_end|>\n<|im_start|>assistant\n",
-    "The three primary colours are",
-    "Water boils at 100 degrees Celsius because",
-    "<|im_start|>user\nWrite a haiku about autumn.<|im_end|>\n<|im_start|>assistant\n",
-    "import numpy as np\nx = np.arange(10)\n",
-    "The most important rule of writing clearly is",
-    "1, 2, 3, 5, 8, 13,",
-]
 
 
 def report(key, value):
-    path = os.environ.get("DMSRT_TP_REPORT")
-    if not path:
-        return
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data[key] = value
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    oracle_common.report("DMSRT_TP_REPORT", key, value)
 
 
 @pytest.fixture(scope="module")

@@ -22,36 +22,16 @@ import numpy as np
 
 from conftest import ROOT, run_json
 from llama_ref import open_llama
+import oracle_common
+from oracle_common import DECISIVE_MARGIN, PROMPTS
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
-DECISIVE_MARGIN = 0.5
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n",
-    "Once upon a time, in a small village by the sea,",
-    "<|im_start|>user\nWhat is 15 plus 27?<|im_end|>\n<|im_start|>assistant\n",
-    "The three primary colours are",
-    "Water boils at 100 degrees Celsius because",
-    "<|im_start|>user\nWrite a haiku about autumn.<|im_end|>\n<|im_start|>assistant\n",
-    "import numpy as np\nx = np.arange(10)\n",
-    "The most important rule of writing clearly is",
-    "1, 2, 3, 5, 8, 13,",
-]
 
 
 def report(key, value):
-    path = os.environ.get("DMSRT_ORACLE_REPORT")
-    if not path:
-        return
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data[key] = value
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    oracle_common.report("DMSRT_ORACLE_REPORT", key, value)
 
 
 def test_teacher_forced_logits(dmsrt_bin, model_path, llama_cpp_mod, tmp_path):
