@@ -4,6 +4,7 @@ Every wait is bounded; the server is stopped (SIGTERM to the mpirun process grou
 whatever the tests do. Ports are free 127.0.0.1 ports picked at start. Nothing leaves the host.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,6 +77,41 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def standalone_replica(stubs_dir, log_prefix, serve_args, timeout=120):
+    """One `dmsrt serve` process started without mpirun (its own coordinator) with `serve_args`;
+    yields a client once a replica is ready, and stops the process group afterwards."""
+    import grpc
+    from dmsrt_client import DmsrtClient
+    addr = f"127.0.0.1:{free_port()}"
+    log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1"]
+                            + list(serve_args),
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    client = DmsrtClient(addr, stubs_dir=stubs_dir)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, open(log.name).read()
+            try:
+                if any(r.state == "ready" for r in client.cluster().replicas):
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.time() < deadline, open(log.name).read()
+            time.sleep(0.3)
+        yield client
+    finally:
+        client.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -2,49 +2,18 @@
 report a cache compression ratio above 1, and budget mode fits more threads into the same bytes
 than on the dense replica of the main fixture."""
 
-import os
-import signal
-import subprocess
-import tempfile
-import time
-
 import grpc
 import pytest
 
-from conftest import BIN, MODEL, free_port
+from conftest import standalone_replica
 
 
 @pytest.fixture(scope="module")
 def forced(stubs_dir):
-    from dmsrt_client import DmsrtClient
-    addr = f"127.0.0.1:{free_port()}"
-    log = tempfile.NamedTemporaryFile(prefix="dmsrt_forced_", suffix=".log", delete=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
-    proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1",
-                             "--kv-budget", "64MiB", "--kv-policy", "forced", "--dms-force-rate", "0.5",
-                             "--dms-window", "16"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = DmsrtClient(addr, stubs_dir=stubs_dir)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, open(log.name).read()
-            try:
-                if any(r.state == "ready" for r in client.cluster().replicas):
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.time() < deadline, open(log.name).read()
-            time.sleep(0.3)
+    with standalone_replica(stubs_dir, "dmsrt_forced_",
+                            ["--kv-budget", "64MiB", "--kv-policy", "forced",
+                             "--dms-force-rate", "0.5", "--dms-window", "16"]) as client:
         yield client
-    finally:
-        client.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_forced_eviction_compresses_threads(forced):

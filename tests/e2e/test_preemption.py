@@ -3,48 +3,16 @@ under memory pressure, yet every thread's text equals the run on the roomy 2-rep
 i samples with seed + i, and a resumed thread keeps its sampler), and a job whose single thread
 cannot fit is refused up front with RESOURCE_EXHAUSTED."""
 
-import os
-import signal
-import subprocess
-import tempfile
-import time
-
 import grpc
 import pytest
 
-from conftest import BIN, MODEL, free_port
+from conftest import standalone_replica
 
 
 @pytest.fixture(scope="module")
 def tight(stubs_dir):
-    from dmsrt_client import DmsrtClient
-    addr = f"127.0.0.1:{free_port()}"
-    log = tempfile.NamedTemporaryFile(prefix="dmsrt_tight_", suffix=".log", delete=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
-    proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1",
-                             "--kv-budget", "8MiB"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = DmsrtClient(addr, stubs_dir=stubs_dir)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, open(log.name).read()
-            try:
-                if any(r.state == "ready" for r in client.cluster().replicas):
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.time() < deadline, open(log.name).read()
-            time.sleep(0.3)
+    with standalone_replica(stubs_dir, "dmsrt_tight_", ["--kv-budget", "8MiB"]) as client:
         yield client
-    finally:
-        client.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_preempted_threads_match_roomy_run(tight, client):

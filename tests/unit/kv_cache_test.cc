@@ -18,20 +18,11 @@ namespace dmsrt {
 namespace {
 
 using kvtest::FeedChunk;
+using kvtest::Geo;
 using kvtest::MakeStream;
 using kvtest::MaxRelErr;
 using kvtest::RefAttention;
 using kvtest::Stream;
-
-KvGeometry Geo(int32_t layers, int32_t nkv, int32_t nh, int32_t hd, int32_t block) {
-  KvGeometry g;
-  g.n_layers = layers;
-  g.n_kv_heads = nkv;
-  g.n_heads = nh;
-  g.head_dim = hd;
-  g.block_tokens = block;
-  return g;
-}
 
 // Feeds the whole stream in chunks of the given sizes and checks every output against the
 // float64 reference with visibility `vis(layer, j, kp, qp)`.

@@ -16,18 +16,9 @@ namespace dmsrt {
 namespace {
 
 using kvtest::FeedChunk;
+using kvtest::Geo;
 using kvtest::MakeStream;
 using kvtest::Stream;
-
-KvGeometry Geo(int32_t layers, int32_t nkv, int32_t nh, int32_t hd, int32_t block) {
-  KvGeometry g;
-  g.n_layers = layers;
-  g.n_kv_heads = nkv;
-  g.n_heads = nh;
-  g.head_dim = hd;
-  g.block_tokens = block;
-  return g;
-}
 
 // Stream of fork f: the prompt's first `prompt` tokens, then the fork's own random tokens.
 Stream ForkStream(const Stream& root, int32_t prompt, int32_t total, uint64_t seed, double p) {

@@ -20,20 +20,11 @@ namespace {
 using kvtest::DmsResident;
 using kvtest::DmsVisible;
 using kvtest::FeedChunk;
+using kvtest::Geo;
 using kvtest::MakeStream;
 using kvtest::MaxRelErr;
 using kvtest::RefAttention;
 using kvtest::Stream;
-
-KvGeometry Geo(int32_t layers, int32_t nkv, int32_t nh, int32_t hd, int32_t block) {
-  KvGeometry g;
-  g.n_layers = layers;
-  g.n_kv_heads = nkv;
-  g.n_heads = nh;
-  g.head_dim = hd;
-  g.block_tokens = block;
-  return g;
-}
 
 KvPolicyConfig Dms(int32_t w) {
   KvPolicyConfig p;

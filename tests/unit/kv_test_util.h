@@ -15,6 +15,17 @@
 namespace dmsrt {
 namespace kvtest {
 
+// A geometry with every head local (no tensor parallelism).
+inline KvGeometry Geo(int32_t layers, int32_t nkv, int32_t nh, int32_t hd, int32_t block) {
+  KvGeometry g;
+  g.n_layers = layers;
+  g.n_kv_heads = nkv;
+  g.n_heads = nh;
+  g.head_dim = hd;
+  g.block_tokens = block;
+  return g;
+}
+
 // A stream of T tokens for one layer-stack: per layer, q [T, nh, hd], k/v [T, nkv, hd],
 // bits [T, nkv]. Values are uniform in [-1, 1) (never all zero); keys get a per-token scale so
 // that softmax weights are far from uniform.
