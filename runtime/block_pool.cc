@@ -31,10 +31,21 @@ BlockPool::BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_di
     total_blocks_ = 0;
     return;
   }
-  refcount_.assign(static_cast<size_t>(total_blocks), 0);
-  free_.reserve(static_cast<size_t>(total_blocks));
+  InitFreeList();
+}
+
+BlockPool::BlockPool(int64_t total_blocks, int64_t block_bytes)
+    : total_blocks_(total_blocks), half_(0), floats_per_block_(0) {
+  index_only_ = true;
+  index_block_bytes_ = block_bytes;
+  InitFreeList();
+}
+
+void BlockPool::InitFreeList() {
+  refcount_.assign(static_cast<size_t>(total_blocks_), 0);
+  free_.reserve(static_cast<size_t>(total_blocks_));
   // Highest id at the bottom so that block 0 is handed out first.
-  for (int64_t b = total_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+  for (int64_t b = total_blocks_ - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
 
 BlockPool::~BlockPool() {

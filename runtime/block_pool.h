@@ -20,16 +20,22 @@ class BlockPool {
   // `total_blocks` blocks of `block_tokens` x `head_dim` floats for K and for V. The storage is
   // left uninitialised (pages are touched only when a block is first written).
   BlockPool(int64_t total_blocks, int32_t block_tokens, int32_t head_dim);
+  // Index only: ids, reference counts and the free list, no storage (the rows live elsewhere,
+  // e.g. on a device); `block_bytes` is what one block costs there. keys()/values() must not be
+  // called.
+  BlockPool(int64_t total_blocks, int64_t block_bytes);
   ~BlockPool();
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
 
   // False when the storage could not be allocated (the pool is then unusable).
-  bool ok() const { return data_ != nullptr; }
+  bool ok() const { return data_ != nullptr || index_only_; }
   int64_t total_blocks() const { return total_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t floats_per_block() const { return floats_per_block_; }
-  int64_t block_bytes() const { return floats_per_block_ * static_cast<int64_t>(sizeof(float)); }
+  int64_t block_bytes() const {
+    return index_only_ ? index_block_bytes_ : floats_per_block_ * static_cast<int64_t>(sizeof(float));
+  }
 
   // Takes a free block with reference count 1; -1 when none is free.
   int32_t Allocate();
@@ -50,11 +56,15 @@ class BlockPool {
   int64_t TotalRefs() const;
 
  private:
+  void InitFreeList();
+
   int64_t total_blocks_;
   int64_t half_;              // block_tokens * head_dim
   int64_t floats_per_block_;  // 2 * half_
   float* data_ = nullptr;      // [total_blocks, floats_per_block]
   size_t mapped_bytes_ = 0;    // > 0 when data_ is an anonymous mapping (else new[])
+  bool index_only_ = false;
+  int64_t index_block_bytes_ = 0;
   std::vector<int32_t> refcount_;  // [total_blocks]
   std::vector<int32_t> free_;      // stack of free block ids
 };

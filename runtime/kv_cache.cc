@@ -52,6 +52,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -61,6 +62,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/thread_pool.h"
+#include "parallel/status_macros.h"
 #include "runtime/block_pool.h"
 
 namespace dmsrt {
@@ -320,10 +322,17 @@ struct Sequence {
   bool broken = false;           // AttendAndAppend was misused; see Reserve
 };
 
-class CpuKvCache final : public KvCache {
+class CpuKvCache final : public KvIndex {
  public:
-  CpuKvCache(const KvGeometry& g, const KvPolicyConfig& p, int64_t total_blocks)
-      : geo_(g), pol_(p), pool_(total_blocks, g.block_tokens, g.head_dim) {
+  // index_block_bytes > 0: index only (no storage; see KvIndex).
+  CpuKvCache(const KvGeometry& g, const KvPolicyConfig& p, int64_t total_blocks,
+             int64_t index_block_bytes = 0)
+      : geo_(g),
+        pol_(p),
+        pool_(index_block_bytes > 0
+                  ? std::make_unique<BlockPool>(total_blocks, index_block_bytes)
+                  : std::make_unique<BlockPool>(total_blocks, g.block_tokens, g.head_dim)),
+        index_only_(index_block_bytes > 0) {
     group_ = g.n_heads / g.n_kv_heads;
     ring_policy_ = p.kind == KvPolicyKind::kDms || p.kind == KvPolicyKind::kForced ||
                    p.kind == KvPolicyKind::kWindow;
@@ -343,7 +352,7 @@ class CpuKvCache final : public KvCache {
     scratch_.resize(pool != nullptr ? std::max(1, geo_.n_kv_heads) : 1);
   }
 
-  bool pool_ok() const { return pool_.ok(); }
+  bool pool_ok() const { return pool_->ok(); }
   const KvGeometry& geometry() const override { return geo_; }
   const KvPolicyConfig& policy() const override { return pol_; }
 
@@ -375,7 +384,7 @@ class CpuKvCache final : public KvCache {
     seq->heads = p.heads;  // metadata is per sequence: copied
     seq->length = p.length;
     for (const HeadState& h : seq->heads) {
-      for (int32_t b : h.blocks) pool_.AddRef(b);  // blocks are shared
+      for (int32_t b : h.blocks) pool_->AddRef(b);  // blocks are shared
     }
     const SeqId id = next_id_++;
     seqs_.emplace(id, std::move(seq));
@@ -387,7 +396,7 @@ class CpuKvCache final : public KvCache {
     if (it == seqs_.end()) return NoSuchSequence(id);
     Sequence& s = *it->second;
     for (const HeadState& h : s.heads) {
-      for (int32_t b : h.blocks) pool_.Release(b);
+      for (int32_t b : h.blocks) pool_->Release(b);
     }
     total_reserved_ -= s.reserved;
     seqs_.erase(it);
@@ -417,14 +426,14 @@ class CpuKvCache final : public KvCache {
       }
     }
     const int64_t others = total_reserved_ - s.reserved;
-    const int64_t available = pool_.free_blocks() - others;
+    const int64_t available = pool_->free_blocks() - others;
     if (need > available) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "KV cache full: sequence %d needs %d more blocks for %d new tokens but only %d are "
           "available (%d free, %d promised to other sequences, %d in the pool of %d bytes each, "
           "%d bytes in all); raise --kv-budget, or run fewer or shorter sequences at once",
-          id, need, n_new, std::max<int64_t>(available, 0), pool_.free_blocks(), others,
-          pool_.total_blocks(), pool_.block_bytes(), pool_.total_blocks() * pool_.block_bytes()));
+          id, need, n_new, std::max<int64_t>(available, 0), pool_->free_blocks(), others,
+          pool_->total_blocks(), pool_->block_bytes(), pool_->total_blocks() * pool_->block_bytes()));
     }
     total_reserved_ += need - s.reserved;
     s.reserved = need;
@@ -434,15 +443,15 @@ class CpuKvCache final : public KvCache {
   void AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q, const float* k,
                        const float* v, const uint8_t* evict, float* out) override;
 
-  int64_t total_blocks() const override { return pool_.total_blocks(); }
-  int64_t free_blocks() const override { return pool_.free_blocks(); }
-  int64_t block_bytes() const override { return pool_.block_bytes(); }
+  int64_t total_blocks() const override { return pool_->total_blocks(); }
+  int64_t free_blocks() const override { return pool_->free_blocks(); }
+  int64_t block_bytes() const override { return pool_->block_bytes(); }
 
   KvFigures Figures() const override {
     KvFigures f = EmptyFigures();
     for (const auto& [id, s] : seqs_) AddFigures(*s, f);
-    f.blocks_held = pool_.total_blocks() - pool_.free_blocks();
-    f.kv_bytes = f.blocks_held * pool_.block_bytes();
+    f.blocks_held = pool_->total_blocks() - pool_->free_blocks();
+    f.kv_bytes = f.blocks_held * pool_->block_bytes();
     return f;
   }
 
@@ -454,7 +463,7 @@ class CpuKvCache final : public KvCache {
     int64_t held = 0;
     for (const HeadState& h : it->second->heads) held += static_cast<int64_t>(h.blocks.size());
     f.blocks_held = held;
-    f.kv_bytes = held * pool_.block_bytes();
+    f.kv_bytes = held * pool_->block_bytes();
     return f;
   }
 
@@ -466,6 +475,114 @@ class CpuKvCache final : public KvCache {
     }
     const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + head];
     return std::vector<int32_t>(h.pos.begin(), h.pos.begin() + h.n);
+  }
+
+  // ---- KvIndex ----------------------------------------------------------------------------
+
+  bool CommitRows(SeqId id, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
+                  KvSlotSink& sink) override {
+    if (n <= 0) return true;
+    auto it = seqs_.find(id);
+    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return false;
+    Sequence& s = *it->second;
+    const int64_t P = s.length;
+    HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
+    const bool scored = pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o;
+    if (!index_only_ || scored || s.broken || heads[0].logical != P) {
+      s.broken = true;
+      return false;
+    }
+    const int32_t nkv = geo_.n_kv_heads;
+    // Reads of the caller's prefill attention, before the commit (same counts as the CPU path:
+    // per query, the visible old slots plus the visible keys of the chunk).
+    if (n > 1) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        HeadState& h = heads[j];
+        int64_t reads = 0;
+        for (int32_t i = 0; i < n; ++i) reads += static_cast<int64_t>(h.n) + i + 1;
+        if (ring_policy_) {
+          // A flagged key k is hidden from the queries after k + w.
+          const int64_t last_q = P + n - 1;
+          auto hidden = [&](int64_t k) { return std::clamp<int64_t>(last_q - (k + w_), 0, n); };
+          const int64_t R = static_cast<int64_t>(h.ring.size());
+          for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
+            const bool flagged = k == P - 1 ? Decision(layer, j, P, evict, 0) != 0
+                                            : h.flag[h.ring[k % R]] != 0;
+            if (flagged) reads -= hidden(k);
+          }
+          for (int32_t c = 0; c + 1 < n; ++c) {
+            if (Decision(layer, j, P + c + 1, evict, c + 1)) reads -= hidden(P + c);
+          }
+        }
+        h.kv_reads += reads;
+        for (int32_t i = 0; i < n; ++i) h.dense_reads += P + i + 1;
+      }
+    }
+    sink_ = &sink;
+    for (int32_t j = 0; j < nkv && !s.broken; ++j) {
+      for (int32_t i = 0; i < n; ++i) {
+        if (!Commit(s, heads[j], P + i, Decision(layer, j, P + i, evict, i), nullptr, nullptr,
+                    row0 + i, j)) {
+          s.broken = true;
+          break;
+        }
+      }
+      if (n == 1 && !s.broken) {
+        heads[j].kv_reads += heads[j].n;
+        heads[j].dense_reads += P + 1;
+      }
+    }
+    sink_ = nullptr;
+    if (s.broken) return false;
+    if (layer == geo_.n_layers - 1) {
+      s.length = P + n;
+      total_reserved_ -= s.reserved;
+      s.reserved = 0;
+    }
+    return true;
+  }
+
+  KvHeadView HeadView(SeqId id, int32_t layer, int32_t head) const override {
+    KvHeadView v;
+    auto it = seqs_.find(id);
+    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers || head < 0 ||
+        head >= geo_.n_kv_heads) {
+      return v;
+    }
+    const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + head];
+    v.blocks = h.blocks.data();
+    v.n_blocks = static_cast<int32_t>(h.blocks.size());
+    v.length = h.n;
+    return v;
+  }
+
+  int PolicyBit(int32_t layer, int32_t head, int64_t t) const override {
+    if (pol_.kind == KvPolicyKind::kDms) return -1;
+    return t >= 1 ? KnownFlag(layer, head, t - 1) : 0;
+  }
+
+  int32_t delay_window() const override { return ring_policy_ ? w_ : -1; }
+
+  void FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,
+                    std::vector<std::pair<int32_t, int32_t>>* out) const override {
+    out->clear();
+    auto it = seqs_.find(id);
+    if (!ring_policy_ || it == seqs_.end() || layer < 0 || layer >= geo_.n_layers || head < 0 ||
+        head >= geo_.n_kv_heads) {
+      return;
+    }
+    const Sequence& s = *it->second;
+    const HeadState& h = s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads + head];
+    const int64_t P = s.length;
+    const int64_t R = static_cast<int64_t>(h.ring.size());
+    const int32_t bt = geo_.block_tokens;
+    // Flagged tokens before P - w - 1 have left; the ring holds the last w + 1.
+    for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
+      const int32_t slot = h.ring[k % R];
+      const bool flagged = k == P - 1 ? boundary_bit != 0 : h.flag[slot] != 0;
+      if (!flagged) continue;
+      out->emplace_back(h.blocks[slot / bt] * bt + slot % bt, static_cast<int32_t>(k + w_));
+    }
   }
 
  private:
@@ -573,7 +690,7 @@ class CpuKvCache final : public KvCache {
       appends = std::max<int64_t>(0, std::min<int64_t>(h.n + n_new, pol_.budget_tokens) - h.n);
       // Victims can be anywhere: every shared block may be written, one per token at most.
       int64_t shared = 0;
-      for (int32_t b : h.blocks) shared += pool_.refcount(b) > 1;
+      for (int32_t b : h.blocks) shared += pool_->refcount(b) > 1;
       int64_t cow = std::min<int64_t>(shared, n_new);
       const int64_t new_blocks = (h.n + appends + bt - 1) / bt - static_cast<int64_t>(h.blocks.size());
       return new_blocks + cow;
@@ -582,7 +699,7 @@ class CpuKvCache final : public KvCache {
     std::sort(cow_scratch_.begin(), cow_scratch_.end());
     cow_scratch_.erase(std::unique(cow_scratch_.begin(), cow_scratch_.end()), cow_scratch_.end());
     int64_t cow = 0;
-    for (int32_t b : cow_scratch_) cow += pool_.refcount(b) > 1;
+    for (int32_t b : cow_scratch_) cow += pool_->refcount(b) > 1;
     const int64_t new_blocks =
         (h.n + appends + bt - 1) / bt - static_cast<int64_t>(h.blocks.size());
     return new_blocks + cow;
@@ -593,10 +710,10 @@ class CpuKvCache final : public KvCache {
     if (s.reserved > 0) {
       --s.reserved;
       --total_reserved_;
-    } else if (pool_.free_blocks() <= total_reserved_) {
+    } else if (pool_->free_blocks() <= total_reserved_) {
       return -1;
     }
-    return pool_.Allocate();
+    return pool_->Allocate();
   }
 
   // Appends a slot (a new block on a block boundary); -1 when out of blocks.
@@ -613,26 +730,36 @@ class CpuKvCache final : public KvCache {
   }
 
   // Writes K/V of one token into `slot`, copying a shared block first.
-  bool WriteSlot(Sequence& s, HeadState& h, int32_t slot, const float* krow, const float* vrow) {
+  // Index only: nothing is stored; the sink gets the copy and the write (row, head, pos).
+  bool WriteSlot(Sequence& s, HeadState& h, int32_t slot, const float* krow, const float* vrow,
+                 int32_t row, int32_t head, int64_t pos) {
     const int32_t bt = geo_.block_tokens;
     const int32_t hd = geo_.head_dim;
     int32_t& b = h.blocks[slot / bt];
-    if (pool_.refcount(b) > 1) {
+    if (pool_->refcount(b) > 1) {
       const int32_t nb = TakeBlock(s);
       if (nb < 0) return false;
-      std::memcpy(pool_.keys(nb), pool_.keys(b), static_cast<size_t>(pool_.block_bytes()));
-      pool_.Release(b);
+      if (sink_ != nullptr) {
+        sink_->CopyBlock(b, nb);
+      } else {
+        std::memcpy(pool_->keys(nb), pool_->keys(b), static_cast<size_t>(pool_->block_bytes()));
+      }
+      pool_->Release(b);
       b = nb;
     }
+    if (sink_ != nullptr) {
+      sink_->WriteSlot(row, head, b, slot % bt, static_cast<int32_t>(pos));
+      return true;
+    }
     const int64_t off = static_cast<int64_t>(slot % bt) * hd;
-    std::memcpy(pool_.keys(b) + off, krow, sizeof(float) * hd);
-    std::memcpy(pool_.values(b) + off, vrow, sizeof(float) * hd);
+    std::memcpy(pool_->keys(b) + off, krow, sizeof(float) * hd);
+    std::memcpy(pool_->values(b) + off, vrow, sizeof(float) * hd);
     return true;
   }
 
   // §4 bookkeeping (or the baseline's) for token t with decision bit d = d[t]; writes its K/V.
   bool Commit(Sequence& s, HeadState& h, int64_t t, uint8_t d, const float* krow,
-              const float* vrow) {
+              const float* vrow, int32_t row = 0, int32_t head = 0) {
     int32_t slot = -1;
     if (ring_policy_) {
       const int64_t R = static_cast<int64_t>(h.ring.size());
@@ -659,7 +786,7 @@ class CpuKvCache final : public KvCache {
       slot = AppendSlot(s, h);
       if (slot < 0) return false;
     }
-    if (!WriteSlot(s, h, slot, krow, vrow)) return false;
+    if (!WriteSlot(s, h, slot, krow, vrow, row, head, t)) return false;
     h.pos[slot] = static_cast<int32_t>(t);
     h.flag[slot] = 0;
     if (pol_.kind == KvPolicyKind::kH2o) h.score[slot] = 0.0f;
@@ -734,8 +861,8 @@ class CpuKvCache final : public KvCache {
     const int32_t hd = geo_.head_dim;
     for (int32_t sl = 0; sl < h.n; ++sl) {
       const int32_t b = h.blocks[sl / bt];
-      sc.kp[sl] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
-      sc.vp[sl] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
+      sc.kp[sl] = pool_->keys(b) + static_cast<int64_t>(sl % bt) * hd;
+      sc.vp[sl] = pool_->values(b) + static_cast<int64_t>(sl % bt) * hd;
     }
   }
 
@@ -799,7 +926,9 @@ class CpuKvCache final : public KvCache {
 
   KvGeometry geo_;
   KvPolicyConfig pol_;
-  BlockPool pool_;
+  std::unique_ptr<BlockPool> pool_;
+  bool index_only_ = false;
+  KvSlotSink* sink_ = nullptr;  // index only: receives the data movement of CommitRows
   int32_t group_ = 1;
   bool ring_policy_ = false;
   int32_t w_ = 0;  // delay window of the ring policies (huge otherwise)
@@ -819,6 +948,11 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
   if (n <= 0) return;
   auto it = seqs_.find(id);
   if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) {
+    Poison(out, n);
+    return;
+  }
+  if (index_only_) {  // no storage here: CommitRows is the way in
+    it->second->broken = true;
     Poison(out, n);
     return;
   }
@@ -927,8 +1061,8 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
           const bool flagged = kpos == P - 1 ? first_bit != 0 : h.flag[sl] != 0;
           if (flagged && qpos - kpos > w_) continue;
           const int32_t b = h.blocks[sl / bt];
-          sc.kp[m] = pool_.keys(b) + static_cast<int64_t>(sl % bt) * hd;
-          sc.vp[m] = pool_.values(b) + static_cast<int64_t>(sl % bt) * hd;
+          sc.kp[m] = pool_->keys(b) + static_cast<int64_t>(sl % bt) * hd;
+          sc.vp[m] = pool_->values(b) + static_cast<int64_t>(sl % bt) * hd;
           ++m;
         }
         for (int32_t c = 0; c <= i; ++c) {
@@ -965,9 +1099,9 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
-                                                        const KvPolicyConfig& p,
-                                                        int64_t budget_bytes) {
+namespace {
+
+absl::Status ValidateKvConfig(const KvGeometry& g, const KvPolicyConfig& p) {
   if (g.n_layers <= 0 || g.n_kv_heads <= 0 || g.n_heads <= 0 || g.head_dim <= 0 ||
       g.block_tokens <= 0 || g.kv_head_offset < 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -1011,6 +1145,36 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
     case KvPolicyKind::kNone:
       break;
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& g, const KvPolicyConfig& p,
+                                                     int64_t budget_bytes, int64_t block_bytes) {
+  DMSRT_RETURN_IF_ERROR(ValidateKvConfig(g, p));
+  if (p.kind == KvPolicyKind::kTova || p.kind == KvPolicyKind::kH2o) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV policy ", KvPolicyName(p.kind), " picks victims by attention weights and runs on the "
+        "CPU backend only; use none, dms, forced or window"));
+  }
+  if (block_bytes <= 0 || budget_bytes < block_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV budget of %d bytes is smaller than one block (%d bytes); raise --kv-budget",
+        budget_bytes, block_bytes));
+  }
+  const int64_t total_blocks = budget_bytes / block_bytes;
+  if (total_blocks > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV budget of ", budget_bytes, " bytes needs more than 2^31 blocks; use larger blocks"));
+  }
+  return std::unique_ptr<KvIndex>(std::make_unique<CpuKvCache>(g, p, total_blocks, block_bytes));
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
+                                                        const KvPolicyConfig& p,
+                                                        int64_t budget_bytes) {
+  DMSRT_RETURN_IF_ERROR(ValidateKvConfig(g, p));
   const int64_t block_bytes =
       2 * static_cast<int64_t>(g.block_tokens) * g.head_dim * static_cast<int64_t>(sizeof(float));
   if (budget_bytes < block_bytes) {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -136,6 +137,62 @@ class KvCache {
   virtual std::vector<int32_t> ResidentPositions(SeqId seq, int32_t layer,
                                                  int32_t head) const = 0;
 };
+
+// ---- index-only store, for backends whose K/V rows live elsewhere (runtime/cuda/) -------------
+//
+// The same bookkeeping as the CPU store (one implementation of docs/dms-semantics.md §4, so every
+// backend keeps the same resident sets), without storage or attention: the caller runs attention
+// with its own kernels over the block tables this index keeps, and the data movement the
+// bookkeeping decides (copy-on-write copies, slot writes) is handed to a KvSlotSink in the order
+// it must happen. Block ids are indices into the caller's pools of `total_blocks()` blocks.
+
+class KvSlotSink {
+ public:
+  virtual ~KvSlotSink() = default;
+  // Copy every slot of block `src` into the fresh block `dst` (copy-on-write). Every copy of a
+  // step may run before every write of that step: a copy never reads a block written in the
+  // same step.
+  virtual void CopyBlock(int32_t src, int32_t dst) = 0;
+  // K/V of the step's token row `row`, KV head `head`, go to slot `offset` of block `block`;
+  // the token's absolute position is `pos`.
+  virtual void WriteSlot(int32_t row, int32_t head, int32_t block, int32_t offset, int32_t pos) = 0;
+};
+
+struct KvHeadView {
+  const int32_t* blocks = nullptr;  // block table: slot s is in blocks[s / block_tokens]
+  int32_t n_blocks = 0;
+  int32_t length = 0;               // resident slots
+};
+
+class KvIndex : public KvCache {
+ public:
+  // Commits `n` tokens of `seq` in `layer` (the step's rows row0 .. row0+n-1; `evict` [n, n_kv]
+  // holds the decision bits under policy dms, else nullptr) exactly as AttendAndAppend would,
+  // and counts the attention reads the caller's kernels make for them (prefill: before the
+  // commit, over the old slots with the §3 rule and the chunk; decode: over the slots after it).
+  // Requires a successful Reserve(seq, n). False (and the sequence marked inconsistent) on
+  // misuse.
+  virtual bool CommitRows(SeqId seq, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
+                          KvSlotSink& sink) = 0;
+  virtual KvHeadView HeadView(SeqId seq, int32_t layer, int32_t head) const = 0;
+  // d[t] when the policy fixes it in advance (forced, window; 0 for none), -1 when the model
+  // decides (dms).
+  virtual int PolicyBit(int32_t layer, int32_t head, int64_t t) const = 0;
+  // The delay window w of the flag-driven policies (window: window - 1), or -1 for none.
+  virtual int32_t delay_window() const = 0;
+  // The flagged tokens of (seq, layer, head) that are still resident before the next chunk, as
+  // (pool slot index = block * block_tokens + offset, last visible query position = pos + w).
+  // `boundary_bit` is d[Length(seq)], the first bit of the next chunk: it flags the last token.
+  virtual void FlaggedSlots(SeqId seq, int32_t layer, int32_t head, uint8_t boundary_bit,
+                            std::vector<std::pair<int32_t, int32_t>>* out) const = 0;
+};
+
+// An index over `budget_bytes / block_bytes` blocks of `block_bytes` each (what one block of
+// one head costs in the caller's storage). Policies none, dms, forced and window (tova and h2o
+// choose victims by attention weights, which this index never sees).
+absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& geometry,
+                                                     const KvPolicyConfig& policy,
+                                                     int64_t budget_bytes, int64_t block_bytes);
 
 // CPU implementation (float32 slots). `budget_bytes` bounds the pool; the pool is allocated once.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& geometry,

@@ -1,0 +1,116 @@
+#include "runtime/paged_kv.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace dmsrt {
+
+class PagedKvLayer::Sink final : public KvSlotSink {
+ public:
+  Sink(int32_t block_tokens, std::vector<std::pair<int32_t, int32_t>>* copies,
+       std::vector<KvSlotWrite>* writes)
+      : bt_(block_tokens), copies_(copies), writes_(writes) {}
+  void CopyBlock(int32_t src, int32_t dst) override { copies_->emplace_back(src, dst); }
+  void WriteSlot(int32_t row, int32_t head, int32_t block, int32_t offset, int32_t pos) override {
+    writes_->push_back(KvSlotWrite{row, head, block * bt_ + offset, pos});
+  }
+
+ private:
+  int32_t bt_;
+  std::vector<std::pair<int32_t, int32_t>>* copies_;
+  std::vector<KvSlotWrite>* writes_;
+};
+
+absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
+                               int32_t n_decode, const uint8_t* bits, PagedKvOps& ops) {
+  const KvGeometry& geo = kv.geometry();
+  const int32_t nkv = geo.n_kv_heads;
+  const int32_t w = kv.delay_window();
+  const bool model_bits = kv.policy().kind == KvPolicyKind::kDms;
+  if (model_bits && bits == nullptr) {
+    return absl::InternalError("KV policy dms needs the model's decision bits");
+  }
+  // d[t] of KV head j for the token at `row` (position t).
+  auto bit = [&](int32_t row, int32_t j, int64_t t) -> bool {
+    if (model_bits) return bits[static_cast<int64_t>(row) * nkv + j] != 0;
+    return kv.PolicyBit(layer, j, t) == 1;
+  };
+  constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
+
+  // 1. Prefill chunks attend before anything of this layer is committed.
+  for (size_t ci = static_cast<size_t>(n_decode); ci < chunks.size(); ++ci) {
+    const PagedChunk& c = chunks[ci];
+    const int64_t P = kv.Length(c.seq);
+    if (P < 0) return absl::NotFoundError(absl::StrCat("no KV sequence with id ", c.seq));
+    int32_t max_blocks = 1;
+    for (int32_t j = 0; j < nkv; ++j) {
+      max_blocks = std::max(max_blocks, kv.HeadView(c.seq, layer, j).n_blocks);
+    }
+    table_.assign(static_cast<size_t>(nkv) * max_blocks, 0);
+    lengths_.assign(nkv, 0);
+    last_vis_new_.assign(static_cast<size_t>(c.n) * nkv, kNever);
+    flagged_.clear();
+    for (int32_t j = 0; j < nkv; ++j) {
+      const KvHeadView v = kv.HeadView(c.seq, layer, j);
+      std::copy(v.blocks, v.blocks + v.n_blocks, table_.begin() + static_cast<int64_t>(j) * max_blocks);
+      lengths_[j] = v.length;
+      if (w < 0) continue;
+      kv.FlaggedSlots(c.seq, layer, j, P > 0 && bit(c.row0, j, P) ? 1 : 0, &head_flagged_);
+      flagged_.insert(flagged_.end(), head_flagged_.begin(), head_flagged_.end());
+      for (int32_t i = 0; i + 1 < c.n; ++i) {  // flag(P+i) = d[P+i+1]
+        if (bit(c.row0 + i + 1, j, P + i + 1)) {
+          last_vis_new_[static_cast<size_t>(i) * nkv + j] = static_cast<int32_t>(P + i + w);
+        }
+      }
+    }
+    if (!flagged_.empty()) ops.SetLastVisible(flagged_);
+    ops.PrefillAttention(c, static_cast<int32_t>(P), table_, max_blocks, lengths_, last_vis_new_);
+    if (!flagged_.empty()) ops.ResetLastVisible(flagged_);
+  }
+
+  // 2. Commit every chunk: copies first, then writes.
+  copies_.clear();
+  writes_.clear();
+  Sink sink(geo.block_tokens, &copies_, &writes_);
+  for (const PagedChunk& c : chunks) {
+    const uint8_t* chunk_bits = model_bits ? bits + static_cast<int64_t>(c.row0) * nkv : nullptr;
+    if (!kv.CommitRows(c.seq, layer, c.n, c.row0, chunk_bits, sink)) {
+      return absl::InternalError(absl::StrCat(
+          "KV commit of sequence ", c.seq, " in layer ", layer,
+          " failed (not reserved, or layers out of order); the sequence must be freed"));
+    }
+  }
+  if (!copies_.empty()) ops.CopyBlocks(copies_);
+  if (!writes_.empty()) ops.WriteSlots(writes_);
+
+  // 3. Decode rows attend over what is resident now.
+  if (n_decode > 0) {
+    int32_t max_blocks = 1, max_length = 0;
+    for (int32_t b = 0; b < n_decode; ++b) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        const KvHeadView v = kv.HeadView(chunks[b].seq, layer, j);
+        max_blocks = std::max(max_blocks, v.n_blocks);
+        max_length = std::max(max_length, v.length);
+      }
+    }
+    table_.assign(static_cast<size_t>(n_decode) * nkv * max_blocks, 0);
+    lengths_.assign(static_cast<size_t>(n_decode) * nkv, 0);
+    for (int32_t b = 0; b < n_decode; ++b) {
+      if (chunks[b].n != 1 || chunks[b].row0 != b) {
+        return absl::InternalError("decode chunks must be one token each, at rows 0 .. n_decode-1");
+      }
+      for (int32_t j = 0; j < nkv; ++j) {
+        const KvHeadView v = kv.HeadView(chunks[b].seq, layer, j);
+        std::copy(v.blocks, v.blocks + v.n_blocks,
+                  table_.begin() + (static_cast<int64_t>(b) * nkv + j) * max_blocks);
+        lengths_[static_cast<size_t>(b) * nkv + j] = v.length;
+      }
+    }
+    ops.DecodeAttention(n_decode, table_, max_blocks, lengths_, max_length);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmsrt

@@ -1,0 +1,82 @@
+// The KV half of one layer of a step, for a backend whose K/V rows live in paged pools on a
+// device (runtime/cuda/): the bookkeeping is KvIndex's (the CPU store's, so resident sets are the
+// same on every backend), the data movement and attention go to a PagedKvOps implementation.
+//
+// The pools follow the kernels' data contracts (kernels/decode_attention.cuh,
+// kernels/prefill_attention.cuh): k/v [num_blocks, block_tokens, head_dim], and per slot its
+// absolute position (pos) and its last visible query position (last_vis). last_vis depends on
+// the sequence's view (the same shared block may hold a token one fork has flagged and another
+// has not), so it is not kept in the pool: it is INT32_MAX everywhere, except while a prefill
+// chunk attends, when the chunk's own flagged resident tokens carry pos + w. Decode needs no
+// visibility: every slot still resident when a decode token attends is visible to it
+// (docs/dms-semantics.md §3, §4: a flagged token leaves exactly when it stops being visible).
+//
+// Order of one layer (PagedKvLayer::Run), which makes it exact for any mix of chunks:
+//   1. each prefill chunk (n > 1): SetLastVisible, PrefillAttention over the slots before the
+//      commit plus the chunk itself, ResetLastVisible;
+//   2. every chunk commits (KvIndex::CommitRows): CopyBlocks (copy-on-write), then WriteSlots;
+//   3. the decode rows attend over the slots after the commit (DecodeAttention).
+// Decode chunks (one token) must come first in the step's rows: rows 0 .. n_decode-1.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "runtime/kv_cache.h"
+
+namespace dmsrt {
+
+struct PagedChunk {
+  SeqId seq = -1;
+  int32_t row0 = 0;  // first row of the step's q/k/v/out
+  int32_t n = 0;     // tokens
+};
+
+struct KvSlotWrite {
+  int32_t row = 0;
+  int32_t head = 0;
+  int32_t slot = 0;  // pool slot index: block * block_tokens + offset
+  int32_t pos = 0;
+};
+
+// Where the data lives. Every argument is host memory the call may read only while it runs.
+class PagedKvOps {
+ public:
+  virtual ~PagedKvOps() = default;
+  // (pool slot index, value) pairs for last_vis; Reset puts INT32_MAX back in the same slots.
+  virtual void SetLastVisible(const std::vector<std::pair<int32_t, int32_t>>& slots) = 0;
+  virtual void ResetLastVisible(const std::vector<std::pair<int32_t, int32_t>>& slots) = 0;
+  // Rows c.row0 .. c.row0+c.n-1 at positions q_pos0.. over the old slots (table [n_kv, maxb],
+  // old_lengths [n_kv]) and the chunk's keys (last_vis_new [n, n_kv]).
+  virtual void PrefillAttention(const PagedChunk& c, int32_t q_pos0,
+                                const std::vector<int32_t>& table, int32_t max_blocks,
+                                const std::vector<int32_t>& old_lengths,
+                                const std::vector<int32_t>& last_vis_new) = 0;
+  // (src, dst) block pairs.
+  virtual void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;
+  virtual void WriteSlots(const std::vector<KvSlotWrite>& writes) = 0;
+  // Rows 0 .. batch-1, one token each: tables [batch, n_kv, maxb], lengths [batch, n_kv].
+  virtual void DecodeAttention(int32_t batch, const std::vector<int32_t>& tables,
+                               int32_t max_blocks, const std::vector<int32_t>& lengths,
+                               int32_t max_length) = 0;
+};
+
+class PagedKvLayer {
+ public:
+  // chunks[0 .. n_decode) are one-token chunks at rows 0 .. n_decode-1; the rest have n >= 1
+  // tokens each (a one-token chunk after them is run as a prefill chunk). `bits` [rows, n_kv]
+  // holds the model's decision bits under policy dms (nullptr otherwise). Every chunk must have
+  // been reserved (KvCache::Reserve) for this step.
+  absl::Status Run(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
+                   int32_t n_decode, const uint8_t* bits, PagedKvOps& ops);
+
+ private:
+  class Sink;
+  std::vector<std::pair<int32_t, int32_t>> flagged_, head_flagged_, copies_;
+  std::vector<KvSlotWrite> writes_;
+  std::vector<int32_t> table_, lengths_, last_vis_new_;
+};
+
+}  // namespace dmsrt

@@ -1,0 +1,282 @@
+// The paged KV layer (runtime/paged_kv.h) that device backends use, run here on host pools with
+// the plain C++ references of the CUDA kernels as its operations, against the CPU KvCache on the
+// same token streams: attention outputs, resident sets and figures must agree for every policy
+// the index supports, through forks (shared blocks whose tokens one fork has flagged and another
+// has not), mixed steps of decode tokens and prefill chunks, and frees.
+#include "runtime/paged_kv.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "kernels/reference/attention_ref.h"
+#include "tests/unit/kv_test_util.h"
+
+namespace dmsrt {
+namespace {
+
+using kvtest::Geo;
+using kvtest::MakeStream;
+using kvtest::Stream;
+
+constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
+
+// Host pools + the references of the CUDA kernels.
+class HostOps final : public PagedKvOps {
+ public:
+  HostOps(const KvGeometry& g, int64_t blocks) : g_(g) {
+    const size_t slots = static_cast<size_t>(blocks) * g.block_tokens;
+    k_.assign(slots * g.head_dim, std::nanf(""));
+    v_.assign(slots * g.head_dim, std::nanf(""));
+    pos_.assign(slots, -1);
+    last_vis_.assign(slots, kNever);
+  }
+  // The step's rows for the current layer.
+  const float *q = nullptr, *k = nullptr, *v = nullptr;
+  float* out = nullptr;
+  int set_calls = 0, prefill_calls = 0, decode_calls = 0, copies = 0;
+
+  void SetLastVisible(const std::vector<std::pair<int32_t, int32_t>>& slots) override {
+    ++set_calls;
+    for (auto [s, val] : slots) {
+      EXPECT_EQ(last_vis_[s], kNever) << "last_vis left set in slot " << s;
+      last_vis_[s] = val;
+    }
+  }
+  void ResetLastVisible(const std::vector<std::pair<int32_t, int32_t>>& slots) override {
+    for (auto [s, val] : slots) last_vis_[s] = kNever;
+  }
+  void PrefillAttention(const PagedChunk& c, int32_t q_pos0, const std::vector<int32_t>& table,
+                        int32_t max_blocks, const std::vector<int32_t>& old_lengths,
+                        const std::vector<int32_t>& last_vis_new) override {
+    ++prefill_calls;
+    const int64_t qw = static_cast<int64_t>(g_.n_heads) * g_.head_dim;
+    const int64_t kw = static_cast<int64_t>(g_.n_kv_heads) * g_.head_dim;
+    kernels::PrefillAttentionRef(c.n, q_pos0, g_.n_heads, g_.n_kv_heads, g_.head_dim,
+                                 g_.block_tokens, max_blocks, Scale(), q + c.row0 * qw,
+                                 k + c.row0 * kw, v + c.row0 * kw, last_vis_new.data(), k_.data(),
+                                 v_.data(), pos_.data(), last_vis_.data(), table.data(),
+                                 old_lengths.data(), out + c.row0 * qw);
+  }
+  void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& pairs) override {
+    const int64_t bt = g_.block_tokens, hd = g_.head_dim;
+    for (auto [src, dst] : pairs) {
+      ++copies;
+      std::copy_n(k_.begin() + src * bt * hd, bt * hd, k_.begin() + dst * bt * hd);
+      std::copy_n(v_.begin() + src * bt * hd, bt * hd, v_.begin() + dst * bt * hd);
+      std::copy_n(pos_.begin() + src * bt, bt, pos_.begin() + dst * bt);
+      std::copy_n(last_vis_.begin() + src * bt, bt, last_vis_.begin() + dst * bt);
+    }
+  }
+  void WriteSlots(const std::vector<KvSlotWrite>& writes) override {
+    const int64_t hd = g_.head_dim, kw = static_cast<int64_t>(g_.n_kv_heads) * hd;
+    for (const KvSlotWrite& w : writes) {
+      std::copy_n(k + w.row * kw + w.head * hd, hd, k_.begin() + w.slot * hd);
+      std::copy_n(v + w.row * kw + w.head * hd, hd, v_.begin() + w.slot * hd);
+      pos_[w.slot] = w.pos;
+    }
+  }
+  void DecodeAttention(int32_t batch, const std::vector<int32_t>& tables, int32_t max_blocks,
+                       const std::vector<int32_t>& lengths, int32_t max_length) override {
+    ++decode_calls;
+    for (int32_t x : lengths) EXPECT_LE(x, max_length);
+    kernels::DecodeAttentionRef(batch, g_.n_heads, g_.n_kv_heads, g_.head_dim, g_.block_tokens,
+                                max_blocks, Scale(), q, k_.data(), v_.data(), tables.data(),
+                                lengths.data(), out);
+  }
+
+ private:
+  float Scale() const { return 1.0f / std::sqrt(static_cast<float>(g_.head_dim)); }
+  KvGeometry g_;
+  std::vector<float> k_, v_;
+  std::vector<int32_t> pos_, last_vis_;
+};
+
+struct Case {
+  const char* name;
+  KvPolicyConfig policy;
+};
+
+KvPolicyConfig Policy(KvPolicyKind kind, int32_t window, double rate = 0, int32_t sinks = 2) {
+  KvPolicyConfig p;
+  p.kind = kind;
+  p.window = window;
+  p.force_rate = rate;
+  p.sinks = sinks;
+  p.seed = 11;
+  return p;
+}
+
+class PagedKvTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
+  const KvGeometry geo = Geo(/*layers=*/2, /*nkv=*/2, /*nh=*/4, /*hd=*/8, /*block=*/4);
+  const KvPolicyConfig pol = GetParam().policy;
+  const int64_t cpu_block_bytes = 2 * 4 * 8 * sizeof(float);
+  const int64_t budget = 400 * cpu_block_bytes;
+  auto cpu_or = MakeCpuKvCache(geo, pol, budget);
+  ASSERT_TRUE(cpu_or.ok()) << cpu_or.status();
+  auto idx_or = MakeKvIndex(geo, pol, budget, cpu_block_bytes);
+  ASSERT_TRUE(idx_or.ok()) << idx_or.status();
+  KvCache& cpu = **cpu_or;
+  KvIndex& idx = **idx_or;
+  HostOps ops(geo, idx.total_blocks());
+  PagedKvLayer layer_runner;
+
+  // One random stream per logical sequence (forks continue their own stream after the prefix).
+  const int32_t kT = 40;
+  const Stream base = MakeStream(kT, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, 1, 0.5);
+  std::map<int, Stream> streams;
+  for (int s = 1; s < 5; ++s) {
+    streams[s] = MakeStream(kT, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, 100 + s, 0.5);
+  }
+  // Logical sequence -> (cpu id, index id); tokens before `fork_at` come from `base`.
+  struct Seq { SeqId cpu, idx; int stream; int fork_at; };
+  std::map<int, Seq> seqs;
+  auto stream_of = [&](const Seq& s, int32_t t) -> const Stream& {
+    return t < s.fork_at ? base : streams[s.stream];
+  };
+
+  // One step: (logical seq, tokens); decode chunks (one token) are placed first.
+  auto step = [&](std::vector<std::pair<int, int32_t>> batch) {
+    std::stable_sort(batch.begin(), batch.end(),
+                     [](auto& a, auto& b) { return (a.second == 1) > (b.second == 1); });
+    std::vector<PagedChunk> chunks;
+    int32_t rows = 0, n_decode = 0;
+    for (auto [ls, n] : batch) {
+      const Seq& s = seqs.at(ls);
+      ASSERT_TRUE(cpu.Reserve(s.cpu, n).ok());
+      ASSERT_TRUE(idx.Reserve(s.idx, n).ok());
+      chunks.push_back(PagedChunk{s.idx, rows, n});
+      if (n == 1 && n_decode == static_cast<int32_t>(chunks.size()) - 1) ++n_decode;
+      rows += n;
+    }
+    const int64_t qw = static_cast<int64_t>(geo.n_heads) * geo.head_dim;
+    const int64_t kw = static_cast<int64_t>(geo.n_kv_heads) * geo.head_dim;
+    std::vector<int64_t> start;
+    for (auto [ls, n] : batch) start.push_back(cpu.Length(seqs.at(ls).cpu));
+    for (int32_t l = 0; l < geo.n_layers; ++l) {
+      std::vector<float> q(rows * qw), k(rows * kw), v(rows * kw), out_ref(rows * qw),
+          out(rows * qw, std::nanf(""));
+      std::vector<uint8_t> bits(static_cast<size_t>(rows) * geo.n_kv_heads);
+      for (size_t ci = 0; ci < batch.size(); ++ci) {
+        const Seq& s = seqs.at(batch[ci].first);
+        for (int32_t i = 0; i < chunks[ci].n; ++i) {
+          const int32_t t = static_cast<int32_t>(start[ci]) + i;
+          const Stream& st = stream_of(s, t);
+          const int32_t r = chunks[ci].row0 + i;
+          std::copy_n(st.qt(l, t), qw, q.begin() + r * qw);
+          std::copy_n(st.kt(l, t), kw, k.begin() + r * kw);
+          std::copy_n(st.vt(l, t), kw, v.begin() + r * kw);
+          std::copy_n(st.bt(l, t), geo.n_kv_heads, bits.begin() + r * geo.n_kv_heads);
+        }
+      }
+      const bool dms = pol.kind == KvPolicyKind::kDms;
+      for (size_t ci = 0; ci < batch.size(); ++ci) {
+        const PagedChunk& c = chunks[ci];
+        cpu.AttendAndAppend(seqs.at(batch[ci].first).cpu, l, c.n, &q[c.row0 * qw], &k[c.row0 * kw],
+                            &v[c.row0 * kw], dms ? &bits[c.row0 * geo.n_kv_heads] : nullptr,
+                            &out_ref[c.row0 * qw]);
+      }
+      ops.q = q.data();
+      ops.k = k.data();
+      ops.v = v.data();
+      ops.out = out.data();
+      ASSERT_TRUE(layer_runner.Run(idx, l, chunks, n_decode, dms ? bits.data() : nullptr, ops).ok());
+      for (int64_t i = 0; i < rows * qw; ++i) {
+        ASSERT_NEAR(out[i], out_ref[i], 1e-4 * (1 + std::fabs(out_ref[i])))
+            << GetParam().name << " layer " << l << " element " << i;
+      }
+    }
+    for (auto& [ls, s] : seqs) {
+      ASSERT_EQ(cpu.Length(s.cpu), idx.Length(s.idx));
+      for (int32_t l = 0; l < geo.n_layers; ++l) {
+        for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
+          ASSERT_EQ(cpu.ResidentPositions(s.cpu, l, j), idx.ResidentPositions(s.idx, l, j))
+              << GetParam().name << " seq " << ls << " layer " << l << " head " << j;
+        }
+      }
+    }
+  };
+  auto create = [&](int ls, int stream) {
+    seqs[ls] = Seq{*cpu.Create(), *idx.Create(), stream, 0};
+  };
+  auto fork = [&](int parent, int ls, int stream) {
+    const Seq& p = seqs.at(parent);
+    seqs[ls] = Seq{*cpu.Fork(p.cpu), *idx.Fork(p.idx), stream,
+                   static_cast<int>(cpu.Length(p.cpu))};
+  };
+
+  create(0, 1);
+  seqs[0].fork_at = kT;  // the prompt: all from `base`
+  step({{0, 9}});
+  fork(0, 1, 2);
+  fork(0, 2, 3);
+  create(3, 4);
+  step({{1, 1}, {3, 6}, {2, 1}});
+  for (int i = 0; i < 6; ++i) step({{1, 1}, {2, 1}, {3, 1}});
+  ASSERT_TRUE(cpu.Free(seqs[0].cpu).ok());
+  ASSERT_TRUE(idx.Free(seqs[0].idx).ok());
+  seqs.erase(0);
+  step({{2, 3}, {1, 1}});  // a chunk on a fork whose prefix blocks are still shared
+  fork(1, 4, 4);
+  step({{4, 5}, {1, 1}, {3, 2}});
+  for (int i = 0; i < 5; ++i) step({{4, 1}, {1, 1}, {2, 1}, {3, 1}});
+
+  const KvFigures fc = cpu.Figures(), fi = idx.Figures();
+  EXPECT_EQ(fc.logical_tokens, fi.logical_tokens);
+  EXPECT_EQ(fc.resident_tokens, fi.resident_tokens);
+  EXPECT_EQ(fc.flagged_tokens, fi.flagged_tokens);
+  EXPECT_EQ(fc.kv_reads, fi.kv_reads);
+  EXPECT_EQ(fc.dense_reads, fi.dense_reads);
+  EXPECT_EQ(fc.blocks_held, fi.blocks_held);
+  EXPECT_EQ(cpu.free_blocks(), idx.free_blocks());
+  EXPECT_GT(ops.prefill_calls, 0);
+  EXPECT_GT(ops.decode_calls, 0);
+  EXPECT_GT(ops.copies, 0) << "no copy-on-write happened: the test lost its fork coverage";
+  if (pol.kind != KvPolicyKind::kNone) {
+    EXPECT_GT(ops.set_calls, 0);
+  }
+  for (auto& [ls, s] : seqs) {
+    ASSERT_TRUE(cpu.Free(s.cpu).ok());
+    ASSERT_TRUE(idx.Free(s.idx).ok());
+  }
+  EXPECT_EQ(idx.free_blocks(), idx.total_blocks());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Policies, PagedKvTest,
+    ::testing::Values(Case{"none", Policy(KvPolicyKind::kNone, 0)},
+                      Case{"dms_w3", Policy(KvPolicyKind::kDms, 3)},
+                      Case{"dms_w0", Policy(KvPolicyKind::kDms, 0)},
+                      Case{"forced_w2", Policy(KvPolicyKind::kForced, 2, 0.5)},
+                      Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)}),
+    [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+TEST(PagedKvIndex, RefusesAttentionScoredPoliciesAndStorageCalls) {
+  const KvGeometry geo = Geo(1, 1, 2, 8, 4);
+  KvPolicyConfig tova;
+  tova.kind = KvPolicyKind::kTova;
+  tova.budget_tokens = 4;
+  auto bad = MakeKvIndex(geo, tova, 1 << 20, 256);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("CPU backend only"), std::string::npos) << bad.status();
+  EXPECT_FALSE(MakeKvIndex(geo, {}, 100, 256).ok());  // smaller than a block
+
+  auto idx = MakeKvIndex(geo, {}, 1 << 20, 256);
+  ASSERT_TRUE(idx.ok());
+  const SeqId s = *(*idx)->Create();
+  ASSERT_TRUE((*idx)->Reserve(s, 1).ok());
+  std::vector<float> q(16, 1.f), kv(8, 1.f), out(16, 0.f);
+  (*idx)->AttendAndAppend(s, 0, 1, q.data(), kv.data(), kv.data(), nullptr, out.data());
+  EXPECT_TRUE(std::isnan(out[0])) << "an index has no storage to attend over";
+  EXPECT_EQ((*idx)->Reserve(s, 1).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace dmsrt
