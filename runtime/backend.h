@@ -8,9 +8,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/reference/sampling_ref.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
 
@@ -22,6 +24,11 @@ struct SeqChunk {
   SeqId seq = -1;
   std::vector<int32_t> tokens;  // positions KvCache::Length(seq) ..
   enum class Logits { kNone, kLast, kAll } logits = Logits::kLast;
+  // Sample the next token from the last row where the logits are (on the device for a device
+  // backend, so logits need not travel): ForwardResult::sampled gets it. Same rule and draws as
+  // kernels/reference/sampling_ref.h on every backend.
+  bool sample = false;
+  kernels::SamplingRowParams sampling;
 };
 
 struct ForwardResult {
@@ -29,6 +36,9 @@ struct ForwardResult {
   // Rows in chunk order; for each chunk, kLast gives one row and kAll one per token.
   std::vector<float> logits;       // [rows, vocab]
   std::vector<int32_t> row_chunk;  // chunk index of each row
+  // Per chunk: the sampled token and its log-probability (-1 and 0 where `sample` was false).
+  std::vector<int32_t> sampled;
+  std::vector<float> sampled_logprob;
 };
 
 struct BackendOptions {
@@ -48,9 +58,35 @@ class Backend {
   // every sequence as it was.
   virtual absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) = 0;
   virtual KvCache& kv() = 0;
+  // Appends `n` tokens to `seq`'s cache without running the model (their keys and values are
+  // whatever the storage holds), applying the eviction policy as usual: long contexts for
+  // benchmarks in seconds. Policies whose cache depends on attention (tova, h2o) cannot.
+  virtual absl::Status AppendUncomputed(SeqId seq, int32_t n);
+  // Device memory this process holds (0 for host backends).
+  virtual int64_t DeviceBytesInUse() const { return 0; }
 };
+
+// Checks a step before it touches anything: chunks not empty, a sequence at most once, token
+// ids inside the vocabulary. Returns the number of tokens.
+absl::StatusOr<int64_t> ValidateStep(const std::vector<SeqChunk>& batch, int32_t vocab);
+
+// Fills ForwardResult::sampled/sampled_logprob from host logits rows (the host backends' side of
+// SeqChunk::sample): for each sampled chunk, its last row must be among `result.logits`.
+void SampleOnHost(const std::vector<SeqChunk>& batch, ForwardResult& result);
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCpuBackend(const Model& model,
                                                         const BackendOptions& options);
+
+// The CUDA backend (runtime/cuda/): weights in bf16 on the device (GGUF blocks dequantized at
+// load; synthetic models generated there), the KV pools on the device behind a KvIndex, sampling
+// on the device. FAILED_PRECONDITION when this build has no CUDA or there is no device.
+// BackendOptions::kv_budget_bytes <= 0 takes the device memory left after weights and
+// workspace, less a margin.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const Model& model,
+                                                         const BackendOptions& options);
+
+// "cpu" or "cuda".
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, const Model& model,
+                                                     const BackendOptions& options);
 
 }  // namespace dmsrt

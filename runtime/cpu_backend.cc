@@ -113,6 +113,7 @@ class CpuBackend : public Backend {
   const char* name() const override { return "cpu"; }
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override;
   KvCache& kv() override { return *kv_; }
+  absl::Status AppendUncomputed(SeqId seq, int32_t n) override;
 
  private:
   struct Layer {
@@ -392,27 +393,7 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
   ForwardResult result;
   result.vocab = vocab_;
   // Validate everything before touching the cache.
-  absl::flat_hash_set<SeqId> seen;
-  int64_t N = 0;
-  for (size_t ci = 0; ci < batch.size(); ++ci) {
-    const SeqChunk& ch = batch[ci];
-    if (ch.tokens.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk ", ci, " (sequence ", ch.seq,
-                                                     ") has no tokens"));
-    }
-    if (!seen.insert(ch.seq).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", ch.seq, " appears in more than one chunk of the same step"));
-    }
-    for (int32_t t : ch.tokens) {
-      if (t < 0 || t >= vocab_) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " in chunk ", ci,
-                                                       " is outside the vocabulary [0, ",
-                                                       vocab_, ")"));
-      }
-    }
-    N += static_cast<int64_t>(ch.tokens.size());
-  }
+  DMSRT_ASSIGN_OR_RETURN(const int64_t N, ValidateStep(batch, vocab_));
   if (N == 0) return result;
   {
     absl::Status reserved;
@@ -547,7 +528,7 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
           rows.push_back(t + i);
           result.row_chunk.push_back(static_cast<int32_t>(ci));
         }
-      } else if (ch.logits == SeqChunk::Logits::kLast) {
+      } else if (ch.logits == SeqChunk::Logits::kLast || ch.sample) {
         rows.push_back(t + n - 1);
         result.row_chunk.push_back(static_cast<int32_t>(ci));
       }
@@ -584,7 +565,25 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
       }
     }
   }
+  SampleOnHost(batch, result);
   return result;
+}
+
+absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n) {
+  if (comm_ != nullptr) {
+    return absl::UnimplementedError("AppendUncomputed runs on a single rank");
+  }
+  if (n <= 0) return absl::OkStatus();
+  DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
+  const int64_t kw = static_cast<int64_t>(n_kv_) * head_dim_;
+  std::vector<float> zeros(static_cast<size_t>(n) * kw, 0.0f);
+  std::vector<uint8_t> bits(static_cast<size_t>(n) * n_kv_, 0);  // dms: nothing flagged
+  for (int32_t l = 0; l < cfg_.n_layers; ++l) {
+    kv_->AttendAndAppend(seq, l, n, nullptr, zeros.data(), zeros.data(),
+                         dms_bits_ ? bits.data() : nullptr, nullptr);
+  }
+  if (kv_->Length(seq) < 0) return absl::NotFoundError(absl::StrCat("no KV sequence ", seq));
+  return absl::OkStatus();
 }
 
 }  // namespace

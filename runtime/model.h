@@ -115,6 +115,10 @@ class Model {
   std::string source_format;  // "gguf" or "hf"
   // Bytes of weights as stored (quantized), for bandwidth figures.
   int64_t weight_bytes = 0;
+  // Synthetic models (runtime/synthetic_model.h): random weights from this seed. Without host
+  // weights (`weights` empty) a device backend generates them where they are used.
+  bool synthetic = false;
+  uint64_t synthetic_seed = 0;
 };
 
 // Loads a GGUF file (path ends in .gguf or starts with the GGUF magic) or a Hugging Face model
