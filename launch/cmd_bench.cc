@@ -116,8 +116,8 @@ absl::Status Bench(int argc, char** argv, TpSession* tp) {
     ForwardResult fr;
     for (size_t at = 0; at < prompt.size(); at += ctx.prefill_chunk) {
       size_t end = std::min(prompt.size(), at + ctx.prefill_chunk);
-      SeqChunk c{seq, std::vector<int32_t>(prompt.begin() + at, prompt.begin() + end),
-                 end == prompt.size() ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone};
+      SeqChunk c = MakeChunk(seq, std::vector<int32_t>(prompt.begin() + at, prompt.begin() + end),
+                 end == prompt.size() ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone);
       DMSRT_ASSIGN_OR_RETURN(fr, backend->Forward({c}));
     }
     auto t1 = Clock::now();
@@ -125,7 +125,7 @@ absl::Status Bench(int argc, char** argv, TpSession* tp) {
     int32_t next = Argmax(fr.logits.data(), fr.vocab);
     for (int64_t i = 0; i < n_decode; ++i) {
       decoded.push_back(next);
-      DMSRT_ASSIGN_OR_RETURN(fr, backend->Forward({SeqChunk{seq, {next}, SeqChunk::Logits::kLast}}));
+      DMSRT_ASSIGN_OR_RETURN(fr, backend->Forward({MakeChunk(seq, {next}, SeqChunk::Logits::kLast)}));
       next = Argmax(fr.logits.data(), fr.vocab);
     }
     auto t2 = Clock::now();

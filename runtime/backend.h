@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -30,6 +31,15 @@ struct SeqChunk {
   bool sample = false;
   kernels::SamplingRowParams sampling;
 };
+
+inline SeqChunk MakeChunk(SeqId seq, std::vector<int32_t> tokens,
+                          SeqChunk::Logits logits = SeqChunk::Logits::kLast) {
+  SeqChunk c;
+  c.seq = seq;
+  c.tokens = std::move(tokens);
+  c.logits = logits;
+  return c;
+}
 
 struct ForwardResult {
   int32_t vocab = 0;

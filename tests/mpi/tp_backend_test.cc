@@ -298,8 +298,8 @@ TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
   int steps = 0;
   for (; steps < 2000; ++steps) {
     absl::StatusOr<ForwardResult> r =
-        b.Forward({SeqChunk{*seq, {static_cast<int32_t>(3 + steps % 100)},
-                            SeqChunk::Logits::kLast}});
+        b.Forward({MakeChunk(*seq, {static_cast<int32_t>(3 + steps % 100)},
+                            SeqChunk::Logits::kLast)});
     if (!r.ok()) {
       last = r.status();
       break;
@@ -312,7 +312,7 @@ TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
   EXPECT_GT(b.kv().free_blocks(), full_free);
   seq = b.kv().Create();
   ASSERT_TRUE(seq.ok()) << seq.status();
-  absl::StatusOr<ForwardResult> r = b.Forward({SeqChunk{*seq, {5, 6, 7}, SeqChunk::Logits::kLast}});
+  absl::StatusOr<ForwardResult> r = b.Forward({MakeChunk(*seq, {5, 6, 7}, SeqChunk::Logits::kLast)});
   EXPECT_TRUE(r.ok()) << r.status();
   std::printf("[tp %d] cache full after %d decode steps: %s\n", comm->size(), steps,
               std::string(last.message()).c_str());
