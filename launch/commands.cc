@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"generate", RunGenerate, "one prompt or chat turn -> streamed text, then speed and KV figures"},
     {"score", RunScore, "teacher-forced perplexity / top-1 / logits of a text"},
     {"bench", RunBench, "prefill/decode speed next to the measured memory-bandwidth floor; JSON profile"},
+    {"bench-decode", RunBenchDecode, "decode tokens/s at batch x context for a real or synthetic model (cpu or cuda)"},
     {"tokenize", RunTokenize, "text -> token ids (and --decode ids -> text)"},
 #ifdef DMSRT_HAVE_GRPC
     {"serve", RunServe, "one replica (TP group under mpirun); hosts the coordinator unless --coordinator"},

@@ -11,5 +11,6 @@ int RunGenerate(int argc, char** argv);
 int RunTokenize(int argc, char** argv);
 int RunScore(int argc, char** argv);
 int RunBench(int argc, char** argv);
+int RunBenchDecode(int argc, char** argv);
 
 }  // namespace dmsrt

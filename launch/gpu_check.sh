@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-call check of the CUDA kernels on a GPU machine: configure + build (CUDA on, no MPI/gRPC),
-# run the GPU tests (ctest -L gpu), run the kernel benchmark and the PyTorch SDPA peer, and print
-# a short summary table LAST (decode-attention GB/s vs measured copy bandwidth and vs SDPA, the
-# DMS time ratio, peak device memory).
+# run the GPU tests (ctest -L gpu), run the kernel benchmark, the PyTorch SDPA peer and the
+# end-to-end decode benchmark of the CUDA backend on the Qwen3-8B-shaped synthetic model (batch
+# 1/32/256 x context 4K/32K, KV policy none vs forced DMS at 0.875), and print a short summary
+# table LAST (decode-attention GB/s vs measured copy bandwidth and vs SDPA, the DMS time ratio,
+# end-to-end decode tokens/s, KV held and device memory per cell).
 #
 # Works on a bare machine that has only a CUDA toolkit, CMake and PyTorch: abseil and GoogleTest
 # are built from third_party/ (run launch/fetch_source_deps.sh beforehand where the registry is
@@ -43,6 +45,7 @@ build_status="full"
 if ! cmake --build "$build" -j"$jobs" >>"$out/build.log" 2>&1; then
   # Another part of the tree may not build here; the GPU tests and the benchmark may still.
   gpu_targets=$(ls "$here"/tests/gpu/*_test.c* 2>/dev/null | xargs -n1 basename | sed 's/\.c[cu]*$//' | tr '\n' ' ')
+  gpu_targets="$gpu_targets dmsrt"
   echo "full build failed; building only: $gpu_targets gpu_attention_bench"
   grep -E "error" "$out/build.log" | head -10
   build_status="partial"
@@ -68,6 +71,17 @@ if [ "$bench" = 1 ]; then
   fi
   echo "== PyTorch SDPA peer"
   PYTHONUNBUFFERED=1 python3 "$here/tests/bench/sdpa_peer.py" $quick --json "$out/sdpa.json" 2>&1 | tee "$out/sdpa.txt"
+  echo "== end-to-end decode, Qwen3-8B shapes (synthetic weights generated on the device)"
+  e2e_batch="1,32,256"; e2e_steps=16
+  [ -n "$quick" ] && { e2e_batch="1,32"; e2e_steps=4; }
+  for pol in none forced; do
+    if [ -x "$build/bin/dmsrt" ]; then
+      "$build/bin/dmsrt" bench-decode --backend cuda --synthetic qwen3-8b --batch "$e2e_batch" \
+        --context 4096,32768 --steps "$e2e_steps" --kv-policy "$pol" --dms-force-rate 0.875 \
+        --dms-window 16 --json >"$out/e2e_$pol.json" 2>"$out/e2e_$pol.err" || {
+          echo "bench-decode ($pol) failed:"; tail -5 "$out/e2e_$pol.err"; }
+    fi
+  done
 fi
 
 echo "== summary"
@@ -100,5 +114,22 @@ if b:
     print(f"peak device memory: dmsrt bench {peak:.2f} GiB in use; torch SDPA {tp:.2f} GiB allocated")
 else:
     print("no benchmark results")
+e = {p: load(f"e2e_{p}.json") for p in ("none", "forced")}
+if any(e.values()):
+    print("end-to-end decode, qwen3-8b shapes (bf16, synthetic weights), tokens/s (KV GiB held):")
+    print(f"{'batch':>5} {'context':>7} {'none':>22} {'forced 0.875':>22} {'device GiB':>10}")
+    cells = {}
+    for p, j in e.items():
+        for c in (j or {}).get('cells', []):
+            cells.setdefault((c['batch'], c['context']), {})[p] = c
+    for (bt, ctx), cs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        def fmt(c):
+            if not c:
+                return f"{'-':>22}"
+            if not c['fits']:
+                return f"{'does not fit':>22}"
+            return f"{c['decode_tokens_per_s']:>10.0f} ({c['kv_bytes_held']/2**30:>6.1f} GiB)"
+        dev = max(c.get('device_bytes_in_use', 0) for c in cs.values()) / 2**30
+        print(f"{bt:>5} {ctx:>7} {fmt(cs.get('none'))} {fmt(cs.get('forced'))} {dev:>10.1f}")
 PY
 exit $tests_rc
