@@ -66,12 +66,12 @@ absl::Status RunScript(Backend& b, const std::vector<int32_t>* replay, Script* o
 
   absl::StatusOr<SeqId> a = kv.Create();
   if (!a.ok()) return a.status();
-  SeqChunk c1{*a, std::vector<int32_t>(prompt.begin(), prompt.begin() + 13),
-              SeqChunk::Logits::kAll};
+  SeqChunk c1 = MakeChunk(*a, std::vector<int32_t>(prompt.begin(), prompt.begin() + 13),
+              SeqChunk::Logits::kAll);
   absl::StatusOr<ForwardResult> r = b.Forward({c1});
   if (!r.ok()) return r.status();
   out->logits.push_back(r->logits);
-  SeqChunk c2{*a, std::vector<int32_t>(prompt.begin() + 13, prompt.end()), SeqChunk::Logits::kLast};
+  SeqChunk c2 = MakeChunk(*a, std::vector<int32_t>(prompt.begin() + 13, prompt.end()), SeqChunk::Logits::kLast);
   r = b.Forward({c2});
   if (!r.ok()) return r.status();
   out->logits.push_back(r->logits);
@@ -89,13 +89,13 @@ absl::Status RunScript(Backend& b, const std::vector<int32_t>* replay, Script* o
       a_live = false;
     }
     std::vector<SeqChunk> batch;
-    if (a_live) batch.push_back({*a, {ta}, SeqChunk::Logits::kLast});
+    if (a_live) batch.push_back(MakeChunk(*a, {ta}, SeqChunk::Logits::kLast));
     // Every third step the fork takes a 3-token chunk (mixed prefill and decode in one batch).
     if (step % 3 == 1) {
-      batch.push_back({*bseq, {tb, static_cast<int32_t>((tb + 5) % vocab), 7},
-                       SeqChunk::Logits::kAll});
+      batch.push_back(MakeChunk(*bseq, {tb, static_cast<int32_t>((tb + 5) % vocab), 7},
+                                SeqChunk::Logits::kAll));
     } else {
-      batch.push_back({*bseq, {tb}, SeqChunk::Logits::kLast});
+      batch.push_back(MakeChunk(*bseq, {tb}, SeqChunk::Logits::kLast));
     }
     r = b.Forward(batch);
     if (!r.ok()) return r.status();
