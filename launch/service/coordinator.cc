@@ -755,6 +755,9 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     rs->set_tokens_per_second(r->stats.tokens_per_second());
     rs->set_preemptions(r->stats.preemptions());
     rs->set_kv_policy(r->info.kv_policy());
+    rs->set_kv_window(r->info.kv_window());
+    rs->set_kv_force_rate(r->info.kv_force_rate());
+    rs->set_peak_running_threads(r->stats.peak_running_threads());
     rs->set_last_heartbeat_age_seconds(SecondsSince(r->last_heartbeat));
     v1::RankStatus* k = rs->add_ranks();
     k->set_rank(0);
@@ -767,6 +770,7 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     k->set_logical_tokens(r->stats.logical_tokens());
     k->set_resident_tokens(r->stats.resident_tokens());
     k->set_cache_cr(r->stats.cache_cr());
+    k->set_peak_kv_blocks_used(r->stats.peak_kv_blocks_used());
     if (r->alive) {
       resp->set_kv_blocks_total(resp->kv_blocks_total() + r->stats.kv_blocks_total());
       resp->set_kv_blocks_used(resp->kv_blocks_used() + r->stats.kv_blocks_used());
