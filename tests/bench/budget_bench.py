@@ -19,7 +19,7 @@ With --check-ratio R it exits non-zero unless both ratios are >= R, every thread
 length, nothing was preempted and peak KV stayed within the budget.
 
     python3 tests/bench/budget_bench.py                      # the 4K-token comparison (minutes)
-    python3 tests/bench/budget_bench.py --tokens 384 --window 32 --budget 52MiB --check-ratio 4
+    python3 tests/bench/budget_bench.py --tokens 384 --window 16 --budget 52MiB --check-ratio 4
 
 The budget is per replica and is both the replica's --kv-budget and the job's kv_budget_bytes, so
 an admission estimate that is too optimistic shows up as preemptions. Needs grpcio + grpcio-tools
