@@ -8,6 +8,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash launch/setup.sh --test-deps
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-# Full-size benchmarks (label bench_full: budget_bench_4k, about 10 minutes) are left out; run
-# them with: ctest --test-dir build -L bench_full --output-on-failure
+# Full-size benchmarks (label bench_full: budget_bench_4k, 10-16 minutes on 2 cores) are left
+# out; run them with: ctest --test-dir build -L bench_full --output-on-failure -V
 ctest --test-dir build --output-on-failure -j"${DMSRT_TEST_JOBS:-2}" -LE bench_full "$@"
