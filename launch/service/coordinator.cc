@@ -1035,6 +1035,14 @@ std::string Coordinator::MetricsText() {
         static_cast<double>(replicas_.size()) - alive);
   counter("threads_reassigned_total", "Threads moved to another replica after theirs was lost.",
           lost_replica_preemptions_);
+  absl::StrAppend(&o,
+                  "# HELP dmsrt:replica_info Live replicas (value 1): tensor-parallel degree and KV "
+                  "policy.\n# TYPE dmsrt:replica_info gauge\n");
+  for (auto& [rid, r] : replicas_) {
+    if (!r->alive) continue;
+    absl::StrAppendFormat(&o, "dmsrt:replica_info{replica=\"%d\",tp=\"%d\",kv_policy=\"%s\"} 1\n",
+                          rid, r->info.tp(), r->info.kv_policy());
+  }
   return o;
 }
 

@@ -7,7 +7,7 @@ output is well formed, the group outlives its collective timeout while idle (kee
 SIGTERM to the ranks ends every rank cleanly (mpirun exits 0). Also: two replicas of TP 2 in one
 world on a tiny 4-KV-head model register as separate replicas and share a job, a failing follower
 brings the whole job down with its rank named, and bad --tp values are refused with the command to
-run. About 40 s on 2 cores."""
+run. About 20 s on 2 cores."""
 
 import json
 import os
@@ -72,6 +72,7 @@ def test_registers_one_replica_of_tp3(tp3):
     assert cs.kv_blocks_total == k.kv_blocks_total
     body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
     assert "dmsrt:replicas_ready 1\n" in body
+    assert 'dmsrt:replica_info{replica="0",tp="3",kv_policy="none"} 1\n' in body, body
     assert f"dmsrt:kv_blocks_total {k.kv_blocks_total}\n" in body
     log = srv.log_text()
     assert "(192.0 MiB over 3 ranks)" in log, log
