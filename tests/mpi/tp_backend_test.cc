@@ -354,8 +354,11 @@ TEST(TpBackendKeepalive, PingsKeepIdleFollowersWithinTheTimeout) {
     EXPECT_TRUE(TpGroupHealth(**l).ok());
     absl::StatusOr<SeqId> seq = (*l)->kv().Create();
     ASSERT_TRUE(seq.ok()) << seq.status();
-    absl::StatusOr<ForwardResult> r =
-        (*l)->Forward({SeqChunk{*seq, {5, 6, 7}, SeqChunk::Logits::kLast}});
+    SeqChunk chunk;
+    chunk.seq = *seq;
+    chunk.tokens = {5, 6, 7};
+    chunk.logits = SeqChunk::Logits::kLast;
+    absl::StatusOr<ForwardResult> r = (*l)->Forward({chunk});
     EXPECT_TRUE(r.ok()) << r.status();
     ASSERT_TRUE(ShutdownTpFollowers(**l).ok());
     BackendOptions single;
