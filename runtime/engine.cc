@@ -467,6 +467,7 @@ absl::StatusOr<bool> Engine::Step() {
       continue;
     }
     did_work = true;
+    UpdatePeaks();
     const ForwardResult& res = *fr;
     // Every chunk was fed.
     for (size_t i = 0; i < batch.size(); ++i) {
@@ -545,6 +546,14 @@ absl::StatusOr<bool> Engine::Step() {
   return did_work;
 }
 
+void Engine::UpdatePeaks() {
+  const KvCache& kv = backend_.kv();
+  int64_t threads = 0;
+  for (const Resident& r : resident_) threads += r.thread ? 1 : 0;
+  peak_running_threads_ = std::max(peak_running_threads_, threads);
+  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, kv.total_blocks() - kv.free_blocks());
+}
+
 void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
   if (step_seconds > 0.0) {
     rate_window_.emplace_back(step_seconds, generated_this_step);
@@ -599,6 +608,10 @@ void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
   s.prompt_tokens_total = prompt_tokens_total_;
   s.generation_tokens_total = generation_tokens_total_;
   s.steps = steps_;
+  peak_running_threads_ = std::max(peak_running_threads_, s.running_threads);
+  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, s.kv_blocks_used);
+  s.peak_running_threads = peak_running_threads_;
+  s.peak_kv_blocks_used = peak_kv_blocks_used_;
   absl::MutexLock lock(&mu_);
   stats_ = s;
   busy_ = !jobs_.empty();
@@ -620,17 +633,24 @@ void Engine::Start() {
   }
   worker_ = std::thread([this] {
     for (;;) {
+      bool idle = false;
       {
         absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(
+        const absl::Condition work(
             +[](Engine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
               return e->stop_ || e->busy_ || !e->inbox_.empty() || !e->cancels_.empty();
             },
-            this));
+            this);
+        if (options_.on_idle) {
+          idle = !mu_.AwaitWithTimeout(work, options_.idle_period);
+        } else {
+          mu_.Await(work);
+        }
         if (stop_) break;
       }
-      absl::StatusOr<bool> r = Step();
-      (void)r;  // failures were reported to the jobs as ERROR events
+      // Failures of a step were also reported to its jobs as ERROR events.
+      absl::Status s = idle ? options_.on_idle() : Step().status();
+      if (!s.ok() && options_.on_failure) options_.on_failure(s);
     }
   });
 }

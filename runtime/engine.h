@@ -36,6 +36,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "runtime/backend.h"
 #include "runtime/model.h"
 #include "runtime/sampler.h"
@@ -86,9 +87,18 @@ using EventSink = std::function<void(const EngineEvent&)>;
 struct EngineOptions {
   int32_t prefill_chunk = 256;        // prefill tokens per step (over all prefilling sequences)
   int32_t max_running_threads = 256;  // resident threads at most
-  // Free KV blocks the scheduler admits against. Null: the backend's own KvCache. A TP leader
-  // passes the minimum over its ranks.
+  // Free KV blocks the scheduler admits against. Null: the backend's own KvCache (for a TP
+  // leader that is already the group's figure, from the fullest rank; see tp_replica.h).
   std::function<int64_t()> free_blocks;
+  // Called on the stepping thread (Start()) after `idle_period` without work, and again every
+  // `idle_period` while idle. A TP leader pings its followers here (PingTpFollowers), so their
+  // wait for the next step stays inside the communicator's watchdog.
+  std::function<absl::Status()> on_idle;
+  absl::Duration idle_period = absl::Seconds(30);
+  // Called on the stepping thread (Start()) when a step or on_idle fails with an error other than
+  // a full KV cache; the jobs of a failed step have already ended with ERROR. The owner decides
+  // whether the backend can go on (a broken TP group cannot).
+  std::function<void(const absl::Status&)> on_failure;
 };
 
 struct EngineStats {
@@ -112,6 +122,10 @@ struct EngineStats {
   int64_t prompt_tokens_total = 0;
   int64_t generation_tokens_total = 0;
   int64_t steps = 0;
+  // Highest values since the engine started, sampled at every forward step (so the blocks a step
+  // filled are counted before finished threads free them).
+  int64_t peak_running_threads = 0;
+  int64_t peak_kv_blocks_used = 0;
 };
 
 class Engine {
@@ -175,6 +189,7 @@ class Engine {
   void Admit(Outbox& out);
   void Emit(Outbox& events);
   void UpdateStats(double step_seconds, int64_t generated_this_step);
+  void UpdatePeaks();
   void FailEverything(const absl::Status& status, Outbox& out);
 
   Backend& backend_;
@@ -202,6 +217,8 @@ class Engine {
   int64_t prompt_tokens_total_ = 0;
   int64_t generation_tokens_total_ = 0;
   int64_t steps_ = 0;
+  int64_t peak_running_threads_ = 0;
+  int64_t peak_kv_blocks_used_ = 0;
   std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, tokens) of recent steps
 
   std::thread worker_;

@@ -26,6 +26,7 @@ enum PlanOp : int32_t {
   kReserve = 5,
   kShutdown = 6,
   kFigures = 7,
+  kPing = 8,
 };
 
 using Plan = std::vector<int32_t>;
@@ -203,17 +204,18 @@ class TpLeaderBackend final : public Backend {
     exec_.local = local_.get();
     exec_.rank = comm_->rank();
     exec_.fail_rank = InjectedFailRank();
-    agreed_free_ = local_->kv().free_blocks();
-    agreed_total_ = local_->kv().total_blocks();
+    agreed_free_ = local_->kv().free_blocks() * comm_->size();
+    agreed_total_ = local_->kv().total_blocks() * comm_->size();
   }
   ~TpLeaderBackend() override { (void)Shutdown(); }
 
   // Agrees on the smallest pool size once, at start (pools are sized alike, but a rank's shard
-  // may have a different block geometry in principle).
+  // may have a different block geometry in principle). Block counts are kept in group units
+  // (tp x a rank's count), the unit of the group geometry (see tp_replica.h).
   absl::Status Init() {
     int64_t total = local_->kv().total_blocks();
     DMSRT_RETURN_IF_ERROR(comm_->host()->AllReduce(&total, &total, 1, ReduceOp::kMin));
-    agreed_total_ = total;
+    agreed_total_ = total * comm_->size();
     group_geometry_ = local_->kv().geometry();
     group_geometry_.n_kv_heads *= comm_->size();
     group_geometry_.n_heads *= comm_->size();
@@ -245,30 +247,47 @@ class TpLeaderBackend final : public Backend {
   KvCache& kv() override { return kv_; }
 
   absl::Status Shutdown() {
-    if (shut_down_ || broken_) return absl::OkStatus();
+    if (shut_down_ || !broken_.ok()) return absl::OkStatus();
     shut_down_ = true;
     Plan p = {kShutdown};
     return comm_->host()->BroadcastVector(&p, 0);
   }
 
+  absl::Status Ping() {
+    DMSRT_RETURN_IF_ERROR(Send({kPing}));
+    return Settle(absl::OkStatus(), "keepalive");
+  }
+
+  const absl::Status& health() const { return broken_; }
+
   // ---- used by the facade ----
   absl::Status Send(Plan plan) {
     if (shut_down_) return absl::FailedPreconditionError("the TP group was shut down");
-    if (broken_) return absl::FailedPreconditionError("the TP group failed earlier");
+    if (!broken_.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the TP group failed earlier: ", broken_.message()));
+    }
     absl::Status s = comm_->host()->BroadcastVector(&plan, 0);
-    if (!s.ok()) broken_ = true;
+    if (!s.ok()) broken_ = s;
     return s;
   }
   // After the leader's own part: agree with the followers. Returns the leader's error if any,
   // else an error when a follower failed.
   absl::Status Settle(const absl::Status& mine, const char* what) {
+    if (!mine.ok() && !Deterministic(mine)) {
+      // The leader failed where the followers may not have: they can be inside collectives of
+      // the step that the leader never joined, so agreeing now could pair mismatched collectives.
+      // The group is out of step; stop talking to it (the caller stops the job).
+      broken_ = mine;
+      return mine;
+    }
     absl::StatusOr<std::pair<bool, int64_t>> a =
         Agree(comm_, mine.ok(), local_->kv().free_blocks());
     if (!a.ok()) {
-      broken_ = true;
+      broken_ = a.status();
       return mine.ok() ? a.status() : mine;
     }
-    agreed_free_ = a->second;
+    agreed_free_ = a->second * comm_->size();
     if (!mine.ok()) return mine;
     if (!a->first) {
       return absl::InternalError(absl::StrCat(
@@ -291,7 +310,7 @@ class TpLeaderBackend final : public Backend {
   int64_t agreed_free_ = 0;
   int64_t agreed_total_ = 0;
   bool shut_down_ = false;
-  bool broken_ = false;
+  absl::Status broken_;  // OK until a collective of the leader fails
 };
 
 const KvGeometry& TpKvFacade::geometry() const { return owner_->group_geometry(); }
@@ -389,6 +408,18 @@ absl::Status ShutdownTpFollowers(Backend& leader) {
   return b->Shutdown();
 }
 
+absl::Status PingTpFollowers(Backend& leader) {
+  auto* b = dynamic_cast<TpLeaderBackend*>(&leader);
+  if (b == nullptr) return absl::InvalidArgumentError("PingTpFollowers: not a TP leader backend");
+  return b->Ping();
+}
+
+absl::Status TpGroupHealth(Backend& leader) {
+  auto* b = dynamic_cast<TpLeaderBackend*>(&leader);
+  if (b == nullptr) return absl::InvalidArgumentError("TpGroupHealth: not a TP leader backend");
+  return b->health();
+}
+
 absl::Status RunTpFollower(Backend& local, Communicator* comm) {
   if (comm == nullptr || comm->rank() == 0) {
     return absl::InvalidArgumentError("RunTpFollower needs a communicator of which this process "
@@ -412,6 +443,11 @@ absl::Status RunTpFollower(Backend& local, Communicator* comm) {
     switch (plan[0]) {
       case kShutdown:
         return absl::OkStatus();
+      case kPing:
+        if (plan.size() != 1) {
+          return absl::DataLossError("malformed keepalive plan from the TP leader");
+        }
+        break;
       case kForward: {
         absl::StatusOr<std::vector<SeqChunk>> batch = DecodeForward(plan);
         if (!batch.ok()) return batch.status();

@@ -274,12 +274,20 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
     int32_t n = req.n();
     if (n == 0) {
       // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
-      // generated part is estimated with the policy's eviction rate, so a compressing policy buys
-      // more threads in the same bytes.
+      // resident set at its full length is estimated with the policy's eviction rate (the
+      // configured rate for forced, the observed one for dms), so a compressing policy buys more
+      // threads in the same bytes. Without eviction the prompt's full blocks stay shared by all
+      // threads (a fork copies only the last, partial block). With eviction a thread writes its
+      // new tokens into the slots of evicted ones, prompt tokens included, and each such write
+      // into a shared block copies it: in the long run every thread holds its whole resident set
+      // itself, so nothing of the prompt is counted as shared. The extra block per (layer, head)
+      // covers the partly filled last block of each head.
       const double bb = static_cast<double>(bi.kv_block_bytes());
       const double prompt_bytes = std::ceil(prompt.size() / bt) * per_tok_blocks * bb;
       const double resident_full = ExpectedResident(bi, rate, full_len);
-      const double own_tokens = std::max(1.0, resident_full - static_cast<double>(prompt.size()) * (resident_full / full_len));
+      const bool evicts = resident_full < full_len;
+      const double shared_tokens = evicts ? 0.0 : std::floor(prompt.size() / bt) * bt;
+      const double own_tokens = std::max(1.0, resident_full - shared_tokens);
       const double per_thread_bytes = (std::ceil(own_tokens / bt) + 1) * per_tok_blocks * bb;
       const double avail = static_cast<double>(budget) - prompt_bytes;
       const int64_t fit = avail > 0 ? static_cast<int64_t>(avail / per_thread_bytes) : 0;
@@ -755,6 +763,9 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     rs->set_tokens_per_second(r->stats.tokens_per_second());
     rs->set_preemptions(r->stats.preemptions());
     rs->set_kv_policy(r->info.kv_policy());
+    rs->set_kv_window(r->info.kv_window());
+    rs->set_kv_force_rate(r->info.kv_force_rate());
+    rs->set_peak_running_threads(r->stats.peak_running_threads());
     rs->set_last_heartbeat_age_seconds(SecondsSince(r->last_heartbeat));
     v1::RankStatus* k = rs->add_ranks();
     k->set_rank(0);
@@ -767,6 +778,7 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     k->set_logical_tokens(r->stats.logical_tokens());
     k->set_resident_tokens(r->stats.resident_tokens());
     k->set_cache_cr(r->stats.cache_cr());
+    k->set_peak_kv_blocks_used(r->stats.peak_kv_blocks_used());
     if (r->alive) {
       resp->set_kv_blocks_total(resp->kv_blocks_total() + r->stats.kv_blocks_total());
       resp->set_kv_blocks_used(resp->kv_blocks_used() + r->stats.kv_blocks_used());
@@ -1023,6 +1035,14 @@ std::string Coordinator::MetricsText() {
         static_cast<double>(replicas_.size()) - alive);
   counter("threads_reassigned_total", "Threads moved to another replica after theirs was lost.",
           lost_replica_preemptions_);
+  absl::StrAppend(&o,
+                  "# HELP dmsrt:replica_info Live replicas (value 1): tensor-parallel degree and KV "
+                  "policy.\n# TYPE dmsrt:replica_info gauge\n");
+  for (auto& [rid, r] : replicas_) {
+    if (!r->alive) continue;
+    absl::StrAppendFormat(&o, "dmsrt:replica_info{replica=\"%d\",tp=\"%d\",kv_policy=\"%s\"} 1\n",
+                          rid, r->info.tp(), r->info.kv_policy());
+  }
   return o;
 }
 

@@ -58,6 +58,8 @@ v1::ReplicaStats ReplicaAgent::Heartbeat() const {
   h.set_preemptions(s.preemptions);
   h.set_prompt_tokens_total(s.prompt_tokens_total);
   h.set_generation_tokens_total(s.generation_tokens_total);
+  h.set_peak_running_threads(s.peak_running_threads);
+  h.set_peak_kv_blocks_used(s.peak_kv_blocks_used);
   return h;
 }
 

@@ -1,9 +1,21 @@
 // `dmsrt serve` and `dmsrt coordinator`.
 //
-// serve: every MPI rank (tp = 1: each rank is its own replica) loads the model, builds a CPU
-// backend and an Engine, and runs a ReplicaAgent that dials the coordinator. Without
-// --coordinator, rank 0 first starts the coordinator on --listen; the address the replicas dial is
-// broadcast from rank 0 over MPI, so only rank 0 needs to know it. SIGINT/SIGTERM end the server.
+// serve: the mpirun world is cut into replicas of --tp consecutive ranks (world size = replicas x
+// tp; --tp 1, the default, makes every rank its own replica). Every rank loads the model and
+// builds its shard of the CPU backend. The TP leader of each replica (TP rank 0) wraps its shard
+// (MakeTpLeaderBackend), runs the Engine over it and a ReplicaAgent that dials the coordinator;
+// the other ranks of the group follow the leader's steps (RunTpFollower) until it shuts the group
+// down. Without --coordinator, rank 0 first starts the coordinator on --listen; the address the
+// replicas dial is broadcast from rank 0 over MPI, so only rank 0 needs to know it.
+//
+// Ending: SIGINT/SIGTERM (mpirun forwards them to every rank) stop each leader's agent and
+// engine; the leader then releases its followers (shutdown plan) before it stops the hosted
+// coordinator, so a whole world ends within mpirun's grace period. Followers ignore the signal
+// and end with their leader. An idle leader pings its followers (every --tp-timeout / 4, at most
+// 30 s) so their wait for the next step stays inside the collective watchdog. When a leader's
+// group breaks (a collective timed out or failed, or a step failed in a way that may leave the
+// ranks' caches apart), the leader stops and brings the whole job down with a line naming it
+// (ParallelContext::Fail); a follower that fails does the same.
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
@@ -17,6 +29,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "launch/args.h"
 #include "launch/run_options.h"
@@ -26,7 +39,9 @@
 #include "launch/service_commands.h"
 #include "parallel/comm_factory.h"
 #include "parallel/status_macros.h"
+#include "parallel/world.h"
 #include "runtime/engine.h"
+#include "runtime/tp_replica.h"
 
 namespace dmsrt {
 
@@ -80,11 +95,24 @@ CoordinatorOptions CoordOptions(const Args& args, absl::Status* st) {
   return o;
 }
 
+// The coordinator a serve rank hosts. Stop() gives calls in flight `grace` to end, so replicas
+// still connected cannot keep the server from going down; the destructor (an error path) gives
+// them none.
 struct HostedCoordinator {
   std::unique_ptr<Coordinator> coordinator;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<MetricsHttpServer> metrics;
   std::string dial_address;  // what replicas on this host dial
+
+  HostedCoordinator() = default;
+  HostedCoordinator(HostedCoordinator&&) = default;
+  HostedCoordinator& operator=(HostedCoordinator&&) = default;
+  ~HostedCoordinator() { Stop(std::chrono::seconds(0)); }
+  void Stop(std::chrono::seconds grace = std::chrono::seconds(2)) {
+    if (metrics) metrics->Stop();
+    if (coordinator) coordinator->Shutdown();
+    if (server) server->Shutdown(std::chrono::system_clock::now() + grace);
+  }
 };
 
 absl::StatusOr<HostedCoordinator> StartCoordinator(const Args& args, const Model& model,
@@ -127,34 +155,65 @@ absl::StatusOr<HostedCoordinator> StartCoordinator(const Args& args, const Model
   return h;
 }
 
-void StopHosted(HostedCoordinator& h) {
-  if (h.metrics) h.metrics->Stop();
-  if (h.coordinator) h.coordinator->Shutdown();
-  if (h.server) h.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-}
-
 std::set<std::string> ServiceValueOptions() {
-  std::set<std::string> o = {"listen", "coordinator", "tp", "metrics-port", "auth-token",
+  std::set<std::string> o = {"listen", "coordinator", "metrics-port", "auth-token",
                              "tls-cert", "tls-key", "tls-ca", "max-n", "default-max-tokens"};
   return o;
 }
 
-absl::Status ServeRank(const Args& args, ParallelContext& par);
+struct ServeTp {
+  int tp = 1;
+  absl::Duration timeout = absl::Seconds(300);
+};
+
+// --tp and --tp-timeout, checked against the launcher's environment before MPI starts, so every
+// rank gives the same message and nothing waits.
+absl::StatusOr<ServeTp> ParseServeTp(const Args& args) {
+  ServeTp t;
+  DMSRT_ASSIGN_OR_RETURN(int64_t tp, args.GetInt("tp", 1));
+  DMSRT_ASSIGN_OR_RETURN(double timeout_s, args.GetDouble("tp-timeout", 300.0));
+  if (tp < 0) {
+    return absl::InvalidArgumentError(
+        "--tp must be >= 1 (ranks per replica; 0 = all ranks form one replica)");
+  }
+  if (!(timeout_s > 0)) return absl::InvalidArgumentError("--tp-timeout must be > 0 seconds");
+  t.timeout = absl::Seconds(timeout_s);
+  const bool launched = InsideMpirun();
+  const int64_t world = launched ? ReadLauncherEnv().world_size.value_or(1) : 1;
+  if (tp == 0) tp = world;
+  if (!launched && tp > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--tp %d needs %d processes per replica: launch with mpirun -np %d dmsrt serve --tp %d "
+        "... (mpirun -np %d for 2 replicas)",
+        tp, tp, tp, tp, 2 * tp));
+  }
+  if (world % tp != 0) {
+    const int64_t below = world / tp * tp;
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "serve --tp %d under mpirun with %d ranks: every replica is a group of %d ranks, so the "
+        "number of ranks must be a multiple of %d (replicas x tp): launch with mpirun -np %d%s",
+        tp, world, tp, tp, below + tp, below > 0 ? absl::StrCat(" or -np ", below) : ""));
+  }
+  t.tp = static_cast<int>(tp);
+  return t;
+}
+
+absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp);
 
 absl::Status Serve(int argc, char** argv) {
   std::set<std::string> vopts = ServiceValueOptions();
   for (const std::string& o : RunValueOptions()) vopts.insert(o);
+  for (const std::string& o : TpValueOptions()) vopts.insert(o);
   DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, vopts, {}));
-  DMSRT_ASSIGN_OR_RETURN(int64_t tp, args.GetInt("tp", 1));
-  if (tp != 1) {
-    return absl::InvalidArgumentError(
-        "serve runs one replica per MPI rank (--tp 1); tensor-parallel replicas are not served yet");
-  }
+  DMSRT_ASSIGN_OR_RETURN(ServeTp tp, ParseServeTp(args));
+  // From here on a signal asks for a clean stop instead of killing the rank mid-collective.
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
   ParallelOptions popts;
-  popts.tp = 1;
-  popts.timeout = absl::Seconds(600);
+  popts.tp = tp.tp;
+  popts.timeout = tp.timeout;
   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&argc, &argv, popts));
-  absl::Status s = ServeRank(args, par);
+  absl::Status s = ServeRank(args, par, tp);
   // A rank that fails must not leave the others waiting in a collective: stop the whole job.
   if (!s.ok() && par.world.world_size() > 1) {
     std::cerr << "dmsrt serve: rank " << par.world.rank() << ": " << s << std::endl;
@@ -163,13 +222,15 @@ absl::Status Serve(int argc, char** argv) {
   return s;
 }
 
-absl::Status ServeRank(const Args& args, ParallelContext& par) {
+// Errors after which the ranks of a TP group may no longer hold the same caches: everything but
+// a refused request (every rank refuses it alike; a full cache is handled by the engine).
+bool BreaksTpGroup(const absl::Status& s) {
+  return !(absl::IsInvalidArgument(s) || absl::IsNotFound(s) || absl::IsResourceExhausted(s));
+}
+
+absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp) {
   const World& world = par.world;
   DMSRT_ASSIGN_OR_RETURN(RunContext rc, LoadRunContext(args));
-  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeCpuBackend(*rc.model, rc.backend_options));
-  EngineOptions eo;
-  eo.prefill_chunk = rc.prefill_chunk;
-  Engine engine(*backend, *rc.tokenizer, *rc.model, eo);
 
   HostedCoordinator hosted;
   std::string address = args.Get("coordinator");
@@ -191,31 +252,76 @@ absl::Status ServeRank(const Args& args, ParallelContext& par) {
     return absl::UnavailableError(absl::StrCat("rank 0 could not start the coordinator: ", address.substr(1)));
   }
 
-  const KvCache& kv = backend->kv();
+  // This rank's shard (the whole model with --tp 1).
+  Communicator* group = tp.tp > 1 ? par.tp_comm.get() : nullptr;
+  rc.backend_options.comm = group;
+  DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                         MakeCpuBackend(*rc.model, rc.backend_options));
+  if (!world.leader()) {
+    std::cout << "replica " << world.replica() << " (" << world.ToString()
+              << "): following the TP leader, world rank " << world.leader_rank() << std::endl;
+    DMSRT_RETURN_IF_ERROR(RunTpFollower(*backend, group));  // returns when the leader shuts down
+    std::cout << "replica " << world.replica() << " (" << world.ToString() << "): stopped"
+              << std::endl;
+    return absl::OkStatus();
+  }
+  if (group != nullptr) {
+    DMSRT_ASSIGN_OR_RETURN(backend, MakeTpLeaderBackend(std::move(backend), group));
+  }
+
+  EngineOptions eo;
+  eo.prefill_chunk = rc.prefill_chunk;
+  absl::Mutex fatal_mu;
+  absl::Status fatal;  // why this replica's TP group cannot go on
+  if (group != nullptr) {
+    eo.idle_period = std::min(tp.timeout / 4, absl::Seconds(30));
+    Backend* leader = backend.get();
+    eo.on_idle = [leader] { return PingTpFollowers(*leader); };
+    eo.on_failure = [leader, &fatal_mu, &fatal](const absl::Status& s) {
+      absl::Status health = TpGroupHealth(*leader);
+      if (health.ok() && !BreaksTpGroup(s)) return;  // the group is intact; the jobs failed
+      absl::MutexLock lock(&fatal_mu);
+      if (fatal.ok()) fatal = health.ok() ? s : health;
+      g_stop = true;
+    };
+  }
+  Engine engine(*backend, *rc.tokenizer, *rc.model, eo);
+
+  const KvCache& kv = backend->kv();  // for a TP leader: the group's figures (tp_replica.h)
+  const KvGeometry& geo = kv.geometry();
   v1::ReplicaInfo info;
   info.set_replica(world.replica());
-  info.set_tp(1);
+  info.set_tp(world.tp());
   info.set_model(rc.model->config.name);
   info.set_kv_blocks_total(kv.total_blocks());
   info.set_kv_block_bytes(kv.block_bytes());
-  info.set_kv_block_tokens(kv.geometry().block_tokens);
-  info.set_blocks_per_token_dense(static_cast<int64_t>(kv.geometry().n_layers) * kv.geometry().n_kv_heads);
+  info.set_kv_block_tokens(geo.block_tokens);
+  info.set_blocks_per_token_dense(static_cast<int64_t>(geo.n_layers) * geo.n_kv_heads);
   info.set_kv_policy(KvPolicyName(kv.policy().kind));
-  info.set_kv_window(kv.policy().kind == KvPolicyKind::kWindow ? kv.policy().window : kv.policy().window);
+  info.set_kv_window(kv.policy().window);
   info.set_kv_force_rate(kv.policy().force_rate);
   info.set_max_positions(rc.model->config.max_positions);
   DMSRT_ASSIGN_OR_RETURN(auto creds, ClientCreds(args));
   ReplicaAgent agent(engine, info, address, creds, args.Get("auth-token"));
 
-  std::signal(SIGINT, OnSignal);
-  std::signal(SIGTERM, OnSignal);
   engine.Start();
+  const double kv_mib = kv.total_blocks() * static_cast<double>(kv.block_bytes()) / 1048576.0;
   std::cout << "replica " << world.replica() << " (" << world.ToString() << "): "
-            << kv.total_blocks() << " KV blocks of " << kv.block_bytes() << " bytes, policy "
+            << kv.total_blocks() << " KV blocks of " << kv.block_bytes() << " bytes ("
+            << absl::StrFormat("%.1f MiB", kv_mib)
+            << (world.tp() > 1 ? absl::StrCat(" over ", world.tp(), " ranks") : "") << "), policy "
             << KvPolicyName(kv.policy().kind) << ", coordinator " << address << std::endl;
   agent.Run(&g_stop);
   engine.Stop();
-  StopHosted(hosted);
+  {
+    absl::MutexLock lock(&fatal_mu);
+    if (!fatal.ok()) return fatal;  // the caller stops the whole job at once
+  }
+  // Release the followers first: they end at once, while the coordinator may wait for its calls.
+  if (group != nullptr) DMSRT_RETURN_IF_ERROR(ShutdownTpFollowers(*backend));
+  hosted.Stop();
+  std::cout << "replica " << world.replica() << " (" << world.ToString() << "): stopped"
+            << std::endl;
   return absl::OkStatus();
 }
 
@@ -235,7 +341,7 @@ absl::Status CoordinatorOnly(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  StopHosted(h);
+  h.Stop();
   return absl::OkStatus();
 }
 

@@ -71,6 +71,8 @@ absl::StatusOr<v1::JobRequest> BuildRequest(const Args& a) {
   DMSRT_ASSIGN_OR_RETURN(int64_t mt, a.GetInt("max-tokens", 0));
   r.mutable_stopping()->set_max_tokens(static_cast<int32_t>(mt));
   if (a.Has("stop")) r.mutable_stopping()->add_stop(a.Get("stop"));
+  // Every thread runs to --max-tokens (benchmarks, fixed-length reasoning budgets).
+  r.mutable_stopping()->set_ignore_eos(a.Flag("ignore-eos"));
   DMSRT_ASSIGN_OR_RETURN(double t, a.GetDouble("temperature", 0.7));
   r.mutable_sampling()->set_temperature(static_cast<float>(t));
   DMSRT_ASSIGN_OR_RETURN(double tp, a.GetDouble("top-p", 1.0));
@@ -104,7 +106,7 @@ int RunSubmit(int argc, char** argv) {
       {"address", "prompt", "chat", "n", "budget", "max-tokens", "temperature", "top-p", "top-k",
        "seed", "stop", "regex", "selection", "deadline", "auth-token", "tls-ca", "timeout",
        "wait-ready"},
-      {"json", "early-stop", "no-progress"});
+      {"json", "early-stop", "no-progress", "ignore-eos"});
   if (!parsed.ok()) {
     std::cerr << "dmsrt submit: " << parsed.status().message() << "\n";
     return 1;

@@ -1,4 +1,5 @@
-"""Fixtures for the gRPC end-to-end tests: a 2-replica `dmsrt serve` under mpirun on loopback.
+"""Fixtures for the gRPC end-to-end tests: a 2-replica `dmsrt serve` under mpirun on loopback,
+plus helpers shared by the test files (best-of-N result checks, idle waits).
 
 Every wait is bounded; the server is stopped (SIGTERM to the mpirun process group, then SIGKILL)
 whatever the tests do. Ports are free 127.0.0.1 ports picked at start. Nothing leaves the host.
@@ -29,21 +30,52 @@ def free_port():
         return s.getsockname()[1]
 
 
+VOTING_REASONS = {"STOP", "STOP_STRING", "LENGTH"}
+
+
+def check_best_of(res, n):
+    """Common checks on a finished best-of-n result (dict from submit --json or the client)."""
+    threads = res["threads"]
+    assert len(threads) == n, res
+    assert sorted(t["index"] for t in threads) == list(range(n))
+    for t in threads:
+        assert t["reason"] in VOTING_REASONS, t
+        assert t["tokens"] >= 1, t
+        assert t["cache_cr"] >= 1.0 - 1e-9, t
+    votes = res["votes"]
+    answered = [t for t in threads if t["answer"] is not None]
+    # Every answered thread voted once; votes add up to n minus the threads with no answer.
+    assert sum(votes.values()) == len(answered)
+    assert sum(votes.values()) + (n - len(answered)) == n
+    for a in set(t["answer"] for t in answered):
+        assert votes[a] == sum(1 for t in answered if t["answer"] == a)
+    if answered:
+        top = max(votes.values())
+        assert votes[res["answer"]] == top, "the selected answer must have the most votes"
+    else:
+        assert res["answer"] is None
+
+
 class Server:
-    def __init__(self, np=2, kv_budget="128MiB", extra=()):
+    """`mpirun -np NP dmsrt serve ...` in its own session. `replicas` is how many replicas
+    wait_ready expects (NP / tp); `env` adds environment variables."""
+
+    def __init__(self, np=2, kv_budget="128MiB", extra=(), replicas=None, env=None, model=None):
         self.port = free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="dmsrt_serve_", suffix=".log", delete=False)
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1")
+                   OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
+                   **(env or {}))
         self.cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                    "-np", str(np), BIN, "serve", "--model", MODEL, "--listen", self.address,
+                    "-np", str(np), BIN, "serve", "--model", model or MODEL, "--listen", self.address,
                     "--threads", "1", "--kv-budget", kv_budget,
                     "--metrics-port", str(self.metrics_port)] + list(extra)
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.np = np
+        self.replicas = np if replicas is None else replicas
 
     def log_text(self):
         with open(self.log.name, "r", errors="replace") as f:
@@ -58,9 +90,9 @@ class Server:
             try:
                 cs = client.cluster()
                 ready = [r for r in cs.replicas if r.state == "ready"]
-                if len(ready) == self.np:
+                if len(ready) == self.replicas:
                     return cs
-                last = f"{len(ready)} of {self.np} replicas ready"
+                last = f"{len(ready)} of {self.replicas} replicas ready"
             except Exception as e:  # not listening yet
                 last = repr(e)
             time.sleep(0.5)

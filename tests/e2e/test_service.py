@@ -12,33 +12,9 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import BIN, wait_idle
+from conftest import BIN, check_best_of, wait_idle
 
 MATH = "What is 3 + 4? Put the final answer in \\boxed{}."
-VOTING_REASONS = {"STOP", "STOP_STRING", "LENGTH"}
-
-
-def check_best_of(res, n):
-    """Common checks on a finished best-of-n result (dict from submit --json or the client)."""
-    threads = res["threads"]
-    assert len(threads) == n, res
-    assert sorted(t["index"] for t in threads) == list(range(n))
-    for t in threads:
-        assert t["reason"] in VOTING_REASONS, t
-        assert t["tokens"] >= 1, t
-        assert t["cache_cr"] >= 1.0 - 1e-9, t
-    votes = res["votes"]
-    answered = [t for t in threads if t["answer"] is not None]
-    # Every answered thread voted once; votes add up to n minus the threads with no answer.
-    assert sum(votes.values()) == len(answered)
-    assert sum(votes.values()) + (n - len(answered)) == n
-    for a in set(t["answer"] for t in answered):
-        assert votes[a] == sum(1 for t in answered if t["answer"] == a)
-    if answered:
-        top = max(votes.values())
-        assert votes[res["answer"]] == top, "the selected answer must have the most votes"
-    else:
-        assert res["answer"] is None
 
 
 def test_submit_best_of_8(server):

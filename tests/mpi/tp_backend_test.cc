@@ -6,7 +6,7 @@
 //     is the order of the partial sums of o_proj and down_proj), and greedy choices agree;
 //   * on every rank, the KV cache of each live sequence holds exactly the single-rank cache's
 //     resident positions for the same global heads (eviction is local and bit-identical);
-//   * the leader's free-block figure is the minimum over the ranks.
+//   * the leader's free-block figure is tp x the minimum over the ranks (group units).
 // Models: llama (HF) and qwen3 (GGUF, q/k norms) with 4 and 8 KV heads, policies none, forced DMS
 // and the model's own DMS decisions (Variant A and Variant B). Also: a TP degree that does not
 // divide the KV heads is refused with the shard plan's message.
@@ -22,6 +22,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "absl/time/clock.h"
 
 #include "parallel/comm.h"
 #include "parallel/comm_factory.h"
@@ -193,11 +195,13 @@ TEST_P(TpBackendTest, MatchesSingleRank) {
       }
     }
     const int64_t leader_free = leader->kv().free_blocks();
+    const int64_t leader_total = leader->kv().total_blocks();
     ASSERT_TRUE(ShutdownTpFollowers(*leader).ok());
-    // The facade's figure is the minimum of the ranks' own pools.
+    // The facade counts blocks over the group: tp x the fullest rank's free blocks.
     int64_t v = local->kv().free_blocks(), min_free = 0;
     ASSERT_TRUE(comm->AllReduce(&v, &min_free, 1, ReduceOp::kMin).ok());
-    EXPECT_EQ(leader_free, min_free);
+    EXPECT_EQ(leader_free, min_free * comm->size());
+    EXPECT_EQ(leader_total, local->kv().total_blocks() * comm->size());
 
     // Logits: same rows, f32 rounding only.
     ASSERT_EQ(got.logits.size(), want.logits.size());
@@ -317,6 +321,54 @@ TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
   std::printf("[tp %d] cache full after %d decode steps: %s\n", comm->size(), steps,
               std::string(last.message()).c_str());
   ASSERT_TRUE(ShutdownTpFollowers(b).ok());
+  ASSERT_TRUE(comm->Barrier().ok());
+}
+
+// An idle leader keeps its followers inside the communicator's watchdog with keepalive plans:
+// with a 2 s timeout, 3 s of idling (a ping every 0.5 s) ends with a working group.
+TEST(TpBackendKeepalive, PingsKeepIdleFollowersWithinTheTimeout) {
+  if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
+  Communicator* comm = g_par->tp_comm.get();
+  absl::StatusOr<std::unique_ptr<Model>> model = LoadModel(ModelDir("llama_hf_kv4"));
+  ASSERT_TRUE(model.ok()) << model.status();
+  if ((*model)->config.n_kv_heads % comm->size() != 0) GTEST_SKIP() << "degree does not divide";
+  BackendOptions opts;
+  opts.threads = 1;
+  opts.kv_budget_bytes = 1 << 20;
+  opts.comm = comm;
+  absl::StatusOr<std::unique_ptr<Backend>> shard = MakeCpuBackend(**model, opts);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const absl::Duration saved = comm->timeout();
+  comm->set_timeout(absl::Seconds(2));
+  if (comm->rank() != 0) {
+    absl::Status s = RunTpFollower(**shard, comm);
+    EXPECT_TRUE(s.ok()) << s;
+  } else {
+    absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
+    ASSERT_TRUE(l.ok()) << l.status();
+    for (int i = 0; i < 6; ++i) {
+      absl::SleepFor(absl::Milliseconds(500));
+      absl::Status s = PingTpFollowers(**l);
+      ASSERT_TRUE(s.ok()) << s;
+    }
+    EXPECT_TRUE(TpGroupHealth(**l).ok());
+    absl::StatusOr<SeqId> seq = (*l)->kv().Create();
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    SeqChunk chunk;
+    chunk.seq = *seq;
+    chunk.tokens = {5, 6, 7};
+    chunk.logits = SeqChunk::Logits::kLast;
+    absl::StatusOr<ForwardResult> r = (*l)->Forward({chunk});
+    EXPECT_TRUE(r.ok()) << r.status();
+    ASSERT_TRUE(ShutdownTpFollowers(**l).ok());
+    BackendOptions single;
+    single.threads = 1;
+    single.kv_budget_bytes = 1 << 20;
+    std::unique_ptr<Backend> plain = MakeCpuBackend(**model, single).value();
+    EXPECT_TRUE(absl::IsInvalidArgument(PingTpFollowers(*plain)));
+    EXPECT_TRUE(absl::IsInvalidArgument(TpGroupHealth(*plain)));
+  }
+  comm->set_timeout(saved);
   ASSERT_TRUE(comm->Barrier().ok());
 }
 

@@ -1,11 +1,13 @@
 // Engine tests on a tiny generated model (tests/fixtures/make_tiny_model.py): forked threads equal
 // independent runs, cancel frees every block within one step, preemption under a tiny budget
 // reproduces the unconstrained run exactly, a sequence that cannot fit alone fails with a reason,
-// background stepping with concurrent submitters; plus answer extraction and voting.
+// background stepping with concurrent submitters, the idle and failure hooks, peak figures; plus
+// answer extraction and voting.
 #include "runtime/engine.h"
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -347,6 +349,57 @@ TEST_F(EngineTest, BackgroundThreadWithConcurrentSubmitters) {
   EngineStats s = engine.Stats();
   EXPECT_EQ(s.generation_tokens_total, 12 * 2 * 6);
   EXPECT_EQ(s.kv_blocks_used, 0);
+}
+
+// The peaks are sampled at every forward step, before the last step's finished threads free
+// their blocks: after a 4-thread job the peak shows 4 running threads and the blocks of the last
+// step, while the current figures are back to 0.
+TEST_F(EngineTest, PeaksCountTheLastStepBeforeBlocksAreFreed) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  SubmitTo(engine, Spec({0, 1, 2, 3}, 20, 3), out, mu);
+  RunUntilIdle(engine);
+  const EngineStats s = engine.Stats();
+  EXPECT_EQ(s.running_threads, 0);
+  EXPECT_EQ(s.kv_blocks_used, 0);
+  EXPECT_EQ(s.peak_running_threads, 4);
+  // Four threads of 19 + 19 tokens in the KV cache at the last step (the 20th token is sampled
+  // from it, never stored), sharing the prompt's first full block: at least the blocks of 4
+  // threads' own 3rd block onwards, at most 4 dense copies.
+  EXPECT_GE(s.peak_kv_blocks_used, DenseBlocks(*backend, 38));
+  EXPECT_LE(s.peak_kv_blocks_used, 4 * DenseBlocks(*backend, 38));
+}
+
+// With on_idle set, the stepping thread calls it while there is no work; its errors, like step
+// errors other than a full cache, go to on_failure.
+TEST_F(EngineTest, IdleHookRunsWhileIdleAndReportsFailures) {
+  auto backend = MakeBackend(1 << 20);
+  ASSERT_NE(backend, nullptr);
+  EngineOptions o;
+  std::atomic<int> idles{0};
+  std::mutex fmu;
+  std::vector<absl::Status> failures;
+  o.idle_period = absl::Milliseconds(20);
+  o.on_idle = [&] {
+    return ++idles == 3 ? absl::DeadlineExceededError("ping timed out") : absl::OkStatus();
+  };
+  o.on_failure = [&](const absl::Status& s) {
+    std::lock_guard<std::mutex> l(fmu);
+    failures.push_back(s);
+  };
+  Engine engine(*backend, *tok_, *model_, o);
+  engine.Start();
+  for (int i = 0; i < 500 && idles.load() < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  engine.Stop();
+  EXPECT_GE(idles.load(), 5);
+  std::lock_guard<std::mutex> l(fmu);
+  ASSERT_EQ(failures.size(), 1u);
+  EXPECT_TRUE(absl::IsDeadlineExceeded(failures[0])) << failures[0];
 }
 
 // ---- answer extraction and voting ------------------------------------------------------------
