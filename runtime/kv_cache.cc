@@ -534,11 +534,7 @@ class CpuKvCache final : public KvIndex {
     }
     sink_ = nullptr;
     if (s.broken) return false;
-    if (layer == geo_.n_layers - 1) {
-      s.length = P + n;
-      total_reserved_ -= s.reserved;
-      s.reserved = 0;
-    }
+    EndLayer(s, layer, P + n);
     return true;
   }
 
@@ -586,6 +582,15 @@ class CpuKvCache final : public KvIndex {
   }
 
  private:
+  // After the last layer the step is over: the sequence advances and gives back the part of its
+  // reservation it did not use.
+  void EndLayer(Sequence& s, int32_t layer, int64_t new_length) {
+    if (layer != geo_.n_layers - 1) return;
+    s.length = new_length;
+    total_reserved_ -= s.reserved;
+    s.reserved = 0;
+  }
+
   static absl::Status NoSuchSequence(SeqId id) {
     return absl::NotFoundError(absl::StrCat("no KV sequence with id ", id));
   }
@@ -980,11 +985,7 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
         }
       }
     }
-    if (!s.broken && layer == geo_.n_layers - 1) {
-      s.length = P + n;
-      total_reserved_ -= s.reserved;
-      s.reserved = 0;
-    }
+    if (!s.broken) EndLayer(s, layer, P + n);
     return;
   }
   const int32_t nkv = geo_.n_kv_heads;
@@ -1090,11 +1091,7 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
     Poison(out, n);
     return;
   }
-  if (layer == geo_.n_layers - 1) {
-    s.length = P + n;
-    total_reserved_ -= s.reserved;  // the step is over: give back what it did not use
-    s.reserved = 0;
-  }
+  EndLayer(s, layer, P + n);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/reference/quant.h"
 #include "kernels/reference/random_hash.h"
 
 namespace dmsrt {
@@ -62,13 +63,6 @@ int32_t TensorIndex(const std::string& which) {
     if (which == kLayer[i]) return 3 + i;
   }
   return 99;
-}
-
-uint16_t ToBf16(float f) {  // round to nearest even (values here are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
 }
 
 class SyntheticModel : public Model {
@@ -137,6 +131,10 @@ SyntheticTensorSpec SyntheticTensor(const ModelConfig& c, uint64_t seed, const s
   return s;
 }
 
+float SyntheticValue(const SyntheticTensorSpec& s, uint64_t i) {
+  return s.scale * kernels::HashUniformSigned(s.seed, i) + s.offset;
+}
+
 absl::StatusOr<std::unique_ptr<Model>> MakeSyntheticModel(const ModelConfig& c, uint64_t seed,
                                                           bool host_weights) {
   if (c.n_layers <= 0 || c.hidden <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
@@ -171,7 +169,7 @@ absl::StatusOr<std::unique_ptr<Model>> MakeSyntheticModel(const ModelConfig& c, 
     auto buf = std::make_unique<uint16_t[]>(static_cast<size_t>(n));
     const SyntheticTensorSpec s = SyntheticTensor(c, seed, which, layer);
     for (int64_t i = 0; i < n; ++i) {
-      buf[i] = ToBf16(s.scale * kernels::HashUniformSigned(s.seed, static_cast<uint64_t>(i)) + s.offset);
+      buf[i] = kernels::Fp32ToBf16(SyntheticValue(s, static_cast<uint64_t>(i)));
     }
     w.data = reinterpret_cast<const uint8_t*>(buf.get());
     w.nbytes = static_cast<size_t>(n) * 2;

@@ -37,6 +37,8 @@ struct SyntheticTensorSpec {
 // "w_down") with its layer index.
 SyntheticTensorSpec SyntheticTensor(const ModelConfig& c, uint64_t seed, const std::string& which,
                                     int32_t layer = -1);
+// Value i of a tensor (before rounding to bf16).
+float SyntheticValue(const SyntheticTensorSpec& s, uint64_t i);
 
 // A Model with `synthetic` set. With host_weights, every tensor is materialised in BF16 on the
 // host (only sensible for small models); otherwise `weights` stays empty.

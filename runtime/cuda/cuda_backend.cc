@@ -43,7 +43,6 @@
 #include "kernels/gemm.cuh"
 #include "kernels/kv_store.cuh"
 #include "kernels/prefill_attention.cuh"
-#include "kernels/reference/kv_store_ref.h"
 #include "kernels/sampling.cuh"
 #include "parallel/comm.h"
 #include "parallel/status_macros.h"
@@ -89,25 +88,24 @@ class DeviceArray {
   size_t n_ = 0;
 };
 
-// Pinned host staging and its device mirror: Stage copies host data up and returns where it
-// lands on the device. Reset at the start of each step (the previous step has synchronised).
+// Pinned host staging and its device mirror: Stage copies host data up (asynchronously) and
+// returns where it lands on the device. Every pointer handed out stays valid until Reset, which
+// the step calls once the stream is idle: growing keeps the old buffers until then.
 class StagingArena {
  public:
   ~StagingArena() {
-    if (host_ != nullptr) cudaFreeHost(host_);
-    if (dev_ != nullptr) cudaFree(dev_);
+    Retire();
+    FreeRetired();
   }
-  void Reset() { used_ = 0; }
-  // Makes room for `bytes` more (synchronises and regrows if needed, so device pointers handed
-  // out before this call stay valid only until the next Reserve that grows).
-  absl::Status Reserve(size_t bytes, cudaStream_t stream) {
+  void Reset() {
+    FreeRetired();
+    used_ = 0;
+  }
+  // Makes room for `bytes` more.
+  absl::Status Reserve(size_t bytes) {
     const size_t need = used_ + bytes + 16 * 8;
     if (need <= cap_) return absl::OkStatus();
-    DMSRT_CUDA_OK(cudaStreamSynchronize(stream));
-    if (host_ != nullptr) cudaFreeHost(host_);
-    if (dev_ != nullptr) cudaFree(dev_);
-    host_ = nullptr;
-    dev_ = nullptr;
+    Retire();
     cap_ = std::max<size_t>(need * 2, 1 << 20);
     used_ = 0;
     DMSRT_CUDA_OK(cudaMallocHost(&host_, cap_));
@@ -127,9 +125,22 @@ class StagingArena {
   }
 
  private:
+  void Retire() {
+    if (host_ != nullptr) retired_.push_back({host_, dev_});
+    host_ = dev_ = nullptr;
+    cap_ = 0;
+  }
+  void FreeRetired() {
+    for (auto [h, d] : retired_) {
+      cudaFreeHost(h);
+      cudaFree(d);
+    }
+    retired_.clear();
+  }
   void* host_ = nullptr;
   void* dev_ = nullptr;
   size_t cap_ = 0, used_ = 0;
+  std::vector<std::pair<void*, void*>> retired_;
 };
 
 template <typename T>
@@ -250,13 +261,11 @@ class CudaBackend final : public Backend {
   DeviceArray<bf16> x_, xn_, q_, k_, v_, attn_, tmp_, gu_, act_;
   DeviceArray<uint8_t> bits_;
   DeviceArray<float> alpha_logits_;
-  DeviceArray<int32_t> ids_, pos_, out_rows_, tokens_;
+  DeviceArray<int32_t> tokens_;
   DeviceArray<bf16> final_;
   DeviceArray<float> logits_, logprobs_;
-  DeviceArray<DeviceSamplingParams> sparams_;
   DeviceArray<char> workspace_;
   StagingArena stage_;
-  std::vector<uint8_t> bits_host_;
   uint8_t* bits_pinned_ = nullptr;
   size_t bits_pinned_n_ = 0;
 };
@@ -264,7 +273,7 @@ class CudaBackend final : public Backend {
 // ---- device KV operations ----------------------------------------------------------------------
 
 void DeviceKvOps::Scatter(const std::vector<std::pair<int32_t, int32_t>>& slots, bool reset) {
-  Note(b_->stage_.Reserve(Bytes(slots), b_->stream_));
+  Note(b_->stage_.Reserve(Bytes(slots)));
   if (!status_.ok()) return;
   cudaError_t e = cudaSuccess;
   const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(slots.data(), Bytes(slots), b_->stream_, &e));
@@ -278,7 +287,7 @@ void DeviceKvOps::PrefillAttention(const PagedChunk& c, int32_t q_pos0,
                                    const std::vector<int32_t>& table, int32_t max_blocks,
                                    const std::vector<int32_t>& old_lengths,
                                    const std::vector<int32_t>& last_vis_new) {
-  Note(b_->stage_.Reserve(Bytes(table) + Bytes(old_lengths) + Bytes(last_vis_new), b_->stream_));
+  Note(b_->stage_.Reserve(Bytes(table) + Bytes(old_lengths) + Bytes(last_vis_new)));
   if (!status_.ok()) return;
   cudaError_t e = cudaSuccess;
   const auto* dt = static_cast<const int32_t*>(b_->stage_.Stage(table.data(), Bytes(table), b_->stream_, &e));
@@ -303,7 +312,7 @@ void DeviceKvOps::PrefillAttention(const PagedChunk& c, int32_t q_pos0,
 }
 
 void DeviceKvOps::CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
-  Note(b_->stage_.Reserve(Bytes(copies), b_->stream_));
+  Note(b_->stage_.Reserve(Bytes(copies)));
   if (!status_.ok()) return;
   cudaError_t e = cudaSuccess;
   const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(copies.data(), Bytes(copies), b_->stream_, &e));
@@ -316,7 +325,7 @@ void DeviceKvOps::CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& cop
 
 void DeviceKvOps::WriteSlots(const std::vector<KvSlotWrite>& writes) {
   static_assert(sizeof(KvSlotWrite) == 4 * sizeof(int32_t), "KvSlotWrite is four int32");
-  Note(b_->stage_.Reserve(Bytes(writes), b_->stream_));
+  Note(b_->stage_.Reserve(Bytes(writes)));
   if (!status_.ok()) return;
   cudaError_t e = cudaSuccess;
   const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(writes.data(), Bytes(writes), b_->stream_, &e));
@@ -340,7 +349,7 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const std::vector<int32_t>& tab
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
   Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->stream_));
-  Note(b_->stage_.Reserve(Bytes(tables) + Bytes(lengths), b_->stream_));
+  Note(b_->stage_.Reserve(Bytes(tables) + Bytes(lengths)));
   if (!status_.ok()) return;
   cudaError_t e = cudaSuccess;
   const auto* dt = static_cast<const int32_t*>(b_->stage_.Stage(tables.data(), Bytes(tables), b_->stream_, &e));
@@ -414,7 +423,7 @@ absl::StatusOr<bf16*> CudaBackend::Generate(const std::string& which, int32_t la
     // Norms: small, generated on the host exactly as MakeSyntheticModel does.
     std::vector<bf16> h(static_cast<size_t>(rows * cols));
     for (size_t i = 0; i < h.size(); ++i) {
-      h[i] = __float2bfloat16(s.scale * kernels::RandomUniformSigned(s.seed, i) + s.offset);
+      h[i] = __float2bfloat16(SyntheticValue(s, i));
     }
     DMSRT_CUDA_OK(cudaMemcpy(dst, h.data(), h.size() * sizeof(bf16), cudaMemcpyHostToDevice));
     return dst;
@@ -620,8 +629,6 @@ absl::Status CudaBackend::Grow(int64_t rows) {
   DMSRT_RETURN_IF_ERROR(act_.Reserve(r * F_, stream_));
   DMSRT_RETURN_IF_ERROR(bits_.Reserve(r * nkv_, stream_));
   DMSRT_RETURN_IF_ERROR(alpha_logits_.Reserve(r * nkv_, stream_));
-  DMSRT_RETURN_IF_ERROR(ids_.Reserve(r, stream_));
-  DMSRT_RETURN_IF_ERROR(pos_.Reserve(r, stream_));
   if (bits_pinned_n_ < r * nkv_) {
     if (bits_pinned_ != nullptr) cudaFreeHost(bits_pinned_);
     bits_pinned_ = nullptr;
@@ -670,6 +677,9 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     DMSRT_RETURN_IF_ERROR(kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
   }
   DMSRT_RETURN_IF_ERROR(Grow(T));
+  // A step that failed part-way may have left work queued: the staging arena is reused only
+  // once the stream is idle.
+  DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
   stage_.Reset();
   ops_.ClearStatus();
 
@@ -700,10 +710,13 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
       row += n;
     }
   }
-  DMSRT_CUDA_OK(cudaMemcpyAsync(ids_.get(), ids.data(), Bytes(ids), cudaMemcpyHostToDevice, stream_));
-  DMSRT_CUDA_OK(cudaMemcpyAsync(pos_.get(), pos.data(), Bytes(pos), cudaMemcpyHostToDevice, stream_));
-  DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));  // ids/pos come from pageable host memory
-  DMSRT_CUDA_OK(EmbeddingGather(embed_, vocab_, H_, ids_.get(), static_cast<int32_t>(T), x_.get(), stream_));
+  // Small per-step inputs go up through the pinned staging arena (asynchronous copies).
+  DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(ids) + Bytes(pos)));
+  cudaError_t staged = cudaSuccess;
+  const auto* ids_d = static_cast<const int32_t*>(stage_.Stage(ids.data(), Bytes(ids), stream_, &staged));
+  const auto* pos_d = static_cast<const int32_t*>(stage_.Stage(pos.data(), Bytes(pos), stream_, &staged));
+  DMSRT_CUDA_OK(staged);
+  DMSRT_CUDA_OK(EmbeddingGather(embed_, vocab_, H_, ids_d, static_cast<int32_t>(T), x_.get(), stream_));
 
   const float eps = cfg_.rms_eps;
   const int32_t rows = static_cast<int32_t>(T);
@@ -740,7 +753,7 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     rp.alpha_scale = cfg_.dms.alpha_scale;
     rp.alpha_offset = cfg_.dms.initial_alpha_offset;
     rp.alpha_per_layer = cfg_.dms.alpha_per_layer;
-    DMSRT_CUDA_OK(RopeDmsVariantA(rp, pos_.get(), q_.get(), k_.get(),
+    DMSRT_CUDA_OK(RopeDmsVariantA(rp, pos_d, q_.get(), k_.get(),
                                   variant_a_ ? bits_.get() : nullptr, stream_));
     const uint8_t* host_bits = nullptr;
     if (dms_bits_) {
@@ -788,13 +801,14 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
   result.sampled_logprob.assign(batch.size(), 0.0f);
   const int64_t R = static_cast<int64_t>(dev_rows.size());
   if (R > 0) {
-    DMSRT_RETURN_IF_ERROR(out_rows_.Reserve(R, stream_));
     DMSRT_RETURN_IF_ERROR(final_.Reserve(R * H_, stream_));
     DMSRT_RETURN_IF_ERROR(logits_.Reserve(R * vocab_, stream_));
-    DMSRT_CUDA_OK(cudaMemcpyAsync(out_rows_.get(), dev_rows.data(), Bytes(dev_rows),
-                                  cudaMemcpyHostToDevice, stream_));
+    DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(dev_rows)));
+    const auto* rows_d =
+        static_cast<const int32_t*>(stage_.Stage(dev_rows.data(), Bytes(dev_rows), stream_, &staged));
+    DMSRT_CUDA_OK(staged);
     // The rows of x, gathered as if x were an embedding table.
-    DMSRT_CUDA_OK(EmbeddingGather(x_.get(), rows, H_, out_rows_.get(), static_cast<int32_t>(R),
+    DMSRT_CUDA_OK(EmbeddingGather(x_.get(), rows, H_, rows_d, static_cast<int32_t>(R),
                                   final_.get(), stream_));
     DMSRT_CUDA_OK(RmsNorm(final_.get(), output_norm_, static_cast<int32_t>(R), H_, eps, final_.get(), stream_));
     DMSRT_RETURN_IF_ERROR(Gemm(R, vocab_, H_, final_.get(), output_, logits_.get(), GemmOut::kF32, vocab_));
@@ -811,24 +825,24 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     std::vector<int32_t> tokens(S);
     std::vector<float> lps(S);
     if (S > 0) {
-      DMSRT_RETURN_IF_ERROR(sparams_.Reserve(S, stream_));
       DMSRT_RETURN_IF_ERROR(tokens_.Reserve(S, stream_));
       DMSRT_RETURN_IF_ERROR(logprobs_.Reserve(S, stream_));
-      DMSRT_CUDA_OK(cudaMemcpyAsync(sparams_.get(), sp.data(), Bytes(sp), cudaMemcpyHostToDevice, stream_));
+      DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(sp)));
+      const auto* sp_d = static_cast<const DeviceSamplingParams*>(
+          stage_.Stage(sp.data(), Bytes(sp), stream_, &staged));
+      DMSRT_CUDA_OK(staged);
       bool identity = true;
       for (int32_t i = 0; i < S; ++i) identity = identity && srow[i] == i;
-      const float* src = logits_.get();
-      int32_t ld = vocab_;
       if (!identity) {
         // One sampled row at a time keeps this simple; steps that mix sampled and returned rows
         // are prefill steps, where this is not the cost that matters.
         for (int32_t i = 0; i < S; ++i) {
           DMSRT_CUDA_OK(SampleTokens(logits_.get() + static_cast<int64_t>(srow[i]) * vocab_, 1,
-                                     vocab_, vocab_, sparams_.get() + i, tokens_.get() + i,
+                                     vocab_, vocab_, sp_d + i, tokens_.get() + i,
                                      logprobs_.get() + i, stream_));
         }
       } else {
-        DMSRT_CUDA_OK(SampleTokens(src, S, vocab_, ld, sparams_.get(), tokens_.get(),
+        DMSRT_CUDA_OK(SampleTokens(logits_.get(), S, vocab_, vocab_, sp_d, tokens_.get(),
                                    logprobs_.get(), stream_));
       }
       DMSRT_CUDA_OK(cudaMemcpyAsync(tokens.data(), tokens_.get(), S * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
