@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "runtime/kv_cache.h"
 
@@ -42,6 +43,9 @@ struct KvSlotWrite {
 };
 
 // Where the data lives. Every argument is host memory the call may read only while it runs.
+// Each call may run its elements in parallel, so the lists are race-free: slots of one
+// SetLastVisible/ResetLastVisible or WriteSlots call are distinct (WriteSlots carries only the
+// last write of each slot), and copy destinations are distinct and never sources.
 class PagedKvOps {
  public:
   virtual ~PagedKvOps() = default;
@@ -76,6 +80,7 @@ class PagedKvLayer {
   class Sink;
   std::vector<std::pair<int32_t, int32_t>> flagged_, head_flagged_, copies_;
   std::vector<KvSlotWrite> writes_;
+  absl::flat_hash_set<int32_t> slot_seen_;
   std::vector<int32_t> table_, lengths_, last_vis_new_;
 };
 

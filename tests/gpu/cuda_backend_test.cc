@@ -120,22 +120,27 @@ TEST_P(CudaBackendTest, LogitsAndGreedyTokensMatchCpu) {
   std::printf("[ %s ] prefill logits rel err %.4f, top-1 %d/%d at decisive positions\n",
               GetParam(), rel, agree, decisive);
 
-  // Greedy: the device samples, the CPU takes the argmax of its logits.
+  // Greedy: the device samples, the CPU takes the argmax of its logits. The tokens must agree
+  // until the first step where they differ at a CPU near-tie (bf16 may pick either there).
   int32_t tc = Argmax(rc.logits.data() + (prompt.size() - 1) * V, V);
   int32_t tg = Argmax(g.data() + (prompt.size() - 1) * V, V);
+  double margin = Margin(rc.logits.data() + (prompt.size() - 1) * V, V);
   int compared = 0;
   for (int i = 0; i < 24; ++i) {
-    ASSERT_EQ(tc, tg) << "greedy token " << i << " differs";
+    if (tc != tg) {
+      ASSERT_LT(margin, 0.25) << "greedy token " << i << " differs at a decisive position";
+      break;
+    }
     ++compared;
     ForwardResult c = Step(*p.cpu, {Chunk(sc, {tc}, SeqChunk::Logits::kLast)});
     ForwardResult d = Step(*p.gpu, {Chunk(sg, {tg}, SeqChunk::Logits::kNone, true)});
     ASSERT_EQ(d.sampled.size(), 1u);
-    if (Margin(c.logits.data(), V) < 0.25) break;  // a near-tie: bf16 may pick either
+    margin = Margin(c.logits.data(), V);
     tc = Argmax(c.logits.data(), V);
     tg = d.sampled[0];
   }
   std::printf("[ %s ] greedy tokens identical for %d steps\n", GetParam(), compared);
-  EXPECT_GE(compared, 4);
+  EXPECT_GE(compared, 8);
   EXPECT_GT(p.gpu->DeviceBytesInUse(), 0);
 }
 
@@ -163,11 +168,21 @@ TEST_P(CudaBackendTest, MixedStepWithForksMatchesCpu) {
       // A prefill chunk listed first: the device backend reorders rows internally.
       if (s == 2) batch.push_back(Chunk(other, Prompt(9, V), SeqChunk::Logits::kAll));
       for (int f = 0; f < 3; ++f) {
-        batch.push_back(Chunk(kids[f], {(s * 7 + f * 13) % V}, SeqChunk::Logits::kLast));
+        batch.push_back(Chunk(kids[f], {(s * 7 + f * 13) % V}, SeqChunk::Logits::kLast,
+                              /*sample=*/true));
       }
       if (s == 4) batch.push_back(Chunk(other, {5, 6, 7}, SeqChunk::Logits::kLast));
       ForwardResult r = Step(be, batch);
       out[k].insert(out[k].end(), r.logits.begin(), r.logits.end());
+      // Greedy sampling (the default parameters) picks the argmax of the chunk's own row, also
+      // when the sampled rows are not the first rows of the step.
+      ASSERT_EQ(r.sampled.size(), batch.size());
+      for (size_t row = 0; row < r.row_chunk.size(); ++row) {
+        const int32_t ci = r.row_chunk[row];
+        if (!batch[ci].sample) continue;
+        EXPECT_EQ(r.sampled[ci], Argmax(r.logits.data() + row * V, V))
+            << be.name() << " step " << s << " chunk " << ci;
+      }
     }
     ids[k] = kids;
     ids[k].push_back(other);
@@ -184,7 +199,10 @@ TEST_P(CudaBackendTest, MixedStepWithForksMatchesCpu) {
       }
     }
   }
-  EXPECT_EQ(p.cpu->kv().free_blocks(), p.gpu->kv().free_blocks());
+  // The pools differ in size (fp32 vs bf16 slots under one byte budget); the blocks in use
+  // must not.
+  EXPECT_EQ(p.cpu->kv().total_blocks() - p.cpu->kv().free_blocks(),
+            p.gpu->kv().total_blocks() - p.gpu->kv().free_blocks());
 }
 
 TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {

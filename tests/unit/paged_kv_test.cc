@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "kernels/reference/attention_ref.h"
@@ -43,6 +44,7 @@ class HostOps final : public PagedKvOps {
 
   void SetLastVisible(const std::vector<std::pair<int32_t, int32_t>>& slots) override {
     ++set_calls;
+    ExpectDistinct(slots, [](const auto& p) { return p.first; }, "SetLastVisible slot");
     for (auto [s, val] : slots) {
       EXPECT_EQ(last_vis_[s], kNever) << "last_vis left set in slot " << s;
       last_vis_[s] = val;
@@ -65,6 +67,10 @@ class HostOps final : public PagedKvOps {
   }
   void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& pairs) override {
     const int64_t bt = g_.block_tokens, hd = g_.head_dim;
+    ExpectDistinct(pairs, [](const auto& p) { return p.second; }, "CopyBlocks destination");
+    for (auto [src, dst] : pairs) {
+      for (auto [s2, d2] : pairs) EXPECT_NE(src, d2) << "block " << src << " copied and overwritten";
+    }
     for (auto [src, dst] : pairs) {
       ++copies;
       std::copy_n(k_.begin() + src * bt * hd, bt * hd, k_.begin() + dst * bt * hd);
@@ -75,6 +81,7 @@ class HostOps final : public PagedKvOps {
   }
   void WriteSlots(const std::vector<KvSlotWrite>& writes) override {
     const int64_t hd = g_.head_dim, kw = static_cast<int64_t>(g_.n_kv_heads) * hd;
+    ExpectDistinct(writes, [](const KvSlotWrite& w) { return w.slot; }, "WriteSlots slot");
     for (const KvSlotWrite& w : writes) {
       std::copy_n(k + w.row * kw + w.head * hd, hd, k_.begin() + w.slot * hd);
       std::copy_n(v + w.row * kw + w.head * hd, hd, v_.begin() + w.slot * hd);
@@ -91,6 +98,12 @@ class HostOps final : public PagedKvOps {
   }
 
  private:
+  // A device runs the elements of one call in parallel: the same target twice is a race.
+  template <typename T, typename Key>
+  static void ExpectDistinct(const std::vector<T>& v, Key key, const char* what) {
+    std::set<int32_t> seen;
+    for (const T& e : v) EXPECT_TRUE(seen.insert(key(e)).second) << what << " " << key(e) << " twice in one call";
+  }
   float Scale() const { return 1.0f / std::sqrt(static_cast<float>(g_.head_dim)); }
   KvGeometry g_;
   std::vector<float> k_, v_;

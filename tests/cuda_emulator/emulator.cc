@@ -1,0 +1,233 @@
+// The emulated device's memory registry, streams and sticky faults (see emulator.h).
+#include "tests/cuda_emulator/emulator.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace dmsrt {
+namespace cuda_emulator {
+namespace {
+
+struct Block {
+  size_t bytes = 0;
+  MemoryKind kind = MemoryKind::kDevice;
+};
+
+struct Stream {
+  bool blocking = true;
+  std::deque<std::function<void()>> work;
+};
+
+struct State {
+  std::mutex mu;
+  std::map<uintptr_t, Block> blocks;  // by base address
+  size_t device_bytes = 0;
+  cudaError_t sticky = cudaSuccess;
+  Stream legacy;
+  std::vector<std::unique_ptr<Stream>> streams;
+};
+
+State& S() {
+  static State* s = new State;  // never destroyed: frees may run during static destruction
+  return *s;
+}
+
+Stream* Get(cudaStream_t s) {
+  if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return &S().legacy;
+  return reinterpret_cast<Stream*>(s);
+}
+
+// The allocation that holds [p, p + bytes), or blocks.end(). Caller holds mu.
+std::map<uintptr_t, Block>::const_iterator FindLocked(const void* p, size_t bytes) {
+  const auto& blocks = S().blocks;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  auto it = blocks.upper_bound(a);
+  if (it == blocks.begin()) return blocks.end();
+  --it;
+  if (a - it->first > it->second.bytes || bytes > it->second.bytes - (a - it->first)) {
+    return blocks.end();
+  }
+  return it;
+}
+
+}  // namespace
+
+size_t DeviceCapacity() {
+  static const size_t cap = [] {
+    const char* v = std::getenv("DMSRT_CUDA_EMULATOR_MIB");
+    const long mib = v != nullptr ? std::atol(v) : 4096;
+    return static_cast<size_t>(mib > 0 ? mib : 4096) << 20;
+  }();
+  return cap;
+}
+
+void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
+  *err = StickyError();
+  if (*err != cudaSuccess) return nullptr;
+  const size_t n = std::max<size_t>(bytes, 1);
+  {
+    std::lock_guard<std::mutex> lock(S().mu);
+    if (kind == MemoryKind::kDevice && S().device_bytes + n > DeviceCapacity()) {
+      *err = cudaErrorMemoryAllocation;
+      return nullptr;
+    }
+  }
+  // 256-byte alignment, like cudaMalloc.
+  void* p = std::aligned_alloc(256, (n + 255) / 256 * 256);
+  if (p == nullptr) {
+    *err = cudaErrorMemoryAllocation;
+    return nullptr;
+  }
+  std::memset(p, 0xFF, n);
+  std::lock_guard<std::mutex> lock(S().mu);
+  S().blocks[reinterpret_cast<uintptr_t>(p)] = Block{n, kind};
+  if (kind == MemoryKind::kDevice) S().device_bytes += n;
+  return p;
+}
+
+cudaError_t Release(void* p, MemoryKind kind) {
+  if (p == nullptr) return cudaSuccess;
+  DrainAll();  // cudaFree and cudaFreeHost synchronise the device
+  {
+    std::lock_guard<std::mutex> lock(S().mu);
+    auto it = S().blocks.find(reinterpret_cast<uintptr_t>(p));
+    if (it == S().blocks.end() || it->second.kind != kind) {
+      std::fprintf(stderr, "cuda emulator: %s of %p, which is not the start of a live %s allocation\n",
+                   kind == MemoryKind::kDevice ? "cudaFree" : "cudaFreeHost", p,
+                   kind == MemoryKind::kDevice ? "device" : "pinned host");
+      return cudaErrorInvalidValue;
+    }
+    if (kind == MemoryKind::kDevice) S().device_bytes -= it->second.bytes;
+    S().blocks.erase(it);
+  }
+  std::free(p);
+  return StickyError();
+}
+
+size_t DeviceBytesAllocated() {
+  std::lock_guard<std::mutex> lock(S().mu);
+  return S().device_bytes;
+}
+
+bool Inside(const void* p, size_t bytes, MemoryKind kind, size_t* room) {
+  std::lock_guard<std::mutex> lock(S().mu);
+  auto it = FindLocked(p, bytes);
+  if (it == S().blocks.end() || it->second.kind != kind) return false;
+  if (room != nullptr) {
+    *room = it->second.bytes - (reinterpret_cast<uintptr_t>(p) - it->first);
+  }
+  return true;
+}
+
+cudaError_t CheckDevice(const void* p, size_t bytes, const char* launcher, const char* arg) {
+  if (bytes == 0 || Inside(p, bytes, MemoryKind::kDevice)) return cudaSuccess;
+  size_t room = 0;
+  const bool device = Inside(p, 1, MemoryKind::kDevice, &room);
+  Fault(cudaErrorIllegalAddress,
+        std::string(launcher) + ": argument '" + arg + "' needs " + std::to_string(bytes) +
+            " bytes at " + std::to_string(reinterpret_cast<uintptr_t>(p)) +
+            (device ? ", but its device allocation has only " + std::to_string(room) + " from there"
+                    : ", which is not device memory"));
+  return cudaErrorIllegalAddress;
+}
+
+size_t DeviceRoom(const void* p, size_t elem_bytes) {
+  size_t room = 0;
+  if (!Inside(p, 1, MemoryKind::kDevice, &room)) return 0;
+  return room / elem_bytes;
+}
+
+void Fault(cudaError_t e, const std::string& what) {
+  std::fprintf(stderr, "cuda emulator: fault (%s): %s\n", cudaGetErrorName(e), what.c_str());
+  std::lock_guard<std::mutex> lock(S().mu);
+  if (S().sticky == cudaSuccess) S().sticky = e;
+}
+
+cudaError_t StickyError() {
+  std::lock_guard<std::mutex> lock(S().mu);
+  return S().sticky;
+}
+
+cudaStream_t NewStream(bool blocking) {
+  auto s = std::make_unique<Stream>();
+  s->blocking = blocking;
+  Stream* raw = s.get();
+  std::lock_guard<std::mutex> lock(S().mu);
+  S().streams.push_back(std::move(s));
+  return reinterpret_cast<cudaStream_t>(raw);
+}
+
+bool KnownStream(cudaStream_t s) {
+  if (Get(s) == &S().legacy) return true;
+  std::lock_guard<std::mutex> lock(S().mu);
+  for (const auto& p : S().streams) {
+    if (reinterpret_cast<cudaStream_t>(p.get()) == s) return true;
+  }
+  return false;
+}
+
+void DeleteStream(cudaStream_t s) {
+  Drain(s);  // work queued before a destroy still completes
+  std::lock_guard<std::mutex> lock(S().mu);
+  auto& v = S().streams;
+  for (auto it = v.begin(); it != v.end(); ++it) {
+    if (reinterpret_cast<cudaStream_t>(it->get()) == s) {
+      v.erase(it);
+      return;
+    }
+  }
+}
+
+void Enqueue(cudaStream_t s, std::function<void()> work) {
+  Stream* st = Get(s);
+  std::lock_guard<std::mutex> lock(S().mu);
+  st->work.push_back(std::move(work));
+}
+
+void Drain(cudaStream_t s) {
+  Stream* st = Get(s);
+  for (;;) {
+    std::function<void()> w;
+    {
+      std::lock_guard<std::mutex> lock(S().mu);
+      if (st->work.empty()) return;
+      w = std::move(st->work.front());
+      st->work.pop_front();
+    }
+    // After a fault the device runs nothing more.
+    if (StickyError() == cudaSuccess) w();
+  }
+}
+
+namespace {
+std::vector<cudaStream_t> Streams(bool blocking_only) {
+  std::lock_guard<std::mutex> lock(S().mu);
+  std::vector<cudaStream_t> out;
+  for (const auto& p : S().streams) {
+    if (!blocking_only || p->blocking) out.push_back(reinterpret_cast<cudaStream_t>(p.get()));
+  }
+  return out;
+}
+}  // namespace
+
+void DrainBlocking() {
+  for (cudaStream_t s : Streams(true)) Drain(s);
+  Drain(nullptr);
+}
+
+void DrainAll() {
+  for (cudaStream_t s : Streams(false)) Drain(s);
+  Drain(nullptr);
+}
+
+}  // namespace cuda_emulator
+}  // namespace dmsrt
