@@ -14,7 +14,7 @@ const std::set<std::string>& RunValueOptions() {
   static const std::set<std::string> kOptions = {
       "model",      "dms-adapter", "threads",   "kv-budget", "kv-block",  "kv-policy",
       "dms-window", "dms-force-rate", "dms-seed", "kv-window", "kv-sinks", "kv-tokens",
-      "prefill-chunk"};
+      "prefill-chunk", "backend"};
   return kOptions;
 }
 
@@ -30,6 +30,11 @@ absl::StatusOr<RunContext> LoadRunContext(const Args& args) {
   }
   DMSRT_ASSIGN_OR_RETURN(ctx.tokenizer, Tokenizer::Create(ctx.model->tokenizer));
 
+  ctx.backend = args.Get("backend", "cpu");
+  if (ctx.backend != "cpu" && ctx.backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend takes cpu or cuda (got '", ctx.backend, "')"));
+  }
   BackendOptions& bo = ctx.backend_options;
   DMSRT_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0 = all cores)");
@@ -133,7 +138,7 @@ absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv) {
 absl::StatusOr<std::unique_ptr<Backend>> MakeRunBackend(RunContext& ctx, TpSession& tp) {
   ctx.backend_options.comm = tp.comm();
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> local,
-                         MakeCpuBackend(*ctx.model, ctx.backend_options));
+                         MakeBackend(ctx.backend, *ctx.model, ctx.backend_options));
   if (tp.tp <= 1) return local;
   if (tp.leader()) return MakeTpLeaderBackend(std::move(local), tp.comm());
   DMSRT_RETURN_IF_ERROR(RunTpFollower(*local, tp.comm()));

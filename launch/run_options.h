@@ -22,13 +22,14 @@ const std::set<std::string>& RunValueOptions();
 struct RunContext {
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;
+  std::string backend = "cpu";  // --backend cpu|cuda
   BackendOptions backend_options;
   int32_t prefill_chunk = 512;
   bool synthetic_eviction = false;  // forced policy: figures are for measurement only
 };
 
-// Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer and the
-// backend options (--threads --kv-budget --kv-block --kv-policy --dms-window --dms-force-rate
+// Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer, reads
+// --backend (cpu, the default, or cuda: one device, --tp 1) and the backend options (--threads --kv-budget --kv-block --kv-policy --dms-window --dms-force-rate
 // --dms-seed --kv-window --kv-sinks --kv-tokens --prefill-chunk).
 absl::StatusOr<RunContext> LoadRunContext(const Args& args);
 
@@ -58,7 +59,7 @@ struct TpSession {
 // INVALID_ARGUMENT / FAILED_PRECONDITION with the command line to use.
 absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv);
 
-// The backend for `ctx` on this rank. With tp 1: MakeCpuBackend. On the TP leader: its shard,
+// The backend for `ctx` on this rank. With tp 1: MakeBackend(ctx.backend). On the TP leader: its shard,
 // wrapped so that every step and sequence operation reaches the followers. On a follower: builds
 // the shard, follows the leader until it shuts the group down, and returns null — the caller then
 // returns OK at once.

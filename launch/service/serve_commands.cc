@@ -256,7 +256,7 @@ absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp
   Communicator* group = tp.tp > 1 ? par.tp_comm.get() : nullptr;
   rc.backend_options.comm = group;
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
-                         MakeCpuBackend(*rc.model, rc.backend_options));
+                         MakeBackend(rc.backend, *rc.model, rc.backend_options));
   if (!world.leader()) {
     std::cout << "replica " << world.replica() << " (" << world.ToString()
               << "): following the TP leader, world rank " << world.leader_rank() << std::endl;

@@ -9,10 +9,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/model.h"
 #include "runtime/synthetic_model.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -235,6 +237,59 @@ TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {
   EXPECT_GT(fc.flagged_tokens, fc.logical_tokens / 10) << "the decisions are not exercised";
   EXPECT_LE(std::llabs(fc.flagged_tokens - fg.flagged_tokens), fc.logical_tokens / 100 + 1);
   EXPECT_GE(same, heads - 1);
+}
+
+// The default model from its GGUF file: Q4_1/Q6_K/Q8_0 weights dequantized to bf16 on the device
+// against the CPU backend's quantized products (with int8 activations, so the two differ by more
+// than bf16 rounding alone), tied embeddings, 3 KV heads of 3 query heads each.
+TEST(CudaBackendDefaultModel, LogitsAndGreedyTokensMatchCpu) {
+  DMSRT_REQUIRE_GPU();
+  const std::string path = std::string(DMSRT_SOURCE_DIR) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no default model at " << path;
+  auto model = LoadModel(path);
+  ASSERT_TRUE(model.ok()) << model.status();
+  BackendOptions o;
+  o.threads = 2;
+  o.kv_block_tokens = 16;
+  o.kv_budget_bytes = 32ll << 20;
+  auto cpu = MakeCpuBackend(**model, o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = MakeCudaBackend(**model, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const int32_t V = (*model)->config.vocab;
+  // Ids from the model's vocabulary (any ids do: the backends are compared, not the text).
+  const std::vector<int32_t> prompt = {504, 3575, 282, 4649, 314, 1, 28, 9, 14, 216, 17, 20};
+  const SeqId sc = *(*cpu)->kv().Create(), sg = *(*gpu)->kv().Create();
+  ForwardResult rc = Step(**cpu, {Chunk(sc, prompt, SeqChunk::Logits::kAll)});
+  ForwardResult rg = Step(**gpu, {Chunk(sg, prompt, SeqChunk::Logits::kAll)});
+  ASSERT_EQ(rc.logits.size(), rg.logits.size());
+  const double rel = gpu_test::RelError(rg.logits, rc.logits);
+  int decisive = 0, agree = 0;
+  for (size_t r = 0; r < prompt.size(); ++r) {
+    const float* cr = rc.logits.data() + r * V;
+    if (Margin(cr, V) < 1.0) continue;
+    ++decisive;
+    agree += Argmax(cr, V) == Argmax(rg.logits.data() + r * V, V);
+  }
+  std::printf("[ default model ] prefill logits rel err %.4f, top-1 %d/%d at decisive positions\n",
+              rel, agree, decisive);
+  EXPECT_LT(rel, 0.1);
+  EXPECT_EQ(agree, decisive);
+  EXPECT_GE(decisive, 3);
+  int32_t tc = Argmax(rc.logits.data() + (prompt.size() - 1) * V, V);
+  int32_t tg = tc;
+  double margin = Margin(rc.logits.data() + (prompt.size() - 1) * V, V);
+  int same = 0;
+  for (int i = 0; i < 6 && tc == tg; ++i, ++same) {
+    ForwardResult c = Step(**cpu, {Chunk(sc, {tc}, SeqChunk::Logits::kLast)});
+    ForwardResult d = Step(**gpu, {Chunk(sg, {tg}, SeqChunk::Logits::kNone, true)});
+    ASSERT_EQ(d.sampled.size(), 1u);
+    margin = Margin(c.logits.data(), V);
+    tc = Argmax(c.logits.data(), V);
+    tg = d.sampled[0];
+  }
+  if (tc != tg) EXPECT_LT(margin, 1.0) << "greedy tokens differ at a decisive position";
+  std::printf("[ default model ] greedy tokens identical for %d steps\n", same);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tiny, CudaBackendTest, ::testing::Values("tiny-qwen3", "tiny-llama"),
