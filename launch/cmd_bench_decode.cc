@@ -4,7 +4,8 @@
 //   dmsrt bench-decode [--backend cpu|cuda] (--model PATH | --synthetic qwen3-8b)
 //       [--batch 1,32,256] [--context 4096,32768] [--steps 32]
 //       [--kv-policy none|forced|window] [--dms-force-rate 0.875] [--dms-window 16]
-//       [--kv-budget BYTES (cuda: 0 = the device memory left)] [--kv-block 16] [--seed S] [--json]
+//       [--kv-budget BYTES (cuda: 0 = the device memory left)] [--kv-block 16] [--seed S]
+//       [--device N (cuda; default: the launcher's local rank)] [--json]
 //
 // Per (batch, context) cell: `batch` sequences get `context` tokens each without running the
 // model (Backend::AppendUncomputed: the policy's bookkeeping runs, the slots keep arbitrary
@@ -55,7 +56,7 @@ absl::Status BenchDecode(int argc, char** argv) {
       Args args,
       Args::Parse(argc, argv,
                   {"backend", "model", "synthetic", "batch", "context", "steps", "kv-policy",
-                   "dms-force-rate", "dms-window", "kv-budget", "kv-block", "seed", "threads"},
+                   "dms-force-rate", "dms-window", "kv-budget", "kv-block", "seed", "threads", "device"},
                   {"json"}));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> batches, IntList(args, "batch", "1,32,256"));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, IntList(args, "context", "4096,32768"));
@@ -82,6 +83,8 @@ absl::Status BenchDecode(int argc, char** argv) {
   BackendOptions o;
   o.threads = static_cast<int32_t>(threads);
   o.kv_block_tokens = static_cast<int32_t>(block);
+  DMSRT_ASSIGN_OR_RETURN(int64_t device, args.GetInt("device", -1));
+  o.device = static_cast<int32_t>(device);
   DMSRT_ASSIGN_OR_RETURN(o.kv_policy.kind, ParseKvPolicy(args.Get("kv-policy", "none")));
   DMSRT_ASSIGN_OR_RETURN(o.kv_policy.force_rate, args.GetDouble("dms-force-rate", 0.875));
   DMSRT_ASSIGN_OR_RETURN(int64_t window, args.GetInt("dms-window", 16));

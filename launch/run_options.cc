@@ -14,7 +14,7 @@ const std::set<std::string>& RunValueOptions() {
   static const std::set<std::string> kOptions = {
       "model",      "dms-adapter", "threads",   "kv-budget", "kv-block",  "kv-policy",
       "dms-window", "dms-force-rate", "dms-seed", "kv-window", "kv-sinks", "kv-tokens",
-      "prefill-chunk", "backend"};
+      "prefill-chunk", "backend", "device"};
   return kOptions;
 }
 
@@ -36,6 +36,9 @@ absl::StatusOr<RunContext> LoadRunContext(const Args& args) {
         absl::StrCat("--backend takes cpu or cuda (got '", ctx.backend, "')"));
   }
   BackendOptions& bo = ctx.backend_options;
+  DMSRT_ASSIGN_OR_RETURN(int64_t device, args.GetInt("device", -1));
+  if (device < -1) return absl::InvalidArgumentError("--device must be >= 0 (or -1: by local rank)");
+  bo.device = static_cast<int32_t>(device);
   DMSRT_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0 = all cores)");
   bo.threads = static_cast<int32_t>(threads);

@@ -29,7 +29,8 @@ struct RunContext {
 };
 
 // Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer, reads
-// --backend (cpu, the default, or cuda: one device, --tp 1) and the backend options (--threads --kv-budget --kv-block --kv-policy --dms-window --dms-force-rate
+// --backend (cpu, the default, or cuda: one device, --tp 1; --device N, default: the launcher's
+// local rank modulo the node's devices) and the backend options (--threads --kv-budget --kv-block --kv-policy --dms-window --dms-force-rate
 // --dms-seed --kv-window --kv-sinks --kv-tokens --prefill-chunk).
 absl::StatusOr<RunContext> LoadRunContext(const Args& args);
 

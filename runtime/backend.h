@@ -56,6 +56,9 @@ struct BackendOptions {
   KvPolicyConfig kv_policy;
   int64_t kv_budget_bytes = 256ll << 20;
   int32_t kv_block_tokens = 16;
+  // CUDA device; -1 = the launcher's local rank modulo the visible devices (0 outside mpirun or
+  // srun), so the ranks of a node spread over its GPUs.
+  int32_t device = -1;
   // Tensor parallelism (null = single rank).
   Communicator* comm = nullptr;
 };

@@ -46,6 +46,7 @@
 #include "kernels/sampling.cuh"
 #include "parallel/comm.h"
 #include "parallel/status_macros.h"
+#include "parallel/world.h"
 #include "runtime/backend.h"
 #include "runtime/paged_kv.h"
 #include "runtime/synthetic_model.h"
@@ -213,6 +214,7 @@ class CudaBackend final : public Backend {
   absl::Status AppendUncomputed(SeqId seq, int32_t n) override;
   int64_t DeviceBytesInUse() const override {
     size_t free_b = 0, total_b = 0;
+    if (cudaSetDevice(device_) != cudaSuccess) return 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
     return static_cast<int64_t>(total_b - free_b);
   }
@@ -221,6 +223,12 @@ class CudaBackend final : public Backend {
   friend class DeviceKvOps;
 
   absl::Status Init();
+  // The device is per-thread state in CUDA: every entry point binds it, since the engine may call
+  // from a thread other than the one that built the backend.
+  absl::Status BindDevice() {
+    DMSRT_CUDA_OK(cudaSetDevice(device_));
+    return absl::OkStatus();
+  }
   absl::StatusOr<bf16*> Upload(const WeightTensor& w, const char* what, int64_t rows,
                                int64_t cols, bf16* dst = nullptr);
   absl::StatusOr<bf16*> Generate(const std::string& which, int32_t layer, int64_t rows,
@@ -235,6 +243,7 @@ class CudaBackend final : public Backend {
   const Model& model_;
   BackendOptions options_;
   const ModelConfig& cfg_;
+  int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   int32_t num_sms_ = 0;
@@ -364,6 +373,7 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const std::vector<int32_t>& tab
 // ---- set-up ------------------------------------------------------------------------------------
 
 CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   for (void* p : allocations_) cudaFree(p);
   if (bits_pinned_ != nullptr) cudaFreeHost(bits_pinned_);
@@ -489,12 +499,16 @@ absl::Status CudaBackend::Init() {
         "no CUDA device (", de != cudaSuccess ? cudaGetErrorString(de) : "none found",
         "); use --backend cpu"));
   }
+  if (options_.device >= n_dev) {
+    return absl::InvalidArgumentError(absl::StrCat("--device ", options_.device, ": this machine has ",
+                                                   n_dev, " CUDA device(s)"));
+  }
+  device_ = options_.device >= 0 ? options_.device : ReadLauncherEnv().local_rank.value_or(0) % n_dev;
+  DMSRT_RETURN_IF_ERROR(BindDevice());
   DMSRT_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   DMSRT_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
   DMSRT_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
-  int dev = 0;
-  DMSRT_CUDA_OK(cudaGetDevice(&dev));
-  DMSRT_CUDA_OK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, dev));
+  DMSRT_CUDA_OK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
 
   // Weights.
   const ModelWeights& W = model_.weights;
@@ -652,6 +666,7 @@ absl::Status CudaBackend::Gemm(int64_t m, int64_t n, int64_t k, const bf16* a, c
 
 absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n) {
   if (n <= 0) return absl::OkStatus();
+  DMSRT_RETURN_IF_ERROR(BindDevice());
   DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
   // Bookkeeping only: the slots keep whatever values they hold.
   class Discard final : public KvSlotSink {
@@ -673,6 +688,7 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
   result.vocab = vocab_;
   DMSRT_ASSIGN_OR_RETURN(const int64_t T, ValidateStep(batch, vocab_));
   if (T == 0) return result;
+  DMSRT_RETURN_IF_ERROR(BindDevice());
   for (const SeqChunk& ch : batch) {
     DMSRT_RETURN_IF_ERROR(kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
   }
