@@ -1,7 +1,8 @@
 # gRPC end-to-end tests (label e2e): a 2-replica `dmsrt serve` under mpirun on loopback, driven by
 # `dmsrt submit` and by the Python client (examples/python/dmsrt_client.py), plus tensor-parallel
-# replicas (tests/e2e/test_tp_serve.py). The driver is pytest (tests/e2e/); it starts and stops
-# its own servers on free 127.0.0.1 ports and bounds every wait.
+# replicas (tests/e2e/test_tp_serve.py) and a replica on the CUDA backend over the device
+# emulator (tests/e2e/test_cuda_emulated.py, with the CUDA headers only). The driver is pytest
+# (tests/e2e/); it starts and stops its own servers on free 127.0.0.1 ports and bounds every wait.
 # Registered only when the binary has gRPC and MPI and python3 has pytest.
 if(DMSRT_HAVE_GRPC AND DMSRT_HAVE_MPI)
   find_program(DMSRT_MPIRUN NAMES mpirun mpiexec)
@@ -15,7 +16,7 @@ if(DMSRT_HAVE_GRPC AND DMSRT_HAVE_MPI)
                        ${PROJECT_SOURCE_DIR}/tests/e2e)
       set_tests_properties(e2e_service PROPERTIES
         LABELS e2e TIMEOUT 900 RUN_SERIAL TRUE
-        ENVIRONMENT "DMSRT_BIN=${PROJECT_BINARY_DIR}/bin/dmsrt;DMSRT_SOURCE_DIR=${PROJECT_SOURCE_DIR};DMSRT_MPIRUN=${DMSRT_MPIRUN}")
+        ENVIRONMENT "DMSRT_BIN=${PROJECT_BINARY_DIR}/bin/dmsrt;DMSRT_SOURCE_DIR=${PROJECT_SOURCE_DIR};DMSRT_MPIRUN=${DMSRT_MPIRUN};DMSRT_EMU_BIN=$<$<BOOL:${DMSRT_HAVE_CUDA}>:${PROJECT_BINARY_DIR}/tests/dmsrt_cuda_emulated>")
 
       # Budget mode, measured (tests/bench/budget_bench.py): a `none` and a `forced` replica with
       # the same KV budget each run one budget-mode job; the test fails unless forced admits and

@@ -112,15 +112,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def standalone_replica(stubs_dir, log_prefix, serve_args, timeout=120):
+def standalone_replica(stubs_dir, log_prefix, serve_args, timeout=120, binary=None):
     """One `dmsrt serve` process started without mpirun (its own coordinator) with `serve_args`;
-    yields a client once a replica is ready, and stops the process group afterwards."""
+    yields a client once a replica is ready, and stops the process group afterwards. `binary`
+    replaces build/bin/dmsrt (the device-emulated build, for one)."""
     import grpc
     from dmsrt_client import DmsrtClient
     addr = f"127.0.0.1:{free_port()}"
     log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
-    proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1"]
+    proc = subprocess.Popen([binary or BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1"]
                             + list(serve_args),
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     client = DmsrtClient(addr, stubs_dir=stubs_dir)
