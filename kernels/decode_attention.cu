@@ -242,11 +242,6 @@ __global__ void DecodeMergeKernel(int32_t n_heads, int32_t num_splits,
   }
 }
 
-int32_t ResolveSplit(const DecodeAttentionParams& p, int32_t num_sms) {
-  if (p.split_tokens > 0) return p.split_tokens;
-  return DecodeAttentionSplitTokens(p.batch, p.n_kv_heads, p.max_length, num_sms);
-}
-
 template <int D, int G>
 cudaError_t LaunchSplit(const DecodeAttentionParams& p, int32_t split, int32_t num_splits,
                         const __nv_bfloat16* q, const __nv_bfloat16* k_pool,
@@ -281,39 +276,6 @@ cudaError_t DispatchGroup(const DecodeAttentionParams& p, int32_t split, int32_t
 
 }  // namespace
 
-int32_t DecodeAttentionSplitTokens(int32_t batch, int32_t n_kv_heads, int32_t max_length,
-                                   int32_t num_sms) {
-  // Measured on an H100 (docs/perf-gpu-notes.md): a CTA of this kernel keeps 4 resident per
-  // multiprocessor for g <= 4. Few heads (small batches): fill about one wave of resident CTAs,
-  // with splits of 256..2048 slots (the best sizes measured at batch 1 and 8). Many heads: about
-  // four waves of CTAs so the last, partial wave costs little, splits of at least 256 slots.
-  auto round128 = [](int64_t x) { return (x + 127) / 128 * 128; };
-  const int64_t heads = std::max<int64_t>(1, static_cast<int64_t>(batch) * n_kv_heads);
-  const int64_t resident = 4LL * std::max(1, num_sms);
-  const int64_t len = std::max(1, max_length);
-  int64_t split;
-  if (heads * 4 <= resident) {
-    const int64_t splits = resident / heads;
-    split = std::min<int64_t>(2048, std::max<int64_t>(256, round128((len + splits - 1) / splits)));
-  } else {
-    const int64_t splits = std::max<int64_t>(1, (4 * resident + heads - 1) / heads);
-    split = std::max<int64_t>(256, round128((len + splits - 1) / splits));
-  }
-  return static_cast<int32_t>(split);
-}
-
-int32_t DecodeAttentionNumSplits(const DecodeAttentionParams& p, int32_t num_sms) {
-  const int32_t split = ResolveSplit(p, num_sms);
-  return std::max(1, (p.max_length + split - 1) / split);
-}
-
-size_t DecodeAttentionWorkspaceSize(const DecodeAttentionParams& p, int32_t num_sms) {
-  const int32_t s = DecodeAttentionNumSplits(p, num_sms);
-  if (s <= 1) return 0;
-  const size_t rows = static_cast<size_t>(p.batch) * p.n_heads * s;
-  return rows * (p.head_dim + 1) * sizeof(float);
-}
-
 cudaError_t DecodeAttention(const DecodeAttentionParams& p, const __nv_bfloat16* q,
                             const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,
                             const int32_t* block_tables, const int32_t* lengths,
@@ -324,7 +286,7 @@ cudaError_t DecodeAttention(const DecodeAttentionParams& p, const __nv_bfloat16*
       p.max_length < 0 || p.max_length > p.block_tokens * p.max_blocks_per_head) {
     return cudaErrorInvalidValue;
   }
-  const int32_t split = ResolveSplit(p, num_sms);
+  const int32_t split = DecodeAttentionResolveSplit(p, num_sms);
   const int32_t num_splits = DecodeAttentionNumSplits(p, num_sms);
   if (workspace_bytes < DecodeAttentionWorkspaceSize(p, num_sms)) return cudaErrorInvalidValue;
   float* ws_o = static_cast<float*>(workspace);

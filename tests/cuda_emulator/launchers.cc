@@ -413,37 +413,6 @@ cudaError_t FillRandomBf16(bf16* dst, int64_t n, uint64_t seed, float scale, cud
 
 // ---- attention ---------------------------------------------------------------------------------
 
-// The split plan of kernels/decode_attention.cu (it sizes the workspace the caller provides).
-int32_t DecodeAttentionSplitTokens(int32_t batch, int32_t n_kv_heads, int32_t max_length,
-                                   int32_t num_sms) {
-  auto round128 = [](int64_t x) { return (x + 127) / 128 * 128; };
-  const int64_t heads = std::max<int64_t>(1, static_cast<int64_t>(batch) * n_kv_heads);
-  const int64_t resident = 4LL * std::max(1, num_sms);
-  const int64_t len = std::max(1, max_length);
-  int64_t split;
-  if (heads * 4 <= resident) {
-    const int64_t splits = resident / heads;
-    split = std::min<int64_t>(2048, std::max<int64_t>(256, round128((len + splits - 1) / splits)));
-  } else {
-    const int64_t splits = std::max<int64_t>(1, (4 * resident + heads - 1) / heads);
-    split = std::max<int64_t>(256, round128((len + splits - 1) / splits));
-  }
-  return static_cast<int32_t>(split);
-}
-
-int32_t DecodeAttentionNumSplits(const DecodeAttentionParams& p, int32_t num_sms) {
-  const int32_t split = p.split_tokens > 0
-                            ? p.split_tokens
-                            : DecodeAttentionSplitTokens(p.batch, p.n_kv_heads, p.max_length, num_sms);
-  return std::max(1, (p.max_length + split - 1) / split);
-}
-
-size_t DecodeAttentionWorkspaceSize(const DecodeAttentionParams& p, int32_t num_sms) {
-  const int32_t s = DecodeAttentionNumSplits(p, num_sms);
-  if (s <= 1) return 0;
-  return static_cast<size_t>(p.batch) * p.n_heads * s * (p.head_dim + 1) * sizeof(float);
-}
-
 cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const bf16* k_pool,
                             const bf16* v_pool, const int32_t* block_tables,
                             const int32_t* lengths, bf16* out, void* workspace,
