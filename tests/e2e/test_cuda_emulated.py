@@ -26,7 +26,7 @@ def cuda_replica(stubs_dir):
 
 def test_best_of_n_on_the_cuda_backend(cuda_replica):
     res = cuda_replica.run_job(prompt="What is 3 + 4? Answer:", n=4, max_tokens=12, seed=3,
-                               ignore_eos=True, temperature=0.8, timeout=300)
+                               ignore_eos=True, temperature=0.8, stream_tokens=True, timeout=300)
     check_best_of(res, 4)
     for t in res["threads"]:
         assert t["tokens"] == 12, t
