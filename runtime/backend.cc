@@ -14,6 +14,15 @@ absl::Status Backend::AppendUncomputed(SeqId /*seq*/, int32_t /*n*/) {
       absl::StrCat("backend ", name(), " cannot append tokens without running the model"));
 }
 
+absl::Status CheckKvPolicy(const ModelConfig& config, const KvPolicyConfig& policy) {
+  if (policy.kind == KvPolicyKind::kDms && !config.dms.enabled) {
+    return absl::InvalidArgumentError(
+        "KV policy 'dms' needs a model with DMS decisions (dms_* config fields or an attached "
+        "adapter); use policy 'forced' for synthetic eviction on other models");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> ValidateStep(const std::vector<SeqChunk>& batch, int32_t vocab) {
   absl::flat_hash_set<SeqId> seen;
   int64_t n = 0;

@@ -83,6 +83,10 @@ class Backend {
 // ids inside the vocabulary. Returns the number of tokens.
 absl::StatusOr<int64_t> ValidateStep(const std::vector<SeqChunk>& batch, int32_t vocab);
 
+// Checks a KV policy against the model, the same on every backend: policy dms needs the model's
+// own decisions (INVALID_ARGUMENT otherwise).
+absl::Status CheckKvPolicy(const ModelConfig& config, const KvPolicyConfig& policy);
+
 // Fills ForwardResult::sampled/sampled_logprob from host logits rows (the host backends' side of
 // SeqChunk::sample): for each sampled chunk, its last row must be among `result.logits`.
 void SampleOnHost(const std::vector<SeqChunk>& batch, ForwardResult& result);

@@ -198,11 +198,7 @@ absl::Status CpuBackend::Init() {
     return absl::InvalidArgumentError(absl::StrCat("bad rope_dim ", rope_dim_, " for head_dim ",
                                                    c.head_dim));
   }
-  if (options_.kv_policy.kind == KvPolicyKind::kDms && !c.dms.enabled) {
-    return absl::InvalidArgumentError(
-        "KV policy 'dms' needs a model with DMS decisions (dms_* config fields or an attached "
-        "adapter); use policy 'forced' for synthetic eviction on other models");
-  }
+  DMSRT_RETURN_IF_ERROR(CheckKvPolicy(c, options_.kv_policy));
   // Variant A repurposes a query channel: it is zeroed in every forward pass of a DMS model,
   // whatever the KV policy, because the model was trained that way. The bits reach the cache only
   // under the dms policy.

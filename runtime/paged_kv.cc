@@ -84,18 +84,21 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
     }
   }
   if (!copies_.empty()) ops.CopyBlocks(copies_);
-  if (!writes_.empty()) {
-    // A slot freed by an eviction may be taken again later in the same commit (a chunk longer
-    // than the window). The store applies writes in order, a device in parallel: keep only the
-    // last write of each slot.
+  // A slot freed by an eviction may be taken again later in the same commit (a chunk longer
+  // than the window, or another sequence taking a block such a chunk emptied). The store
+  // applies writes in order, a device in parallel: keep only the last write of each slot. A step
+  // of one-token chunks cannot write a slot twice (each writes one new token per head, into a
+  // block it alone holds), so the usual decode step skips this.
+  const bool reuse_possible = n_decode < static_cast<int32_t>(chunks.size());
+  if (!writes_.empty() && reuse_possible) {
     slot_seen_.clear();
     size_t keep = writes_.size();
     for (size_t i = writes_.size(); i-- > 0;) {
       if (slot_seen_.insert(writes_[i].slot).second) writes_[--keep] = writes_[i];
     }
     writes_.erase(writes_.begin(), writes_.begin() + static_cast<std::ptrdiff_t>(keep));
-    ops.WriteSlots(writes_);
   }
+  if (!writes_.empty()) ops.WriteSlots(writes_);
 
   // 3. Decode rows attend over what is resident now.
   if (n_decode > 0) {

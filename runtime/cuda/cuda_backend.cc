@@ -25,6 +25,7 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -182,6 +183,10 @@ class DeviceKvOps final : public PagedKvOps {
 
  private:
   void Scatter(const std::vector<std::pair<int32_t, int32_t>>& slots, bool reset);
+  // Copies host index arrays (int32 elements, or records of them) up through the pinned arena;
+  // their device addresses in order, or false once an error is noted.
+  template <typename... V>
+  bool Stage(const char* what, std::array<const int32_t*, sizeof...(V)>* out, const V&... v);
   void Note(cudaError_t e, const char* what) {
     if (e != cudaSuccess && status_.ok()) {
       status_ = absl::InternalError(absl::StrCat(what, " failed: ", cudaGetErrorName(e), " (",
@@ -281,13 +286,21 @@ class CudaBackend final : public Backend {
 
 // ---- device KV operations ----------------------------------------------------------------------
 
-void DeviceKvOps::Scatter(const std::vector<std::pair<int32_t, int32_t>>& slots, bool reset) {
-  Note(b_->stage_.Reserve(Bytes(slots)));
-  if (!status_.ok()) return;
+template <typename... V>
+bool DeviceKvOps::Stage(const char* what, std::array<const int32_t*, sizeof...(V)>* out,
+                        const V&... v) {
+  Note(b_->stage_.Reserve((Bytes(v) + ... + size_t{0})));
+  if (!status_.ok()) return false;
   cudaError_t e = cudaSuccess;
-  const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(slots.data(), Bytes(slots), b_->stream_, &e));
-  Note(e, "staging last-visible values");
-  Note(KvScatterInt32(d, static_cast<int32_t>(slots.size()), reset,
+  *out = {static_cast<const int32_t*>(b_->stage_.Stage(v.data(), Bytes(v), b_->stream_, &e))...};
+  Note(e, what);
+  return status_.ok();
+}
+
+void DeviceKvOps::Scatter(const std::vector<std::pair<int32_t, int32_t>>& slots, bool reset) {
+  std::array<const int32_t*, 1> d;
+  if (!Stage("staging last-visible values", &d, slots)) return;
+  Note(KvScatterInt32(d[0], static_cast<int32_t>(slots.size()), reset,
                       std::numeric_limits<int32_t>::max(), b_->last_vis_pool_, b_->stream_),
        "KvScatterInt32");
 }
@@ -296,13 +309,9 @@ void DeviceKvOps::PrefillAttention(const PagedChunk& c, int32_t q_pos0,
                                    const std::vector<int32_t>& table, int32_t max_blocks,
                                    const std::vector<int32_t>& old_lengths,
                                    const std::vector<int32_t>& last_vis_new) {
-  Note(b_->stage_.Reserve(Bytes(table) + Bytes(old_lengths) + Bytes(last_vis_new)));
-  if (!status_.ok()) return;
-  cudaError_t e = cudaSuccess;
-  const auto* dt = static_cast<const int32_t*>(b_->stage_.Stage(table.data(), Bytes(table), b_->stream_, &e));
-  const auto* dl = static_cast<const int32_t*>(b_->stage_.Stage(old_lengths.data(), Bytes(old_lengths), b_->stream_, &e));
-  const auto* dv = static_cast<const int32_t*>(b_->stage_.Stage(last_vis_new.data(), Bytes(last_vis_new), b_->stream_, &e));
-  Note(e, "staging a prefill block table");
+  std::array<const int32_t*, 3> d;
+  if (!Stage("staging a prefill block table", &d, table, old_lengths, last_vis_new)) return;
+  const auto [dt, dl, dv] = d;
   PrefillAttentionParams p;
   p.n_queries = c.n;
   p.q_pos0 = q_pos0;
@@ -321,12 +330,9 @@ void DeviceKvOps::PrefillAttention(const PagedChunk& c, int32_t q_pos0,
 }
 
 void DeviceKvOps::CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
-  Note(b_->stage_.Reserve(Bytes(copies)));
-  if (!status_.ok()) return;
-  cudaError_t e = cudaSuccess;
-  const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(copies.data(), Bytes(copies), b_->stream_, &e));
-  Note(e, "staging block copies");
-  Note(KvCopyBlocks(d, static_cast<int32_t>(copies.size()), b_->kv_->geometry().block_tokens,
+  std::array<const int32_t*, 1> d;
+  if (!Stage("staging block copies", &d, copies)) return;
+  Note(KvCopyBlocks(d[0], static_cast<int32_t>(copies.size()), b_->kv_->geometry().block_tokens,
                     b_->hd_, b_->k_pool_, b_->v_pool_, b_->pos_pool_, b_->last_vis_pool_,
                     b_->stream_),
        "KvCopyBlocks");
@@ -334,12 +340,9 @@ void DeviceKvOps::CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& cop
 
 void DeviceKvOps::WriteSlots(const std::vector<KvSlotWrite>& writes) {
   static_assert(sizeof(KvSlotWrite) == 4 * sizeof(int32_t), "KvSlotWrite is four int32");
-  Note(b_->stage_.Reserve(Bytes(writes)));
-  if (!status_.ok()) return;
-  cudaError_t e = cudaSuccess;
-  const auto* d = static_cast<const int32_t*>(b_->stage_.Stage(writes.data(), Bytes(writes), b_->stream_, &e));
-  Note(e, "staging slot writes");
-  Note(KvWriteSlots(d, static_cast<int32_t>(writes.size()), b_->k_.get(), b_->v_.get(), b_->nkv_,
+  std::array<const int32_t*, 1> d;
+  if (!Stage("staging slot writes", &d, writes)) return;
+  Note(KvWriteSlots(d[0], static_cast<int32_t>(writes.size()), b_->k_.get(), b_->v_.get(), b_->nkv_,
                     b_->hd_, b_->k_pool_, b_->v_pool_, b_->pos_pool_, b_->stream_),
        "KvWriteSlots");
 }
@@ -358,12 +361,9 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const std::vector<int32_t>& tab
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
   Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->stream_));
-  Note(b_->stage_.Reserve(Bytes(tables) + Bytes(lengths)));
-  if (!status_.ok()) return;
-  cudaError_t e = cudaSuccess;
-  const auto* dt = static_cast<const int32_t*>(b_->stage_.Stage(tables.data(), Bytes(tables), b_->stream_, &e));
-  const auto* dl = static_cast<const int32_t*>(b_->stage_.Stage(lengths.data(), Bytes(lengths), b_->stream_, &e));
-  Note(e, "staging decode block tables");
+  std::array<const int32_t*, 2> d;
+  if (!Stage("staging decode block tables", &d, tables, lengths)) return;
+  const auto [dt, dl] = d;
   Note(::dmsrt::DecodeAttention(p, b_->q_.get(), b_->k_pool_, b_->v_pool_, dt, dl,
                                 b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
                                 b_->num_sms_, b_->stream_),
@@ -475,11 +475,7 @@ absl::Status CudaBackend::Init() {
         "the CUDA RoPE kernel rotates every channel without frequency scaling; this model uses "
         "partial rotation or RoPE scaling (run it on --backend cpu)");
   }
-  if (options_.kv_policy.kind == KvPolicyKind::kDms && !c.dms.enabled) {
-    return absl::InvalidArgumentError(
-        "KV policy 'dms' needs a model with DMS decisions (dms_* config fields or an attached "
-        "adapter); use policy 'forced' for synthetic eviction on other models");
-  }
+  DMSRT_RETURN_IF_ERROR(CheckKvPolicy(c, options_.kv_policy));
   variant_a_ = c.dms.enabled && !c.dms.separate_alpha;
   dms_bits_ = options_.kv_policy.kind == KvPolicyKind::kDms && c.dms.enabled;
   variant_b_ = dms_bits_ && c.dms.separate_alpha;

@@ -15,10 +15,9 @@ namespace emu = dmsrt::cuda_emulator;
 
 namespace {
 
-// The handle cuBLAS hands out: the emulated GEMM only needs its stream.
-struct CublasContextEmu {
-  cudaStream_t stream = nullptr;
-};
+// The handle cuBLAS hands out. It holds nothing: GemmBf16 (launchers.cc) takes its stream as an
+// argument, as the real wrapper does before binding it to the handle.
+struct CublasContextEmu {};
 
 thread_local cudaError_t last_error = cudaSuccess;
 
@@ -226,7 +225,7 @@ cudaError_t cudaMemset(void* p, int value, size_t n) {
   return Note(emu::StickyError());
 }
 
-// ---- cuBLAS: the handle's lifetime and stream; GemmBf16 (launchers.cc) does the product ----
+// ---- cuBLAS: the handle's lifetime; GemmBf16 (launchers.cc) does the product ----
 
 cublasStatus_t cublasCreate_v2(cublasHandle_t* handle) {
   *handle = reinterpret_cast<cublasHandle_t>(new CublasContextEmu);
@@ -241,8 +240,7 @@ cublasStatus_t cublasDestroy_v2(cublasHandle_t handle) {
 
 cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
-  reinterpret_cast<CublasContextEmu*>(handle)->stream = stream;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu::KnownStream(stream) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
 }
 
 }  // extern "C"

@@ -288,7 +288,9 @@ TEST(CudaBackendDefaultModel, LogitsAndGreedyTokensMatchCpu) {
     tc = Argmax(c.logits.data(), V);
     tg = d.sampled[0];
   }
-  if (tc != tg) EXPECT_LT(margin, 1.0) << "greedy tokens differ at a decisive position";
+  if (tc != tg) {
+    EXPECT_LT(margin, 1.0) << "greedy tokens differ at a decisive position";
+  }
   std::printf("[ default model ] greedy tokens identical for %d steps\n", same);
 }
 
