@@ -5,6 +5,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
+
+#include <atomic>
 #include <deque>
 #include <iterator>
 #include <map>
@@ -20,6 +23,7 @@ namespace {
 struct Block {
   size_t bytes = 0;
   MemoryKind kind = MemoryKind::kDevice;
+  size_t mapped = 0;  // host-only mode: bytes of reserved address space (munmap), else 0
 };
 
 struct Stream {
@@ -32,6 +36,7 @@ struct State {
   std::map<uintptr_t, Block> blocks;  // by base address
   size_t device_bytes = 0;
   cudaError_t sticky = cudaSuccess;
+  std::atomic<uint64_t> queued{0};
   Stream legacy;
   std::vector<std::unique_ptr<Stream>> streams;
 };
@@ -70,6 +75,21 @@ size_t DeviceCapacity() {
   return cap;
 }
 
+bool HostOnly() {
+  static const bool on = [] {
+    const char* v = std::getenv("DMSRT_CUDA_EMULATOR_HOST_ONLY");
+    if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
+    std::atexit([] {
+      std::fprintf(stderr, "cuda emulator (host only): %llu device operations queued\n",
+                   static_cast<unsigned long long>(OperationsQueued()));
+    });
+    return true;
+  }();
+  return on;
+}
+
+uint64_t OperationsQueued() { return S().queued.load(); }
+
 void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
   *err = StickyError();
   if (*err != cudaSuccess) return nullptr;
@@ -81,15 +101,25 @@ void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
       return nullptr;
     }
   }
-  // 256-byte alignment, like cudaMalloc.
-  void* p = std::aligned_alloc(256, (n + 255) / 256 * 256);
+  void* p = nullptr;
+  size_t mapped = 0;
+  if (HostOnly() && kind == MemoryKind::kDevice) {
+    // Address space only: pages are never touched, so they never cost memory.
+    mapped = (n + 4095) / 4096 * 4096;
+    p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+             -1, 0);
+    if (p == MAP_FAILED) p = nullptr;
+  } else {
+    // 256-byte alignment, like cudaMalloc.
+    p = std::aligned_alloc(256, (n + 255) / 256 * 256);
+    if (p != nullptr) std::memset(p, 0xFF, n);
+  }
   if (p == nullptr) {
     *err = cudaErrorMemoryAllocation;
     return nullptr;
   }
-  std::memset(p, 0xFF, n);
   std::lock_guard<std::mutex> lock(S().mu);
-  S().blocks[reinterpret_cast<uintptr_t>(p)] = Block{n, kind};
+  S().blocks[reinterpret_cast<uintptr_t>(p)] = Block{n, kind, mapped};
   if (kind == MemoryKind::kDevice) S().device_bytes += n;
   return p;
 }
@@ -97,6 +127,7 @@ void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
 cudaError_t Release(void* p, MemoryKind kind) {
   if (p == nullptr) return cudaSuccess;
   DrainAll();  // cudaFree and cudaFreeHost synchronise the device
+  size_t mapped = 0;
   {
     std::lock_guard<std::mutex> lock(S().mu);
     auto it = S().blocks.find(reinterpret_cast<uintptr_t>(p));
@@ -107,9 +138,14 @@ cudaError_t Release(void* p, MemoryKind kind) {
       return cudaErrorInvalidValue;
     }
     if (kind == MemoryKind::kDevice) S().device_bytes -= it->second.bytes;
+    mapped = it->second.mapped;
     S().blocks.erase(it);
   }
-  std::free(p);
+  if (mapped != 0) {
+    munmap(p, mapped);
+  } else {
+    std::free(p);
+  }
   return StickyError();
 }
 
@@ -188,6 +224,8 @@ void DeleteStream(cudaStream_t s) {
 }
 
 void Enqueue(cudaStream_t s, std::function<void()> work) {
+  S().queued.fetch_add(1);
+  if (HostOnly()) return;
   Stream* st = Get(s);
   std::lock_guard<std::mutex> lock(S().mu);
   st->work.push_back(std::move(work));

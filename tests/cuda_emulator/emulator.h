@@ -20,6 +20,12 @@
 //   * a fault is sticky: later calls return it, as on a device.
 // It does not model concurrency between streams (queues run in submission order when drained)
 // and it is slow: it is meant for tiny models.
+//
+// Host-only mode (DMSRT_CUDA_EMULATOR_HOST_ONLY=1) measures what the host spends per step, the
+// work a device cannot hide (bookkeeping, index building, staging, enqueueing): device memory is
+// reserved address space that is never touched, and queued work is counted and dropped instead
+// of run. Argument checks still run; results read back are zeros. With DMSRT_CUDA_EMULATOR_MIB
+// set to a real device's memory, a full-size synthetic model runs on a small host.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,6 +43,10 @@ enum class MemoryKind { kDevice, kPinnedHost };
 // Bytes of the emulated device (cudaMemGetInfo's total, and the cap on cudaMalloc).
 // DMSRT_CUDA_EMULATOR_MIB overrides the default of 4096.
 size_t DeviceCapacity();
+// True in host-only mode (see above).
+bool HostOnly();
+// Device operations (launches, copies, memsets) queued so far.
+uint64_t OperationsQueued();
 
 // Allocation bookkeeping.
 void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err);

@@ -196,7 +196,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
     std::memmove(dst, src, n);
     return cudaSuccess;
   }
-  if (host_src && !IsPinned(src, n)) {
+  if (host_src && !IsPinned(src, n) && !emu::HostOnly()) {
     // From pageable memory: the data is staged before the call returns.
     auto copy = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
                                                     static_cast<const char*>(src) + n);
