@@ -1,10 +1,11 @@
 // The CPU KV store: a block pool plus, per (sequence, layer, local KV head), a dense slot array
 // with DMS delayed eviction (docs/dms-semantics.md §3-§5) or one of the baseline policies.
 //
-// Per head the store keeps the block table, the absolute position and the flag of every slot,
-// and — for the "ring" policies (dms, forced, window) — the ring of the last w+1 tokens (the slot
-// of token t lives at ring[t % (w+1)]; its flag lives with the slot). Metadata is per sequence;
-// only K/V rows live in (shareable) blocks, so Fork copies metadata and shares blocks.
+// Per head the store keeps the block table, the absolute position of every slot, and — for the
+// "ring" policies (dms, forced, window) — the ring of the last w+1 tokens (token t's slot and
+// flag live at ring[t % (w+1)]; only these tokens can be flagged and still resident). Metadata
+// is per sequence; only K/V rows live in (shareable) blocks, so Fork copies metadata and shares
+// blocks.
 //
 // How each policy maps onto the storage:
 //   none    every token appends; visibility k <= q.
@@ -297,9 +298,11 @@ inline uint64_t SplitMix64(uint64_t x) {
 struct HeadState {
   std::vector<int32_t> blocks;  // block table: slot s lives in blocks[s / block_tokens]
   std::vector<int32_t> pos;     // [n] absolute position of each slot
-  std::vector<uint8_t> flag;    // [n] flag(pos) once known (set when the next token arrives)
   std::vector<float> score;     // [n] h2o: accumulated attention
-  std::vector<int32_t> ring;    // ring policies: slot of token t at ring[t % ring.size()]
+  // Ring policies: token t at ring[t % ring.size()] as RingEntry(slot, flag(t)); flag(t) is set
+  // when token t+1 arrives. A flag matters only while its token is in the ring: a flagged token
+  // leaves (its slot recycled) as it drops out, so every older resident token is unflagged.
+  std::vector<int32_t> ring;
   int32_t n = 0;                // resident slots (never decreases)
   int32_t victim = -1;          // tova/h2o: slot the next token overwrites
   int64_t logical = 0;          // L: tokens seen
@@ -308,6 +311,10 @@ struct HeadState {
   int64_t dense_reads = 0;
 };
 
+constexpr int32_t RingEntry(int32_t slot, bool flagged) { return slot * 2 + (flagged ? 1 : 0); }
+constexpr int32_t RingSlot(int32_t entry) { return entry >> 1; }
+constexpr bool RingFlagged(int32_t entry) { return (entry & 1) != 0; }
+
 // Per-worker buffers of the attention of one KV head.
 struct Scratch {
   std::vector<const float*> kp, vp;  // key/value row pointers of the keys one query sees
@@ -315,8 +322,19 @@ struct Scratch {
   std::vector<uint8_t> chunk_flag;   // [n] flags of a chunk's tokens
 };
 
+// Blocks one head may take for the next single token (BlocksNeeded with n_new = 1), computed
+// when the head's last commit leaves its state in cache, for the sequence length `at`.
+struct NextTokenNeed {
+  int64_t at = -1;  // -1: not known
+  int32_t blocks = 0;
+};
+
 struct Sequence {
   std::vector<HeadState> heads;  // [n_layers * n_kv_heads]
+  // [n_layers * n_kv_heads]: what a decode step's Reserve sums instead of revisiting every
+  // head. Valid while no block of the sequence gains a reference (only Fork adds references;
+  // blocks losing them make the figure an over-estimate, which a bound may be).
+  std::vector<NextTokenNeed> next_need;
   int64_t length = 0;            // tokens committed in every layer
   int64_t reserved = 0;          // blocks promised to this sequence by Reserve, not yet taken
   bool broken = false;           // AttendAndAppend was misused; see Reserve
@@ -360,13 +378,13 @@ class CpuKvCache final : public KvIndex {
     auto seq = std::make_unique<Sequence>();
     seq->heads.resize(static_cast<size_t>(geo_.n_layers) * geo_.n_kv_heads);
     for (HeadState& h : seq->heads) {
-      if (ring_policy_) h.ring.assign(static_cast<size_t>(w_) + 1, -1);
+      if (ring_policy_) h.ring.assign(static_cast<size_t>(w_) + 1, RingEntry(-1, false));
       // Room for a typical prompt without regrowth; longer sequences grow amortised.
       h.pos.reserve(256);
-      h.flag.reserve(256);
       h.blocks.reserve(256 / geo_.block_tokens + 1);
       if (pol_.kind == KvPolicyKind::kH2o) h.score.reserve(pol_.budget_tokens);
     }
+    seq->next_need.resize(seq->heads.size());
     const SeqId id = next_id_++;
     seqs_.emplace(id, std::move(seq));
     return id;
@@ -375,7 +393,7 @@ class CpuKvCache final : public KvIndex {
   absl::StatusOr<SeqId> Fork(SeqId parent) override {
     auto it = seqs_.find(parent);
     if (it == seqs_.end()) return NoSuchSequence(parent);
-    const Sequence& p = *it->second;
+    Sequence& p = *it->second;
     if (p.broken) {
       return absl::FailedPreconditionError(
           absl::StrCat("cannot fork sequence ", parent, ": its cache is inconsistent"));
@@ -386,6 +404,9 @@ class CpuKvCache final : public KvIndex {
     for (const HeadState& h : seq->heads) {
       for (int32_t b : h.blocks) pool_->AddRef(b);  // blocks are shared
     }
+    // Shared blocks are copied before they are written: both needs change.
+    p.next_need.assign(p.heads.size(), NextTokenNeed{});
+    seq->next_need.assign(seq->heads.size(), NextTokenNeed{});
     const SeqId id = next_id_++;
     seqs_.emplace(id, std::move(seq));
     return id;
@@ -421,8 +442,12 @@ class CpuKvCache final : public KvIndex {
     int64_t need = 0;
     for (int32_t l = 0; l < geo_.n_layers; ++l) {
       for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
-        need += BlocksNeeded(s.heads[static_cast<size_t>(l) * geo_.n_kv_heads + j], l, j,
-                             s.length, n_new);
+        const size_t idx = static_cast<size_t>(l) * geo_.n_kv_heads + j;
+        if (n_new == 1 && s.next_need[idx].at == s.length) {
+          need += s.next_need[idx].blocks;
+        } else {
+          need += BlocksNeeded(s.heads[idx], l, j, s.length, n_new);
+        }
       }
     }
     const int64_t others = total_reserved_ - s.reserved;
@@ -507,7 +532,7 @@ class CpuKvCache final : public KvIndex {
           const int64_t R = static_cast<int64_t>(h.ring.size());
           for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
             const bool flagged = k == P - 1 ? Decision(layer, j, P, evict, 0) != 0
-                                            : h.flag[h.ring[k % R]] != 0;
+                                            : RingFlagged(h.ring[k % R]);
             if (flagged) reads -= hidden(k);
           }
           for (int32_t c = 0; c + 1 < n; ++c) {
@@ -536,6 +561,28 @@ class CpuKvCache final : public KvIndex {
     if (s.broken) return false;
     EndLayer(s, layer, P + n);
     return true;
+  }
+
+  void PrefetchCommit(SeqId id, int32_t layer) const override {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return;
+    const Sequence& s = *it->second;
+    const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
+    const int64_t P = s.length;
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      const HeadState& h = s.heads[base + j];
+      // The ring entries of the tokens flagged and leaving now, and the ends the appends grow.
+      if (!h.ring.empty()) {
+        const int64_t R = static_cast<int64_t>(h.ring.size());
+        __builtin_prefetch(h.ring.data() + (P + R - 1) % R, 1);
+        __builtin_prefetch(h.ring.data() + (P + R - w_ - 1) % R, 1);
+      }
+      if (h.n > 0) {
+        __builtin_prefetch(h.pos.data() + h.n - 1, 1);
+        __builtin_prefetch(h.blocks.data() + (h.n - 1) / geo_.block_tokens, 1);
+      }
+      __builtin_prefetch(&s.next_need[base + j], 1);
+    }
   }
 
   KvHeadView HeadView(SeqId id, int32_t layer, int32_t head) const override {
@@ -574,17 +621,23 @@ class CpuKvCache final : public KvIndex {
     const int32_t bt = geo_.block_tokens;
     // Flagged tokens before P - w - 1 have left; the ring holds the last w + 1.
     for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
-      const int32_t slot = h.ring[k % R];
-      const bool flagged = k == P - 1 ? boundary_bit != 0 : h.flag[slot] != 0;
+      const int32_t slot = RingSlot(h.ring[k % R]);
+      const bool flagged = k == P - 1 ? boundary_bit != 0 : RingFlagged(h.ring[k % R]);
       if (!flagged) continue;
       out->emplace_back(h.blocks[slot / bt] * bt + slot % bt, static_cast<int32_t>(k + w_));
     }
   }
 
  private:
-  // After the last layer the step is over: the sequence advances and gives back the part of its
+  // After each layer, while its heads are in cache: what each may take for the next token. After
+  // the last layer the step is over: the sequence advances and gives back the part of its
   // reservation it did not use.
   void EndLayer(Sequence& s, int32_t layer, int64_t new_length) {
+    const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      const int64_t blocks = BlocksNeeded(s.heads[base + j], layer, j, new_length, 1);
+      s.next_need[base + j] = NextTokenNeed{new_length, static_cast<int32_t>(blocks)};
+    }
     if (layer != geo_.n_layers - 1) return;
     s.length = new_length;
     total_reserved_ -= s.reserved;
@@ -671,8 +724,8 @@ class CpuKvCache final : public KvIndex {
       const int64_t old_end = std::min<int64_t>(end, P + w_ + 1);
       for (int64_t t = first_leaving; t < old_end; ++t) {
         const int64_t kk = t - w_ - 1;
-        const int32_t slot = h.ring[kk % R];
-        const int f = kk <= P - 2 ? h.flag[slot] : KnownFlag(layer, j, kk);
+        const int32_t slot = RingSlot(h.ring[kk % R]);
+        const int f = kk <= P - 2 ? RingFlagged(h.ring[kk % R]) : KnownFlag(layer, j, kk);
         if (f != 0) cow_scratch_.push_back(h.blocks[slot / bt]);  // recycled (maybe)
         if (f != 1) ++appends;                                    // appended (maybe)
       }
@@ -729,7 +782,6 @@ class CpuKvCache final : public KvIndex {
       h.blocks.push_back(b);
     }
     h.pos.push_back(0);
-    h.flag.push_back(0);
     if (pol_.kind == KvPolicyKind::kH2o) h.score.push_back(0.0f);
     return h.n++;
   }
@@ -770,20 +822,20 @@ class CpuKvCache final : public KvIndex {
       const int64_t R = static_cast<int64_t>(h.ring.size());
       if (t >= 1 && d) {
         // flag(t-1) = d[t] (set first so that w = 0 recycles t-1 at once).
-        uint8_t& f = h.flag[h.ring[(t - 1) % R]];
-        if (!f) {
-          f = 1;
+        int32_t& e = h.ring[(t - 1) % R];
+        if (!RingFlagged(e)) {
+          e = RingEntry(RingSlot(e), true);
           ++h.flagged;
         }
       }
       const int64_t leaving = t - w_ - 1;
       if (leaving >= 0) {
         const int32_t old = h.ring[leaving % R];
-        if (h.flag[old]) slot = old;
+        if (RingFlagged(old)) slot = RingSlot(old);
       }
       if (slot < 0) slot = AppendSlot(s, h);
       if (slot < 0) return false;
-      h.ring[t % R] = slot;
+      h.ring[t % R] = RingEntry(slot, false);
     } else if (h.victim >= 0) {
       slot = h.victim;
       h.victim = -1;
@@ -793,7 +845,6 @@ class CpuKvCache final : public KvIndex {
     }
     if (!WriteSlot(s, h, slot, krow, vrow, row, head, t)) return false;
     h.pos[slot] = static_cast<int32_t>(t);
-    h.flag[slot] = 0;
     if (pol_.kind == KvPolicyKind::kH2o) h.score[slot] = 0.0f;
     ++h.logical;
     return true;
@@ -1059,7 +1110,11 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
         int32_t m = 0;
         for (int32_t sl = 0; sl < n_old; ++sl) {
           const int64_t kpos = h.pos[sl];
-          const bool flagged = kpos == P - 1 ? first_bit != 0 : h.flag[sl] != 0;
+          // Only the ring's tokens can be flagged and still resident.
+          const bool flagged =
+              kpos == P - 1 ? first_bit != 0
+                            : ring_policy_ && kpos >= P - w_ - 1 &&
+                                  RingFlagged(h.ring[kpos % static_cast<int64_t>(h.ring.size())]);
           if (flagged && qpos - kpos > w_) continue;
           const int32_t b = h.blocks[sl / bt];
           sc.kp[m] = pool_->keys(b) + static_cast<int64_t>(sl % bt) * hd;

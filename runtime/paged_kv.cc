@@ -75,7 +75,13 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   copies_.clear();
   writes_.clear();
   Sink sink(geo.block_tokens, &copies_, &writes_);
-  for (const PagedChunk& c : chunks) {
+  constexpr size_t kPrefetchAhead = 8;
+  for (size_t ci = 0; ci < std::min(kPrefetchAhead, chunks.size()); ++ci) {
+    kv.PrefetchCommit(chunks[ci].seq, layer);
+  }
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const PagedChunk& c = chunks[ci];
+    if (ci + kPrefetchAhead < chunks.size()) kv.PrefetchCommit(chunks[ci + kPrefetchAhead].seq, layer);
     const uint8_t* chunk_bits = model_bits ? bits + static_cast<int64_t>(c.row0) * nkv : nullptr;
     if (!kv.CommitRows(c.seq, layer, c.n, c.row0, chunk_bits, sink)) {
       return absl::InternalError(absl::StrCat(
@@ -100,30 +106,33 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   }
   if (!writes_.empty()) ops.WriteSlots(writes_);
 
-  // 3. Decode rows attend over what is resident now.
+  // 3. Decode rows attend over what is resident now. At a large batch this is the largest
+  // thing a step builds on the host (batch x heads x blocks), so it is written once, in place.
   if (n_decode > 0) {
     int32_t max_blocks = 1, max_length = 0;
-    for (int32_t b = 0; b < n_decode; ++b) {
-      for (int32_t j = 0; j < nkv; ++j) {
-        const KvHeadView v = kv.HeadView(chunks[b].seq, layer, j);
-        max_blocks = std::max(max_blocks, v.n_blocks);
-        max_length = std::max(max_length, v.length);
-      }
-    }
-    table_.assign(static_cast<size_t>(n_decode) * nkv * max_blocks, 0);
-    lengths_.assign(static_cast<size_t>(n_decode) * nkv, 0);
+    views_.resize(static_cast<size_t>(n_decode) * nkv);
     for (int32_t b = 0; b < n_decode; ++b) {
       if (chunks[b].n != 1 || chunks[b].row0 != b) {
         return absl::InternalError("decode chunks must be one token each, at rows 0 .. n_decode-1");
       }
       for (int32_t j = 0; j < nkv; ++j) {
         const KvHeadView v = kv.HeadView(chunks[b].seq, layer, j);
-        std::copy(v.blocks, v.blocks + v.n_blocks,
-                  table_.begin() + (static_cast<int64_t>(b) * nkv + j) * max_blocks);
-        lengths_[static_cast<size_t>(b) * nkv + j] = v.length;
+        views_[static_cast<size_t>(b) * nkv + j] = v;
+        max_blocks = std::max(max_blocks, v.n_blocks);
+        max_length = std::max(max_length, v.length);
       }
     }
-    ops.DecodeAttention(n_decode, table_, max_blocks, lengths_, max_length);
+    const size_t n_tables = views_.size();
+    int32_t* tables = ops.DecodeIndexBuffer(n_tables * (static_cast<size_t>(max_blocks) + 1));
+    int32_t* lengths = tables + n_tables * max_blocks;
+    for (size_t i = 0; i < n_tables; ++i) {
+      const KvHeadView& v = views_[i];
+      int32_t* row = tables + i * max_blocks;
+      std::copy(v.blocks, v.blocks + v.n_blocks, row);
+      std::fill(row + v.n_blocks, row + max_blocks, 0);  // never read; kept defined
+      lengths[i] = v.length;
+    }
+    ops.DecodeAttention(n_decode, tables, max_blocks, lengths, max_length);
   }
   return absl::OkStatus();
 }

@@ -61,10 +61,21 @@ class PagedKvOps {
   // (src, dst) block pairs.
   virtual void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;
   virtual void WriteSlots(const std::vector<KvSlotWrite>& writes) = 0;
-  // Rows 0 .. batch-1, one token each: tables [batch, n_kv, maxb], lengths [batch, n_kv].
-  virtual void DecodeAttention(int32_t batch, const std::vector<int32_t>& tables,
-                               int32_t max_blocks, const std::vector<int32_t>& lengths,
-                               int32_t max_length) = 0;
+  // Host memory for `n` int32 of decode index (tables, then lengths), valid until the next
+  // DecodeAttention returns. Run writes the tables there once; a device implementation hands
+  // out its pinned staging memory so that they go up without another copy. The default is a
+  // vector of its own.
+  virtual int32_t* DecodeIndexBuffer(size_t n) {
+    decode_index_.resize(n);
+    return decode_index_.data();
+  }
+  // Rows 0 .. batch-1, one token each: tables [batch, n_kv, maxb], lengths [batch, n_kv], both
+  // inside the last DecodeIndexBuffer.
+  virtual void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                               const int32_t* lengths, int32_t max_length) = 0;
+
+ private:
+  std::vector<int32_t> decode_index_;
 };
 
 class PagedKvLayer {
@@ -82,6 +93,7 @@ class PagedKvLayer {
   std::vector<KvSlotWrite> writes_;
   absl::flat_hash_set<int32_t> slot_seen_;
   std::vector<int32_t> table_, lengths_, last_vis_new_;
+  std::vector<KvHeadView> views_;
 };
 
 }  // namespace dmsrt

@@ -114,16 +114,26 @@ class StagingArena {
     DMSRT_CUDA_OK(cudaMalloc(&dev_, cap_));
     return absl::OkStatus();
   }
-  // Call Reserve for the total first.
-  void* Stage(const void* data, size_t bytes, cudaStream_t stream, cudaError_t* err) {
+  // Pinned host memory for `bytes`, to be filled and then sent with Send. Call Reserve first.
+  void* Claim(size_t bytes) {
     used_ = (used_ + 15) / 16 * 16;
     char* h = static_cast<char*>(host_) + used_;
-    char* d = static_cast<char*>(dev_) + used_;
-    std::memcpy(h, data, bytes);
-    const cudaError_t e = cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess && *err == cudaSuccess) *err = e;
     used_ += bytes;
+    return h;
+  }
+  // Copies [host, host + bytes) of claimed memory up (asynchronously); where it lands.
+  void* Send(const void* host, size_t bytes, cudaStream_t stream, cudaError_t* err) {
+    const size_t off = static_cast<size_t>(static_cast<const char*>(host) - static_cast<char*>(host_));
+    char* d = static_cast<char*>(dev_) + off;
+    const cudaError_t e = cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess && *err == cudaSuccess) *err = e;
     return d;
+  }
+  // Claim, copy in, Send. Call Reserve for the total first.
+  void* Stage(const void* data, size_t bytes, cudaStream_t stream, cudaError_t* err) {
+    void* h = Claim(bytes);
+    std::memcpy(h, data, bytes);
+    return Send(h, bytes, stream, err);
   }
 
  private:
@@ -176,8 +186,10 @@ class DeviceKvOps final : public PagedKvOps {
                         const std::vector<int32_t>& last_vis_new) override;
   void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
   void WriteSlots(const std::vector<KvSlotWrite>& writes) override;
-  void DecodeAttention(int32_t batch, const std::vector<int32_t>& tables, int32_t max_blocks,
-                       const std::vector<int32_t>& lengths, int32_t max_length) override;
+  // In the pinned staging arena (empty on failure, which status() then reports).
+  int32_t* DecodeIndexBuffer(size_t n) override;
+  void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                       const int32_t* lengths, int32_t max_length) override;
   absl::Status status() const { return status_; }
   void ClearStatus() { status_ = absl::OkStatus(); }
 
@@ -198,6 +210,9 @@ class DeviceKvOps final : public PagedKvOps {
   }
   CudaBackend* b_;
   absl::Status status_;
+  int32_t* decode_index_ = nullptr;  // the last DecodeIndexBuffer
+  size_t decode_index_n_ = 0;
+  std::vector<int32_t> fallback_;  // handed out once staging has failed
 };
 
 class CudaBackend final : public Backend {
@@ -347,9 +362,20 @@ void DeviceKvOps::WriteSlots(const std::vector<KvSlotWrite>& writes) {
        "KvWriteSlots");
 }
 
-void DeviceKvOps::DecodeAttention(int32_t batch, const std::vector<int32_t>& tables,
-                                  int32_t max_blocks, const std::vector<int32_t>& lengths,
-                                  int32_t max_length) {
+int32_t* DeviceKvOps::DecodeIndexBuffer(size_t n) {
+  Note(b_->stage_.Reserve(n * sizeof(int32_t)));
+  if (!status_.ok()) {
+    fallback_.resize(n);
+    decode_index_ = nullptr;
+    return fallback_.data();
+  }
+  decode_index_ = static_cast<int32_t*>(b_->stage_.Claim(n * sizeof(int32_t)));
+  decode_index_n_ = n;
+  return decode_index_;
+}
+
+void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                                  const int32_t* lengths, int32_t max_length) {
   DecodeAttentionParams p;
   p.batch = batch;
   p.n_heads = b_->nh_;
@@ -361,9 +387,20 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const std::vector<int32_t>& tab
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
   Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->stream_));
-  std::array<const int32_t*, 2> d;
-  if (!Stage("staging decode block tables", &d, tables, lengths)) return;
-  const auto [dt, dl] = d;
+  int32_t* const index = decode_index_;
+  decode_index_ = nullptr;  // one use
+  if (!status_.ok()) return;
+  if (index == nullptr || tables != index ||
+      lengths + static_cast<size_t>(batch) * b_->nkv_ > index + decode_index_n_) {
+    Note(absl::InternalError("decode tables must be in the last DecodeIndexBuffer"));
+    return;
+  }
+  cudaError_t e = cudaSuccess;
+  const auto* dt = static_cast<const int32_t*>(
+      b_->stage_.Send(index, decode_index_n_ * sizeof(int32_t), b_->stream_, &e));
+  Note(e, "staging decode block tables");
+  if (!status_.ok()) return;
+  const int32_t* dl = dt + (lengths - tables);
   Note(::dmsrt::DecodeAttention(p, b_->q_.get(), b_->k_pool_, b_->v_pool_, dt, dl,
                                 b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
                                 b_->num_sms_, b_->stream_),

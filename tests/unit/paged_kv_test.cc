@@ -88,13 +88,12 @@ class HostOps final : public PagedKvOps {
       pos_[w.slot] = w.pos;
     }
   }
-  void DecodeAttention(int32_t batch, const std::vector<int32_t>& tables, int32_t max_blocks,
-                       const std::vector<int32_t>& lengths, int32_t max_length) override {
+  void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                       const int32_t* lengths, int32_t max_length) override {
     ++decode_calls;
-    for (int32_t x : lengths) EXPECT_LE(x, max_length);
+    for (int32_t i = 0; i < batch * g_.n_kv_heads; ++i) EXPECT_LE(lengths[i], max_length);
     kernels::DecodeAttentionRef(batch, g_.n_heads, g_.n_kv_heads, g_.head_dim, g_.block_tokens,
-                                max_blocks, Scale(), q, k_.data(), v_.data(), tables.data(),
-                                lengths.data(), out);
+                                max_blocks, Scale(), q, k_.data(), v_.data(), tables, lengths, out);
   }
 
  private:
