@@ -142,12 +142,13 @@ __global__ void RopeDmsKernel(RopeDmsParams p, const int32_t* __restrict__ posit
 }
 
 __global__ void ThresholdKernel(int32_t n_tokens, int32_t n_kv, const float* __restrict__ logits,
-                                int32_t ld, float scale, float offset, bool per_layer,
-                                uint8_t* __restrict__ bits) {
+                                int32_t ld, const float* __restrict__ bias, float scale,
+                                float offset, bool per_layer, uint8_t* __restrict__ bits) {
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n_tokens * n_kv) return;
   const int t = idx / n_kv, j = idx % n_kv;
-  const float x = logits[static_cast<size_t>(t) * ld + (per_layer ? 0 : j)];
+  const int c = per_layer ? 0 : j;
+  const float x = logits[static_cast<size_t>(t) * ld + c] + (bias != nullptr ? bias[c] : 0.f);
   bits[idx] = x * scale - offset > 0.f ? 1 : 0;
 }
 
@@ -201,13 +202,13 @@ cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, __
 }
 
 cudaError_t DmsThreshold(int32_t n_tokens, int32_t n_kv_heads, const float* logits, int32_t ld,
-                         float alpha_scale, float alpha_offset, bool alpha_per_layer,
-                         uint8_t* bits, cudaStream_t stream) {
+                         const float* bias, float alpha_scale, float alpha_offset,
+                         bool alpha_per_layer, uint8_t* bits, cudaStream_t stream) {
   if (n_tokens <= 0 || n_kv_heads <= 0 || ld < (alpha_per_layer ? 1 : n_kv_heads)) {
     return cudaErrorInvalidValue;
   }
   const int total = n_tokens * n_kv_heads;
-  ThresholdKernel<<<(total + 255) / 256, 256, 0, stream>>>(n_tokens, n_kv_heads, logits, ld,
+  ThresholdKernel<<<(total + 255) / 256, 256, 0, stream>>>(n_tokens, n_kv_heads, logits, ld, bias,
                                                            alpha_scale, alpha_offset,
                                                            alpha_per_layer, bits);
   DMSRT_LAUNCH_CHECK(stream);

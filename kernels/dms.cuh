@@ -87,8 +87,9 @@ struct RopeDmsParams {
 cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, __nv_bfloat16* q,
                             __nv_bfloat16* k, uint8_t* bits, cudaStream_t stream);
 
+// `bias` (nullable) [ld] fp32 is added to each row of logits first (an adapter with a bias).
 cudaError_t DmsThreshold(int32_t n_tokens, int32_t n_kv_heads, const float* logits, int32_t ld,
-                         float alpha_scale, float alpha_offset, bool alpha_per_layer,
-                         uint8_t* bits, cudaStream_t stream);
+                         const float* bias, float alpha_scale, float alpha_offset,
+                         bool alpha_per_layer, uint8_t* bits, cudaStream_t stream);
 
 }  // namespace dmsrt

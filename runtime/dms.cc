@@ -79,6 +79,8 @@ inline uint8_t Threshold(const DmsConfig& cfg, float logit) {
 
 }  // namespace
 
+float AdapterWeightAt(const WeightTensor& w, int64_t i) { return WeightAt(w, i); }
+
 void DmsDecideVariantA(const DmsConfig& cfg, int32_t n, int32_t n_heads, int32_t n_kv,
                        int32_t head_dim, float* q, uint8_t* bits) {
   const int32_t g = n_heads / n_kv;

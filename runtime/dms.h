@@ -22,6 +22,10 @@ void DmsDecideVariantA(const DmsConfig& cfg, int32_t n, int32_t n_heads, int32_t
 // Variant A, step 4: after RoPE, zero channel hd-1 of query heads j*g again.
 void DmsZeroAfterRope(int32_t n, int32_t n_heads, int32_t n_kv, int32_t head_dim, float* q);
 
+// Element i of a float adapter tensor (F32, F16 or BF16; 0 for other types, which the model
+// loader refuses for adapters).
+float AdapterWeightAt(const WeightTensor& w, int64_t i);
+
 // Variant B: `x` [n, hidden] is the layer's input residual stream (before input_layernorm).
 // logits = dms_alpha(RMSNorm(x; dms_alpha_norm)) (+ bias), rows kv_head_offset ..
 // kv_head_offset+n_kv-1 of dms_alpha; bits as in Variant A.

@@ -108,11 +108,12 @@ void RopeDmsVariantARef(int32_t n, int32_t n_heads, int32_t n_kv_heads, int32_t 
 }
 
 void DmsThresholdRef(int32_t n, int32_t n_kv_heads, const float* logits, int32_t ld,
-                     float alpha_scale, float alpha_offset, bool alpha_per_layer,
-                     uint8_t* bits) {
+                     const float* bias, float alpha_scale, float alpha_offset,
+                     bool alpha_per_layer, uint8_t* bits) {
   for (int32_t t = 0; t < n; ++t) {
     for (int32_t j = 0; j < n_kv_heads; ++j) {
-      const float x = logits[static_cast<size_t>(t) * ld + (alpha_per_layer ? 0 : j)];
+      const int32_t c = alpha_per_layer ? 0 : j;
+      const float x = logits[static_cast<size_t>(t) * ld + c] + (bias != nullptr ? bias[c] : 0.f);
       bits[t * n_kv_heads + j] = x * alpha_scale - alpha_offset > 0.f ? 1 : 0;
     }
   }

@@ -24,9 +24,10 @@ void RopeDmsVariantARef(int32_t n, int32_t n_heads, int32_t n_kv_heads, int32_t 
                         bool alpha_per_layer, const int32_t* positions, float* q, float* k,
                         uint8_t* bits);
 
+// Variant B bits from adapter logits [n, ld] (+ `bias` [ld] when not null).
 void DmsThresholdRef(int32_t n, int32_t n_kv_heads, const float* logits, int32_t ld,
-                     float alpha_scale, float alpha_offset, bool alpha_per_layer,
-                     uint8_t* bits);
+                     const float* bias, float alpha_scale, float alpha_offset,
+                     bool alpha_per_layer, uint8_t* bits);
 
 }  // namespace kernels
 }  // namespace dmsrt

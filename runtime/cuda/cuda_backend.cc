@@ -49,6 +49,7 @@
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
 #include "runtime/backend.h"
+#include "runtime/dms.h"
 #include "runtime/paged_kv.h"
 #include "runtime/synthetic_model.h"
 
@@ -166,6 +167,7 @@ struct DeviceLayer {
   bf16 *q_norm = nullptr, *k_norm = nullptr, *ffn_norm = nullptr;
   bf16 *gate_up = nullptr, *down = nullptr;
   bf16 *alpha_norm = nullptr, *alpha = nullptr;  // DMS Variant B adapter
+  float* alpha_bias = nullptr;                    // [alpha_rows] fp32, or null
   int32_t alpha_rows = 0;
 };
 
@@ -598,11 +600,20 @@ absl::Status CudaBackend::Init() {
             "DMS Variant B (separate alpha) needs the dms_proj_alpha adapter; layer ", l,
             " has none (attach it with --dms-adapter)"));
       }
-      if (L->dms_alpha_bias.present()) {
-        return absl::UnimplementedError(
-            "DMS Variant B adapters with a bias run on --backend cpu only");
-      }
       D.alpha_rows = static_cast<int32_t>(L->dms_alpha.rows);
+      if (L->dms_alpha_bias.present()) {
+        // Small: converted on the host, kept in fp32 like the logits it is added to.
+        if (L->dms_alpha_bias.rows * L->dms_alpha_bias.cols != D.alpha_rows) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "dms_alpha bias of layer ", l, " has ", L->dms_alpha_bias.rows * L->dms_alpha_bias.cols,
+              " values for ", D.alpha_rows, " adapter rows"));
+        }
+        std::vector<float> bias(D.alpha_rows);
+        for (int32_t i = 0; i < D.alpha_rows; ++i) bias[i] = AdapterWeightAt(L->dms_alpha_bias, i);
+        DMSRT_ASSIGN_OR_RETURN(bf16* raw, Alloc(2ll * D.alpha_rows));  // fp32 = two bf16
+        D.alpha_bias = reinterpret_cast<float*>(raw);
+        DMSRT_CUDA_OK(cudaMemcpy(D.alpha_bias, bias.data(), Bytes(bias), cudaMemcpyHostToDevice));
+      }
       DMSRT_ASSIGN_OR_RETURN(D.alpha, Upload(L->dms_alpha, "dms_alpha", D.alpha_rows, H_));
       D.alpha_norm = L->dms_alpha_norm.present() ? nullptr : ones_;
       if (L->dms_alpha_norm.present()) {
@@ -775,7 +786,7 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
       DMSRT_CUDA_OK(RmsNorm(x_.get(), L.alpha_norm, rows, H_, eps, xn_.get(), stream_));
       DMSRT_RETURN_IF_ERROR(Gemm(T, L.alpha_rows, H_, xn_.get(), L.alpha, alpha_logits_.get(),
                                  GemmOut::kF32, L.alpha_rows));
-      DMSRT_CUDA_OK(DmsThreshold(rows, nkv_, alpha_logits_.get(), L.alpha_rows,
+      DMSRT_CUDA_OK(DmsThreshold(rows, nkv_, alpha_logits_.get(), L.alpha_rows, L.alpha_bias,
                                  cfg_.dms.alpha_scale, cfg_.dms.initial_alpha_offset,
                                  cfg_.dms.alpha_per_layer, bits_.get(), stream_));
     }

@@ -23,6 +23,28 @@ if(DMSRT_HAVE_CUDA)
                         ${PROJECT_BINARY_DIR}/tests)
   add_test(NAME cuda_backend_emulated_test COMMAND cuda_backend_emulated_test)
   set_tests_properties(cuda_backend_emulated_test PROPERTIES LABELS unit TIMEOUT 900)
+
+  # Tiny model files for the file-model cases of the same test (and of the GPU test): Qwen2
+  # Q/K/V biases with a biased Variant B adapter, and Qwen3 with an unbiased one. head_dim 64,
+  # the smallest the CUDA attention kernels take.
+  find_package(Python3 COMPONENTS Interpreter)
+  if(Python3_Interpreter_FOUND)
+    set(cuda_models ${PROJECT_BINARY_DIR}/tests/cuda_models)
+    set(cuda_model_args --format hf --layers 2 --hidden 128 --ffn 192 --heads 4 --kv-heads 2
+        --head-dim 64 --dms-window 4 --dms-variant B)
+    add_test(NAME cuda_make_models_qwen2
+             COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/fixtures/make_tiny_model.py
+                     --out ${cuda_models}/qwen2_bias_dmsB --arch qwen2 --seed 5 ${cuda_model_args})
+    add_test(NAME cuda_make_models_qwen3
+             COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/fixtures/make_tiny_model.py
+                     --out ${cuda_models}/qwen3_dmsB --arch qwen3 --seed 6 ${cuda_model_args})
+    set_tests_properties(cuda_make_models_qwen2 cuda_make_models_qwen3 PROPERTIES
+                         LABELS "unit;gpu" TIMEOUT 60 FIXTURES_SETUP cuda_models)
+    foreach(t cuda_backend_emulated_test cuda_backend_test)
+      set_tests_properties(${t} PROPERTIES FIXTURES_REQUIRED cuda_models
+                           ENVIRONMENT DMSRT_CUDA_TEST_MODELS=${cuda_models})
+    endforeach()
+  endif()
 endif()
 
 # The dmsrt binary on the emulated device: bench-decode's and generate's CUDA paths end to end
@@ -54,4 +76,15 @@ if(DMSRT_HAVE_CUDA)
   set_tests_properties(cuda_emulated_generate PROPERTIES LABELS unit TIMEOUT 300
                        PASS_REGULAR_EXPRESSION "\\[cuda\\] prompt 37 tokens, generated [1-6] tokens"
                        FAIL_REGULAR_EXPRESSION "${emu_fail}")
+  # Host-only mode at full size: a Qwen3-8B-shaped model on an emulated 80 GB device, the host
+  # time of a decode step next to the device floor (tests/bench/host_step_bench.py).
+  find_package(Python3 COMPONENTS Interpreter)
+  if(Python3_Interpreter_FOUND)
+    add_test(NAME cuda_emulated_host_step
+             COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/bench/host_step_bench.py
+                     --binary $<TARGET_FILE:dmsrt_cuda_emulated> --batch 8 --context 4096 --steps 2)
+    set_tests_properties(cuda_emulated_host_step PROPERTIES LABELS unit TIMEOUT 300
+                         PASS_REGULAR_EXPRESSION "forced +8 +4096 +[0-9.]+ +[0-9.]+ +[0-9.]+"
+                         FAIL_REGULAR_EXPRESSION "${emu_fail}|failed|did not run")
+  endif()
 endif()

@@ -544,8 +544,8 @@ cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, bf
 }
 
 cudaError_t DmsThreshold(int32_t n_tokens, int32_t n_kv_heads, const float* logits, int32_t ld,
-                         float alpha_scale, float alpha_offset, bool alpha_per_layer,
-                         uint8_t* bits, cudaStream_t stream) {
+                         const float* bias, float alpha_scale, float alpha_offset,
+                         bool alpha_per_layer, uint8_t* bits, cudaStream_t stream) {
   static const char* kName = "DmsThreshold";
   if (const cudaError_t e = Begin(stream)) return e;
   if (n_tokens <= 0 || n_kv_heads <= 0 || ld < (alpha_per_layer ? 1 : n_kv_heads)) {
@@ -553,8 +553,9 @@ cudaError_t DmsThreshold(int32_t n_tokens, int32_t n_kv_heads, const float* logi
   }
   EMU_CHECK(logits, Strided(n_tokens, alpha_per_layer ? 1 : n_kv_heads, ld, sizeof(float)), "logits");
   EMU_CHECK(bits, static_cast<size_t>(n_tokens) * n_kv_heads, "bits");
+  if (bias != nullptr) EMU_CHECK(bias, (alpha_per_layer ? 1 : n_kv_heads) * sizeof(float), "bias");
   emu::Enqueue(stream, [=] {
-    kernels::DmsThresholdRef(n_tokens, n_kv_heads, logits, ld, alpha_scale, alpha_offset,
+    kernels::DmsThresholdRef(n_tokens, n_kv_heads, logits, ld, bias, alpha_scale, alpha_offset,
                              alpha_per_layer, bits);
   });
   return cudaSuccess;

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <vector>
@@ -293,6 +294,79 @@ TEST(CudaBackendDefaultModel, LogitsAndGreedyTokensMatchCpu) {
   }
   std::printf("[ default model ] greedy tokens identical for %d steps\n", same);
 }
+
+// Tiny model files (tests/fixtures/make_tiny_model.py, made by a test fixture into the directory
+// DMSRT_CUDA_TEST_MODELS names): Qwen2-style Q/K/V biases, and DMS Variant B adapters with and
+// without a bias, under policy dms. Logits against the CPU backend as above; the decisions come
+// from bf16 activations on the device, so they are compared as in DmsDecisionsMatchCpu.
+class CudaBackendFileModelTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override { DMSRT_REQUIRE_GPU(); }
+};
+
+TEST_P(CudaBackendFileModelTest, LogitsAndDecisionsMatchCpu) {
+  const char* dir = std::getenv("DMSRT_CUDA_TEST_MODELS");
+  if (dir == nullptr) GTEST_SKIP() << "DMSRT_CUDA_TEST_MODELS is not set";
+  const std::string path = std::string(dir) + "/" + GetParam();
+  auto model = LoadModel(path);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = (*model)->config;
+  ASSERT_TRUE(c.dms.enabled && c.dms.separate_alpha) << "expected a DMS Variant B model";
+  BackendOptions o;
+  o.threads = 2;
+  o.kv_block_tokens = 16;
+  o.kv_budget_bytes = 32ll << 20;
+  o.kv_policy.kind = KvPolicyKind::kDms;
+  auto cpu = MakeCpuBackend(**model, o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = MakeCudaBackend(**model, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const int32_t V = c.vocab;
+  const std::vector<int32_t> prompt = Prompt(48, V);
+  const SeqId sc = *(*cpu)->kv().Create(), sg = *(*gpu)->kv().Create();
+  std::vector<float> lc, lg;
+  ForwardResult rc = Step(**cpu, {Chunk(sc, prompt, SeqChunk::Logits::kAll)});
+  ForwardResult rg = Step(**gpu, {Chunk(sg, prompt, SeqChunk::Logits::kAll)});
+  lc = rc.logits;
+  lg = rg.logits;
+  for (int i = 0; i < 12; ++i) {
+    const int32_t t = (i * 37 + 3) % V;  // the same tokens on both: decisions stay comparable
+    ForwardResult c1 = Step(**cpu, {Chunk(sc, {t}, SeqChunk::Logits::kLast)});
+    ForwardResult g1 = Step(**gpu, {Chunk(sg, {t}, SeqChunk::Logits::kLast)});
+    lc.insert(lc.end(), c1.logits.begin(), c1.logits.end());
+    lg.insert(lg.end(), g1.logits.begin(), g1.logits.end());
+  }
+  ASSERT_EQ(lc.size(), lg.size());
+  const double rel = gpu_test::RelError(lg, lc);
+  int decisive = 0, agree = 0;
+  for (size_t r = 0; r < lc.size() / V; ++r) {
+    if (Margin(lc.data() + r * V, V) < 0.5) continue;
+    ++decisive;
+    agree += Argmax(lc.data() + r * V, V) == Argmax(lg.data() + r * V, V);
+  }
+  const KvFigures fc = (*cpu)->kv().Figures(), fg = (*gpu)->kv().Figures();
+  const KvGeometry& geo = (*cpu)->kv().geometry();
+  int same = 0, heads = 0;
+  for (int32_t l = 0; l < geo.n_layers; ++l) {
+    for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
+      ++heads;
+      same += (*cpu)->kv().ResidentPositions(sc, l, j) == (*gpu)->kv().ResidentPositions(sg, l, j);
+    }
+  }
+  std::printf("[ %s ] logits rel err %.4f, top-1 %d/%d at decisive positions; flagged %lld (cpu) "
+              "vs %lld (cuda) of %lld; resident sets identical in %d/%d heads\n",
+              GetParam(), rel, agree, decisive, static_cast<long long>(fc.flagged_tokens),
+              static_cast<long long>(fg.flagged_tokens), static_cast<long long>(fc.logical_tokens),
+              same, heads);
+  EXPECT_LT(rel, 0.03);
+  EXPECT_EQ(agree, decisive);
+  EXPECT_GT(fc.flagged_tokens, 0) << "the decisions are not exercised";
+  EXPECT_LE(std::llabs(fc.flagged_tokens - fg.flagged_tokens), fc.logical_tokens / 100 + 1);
+  EXPECT_GE(same, heads - 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Files, CudaBackendFileModelTest,
+                         ::testing::Values("qwen2_bias_dmsB", "qwen3_dmsB"));
 
 INSTANTIATE_TEST_SUITE_P(Tiny, CudaBackendTest, ::testing::Values("tiny-qwen3", "tiny-llama"),
                          [](const auto& i) {

@@ -217,16 +217,21 @@ TEST(DmsThreshold, VariantBBitsMatchReference) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.05f, 0.1f);
   for (bool per_layer : {false, true}) {
-    const int n = 111, kv = 8, ld = 19;
-    std::vector<float> logits(static_cast<size_t>(n) * ld);
-    for (auto& x : logits) x = nd(rng);
-    DeviceBuffer<float> dl(logits);
-    DeviceBuffer<uint8_t> db(static_cast<size_t>(n) * kv);
-    db.Poison(gpu_test::kPoisonInt);
-    ASSERT_CUDA_OK(DmsThreshold(n, kv, dl.get(), ld, 100.f, 5.f, per_layer, db.get(), nullptr));
-    std::vector<uint8_t> want(static_cast<size_t>(n) * kv);
-    kernels::DmsThresholdRef(n, kv, logits.data(), ld, 100.f, 5.f, per_layer, want.data());
-    EXPECT_EQ(db.Download(), want) << "per_layer=" << per_layer;
+    for (bool with_bias : {false, true}) {
+      const int n = 111, kv = 8, ld = 19;
+      std::vector<float> logits(static_cast<size_t>(n) * ld), bias(ld);
+      for (auto& x : logits) x = nd(rng);
+      for (auto& x : bias) x = 0.5f * nd(rng);
+      DeviceBuffer<float> dl(logits), dbias(bias);
+      DeviceBuffer<uint8_t> db(static_cast<size_t>(n) * kv);
+      db.Poison(gpu_test::kPoisonInt);
+      const float* b = with_bias ? dbias.get() : nullptr;
+      ASSERT_CUDA_OK(DmsThreshold(n, kv, dl.get(), ld, b, 100.f, 5.f, per_layer, db.get(), nullptr));
+      std::vector<uint8_t> want(static_cast<size_t>(n) * kv);
+      kernels::DmsThresholdRef(n, kv, logits.data(), ld, with_bias ? bias.data() : nullptr, 100.f,
+                               5.f, per_layer, want.data());
+      EXPECT_EQ(db.Download(), want) << "per_layer=" << per_layer << " bias=" << with_bias;
+    }
   }
 }
 

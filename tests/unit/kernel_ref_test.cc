@@ -181,10 +181,15 @@ TEST(RopeDmsVariantARef, DecisionZeroingAndRotation) {
 TEST(DmsThresholdRef, PerHeadAndPerLayer) {
   const std::vector<float> logits = {0.06f, 0.01f, 0.2f, 0.f, 0.07f, 0.f};  // [2, ld 3]
   std::vector<uint8_t> bits(4);
-  DmsThresholdRef(2, 2, logits.data(), 3, 100.f, 5.f, false, bits.data());
+  DmsThresholdRef(2, 2, logits.data(), 3, nullptr, 100.f, 5.f, false, bits.data());
   EXPECT_EQ(bits, (std::vector<uint8_t>{1, 0, 0, 1}));
-  DmsThresholdRef(2, 2, logits.data(), 3, 100.f, 5.f, true, bits.data());
+  DmsThresholdRef(2, 2, logits.data(), 3, nullptr, 100.f, 5.f, true, bits.data());
   EXPECT_EQ(bits, (std::vector<uint8_t>{1, 1, 0, 0}));
+  // A bias moves each column's logits: +0.05 lifts column 1 of both rows over the threshold,
+  // -0.03 drops 0.06 and 0.07 of column 0 under it.
+  const std::vector<float> bias = {-0.03f, 0.05f, 0.f};
+  DmsThresholdRef(2, 2, logits.data(), 3, bias.data(), 100.f, 5.f, false, bits.data());
+  EXPECT_EQ(bits, (std::vector<uint8_t>{0, 1, 0, 1}));
 }
 
 TEST(RmsNormRef, KnownValues) {

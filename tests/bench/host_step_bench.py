@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Host time of a CUDA decode step at full model size, on any machine.
+
+Runs `dmsrt bench-decode --backend cuda` linked against the device emulator in host-only mode
+(tests/cuda_emulator/emulator.h): device memory is untouched address space and device work is
+counted and dropped, so what the step costs is the host's part alone (the KV index's
+bookkeeping, building and staging the decode tables, enqueueing). A device cannot hide that
+part: under policies none and forced it bounds the step from below (the host enqueues while the
+device runs), under policy dms it adds to it (the host waits for each layer's decision bits).
+
+Prints per (policy, batch, context) the host ms/step next to the device floor for the same
+step: (weights + resident K/V) / bandwidth, with the bandwidth given (default: the copy
+bandwidth measured on an H100 80GB HBM3, docs/perf.md). With --compare, a second binary runs
+the same cells in the same process order, and the table gives the ratio.
+
+  python3 tests/bench/host_step_bench.py [--binary build/tests/dmsrt_cuda_emulated]
+      [--compare OTHER_BINARY] [--batch 1,32,256] [--context 4096,32768] [--steps 16]
+      [--policies none,forced] [--device-mib 81559] [--bandwidth-gbs 3026] [--json]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HEAD_DIM = 128  # qwen3-8b
+
+
+def run(binary, policy, args):
+    env = dict(os.environ, DMSRT_CUDA_EMULATOR_HOST_ONLY="1",
+               DMSRT_CUDA_EMULATOR_MIB=str(args.device_mib))
+    cmd = [binary, "bench-decode", "--backend", "cuda", "--synthetic", "qwen3-8b",
+           "--batch", args.batch, "--context", args.context, "--steps", str(args.steps),
+           "--kv-policy", policy, "--dms-force-rate", "0.875", "--dms-window", "16", "--json"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    if "cuda emulator (host only)" not in p.stderr:
+        sys.exit(f"{binary} did not run on the emulator in host-only mode:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--binary", default="build/tests/dmsrt_cuda_emulated")
+    ap.add_argument("--compare", help="a second emulated binary (e.g. an older build)")
+    ap.add_argument("--batch", default="1,32,256")
+    ap.add_argument("--context", default="4096,32768")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--policies", default="none,forced")
+    ap.add_argument("--device-mib", type=int, default=81559)  # an H100 80GB
+    ap.add_argument("--bandwidth-gbs", type=float, default=3026.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    rows = []
+    for policy in args.policies.split(","):
+        ours = run(args.binary, policy, args)
+        peer = run(args.compare, policy, args) if args.compare else None
+        for i, cell in enumerate(ours["cells"]):
+            row = {"policy": policy, "batch": cell["batch"], "context": cell["context"],
+                   "fits": cell["fits"]}
+            if cell["fits"]:
+                kv_read = cell["kv_bytes_held"] * (4 * HEAD_DIM) / (4 * HEAD_DIM + 8)
+                floor_ms = 1e3 * (ours["weight_bytes"] + kv_read) / (args.bandwidth_gbs * 1e9)
+                row.update(host_ms=cell["ms_per_step"], floor_ms=floor_ms,
+                           kv_gib=cell["kv_bytes_held"] / 2**30)
+                if peer is not None and peer["cells"][i]["fits"]:
+                    row["compare_ms"] = peer["cells"][i]["ms_per_step"]
+            rows.append(row)
+
+    if args.json:
+        print(json.dumps({"bandwidth_gbs": args.bandwidth_gbs, "steps": args.steps, "rows": rows}))
+        return
+    print(f"host time per decode step, qwen3-8b shapes, emulated {args.device_mib} MiB device; "
+          f"device floor at {args.bandwidth_gbs:.0f} GB/s")
+    head = f"{'policy':>7} {'batch':>6} {'context':>8} {'KV GiB':>8} {'host ms':>9} {'floor ms':>9} {'host/floor':>10}"
+    if args.compare:
+        head += f" {'compare ms':>11} {'speed-up':>9}"
+    print(head)
+    for r in rows:
+        if not r["fits"]:
+            print(f"{r['policy']:>7} {r['batch']:>6} {r['context']:>8} {'does not fit':>30}")
+            continue
+        line = (f"{r['policy']:>7} {r['batch']:>6} {r['context']:>8} {r['kv_gib']:>8.2f} "
+                f"{r['host_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['host_ms'] / r['floor_ms']:>10.2f}")
+        if "compare_ms" in r:
+            line += f" {r['compare_ms']:>11.2f} {r['compare_ms'] / r['host_ms']:>8.2f}x"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
