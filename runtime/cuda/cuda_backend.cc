@@ -18,7 +18,8 @@
 // its results are copied back.
 //
 // Index arrays (block tables, lengths, slot writes) go up through a pinned staging arena that
-// is reset at each step; the device arena mirrors it offset for offset. Weights are one device
+// is reset at each step; the device arena mirrors it offset for offset. Decode tables, the
+// largest, are written by PagedKvLayer straight into the arena (DecodeIndexBuffer). Weights are one device
 // buffer per tensor; gate and up share one [2F, H] buffer.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
