@@ -49,9 +49,13 @@ float BF16ToFloat(uint16_t h) {
   return out;
 }
 
-// Element i of a plain-float weight tensor (F32, F16 or BF16); 0 for other types (refused by the
-// model loader, which only accepts float adapter tensors).
-float WeightAt(const WeightTensor& w, int64_t i) {
+inline uint8_t Threshold(const DmsConfig& cfg, float logit) {
+  return logit * cfg.alpha_scale - cfg.initial_alpha_offset > 0.0f ? 1 : 0;
+}
+
+}  // namespace
+
+float AdapterWeightAt(const WeightTensor& w, int64_t i) {
   switch (w.type) {
     case DType::kF32: {
       float f;
@@ -73,13 +77,6 @@ float WeightAt(const WeightTensor& w, int64_t i) {
   }
 }
 
-inline uint8_t Threshold(const DmsConfig& cfg, float logit) {
-  return logit * cfg.alpha_scale - cfg.initial_alpha_offset > 0.0f ? 1 : 0;
-}
-
-}  // namespace
-
-float AdapterWeightAt(const WeightTensor& w, int64_t i) { return WeightAt(w, i); }
 
 void DmsDecideVariantA(const DmsConfig& cfg, int32_t n, int32_t n_heads, int32_t n_kv,
                        int32_t head_dim, float* q, uint8_t* bits) {
@@ -130,10 +127,11 @@ void DmsDecideVariantB(const DmsConfig& cfg, const LayerWeights& lw, float rms_e
       float acc = 0.0f;
       const int64_t base = row * hidden;
       for (int32_t c = 0; c < hidden; ++c) {
-        const float y = xt[c] * inv_rms * (has_norm ? WeightAt(lw.dms_alpha_norm, c) : 1.0f);
-        acc += WeightAt(lw.dms_alpha, base + c) * y;
+        const float norm_w = has_norm ? AdapterWeightAt(lw.dms_alpha_norm, c) : 1.0f;
+        const float y = xt[c] * inv_rms * norm_w;
+        acc += AdapterWeightAt(lw.dms_alpha, base + c) * y;
       }
-      if (has_bias) acc += WeightAt(lw.dms_alpha_bias, row);
+      if (has_bias) acc += AdapterWeightAt(lw.dms_alpha_bias, row);
       bits[static_cast<int64_t>(t) * n_kv + j] = Threshold(cfg, acc);
     }
   }

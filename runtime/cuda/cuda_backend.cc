@@ -19,8 +19,8 @@
 //
 // Index arrays (block tables, lengths, slot writes) go up through a pinned staging arena that
 // is reset at each step; the device arena mirrors it offset for offset. Decode tables, the
-// largest, are written by PagedKvLayer straight into the arena (DecodeIndexBuffer). Weights are one device
-// buffer per tensor; gate and up share one [2F, H] buffer.
+// largest, are written by PagedKvLayer straight into the arena (DecodeIndexBuffer). Weights are
+// one device buffer per tensor; gate and up share one [2F, H] buffer.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
@@ -189,7 +189,7 @@ class DeviceKvOps final : public PagedKvOps {
                         const std::vector<int32_t>& last_vis_new) override;
   void CopyBlocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
   void WriteSlots(const std::vector<KvSlotWrite>& writes) override;
-  // In the pinned staging arena (empty on failure, which status() then reports).
+  // In the pinned staging arena (on failure, which status() then reports, plain host memory).
   int32_t* DecodeIndexBuffer(size_t n) override;
   void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
                        const int32_t* lengths, int32_t max_length) override;
@@ -215,7 +215,6 @@ class DeviceKvOps final : public PagedKvOps {
   absl::Status status_;
   int32_t* decode_index_ = nullptr;  // the last DecodeIndexBuffer
   size_t decode_index_n_ = 0;
-  std::vector<int32_t> fallback_;  // handed out once staging has failed
 };
 
 class CudaBackend final : public Backend {
@@ -258,6 +257,7 @@ class CudaBackend final : public Backend {
                                  int64_t cols, bf16* dst = nullptr);
   absl::StatusOr<bf16*> Weight(const WeightTensor& w, const std::string& which, int32_t layer,
                                int64_t rows, int64_t cols, bf16* dst = nullptr);
+  absl::StatusOr<void*> AllocBytes(size_t bytes);  // freed with the backend
   absl::StatusOr<bf16*> Alloc(int64_t elems);
   absl::Status Grow(int64_t rows);
   absl::Status Gemm(int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* w, void* c,
@@ -367,10 +367,9 @@ void DeviceKvOps::WriteSlots(const std::vector<KvSlotWrite>& writes) {
 
 int32_t* DeviceKvOps::DecodeIndexBuffer(size_t n) {
   Note(b_->stage_.Reserve(n * sizeof(int32_t)));
-  if (!status_.ok()) {
-    fallback_.resize(n);
+  if (!status_.ok()) {  // the step fails; Run still needs somewhere to write
     decode_index_ = nullptr;
-    return fallback_.data();
+    return PagedKvOps::DecodeIndexBuffer(n);
   }
   decode_index_ = static_cast<int32_t*>(b_->stage_.Claim(n * sizeof(int32_t)));
   decode_index_n_ = n;
@@ -421,15 +420,20 @@ CudaBackend::~CudaBackend() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-absl::StatusOr<bf16*> CudaBackend::Alloc(int64_t elems) {
+absl::StatusOr<void*> CudaBackend::AllocBytes(size_t bytes) {
   void* p = nullptr;
-  const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(std::max<int64_t>(elems, 1)) * sizeof(bf16));
+  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
   if (e != cudaSuccess) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "device memory exhausted allocating %d MiB of weights (%s); the model does not fit on "
-        "this device", elems * 2 >> 20, cudaGetErrorString(e)));
+        "this device", bytes >> 20, cudaGetErrorString(e)));
   }
   allocations_.push_back(p);
+  return p;
+}
+
+absl::StatusOr<bf16*> CudaBackend::Alloc(int64_t elems) {
+  DMSRT_ASSIGN_OR_RETURN(void* p, AllocBytes(static_cast<size_t>(elems) * sizeof(bf16)));
   return static_cast<bf16*>(p);
 }
 
@@ -603,16 +607,12 @@ absl::Status CudaBackend::Init() {
       }
       D.alpha_rows = static_cast<int32_t>(L->dms_alpha.rows);
       if (L->dms_alpha_bias.present()) {
-        // Small: converted on the host, kept in fp32 like the logits it is added to.
-        if (L->dms_alpha_bias.rows * L->dms_alpha_bias.cols != D.alpha_rows) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "dms_alpha bias of layer ", l, " has ", L->dms_alpha_bias.rows * L->dms_alpha_bias.cols,
-              " values for ", D.alpha_rows, " adapter rows"));
-        }
+        // Small (one value per adapter row; the loader checked its shape): converted on the
+        // host, kept in fp32 like the logits it is added to.
         std::vector<float> bias(D.alpha_rows);
         for (int32_t i = 0; i < D.alpha_rows; ++i) bias[i] = AdapterWeightAt(L->dms_alpha_bias, i);
-        DMSRT_ASSIGN_OR_RETURN(bf16* raw, Alloc(2ll * D.alpha_rows));  // fp32 = two bf16
-        D.alpha_bias = reinterpret_cast<float*>(raw);
+        DMSRT_ASSIGN_OR_RETURN(void* dev, AllocBytes(Bytes(bias)));
+        D.alpha_bias = static_cast<float*>(dev);
         DMSRT_CUDA_OK(cudaMemcpy(D.alpha_bias, bias.data(), Bytes(bias), cudaMemcpyHostToDevice));
       }
       DMSRT_ASSIGN_OR_RETURN(D.alpha, Upload(L->dms_alpha, "dms_alpha", D.alpha_rows, H_));

@@ -78,7 +78,6 @@ if(DMSRT_HAVE_CUDA)
                        FAIL_REGULAR_EXPRESSION "${emu_fail}")
   # Host-only mode at full size: a Qwen3-8B-shaped model on an emulated 80 GB device, the host
   # time of a decode step next to the device floor (tests/bench/host_step_bench.py).
-  find_package(Python3 COMPONENTS Interpreter)
   if(Python3_Interpreter_FOUND)
     add_test(NAME cuda_emulated_host_step
              COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/bench/host_step_bench.py

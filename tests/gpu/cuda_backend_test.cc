@@ -324,11 +324,8 @@ TEST_P(CudaBackendFileModelTest, LogitsAndDecisionsMatchCpu) {
   const int32_t V = c.vocab;
   const std::vector<int32_t> prompt = Prompt(48, V);
   const SeqId sc = *(*cpu)->kv().Create(), sg = *(*gpu)->kv().Create();
-  std::vector<float> lc, lg;
-  ForwardResult rc = Step(**cpu, {Chunk(sc, prompt, SeqChunk::Logits::kAll)});
-  ForwardResult rg = Step(**gpu, {Chunk(sg, prompt, SeqChunk::Logits::kAll)});
-  lc = rc.logits;
-  lg = rg.logits;
+  std::vector<float> lc = Step(**cpu, {Chunk(sc, prompt, SeqChunk::Logits::kAll)}).logits;
+  std::vector<float> lg = Step(**gpu, {Chunk(sg, prompt, SeqChunk::Logits::kAll)}).logits;
   for (int i = 0; i < 12; ++i) {
     const int32_t t = (i * 37 + 3) % V;  // the same tokens on both: decisions stay comparable
     ForwardResult c1 = Step(**cpu, {Chunk(sc, {t}, SeqChunk::Logits::kLast)});
