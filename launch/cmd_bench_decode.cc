@@ -3,13 +3,15 @@
 //
 //   dmsrt bench-decode [--backend cpu|cuda] (--model PATH | --synthetic qwen3-8b)
 //       [--batch 1,32,256] [--context 4096,32768] [--steps 32]
-//       [--kv-policy none|forced|window] [--dms-force-rate 0.875] [--dms-window 16]
+//       [--kv-policy none|forced|window|dms] [--dms-force-rate 0.875] [--dms-window 16]
+//       [--dms-fill-rate 0.875 (dms)]
 //       [--kv-budget BYTES (cuda: 0 = the device memory left)] [--kv-block 16] [--seed S]
 //       [--device N (cuda; default: the launcher's local rank)] [--json]
 //
 // Per (batch, context) cell: `batch` sequences get `context` tokens each without running the
 // model (Backend::AppendUncomputed: the policy's bookkeeping runs, the slots keep arbitrary
-// values), then `steps` decode steps run the whole model with greedy sampling on the backend
+// values; under policy dms their decisions are drawn at --dms-fill-rate, since no model ran),
+// then `steps` decode steps run the whole model with greedy sampling on the backend
 // (logits stay there). A cell whose caches do not fit the KV pool is reported as not fitting:
 // that is the figure that separates a dense cache from a compressed one. Figures per cell:
 // decode tokens/s, ms per step, KV bytes held (blocks in use x block bytes), the cache
@@ -56,7 +58,7 @@ absl::Status BenchDecode(int argc, char** argv) {
       Args args,
       Args::Parse(argc, argv,
                   {"backend", "model", "synthetic", "batch", "context", "steps", "kv-policy",
-                   "dms-force-rate", "dms-window", "kv-budget", "kv-block", "seed", "threads", "device"},
+                   "dms-force-rate", "dms-window", "dms-fill-rate", "kv-budget", "kv-block", "seed", "threads", "device"},
                   {"json"}));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> batches, IntList(args, "batch", "1,32,256"));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, IntList(args, "context", "4096,32768"));
@@ -88,22 +90,31 @@ absl::Status BenchDecode(int argc, char** argv) {
   DMSRT_ASSIGN_OR_RETURN(o.kv_policy.kind, ParseKvPolicy(args.Get("kv-policy", "none")));
   DMSRT_ASSIGN_OR_RETURN(o.kv_policy.force_rate, args.GetDouble("dms-force-rate", 0.875));
   DMSRT_ASSIGN_OR_RETURN(int64_t window, args.GetInt("dms-window", 16));
-  o.kv_policy.window = static_cast<int32_t>(window);
+  DMSRT_ASSIGN_OR_RETURN(const double fill_rate, args.GetDouble("dms-fill-rate", 0.875));
+  if (fill_rate < 0 || fill_rate > 1) return absl::InvalidArgumentError("--dms-fill-rate must be in [0, 1]");
   o.kv_policy.seed = static_cast<uint64_t>(seed);
   if (o.kv_policy.kind == KvPolicyKind::kDms) {
-    return absl::InvalidArgumentError(
-        "bench-decode fills contexts without running the model, so it has no model decisions: "
-        "use --kv-policy forced for DMS-like eviction at a fixed rate");
+    // The model decides while decoding; the window is the model's unless given.
+    if (!model->config.dms.enabled) {
+      return absl::InvalidArgumentError(
+          "--kv-policy dms needs a model with DMS decisions (a DMS checkpoint, or a synthetic "
+          "model with the dms option, e.g. --synthetic qwen3-8b:dms); --kv-policy forced evicts "
+          "at a fixed rate on any model");
+    }
+    if (!args.Has("dms-window")) window = model->config.dms.window;
   }
+  o.kv_policy.window = static_cast<int32_t>(window);
   const std::string budget_text = args.Get("kv-budget", backend_name == "cuda" ? "0" : "4GiB");
   DMSRT_ASSIGN_OR_RETURN(o.kv_budget_bytes, ParseByteSize(budget_text));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, *model, o));
   KvCache& kv = backend->kv();
   const int32_t vocab = model->config.vocab;
-  const std::string policy =
-      o.kv_policy.kind == KvPolicyKind::kForced
-          ? absl::StrCat("forced ", o.kv_policy.force_rate, " (synthetic), w ", window)
-          : KvPolicyName(o.kv_policy.kind);
+  std::string policy = KvPolicyName(o.kv_policy.kind);
+  if (o.kv_policy.kind == KvPolicyKind::kForced) {
+    policy = absl::StrCat("forced ", o.kv_policy.force_rate, " (synthetic), w ", window);
+  } else if (o.kv_policy.kind == KvPolicyKind::kDms) {
+    policy = absl::StrCat("dms (model decisions; context filled at rate ", fill_rate, "), w ", window);
+  }
   if (!args.Flag("json")) {
     std::printf("model %s, backend %s, KV policy %s, pool %.2f GiB (%lld blocks of %lld bytes)\n",
                 model->source_path.c_str(), backend->name(), policy.c_str(),
@@ -121,7 +132,7 @@ absl::Status BenchDecode(int argc, char** argv) {
       for (int64_t i = 0; i < b && fill.ok(); ++i) {
         DMSRT_ASSIGN_OR_RETURN(SeqId s, kv.Create());
         seqs.push_back(s);
-        fill = backend->AppendUncomputed(s, static_cast<int32_t>(ctx));
+        fill = backend->AppendUncomputed(s, static_cast<int32_t>(ctx), fill_rate);
       }
       const double fill_s = std::chrono::duration<double>(Clock::now() - f0).count();
       nlohmann::json cell = {{"batch", b}, {"context", ctx}, {"fill_seconds", fill_s}};

@@ -2,7 +2,8 @@
 # One-call check of the CUDA kernels on a GPU machine: configure + build (CUDA on, no MPI/gRPC),
 # run the GPU tests (ctest -L gpu), run the kernel benchmark, the PyTorch SDPA peer and the
 # end-to-end decode benchmark of the CUDA backend on the Qwen3-8B-shaped synthetic model (batch
-# 1/32/256 x context 4K/32K, KV policy none vs forced DMS at 0.875), and print a short summary
+# 1/32/256 x context 4K/32K, KV policy none vs forced DMS at 0.875 vs dms: the model's own
+# Variant-A decisions, context filled at 0.875, window 16 as forced), and print a short summary
 # table LAST (decode-attention GB/s vs measured copy bandwidth and vs SDPA, the DMS time ratio,
 # end-to-end decode tokens/s, KV held and device memory per cell).
 #
@@ -74,10 +75,12 @@ if [ "$bench" = 1 ]; then
   echo "== end-to-end decode, Qwen3-8B shapes (synthetic weights generated on the device)"
   e2e_batch="1,32,256"; e2e_steps=16
   [ -n "$quick" ] && { e2e_batch="1,32"; e2e_steps=4; }
-  for pol in none forced; do
+  for pol in none forced dms; do
+    model=qwen3-8b; rate=(--dms-force-rate 0.875)
+    [ "$pol" = dms ] && { model=qwen3-8b:dms; rate=(--dms-fill-rate 0.875); }
     if [ -x "$build/bin/dmsrt" ]; then
-      "$build/bin/dmsrt" bench-decode --backend cuda --synthetic qwen3-8b --batch "$e2e_batch" \
-        --context 4096,32768 --steps "$e2e_steps" --kv-policy "$pol" --dms-force-rate 0.875 \
+      "$build/bin/dmsrt" bench-decode --backend cuda --synthetic "$model" --batch "$e2e_batch" \
+        --context 4096,32768 --steps "$e2e_steps" --kv-policy "$pol" "${rate[@]}" \
         --dms-window 16 --json >"$out/e2e_$pol.json" 2>"$out/e2e_$pol.err" || {
           echo "bench-decode ($pol) failed:"; tail -5 "$out/e2e_$pol.err"; }
     fi
@@ -114,10 +117,10 @@ if b:
     print(f"peak device memory: dmsrt bench {peak:.2f} GiB in use; torch SDPA {tp:.2f} GiB allocated")
 else:
     print("no benchmark results")
-e = {p: load(f"e2e_{p}.json") for p in ("none", "forced")}
+e = {p: load(f"e2e_{p}.json") for p in ("none", "forced", "dms")}
 if any(e.values()):
     print("end-to-end decode, qwen3-8b shapes (bf16, synthetic weights), tokens/s (KV GiB held):")
-    print(f"{'batch':>5} {'context':>7} {'none':>22} {'forced 0.875':>22} {'device GiB':>10}")
+    print(f"{'batch':>5} {'context':>7} {'none':>22} {'forced 0.875':>22} {'dms (model bits)':>22} {'device GiB':>10}")
     cells = {}
     for p, j in e.items():
         for c in (j or {}).get('cells', []):
@@ -130,6 +133,6 @@ if any(e.values()):
                 return f"{'does not fit':>22}"
             return f"{c['decode_tokens_per_s']:>10.0f} ({c['kv_bytes_held']/2**30:>6.1f} GiB)"
         dev = max(c.get('device_bytes_in_use', 0) for c in cs.values()) / 2**30
-        print(f"{bt:>5} {ctx:>7} {fmt(cs.get('none'))} {fmt(cs.get('forced'))} {dev:>10.1f}")
+        print(f"{bt:>5} {ctx:>7} {fmt(cs.get('none'))} {fmt(cs.get('forced'))} {fmt(cs.get('dms'))} {dev:>10.1f}")
 PY
 exit $tests_rc

@@ -6,10 +6,23 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/reference/random_hash.h"
 
 namespace dmsrt {
 
-absl::Status Backend::AppendUncomputed(SeqId /*seq*/, int32_t /*n*/) {
+void UncomputedDmsBits(int32_t layer, int32_t n_kv, int32_t kv_head_offset, int64_t pos0,
+                       int32_t n, double rate, uint8_t* out) {
+  const uint64_t seed = 0x444d5362697473ull ^ (static_cast<uint64_t>(layer) << 40);
+  for (int32_t i = 0; i < n; ++i) {
+    for (int32_t j = 0; j < n_kv; ++j) {
+      const uint64_t idx = static_cast<uint64_t>(pos0 + i) * 4096u + static_cast<uint64_t>(kv_head_offset + j);
+      const double u = 0.5 * (static_cast<double>(kernels::HashUniformSigned(seed, idx)) + 1.0);
+      out[static_cast<int64_t>(i) * n_kv + j] = u < rate ? 1 : 0;
+    }
+  }
+}
+
+absl::Status Backend::AppendUncomputed(SeqId /*seq*/, int32_t /*n*/, double /*dms_flag_rate*/) {
   return absl::UnimplementedError(
       absl::StrCat("backend ", name(), " cannot append tokens without running the model"));
 }

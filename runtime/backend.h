@@ -63,6 +63,12 @@ struct BackendOptions {
   Communicator* comm = nullptr;
 };
 
+// Decision bits d[t] [n, n_kv] of layer `layer` for uncomputed tokens at positions pos0 ..
+// pos0+n-1: 1 with probability `rate`, from a hash of (layer, global KV head, position), so
+// every rank and backend draws the same bits.
+void UncomputedDmsBits(int32_t layer, int32_t n_kv, int32_t kv_head_offset, int64_t pos0,
+                       int32_t n, double rate, uint8_t* out);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -73,8 +79,11 @@ class Backend {
   virtual KvCache& kv() = 0;
   // Appends `n` tokens to `seq`'s cache without running the model (their keys and values are
   // whatever the storage holds), applying the eviction policy as usual: long contexts for
-  // benchmarks in seconds. Policies whose cache depends on attention (tova, h2o) cannot.
-  virtual absl::Status AppendUncomputed(SeqId seq, int32_t n);
+  // benchmarks in seconds. Policies whose cache depends on attention (tova, h2o) cannot. Under
+  // policy dms the decisions are not computed either: each token's bits are drawn with
+  // probability `dms_flag_rate` (UncomputedDmsBits), so that the cache is the one a model with
+  // that eviction rate would hold; steps after it use the model's own decisions.
+  virtual absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate);
   // Device memory this process holds (0 for host backends).
   virtual int64_t DeviceBytesInUse() const { return 0; }
 };

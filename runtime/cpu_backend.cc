@@ -113,7 +113,7 @@ class CpuBackend : public Backend {
   const char* name() const override { return "cpu"; }
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override;
   KvCache& kv() override { return *kv_; }
-  absl::Status AppendUncomputed(SeqId seq, int32_t n) override;
+  absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) override;
 
  private:
   struct Layer {
@@ -565,7 +565,7 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
   return result;
 }
 
-absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n) {
+absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
   if (comm_ != nullptr) {
     return absl::UnimplementedError("AppendUncomputed runs on a single rank");
   }
@@ -573,8 +573,10 @@ absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n) {
   DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
   const int64_t kw = static_cast<int64_t>(n_kv_) * head_dim_;
   std::vector<float> zeros(static_cast<size_t>(n) * kw, 0.0f);
-  std::vector<uint8_t> bits(static_cast<size_t>(n) * n_kv_, 0);  // dms: nothing flagged
+  std::vector<uint8_t> bits(static_cast<size_t>(n) * n_kv_, 0);
+  const int64_t pos0 = kv_->Length(seq);
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
+    if (dms_bits_) UncomputedDmsBits(l, n_kv_, kv_head_begin_, pos0, n, dms_flag_rate, bits.data());
     kv_->AttendAndAppend(seq, l, n, nullptr, zeros.data(), zeros.data(),
                          dms_bits_ ? bits.data() : nullptr, nullptr);
   }

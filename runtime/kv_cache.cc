@@ -311,6 +311,8 @@ struct HeadState {
   int64_t dense_reads = 0;
 };
 
+enum : uint8_t { kDeferNone = 0, kDeferAwaiting = 1, kDeferKnown = 2 };
+
 constexpr int32_t RingEntry(int32_t slot, bool flagged) { return slot * 2 + (flagged ? 1 : 0); }
 constexpr int32_t RingSlot(int32_t entry) { return entry >> 1; }
 constexpr bool RingFlagged(int32_t entry) { return (entry & 1) != 0; }
@@ -335,6 +337,12 @@ struct Sequence {
   // head. Valid while no block of the sequence gains a reference (only Fork adds references;
   // blocks losing them make the figure an over-estimate, which a bound may be).
   std::vector<NextTokenNeed> next_need;
+  // Decode commits whose decision bits come later (KvIndex::CommitDecodeDeferred), per layer:
+  // kDeferNone, kDeferAwaiting (committed, bits not given yet) or kDeferKnown (bits given, in
+  // deferred_bits, not yet applied to the ring: the layer's next commit applies them).
+  std::vector<uint8_t> deferred_state;  // [n_layers]; empty until the first deferred commit
+  std::vector<uint8_t> deferred_bits;   // [n_layers * n_kv_heads]: d[t] of the last token
+  int32_t deferred_layers = 0;          // layers not in kDeferNone
   int64_t length = 0;            // tokens committed in every layer
   int64_t reserved = 0;          // blocks promised to this sequence by Reserve, not yet taken
   bool broken = false;           // AttendAndAppend was misused; see Reserve
@@ -394,7 +402,7 @@ class CpuKvCache final : public KvIndex {
     auto it = seqs_.find(parent);
     if (it == seqs_.end()) return NoSuchSequence(parent);
     Sequence& p = *it->second;
-    if (p.broken) {
+    if (p.broken || !ResolveDeferred(p)) {
       return absl::FailedPreconditionError(
           absl::StrCat("cannot fork sequence ", parent, ": its cache is inconsistent"));
     }
@@ -439,6 +447,11 @@ class CpuKvCache final : public KvIndex {
           "layers out of order); free it and recompute"));
     }
     if (n_new < 0) return absl::InvalidArgumentError("Reserve: negative token count");
+    if (AwaitingBits(s)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sequence ", id, " is inconsistent (the decision bits of its last decode step were "
+          "never supplied); free it and recompute"));
+    }
     int64_t need = 0;
     for (int32_t l = 0; l < geo_.n_layers; ++l) {
       for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
@@ -446,6 +459,7 @@ class CpuKvCache final : public KvIndex {
         if (n_new == 1 && s.next_need[idx].at == s.length) {
           need += s.next_need[idx].blocks;
         } else {
+          if (j == 0) ResolveDeferred(s, l);  // the flags it reads must be in the ring
           need += BlocksNeeded(s.heads[idx], l, j, s.length, n_new);
         }
       }
@@ -506,61 +520,32 @@ class CpuKvCache final : public KvIndex {
 
   bool CommitRows(SeqId id, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
                   KvSlotSink& sink) override {
-    if (n <= 0) return true;
+    return CommitChunk(id, layer, n, row0, evict, /*defer=*/false, sink);
+  }
+
+  bool CommitDecodeDeferred(SeqId id, int32_t layer, int32_t row, KvSlotSink& sink) override {
+    return CommitChunk(id, layer, 1, row, nullptr, /*defer=*/true, sink);
+  }
+
+  absl::Status SetDeferredBits(SeqId id, const uint8_t* bits, int64_t layer_stride) override {
     auto it = seqs_.find(id);
-    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return false;
+    if (it == seqs_.end()) return NoSuchSequence(id);
     Sequence& s = *it->second;
-    const int64_t P = s.length;
-    HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
-    const bool scored = pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o;
-    if (!index_only_ || scored || s.broken || heads[0].logical != P) {
-      s.broken = true;
-      return false;
+    bool all_awaiting = s.deferred_layers == geo_.n_layers;
+    for (int32_t l = 0; l < geo_.n_layers && all_awaiting; ++l) {
+      all_awaiting = s.deferred_state[l] == kDeferAwaiting;
+    }
+    if (!all_awaiting) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "SetDeferredBits: sequence ", id,
+          " has no decode step whose every layer was committed without its bits"));
     }
     const int32_t nkv = geo_.n_kv_heads;
-    // Reads of the caller's prefill attention, before the commit (same counts as the CPU path:
-    // per query, the visible old slots plus the visible keys of the chunk).
-    if (n > 1) {
-      for (int32_t j = 0; j < nkv; ++j) {
-        HeadState& h = heads[j];
-        int64_t reads = 0;
-        for (int32_t i = 0; i < n; ++i) reads += static_cast<int64_t>(h.n) + i + 1;
-        if (ring_policy_) {
-          // A flagged key k is hidden from the queries after k + w.
-          const int64_t last_q = P + n - 1;
-          auto hidden = [&](int64_t k) { return std::clamp<int64_t>(last_q - (k + w_), 0, n); };
-          const int64_t R = static_cast<int64_t>(h.ring.size());
-          for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
-            const bool flagged = k == P - 1 ? Decision(layer, j, P, evict, 0) != 0
-                                            : RingFlagged(h.ring[k % R]);
-            if (flagged) reads -= hidden(k);
-          }
-          for (int32_t c = 0; c + 1 < n; ++c) {
-            if (Decision(layer, j, P + c + 1, evict, c + 1)) reads -= hidden(P + c);
-          }
-        }
-        h.kv_reads += reads;
-        for (int32_t i = 0; i < n; ++i) h.dense_reads += P + i + 1;
-      }
+    for (int32_t l = 0; l < geo_.n_layers; ++l) {
+      std::copy_n(bits + l * layer_stride, nkv, s.deferred_bits.begin() + static_cast<int64_t>(l) * nkv);
+      s.deferred_state[l] = kDeferKnown;
     }
-    sink_ = &sink;
-    for (int32_t j = 0; j < nkv && !s.broken; ++j) {
-      for (int32_t i = 0; i < n; ++i) {
-        if (!Commit(s, heads[j], P + i, Decision(layer, j, P + i, evict, i), nullptr, nullptr,
-                    row0 + i, j)) {
-          s.broken = true;
-          break;
-        }
-      }
-      if (n == 1 && !s.broken) {
-        heads[j].kv_reads += heads[j].n;
-        heads[j].dense_reads += P + 1;
-      }
-    }
-    sink_ = nullptr;
-    if (s.broken) return false;
-    EndLayer(s, layer, P + n);
-    return true;
+    return absl::OkStatus();
   }
 
   void PrefetchCommit(SeqId id, int32_t layer) const override {
@@ -622,26 +607,143 @@ class CpuKvCache final : public KvIndex {
     // Flagged tokens before P - w - 1 have left; the ring holds the last w + 1.
     for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
       const int32_t slot = RingSlot(h.ring[k % R]);
-      const bool flagged = k == P - 1 ? boundary_bit != 0 : RingFlagged(h.ring[k % R]);
+      const bool flagged = k == P - 1 ? boundary_bit != 0
+                                      : RingFlagged(h.ring[k % R]) || PendingFlag(s, layer, head, k);
       if (!flagged) continue;
       out->emplace_back(h.blocks[slot / bt] * bt + slot % bt, static_cast<int32_t>(k + w_));
     }
   }
 
  private:
+  // CommitRows and CommitDecodeDeferred. A deferred commit runs as one under policy dms with
+  // evict == nullptr (d[t] = 0: flag(t-1) is left alone) and leaves the layer awaiting its bits.
+  bool CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
+                   bool defer, KvSlotSink& sink) {
+    if (n <= 0) return true;
+    auto it = seqs_.find(id);
+    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return false;
+    Sequence& s = *it->second;
+    const int64_t P = s.length;
+    HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
+    const bool scored = pol_.kind == KvPolicyKind::kTova || pol_.kind == KvPolicyKind::kH2o;
+    const bool defer_ok = !defer || (pol_.kind == KvPolicyKind::kDms && w_ >= 1 && n == 1);
+    if (!index_only_ || scored || !defer_ok || s.broken || heads[0].logical != P ||
+        !ResolveDeferred(s, layer)) {
+      s.broken = true;
+      return false;
+    }
+    const int32_t nkv = geo_.n_kv_heads;
+    // Reads of the caller's prefill attention, before the commit (same counts as the CPU path:
+    // per query, the visible old slots plus the visible keys of the chunk).
+    if (n > 1) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        HeadState& h = heads[j];
+        int64_t reads = 0;
+        for (int32_t i = 0; i < n; ++i) reads += static_cast<int64_t>(h.n) + i + 1;
+        if (ring_policy_) {
+          // A flagged key k is hidden from the queries after k + w.
+          const int64_t last_q = P + n - 1;
+          auto hidden = [&](int64_t k) { return std::clamp<int64_t>(last_q - (k + w_), 0, n); };
+          const int64_t R = static_cast<int64_t>(h.ring.size());
+          for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
+            const bool flagged = k == P - 1 ? Decision(layer, j, P, evict, 0) != 0
+                                            : RingFlagged(h.ring[k % R]);
+            if (flagged) reads -= hidden(k);
+          }
+          for (int32_t c = 0; c + 1 < n; ++c) {
+            if (Decision(layer, j, P + c + 1, evict, c + 1)) reads -= hidden(P + c);
+          }
+        }
+        h.kv_reads += reads;
+        for (int32_t i = 0; i < n; ++i) h.dense_reads += P + i + 1;
+      }
+    }
+    sink_ = &sink;
+    for (int32_t j = 0; j < nkv && !s.broken; ++j) {
+      for (int32_t i = 0; i < n; ++i) {
+        if (!Commit(s, heads[j], P + i, Decision(layer, j, P + i, evict, i), nullptr, nullptr,
+                    row0 + i, j)) {
+          s.broken = true;
+          break;
+        }
+      }
+      if (n == 1 && !s.broken) {
+        heads[j].kv_reads += heads[j].n;
+        heads[j].dense_reads += P + 1;
+      }
+    }
+    sink_ = nullptr;
+    if (s.broken) return false;
+    EndLayer(s, layer, P + n, defer);
+    if (defer) {
+      if (s.deferred_state.empty()) {
+        s.deferred_state.assign(geo_.n_layers, kDeferNone);
+        s.deferred_bits.assign(s.heads.size(), 0);
+      }
+      s.deferred_state[layer] = kDeferAwaiting;
+      ++s.deferred_layers;
+    }
+    return true;
+  }
+
   // After each layer, while its heads are in cache: what each may take for the next token. After
   // the last layer the step is over: the sequence advances and gives back the part of its
   // reservation it did not use.
-  void EndLayer(Sequence& s, int32_t layer, int64_t new_length) {
+  // With `deferred`, flag(new_length - 2) is not in the ring yet.
+  void EndLayer(Sequence& s, int32_t layer, int64_t new_length, bool deferred) {
     const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
     for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
-      const int64_t blocks = BlocksNeeded(s.heads[base + j], layer, j, new_length, 1);
+      const int64_t blocks = BlocksNeeded(s.heads[base + j], layer, j, new_length, 1, deferred);
       s.next_need[base + j] = NextTokenNeed{new_length, static_cast<int32_t>(blocks)};
     }
     if (layer != geo_.n_layers - 1) return;
     s.length = new_length;
     total_reserved_ -= s.reserved;
     s.reserved = 0;
+  }
+
+  // Sets flag(k) (k >= 0) in the ring of `h`.
+  static void SetFlag(HeadState& h, int64_t k) {
+    int32_t& e = h.ring[k % static_cast<int64_t>(h.ring.size())];
+    if (!RingFlagged(e)) {
+      e = RingEntry(RingSlot(e), true);
+      ++h.flagged;
+    }
+  }
+
+  // Deferred bits (see Sequence): applies a layer's given bits to the ring; false while they
+  // are still awaited. The bit of layer l, head j is d[t] of the head's last token t, so it
+  // flags token t - 1 = logical - 2.
+  bool ResolveDeferred(Sequence& s, int32_t layer) {
+    if (s.deferred_layers == 0 || s.deferred_state[layer] == kDeferNone) return true;
+    if (s.deferred_state[layer] == kDeferAwaiting) return false;
+    const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      HeadState& h = s.heads[base + j];
+      if (s.deferred_bits[base + j] != 0 && h.logical >= 2) SetFlag(h, h.logical - 2);
+    }
+    s.deferred_state[layer] = kDeferNone;
+    --s.deferred_layers;
+    return true;
+  }
+  bool ResolveDeferred(Sequence& s) {
+    for (int32_t l = 0; l < geo_.n_layers && s.deferred_layers > 0; ++l) {
+      if (!ResolveDeferred(s, l)) return false;
+    }
+    return true;
+  }
+  bool AwaitingBits(const Sequence& s) const {
+    for (int32_t l = 0; l < geo_.n_layers && s.deferred_layers > 0; ++l) {
+      if (s.deferred_state[l] == kDeferAwaiting) return true;
+    }
+    return false;
+  }
+  // For readers that cannot apply them: 1 if a given, unapplied bit of (layer, j) flags token
+  // `k`, else 0.
+  int PendingFlag(const Sequence& s, int32_t layer, int32_t j, int64_t k) const {
+    if (s.deferred_layers == 0 || s.deferred_state[layer] != kDeferKnown) return 0;
+    const size_t idx = static_cast<size_t>(layer) * geo_.n_kv_heads + j;
+    return s.deferred_bits[idx] != 0 && k >= 0 && k == s.heads[idx].logical - 2 ? 1 : 0;
   }
 
   static absl::Status NoSuchSequence(SeqId id) {
@@ -660,16 +762,17 @@ class CpuKvCache final : public KvIndex {
       for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
         const size_t idx = static_cast<size_t>(l) * geo_.n_kv_heads + j;
         const HeadState& h = s.heads[idx];
+        const int64_t flagged = h.flagged + PendingFlag(s, l, j, h.logical - 2);
         for (KvHeadFigures* t : {&f.per_layer[l], &f.per_head[idx]}) {
           t->logical += h.logical;
           t->resident += h.n;
-          t->flagged += h.flagged;
+          t->flagged += flagged;
           t->kv_reads += h.kv_reads;
           t->dense_reads += h.dense_reads;
         }
         f.logical_tokens += h.logical;
         f.resident_tokens += h.n;
-        f.flagged_tokens += h.flagged;
+        f.flagged_tokens += flagged;
         f.kv_reads += h.kv_reads;
         f.dense_reads += h.dense_reads;
         f.dense_blocks += (h.logical + geo_.block_tokens - 1) / geo_.block_tokens;
@@ -710,7 +813,10 @@ class CpuKvCache final : public KvIndex {
 
   // Upper bound on the blocks one head takes while appending n_new tokens at positions P..:
   // new blocks for appended slots plus copies of shared blocks that will be written.
-  int64_t BlocksNeeded(const HeadState& h, int32_t layer, int32_t j, int64_t P, int32_t n_new) {
+  // `flag_pending`: flag(P - 2) is deferred (not in the ring yet), so it counts as unknown.
+  int64_t BlocksNeeded(const HeadState& h, int32_t layer, int32_t j, int64_t P, int32_t n_new,
+                       bool flag_pending = false) {
+    const int64_t ring_known_to = P - 2 - (flag_pending ? 1 : 0);  // flags in the ring: k <= this
     const int32_t bt = geo_.block_tokens;
     int64_t appends = 0;
     cow_scratch_.clear();
@@ -725,7 +831,7 @@ class CpuKvCache final : public KvIndex {
       for (int64_t t = first_leaving; t < old_end; ++t) {
         const int64_t kk = t - w_ - 1;
         const int32_t slot = RingSlot(h.ring[kk % R]);
-        const int f = kk <= P - 2 ? RingFlagged(h.ring[kk % R]) : KnownFlag(layer, j, kk);
+        const int f = kk <= ring_known_to ? RingFlagged(h.ring[kk % R]) : KnownFlag(layer, j, kk);
         if (f != 0) cow_scratch_.push_back(h.blocks[slot / bt]);  // recycled (maybe)
         if (f != 1) ++appends;                                    // appended (maybe)
       }
@@ -820,14 +926,8 @@ class CpuKvCache final : public KvIndex {
     int32_t slot = -1;
     if (ring_policy_) {
       const int64_t R = static_cast<int64_t>(h.ring.size());
-      if (t >= 1 && d) {
-        // flag(t-1) = d[t] (set first so that w = 0 recycles t-1 at once).
-        int32_t& e = h.ring[(t - 1) % R];
-        if (!RingFlagged(e)) {
-          e = RingEntry(RingSlot(e), true);
-          ++h.flagged;
-        }
-      }
+      // flag(t-1) = d[t] (set first so that w = 0 recycles t-1 at once).
+      if (t >= 1 && d) SetFlag(h, t - 1);
       const int64_t leaving = t - w_ - 1;
       if (leaving >= 0) {
         const int32_t old = h.ring[leaving % R];
@@ -1036,7 +1136,7 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
         }
       }
     }
-    if (!s.broken) EndLayer(s, layer, P + n);
+    if (!s.broken) EndLayer(s, layer, P + n, false);
     return;
   }
   const int32_t nkv = geo_.n_kv_heads;
@@ -1146,7 +1246,7 @@ void CpuKvCache::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float
     Poison(out, n);
     return;
   }
-  EndLayer(s, layer, P + n);
+  EndLayer(s, layer, P + n, false);
 }
 
 }  // namespace

@@ -174,6 +174,18 @@ class KvIndex : public KvCache {
   // misuse.
   virtual bool CommitRows(SeqId seq, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
                           KvSlotSink& sink) = 0;
+  // Deferred decision bits (policy dms with a delay window w >= 1). The bit d[t] of a decode
+  // token only sets flag(t-1), and the first thing to read that flag is the next token's commit
+  // (docs/dms-semantics.md §4 step 1 reads flag(t-w-1); w >= 1). So a backend that computes the
+  // bits on a device may commit every layer of a decode step without them, one token at step
+  // row `row`, and hand them over once the step is done: SetDeferredBits(seq, bits, stride)
+  // with layer l's bits [n_kv] at bits + l * layer_stride. Every layer of the step must have
+  // been committed this way. The bits are applied to the ring lazily, at the layer's next
+  // commit, so that no head state is visited twice; everything that reads flags before that
+  // (Reserve, Fork, FlaggedSlots, Figures) sees them. A sequence whose bits never arrive fails
+  // its next Reserve (FAILED_PRECONDITION) and must be freed.
+  virtual bool CommitDecodeDeferred(SeqId seq, int32_t layer, int32_t row, KvSlotSink& sink) = 0;
+  virtual absl::Status SetDeferredBits(SeqId seq, const uint8_t* bits, int64_t layer_stride) = 0;
   virtual KvHeadView HeadView(SeqId seq, int32_t layer, int32_t head) const = 0;
   // A hint that CommitRows(seq, layer, ...) comes soon: starts loading the state it touches. A
   // step's commits visit a few cache lines of every (sequence, layer, head), none of them warm

@@ -24,13 +24,25 @@ class PagedKvLayer::Sink final : public KvSlotSink {
   std::vector<KvSlotWrite>* writes_;
 };
 
+bool PagedKvLayer::CanDeferBits(const KvIndex& kv, const std::vector<PagedChunk>& chunks,
+                                int32_t n_decode) {
+  return kv.policy().kind == KvPolicyKind::kDms && kv.delay_window() >= 1 && n_decode > 0 &&
+         n_decode == static_cast<int32_t>(chunks.size());
+}
+
 absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
-                               int32_t n_decode, const uint8_t* bits, PagedKvOps& ops) {
+                               int32_t n_decode, const uint8_t* bits, PagedKvOps& ops,
+                               bool defer_bits) {
   const KvGeometry& geo = kv.geometry();
   const int32_t nkv = geo.n_kv_heads;
   const int32_t w = kv.delay_window();
   const bool model_bits = kv.policy().kind == KvPolicyKind::kDms;
-  if (model_bits && bits == nullptr) {
+  if (defer_bits && !CanDeferBits(kv, chunks, n_decode)) {
+    return absl::InternalError(
+        "deferred decision bits need policy dms, a delay window of at least 1 and a step of "
+        "decode tokens only");
+  }
+  if (model_bits && bits == nullptr && !defer_bits) {
     return absl::InternalError("KV policy dms needs the model's decision bits");
   }
   // d[t] of KV head j for the token at `row` (position t).
@@ -84,8 +96,11 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
     if (ci + kPrefetchAhead < chunks.size()) {
       kv.PrefetchCommit(chunks[ci + kPrefetchAhead].seq, layer);
     }
-    const uint8_t* chunk_bits = model_bits ? bits + static_cast<int64_t>(c.row0) * nkv : nullptr;
-    if (!kv.CommitRows(c.seq, layer, c.n, c.row0, chunk_bits, sink)) {
+    const uint8_t* chunk_bits =
+        model_bits && !defer_bits ? bits + static_cast<int64_t>(c.row0) * nkv : nullptr;
+    const bool ok = defer_bits ? kv.CommitDecodeDeferred(c.seq, layer, c.row0, sink)
+                               : kv.CommitRows(c.seq, layer, c.n, c.row0, chunk_bits, sink);
+    if (!ok) {
       return absl::InternalError(absl::StrCat(
           "KV commit of sequence ", c.seq, " in layer ", layer,
           " failed (not reserved, or layers out of order); the sequence must be freed"));

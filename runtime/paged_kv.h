@@ -84,8 +84,16 @@ class PagedKvLayer {
   // tokens each (a one-token chunk after them is run as a prefill chunk). `bits` [rows, n_kv]
   // holds the model's decision bits under policy dms (nullptr otherwise). Every chunk must have
   // been reserved (KvCache::Reserve) for this step.
+  // With `defer_bits` (policy dms, delay window >= 1, decode chunks only) the layer commits
+  // without the bits (KvIndex::CommitDecodeDeferred, `bits` unused): nothing of this layer
+  // needs them, so the caller hands them over after the step (KvIndex::SetDeferredBits) and a
+  // device runs the step without waiting for them layer by layer.
   absl::Status Run(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
-                   int32_t n_decode, const uint8_t* bits, PagedKvOps& ops);
+                   int32_t n_decode, const uint8_t* bits, PagedKvOps& ops,
+                   bool defer_bits = false);
+  // Whether a step of these chunks may run with `defer_bits`.
+  static bool CanDeferBits(const KvIndex& kv, const std::vector<PagedChunk>& chunks,
+                           int32_t n_decode);
 
  private:
   class Sink;

@@ -5,6 +5,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_join.h"
 #include "kernels/reference/quant.h"
 #include "kernels/reference/random_hash.h"
@@ -81,13 +82,20 @@ std::vector<std::string> SyntheticModelNames() {
 absl::StatusOr<ModelConfig> SyntheticConfig(const std::string& spec) {
   std::string name = spec;
   int32_t layers = -1;
+  bool dms = false;
   const size_t colon = spec.find(':');
   if (colon != std::string::npos) {
     name = spec.substr(0, colon);
-    const std::string opt = spec.substr(colon + 1);
-    if (opt.rfind("layers=", 0) != 0 || !absl::SimpleAtoi(opt.substr(7), &layers) || layers < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "bad synthetic model option '", opt, "' in '", spec, "': expected layers=N, N >= 1"));
+    const std::vector<std::string> opts = absl::StrSplit(spec.substr(colon + 1), ',');
+    for (const std::string& opt : opts) {
+      if (opt == "dms") {
+        dms = true;
+      } else if (opt.rfind("layers=", 0) != 0 || !absl::SimpleAtoi(opt.substr(7), &layers) ||
+                 layers < 1) {
+        return absl::InvalidArgumentError(absl::StrCat("bad synthetic model option '", opt,
+                                                       "' in '", spec,
+                                                       "': expected layers=N (N >= 1) or dms"));
+      }
     }
   }
   for (const Named& n : Catalog()) {
@@ -100,6 +108,17 @@ absl::StatusOr<ModelConfig> SyntheticConfig(const std::string& spec) {
       }
       c.n_layers = layers;
       c.name = absl::StrCat(c.name, ", first ", layers, " layers");
+    }
+    if (dms) {
+      // Variant A decisions from the last channel of each group's first query head, which on
+      // these random weights is close to a standard normal z: d = 100 z + 115 > 0 flags about
+      // 7/8 of tokens (P(z > -1.15) = 0.875), the rate of an 8x checkpoint. The window is the
+      // release's.
+      c.dms.enabled = true;
+      c.dms.window = 512;
+      c.dms.alpha_scale = 100.f;
+      c.dms.initial_alpha_offset = -115.f;
+      c.name = absl::StrCat(c.name, ", DMS Variant A decisions");
     }
     return c;
   }

@@ -22,7 +22,9 @@
 namespace dmsrt {
 
 // Known names: qwen3-8b, llama-3.1-8b (without its RoPE scaling), tiny-qwen3, tiny-llama. A name
-// may end in ":layers=N" to keep the first N layers (for quick runs).
+// may end in ":" and comma-separated options: "layers=N" keeps the first N layers (for quick
+// runs); "dms" turns on DMS Variant A decisions (window 512) with an offset that flags about 7/8
+// of tokens on these random weights, so that policy dms runs the model's own decision path.
 absl::StatusOr<ModelConfig> SyntheticConfig(const std::string& name);
 std::vector<std::string> SyntheticModelNames();
 

@@ -12,10 +12,14 @@
 // q/k norms, RoPE with the Variant-A decisions and channel zeroing, (Variant B: adapter norm,
 // GEMM, threshold), the KV layer, o_proj, residual, RMSNorm, one gate|up GEMM, SiLU-mul, down
 // GEMM, residual; then the final norm and the output GEMM for the rows that need logits only,
-// and device sampling where asked. Under policy dms the decision bits (rows x KV heads bytes)
-// come back to the host once per layer, because the bookkeeping needs them before the slots are
-// written; the other policies fix their bits on the host and the step runs without a sync until
-// its results are copied back.
+// and device sampling where asked. The other policies fix their bits on the host, so a step runs
+// without a sync until its results are copied back. Under policy dms the decision bits (rows x
+// KV heads bytes per layer) are computed on the device. A step of decode tokens only runs without
+// them too: no commit of the step reads them (KvIndex::CommitDecodeDeferred), so every layer's
+// bits come back with the step's results, in one copy, and the host hands them to the index
+// after the step. A step with a prefill chunk needs each layer's bits before that layer's slots
+// are written (the chunk's own visibility and slot reuse depend on them), so it waits for them
+// once per layer.
 //
 // Index arrays (block tables, lengths, slot writes) go up through a pinned staging arena that
 // is reset at each step; the device arena mirrors it offset for offset. Decode tables, the
@@ -233,7 +237,7 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override;
   KvCache& kv() override { return *kv_; }
-  absl::Status AppendUncomputed(SeqId seq, int32_t n) override;
+  absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) override;
   int64_t DeviceBytesInUse() const override {
     size_t free_b = 0, total_b = 0;
     if (cudaSetDevice(device_) != cudaSuccess) return 0;
@@ -686,13 +690,15 @@ absl::Status CudaBackend::Grow(int64_t rows) {
   DMSRT_RETURN_IF_ERROR(tmp_.Reserve(r * H_, stream_));
   DMSRT_RETURN_IF_ERROR(gu_.Reserve(r * 2 * F_, stream_));
   DMSRT_RETURN_IF_ERROR(act_.Reserve(r * F_, stream_));
-  DMSRT_RETURN_IF_ERROR(bits_.Reserve(r * nkv_, stream_));
+  // Decision bits: one [rows, n_kv] slice per layer (a decode step brings them all back at once).
+  const size_t bits_n = r * nkv_ * (dms_bits_ ? cfg_.n_layers : 1);
+  DMSRT_RETURN_IF_ERROR(bits_.Reserve(bits_n, stream_));
   DMSRT_RETURN_IF_ERROR(alpha_logits_.Reserve(r * nkv_, stream_));
-  if (bits_pinned_n_ < r * nkv_) {
+  if (bits_pinned_n_ < bits_n) {
     if (bits_pinned_ != nullptr) cudaFreeHost(bits_pinned_);
     bits_pinned_ = nullptr;
-    DMSRT_CUDA_OK(cudaMallocHost(&bits_pinned_, r * nkv_));
-    bits_pinned_n_ = r * nkv_;
+    DMSRT_CUDA_OK(cudaMallocHost(&bits_pinned_, bits_n));
+    bits_pinned_n_ = bits_n;
   }
   rows_cap_ = static_cast<int64_t>(r);
   return absl::OkStatus();
@@ -709,7 +715,7 @@ absl::Status CudaBackend::Gemm(int64_t m, int64_t n, int64_t k, const bf16* a, c
 
 // ---- the step ------------------------------------------------------------------------------------
 
-absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n) {
+absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
   if (n <= 0) return absl::OkStatus();
   DMSRT_RETURN_IF_ERROR(BindDevice());
   DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
@@ -719,9 +725,11 @@ absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n) {
     void CopyBlock(int32_t, int32_t) override {}
     void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
   } sink;
-  std::vector<uint8_t> zeros(static_cast<size_t>(n) * nkv_, 0);  // dms: nothing flagged
+  std::vector<uint8_t> bits(static_cast<size_t>(n) * nkv_, 0);
+  const int64_t pos0 = kv_->Length(seq);
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
-    if (!kv_->CommitRows(seq, l, n, 0, dms_bits_ ? zeros.data() : nullptr, sink)) {
+    if (dms_bits_) UncomputedDmsBits(l, nkv_, 0, pos0, n, dms_flag_rate, bits.data());
+    if (!kv_->CommitRows(seq, l, n, 0, dms_bits_ ? bits.data() : nullptr, sink)) {
       return absl::InternalError(absl::StrCat("appending to KV sequence ", seq, " failed"));
     }
   }
@@ -781,15 +789,18 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
 
   const float eps = cfg_.rms_eps;
   const int32_t rows = static_cast<int32_t>(T);
+  const bool defer_bits = dms_bits_ && PagedKvLayer::CanDeferBits(*kv_, chunks, n_decode);
+  const int64_t bits_layer = T * nkv_;  // bytes of one layer's bits
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
+    uint8_t* bits_l = bits_.get() + (defer_bits ? l * bits_layer : 0);
     if (variant_b_) {
       DMSRT_CUDA_OK(RmsNorm(x_.get(), L.alpha_norm, rows, H_, eps, xn_.get(), stream_));
       DMSRT_RETURN_IF_ERROR(Gemm(T, L.alpha_rows, H_, xn_.get(), L.alpha, alpha_logits_.get(),
                                  GemmOut::kF32, L.alpha_rows));
       DMSRT_CUDA_OK(DmsThreshold(rows, nkv_, alpha_logits_.get(), L.alpha_rows, L.alpha_bias,
                                  cfg_.dms.alpha_scale, cfg_.dms.initial_alpha_offset,
-                                 cfg_.dms.alpha_per_layer, bits_.get(), stream_));
+                                 cfg_.dms.alpha_per_layer, bits_l, stream_));
     }
     DMSRT_CUDA_OK(RmsNorm(x_.get(), L.attn_norm, rows, H_, eps, xn_.get(), stream_));
     DMSRT_RETURN_IF_ERROR(Gemm(T, QW_, H_, xn_.get(), L.wq, q_.get(), GemmOut::kBf16, QW_));
@@ -815,15 +826,15 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     rp.alpha_offset = cfg_.dms.initial_alpha_offset;
     rp.alpha_per_layer = cfg_.dms.alpha_per_layer;
     DMSRT_CUDA_OK(RopeDmsVariantA(rp, pos_d, q_.get(), k_.get(),
-                                  variant_a_ ? bits_.get() : nullptr, stream_));
+                                  variant_a_ ? bits_l : nullptr, stream_));
     const uint8_t* host_bits = nullptr;
-    if (dms_bits_) {
-      DMSRT_CUDA_OK(cudaMemcpyAsync(bits_pinned_, bits_.get(), static_cast<size_t>(T) * nkv_,
+    if (dms_bits_ && !defer_bits) {
+      DMSRT_CUDA_OK(cudaMemcpyAsync(bits_pinned_, bits_l, static_cast<size_t>(bits_layer),
                                     cudaMemcpyDeviceToHost, stream_));
       DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
       host_bits = bits_pinned_;
     }
-    DMSRT_RETURN_IF_ERROR(paged_.Run(*kv_, l, chunks, n_decode, host_bits, ops_));
+    DMSRT_RETURN_IF_ERROR(paged_.Run(*kv_, l, chunks, n_decode, host_bits, ops_, defer_bits));
     DMSRT_RETURN_IF_ERROR(ops_.status());
     DMSRT_RETURN_IF_ERROR(Gemm(T, H_, QW_, attn_.get(), L.wo, tmp_.get(), GemmOut::kBf16, H_));
     DMSRT_CUDA_OK(ResidualAdd(x_.get(), tmp_.get(), T * H_, stream_));
@@ -832,6 +843,12 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     DMSRT_CUDA_OK(SiluMul(gu_.get(), gu_.get() + F_, rows, F_, 2 * F_, act_.get(), F_, stream_));
     DMSRT_RETURN_IF_ERROR(Gemm(T, H_, F_, act_.get(), L.down, tmp_.get(), GemmOut::kBf16, H_));
     DMSRT_CUDA_OK(ResidualAdd(x_.get(), tmp_.get(), T * H_, stream_));
+  }
+  // Deferred bits, every layer's, come back with the step's results ([layers, rows, n_kv]).
+  if (defer_bits) {
+    DMSRT_CUDA_OK(cudaMemcpyAsync(bits_pinned_, bits_.get(),
+                                  static_cast<size_t>(cfg_.n_layers * bits_layer),
+                                  cudaMemcpyDeviceToHost, stream_));
   }
 
   // Rows that need logits on the device, in chunk order; `ret` = returned to the caller.
@@ -929,6 +946,12 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     }
   } else {
     DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
+  }
+  if (defer_bits) {
+    for (int32_t b = 0; b < n_decode; ++b) {
+      DMSRT_RETURN_IF_ERROR(
+          kv_->SetDeferredBits(chunks[b].seq, bits_pinned_ + static_cast<int64_t>(b) * nkv_, bits_layer));
+    }
   }
   return result;
 }

@@ -37,6 +37,7 @@ struct State {
   size_t device_bytes = 0;
   cudaError_t sticky = cudaSuccess;
   std::atomic<uint64_t> queued{0};
+  std::atomic<uint64_t> waits{0};
   Stream legacy;
   std::vector<std::unique_ptr<Stream>> streams;
 };
@@ -80,8 +81,9 @@ bool HostOnly() {
     const char* v = std::getenv("DMSRT_CUDA_EMULATOR_HOST_ONLY");
     if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
     std::atexit([] {
-      std::fprintf(stderr, "cuda emulator (host only): %llu device operations queued\n",
-                   static_cast<unsigned long long>(OperationsQueued()));
+      std::fprintf(stderr, "cuda emulator (host only): %llu device operations queued, %llu host waits\n",
+                   static_cast<unsigned long long>(OperationsQueued()),
+                   static_cast<unsigned long long>(HostWaits()));
     });
     return true;
   }();
@@ -89,6 +91,8 @@ bool HostOnly() {
 }
 
 uint64_t OperationsQueued() { return S().queued.load(); }
+void CountHostWait() { S().waits.fetch_add(1); }
+uint64_t HostWaits() { return S().waits.load(); }
 
 void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
   *err = StickyError();

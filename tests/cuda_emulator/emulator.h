@@ -47,6 +47,9 @@ size_t DeviceCapacity();
 bool HostOnly();
 // Device operations (launches, copies, memsets) queued so far.
 uint64_t OperationsQueued();
+// Times the host waited for the device (stream or device synchronisation, blocking copies).
+void CountHostWait();
+uint64_t HostWaits();
 
 // Allocation bookkeeping.
 void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err);

@@ -112,6 +112,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
+  emu::CountHostWait();
   emu::DrainAll();
   return Note(emu::StickyError());
 }
@@ -160,6 +161,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   if (!emu::KnownStream(s)) return Note(cudaErrorInvalidResourceHandle);
+  emu::CountHostWait();
   if (s == nullptr) {
     emu::DrainBlocking();
   } else {
@@ -174,6 +176,7 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, enum cudaMemcpyKind
   if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
   const cudaError_t e = CheckCopy(dst, src, n, &kind, "cudaMemcpy");
   if (e != cudaSuccess) return Note(e);
+  emu::CountHostWait();
   emu::DrainBlocking();
   if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
   std::memmove(dst, src, n);
@@ -191,6 +194,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
   const bool host_dst = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
   if (host_dst && !IsPinned(dst, n)) {
     // To pageable memory: returns only once the copy is done.
+    emu::CountHostWait();
     emu::Drain(s);
     if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
     std::memmove(dst, src, n);

@@ -240,6 +240,66 @@ TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {
   EXPECT_GE(same, heads - 1);
 }
 
+// Under dms the device backend runs decode-only steps without waiting for each layer's bits
+// (they reach the KV index after the step) and mixed steps with a wait per layer. Forks taken
+// right after a decode-only step, a prefill chunk next to decode tokens, and a preempted thread:
+// the decisions must still be the CPU's.
+TEST_P(CudaBackendTest, DmsBatchWithForksMatchesCpu) {
+  KvPolicyConfig dms;
+  dms.kind = KvPolicyKind::kDms;
+  Pair p = Make(GetParam(), dms, /*dms_model=*/true);
+  ASSERT_TRUE(p.cpu && p.gpu);
+  const int32_t V = p.host->config.vocab;
+  Backend* bs[2] = {p.cpu.get(), p.gpu.get()};
+  std::vector<std::vector<SeqId>> ids(2);
+  for (int k = 0; k < 2; ++k) {
+    Backend& be = *bs[k];
+    KvCache& kv = be.kv();
+    const SeqId root = *kv.Create();
+    Step(be, {Chunk(root, Prompt(30, V), SeqChunk::Logits::kNone)});
+    std::vector<SeqId> live;
+    for (int f = 0; f < 3; ++f) live.push_back(*kv.Fork(root));
+    const SeqId other = *kv.Create();
+    for (int s = 0; s < 12; ++s) {
+      std::vector<SeqChunk> batch;
+      if (s == 5) batch.push_back(Chunk(other, Prompt(11, V), SeqChunk::Logits::kNone));
+      for (size_t f = 0; f < live.size(); ++f) {
+        batch.push_back(Chunk(live[f], {static_cast<int32_t>((s * 7 + f * 13) % V)},
+                              SeqChunk::Logits::kNone, /*sample=*/true));
+      }
+      if (s >= 6) batch.push_back(Chunk(other, {(s * 5) % V}, SeqChunk::Logits::kNone));
+      Step(be, batch);
+      if (s == 3) live.push_back(*kv.Fork(live[0]));  // after a decode-only step
+      if (s == 8) {                                   // preempted
+        ASSERT_TRUE(kv.Free(live[1]).ok());
+        live.erase(live.begin() + 1);
+      }
+    }
+    ids[k] = live;
+    ids[k].push_back(other);
+  }
+  const KvGeometry& geo = p.cpu->kv().geometry();
+  int same = 0, heads = 0;
+  for (size_t s = 0; s < ids[0].size(); ++s) {
+    for (int32_t l = 0; l < geo.n_layers; ++l) {
+      for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
+        ++heads;
+        same += p.cpu->kv().ResidentPositions(ids[0][s], l, j) ==
+                p.gpu->kv().ResidentPositions(ids[1][s], l, j);
+      }
+    }
+  }
+  const KvFigures fc = p.cpu->kv().Figures(), fg = p.gpu->kv().Figures();
+  std::printf("[ %s ] dms batch with forks: flagged %lld (cpu) vs %lld (cuda) of %lld; resident "
+              "sets identical in %d/%d (sequence, head) pairs\n", GetParam(),
+              static_cast<long long>(fc.flagged_tokens), static_cast<long long>(fg.flagged_tokens),
+              static_cast<long long>(fc.logical_tokens), same, heads);
+  EXPECT_EQ(fc.logical_tokens, fg.logical_tokens);
+  EXPECT_GT(fc.flagged_tokens, fc.logical_tokens / 10) << "the decisions are not exercised";
+  EXPECT_LE(std::llabs(fc.flagged_tokens - fg.flagged_tokens), fc.logical_tokens / 100 + 1);
+  EXPECT_GE(same, heads - heads / 10);
+}
+
 // The default model from its GGUF file: Q4_1/Q6_K/Q8_0 weights dequantized to bf16 on the device
 // against the CPU backend's quantized products (with int8 activations, so the two differ by more
 // than bf16 rounding alone), tied embeddings, 3 KV heads of 3 query heads each.

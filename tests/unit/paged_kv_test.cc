@@ -2,11 +2,14 @@
 // the plain C++ references of the CUDA kernels as its operations, against the CPU KvCache on the
 // same token streams: attention outputs, resident sets and figures must agree for every policy
 // the index supports, through forks (shared blocks whose tokens one fork has flagged and another
-// has not), mixed steps of decode tokens and prefill chunks, and frees.
+// has not), mixed steps of decode tokens and prefill chunks, and frees. Under policy dms the
+// decode-only steps also run with deferred decision bits (handed over after the step, as the
+// CUDA backend does), which must change nothing.
 #include "runtime/paged_kv.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -112,6 +115,7 @@ class HostOps final : public PagedKvOps {
 struct Case {
   const char* name;
   KvPolicyConfig policy;
+  bool defer = false;  // decode-only steps commit without their bits, given after the step
 };
 
 KvPolicyConfig Policy(KvPolicyKind kind, int32_t window, double rate = 0, int32_t sinks = 2) {
@@ -144,7 +148,7 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   const int32_t kT = 40;
   const Stream base = MakeStream(kT, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, 1, 0.5);
   std::map<int, Stream> streams;
-  for (int s = 1; s < 5; ++s) {
+  for (int s = 1; s < 6; ++s) {
     streams[s] = MakeStream(kT, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, 100 + s, 0.5);
   }
   // Logical sequence -> (cpu id, index id); tokens before `fork_at` come from `base`.
@@ -155,6 +159,7 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   };
 
   // One step: (logical seq, tokens); decode chunks (one token) are placed first.
+  int deferred_steps = 0;
   auto step = [&](std::vector<std::pair<int, int32_t>> batch) {
     std::stable_sort(batch.begin(), batch.end(),
                      [](auto& a, auto& b) { return (a.second == 1) > (b.second == 1); });
@@ -170,6 +175,9 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
     }
     const int64_t qw = static_cast<int64_t>(geo.n_heads) * geo.head_dim;
     const int64_t kw = static_cast<int64_t>(geo.n_kv_heads) * geo.head_dim;
+    const bool defer = GetParam().defer && PagedKvLayer::CanDeferBits(idx, chunks, n_decode);
+    if (defer) ++deferred_steps;
+    std::vector<uint8_t> step_bits;  // [layer, rows, n_kv] when deferred
     std::vector<int64_t> start;
     for (auto [ls, n] : batch) start.push_back(cpu.Length(seqs.at(ls).cpu));
     for (int32_t l = 0; l < geo.n_layers; ++l) {
@@ -199,12 +207,25 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
       ops.k = k.data();
       ops.v = v.data();
       ops.out = out.data();
-      ASSERT_TRUE(layer_runner.Run(idx, l, chunks, n_decode, dms ? bits.data() : nullptr, ops).ok());
+      if (defer) {
+        step_bits.insert(step_bits.end(), bits.begin(), bits.end());
+        ASSERT_TRUE(layer_runner.Run(idx, l, chunks, n_decode, nullptr, ops, true).ok());
+      } else {
+        ASSERT_TRUE(layer_runner.Run(idx, l, chunks, n_decode, dms ? bits.data() : nullptr, ops).ok());
+      }
       for (int64_t i = 0; i < rows * qw; ++i) {
         ASSERT_NEAR(out[i], out_ref[i], 1e-4 * (1 + std::fabs(out_ref[i])))
             << GetParam().name << " layer " << l << " element " << i;
       }
     }
+    if (defer) {
+      for (const PagedChunk& c : chunks) {
+        ASSERT_TRUE(idx.SetDeferredBits(c.seq, step_bits.data() + c.row0 * geo.n_kv_heads,
+                                        rows * geo.n_kv_heads).ok());
+      }
+    }
+    // Given bits reach the ring only at the next commit; the figures count them already.
+    ASSERT_EQ(cpu.Figures().flagged_tokens, idx.Figures().flagged_tokens) << GetParam().name;
     for (auto& [ls, s] : seqs) {
       ASSERT_EQ(cpu.Length(s.cpu), idx.Length(s.idx));
       for (int32_t l = 0; l < geo.n_layers; ++l) {
@@ -232,6 +253,8 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   create(3, 4);
   step({{1, 1}, {3, 6}, {2, 1}});
   for (int i = 0; i < 6; ++i) step({{1, 1}, {2, 1}, {3, 1}});
+  fork(3, 5, 5);  // right after a decode-only step: its bits are given, not yet in the ring
+  step({{5, 1}, {3, 1}});
   ASSERT_TRUE(cpu.Free(seqs[0].cpu).ok());
   ASSERT_TRUE(idx.Free(seqs[0].idx).ok());
   seqs.erase(0);
@@ -254,6 +277,9 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   if (pol.kind != KvPolicyKind::kNone) {
     EXPECT_GT(ops.set_calls, 0);
   }
+  if (GetParam().defer && pol.window >= 1) {
+    EXPECT_GE(deferred_steps, 12) << "the deferred path did not run";
+  }
   for (auto& [ls, s] : seqs) {
     ASSERT_TRUE(cpu.Free(s.cpu).ok());
     ASSERT_TRUE(idx.Free(s.idx).ok());
@@ -266,9 +292,144 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"none", Policy(KvPolicyKind::kNone, 0)},
                       Case{"dms_w3", Policy(KvPolicyKind::kDms, 3)},
                       Case{"dms_w0", Policy(KvPolicyKind::kDms, 0)},
+                      Case{"dms_w3_deferred", Policy(KvPolicyKind::kDms, 3), true},
+                      Case{"dms_w1_deferred", Policy(KvPolicyKind::kDms, 1), true},
+                      Case{"dms_w0_cannot_defer", Policy(KvPolicyKind::kDms, 0), true},
                       Case{"forced_w2", Policy(KvPolicyKind::kForced, 2, 0.5)},
                       Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// Deferred bits against a pool kept nearly full: every Reserve that succeeds must cover the
+// commits that follow, although a layer's block needs for the next token are computed while the
+// bit that flags the previous token is still unknown (with w = 1 that token leaves next, and its
+// slot may sit in a block a fork shares), and a chunk after a deferred step reserves from flags
+// given but not yet applied. Random forks, frees, chunks and bits, windows 1..4.
+TEST(PagedKvIndex, DeferredBitsKeepReservationsABound) {
+  struct NullSink final : KvSlotSink {
+    void CopyBlock(int32_t, int32_t) override {}
+    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+  } sink;
+  int64_t exhausted = 0, forks = 0, commits = 0;
+  for (int32_t w = 1; w <= 4; ++w) {
+    for (uint32_t seed = 0; seed < 40; ++seed) {
+      const KvGeometry geo = Geo(/*layers=*/2, /*nkv=*/2, /*nh=*/2, /*hd=*/8, /*block=*/2);
+      KvPolicyConfig pol = Policy(KvPolicyKind::kDms, w);
+      auto idx_or = MakeKvIndex(geo, pol, 40 * 256, 256);  // 40 blocks
+      ASSERT_TRUE(idx_or.ok()) << idx_or.status();
+      KvIndex& idx = **idx_or;
+      std::mt19937 rng(seed * 7919u + static_cast<uint32_t>(w));
+      std::vector<SeqId> live;
+      auto bits_of = [&](std::vector<uint8_t>* b) {
+        for (auto& x : *b) x = rng() % 3 != 0;  // mostly flagged: many slots recycled
+      };
+      {
+        const SeqId s = *idx.Create();
+        ASSERT_TRUE(idx.Reserve(s, 5).ok());
+        std::vector<uint8_t> b(5 * geo.n_kv_heads);
+        bits_of(&b);
+        for (int32_t l = 0; l < geo.n_layers; ++l) ASSERT_TRUE(idx.CommitRows(s, l, 5, 0, b.data(), sink));
+        live.push_back(s);
+      }
+      for (int step = 0; step < 60 && !live.empty(); ++step) {
+        if (rng() % 4 == 0 && live.size() < 6) {
+          auto f = idx.Fork(live[rng() % live.size()]);
+          ASSERT_TRUE(f.ok()) << f.status();
+          live.push_back(*f);
+          ++forks;
+        }
+        // Mostly deferred decode steps; sometimes a step of chunks (committed with their bits).
+        const bool chunks = rng() % 5 == 0;
+        const int32_t n = chunks ? 1 + static_cast<int32_t>(rng() % 4) : 1;
+        std::vector<SeqId> batch;
+        for (SeqId s : live) {
+          const absl::Status r = idx.Reserve(s, n);
+          if (r.ok()) {
+            batch.push_back(s);
+          } else {
+            ASSERT_EQ(r.code(), absl::StatusCode::kResourceExhausted) << r;
+            ++exhausted;
+          }
+        }
+        if (batch.size() < live.size() && rng() % 2 == 0) {  // preempt one that did not fit
+          for (size_t i = 0; i < live.size(); ++i) {
+            if (std::find(batch.begin(), batch.end(), live[i]) == batch.end()) {
+              ASSERT_TRUE(idx.Free(live[i]).ok());
+              live.erase(live.begin() + static_cast<std::ptrdiff_t>(i));
+              break;
+            }
+          }
+        }
+        if (chunks) {
+          std::vector<uint8_t> b(static_cast<size_t>(n) * geo.n_kv_heads);
+          for (int32_t l = 0; l < geo.n_layers; ++l) {
+            for (SeqId s : batch) {
+              bits_of(&b);
+              ASSERT_TRUE(idx.CommitRows(s, l, n, 0, b.data(), sink))
+                  << "a reserved chunk ran out of blocks: w " << w << " seed " << seed;
+              ++commits;
+            }
+          }
+          continue;
+        }
+        for (int32_t l = 0; l < geo.n_layers; ++l) {
+          for (size_t b = 0; b < batch.size(); ++b) {
+            ASSERT_TRUE(idx.CommitDecodeDeferred(batch[b], l, static_cast<int32_t>(b), sink))
+                << "a reserved deferred commit ran out of blocks: w " << w << " seed " << seed
+                << " step " << step;
+            ++commits;
+          }
+        }
+        std::vector<uint8_t> bits(static_cast<size_t>(geo.n_layers) * batch.size() * geo.n_kv_heads);
+        bits_of(&bits);
+        const int64_t stride = static_cast<int64_t>(batch.size()) * geo.n_kv_heads;
+        for (size_t b = 0; b < batch.size(); ++b) {
+          ASSERT_TRUE(idx.SetDeferredBits(batch[b], bits.data() + b * geo.n_kv_heads, stride).ok());
+        }
+      }
+      for (SeqId s : live) ASSERT_TRUE(idx.Free(s).ok());
+      EXPECT_EQ(idx.free_blocks(), idx.total_blocks());
+    }
+  }
+  EXPECT_GT(exhausted, 100) << "the pool was never full: the test checks nothing";
+  EXPECT_GT(forks, 100);
+  EXPECT_GT(commits, 10000);
+}
+
+// Misuse of deferred bits is refused, and leaves a sequence that says so.
+TEST(PagedKvIndex, DeferredBitsMisuse) {
+  struct NullSink final : KvSlotSink {
+    void CopyBlock(int32_t, int32_t) override {}
+    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+  } sink;
+  const KvGeometry geo = Geo(2, 1, 2, 8, 4);
+  std::vector<uint8_t> bits(8, 1);
+  {
+    auto forced = MakeKvIndex(geo, Policy(KvPolicyKind::kForced, 3, 0.5), 1 << 20, 256);
+    ASSERT_TRUE(forced.ok());
+    const SeqId s = *(*forced)->Create();
+    ASSERT_TRUE((*forced)->Reserve(s, 1).ok());
+    EXPECT_FALSE((*forced)->CommitDecodeDeferred(s, 0, 0, sink)) << "only model bits are deferred";
+  }
+  auto idx_or = MakeKvIndex(geo, Policy(KvPolicyKind::kDms, 3), 1 << 20, 256);
+  ASSERT_TRUE(idx_or.ok());
+  KvIndex& idx = **idx_or;
+  const SeqId s = *idx.Create();
+  ASSERT_TRUE(idx.Reserve(s, 1).ok());
+  ASSERT_TRUE(idx.CommitDecodeDeferred(s, 0, 0, sink));
+  EXPECT_EQ(idx.SetDeferredBits(s, bits.data(), 1).code(), absl::StatusCode::kFailedPrecondition)
+      << "layer 1 was not committed yet";
+  ASSERT_TRUE(idx.CommitDecodeDeferred(s, 1, 0, sink));
+  EXPECT_EQ(idx.Fork(s).status().code(), absl::StatusCode::kFailedPrecondition)
+      << "a fork must not copy a ring whose flags are still unknown";
+  const absl::Status r = idx.Reserve(s, 1);
+  EXPECT_EQ(r.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.message().find("never supplied"), std::string::npos) << r;
+  ASSERT_TRUE(idx.SetDeferredBits(s, bits.data(), 1).ok());
+  EXPECT_EQ(idx.SetDeferredBits(s, bits.data(), 1).code(), absl::StatusCode::kFailedPrecondition)
+      << "bits given twice";
+  ASSERT_TRUE(idx.Reserve(s, 1).ok());
+  EXPECT_TRUE(idx.Fork(s).ok());
+}
 
 TEST(PagedKvIndex, RefusesAttentionScoredPoliciesAndStorageCalls) {
   const KvGeometry geo = Geo(1, 1, 2, 8, 4);

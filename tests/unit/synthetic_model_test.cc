@@ -1,5 +1,6 @@
-// Synthetic models on the CPU backend, host sampling through SeqChunk::sample, step validation
-// and AppendUncomputed.
+// Synthetic models on the CPU backend, host sampling through SeqChunk::sample, step validation,
+// AppendUncomputed, and the dms option (the model's own decisions at about the rate of an 8x
+// checkpoint).
 #include "runtime/synthetic_model.h"
 
 #include <gtest/gtest.h>
@@ -30,6 +31,14 @@ TEST(SyntheticModel, NamedShapesAndErrors) {
   EXPECT_EQ(q4->n_layers, 4);
   EXPECT_FALSE(SyntheticConfig("qwen3-8b:layers=99").ok());
   EXPECT_FALSE(SyntheticConfig("qwen3-8b:heads=4").ok());
+  EXPECT_FALSE(SyntheticConfig("qwen3-8b:dms,").ok());
+  auto qd = SyntheticConfig("qwen3-8b:layers=2,dms");
+  ASSERT_TRUE(qd.ok()) << qd.status();
+  EXPECT_EQ(qd->n_layers, 2);
+  EXPECT_TRUE(qd->dms.enabled);
+  EXPECT_FALSE(qd->dms.separate_alpha);
+  EXPECT_EQ(qd->dms.window, 512);
+  EXPECT_FALSE(q->dms.enabled);
   auto bad = SyntheticConfig("gpt-9");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("qwen3-8b"), std::string::npos) << bad.status();
@@ -90,11 +99,41 @@ TEST(SyntheticModel, CpuBackendRunsAndSamplesOnHost) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*b)->Forward({MakeChunk(s, {c->vocab})}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  ASSERT_TRUE((*b)->AppendUncomputed(s, 100).ok());
+  ASSERT_TRUE((*b)->AppendUncomputed(s, 100, 0.0).ok());
   EXPECT_EQ((*b)->kv().Length(s), 104);
   auto after = (*b)->Forward({MakeChunk(s, {7})});
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_TRUE(std::isfinite(after->logits[0]));
+}
+
+// The dms option: the model's decisions on a prompt flag about 7/8 of tokens, and an uncomputed
+// context under policy dms is flagged at the rate asked for.
+TEST(SyntheticModel, DmsOptionDecidesAtAboutSevenEighths) {
+  auto c = SyntheticConfig("tiny-qwen3:dms");
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto m = MakeSyntheticModel(*c, 3, true);
+  ASSERT_TRUE(m.ok()) << m.status();
+  BackendOptions o;
+  o.threads = 1;
+  o.kv_policy.kind = KvPolicyKind::kDms;
+  o.kv_policy.window = c->dms.window;
+  auto b = MakeCpuBackend(**m, o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  KvCache& kv = (*b)->kv();
+  const SeqId s = *kv.Create();
+  std::vector<int32_t> prompt(300);
+  for (int32_t i = 0; i < 300; ++i) prompt[i] = (i * 7919 + 11) % c->vocab;
+  ASSERT_TRUE((*b)->Forward({MakeChunk(s, prompt, SeqChunk::Logits::kNone)}).ok());
+  const double model_rate = kv.Figures(s).eviction_rate();
+  EXPECT_GT(model_rate, 0.78);
+  EXPECT_LT(model_rate, 0.95);
+
+  const SeqId u = *kv.Create();
+  ASSERT_TRUE((*b)->AppendUncomputed(u, 4000, 0.5).ok());
+  const double fill_rate = kv.Figures(u).eviction_rate();
+  EXPECT_NEAR(fill_rate, 0.5, 0.02);
+  std::printf("model decisions flag %.3f of prompt tokens; uncomputed fill at 0.5 flags %.3f\n",
+              model_rate, fill_rate);
 }
 
 }  // namespace
