@@ -900,12 +900,16 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     // Sampled rows are gathered into their own compact logits block when they are not already
     // contiguous from row 0 (the usual decode step: every chunk samples, one row each).
     const int32_t S = static_cast<int32_t>(sp.size());
-    std::vector<int32_t> tokens(S);
-    std::vector<float> lps(S);
+    // Sampled tokens and log-probabilities come back into pinned staging memory, so that the
+    // copies are asynchronous and the step waits once, at its end.
+    int32_t* tokens = nullptr;
+    float* lps = nullptr;
     if (S > 0) {
       DMSRT_RETURN_IF_ERROR(tokens_.Reserve(S, stream_));
       DMSRT_RETURN_IF_ERROR(logprobs_.Reserve(S, stream_));
-      DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(sp)));
+      DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(sp) + 2 * S * sizeof(int32_t) + 32));
+      tokens = static_cast<int32_t*>(stage_.Claim(S * sizeof(int32_t)));
+      lps = static_cast<float*>(stage_.Claim(S * sizeof(float)));
       const auto* sp_d = static_cast<const DeviceSamplingParams*>(
           stage_.Stage(sp.data(), Bytes(sp), stream_, &staged));
       DMSRT_CUDA_OK(staged);
@@ -923,8 +927,8 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
         DMSRT_CUDA_OK(SampleTokens(logits_.get(), S, vocab_, vocab_, sp_d, tokens_.get(),
                                    logprobs_.get(), stream_));
       }
-      DMSRT_CUDA_OK(cudaMemcpyAsync(tokens.data(), tokens_.get(), S * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-      DMSRT_CUDA_OK(cudaMemcpyAsync(lps.data(), logprobs_.get(), S * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      DMSRT_CUDA_OK(cudaMemcpyAsync(tokens, tokens_.get(), S * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+      DMSRT_CUDA_OK(cudaMemcpyAsync(lps, logprobs_.get(), S * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     }
     const int64_t returned = static_cast<int64_t>(result.row_chunk.size());
     result.logits.resize(static_cast<size_t>(returned) * vocab_);

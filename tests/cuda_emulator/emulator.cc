@@ -28,6 +28,7 @@ struct Block {
 
 struct Stream {
   bool blocking = true;
+  bool pending = false;  // work queued since the host last waited for this stream
   std::deque<std::function<void()>> work;
 };
 
@@ -91,7 +92,6 @@ bool HostOnly() {
 }
 
 uint64_t OperationsQueued() { return S().queued.load(); }
-void CountHostWait() { S().waits.fetch_add(1); }
 uint64_t HostWaits() { return S().waits.load(); }
 
 void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
@@ -229,14 +229,20 @@ void DeleteStream(cudaStream_t s) {
 
 void Enqueue(cudaStream_t s, std::function<void()> work) {
   S().queued.fetch_add(1);
-  if (HostOnly()) return;
   Stream* st = Get(s);
   std::lock_guard<std::mutex> lock(S().mu);
+  st->pending = true;
+  if (HostOnly()) return;
   st->work.push_back(std::move(work));
 }
 
 void Drain(cudaStream_t s) {
   Stream* st = Get(s);
+  {
+    std::lock_guard<std::mutex> lock(S().mu);
+    if (st->pending) S().waits.fetch_add(1);
+    st->pending = false;
+  }
   for (;;) {
     std::function<void()> w;
     {

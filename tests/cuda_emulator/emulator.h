@@ -25,7 +25,9 @@
 // work a device cannot hide (bookkeeping, index building, staging, enqueueing): device memory is
 // reserved address space that is never touched, and queued work is counted and dropped instead
 // of run. Argument checks still run; results read back are zeros. With DMSRT_CUDA_EMULATOR_MIB
-// set to a real device's memory, a full-size synthetic model runs on a small host.
+// set to a real device's memory, a full-size synthetic model runs on a small host. At exit it
+// prints the device operations queued and the host waits: synchronisations (or blocking copies)
+// that found work queued since the last wait on that stream.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,8 +49,9 @@ size_t DeviceCapacity();
 bool HostOnly();
 // Device operations (launches, copies, memsets) queued so far.
 uint64_t OperationsQueued();
-// Times the host waited for the device (stream or device synchronisation, blocking copies).
-void CountHostWait();
+// Times the host waited for queued work: a synchronisation or blocking copy that found work
+// queued on a stream since the last wait for it (waits on an idle stream cost a device little
+// and are not counted).
 uint64_t HostWaits();
 
 // Allocation bookkeeping.

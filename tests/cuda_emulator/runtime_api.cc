@@ -112,7 +112,6 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
-  emu::CountHostWait();
   emu::DrainAll();
   return Note(emu::StickyError());
 }
@@ -161,7 +160,6 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   if (!emu::KnownStream(s)) return Note(cudaErrorInvalidResourceHandle);
-  emu::CountHostWait();
   if (s == nullptr) {
     emu::DrainBlocking();
   } else {
@@ -176,7 +174,6 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, enum cudaMemcpyKind
   if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
   const cudaError_t e = CheckCopy(dst, src, n, &kind, "cudaMemcpy");
   if (e != cudaSuccess) return Note(e);
-  emu::CountHostWait();
   emu::DrainBlocking();
   if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
   std::memmove(dst, src, n);
@@ -194,7 +191,6 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
   const bool host_dst = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
   if (host_dst && !IsPinned(dst, n)) {
     // To pageable memory: returns only once the copy is done.
-    emu::CountHostWait();
     emu::Drain(s);
     if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
     std::memmove(dst, src, n);
@@ -206,6 +202,9 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
                                                     static_cast<const char*>(src) + n);
     emu::Enqueue(s, [dst, copy] { std::memcpy(dst, copy->data(), copy->size()); });
     return cudaSuccess;
+  }
+  if (emu::HostOnly() && kind == cudaMemcpyDeviceToHost) {
+    std::memset(dst, 0, n);  // device memory is never written in host-only mode: it reads as 0
   }
   emu::Enqueue(s, [dst, src, n] { std::memmove(dst, src, n); });
   return cudaSuccess;
