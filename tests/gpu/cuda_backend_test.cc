@@ -11,11 +11,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/engine.h"
 #include "runtime/model.h"
+#include "runtime/tokenizer.h"
 #include "runtime/synthetic_model.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -431,6 +434,109 @@ INSTANTIATE_TEST_SUITE_P(Tiny, CudaBackendTest, ::testing::Values("tiny-qwen3", 
                            std::replace(s.begin(), s.end(), '-', '_');
                            return s;
                          });
+
+// The engine over the CUDA backend under policy dms, as `serve --backend cuda` runs it: a best-of-N
+// job forks its prompt, decodes its threads in decode-only steps (bits handed to the KV index after
+// each step), and under a budget that holds about one and a half threads preempts and recomputes
+// them (prefill steps after deferred ones, frees of sequences whose bits were just given). Every
+// thread must finish, and the pool must be whole afterwards; a cancelled job frees its blocks.
+TEST(CudaBackendEngine, BestOfNUnderDmsWithPreemptionAndCancel) {
+  DMSRT_REQUIRE_GPU();
+  const char* dir = std::getenv("DMSRT_CUDA_TEST_MODELS");
+  if (dir == nullptr) GTEST_SKIP() << "DMSRT_CUDA_TEST_MODELS is not set";
+  auto model = LoadModel(std::string(dir) + "/qwen3_dmsB");
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto tok = Tokenizer::Create((*model)->tokenizer);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto make = [&](int64_t budget) {
+    BackendOptions o;
+    o.kv_block_tokens = 16;
+    o.kv_budget_bytes = budget;
+    o.kv_policy.kind = KvPolicyKind::kDms;
+    auto b = MakeCudaBackend(**model, o);
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? std::move(*b) : nullptr;
+  };
+  constexpr int32_t kThreads = 6, kMaxTokens = 40, kPrompt = 19;
+  EngineJobSpec spec;
+  for (int32_t i = 0; i < kPrompt; ++i) spec.prompt.push_back(3 + (i * 37) % ((*model)->config.vocab - 3));
+  for (int32_t i = 0; i < kThreads; ++i) spec.thread_indices.push_back(i);
+  spec.sampling.temperature = 4.0f;
+  spec.sampling.top_k = 0;
+  spec.sampling.seed = 5;
+  spec.max_tokens = kMaxTokens;
+  spec.ignore_eos = true;
+
+  struct Out {
+    std::map<int32_t, std::vector<int32_t>> tokens;
+    std::map<int32_t, FinishReason> reason;
+    std::map<int32_t, int32_t> preemptions;
+    bool job_done = false;
+  };
+  auto run = [&](Backend& backend, Out* out, int64_t* preemptions) {
+    Engine engine(backend, **tok, **model);
+    auto sink = [out](const EngineEvent& ev) {
+      if (ev.kind == EngineEvent::Kind::kThreadFinished) {
+        out->tokens[ev.thread_index] = ev.token_ids;
+        out->reason[ev.thread_index] = ev.reason;
+        out->preemptions[ev.thread_index] = ev.preemptions;
+      } else if (ev.kind == EngineEvent::Kind::kJobFinished) {
+        out->job_done = true;
+      }
+    };
+    ASSERT_TRUE(engine.Submit(spec, sink).ok());
+    for (int i = 0; i < 5000 && !engine.Idle(); ++i) {
+      auto r = engine.Step();
+      ASSERT_TRUE(r.ok()) << r.status();
+    }
+    ASSERT_TRUE(engine.Idle());
+    *preemptions = engine.Stats().preemptions;
+  };
+
+  auto big = make(8ll << 20);
+  ASSERT_NE(big, nullptr);
+  Out ref;
+  int64_t ref_preemptions = 0;
+  run(*big, &ref, &ref_preemptions);
+  ASSERT_TRUE(ref.job_done);
+  EXPECT_EQ(ref_preemptions, 0);
+  EXPECT_EQ(big->kv().free_blocks(), big->kv().total_blocks());
+
+  // A thread alone holds at most its dense cache: n_layers * n_kv * ceil(tokens / 16) blocks.
+  const KvGeometry& g = big->kv().geometry();
+  const int64_t per_thread = static_cast<int64_t>(g.n_layers) * g.n_kv_heads *
+                             ((kPrompt + kMaxTokens + 15) / 16);
+  auto small = make(per_thread * 3 / 2 * big->kv().block_bytes());
+  ASSERT_NE(small, nullptr);
+  Out got;
+  int64_t preemptions = 0;
+  run(*small, &got, &preemptions);
+  ASSERT_TRUE(got.job_done);
+  EXPECT_GT(preemptions, 0) << "the budget was meant to force preemption";
+  int identical = 0;
+  for (int32_t i = 0; i < kThreads; ++i) {
+    ASSERT_EQ(got.reason[i], FinishReason::kLength) << "thread " << i;
+    ASSERT_EQ(got.tokens[i].size(), static_cast<size_t>(kMaxTokens)) << "thread " << i;
+    identical += got.tokens[i] == ref.tokens[i];
+  }
+  std::printf("[ engine, dms ] %lld preemptions; %d/%d threads identical to the unconstrained run\n",
+              static_cast<long long>(preemptions), identical, kThreads);
+  // A recomputed thread prefills what it had decoded: other kernels, so on a device its bf16
+  // activations (and, rarely, a sampled token or a decision) may differ from the first run.
+  EXPECT_GE(identical, kThreads / 2);
+  EXPECT_EQ(small->kv().free_blocks(), small->kv().total_blocks());
+
+  // Cancel a job in the middle of decoding: its blocks come back at the next step.
+  Engine engine(*small, **tok, **model);
+  auto job = engine.Submit(spec, nullptr);
+  ASSERT_TRUE(job.ok());
+  for (int i = 0; i < 12; ++i) ASSERT_TRUE(engine.Step().ok());
+  EXPECT_LT(small->kv().free_blocks(), small->kv().total_blocks());
+  ASSERT_TRUE(engine.Cancel(*job).ok());
+  for (int i = 0; i < 3 && !engine.Idle(); ++i) ASSERT_TRUE(engine.Step().ok());
+  EXPECT_TRUE(engine.Idle());
+  EXPECT_EQ(small->kv().free_blocks(), small->kv().total_blocks());
+}
 
 }  // namespace
 }  // namespace dmsrt
