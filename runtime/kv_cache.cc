@@ -576,18 +576,17 @@ class CpuKvCache final : public KvIndex {
     }
   }
 
-  KvHeadView HeadView(SeqId id, int32_t layer, int32_t head) const override {
-    KvHeadView v;
+  void HeadViews(SeqId id, int32_t layer, KvHeadView* out) const override {
     auto it = seqs_.find(id);
-    if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers || head < 0 ||
-        head >= geo_.n_kv_heads) {
-      return v;
+    const bool known = it != seqs_.end() && layer >= 0 && layer < geo_.n_layers;
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      if (!known) {
+        out[j] = KvHeadView{};
+        continue;
+      }
+      const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + j];
+      out[j] = KvHeadView{h.blocks.data(), static_cast<int32_t>(h.blocks.size()), h.n};
     }
-    const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + head];
-    v.blocks = h.blocks.data();
-    v.n_blocks = static_cast<int32_t>(h.blocks.size());
-    v.length = h.n;
-    return v;
   }
 
   int PolicyBit(int32_t layer, int32_t head, int64_t t) const override {

@@ -186,7 +186,9 @@ class KvIndex : public KvCache {
   // its next Reserve (FAILED_PRECONDITION) and must be freed.
   virtual bool CommitDecodeDeferred(SeqId seq, int32_t layer, int32_t row, KvSlotSink& sink) = 0;
   virtual absl::Status SetDeferredBits(SeqId seq, const uint8_t* bits, int64_t layer_stride) = 0;
-  virtual KvHeadView HeadView(SeqId seq, int32_t layer, int32_t head) const = 0;
+  // The views of every KV head of (seq, layer): out[0 .. n_kv_heads). Empty views for an unknown
+  // sequence or layer. Valid until the sequence changes.
+  virtual void HeadViews(SeqId seq, int32_t layer, KvHeadView* out) const = 0;
   // A hint that CommitRows(seq, layer, ...) comes soon: starts loading the state it touches. A
   // step's commits visit a few cache lines of every (sequence, layer, head), none of them warm
   // at a large batch; issuing these loads a few sequences ahead overlaps their latencies. The

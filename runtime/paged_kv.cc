@@ -57,16 +57,16 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
     const PagedChunk& c = chunks[ci];
     const int64_t P = kv.Length(c.seq);
     if (P < 0) return absl::NotFoundError(absl::StrCat("no KV sequence with id ", c.seq));
+    views_.resize(nkv);
+    kv.HeadViews(c.seq, layer, views_.data());
     int32_t max_blocks = 1;
-    for (int32_t j = 0; j < nkv; ++j) {
-      max_blocks = std::max(max_blocks, kv.HeadView(c.seq, layer, j).n_blocks);
-    }
+    for (int32_t j = 0; j < nkv; ++j) max_blocks = std::max(max_blocks, views_[j].n_blocks);
     table_.assign(static_cast<size_t>(nkv) * max_blocks, 0);
     lengths_.assign(nkv, 0);
     last_vis_new_.assign(static_cast<size_t>(c.n) * nkv, kNever);
     flagged_.clear();
     for (int32_t j = 0; j < nkv; ++j) {
-      const KvHeadView v = kv.HeadView(c.seq, layer, j);
+      const KvHeadView& v = views_[j];
       std::copy(v.blocks, v.blocks + v.n_blocks, table_.begin() + static_cast<int64_t>(j) * max_blocks);
       lengths_[j] = v.length;
       if (w < 0) continue;
@@ -140,11 +140,11 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
       if (chunks[b].n != 1 || chunks[b].row0 != b) {
         return absl::InternalError("decode chunks must be one token each, at rows 0 .. n_decode-1");
       }
+      KvHeadView* v = views_.data() + static_cast<size_t>(b) * nkv;
+      kv.HeadViews(chunks[b].seq, layer, v);
       for (int32_t j = 0; j < nkv; ++j) {
-        const KvHeadView v = kv.HeadView(chunks[b].seq, layer, j);
-        views_[static_cast<size_t>(b) * nkv + j] = v;
-        max_blocks = std::max(max_blocks, v.n_blocks);
-        max_length = std::max(max_length, v.length);
+        max_blocks = std::max(max_blocks, v[j].n_blocks);
+        max_length = std::max(max_length, v[j].length);
       }
     }
     const size_t n_tables = views_.size();
