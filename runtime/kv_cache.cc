@@ -548,18 +548,12 @@ class CpuKvCache final : public KvIndex {
     return absl::OkStatus();
   }
 
-  void PrefetchCommit(SeqId id, int32_t layer, bool records_only) const override {
+  void PrefetchCommit(SeqId id, int32_t layer) const override {
     auto it = seqs_.find(id);
     if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return;
     const Sequence& s = *it->second;
     const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
     const int64_t P = s.length;
-    if (records_only) {
-      const char* first = reinterpret_cast<const char*>(&s.heads[base]);
-      const char* end = reinterpret_cast<const char*>(&s.heads[base] + geo_.n_kv_heads);
-      for (const char* p = first; p < end; p += 64) __builtin_prefetch(p, 1);
-      return;
-    }
     for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
       const HeadState& h = s.heads[base + j];
       // The ring entries of the tokens flagged and leaving now, and the ends the appends grow.

@@ -191,10 +191,8 @@ class KvIndex : public KvCache {
   virtual void HeadViews(SeqId seq, int32_t layer, KvHeadView* out) const = 0;
   // A hint that CommitRows(seq, layer, ...) comes soon: starts loading the state it touches. A
   // step's commits visit a few cache lines of every (sequence, layer, head), none of them warm
-  // at a large batch; issuing these loads a few sequences ahead overlaps their latencies. The
-  // state is two levels deep (per-head records, then the arrays they point to), so callers
-  // prefetch in two passes: `records_only` first, further ahead, then the full hint.
-  virtual void PrefetchCommit(SeqId /*seq*/, int32_t /*layer*/, bool /*records_only*/) const {}
+  // at a large batch; issuing these loads a few sequences ahead overlaps their latencies.
+  virtual void PrefetchCommit(SeqId /*seq*/, int32_t /*layer*/) const {}
   // d[t] when the policy fixes it in advance (forced, window; 0 for none), -1 when the model
   // decides (dms).
   virtual int PolicyBit(int32_t layer, int32_t head, int64_t t) const = 0;

@@ -87,22 +87,14 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   copies_.clear();
   writes_.clear();
   Sink sink(geo.block_tokens, &copies_, &writes_);
-  // Two passes of hints: the per-head records kRecordsAhead sequences ahead, what they point to
-  // kPrefetchAhead ahead (by then the records are in cache).
-  constexpr size_t kPrefetchAhead = 4, kRecordsAhead = 8;
-  for (size_t ci = 0; ci < std::min(kRecordsAhead, chunks.size()); ++ci) {
-    kv.PrefetchCommit(chunks[ci].seq, layer, /*records_only=*/true);
-  }
+  constexpr size_t kPrefetchAhead = 4;  // 4 and 8 measured the same at batch 256
   for (size_t ci = 0; ci < std::min(kPrefetchAhead, chunks.size()); ++ci) {
-    kv.PrefetchCommit(chunks[ci].seq, layer, false);
+    kv.PrefetchCommit(chunks[ci].seq, layer);
   }
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const PagedChunk& c = chunks[ci];
-    if (ci + kRecordsAhead < chunks.size()) {
-      kv.PrefetchCommit(chunks[ci + kRecordsAhead].seq, layer, true);
-    }
     if (ci + kPrefetchAhead < chunks.size()) {
-      kv.PrefetchCommit(chunks[ci + kPrefetchAhead].seq, layer, false);
+      kv.PrefetchCommit(chunks[ci + kPrefetchAhead].seq, layer);
     }
     const uint8_t* chunk_bits =
         model_bits && !defer_bits ? bits + static_cast<int64_t>(c.row0) * nkv : nullptr;
