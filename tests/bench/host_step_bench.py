@@ -17,7 +17,7 @@ bandwidth measured on an H100 80GB HBM3, docs/perf.md). With --compare, a second
 the same cells in the same process order, and the table gives the ratio.
 
   python3 tests/bench/host_step_bench.py [--binary build/tests/dmsrt_cuda_emulated]
-      [--compare OTHER_BINARY] [--batch 1,32,256] [--context 4096,32768] [--steps 16]
+      [--compare OTHER_BINARY] [--batch 1,32,256] [--context 4096,32768] [--steps 16] [--repeat 1]
       [--policies none,forced,dms] [--device-mib 81559] [--bandwidth-gbs 3026] [--json]
 """
 import argparse
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--batch", default="1,32,256")
     ap.add_argument("--context", default="4096,32768")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over every policy; each cell reports its fastest round")
     ap.add_argument("--policies", default="none,forced,dms")
     ap.add_argument("--device-mib", type=int, default=81559)  # an H100 80GB
     ap.add_argument("--bandwidth-gbs", type=float, default=3026.0)
@@ -75,12 +77,25 @@ def main():
                     help="exit 1 when a policy's decode step waits for the device more often")
     args = ap.parse_args()
 
+    policies = args.policies.split(",")
+    probes = {p: per_step(args.binary, p, args) for p in policies}
+    # Rounds over every policy (and binary), so that a noisy spell of a shared machine spreads
+    # over all of them; each cell keeps its fastest round.
+    runs = {}
+    for _ in range(args.repeat):
+        for policy in policies:
+            for key, binary in (("ours", args.binary), ("peer", args.compare)):
+                if binary is None:
+                    continue
+                j = run(binary, policy, args)
+                best = runs.setdefault((policy, key), j)
+                for c, b in zip(j["cells"], best["cells"]):
+                    if c["fits"] and b["fits"] and c["ms_per_step"] < b["ms_per_step"]:
+                        b.update(c)
     rows = []
-    probes = {}
-    for policy in args.policies.split(","):
-        probes[policy] = per_step(args.binary, policy, args)
-        ours = run(args.binary, policy, args)
-        peer = run(args.compare, policy, args) if args.compare else None
+    for policy in policies:
+        ours = runs[(policy, "ours")]
+        peer = runs.get((policy, "peer"))
         for i, cell in enumerate(ours["cells"]):
             row = {"policy": policy, "batch": cell["batch"], "context": cell["context"],
                    "fits": cell["fits"]}
@@ -94,14 +109,15 @@ def main():
             rows.append(row)
 
     if args.json:
-        print(json.dumps({"bandwidth_gbs": args.bandwidth_gbs, "steps": args.steps, "rows": rows,
+        print(json.dumps({"bandwidth_gbs": args.bandwidth_gbs, "steps": args.steps,
+                          "repeat": args.repeat, "rows": rows,
                           "per_step": {p: {"device_operations": o, "host_waits": w}
                                        for p, (o, w) in probes.items()}}))
         return
     for policy, (ops, waits) in probes.items():
         print(f"{policy}: {ops:.0f} device operations and {waits:g} host waits per decode step")
-    print(f"host time per decode step, qwen3-8b shapes, emulated {args.device_mib} MiB device; "
-          f"device floor at {args.bandwidth_gbs:.0f} GB/s")
+    print(f"host time per decode step (fastest of {args.repeat} rounds), qwen3-8b shapes, emulated "
+          f"{args.device_mib} MiB device; device floor at {args.bandwidth_gbs:.0f} GB/s")
     head = f"{'policy':>7} {'batch':>6} {'context':>8} {'KV GiB':>8} {'host ms':>9} {'floor ms':>9} {'host/floor':>10}"
     if args.compare:
         head += f" {'compare ms':>11} {'speed-up':>9}"
