@@ -211,10 +211,15 @@ TEST_P(CudaBackendTest, MixedStepWithForksMatchesCpu) {
             p.gpu->kv().total_blocks() - p.gpu->kv().free_blocks());
 }
 
-TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {
+// Both backends on the synthetic model with DMS decisions (window 4), under policy dms.
+Pair MakeDms(const std::string& name) {
   KvPolicyConfig dms;
   dms.kind = KvPolicyKind::kDms;
-  Pair p = Make(GetParam(), dms, /*dms_model=*/true);
+  return Make(name, dms, /*dms_model=*/true);
+}
+
+TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {
+  Pair p = MakeDms(GetParam());
   ASSERT_TRUE(p.cpu && p.gpu);
   const int32_t V = p.host->config.vocab;
   const SeqId sc = *p.cpu->kv().Create(), sg = *p.gpu->kv().Create();
@@ -248,9 +253,7 @@ TEST_P(CudaBackendTest, DmsDecisionsMatchCpu) {
 // right after a decode-only step, a prefill chunk next to decode tokens, and a preempted thread:
 // the decisions must still be the CPU's.
 TEST_P(CudaBackendTest, DmsBatchWithForksMatchesCpu) {
-  KvPolicyConfig dms;
-  dms.kind = KvPolicyKind::kDms;
-  Pair p = Make(GetParam(), dms, /*dms_model=*/true);
+  Pair p = MakeDms(GetParam());
   ASSERT_TRUE(p.cpu && p.gpu);
   const int32_t V = p.host->config.vocab;
   Backend* bs[2] = {p.cpu.get(), p.gpu.get()};

@@ -299,16 +299,19 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// A sink for bookkeeping-only tests: the data movement is not looked at.
+struct NullSink final : KvSlotSink {
+  void CopyBlock(int32_t, int32_t) override {}
+  void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+};
+
 // Deferred bits against a pool kept nearly full: every Reserve that succeeds must cover the
 // commits that follow, although a layer's block needs for the next token are computed while the
 // bit that flags the previous token is still unknown (with w = 1 that token leaves next, and its
 // slot may sit in a block a fork shares), and a chunk after a deferred step reserves from flags
 // given but not yet applied. Random forks, frees, chunks and bits, windows 1..4.
 TEST(PagedKvIndex, DeferredBitsKeepReservationsABound) {
-  struct NullSink final : KvSlotSink {
-    void CopyBlock(int32_t, int32_t) override {}
-    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
-  } sink;
+  NullSink sink;
   int64_t exhausted = 0, forks = 0, commits = 0;
   for (int32_t w = 1; w <= 4; ++w) {
     for (uint32_t seed = 0; seed < 40; ++seed) {
@@ -397,10 +400,7 @@ TEST(PagedKvIndex, DeferredBitsKeepReservationsABound) {
 
 // Misuse of deferred bits is refused, and leaves a sequence that says so.
 TEST(PagedKvIndex, DeferredBitsMisuse) {
-  struct NullSink final : KvSlotSink {
-    void CopyBlock(int32_t, int32_t) override {}
-    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
-  } sink;
+  NullSink sink;
   const KvGeometry geo = Geo(2, 1, 2, 8, 4);
   std::vector<uint8_t> bits(8, 1);
   {
