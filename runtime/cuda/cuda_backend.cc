@@ -932,13 +932,21 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
     }
     const int64_t returned = static_cast<int64_t>(result.row_chunk.size());
     result.logits.resize(static_cast<size_t>(returned) * vocab_);
+    // Returned rows in runs of consecutive device rows, one copy per run (into pageable memory,
+    // each copy waits for the stream: a prefill step that returns every row waits once).
     int64_t out_r = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      if (!ret[r]) continue;
+    for (int64_t r = 0; r < R;) {
+      if (!ret[r]) {
+        ++r;
+        continue;
+      }
+      int64_t r1 = r;
+      while (r1 < R && ret[r1]) ++r1;
       DMSRT_CUDA_OK(cudaMemcpyAsync(result.logits.data() + out_r * vocab_,
-                                    logits_.get() + r * vocab_, sizeof(float) * vocab_,
+                                    logits_.get() + r * vocab_, sizeof(float) * vocab_ * (r1 - r),
                                     cudaMemcpyDeviceToHost, stream_));
-      ++out_r;
+      out_r += r1 - r;
+      r = r1;
     }
     DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
     int32_t si = 0;
