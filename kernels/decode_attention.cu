@@ -82,7 +82,9 @@ DecodeSplitKernel(DecodeAttentionParams p, int32_t split_tokens, int32_t num_spl
   const int grp = (threadIdx.x / 32) * (32 / kLanes) + lane / kLanes;
   const int sub = lane % kLanes;
   const int bt = p.block_tokens;
-  const int32_t* table = tables + static_cast<size_t>(head_slot) * p.max_blocks_per_head;
+  const int table_row = p.table_rows != nullptr ? p.table_rows[b] : b;
+  const int32_t* table =
+      tables + (static_cast<size_t>(table_row) * p.n_kv_heads + kvh) * p.max_blocks_per_head;
 
   // q of the group's heads, pre-scaled so that scores are in base-2 log units.
   float qf[G][8];

@@ -11,7 +11,9 @@
 // with 16-byte loads and must be 16-byte aligned.
 //   q            [batch, n_heads, head_dim]
 //   k_pool/v_pool [num_blocks, block_tokens, head_dim]
-//   block_tables [batch, n_kv_heads, max_blocks_per_head]   int32 block ids
+//   block_tables [batch, n_kv_heads, max_blocks_per_head]   int32 block ids; with table_rows,
+//                [rows, n_kv_heads, max_blocks_per_head] and row b reads table row table_rows[b]
+//                (tables that stay on the device between steps while the batch changes)
 //   lengths      [batch, n_kv_heads]                          int32 resident slots (0 allowed)
 //   out          [batch, n_heads, head_dim]
 // Workspace (only when more than one split): partial outputs and log-sum-exps in fp32; ask
@@ -37,6 +39,7 @@ struct DecodeAttentionParams {
   int32_t max_length = 0;    // host-known upper bound of every entry of `lengths`
   int32_t split_tokens = 0;  // slots per CTA; 0 picks DecodeAttentionSplitTokens(...)
   float scale = 0.f;         // usually 1/sqrt(head_dim)
+  const int32_t* table_rows = nullptr;  // [batch] device memory, or null: row b reads table row b
 };
 
 // The split plan is host code, inline here so that every launcher of this contract (the CUDA

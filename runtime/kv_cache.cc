@@ -910,7 +910,7 @@ class CpuKvCache final : public KvIndex {
       b = nb;
     }
     if (sink_ != nullptr) {
-      sink_->WriteSlot(row, head, b, slot % bt, static_cast<int32_t>(pos));
+      sink_->WriteSlot(row, head, b, slot % bt, static_cast<int32_t>(pos), slot / bt);
       return true;
     }
     const int64_t off = static_cast<int64_t>(slot % bt) * hd;

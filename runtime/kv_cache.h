@@ -155,7 +155,11 @@ class KvSlotSink {
   virtual void CopyBlock(int32_t src, int32_t dst) = 0;
   // K/V of the step's token row `row`, KV head `head`, go to slot `offset` of block `block`;
   // the token's absolute position is `pos`.
-  virtual void WriteSlot(int32_t row, int32_t head, int32_t block, int32_t offset, int32_t pos) = 0;
+  // The block is entry `table_index` of the head's block table (KvHeadView::blocks) after the
+  // write: a write is the only way a table entry changes (appends take new blocks, copy-on-write
+  // replaces one), so a caller can mirror the tables from the writes alone.
+  virtual void WriteSlot(int32_t row, int32_t head, int32_t block, int32_t offset, int32_t pos,
+                         int32_t table_index) = 0;
 };
 
 struct KvHeadView {

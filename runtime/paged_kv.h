@@ -17,12 +17,22 @@
 //   2. every chunk commits (KvIndex::CommitRows): CopyBlocks (copy-on-write), then WriteSlots;
 //   3. the decode rows attend over the slots after the commit (DecodeAttention).
 // Decode chunks (one token) must come first in the step's rows: rows 0 .. n_decode-1.
+//
+// Decode tables. Where the ops keep them between steps (ResizeDecodeTables), every decode
+// sequence holds a table row for as long as it decodes, and a step sends only what changed: a
+// commit changes a head's table only through its one write (a new block, or a block copied on
+// write), and the writes say which entry (KvSlotSink::WriteSlot's table_index). A row is rebuilt
+// from the index when it is new to its sequence, or when the sequence changed outside decode
+// commits (its length is not the one the row was last brought to: a prefill chunk, an
+// uncomputed append). Otherwise the tables are written whole for each layer of each step.
+// Layers of a step run in order from 0 with the same chunks.
 #pragma once
 
 #include <cstdint>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "runtime/kv_cache.h"
@@ -74,6 +84,21 @@ class PagedKvOps {
   virtual void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
                                const int32_t* lengths, int32_t max_length) = 0;
 
+  // Resident decode tables (optional): block tables that stay where the kernels read them
+  // between steps, so that a decode step sends only the entries its writes changed instead of
+  // every table. An implementation that keeps them returns true from ResizeDecodeTables, which
+  // makes room for `rows` table rows of n_kv tables of `cap` entries in every layer (contents
+  // undefined afterwards). DecodeAttentionRows first sets `entries` of the layer's tables
+  // ((index, block) pairs, index = (row * n_kv + head) * cap + entry; indices distinct), then
+  // attends rows 0 .. batch-1, batch row b reading table row table_rows[b] (lengths
+  // [batch, n_kv]).
+  virtual bool ResizeDecodeTables(int32_t /*rows*/, int32_t /*cap*/) { return false; }
+  virtual void DecodeAttentionRows(int32_t /*layer*/,
+                                   const std::vector<std::pair<int32_t, int32_t>>& /*entries*/,
+                                   int32_t /*batch*/, const std::vector<int32_t>& /*table_rows*/,
+                                   const std::vector<int32_t>& /*lengths*/,
+                                   int32_t /*max_length*/) {}
+
  private:
   std::vector<int32_t> decode_index_;
 };
@@ -97,6 +122,37 @@ class PagedKvLayer {
 
  private:
   class Sink;
+  // A write of a decode row: entry `index` of the head's block table is `block` and slot `slot`
+  // of the head is in use.
+  struct TableWrite {
+    int32_t row, head, index, block, slot;
+  };
+  // Decode attention with tables built for this step (ops without resident tables).
+  void DecodeWithStepTables(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
+                            int32_t n_decode, PagedKvOps& ops);
+  // Decode attention over resident tables; false if the ops do not keep them.
+  bool DecodeWithResidentTables(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
+                                int32_t n_decode, PagedKvOps& ops);
+  void AssignTableRows(const KvIndex& kv, const std::vector<PagedChunk>& chunks, int32_t n_decode);
+  bool ResizeResident(PagedKvOps& ops, const KvGeometry& geo, int32_t rows, int32_t cap);
+  // Resident tables: which sequence each table row holds, and per layer up to which sequence
+  // length a row's tables (and its mirrored lengths) are current.
+  struct Resident {
+    bool unsupported = false;
+    int32_t rows = 0, cap = 0;
+    int32_t rows_wanted = 0;                // rows assigned beyond `rows`: room still to make
+    int64_t step = 0;
+    std::vector<SeqId> seq_of_row;          // [rows]
+    std::vector<int64_t> last_step;         // [rows]: the last step that used the row
+    std::vector<std::vector<int64_t>> valid_at;  // [layer][rows]: Length(seq) it is current for
+    std::vector<std::vector<int32_t>> len;       // [layer][rows * n_kv]
+    absl::flat_hash_map<SeqId, int32_t> row_of;
+    std::vector<int32_t> step_rows;         // [n_decode] this step's table row per decode row
+    std::vector<int64_t> step_length;       // [n_decode] Length(seq) before this step
+  } res_;
+  std::vector<TableWrite> table_writes_;
+  std::vector<std::pair<int32_t, int32_t>> entries_;
+  std::vector<uint8_t> rebuilt_;
   std::vector<std::pair<int32_t, int32_t>> flagged_, head_flagged_, copies_;
   std::vector<KvSlotWrite> writes_;
   absl::flat_hash_set<int32_t> slot_seen_;

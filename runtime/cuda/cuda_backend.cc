@@ -197,6 +197,11 @@ class DeviceKvOps final : public PagedKvOps {
   int32_t* DecodeIndexBuffer(size_t n) override;
   void DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
                        const int32_t* lengths, int32_t max_length) override;
+  // Resident decode tables in one device buffer, [layers][rows, n_kv, cap].
+  bool ResizeDecodeTables(int32_t rows, int32_t cap) override;
+  void DecodeAttentionRows(int32_t layer, const std::vector<std::pair<int32_t, int32_t>>& entries,
+                           int32_t batch, const std::vector<int32_t>& table_rows,
+                           const std::vector<int32_t>& lengths, int32_t max_length) override;
   absl::Status status() const { return status_; }
   void ClearStatus() { status_ = absl::OkStatus(); }
 
@@ -219,6 +224,11 @@ class DeviceKvOps final : public PagedKvOps {
   absl::Status status_;
   int32_t* decode_index_ = nullptr;  // the last DecodeIndexBuffer
   size_t decode_index_n_ = 0;
+  int64_t table_layer_ints_ = 0;  // resident tables: rows * n_kv * cap per layer
+  int32_t table_cap_ = 0;
+  // The decode attention launch over `tables` (device) and `lengths` (device).
+  void LaunchDecode(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                    const int32_t* table_rows, const int32_t* lengths, int32_t max_length);
 };
 
 class CudaBackend final : public Backend {
@@ -301,6 +311,7 @@ class CudaBackend final : public Backend {
   DeviceArray<bf16> final_;
   DeviceArray<float> logits_, logprobs_;
   DeviceArray<char> workspace_;
+  DeviceArray<int32_t> decode_tables_;  // resident decode tables (runtime/paged_kv.h)
   StagingArena stage_;
   uint8_t* bits_pinned_ = nullptr;
   size_t bits_pinned_n_ = 0;
@@ -311,10 +322,25 @@ class CudaBackend final : public Backend {
 template <typename... V>
 bool DeviceKvOps::Stage(const char* what, std::array<const int32_t*, sizeof...(V)>* out,
                         const V&... v) {
-  Note(b_->stage_.Reserve((Bytes(v) + ... + size_t{0})));
+  // One claim and one copy for all of them: each starts on a 16-byte boundary inside it.
+  constexpr size_t kN = sizeof...(V);
+  const std::array<size_t, kN> bytes = {Bytes(v)...};
+  std::array<size_t, kN> offset{};
+  size_t total = 0;
+  for (size_t i = 0; i < kN; ++i) {
+    offset[i] = total;
+    total += (bytes[i] + 15) / 16 * 16;
+  }
+  Note(b_->stage_.Reserve(total));
   if (!status_.ok()) return false;
+  char* host = static_cast<char*>(b_->stage_.Claim(total));
+  const std::array<const void*, kN> src = {static_cast<const void*>(v.data())...};
+  for (size_t i = 0; i < kN; ++i) {
+    if (bytes[i] > 0) std::memcpy(host + offset[i], src[i], bytes[i]);
+  }
   cudaError_t e = cudaSuccess;
-  *out = {static_cast<const int32_t*>(b_->stage_.Stage(v.data(), Bytes(v), b_->stream_, &e))...};
+  char* dev = static_cast<char*>(b_->stage_.Send(host, total, b_->stream_, &e));
+  for (size_t i = 0; i < kN; ++i) (*out)[i] = reinterpret_cast<const int32_t*>(dev + offset[i]);
   Note(e, what);
   return status_.ok();
 }
@@ -380,8 +406,9 @@ int32_t* DeviceKvOps::DecodeIndexBuffer(size_t n) {
   return decode_index_;
 }
 
-void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
-                                  const int32_t* lengths, int32_t max_length) {
+void DeviceKvOps::LaunchDecode(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                               const int32_t* table_rows, const int32_t* lengths,
+                               int32_t max_length) {
   DecodeAttentionParams p;
   p.batch = batch;
   p.n_heads = b_->nh_;
@@ -391,8 +418,18 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t 
   p.max_blocks_per_head = max_blocks;
   p.max_length = std::max(max_length, 1);
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
+  p.table_rows = table_rows;
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
   Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->stream_));
+  if (!status_.ok()) return;
+  Note(::dmsrt::DecodeAttention(p, b_->q_.get(), b_->k_pool_, b_->v_pool_, tables, lengths,
+                                b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
+                                b_->num_sms_, b_->stream_),
+       "DecodeAttention");
+}
+
+void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                                  const int32_t* lengths, int32_t max_length) {
   int32_t* const index = decode_index_;
   decode_index_ = nullptr;  // one use
   if (!status_.ok()) return;
@@ -406,11 +443,36 @@ void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t 
       b_->stage_.Send(index, decode_index_n_ * sizeof(int32_t), b_->stream_, &e));
   Note(e, "staging decode block tables");
   if (!status_.ok()) return;
-  const int32_t* dl = dt + (lengths - tables);
-  Note(::dmsrt::DecodeAttention(p, b_->q_.get(), b_->k_pool_, b_->v_pool_, dt, dl,
-                                b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
-                                b_->num_sms_, b_->stream_),
-       "DecodeAttention");
+  LaunchDecode(batch, dt, max_blocks, nullptr, dt + (lengths - tables), max_length);
+}
+
+bool DeviceKvOps::ResizeDecodeTables(int32_t rows, int32_t cap) {
+  const int64_t per_layer = static_cast<int64_t>(rows) * b_->nkv_ * cap;
+  if (per_layer > std::numeric_limits<int32_t>::max()) return false;  // scatter indices are int32
+  // Growing waits for the stream before freeing the old tables; a failure leaves the step's
+  // own tables as the way (PagedKvLayer stops asking).
+  if (!b_->decode_tables_.Reserve(static_cast<size_t>(per_layer) * b_->cfg_.n_layers, b_->stream_).ok()) {
+    return false;
+  }
+  table_layer_ints_ = per_layer;
+  table_cap_ = cap;
+  return true;
+}
+
+void DeviceKvOps::DecodeAttentionRows(int32_t layer,
+                                      const std::vector<std::pair<int32_t, int32_t>>& entries,
+                                      int32_t batch, const std::vector<int32_t>& table_rows,
+                                      const std::vector<int32_t>& lengths, int32_t max_length) {
+  std::array<const int32_t*, 3> d;
+  if (!Stage("staging decode table entries, rows and lengths", &d, entries, table_rows, lengths)) {
+    return;
+  }
+  int32_t* tables = b_->decode_tables_.get() + layer * table_layer_ints_;
+  if (!entries.empty()) {
+    Note(KvScatterInt32(d[0], static_cast<int32_t>(entries.size()), false, 0, tables, b_->stream_),
+         "KvScatterInt32 (decode tables)");
+  }
+  LaunchDecode(batch, tables, table_cap_, d[1], d[2], max_length);
 }
 
 // ---- set-up ------------------------------------------------------------------------------------
@@ -723,7 +785,7 @@ absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag
   class Discard final : public KvSlotSink {
    public:
     void CopyBlock(int32_t, int32_t) override {}
-    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
   } sink;
   std::vector<uint8_t> bits(static_cast<size_t>(n) * nkv_, 0);
   const int64_t pos0 = kv_->Length(seq);

@@ -430,7 +430,11 @@ cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const
   const size_t qn = static_cast<size_t>(p.batch) * p.n_heads * p.head_dim;
   const size_t heads = static_cast<size_t>(p.batch) * p.n_kv_heads;
   EMU_CHECK(q, qn * sizeof(bf16), "q");
-  EMU_CHECK(block_tables, heads * p.max_blocks_per_head * sizeof(int32_t), "block_tables");
+  if (p.table_rows == nullptr) {
+    EMU_CHECK(block_tables, heads * p.max_blocks_per_head * sizeof(int32_t), "block_tables");
+  } else {
+    EMU_CHECK(p.table_rows, p.batch * sizeof(int32_t), "table_rows");
+  }
   EMU_CHECK(lengths, heads * sizeof(int32_t), "lengths");
   EMU_CHECK(out, qn * sizeof(bf16), "out");
   EMU_CHECK(workspace, ws, "workspace");
@@ -447,8 +451,27 @@ cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const
         return;
       }
     }
+    // Row b's tables, gathered from table row table_rows[b] when rows are indirect.
+    const size_t row_ints = static_cast<size_t>(p.n_kv_heads) * p.max_blocks_per_head;
+    std::vector<int32_t> gathered;
+    const int32_t* tables = block_tables;
+    if (p.table_rows != nullptr) {
+      gathered.resize(p.batch * row_ints);
+      for (int32_t b = 0; b < p.batch; ++b) {
+        const int32_t r = p.table_rows[b];
+        const int32_t* src = block_tables + static_cast<size_t>(r) * row_ints;
+        if (r < 0 || !emu::Inside(src, row_ints * sizeof(int32_t), emu::MemoryKind::kDevice)) {
+          emu::Fault(cudaErrorIllegalAddress, "DecodeAttention: table row " + std::to_string(r) +
+                                                  " of batch row " + std::to_string(b) +
+                                                  " is outside block_tables");
+          return;
+        }
+        std::copy(src, src + row_ints, gathered.begin() + b * row_ints);
+      }
+      tables = gathered.data();
+    }
     const int64_t blocks = PoolBlocks(p.block_tokens, p.head_dim, k_pool, v_pool, nullptr, nullptr);
-    CompactPools c(block_tables, lengths, static_cast<int32_t>(heads), p.max_blocks_per_head,
+    CompactPools c(tables, lengths, static_cast<int32_t>(heads), p.max_blocks_per_head,
                    p.block_tokens, p.head_dim, k_pool, v_pool, nullptr, nullptr, blocks);
     if (!c.ok) {
       emu::Fault(cudaErrorIllegalAddress, "DecodeAttention: " + c.error);

@@ -39,6 +39,7 @@ void ExpectClose(const std::vector<float>& got, const std::vector<float>& want) 
 struct DecodeCase {
   int batch, heads, kv, dim, len, block, split;  // split 0 = automatic
   bool ragged;
+  bool indirect = false;  // tables in shuffled rows of a larger array, found through table_rows
 };
 
 std::string DecodeName(const testing::TestParamInfo<DecodeCase>& info) {
@@ -46,7 +47,7 @@ std::string DecodeName(const testing::TestParamInfo<DecodeCase>& info) {
   return "batch" + std::to_string(c.batch) + "_heads" + std::to_string(c.heads) + "_kv" +
          std::to_string(c.kv) + "_dim" + std::to_string(c.dim) + "_len" + std::to_string(c.len) +
          "_block" + std::to_string(c.block) + (c.split ? "_split" + std::to_string(c.split) : "_autosplit") +
-         (c.ragged ? "_ragged" : "");
+         (c.ragged ? "_ragged" : "") + (c.indirect ? "_indirect" : "");
 }
 
 class DecodeAttention : public testing::TestWithParam<DecodeCase> {};
@@ -90,8 +91,23 @@ TEST_P(DecodeAttention, MatchesReference) {
   p.scale = 1.f / std::sqrt(static_cast<float>(c.dim));
   const int sms = gpu_test::NumSms();
 
+  // Indirect: batch row b's tables sit at table row rows[b] of an array with two spare rows,
+  // whose entries are out of the pool (reading them would fault or show up as wrong output).
+  std::vector<int32_t> device_tables = tables, rows(c.batch);
+  if (c.indirect) {
+    const size_t row_ints = static_cast<size_t>(c.kv) * max_blocks;
+    std::vector<int32_t> order(c.batch + 2);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    device_tables.assign(order.size() * row_ints, num_blocks + 1000);
+    for (int b = 0; b < c.batch; ++b) {
+      rows[b] = order[b];
+      std::copy_n(tables.begin() + b * row_ints, row_ints, device_tables.begin() + rows[b] * row_ints);
+    }
+  }
   DeviceBuffer<uint16_t> dq(q), dk(k), dv(v), dout(q.size());
-  DeviceBuffer<int32_t> dtab(tables), dlen(lengths);
+  DeviceBuffer<int32_t> dtab(device_tables), dlen(lengths), drows(rows);
+  if (c.indirect) p.table_rows = drows.get();
   DeviceBuffer<uint8_t> ws(std::max<size_t>(1, DecodeAttentionWorkspaceSize(p, sms)));
   std::vector<float> want(q.size());
   kernels::DecodeAttentionRef(c.batch, c.heads, c.kv, c.dim, c.block, max_blocks, p.scale,
@@ -123,6 +139,8 @@ std::vector<DecodeCase> DecodeCases() {
   cases.push_back({2, 8, 2, 128, 500, 24, 80, true});   // block size not a power of two
   cases.push_back({2, 8, 2, 128, 3000, 1, 2000, true});  // splits spanning several table windows
   cases.push_back({1, 4, 1, 64, 20000, 16, 0, false});   // long head, automatic split
+  cases.push_back({6, 32, 8, 128, 1500, 16, 256, true, true});  // tables through table_rows
+  cases.push_back({3, 8, 2, 64, 300, 16, 0, true, true});
   return cases;
 }
 

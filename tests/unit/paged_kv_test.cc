@@ -99,6 +99,58 @@ class HostOps final : public PagedKvOps {
                                 max_blocks, Scale(), q, k_.data(), v_.data(), tables, lengths, out);
   }
 
+  // Resident tables, when `resident` is set: per layer [rows, n_kv, cap], garbage after a resize
+  // (an entry read before it is written shows up as a block outside the pool).
+  bool resident = false;
+  int64_t entries_sent = 0, entries_used = 0;
+  int resizes = 0;
+  int64_t last_sent = 0, last_batch = 0;  // entries and batch of the last call
+  bool ResizeDecodeTables(int32_t rows, int32_t cap) override {
+    if (!resident) return false;
+    ++resizes;
+    rows_ = rows;
+    cap_ = cap;
+    tables_.assign(g_.n_layers,
+                   std::vector<int32_t>(static_cast<size_t>(rows) * g_.n_kv_heads * cap, -7));
+    return true;
+  }
+  void DecodeAttentionRows(int32_t layer, const std::vector<std::pair<int32_t, int32_t>>& entries,
+                           int32_t batch, const std::vector<int32_t>& table_rows,
+                           const std::vector<int32_t>& lengths, int32_t max_length) override {
+    ++decode_calls;
+    ExpectDistinct(entries, [](const auto& p) { return p.first; }, "decode table entry");
+    for (auto [i, b] : entries) {
+      ASSERT_GE(i, 0);
+      ASSERT_LT(static_cast<size_t>(i), tables_[layer].size());
+      tables_[layer][i] = b;
+    }
+    entries_sent += static_cast<int64_t>(entries.size());
+    last_sent = static_cast<int64_t>(entries.size());
+    last_batch = batch;
+    const int32_t nkv = g_.n_kv_heads, bt = g_.block_tokens;
+    const int64_t blocks = static_cast<int64_t>(k_.size()) / (bt * g_.head_dim);
+    ASSERT_EQ(static_cast<int32_t>(table_rows.size()), batch);
+    std::vector<int32_t> dense(static_cast<size_t>(batch) * nkv * cap_);
+    for (int32_t b = 0; b < batch; ++b) {
+      ASSERT_GE(table_rows[b], 0);
+      ASSERT_LT(table_rows[b], rows_);
+      for (int32_t j = 0; j < nkv; ++j) {
+        const int32_t len = lengths[b * nkv + j];
+        EXPECT_LE(len, max_length);
+        ASSERT_LE(len, cap_ * bt);
+        const int32_t* src = tables_[layer].data() + (static_cast<size_t>(table_rows[b]) * nkv + j) * cap_;
+        for (int32_t i = 0; i < (len + bt - 1) / bt; ++i) {
+          ASSERT_GE(src[i], 0) << "layer " << layer << " row " << b << " head " << j << " entry " << i;
+          ASSERT_LT(src[i], blocks);
+        }
+        entries_used += (len + bt - 1) / bt;
+        std::copy_n(src, cap_, dense.begin() + (static_cast<size_t>(b) * nkv + j) * cap_);
+      }
+    }
+    kernels::DecodeAttentionRef(batch, g_.n_heads, nkv, g_.head_dim, bt, cap_, Scale(), q,
+                                k_.data(), v_.data(), dense.data(), lengths.data(), out);
+  }
+
  private:
   // A device runs the elements of one call in parallel: the same target twice is a race.
   template <typename T, typename Key>
@@ -107,6 +159,8 @@ class HostOps final : public PagedKvOps {
     for (const T& e : v) EXPECT_TRUE(seen.insert(key(e)).second) << what << " " << key(e) << " twice in one call";
   }
   float Scale() const { return 1.0f / std::sqrt(static_cast<float>(g_.head_dim)); }
+  int32_t rows_ = 0, cap_ = 0;
+  std::vector<std::vector<int32_t>> tables_;
   KvGeometry g_;
   std::vector<float> k_, v_;
   std::vector<int32_t> pos_, last_vis_;
@@ -116,6 +170,7 @@ struct Case {
   const char* name;
   KvPolicyConfig policy;
   bool defer = false;  // decode-only steps commit without their bits, given after the step
+  bool resident = false;  // decode tables kept between steps (PagedKvOps::ResizeDecodeTables)
 };
 
 KvPolicyConfig Policy(KvPolicyKind kind, int32_t window, double rate = 0, int32_t sinks = 2) {
@@ -142,6 +197,7 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   KvCache& cpu = **cpu_or;
   KvIndex& idx = **idx_or;
   HostOps ops(geo, idx.total_blocks());
+  ops.resident = GetParam().resident;
   PagedKvLayer layer_runner;
 
   // One random stream per logical sequence (forks continue their own stream after the prefix).
@@ -280,6 +336,14 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   if (GetParam().defer && pol.window >= 1) {
     EXPECT_GE(deferred_steps, 12) << "the deferred path did not run";
   }
+  if (GetParam().resident) {
+    // The tables grew along the way, and a steady decode step sends one entry per head (the
+    // one its write touched), not whole tables.
+    EXPECT_GT(ops.resizes, 1);
+    EXPECT_LT(ops.entries_sent, ops.entries_used);
+    EXPECT_EQ(ops.last_sent, ops.last_batch * geo.n_kv_heads)
+        << "the last decode step rebuilt tables instead of updating them";
+  }
   for (auto& [ls, s] : seqs) {
     ASSERT_TRUE(cpu.Free(s.cpu).ok());
     ASSERT_TRUE(idx.Free(s.idx).ok());
@@ -296,13 +360,16 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"dms_w1_deferred", Policy(KvPolicyKind::kDms, 1), true},
                       Case{"dms_w0_cannot_defer", Policy(KvPolicyKind::kDms, 0), true},
                       Case{"forced_w2", Policy(KvPolicyKind::kForced, 2, 0.5)},
+                      Case{"none_resident_tables", Policy(KvPolicyKind::kNone, 0), false, true},
+                      Case{"dms_w3_deferred_resident_tables", Policy(KvPolicyKind::kDms, 3), true, true},
+                      Case{"forced_w2_resident_tables", Policy(KvPolicyKind::kForced, 2, 0.5), false, true},
                       Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // A sink for bookkeeping-only tests: the data movement is not looked at.
 struct NullSink final : KvSlotSink {
   void CopyBlock(int32_t, int32_t) override {}
-  void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+  void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
 };
 
 // Deferred bits against a pool kept nearly full: every Reserve that succeeds must cover the
