@@ -22,7 +22,7 @@ class PagedKvLayer::Sink final : public KvSlotSink {
                  int32_t table_index) override {
     writes_->push_back(KvSlotWrite{row, head, block * bt_ + offset, pos});
     if (row < n_decode_) {
-      table_writes_->push_back(TableWrite{row, head, table_index, block, table_index * bt_ + offset});
+      table_writes_->push_back(TableWrite{row, head, block, table_index * bt_ + offset});
     }
   }
 
@@ -219,7 +219,6 @@ void PagedKvLayer::AssignTableRows(const KvIndex& kv, const std::vector<PagedChu
       const int32_t rows = std::max({2 * have, n_decode, 8});
       res_.seq_of_row.resize(rows, -1);
       res_.last_step.resize(rows, 0);
-      res_.rows_wanted = rows;
     }
     if (res_.seq_of_row[r] >= 0) res_.row_of.erase(res_.seq_of_row[r]);
     res_.seq_of_row[r] = chunks[b].seq;
@@ -252,14 +251,14 @@ bool PagedKvLayer::DecodeWithResidentTables(KvIndex& kv, int32_t layer,
     kv.HeadViews(chunks[b].seq, layer, v);
     for (int32_t j = 0; j < nkv; ++j) cap = std::max(cap, v[j].n_blocks);
   }
-  for (const TableWrite& w : table_writes_) cap = std::max(cap, w.index + 1);
-  const int32_t rows = std::max(res_.rows, res_.rows_wanted);
+  const int32_t bt = geo.block_tokens;
+  for (const TableWrite& w : table_writes_) cap = std::max(cap, w.slot / bt + 1);
+  const int32_t rows = static_cast<int32_t>(res_.seq_of_row.size());
   if (cap > res_.cap || rows > res_.rows) {
     // New room: every row of every layer is stale.
     if (!ResizeResident(ops, geo, rows, cap > res_.cap ? std::max(2 * res_.cap, cap) : res_.cap)) {
       return false;
     }
-    res_.rows_wanted = 0;
     for (int32_t b = 0; b < n_decode; ++b) {
       if (rebuilt_[b]) continue;
       rebuilt_[b] = 1;
@@ -284,7 +283,7 @@ bool PagedKvLayer::DecodeWithResidentTables(KvIndex& kv, int32_t layer,
   for (const TableWrite& w : table_writes_) {
     if (rebuilt_[w.row]) continue;  // its views were read after the commit
     const int32_t r = res_.step_rows[w.row];
-    entries_.emplace_back((r * nkv + w.head) * cap + w.index, w.block);
+    entries_.emplace_back((r * nkv + w.head) * cap + w.slot / bt, w.block);
     int32_t& l = len[static_cast<size_t>(r) * nkv + w.head];
     l = std::max(l, w.slot + 1);
   }

@@ -122,10 +122,10 @@ class PagedKvLayer {
 
  private:
   class Sink;
-  // A write of a decode row: entry `index` of the head's block table is `block` and slot `slot`
-  // of the head is in use.
+  // A write of a decode row: the head's slot `slot` is in use, in block `block`, which is
+  // entry slot / block_tokens of its table.
   struct TableWrite {
-    int32_t row, head, index, block, slot;
+    int32_t row, head, block, slot;
   };
   // Decode attention with tables built for this step (ops without resident tables).
   void DecodeWithStepTables(KvIndex& kv, int32_t layer, const std::vector<PagedChunk>& chunks,
@@ -139,8 +139,7 @@ class PagedKvLayer {
   // length a row's tables (and its mirrored lengths) are current.
   struct Resident {
     bool unsupported = false;
-    int32_t rows = 0, cap = 0;
-    int32_t rows_wanted = 0;                // rows assigned beyond `rows`: room still to make
+    int32_t rows = 0, cap = 0;              // room made; seq_of_row may be longer (room to make)
     int64_t step = 0;
     std::vector<SeqId> seq_of_row;          // [rows]
     std::vector<int64_t> last_step;         // [rows]: the last step that used the row
