@@ -1,4 +1,4 @@
-// Data movement of the paged KV store on the device (runtime/paged_kv.h decides it on the host),
+// Data movement of the paged KV store on the device (runtime/kv/paged_kv.h decides it on the host),
 // plus two helpers of the CUDA backend: bias add and seeded random fill for synthetic weights.
 //
 // Pools: k_pool/v_pool [num_blocks, block_tokens, head_dim] bf16, pos_pool/last_vis_pool

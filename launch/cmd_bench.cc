@@ -28,7 +28,7 @@
 #include "launch/figures.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
-#include "runtime/tp_replica.h"
+#include "runtime/engine/tp_replica.h"
 
 namespace dmsrt {
 namespace {

@@ -28,10 +28,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "launch/args.h"
+#include "launch/byte_size.h"
 #include "launch/commands.h"
 #include "parallel/status_macros.h"
-#include "runtime/backend.h"
-#include "runtime/synthetic_model.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/synthetic_model.h"
 
 namespace dmsrt {
 namespace {

@@ -22,8 +22,8 @@
 #include "launch/figures.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
-#include "runtime/sampler.h"
-#include "runtime/stop_matcher.h"
+#include "runtime/engine/sampler.h"
+#include "runtime/engine/stop_matcher.h"
 
 namespace dmsrt {
 namespace {

@@ -16,9 +16,9 @@
 #include "absl/strings/str_split.h"
 #include "launch/args.h"
 #include "launch/commands.h"
-#include "runtime/model.h"
-#include "runtime/tokenizer.h"
-#include "runtime/tokenizer_json.h"
+#include "runtime/model/model.h"
+#include "runtime/tokenizer/tokenizer.h"
+#include "runtime/model/tokenizer_json.h"
 
 namespace dmsrt {
 namespace {

@@ -6,7 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 
 namespace dmsrt {
 

@@ -6,7 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
-#include "runtime/tp_replica.h"
+#include "runtime/engine/tp_replica.h"
 
 namespace dmsrt {
 

@@ -9,10 +9,11 @@
 
 #include "absl/status/statusor.h"
 #include "launch/args.h"
+#include "launch/byte_size.h"
 #include "parallel/comm_factory.h"
-#include "runtime/backend.h"
-#include "runtime/model.h"
-#include "runtime/tokenizer.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/model.h"
+#include "runtime/tokenizer/tokenizer.h"
 
 namespace dmsrt {
 

@@ -1,6 +1,6 @@
 // Block formats of GGML quantized tensors and their plain C++ reference dequantization.
 //
-// Type ids mirror GGML's (they are what GGUF stores); kernels/ cannot see runtime/tensor.h, so this
+// Type ids mirror GGML's (they are what GGUF stores); kernels/ cannot see runtime/model/tensor.h, so this
 // header keeps its own small enum with the same numbers. Everything here is scalar, readable code:
 // it is the oracle the vectorised CPU kernels (kernels/cpu/) and the CUDA kernels are tested
 // against.

@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
-#include "runtime/kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 
 namespace dmsrt {
 

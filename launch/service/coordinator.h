@@ -26,9 +26,9 @@
 #include "absl/synchronization/mutex.h"
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
 #include "dmsrt/v1/replica.grpc.pb.h"
-#include "runtime/answer.h"
-#include "runtime/model.h"
-#include "runtime/tokenizer.h"
+#include "runtime/engine/answer.h"
+#include "runtime/model/model.h"
+#include "runtime/tokenizer/tokenizer.h"
 
 namespace dmsrt {
 

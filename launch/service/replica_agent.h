@@ -19,7 +19,7 @@
 #include <grpcpp/security/credentials.h>
 
 #include "dmsrt/v1/replica.grpc.pb.h"
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 namespace dmsrt {
 

@@ -40,8 +40,8 @@
 #include "parallel/comm_factory.h"
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
-#include "runtime/engine.h"
-#include "runtime/tp_replica.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/tp_replica.h"
 
 namespace dmsrt {
 

@@ -22,7 +22,7 @@
 
 #include "nlohmann/json.hpp"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 
 namespace dmsrt {
 namespace {

@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/gguf.h"
+#include "runtime/model/gguf.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto f = dmsrt::GgufFile::FromBytes(data, size, "fuzz.gguf");

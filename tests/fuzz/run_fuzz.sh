@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds the libFuzzer targets for the GGUF and safetensors parsers with clang
 # (-fsanitize=fuzzer,address,undefined) and runs each for a bounded time from small valid seeds.
-# The project itself is built with gcc, so the parsers (runtime/gguf.cc, safetensors.cc,
+# The project itself is built with gcc, so the parsers (runtime/model/gguf.cc, safetensors.cc,
 # mapped_file.cc, tensor.cc: abseil and nlohmann-json only) are compiled here on their own.
 #
 # usage: run_fuzz.sh SOURCE_DIR WORK_DIR [SECONDS_PER_TARGET]

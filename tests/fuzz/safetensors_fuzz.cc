@@ -3,7 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/safetensors.h"
+#include "runtime/model/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto f = dmsrt::SafetensorsFile::FromBytes(data, size, "fuzz.safetensors");

@@ -1,4 +1,4 @@
-// The CUDA backend against the CPU backend on tiny synthetic models (runtime/synthetic_model.h):
+// The CUDA backend against the CPU backend on tiny synthetic models (runtime/model/synthetic_model.h):
 // the CPU runs host bf16 weights, the CUDA backend generates the same weights on the device.
 // Logits agree within bf16 activation error, greedy tokens are identical up to the first CPU
 // near-tie, mixed steps (forks decoding next to a prefill chunk) give per-chunk logits equal to
@@ -15,11 +15,11 @@
 #include <memory>
 #include <vector>
 
-#include "runtime/backend.h"
-#include "runtime/engine.h"
-#include "runtime/model.h"
-#include "runtime/tokenizer.h"
-#include "runtime/synthetic_model.h"
+#include "runtime/backend/backend.h"
+#include "runtime/engine/engine.h"
+#include "runtime/model/model.h"
+#include "runtime/tokenizer/tokenizer.h"
+#include "runtime/model/synthetic_model.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace dmsrt {

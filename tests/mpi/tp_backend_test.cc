@@ -28,9 +28,9 @@
 #include "parallel/comm.h"
 #include "parallel/comm_factory.h"
 #include "parallel/world.h"
-#include "runtime/backend.h"
-#include "runtime/model.h"
-#include "runtime/tp_replica.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/model.h"
+#include "runtime/engine/tp_replica.h"
 
 namespace dmsrt {
 namespace {

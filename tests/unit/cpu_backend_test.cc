@@ -21,8 +21,8 @@
 
 #include "kernels/reference/quant.h"
 #include "parallel/comm.h"
-#include "runtime/backend.h"
-#include "runtime/model.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/model.h"
 
 namespace dmsrt {
 namespace {

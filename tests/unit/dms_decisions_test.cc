@@ -1,7 +1,7 @@
-// DMS decisions (runtime/dms.h) against a direct float64 evaluation of docs/dms-semantics.md §1:
+// DMS decisions (runtime/backend/dms_decisions.h) against a direct float64 evaluation of docs/dms-semantics.md §1:
 // Variant A bits and the query after zeroing + rotate-half RoPE + zeroing again; Variant B bits
 // from RMSNorm + linear with F32, F16 and BF16 adapter weights, per head and per layer.
-#include "runtime/dms.h"
+#include "runtime/backend/dms_decisions.h"
 
 #include <cmath>
 #include <cstring>

@@ -3,7 +3,7 @@
 // reproduces the unconstrained run exactly, a sequence that cannot fit alone fails with a reason,
 // background stepping with concurrent submitters, the idle and failure hooks, peak figures; plus
 // answer extraction and voting.
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 #include <mutex>
 #include <thread>
 
-#include "runtime/answer.h"
+#include "runtime/engine/answer.h"
 
 namespace dmsrt {
 namespace {

@@ -1,7 +1,7 @@
 // GGUF reader tests: every metadata type, tensor views, the default model's header, and hostile
 // files (bad magic/version, truncation at every offset, absurd counts and lengths, bad tensor
 // extents, seeded random byte flips) which must all end in a clear error, never a crash.
-#include "runtime/gguf.h"
+#include "runtime/model/gguf.h"
 
 #include <gtest/gtest.h>
 

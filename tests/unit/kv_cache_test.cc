@@ -1,7 +1,7 @@
 // Unit tests of the CPU KV store: dense attention against a float64 reference (GQA mapping,
 // block boundaries, chunked prefill), the pool budget and RESOURCE_EXHAUSTED, figures, the
 // baseline policies (window, tova, h2o, forced) and the parsers.
-#include "runtime/kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 
 #include <algorithm>
 #include <numeric>
@@ -538,22 +538,6 @@ TEST(KvParse, PolicyNames) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(bad.status().message()).find("none, dms, forced, window, tova, h2o"),
             std::string::npos);
-}
-
-TEST(KvParse, ByteSizes) {
-  EXPECT_EQ(*ParseByteSize("2GiB"), 2ll << 30);
-  EXPECT_EQ(*ParseByteSize("512MiB"), 512ll << 20);
-  EXPECT_EQ(*ParseByteSize("1.5GB"), 1500000000ll);
-  EXPECT_EQ(*ParseByteSize("100000"), 100000);
-  EXPECT_EQ(*ParseByteSize("100000000"), 100000000);
-  EXPECT_EQ(*ParseByteSize("64 KiB"), 65536);
-  EXPECT_EQ(*ParseByteSize("8G"), 8ll << 30);
-  EXPECT_EQ(*ParseByteSize("3kb"), 3000);
-  EXPECT_EQ(*ParseByteSize("7B"), 7);
-  for (const char* bad : {"0.5", "-1", "", "GiB", "abc", "1.2.3GB", "12XB", "-2GiB", "1e3",
-                          "99999999999999999999999"}) {
-    EXPECT_EQ(ParseByteSize(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
-  }
 }
 
 }  // namespace

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "runtime/kv_cache.h"
+#include "runtime/kv/kv_cache.h"
 
 namespace dmsrt {
 namespace kvtest {

@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/gguf.h"
-#include "runtime/model.h"
+#include "runtime/model/gguf.h"
+#include "runtime/model/model.h"
 
 namespace dmsrt {
 namespace {

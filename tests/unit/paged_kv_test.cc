@@ -1,11 +1,11 @@
-// The paged KV layer (runtime/paged_kv.h) that device backends use, run here on host pools with
+// The paged KV layer (runtime/kv/paged_kv.h) that device backends use, run here on host pools with
 // the plain C++ references of the CUDA kernels as its operations, against the CPU KvCache on the
 // same token streams: attention outputs, resident sets and figures must agree for every policy
 // the index supports, through forks (shared blocks whose tokens one fork has flagged and another
 // has not), mixed steps of decode tokens and prefill chunks, and frees. Under policy dms the
 // decode-only steps also run with deferred decision bits (handed over after the step, as the
 // CUDA backend does), which must change nothing.
-#include "runtime/paged_kv.h"
+#include "runtime/kv/paged_kv.h"
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 // safetensors reader tests: valid files (F32/F16/BF16, metadata, scalars), sharded directories
 // with model.safetensors.index.json, and hostile headers (lengths, JSON, dtypes, extents,
 // overlap, nesting), plus truncation at every offset and seeded byte flips.
-#include "runtime/safetensors.h"
+#include "runtime/model/safetensors.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>

@@ -1,7 +1,7 @@
 // Sampler: greedy ties, the sets kept by top-k / top-p / min-p, seeded reproducibility, the
 // log-probability of the chosen token, and the sampling distribution against the softmax with a
 // fixed seed (chi-square bound).
-#include "runtime/sampler.h"
+#include "runtime/engine/sampler.h"
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 // Synthetic models on the CPU backend, host sampling through SeqChunk::sample, step validation,
 // AppendUncomputed, and the dms option (the model's own decisions at about the rate of an 8x
 // checkpoint).
-#include "runtime/synthetic_model.h"
+#include "runtime/model/synthetic_model.h"
 
 #include <gtest/gtest.h>
 
@@ -10,7 +10,7 @@
 
 #include "kernels/reference/kv_store_ref.h"
 #include "kernels/reference/quant.h"
-#include "runtime/backend.h"
+#include "runtime/backend/backend.h"
 
 namespace dmsrt {
 namespace {

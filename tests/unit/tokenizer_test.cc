@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "runtime/model.h"
-#include "runtime/pretokenize.h"
-#include "runtime/tokenizer.h"
-#include "runtime/tokenizer_json.h"
-#include "runtime/unicode.h"
+#include "runtime/model/model.h"
+#include "runtime/tokenizer/pretokenize.h"
+#include "runtime/tokenizer/tokenizer.h"
+#include "runtime/model/tokenizer_json.h"
+#include "runtime/tokenizer/unicode.h"
 
 namespace dmsrt {
 namespace {

@@ -1,0 +1,667 @@
+// Continuous-batching engine (see engine.h for the scheduling rules). Everything below the inbox
+// runs on the stepping thread; the inbox, the live-job set and the stats snapshot are the only
+// state shared with submitting threads.
+#include "runtime/engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace dmsrt {
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop: return "STOP";
+    case FinishReason::kStopString: return "STOP_STRING";
+    case FinishReason::kLength: return "LENGTH";
+    case FinishReason::kCancelled: return "CANCELLED";
+    case FinishReason::kPreemptedFailed: return "PREEMPTED_FAILED";
+    case FinishReason::kError: return "ERROR";
+  }
+  return "UNKNOWN";
+}
+
+struct Engine::Thread {
+  int32_t index = 0;
+  SeqId seq = -1;
+  std::vector<int32_t> tokens;  // prompt + generated
+  int64_t kv_len = 0;           // tokens of `tokens` already in the sequence
+  int64_t prompt_len = 0;
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<StreamDecoder> decoder;
+  std::unique_ptr<StopMatcher> stop;
+  std::string text;
+  int64_t generated = 0;
+  double logprob_sum = 0.0;
+  bool started = false;   // has its first token (forked from the root, or resumed)
+  bool finished = false;
+  bool waiting = false;   // in waiting_
+  int64_t admit_order = 0;
+  int32_t preemptions = 0;
+};
+
+struct Engine::Job {
+  JobId id = 0;
+  EngineJobSpec spec;
+  std::shared_ptr<EventSink> sink;
+  std::vector<std::unique_ptr<Thread>> threads;
+  SeqId root = -1;
+  int64_t root_len = 0;     // prompt tokens in the root sequence
+  bool forked = false;
+  bool root_waiting = false;
+  int64_t root_admit = 0;
+  int64_t generated_total = 0;
+  bool done = false;
+};
+
+Engine::Engine(Backend& backend, const Tokenizer& tokenizer, const Model& model,
+               EngineOptions options)
+    : backend_(backend), tok_(tokenizer), model_(model), options_(std::move(options)) {
+  if (options_.prefill_chunk < 1) options_.prefill_chunk = 1;
+  if (options_.max_running_threads < 1) options_.max_running_threads = 1;
+  UpdateStats(0.0, 0);
+}
+
+Engine::~Engine() { Stop(); }
+
+absl::StatusOr<JobId> Engine::Submit(EngineJobSpec spec, EventSink sink) {
+  if (spec.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  if (spec.thread_indices.empty()) return absl::InvalidArgumentError("the job has no threads");
+  std::set<int32_t> seen;
+  for (int32_t i : spec.thread_indices) {
+    if (i < 0) return absl::InvalidArgumentError("thread indices must be >= 0");
+    if (!seen.insert(i).second) {
+      return absl::InvalidArgumentError(absl::StrCat("thread index ", i, " appears twice"));
+    }
+  }
+  if (spec.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be >= 1");
+  const int64_t ctx = model_.config.max_positions;
+  if (ctx > 0 && static_cast<int64_t>(spec.prompt.size()) + spec.max_tokens > ctx) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "prompt (%d tokens) + max_tokens (%d) exceeds the model context of %d tokens: shorten the "
+        "prompt or lower max_tokens",
+        spec.prompt.size(), spec.max_tokens, ctx));
+  }
+  for (int32_t t : spec.prompt) {
+    if (t < 0 || t >= model_.config.vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", t, " is outside the vocabulary"));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  JobId id = next_id_++;
+  live_[id] = true;
+  inbox_.push_back(Pending{id, std::move(spec), std::move(sink)});
+  return id;
+}
+
+absl::Status Engine::Cancel(JobId job, int32_t thread_index) {
+  absl::MutexLock lock(&mu_);
+  if (live_.find(job) == live_.end()) {
+    return absl::NotFoundError(absl::StrCat("job ", job, " is not running on this engine"));
+  }
+  cancels_.push_back(CancelReq{job, thread_index});
+  return absl::OkStatus();
+}
+
+bool Engine::Idle() const {
+  absl::MutexLock lock(&mu_);
+  return inbox_.empty() && cancels_.empty() && live_.empty();
+}
+
+int64_t Engine::BlocksFor(int64_t tokens) const {
+  const KvGeometry& g = backend_.kv().geometry();
+  const int64_t per = static_cast<int64_t>(g.n_layers) * g.n_kv_heads;
+  return per * ((tokens + g.block_tokens - 1) / g.block_tokens);
+}
+
+int64_t Engine::FreeBlocks() const {
+  if (options_.free_blocks) return options_.free_blocks();
+  return backend_.kv().free_blocks();
+}
+
+void Engine::DrainInbox() {
+  std::vector<Pending> inbox;
+  std::vector<CancelReq> cancels;
+  {
+    absl::MutexLock lock(&mu_);
+    inbox.swap(inbox_);
+    cancels.swap(cancels_);
+  }
+  for (Pending& p : inbox) {
+    auto job = std::make_unique<Job>();
+    job->id = p.id;
+    job->spec = std::move(p.spec);
+    job->sink = std::make_shared<EventSink>(std::move(p.sink));
+    for (int32_t idx : job->spec.thread_indices) {
+      auto t = std::make_unique<Thread>();
+      t->index = idx;
+      t->prompt_len = static_cast<int64_t>(job->spec.prompt.size());
+      t->tokens = job->spec.prompt;
+      SamplingParams sp = job->spec.sampling;
+      sp.seed = job->spec.sampling.seed + static_cast<uint64_t>(idx);
+      t->sampler = std::make_unique<Sampler>(sp);
+      t->decoder = std::make_unique<StreamDecoder>(tok_);
+      t->stop = std::make_unique<StopMatcher>(job->spec.stop);
+      job->threads.push_back(std::move(t));
+    }
+    job->root_waiting = true;
+    waiting_.push_back(Resident{job.get(), nullptr});
+    jobs_[job->id] = std::move(job);
+  }
+  Outbox out;
+  for (const CancelReq& c : cancels) {
+    auto it = jobs_.find(c.job);
+    if (it == jobs_.end() || it->second->done) continue;
+    Job& job = *it->second;
+    for (auto& t : job.threads) {
+      if (t->finished) continue;
+      if (c.thread_index < 0 || c.thread_index == t->index) CancelThread(job, *t, out);
+    }
+    MaybeFinishJob(job, out);
+  }
+  Emit(out);
+}
+
+void Engine::CancelThread(Job& job, Thread& t, Outbox& out) {
+  FinishThread(job, t, FinishReason::kCancelled, "cancelled", out);
+}
+
+void Engine::FinishThread(Job& job, Thread& t, FinishReason reason, const std::string& message,
+                          Outbox& out) {
+  if (t.finished) return;
+  t.finished = true;
+  EngineEvent ev;
+  ev.kind = EngineEvent::Kind::kThreadFinished;
+  ev.job = job.id;
+  ev.thread_index = t.index;
+  KvCache& kv = backend_.kv();
+  if (t.seq >= 0) {
+    KvFigures f = kv.Figures(t.seq);
+    ev.cache_cr = f.resident_tokens > 0 ? f.cache_cr() : 1.0;
+    ev.logical_tokens = f.logical_tokens;
+    ev.resident_tokens = f.resident_tokens;
+    kv.Free(t.seq).IgnoreError();
+    t.seq = -1;
+  }
+  resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
+                                 [&](const Resident& r) { return r.thread == &t; }),
+                  resident_.end());
+  if (t.waiting) {
+    waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(),
+                                  [&](const Resident& r) { return r.thread == &t; }),
+                   waiting_.end());
+    t.waiting = false;
+  }
+  ev.reason = reason;
+  ev.message = message;
+  ev.text = t.text;
+  ev.token_ids.assign(t.tokens.begin() + t.prompt_len, t.tokens.end());
+  ev.generated_tokens = t.generated;
+  ev.mean_logprob = t.generated > 0 ? t.logprob_sum / static_cast<double>(t.generated) : 0.0;
+  ev.preemptions = t.preemptions;
+  out.emplace_back(job.sink, std::move(ev));
+}
+
+void Engine::MaybeFinishJob(Job& job, Outbox& out) {
+  if (job.done) return;
+  for (auto& t : job.threads) {
+    if (!t->finished) return;
+  }
+  job.done = true;
+  KvCache& kv = backend_.kv();
+  if (job.root >= 0) {
+    kv.Free(job.root).IgnoreError();
+    job.root = -1;
+  }
+  resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
+                                 [&](const Resident& r) { return r.job == &job; }),
+                  resident_.end());
+  waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(),
+                                [&](const Resident& r) { return r.job == &job; }),
+                 waiting_.end());
+  EngineEvent ev;
+  ev.kind = EngineEvent::Kind::kJobFinished;
+  ev.job = job.id;
+  ev.prompt_tokens = static_cast<int64_t>(job.spec.prompt.size());
+  ev.total_generated = job.generated_total;
+  out.emplace_back(job.sink, std::move(ev));
+  absl::MutexLock lock(&mu_);
+  live_.erase(job.id);
+}
+
+void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob, Outbox& out) {
+  t.tokens.push_back(token);
+  ++t.generated;
+  ++job.generated_total;
+  ++generation_tokens_total_;
+  t.logprob_sum += logprob;
+  const bool eos = !job.spec.ignore_eos && tok_.IsEndOfGeneration(token);
+  std::string delta;
+  if (!eos) delta = t.stop->Push(t.decoder->Push(token));
+  const bool length = t.generated >= job.spec.max_tokens;
+  if ((eos || length) && !t.stop->matched()) {
+    delta += t.stop->Push(t.decoder->Flush());
+    if (!t.stop->matched()) delta += t.stop->Flush();
+  }
+  t.text += delta;
+  EngineEvent ev;
+  ev.kind = EngineEvent::Kind::kTokens;
+  ev.job = job.id;
+  ev.thread_index = t.index;
+  ev.text = std::move(delta);
+  ev.token_ids = {token};
+  ev.logprobs = {logprob};
+  out.emplace_back(job.sink, std::move(ev));
+  if (t.stop->matched()) {
+    FinishThread(job, t, FinishReason::kStopString, "", out);
+  } else if (eos) {
+    FinishThread(job, t, FinishReason::kStop, "", out);
+  } else if (length) {
+    FinishThread(job, t, FinishReason::kLength, "", out);
+  }
+}
+
+void Engine::Preempt(const Resident& r) {
+  KvCache& kv = backend_.kv();
+  ++preemptions_;
+  resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
+                                 [&](const Resident& x) {
+                                   return x.job == r.job && x.thread == r.thread;
+                                 }),
+                  resident_.end());
+  if (r.thread == nullptr) {
+    Job& job = *r.job;
+    if (job.root >= 0) kv.Free(job.root).IgnoreError();
+    job.root = -1;
+    job.root_len = 0;
+    job.root_waiting = true;
+  } else {
+    Thread& t = *r.thread;
+    if (t.seq >= 0) kv.Free(t.seq).IgnoreError();
+    t.seq = -1;
+    t.kv_len = 0;
+    ++t.preemptions;
+    t.waiting = true;
+  }
+  // Preempted work resumes before anything newer.
+  waiting_.push_front(r);
+}
+
+void Engine::Admit(Outbox& out) {
+  KvCache& kv = backend_.kv();
+  const KvGeometry& g = kv.geometry();
+  const int64_t per_token_block = static_cast<int64_t>(g.n_layers) * g.n_kv_heads;
+  while (!waiting_.empty()) {
+    Resident r = waiting_.front();
+    Job& job = *r.job;
+    int64_t running = 0;
+    for (const Resident& x : resident_) {
+      running += x.thread ? 1 : static_cast<int64_t>(x.job->threads.size());
+    }
+    int64_t need;
+    int64_t need_alone;  // what one thread of it needs with the whole budget to itself
+    int64_t new_threads;
+    if (r.thread == nullptr) {
+      new_threads = 0;
+      for (auto& t : job.threads) new_threads += t->finished ? 0 : 1;
+      // The prompt, then one copy-on-write/growth block per (layer, head) for every thread.
+      // Threads that do not fit after the fork are preempted and recomputed one by one.
+      need = BlocksFor(static_cast<int64_t>(job.spec.prompt.size())) + new_threads * per_token_block;
+      need_alone = BlocksFor(static_cast<int64_t>(job.spec.prompt.size())) + per_token_block;
+    } else {
+      new_threads = 1;
+      need = BlocksFor(static_cast<int64_t>(r.thread->tokens.size())) + per_token_block;
+      need_alone = need;
+    }
+    const int64_t headroom = running * per_token_block;
+    const int64_t free_now = FreeBlocks();
+    const bool nothing_resident = resident_.empty();
+    if (nothing_resident && need_alone > kv.total_blocks()) {
+      // Cannot fit even with the whole budget to itself.
+      waiting_.pop_front();
+      std::string msg = absl::StrFormat(
+          "needs about %d KV blocks (%d bytes) but the whole budget is %d blocks: raise the KV "
+          "budget or shorten the prompt",
+          need_alone, need_alone * kv.block_bytes(), kv.total_blocks());
+      if (r.thread == nullptr) {
+        job.root_waiting = false;
+        for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kPreemptedFailed, msg, out);
+      } else {
+        r.thread->waiting = false;
+        FinishThread(job, *r.thread, FinishReason::kPreemptedFailed, msg, out);
+      }
+      MaybeFinishJob(job, out);
+      continue;
+    }
+    if (!nothing_resident &&
+        (need + headroom > free_now || running + new_threads > options_.max_running_threads)) {
+      break;
+    }
+    absl::StatusOr<SeqId> seq = kv.Create();
+    if (!seq.ok()) {
+      if (nothing_resident) {
+        waiting_.pop_front();
+        std::string msg = absl::StrCat("cannot create a KV sequence: ", seq.status().message());
+        if (r.thread == nullptr) {
+          job.root_waiting = false;
+          for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kError, msg, out);
+        } else {
+          r.thread->waiting = false;
+          FinishThread(job, *r.thread, FinishReason::kError, msg, out);
+        }
+        MaybeFinishJob(job, out);
+        continue;
+      }
+      break;
+    }
+    waiting_.pop_front();
+    if (r.thread == nullptr) {
+      job.root = *seq;
+      job.root_len = 0;
+      job.root_waiting = false;
+      job.root_admit = ++admit_counter_;
+    } else {
+      r.thread->seq = *seq;
+      r.thread->kv_len = 0;
+      r.thread->waiting = false;
+      r.thread->admit_order = ++admit_counter_;
+    }
+    resident_.push_back(r);
+  }
+}
+
+void Engine::Emit(Outbox& events) {
+  for (auto& [sink, ev] : events) {
+    if (sink && *sink) (*sink)(ev);
+  }
+  events.clear();
+}
+
+void Engine::FailEverything(const absl::Status& status, Outbox& out) {
+  std::string msg = absl::StrCat("engine step failed: ", status.ToString());
+  for (auto& [id, job] : jobs_) {
+    for (auto& t : job->threads) FinishThread(*job, *t, FinishReason::kError, msg, out);
+    MaybeFinishJob(*job, out);
+  }
+}
+
+absl::StatusOr<bool> Engine::Step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  DrainInbox();
+  Outbox out;
+  Admit(out);
+  KvCache& kv = backend_.kv();
+  const int64_t gen_before = generation_tokens_total_;
+  bool did_work = false;
+
+  // Build the batch; on RESOURCE_EXHAUSTED preempt the newest resident sequence and retry.
+  while (!resident_.empty()) {
+    std::vector<SeqChunk> batch;
+    std::vector<Resident> owners;
+    int32_t prefill_left = options_.prefill_chunk;
+    for (const Resident& r : resident_) {
+      SeqChunk c;
+      int64_t have, total;
+      const std::vector<int32_t>* src;
+      if (r.thread == nullptr) {
+        c.seq = r.job->root;
+        have = r.job->root_len;
+        src = &r.job->spec.prompt;
+      } else {
+        c.seq = r.thread->seq;
+        have = r.thread->kv_len;
+        src = &r.thread->tokens;
+      }
+      total = static_cast<int64_t>(src->size());
+      int64_t pending = total - have;
+      if (pending <= 0) continue;
+      int64_t take = pending;
+      if (pending > 1) {  // a prefill or a recompute: bounded per step
+        take = std::min<int64_t>(pending, prefill_left);
+        if (take <= 0) continue;
+        prefill_left -= static_cast<int32_t>(take);
+      }
+      c.tokens.assign(src->begin() + have, src->begin() + have + take);
+      c.logits = (have + take == total) ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone;
+      batch.push_back(std::move(c));
+      owners.push_back(r);
+    }
+    if (batch.empty()) break;
+
+    absl::StatusOr<ForwardResult> fr = backend_.Forward(batch);
+    if (!fr.ok()) {
+      if (!absl::IsResourceExhausted(fr.status())) {
+        FailEverything(fr.status(), out);
+        Emit(out);
+        return fr.status();
+      }
+      // Newest resident sequence.
+      auto newest = std::max_element(resident_.begin(), resident_.end(),
+                                     [](const Resident& a, const Resident& b) {
+                                       int64_t oa = a.thread ? a.thread->admit_order : a.job->root_admit;
+                                       int64_t ob = b.thread ? b.thread->admit_order : b.job->root_admit;
+                                       return oa < ob;
+                                     });
+      Resident victim = *newest;
+      if (resident_.size() == 1) {
+        std::string msg = absl::StrFormat(
+            "the sequence does not fit in the KV budget even alone (%d blocks of %d bytes; %s): "
+            "raise the KV budget or lower max_tokens",
+            kv.total_blocks(), kv.block_bytes(), fr.status().message());
+        Job& job = *victim.job;
+        if (victim.thread == nullptr) {
+          for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kPreemptedFailed, msg, out);
+        } else {
+          FinishThread(job, *victim.thread, FinishReason::kPreemptedFailed, msg, out);
+        }
+        MaybeFinishJob(job, out);
+        did_work = true;
+        continue;
+      }
+      Preempt(victim);
+      did_work = true;
+      continue;
+    }
+    did_work = true;
+    UpdatePeaks();
+    const ForwardResult& res = *fr;
+    // Every chunk was fed.
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const Resident& r = owners[i];
+      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+      if (r.thread == nullptr) {
+        r.job->root_len += n;
+        if (r.job->root_len == static_cast<int64_t>(r.job->spec.prompt.size())) {
+          prompt_tokens_total_ += r.job->root_len;
+        }
+      } else {
+        r.thread->kv_len += n;
+      }
+    }
+    // Sample where logits came back.
+    for (size_t row = 0; row < res.row_chunk.size(); ++row) {
+      const int32_t ci = res.row_chunk[row];
+      if (ci < 0 || ci >= static_cast<int32_t>(owners.size())) continue;
+      const float* logits = res.logits.data() + row * static_cast<size_t>(res.vocab);
+      Resident r = owners[ci];
+      Job& job = *r.job;
+      if (job.done) continue;
+      if (r.thread == nullptr) {
+        // The root is complete: sample each thread's first token, then fork.
+        resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
+                                       [&](const Resident& x) {
+                                         return x.job == &job && x.thread == nullptr;
+                                       }),
+                        resident_.end());
+        for (auto& tp : job.threads) {
+          Thread& t = *tp;
+          if (t.finished) continue;
+          absl::StatusOr<SeqId> child = kv.Fork(job.root);
+          if (!child.ok()) {
+            FinishThread(job, t, FinishReason::kError,
+                         absl::StrCat("fork failed: ", child.status().message()), out);
+            continue;
+          }
+          t.seq = *child;
+          t.kv_len = job.root_len;
+          t.started = true;
+          t.admit_order = ++admit_counter_;
+          resident_.push_back(Resident{&job, &t});
+          float lp = 0.0f;
+          int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
+          HandleToken(job, t, tok, lp, out);
+        }
+        kv.Free(job.root).IgnoreError();
+        job.root = -1;
+        job.forked = true;
+        MaybeFinishJob(job, out);
+      } else {
+        Thread& t = *r.thread;
+        if (t.finished) continue;
+        float lp = 0.0f;
+        int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
+        HandleToken(job, t, tok, lp, out);
+        MaybeFinishJob(job, out);
+      }
+    }
+    break;
+  }
+  Emit(out);
+  // Drop finished jobs.
+  for (auto it = jobs_.begin(); it != jobs_.end();) {
+    if (it->second->done) {
+      it = jobs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (did_work) ++steps_;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
+  return did_work;
+}
+
+void Engine::UpdatePeaks() {
+  const KvCache& kv = backend_.kv();
+  int64_t threads = 0;
+  for (const Resident& r : resident_) threads += r.thread ? 1 : 0;
+  peak_running_threads_ = std::max(peak_running_threads_, threads);
+  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, kv.total_blocks() - kv.free_blocks());
+}
+
+void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
+  if (step_seconds > 0.0) {
+    rate_window_.emplace_back(step_seconds, generated_this_step);
+    while (rate_window_.size() > 32) rate_window_.pop_front();
+  }
+  EngineStats s;
+  KvCache& kv = backend_.kv();
+  const KvGeometry& g = kv.geometry();
+  for (const Resident& r : resident_) {
+    if (r.thread) {
+      ++s.running_threads;
+    } else {
+      for (auto& t : r.job->threads) s.waiting_threads += t->finished ? 0 : 1;
+    }
+  }
+  for (const Resident& r : waiting_) {
+    if (r.thread) {
+      ++s.waiting_threads;
+    } else {
+      for (auto& t : r.job->threads) s.waiting_threads += t->finished ? 0 : 1;
+    }
+  }
+  for (auto& [id, job] : jobs_) {
+    if (job->forked) {
+      ++s.running_jobs;
+    } else {
+      ++s.waiting_jobs;
+    }
+  }
+  s.kv_blocks_total = kv.total_blocks();
+  s.kv_blocks_free = kv.free_blocks();
+  s.kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
+  s.kv_block_bytes = kv.block_bytes();
+  s.kv_block_tokens = g.block_tokens;
+  s.blocks_per_token_dense = static_cast<int64_t>(g.n_layers) * g.n_kv_heads;
+  if (!resident_.empty()) {
+    KvFigures f = kv.Figures();
+    s.logical_tokens = f.logical_tokens;
+    s.resident_tokens = f.resident_tokens;
+    s.flagged_tokens = f.flagged_tokens;
+    s.cache_cr = f.resident_tokens > 0 ? f.cache_cr() : 1.0;
+    s.eviction_rate = f.logical_tokens > 0 ? f.eviction_rate() : 0.0;
+  }
+  double secs = 0.0;
+  int64_t toks = 0;
+  for (auto& [sec, n] : rate_window_) {
+    secs += sec;
+    toks += n;
+  }
+  s.tokens_per_second = secs > 0.0 ? static_cast<double>(toks) / secs : 0.0;
+  s.preemptions = preemptions_;
+  s.prompt_tokens_total = prompt_tokens_total_;
+  s.generation_tokens_total = generation_tokens_total_;
+  s.steps = steps_;
+  peak_running_threads_ = std::max(peak_running_threads_, s.running_threads);
+  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, s.kv_blocks_used);
+  s.peak_running_threads = peak_running_threads_;
+  s.peak_kv_blocks_used = peak_kv_blocks_used_;
+  absl::MutexLock lock(&mu_);
+  stats_ = s;
+  busy_ = !jobs_.empty();
+  if (step_seconds > 0.0) last_work_ = std::chrono::steady_clock::now();
+}
+
+EngineStats Engine::Stats() const {
+  absl::MutexLock lock(&mu_);
+  EngineStats s = stats_;
+  if (std::chrono::steady_clock::now() - last_work_ > std::chrono::seconds(2)) s.tokens_per_second = 0.0;
+  return s;
+}
+
+void Engine::Start() {
+  if (running_.exchange(true)) return;
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = false;
+  }
+  worker_ = std::thread([this] {
+    for (;;) {
+      bool idle = false;
+      {
+        absl::MutexLock lock(&mu_);
+        const absl::Condition work(
+            +[](Engine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+              return e->stop_ || e->busy_ || !e->inbox_.empty() || !e->cancels_.empty();
+            },
+            this);
+        if (options_.on_idle) {
+          idle = !mu_.AwaitWithTimeout(work, options_.idle_period);
+        } else {
+          mu_.Await(work);
+        }
+        if (stop_) break;
+      }
+      // Failures of a step were also reported to its jobs as ERROR events.
+      absl::Status s = idle ? options_.on_idle() : Step().status();
+      if (!s.ok() && options_.on_failure) options_.on_failure(s);
+    }
+  });
+}
+
+void Engine::Stop() {
+  if (!running_.exchange(false)) return;
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (worker_.joinable()) worker_.join();
+}
+
+}  // namespace dmsrt
