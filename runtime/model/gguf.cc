@@ -10,6 +10,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "parallel/status_macros.h"  // header-only, abseil only
@@ -272,12 +274,16 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<Mapped
   return g;
 }
 
-absl::Status GgufFile::ParseAll() {
-  const std::string& path = file_->path();
-  const uint8_t* data = file_->data();
-  const size_t size = file_->size();
-  Cursor c(data, size, 0, path);
+namespace {
 
+// The header after the magic: version and the two counts, bounded by the bytes left.
+struct GgufHeader {
+  uint32_t version = 0;
+  uint64_t n_tensors = 0;
+  uint64_t n_kv = 0;
+};
+
+absl::StatusOr<GgufHeader> ReadHeader(Cursor& c, const uint8_t* data, size_t size) {
   auto magic = c.Read<uint32_t>("magic");
   if (!magic.ok()) {
     return absl::InvalidArgumentError(
@@ -291,135 +297,126 @@ absl::Status GgufFile::ParseAll() {
     return absl::InvalidArgumentError(
         absl::StrCat("not a GGUF file: bad magic \"", shown, "\" (expected \"GGUF\")"));
   }
-  DMSRT_ASSIGN_OR_RETURN(auto version, c.Read<uint32_t>("version"));
-  if (version != 2 && version != 3) {
+  GgufHeader h;
+  DMSRT_ASSIGN_OR_RETURN(h.version, c.Read<uint32_t>("version"));
+  if (h.version != 2 && h.version != 3) {
     return absl::InvalidArgumentError(
-        absl::StrCat("unsupported GGUF version ", version, " (supported: 2 and 3)"));
+        absl::StrCat("unsupported GGUF version ", h.version, " (supported: 2 and 3)"));
   }
-  version_ = version;
-  DMSRT_ASSIGN_OR_RETURN(auto n_tensors, c.Read<uint64_t>("tensor count"));
-  DMSRT_ASSIGN_OR_RETURN(auto n_kv, c.Read<uint64_t>("metadata key/value count"));
+  DMSRT_ASSIGN_OR_RETURN(h.n_tensors, c.Read<uint64_t>("tensor count"));
+  DMSRT_ASSIGN_OR_RETURN(h.n_kv, c.Read<uint64_t>("metadata key/value count"));
   // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least
   // 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset) bytes.
-  if (n_kv > c.remaining() / 13) {
-    return absl::InvalidArgumentError(absl::StrCat("metadata key/value count ", n_kv,
+  if (h.n_kv > c.remaining() / 13) {
+    return absl::InvalidArgumentError(absl::StrCat("metadata key/value count ", h.n_kv,
                                                    " cannot fit in a file of ", size, " bytes"));
   }
-  if (n_tensors > c.remaining() / 24) {
+  if (h.n_tensors > c.remaining() / 24) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tensor count ", n_tensors, " cannot fit in a file of ", size, " bytes"));
+        absl::StrCat("tensor count ", h.n_tensors, " cannot fit in a file of ", size, " bytes"));
   }
+  return h;
+}
 
-  // ---- metadata ----
-  kv_.reserve(static_cast<size_t>(n_kv));
-  key_order_.reserve(static_cast<size_t>(n_kv));
-  for (uint64_t i = 0; i < n_kv; ++i) {
-    const std::string where = absl::StrCat("metadata entry #", i);
-    DMSRT_ASSIGN_OR_RETURN(auto key_view, c.ReadString(absl::StrCat(where, " key")));
-    std::string key(key_view);
-    const std::string what = absl::StrCat("metadata '", key, "'");
-    DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
-    if (!ValidType(type_id)) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": unknown value type id ", type_id));
-    }
-    GgufValue v;
-    absl::Status s = ReadValue(c, static_cast<GgufType>(type_id), what, 0, &v);
-    if (!s.ok()) return s;
-    std::string k = key;
-    if (kv_.count(k)) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate metadata key '", k, "'"));
-    }
-    kv_.emplace(k, v);
-    key_order_.push_back(std::move(k));
+// Metadata entry #i: its key and value.
+absl::StatusOr<std::pair<std::string, GgufValue>> ReadMetadataEntry(Cursor& c, uint64_t i) {
+  const std::string where = absl::StrCat("metadata entry #", i);
+  DMSRT_ASSIGN_OR_RETURN(auto key_view, c.ReadString(absl::StrCat(where, " key")));
+  std::string key(key_view);
+  const std::string what = absl::StrCat("metadata '", key, "'");
+  DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
+  if (!ValidType(type_id)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": unknown value type id ", type_id));
   }
+  GgufValue v;
+  absl::Status s = ReadValue(c, static_cast<GgufType>(type_id), what, 0, &v);
+  if (!s.ok()) return s;
+  return std::make_pair(std::move(key), std::move(v));
+}
 
-  if (const GgufValue* a = Find("general.alignment")) {
-    if (!IsInteger(a->type)) {
-      return absl::InvalidArgumentError(absl::StrCat("metadata 'general.alignment' has type ",
-                                                     GgufTypeName(a->type), ", expected uint32"));
-    }
-    uint64_t al = a->type == GgufType::kInt8 || a->type == GgufType::kInt16 ||
-                          a->type == GgufType::kInt32 || a->type == GgufType::kInt64
-                      ? static_cast<uint64_t>(a->i64)
-                      : a->u64;
-    if (al == 0 || (al & (al - 1)) != 0 || al > (1u << 24)) {
+// general.alignment: an integer power of two in [1, 16M].
+absl::StatusOr<uint64_t> ReadAlignment(const GgufValue& a) {
+  if (!IsInteger(a.type)) {
+    return absl::InvalidArgumentError(absl::StrCat("metadata 'general.alignment' has type ",
+                                                   GgufTypeName(a.type), ", expected uint32"));
+  }
+  uint64_t al = a.type == GgufType::kInt8 || a.type == GgufType::kInt16 ||
+                        a.type == GgufType::kInt32 || a.type == GgufType::kInt64
+                    ? static_cast<uint64_t>(a.i64)
+                    : a.u64;
+  if (al == 0 || (al & (al - 1)) != 0 || al > (1u << 24)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metadata 'general.alignment' = ", static_cast<int64_t>(al),
+                     " is not a power of two in [1, 16M]"));
+  }
+  return al;
+}
+
+// Tensor info #i: name, dimensions, type and offset; its byte size from them.
+absl::StatusOr<GgufTensorInfo> ReadTensorInfo(Cursor& c, uint64_t i) {
+  const std::string where = absl::StrCat("tensor info #", i);
+  DMSRT_ASSIGN_OR_RETURN(auto name_view, c.ReadString(absl::StrCat(where, " name")));
+  std::string name(name_view);
+  if (name.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": empty tensor name"));
+  }
+  const std::string what = absl::StrCat("tensor '", name, "'");
+  DMSRT_ASSIGN_OR_RETURN(auto n_dims, c.Read<uint32_t>(absl::StrCat(what, " n_dims")));
+  if (n_dims < 1 || n_dims > kMaxDims) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": n_dims = ", n_dims, " (must be 1..", kMaxDims, ")"));
+  }
+  GgufTensorInfo t;
+  t.name = name;
+  uint64_t numel = 1;
+  for (uint32_t d = 0; d < n_dims; ++d) {
+    DMSRT_ASSIGN_OR_RETURN(auto ne, c.Read<uint64_t>(absl::StrCat(what, " ne[", d, "]")));
+    if (ne == 0 || ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return absl::InvalidArgumentError(
-          absl::StrCat("metadata 'general.alignment' = ", static_cast<int64_t>(al),
-                       " is not a power of two in [1, 16M]"));
+          absl::StrCat(what, ": dimension ne[", d, "] = ", ne, " is out of range"));
     }
-    alignment_ = al;
-  }
-
-  // ---- tensor infos ----
-  tensors_.reserve(static_cast<size_t>(n_tensors));
-  tensor_index_.reserve(static_cast<size_t>(n_tensors));
-  for (uint64_t i = 0; i < n_tensors; ++i) {
-    const std::string where = absl::StrCat("tensor info #", i);
-    DMSRT_ASSIGN_OR_RETURN(auto name_view, c.ReadString(absl::StrCat(where, " name")));
-    std::string name(name_view);
-    if (name.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": empty tensor name"));
-    }
-    const std::string what = absl::StrCat("tensor '", name, "'");
-    DMSRT_ASSIGN_OR_RETURN(auto n_dims, c.Read<uint32_t>(absl::StrCat(what, " n_dims")));
-    if (n_dims < 1 || n_dims > kMaxDims) {
+    if (numel > std::numeric_limits<uint64_t>::max() / ne || numel * ne > (uint64_t{1} << 50)) {
       return absl::InvalidArgumentError(
-          absl::StrCat(what, ": n_dims = ", n_dims, " (must be 1..", kMaxDims, ")"));
+          absl::StrCat(what, ": element count overflows (dimension ne[", d, "] = ", ne, ")"));
     }
-    GgufTensorInfo t;
-    t.name = name;
-    uint64_t numel = 1;
-    for (uint32_t d = 0; d < n_dims; ++d) {
-      DMSRT_ASSIGN_OR_RETURN(auto ne, c.Read<uint64_t>(absl::StrCat(what, " ne[", d, "]")));
-      if (ne == 0 || ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(what, ": dimension ne[", d, "] = ", ne, " is out of range"));
-      }
-      if (numel > std::numeric_limits<uint64_t>::max() / ne || numel * ne > (uint64_t{1} << 50)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(what, ": element count overflows (dimension ne[", d, "] = ", ne, ")"));
-      }
-      numel *= ne;
-      t.ne.push_back(static_cast<int64_t>(ne));
-    }
-    DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
-    DType dt = static_cast<DType>(type_id);
-    if (type_id > 1000 || BlockSize(dt) == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor type id ", type_id));
-    }
-    t.type = dt;
-    if (t.ne[0] % BlockSize(dt) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": row length ne[0] = ", t.ne[0],
-                                                     " is not a multiple of the ", DTypeName(dt),
-                                                     " block size ", BlockSize(dt)));
-    }
-    // numel <= 2^50 and block bytes <= 292, so this cannot overflow 64 bits.
-    t.nbytes = static_cast<size_t>(numel / static_cast<uint64_t>(BlockSize(dt)) *
-                                   static_cast<uint64_t>(BlockBytes(dt)));
-    DMSRT_ASSIGN_OR_RETURN(auto offset, c.Read<uint64_t>(absl::StrCat(what, " offset")));
-    t.offset = offset;
-    if (tensor_index_.count(t.name)) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate tensor name '", t.name, "'"));
-    }
-    tensor_index_.emplace(t.name, tensors_.size());
-    tensors_.push_back(std::move(t));
+    numel *= ne;
+    t.ne.push_back(static_cast<int64_t>(ne));
   }
+  DMSRT_ASSIGN_OR_RETURN(auto type_id, c.Read<uint32_t>(absl::StrCat(what, " type")));
+  DType dt = static_cast<DType>(type_id);
+  if (type_id > 1000 || BlockSize(dt) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": unknown tensor type id ", type_id));
+  }
+  t.type = dt;
+  if (t.ne[0] % BlockSize(dt) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": row length ne[0] = ", t.ne[0],
+                                                   " is not a multiple of the ", DTypeName(dt),
+                                                   " block size ", BlockSize(dt)));
+  }
+  // numel <= 2^50 and block bytes <= 292, so this cannot overflow 64 bits.
+  t.nbytes = static_cast<size_t>(numel / static_cast<uint64_t>(BlockSize(dt)) *
+                                 static_cast<uint64_t>(BlockBytes(dt)));
+  DMSRT_ASSIGN_OR_RETURN(auto offset, c.Read<uint64_t>(absl::StrCat(what, " offset")));
+  t.offset = offset;
+  return t;
+}
 
-  // ---- data section ----
-  uint64_t end_of_infos = c.pos();
-  data_offset_ = (end_of_infos + alignment_ - 1) / alignment_ * alignment_;
-  if (!tensors_.empty() && data_offset_ > size) {
+// Every tensor's data lies inside the data section ([data_offset, size)), aligned, and no two
+// overlap.
+absl::Status CheckTensorExtents(const std::vector<GgufTensorInfo>& tensors, uint64_t alignment,
+                                uint64_t data_offset, size_t size) {
+  if (!tensors.empty() && data_offset > size) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "data section starts at ", data_offset_, ", past the end of the file (", size, " bytes)"));
+        "data section starts at ", data_offset, ", past the end of the file (", size, " bytes)"));
   }
-  const uint64_t data_bytes = data_offset_ <= size ? size - data_offset_ : 0;
+  const uint64_t data_bytes = data_offset <= size ? size - data_offset : 0;
   std::vector<const GgufTensorInfo*> by_offset;
-  by_offset.reserve(tensors_.size());
-  for (const GgufTensorInfo& t : tensors_) {
-    if (t.offset % alignment_ != 0) {
+  by_offset.reserve(tensors.size());
+  for (const GgufTensorInfo& t : tensors) {
+    if (t.offset % alignment != 0) {
       return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "': data offset ",
                                                      t.offset, " is not a multiple of the ",
-                                                     "alignment ", alignment_));
+                                                     "alignment ", alignment));
     }
     if (t.offset > data_bytes || t.nbytes > data_bytes - t.offset) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -440,6 +437,50 @@ absl::Status GgufFile::ParseAll() {
     }
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status GgufFile::ParseAll() {
+  const std::string& path = file_->path();
+  const uint8_t* data = file_->data();
+  const size_t size = file_->size();
+  Cursor c(data, size, 0, path);
+  DMSRT_ASSIGN_OR_RETURN(const GgufHeader h, ReadHeader(c, data, size));
+  version_ = h.version;
+
+  // ---- metadata ----
+  kv_.reserve(static_cast<size_t>(h.n_kv));
+  key_order_.reserve(static_cast<size_t>(h.n_kv));
+  for (uint64_t i = 0; i < h.n_kv; ++i) {
+    DMSRT_ASSIGN_OR_RETURN(auto entry, ReadMetadataEntry(c, i));
+    std::string& k = entry.first;
+    if (kv_.count(k)) {
+      return absl::InvalidArgumentError(absl::StrCat("duplicate metadata key '", k, "'"));
+    }
+    kv_.emplace(k, entry.second);
+    key_order_.push_back(std::move(k));
+  }
+  if (const GgufValue* a = Find("general.alignment")) {
+    DMSRT_ASSIGN_OR_RETURN(alignment_, ReadAlignment(*a));
+  }
+
+  // ---- tensor infos ----
+  tensors_.reserve(static_cast<size_t>(h.n_tensors));
+  tensor_index_.reserve(static_cast<size_t>(h.n_tensors));
+  for (uint64_t i = 0; i < h.n_tensors; ++i) {
+    DMSRT_ASSIGN_OR_RETURN(GgufTensorInfo t, ReadTensorInfo(c, i));
+    if (tensor_index_.count(t.name)) {
+      return absl::InvalidArgumentError(absl::StrCat("duplicate tensor name '", t.name, "'"));
+    }
+    tensor_index_.emplace(t.name, tensors_.size());
+    tensors_.push_back(std::move(t));
+  }
+
+  // ---- data section ----
+  uint64_t end_of_infos = c.pos();
+  data_offset_ = (end_of_infos + alignment_ - 1) / alignment_ * alignment_;
+  return CheckTensorExtents(tensors_, alignment_, data_offset_, size);
 }
 
 const GgufValue* GgufFile::Find(const std::string& key) const {

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "parallel/status_macros.h"
 
 namespace dmsrt {
 
@@ -98,6 +99,101 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(
   return f;
 }
 
+namespace {
+
+// The __metadata__ entry: string values only.
+absl::Status ReadMetadata(const std::string& path, const Json& e,
+                          std::map<std::string, std::string>& metadata) {
+  if (!e.is_object()) return Bad(path, "__metadata__ is not an object");
+  for (auto m = e.begin(); m != e.end(); ++m) {
+    if (!m.value().is_string()) {
+      return Bad(path, absl::StrCat("__metadata__ value of '", m.key(), "' is not a string"));
+    }
+    metadata[m.key()] = m.value().get<std::string>();
+  }
+  return absl::OkStatus();
+}
+
+// One tensor's header entry: dtype, shape and data offsets, which must lie inside the data
+// section of `data_bytes` and cover exactly what the shape and dtype need.
+absl::StatusOr<SafetensorsTensorInfo> ReadTensorEntry(const std::string& path,
+                                                      const std::string& name, const Json& e,
+                                                      uint64_t data_bytes) {
+  const std::string what = absl::StrCat("tensor '", name, "'");
+  if (!e.is_object()) return Bad(path, absl::StrCat(what, ": entry is not an object"));
+  auto dt = e.find("dtype");
+  auto sh = e.find("shape");
+  auto off = e.find("data_offsets");
+  if (dt == e.end() || !dt->is_string()) {
+    return Bad(path, absl::StrCat(what, ": missing or non-string 'dtype'"));
+  }
+  if (sh == e.end() || !sh->is_array()) {
+    return Bad(path, absl::StrCat(what, ": missing or non-array 'shape'"));
+  }
+  if (off == e.end() || !off->is_array() || off->size() != 2) {
+    return Bad(path, absl::StrCat(what, ": 'data_offsets' must be [begin, end]"));
+  }
+  SafetensorsTensorInfo t;
+  t.name = name;
+  const std::string dtype = dt->get<std::string>();
+  if (!ParseDType(dtype, &t.type)) {
+    return absl::UnimplementedError(absl::StrCat(path, ": ", what, " has dtype ", dtype,
+                                                 ", which is not supported (F32, F16, BF16)"));
+  }
+  if (sh->size() > 8) return Bad(path, absl::StrCat(what, ": more than 8 dimensions"));
+  uint64_t numel = 1;
+  for (const Json& d : *sh) {
+    if (!d.is_number_unsigned() && !(d.is_number_integer() && d.get<int64_t>() >= 0)) {
+      return Bad(path, absl::StrCat(what, ": shape entries must be non-negative integers"));
+    }
+    uint64_t v = d.get<uint64_t>();
+    if (v > (uint64_t{1} << 48) || (v != 0 && numel > (uint64_t{1} << 48) / v)) {
+      return Bad(path, absl::StrCat(what, ": shape is too large (element count overflows)"));
+    }
+    numel *= v;
+    t.shape.push_back(static_cast<int64_t>(v));
+  }
+  for (const Json& o : *off) {
+    if (!o.is_number_unsigned() && !(o.is_number_integer() && o.get<int64_t>() >= 0)) {
+      return Bad(path, absl::StrCat(what, ": data_offsets must be non-negative integers"));
+    }
+  }
+  t.begin = (*off)[0].get<uint64_t>();
+  t.end = (*off)[1].get<uint64_t>();
+  if (t.begin > t.end || t.end > data_bytes) {
+    return Bad(path, absl::StrCat(what, ": data_offsets [", t.begin, ", ", t.end,
+                                  ") outside the data section of ", data_bytes, " bytes"));
+  }
+  const uint64_t want = numel * static_cast<uint64_t>(BlockBytes(t.type));
+  if (t.end - t.begin != want) {
+    return Bad(path, absl::StrCat(what, ": data_offsets cover ", t.end - t.begin,
+                                  " bytes but shape and dtype ", dtype, " need ", want));
+  }
+  return t;
+}
+
+// No two tensors' data overlap (empty tensors aside).
+absl::Status CheckNoOverlap(const std::string& path,
+                            const std::vector<SafetensorsTensorInfo>& tensors) {
+  std::vector<const SafetensorsTensorInfo*> by_begin;
+  for (const auto& t : tensors) {
+    if (t.end > t.begin) by_begin.push_back(&t);
+  }
+  std::sort(by_begin.begin(), by_begin.end(),
+            [](const SafetensorsTensorInfo* a, const SafetensorsTensorInfo* b) {
+              return a->begin < b->begin;
+            });
+  for (size_t i = 1; i < by_begin.size(); ++i) {
+    if (by_begin[i - 1]->end > by_begin[i]->begin) {
+      return Bad(path, absl::StrCat("tensor '", by_begin[i]->name, "' overlaps tensor '",
+                                    by_begin[i - 1]->name, "'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status SafetensorsFile::ParseAll() {
   const std::string& path = file_->path();
   const uint8_t* data = file_->data();
@@ -128,83 +224,14 @@ absl::Status SafetensorsFile::ParseAll() {
     const std::string& name = it.key();
     const Json& e = it.value();
     if (name == "__metadata__") {
-      if (!e.is_object()) return Bad(path, "__metadata__ is not an object");
-      for (auto m = e.begin(); m != e.end(); ++m) {
-        if (!m.value().is_string()) {
-          return Bad(path, absl::StrCat("__metadata__ value of '", m.key(), "' is not a string"));
-        }
-        metadata_[m.key()] = m.value().get<std::string>();
-      }
+      DMSRT_RETURN_IF_ERROR(ReadMetadata(path, e, metadata_));
       continue;
     }
-    const std::string what = absl::StrCat("tensor '", name, "'");
-    if (!e.is_object()) return Bad(path, absl::StrCat(what, ": entry is not an object"));
-    auto dt = e.find("dtype");
-    auto sh = e.find("shape");
-    auto off = e.find("data_offsets");
-    if (dt == e.end() || !dt->is_string()) {
-      return Bad(path, absl::StrCat(what, ": missing or non-string 'dtype'"));
-    }
-    if (sh == e.end() || !sh->is_array()) {
-      return Bad(path, absl::StrCat(what, ": missing or non-array 'shape'"));
-    }
-    if (off == e.end() || !off->is_array() || off->size() != 2) {
-      return Bad(path, absl::StrCat(what, ": 'data_offsets' must be [begin, end]"));
-    }
-    SafetensorsTensorInfo t;
-    t.name = name;
-    const std::string dtype = dt->get<std::string>();
-    if (!ParseDType(dtype, &t.type)) {
-      return absl::UnimplementedError(absl::StrCat(path, ": ", what, " has dtype ", dtype,
-                                                   ", which is not supported (F32, F16, BF16)"));
-    }
-    if (sh->size() > 8) return Bad(path, absl::StrCat(what, ": more than 8 dimensions"));
-    uint64_t numel = 1;
-    for (const Json& d : *sh) {
-      if (!d.is_number_unsigned() && !(d.is_number_integer() && d.get<int64_t>() >= 0)) {
-        return Bad(path, absl::StrCat(what, ": shape entries must be non-negative integers"));
-      }
-      uint64_t v = d.get<uint64_t>();
-      if (v > (uint64_t{1} << 48) || (v != 0 && numel > (uint64_t{1} << 48) / v)) {
-        return Bad(path, absl::StrCat(what, ": shape is too large (element count overflows)"));
-      }
-      numel *= v;
-      t.shape.push_back(static_cast<int64_t>(v));
-    }
-    for (const Json& o : *off) {
-      if (!o.is_number_unsigned() && !(o.is_number_integer() && o.get<int64_t>() >= 0)) {
-        return Bad(path, absl::StrCat(what, ": data_offsets must be non-negative integers"));
-      }
-    }
-    t.begin = (*off)[0].get<uint64_t>();
-    t.end = (*off)[1].get<uint64_t>();
-    if (t.begin > t.end || t.end > data_bytes) {
-      return Bad(path, absl::StrCat(what, ": data_offsets [", t.begin, ", ", t.end,
-                                    ") outside the data section of ", data_bytes, " bytes"));
-    }
-    const uint64_t want = numel * static_cast<uint64_t>(BlockBytes(t.type));
-    if (t.end - t.begin != want) {
-      return Bad(path, absl::StrCat(what, ": data_offsets cover ", t.end - t.begin,
-                                    " bytes but shape and dtype ", dtype, " need ", want));
-    }
+    DMSRT_ASSIGN_OR_RETURN(SafetensorsTensorInfo t, ReadTensorEntry(path, name, e, data_bytes));
     index_.emplace(t.name, tensors_.size());
     tensors_.push_back(std::move(t));
   }
-  std::vector<const SafetensorsTensorInfo*> by_begin;
-  for (const auto& t : tensors_) {
-    if (t.end > t.begin) by_begin.push_back(&t);
-  }
-  std::sort(by_begin.begin(), by_begin.end(),
-            [](const SafetensorsTensorInfo* a, const SafetensorsTensorInfo* b) {
-              return a->begin < b->begin;
-            });
-  for (size_t i = 1; i < by_begin.size(); ++i) {
-    if (by_begin[i - 1]->end > by_begin[i]->begin) {
-      return Bad(path, absl::StrCat("tensor '", by_begin[i]->name, "' overlaps tensor '",
-                                    by_begin[i - 1]->name, "'"));
-    }
-  }
-  return absl::OkStatus();
+  return CheckNoOverlap(path, tensors_);
 }
 
 const SafetensorsTensorInfo* SafetensorsFile::FindTensor(const std::string& name) const {

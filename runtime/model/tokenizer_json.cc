@@ -95,13 +95,8 @@ bool LooksSpecial(const std::string& t) {
   return t.size() >= 4 && t.compare(0, 2, "<|") == 0 && t.compare(t.size() - 2, 2, "|>") == 0;
 }
 
-}  // namespace
-
-absl::StatusOr<TokenizerSpec> LoadTokenizerJson(const std::string& dir) {
-  const std::string path = dir + "/tokenizer.json";
-  auto tj = ReadJson(path);
-  if (!tj.ok()) return tj.status();
-  const json& root = *tj;
+// The tokenizer model: byte-level BPE with a vocabulary.
+absl::Status CheckBpeModel(const json& root, const std::string& path) {
   if (!root.is_object() || !root.contains("model") || !root["model"].is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no \"model\" object"));
   }
@@ -114,17 +109,12 @@ absl::StatusOr<TokenizerSpec> LoadTokenizerJson(const std::string& dir) {
   if (!model.contains("vocab") || !model["vocab"].is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": model.vocab is missing"));
   }
+  return absl::OkStatus();
+}
 
-  TokenizerSpec spec;
-  spec.model = "gpt2";
-  {
-    auto fam = PreTokenizerFamily(root.contains("pre_tokenizer") ? root["pre_tokenizer"] : json(),
-                                  path);
-    if (!fam.ok()) return fam.status();
-    spec.pre = *fam;
-  }
-
-  // Vocabulary: ids from model.vocab and added_tokens; holes become unused "[PADn]".
+// Vocabulary: ids from model.vocab and added_tokens; holes become unused "[PADn]".
+absl::Status ReadVocabulary(const json& root, const std::string& path, TokenizerSpec& spec) {
+  const json& model = root["model"];
   std::vector<std::pair<int64_t, std::string>> entries;
   for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
     if (!it.value().is_number_integer()) {
@@ -180,8 +170,11 @@ absl::StatusOr<TokenizerSpec> LoadTokenizerJson(const std::string& dir) {
       spec.token_types[i] = 5;
     }
   }
+  return absl::OkStatus();
+}
 
-  // Merges: "a b" strings, or [a, b] pairs in newer files.
+// Merges: "a b" strings, or [a, b] pairs in newer files.
+absl::Status ReadMerges(const json& model, const std::string& path, TokenizerSpec& spec) {
   if (!model.contains("merges") || !model["merges"].is_array()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": model.merges is missing"));
   }
@@ -195,102 +188,145 @@ absl::StatusOr<TokenizerSpec> LoadTokenizerJson(const std::string& dir) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": malformed merge ", Brief(m)));
     }
   }
+  return absl::OkStatus();
+}
 
-  auto find_id = [&](const std::string& text) -> int32_t {
-    if (text.empty()) return -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (spec.tokens[i] == text) return static_cast<int32_t>(i);
-    }
-    return -1;
-  };
+// The id of a token's text, or -1.
+int32_t FindId(const TokenizerSpec& spec, const std::string& text) {
+  if (text.empty()) return -1;
+  const int64_t n = static_cast<int64_t>(spec.tokens.size());
+  for (int64_t i = 0; i < n; ++i) {
+    if (spec.tokens[i] == text) return static_cast<int32_t>(i);
+  }
+  return -1;
+}
 
-  // BOS added by the post-processor (Llama-3 style TemplateProcessing)?
-  bool post_adds_bos = false;
-  std::string post_bos_text;
-  {
-    std::vector<json> procs;
-    if (root.contains("post_processor") && root["post_processor"].is_object()) {
-      const json& pp = root["post_processor"];
-      if (pp.value("type", "") == "Sequence" && pp.contains("processors") &&
-          pp["processors"].is_array()) {
-        for (const json& p : pp["processors"]) procs.push_back(p);
-      } else {
-        procs.push_back(pp);
-      }
-    }
-    for (const json& p : procs) {
-      if (p.is_object() && p.value("type", "") == "TemplateProcessing" && p.contains("single") &&
-          p["single"].is_array() && !p["single"].empty() && p["single"][0].is_object() &&
-          p["single"][0].contains("SpecialToken")) {
-        post_adds_bos = true;
-        post_bos_text = p["single"][0]["SpecialToken"].value("id", "");
-      }
+// A BOS added by the post-processor (Llama-3 style TemplateProcessing), and its text.
+struct PostProcessorBos {
+  bool adds = false;
+  std::string text;
+};
+
+PostProcessorBos ReadPostProcessorBos(const json& root) {
+  PostProcessorBos bos;
+  std::vector<json> procs;
+  if (root.contains("post_processor") && root["post_processor"].is_object()) {
+    const json& pp = root["post_processor"];
+    if (pp.value("type", "") == "Sequence" && pp.contains("processors") &&
+        pp["processors"].is_array()) {
+      for (const json& p : pp["processors"]) procs.push_back(p);
+    } else {
+      procs.push_back(pp);
     }
   }
+  for (const json& p : procs) {
+    if (p.is_object() && p.value("type", "") == "TemplateProcessing" && p.contains("single") &&
+        p["single"].is_array() && !p["single"].empty() && p["single"][0].is_object() &&
+        p["single"][0].contains("SpecialToken")) {
+      bos.adds = true;
+      bos.text = p["single"][0]["SpecialToken"].value("id", "");
+    }
+  }
+  return bos;
+}
 
-  // tokenizer_config.json: chat template, BOS/EOS/PAD/UNK, add_bos.
+// tokenizer_config.json's chat_template: a string, or a list of named templates ("default", or
+// else the first).
+void ReadChatTemplate(const json& ct, TokenizerSpec& spec) {
+  if (ct.is_string()) {
+    spec.chat_template = ct.get<std::string>();
+  } else if (ct.is_array()) {
+    for (const json& e : ct) {
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template")) {
+        spec.chat_template = TokenText(e["template"]);
+      }
+    }
+    if (spec.chat_template.empty() && !ct.empty() && ct[0].is_object() &&
+        ct[0].contains("template")) {
+      spec.chat_template = TokenText(ct[0]["template"]);
+    }
+  }
+}
+
+// tokenizer_config.json (optional): chat template, BOS/EOS/PAD/UNK, add_bos. `add_bos_set` tells
+// whether the file set add_bos.
+absl::Status ReadTokenizerConfig(const std::string& dir, TokenizerSpec& spec, bool* add_bos_set) {
   const std::string cfg_path = dir + "/tokenizer_config.json";
   std::string cfg_text;
-  bool add_bos_set = false;
-  if (ReadFile(cfg_path, &cfg_text)) {
-    json cfg = json::parse(cfg_text, nullptr, false);
-    if (cfg.is_discarded() || !cfg.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(cfg_path, ": not a JSON object"));
-    }
-    if (cfg.contains("chat_template")) {
-      const json& ct = cfg["chat_template"];
-      if (ct.is_string()) {
-        spec.chat_template = ct.get<std::string>();
-      } else if (ct.is_array()) {
-        for (const json& e : ct) {
-          if (e.is_object() && e.value("name", "") == "default" && e.contains("template")) {
-            spec.chat_template = TokenText(e["template"]);
-          }
-        }
-        if (spec.chat_template.empty() && !ct.empty() && ct[0].is_object() &&
-            ct[0].contains("template")) {
-          spec.chat_template = TokenText(ct[0]["template"]);
-        }
-      }
-    }
-    if (cfg.contains("bos_token")) spec.bos_id = find_id(TokenText(cfg["bos_token"]));
-    if (cfg.contains("eos_token")) spec.eos_id = find_id(TokenText(cfg["eos_token"]));
-    if (cfg.contains("pad_token")) spec.pad_id = find_id(TokenText(cfg["pad_token"]));
-    if (cfg.contains("unk_token")) spec.unk_id = find_id(TokenText(cfg["unk_token"]));
-    if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) {
-      spec.add_bos = cfg["add_bos_token"].get<bool>();
-      add_bos_set = true;
-    }
+  *add_bos_set = false;
+  if (!ReadFile(cfg_path, &cfg_text)) return absl::OkStatus();
+  json cfg = json::parse(cfg_text, nullptr, false);
+  if (cfg.is_discarded() || !cfg.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(cfg_path, ": not a JSON object"));
   }
+  if (cfg.contains("chat_template")) ReadChatTemplate(cfg["chat_template"], spec);
+  if (cfg.contains("bos_token")) spec.bos_id = FindId(spec, TokenText(cfg["bos_token"]));
+  if (cfg.contains("eos_token")) spec.eos_id = FindId(spec, TokenText(cfg["eos_token"]));
+  if (cfg.contains("pad_token")) spec.pad_id = FindId(spec, TokenText(cfg["pad_token"]));
+  if (cfg.contains("unk_token")) spec.unk_id = FindId(spec, TokenText(cfg["unk_token"]));
+  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) {
+    spec.add_bos = cfg["add_bos_token"].get<bool>();
+    *add_bos_set = true;
+  }
+  return absl::OkStatus();
+}
+
+// generation_config.json (optional): eos_token_id, one id or a list, adds to eos_ids (and is the
+// eos id when none was given).
+void ReadGenerationEos(const std::string& dir, TokenizerSpec& spec) {
+  std::string gen_text;
+  if (!ReadFile(dir + "/generation_config.json", &gen_text)) return;
+  json gen = json::parse(gen_text, nullptr, false);
+  if (!gen.is_object() || !gen.contains("eos_token_id")) return;
+  std::vector<json> ids;
+  if (gen["eos_token_id"].is_array()) {
+    for (const json& e : gen["eos_token_id"]) ids.push_back(e);
+  } else {
+    ids.push_back(gen["eos_token_id"]);
+  }
+  const int64_t n = static_cast<int64_t>(spec.tokens.size());
+  for (const json& e : ids) {
+    if (!e.is_number_integer()) continue;
+    const int64_t id = e.get<int64_t>();
+    if (id < 0 || id >= n) continue;
+    if (std::find(spec.eos_ids.begin(), spec.eos_ids.end(), id) == spec.eos_ids.end()) {
+      spec.eos_ids.push_back(static_cast<int32_t>(id));
+    }
+    if (spec.eos_id < 0) spec.eos_id = static_cast<int32_t>(id);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<TokenizerSpec> LoadTokenizerJson(const std::string& dir) {
+  const std::string path = dir + "/tokenizer.json";
+  auto tj = ReadJson(path);
+  if (!tj.ok()) return tj.status();
+  const json& root = *tj;
+  if (absl::Status s = CheckBpeModel(root, path); !s.ok()) return s;
+
+  TokenizerSpec spec;
+  spec.model = "gpt2";
+  {
+    auto fam = PreTokenizerFamily(root.contains("pre_tokenizer") ? root["pre_tokenizer"] : json(),
+                                  path);
+    if (!fam.ok()) return fam.status();
+    spec.pre = *fam;
+  }
+  if (absl::Status s = ReadVocabulary(root, path, spec); !s.ok()) return s;
+  if (absl::Status s = ReadMerges(root["model"], path, spec); !s.ok()) return s;
+  const PostProcessorBos post_bos = ReadPostProcessorBos(root);
+  bool add_bos_set = false;
+  if (absl::Status s = ReadTokenizerConfig(dir, spec, &add_bos_set); !s.ok()) return s;
   if (spec.chat_template.empty()) {
     std::string jinja;
     if (ReadFile(dir + "/chat_template.jinja", &jinja)) spec.chat_template = jinja;
   }
-  if (spec.bos_id < 0 && !post_bos_text.empty()) spec.bos_id = find_id(post_bos_text);
-  if (!add_bos_set) spec.add_bos = post_adds_bos && spec.bos_id >= 0;
+  if (spec.bos_id < 0 && !post_bos.text.empty()) spec.bos_id = FindId(spec, post_bos.text);
+  if (!add_bos_set) spec.add_bos = post_bos.adds && spec.bos_id >= 0;
 
   if (spec.eos_id >= 0) spec.eos_ids.push_back(spec.eos_id);
-  std::string gen_text;
-  if (ReadFile(dir + "/generation_config.json", &gen_text)) {
-    json gen = json::parse(gen_text, nullptr, false);
-    if (gen.is_object() && gen.contains("eos_token_id")) {
-      std::vector<json> ids;
-      if (gen["eos_token_id"].is_array()) {
-        for (const json& e : gen["eos_token_id"]) ids.push_back(e);
-      } else {
-        ids.push_back(gen["eos_token_id"]);
-      }
-      for (const json& e : ids) {
-        if (!e.is_number_integer()) continue;
-        const int64_t id = e.get<int64_t>();
-        if (id < 0 || id >= n) continue;
-        if (std::find(spec.eos_ids.begin(), spec.eos_ids.end(), id) == spec.eos_ids.end()) {
-          spec.eos_ids.push_back(static_cast<int32_t>(id));
-        }
-        if (spec.eos_id < 0) spec.eos_id = static_cast<int32_t>(id);
-      }
-    }
-  }
+  ReadGenerationEos(dir, spec);
   return spec;
 }
 
