@@ -79,6 +79,13 @@ class BpeTokenizer final : public Tokenizer {
     return it == token_to_id_.end() ? -1 : it->second;
   }
 
+  // Build's parts, in order.
+  static absl::StatusOr<PreTokenizer> CheckSpec(const TokenizerSpec& spec);
+  absl::Status SetVocabulary(const TokenizerSpec& spec);
+  absl::Status SetMerges(const std::vector<std::string>& merges);
+  void SetDecodedBytes();
+  void SetEndOfGeneration(const TokenizerSpec& spec);
+
   std::vector<Fragment> Partition(std::string_view text, bool parse_special) const;
   void EncodeRaw(std::string_view raw, std::vector<int32_t>* out) const;
   void EncodeWord(std::string_view word, std::vector<int32_t>* out) const;
@@ -99,6 +106,20 @@ class BpeTokenizer final : public Tokenizer {
 };
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const TokenizerSpec& spec) {
+  auto pre = CheckSpec(spec);
+  if (!pre.ok()) return pre.status();
+  auto t = std::make_unique<BpeTokenizer>();
+  t->pre_ = *pre;
+  t->ignore_merges_ = (*pre == PreTokenizer::kLlama3);
+  t->bos_id_ = spec.bos_id;
+  if (absl::Status s = t->SetVocabulary(spec); !s.ok()) return s;
+  if (absl::Status s = t->SetMerges(spec.merges); !s.ok()) return s;
+  t->SetDecodedBytes();
+  t->SetEndOfGeneration(spec);
+  return std::unique_ptr<Tokenizer>(std::move(t));
+}
+
+absl::StatusOr<PreTokenizer> BpeTokenizer::CheckSpec(const TokenizerSpec& spec) {
   if (spec.model != "gpt2") {
     return absl::InvalidArgumentError(absl::StrCat(
         "unsupported tokenizer model '", spec.model, "' (only byte-level BPE, 'gpt2', is)"));
@@ -119,20 +140,21 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const TokenizerSp
           absl::StrCat("special token id ", id, " is outside the vocabulary of ", n));
     }
   }
+  return *pre;
+}
 
-  auto t = std::make_unique<BpeTokenizer>();
-  t->pre_ = *pre;
-  t->ignore_merges_ = (*pre == PreTokenizer::kLlama3);
-  t->bos_id_ = spec.bos_id;
-  t->tokens_ = spec.tokens;
-  t->types_ = spec.token_types;
-  if (t->types_.empty()) t->types_.assign(n, kTypeNormal);
-  t->token_to_id_.reserve(n);
+// Tokens, their types and the text -> id map.
+absl::Status BpeTokenizer::SetVocabulary(const TokenizerSpec& spec) {
+  const int32_t n = static_cast<int32_t>(spec.tokens.size());
+  tokens_ = spec.tokens;
+  types_ = spec.token_types;
+  if (types_.empty()) types_.assign(n, kTypeNormal);
+  token_to_id_.reserve(n);
   for (int32_t i = 0; i < n; ++i) {
-    if (t->tokens_[i].empty()) t->tokens_[i] = absl::StrCat("[EMPTY_", i, "]");
-    auto [it, inserted] = t->token_to_id_.emplace(t->tokens_[i], i);
+    if (tokens_[i].empty()) tokens_[i] = absl::StrCat("[EMPTY_", i, "]");
+    auto [it, inserted] = token_to_id_.emplace(tokens_[i], i);
     if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate token '", t->tokens_[i],
+      return absl::InvalidArgumentError(absl::StrCat("duplicate token '", tokens_[i],
                                                      "' in the vocabulary: ids ", it->second,
                                                      " and ", i));
     }
@@ -141,43 +163,50 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const TokenizerSp
   // End-of-turn markers are control tokens whatever the file says (llama.cpp overrides a
   // mislabelled type the same way), so they render verbatim and parse only as specials.
   for (const char* text : kEndOfGenerationTexts) {
-    const int32_t id = t->LookupToken(text);
-    if (id >= 0) t->types_[id] = kTypeControl;
+    const int32_t id = LookupToken(text);
+    if (id >= 0) types_[id] = kTypeControl;
   }
+  return absl::OkStatus();
+}
 
-  // Merge rules "left right" (the separator is the first space after the first byte); the
-  // first occurrence of a pair sets its rank.
-  t->merges_.reserve(spec.merges.size());
-  for (size_t r = 0; r < spec.merges.size(); ++r) {
-    const std::string& m = spec.merges[r];
+// Merge rules "left right" (the separator is the first space after the first byte); the
+// first occurrence of a pair sets its rank.
+absl::Status BpeTokenizer::SetMerges(const std::vector<std::string>& merges) {
+  merges_.reserve(merges.size());
+  for (size_t r = 0; r < merges.size(); ++r) {
+    const std::string& m = merges[r];
     const size_t sp = m.find(' ', 1);
     if (sp == std::string::npos) {
       return absl::InvalidArgumentError(
           absl::StrCat("BPE merge ", r, " ('", m, "') has no space between its two parts"));
     }
     const std::string left = m.substr(0, sp), right = m.substr(sp + 1);
-    const int32_t a = t->Intern(left), b = t->Intern(right);
-    const int32_t c = t->Intern(left + right);
-    t->merges_.emplace(PairKey(a, b), Merge{static_cast<int32_t>(r), c});
+    const int32_t a = Intern(left), b = Intern(right);
+    const int32_t c = Intern(left + right);
+    merges_.emplace(PairKey(a, b), Merge{static_cast<int32_t>(r), c});
   }
-  for (const auto& [text, sym] : t->symbol_ids_) t->symbol_token_[sym] = t->LookupToken(text);
+  for (const auto& [text, sym] : symbol_ids_) symbol_token_[sym] = LookupToken(text);
   for (int b = 0; b < 256; ++b) {
-    auto it = t->symbol_ids_.find(ByteToUtf8(static_cast<uint8_t>(b)));
-    t->byte_symbol_[b] = it == t->symbol_ids_.end() ? -1 : it->second;
+    auto it = symbol_ids_.find(ByteToUtf8(static_cast<uint8_t>(b)));
+    byte_symbol_[b] = it == symbol_ids_.end() ? -1 : it->second;
   }
+  return absl::OkStatus();
+}
 
-  // Raw bytes of every token: control/user-defined/unknown tokens are their text; the others
-  // are GPT-2 byte-alphabet text mapped back to bytes.
-  t->decoded_.resize(n);
+// Raw bytes of every token: control/user-defined/unknown tokens are their text; the others
+// are GPT-2 byte-alphabet text mapped back to bytes. The former are the specials, longest first.
+void BpeTokenizer::SetDecodedBytes() {
+  const int32_t n = vocab_size();
+  decoded_.resize(n);
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t type = t->types_[i];
+    const int32_t type = types_[i];
     if (type == kTypeControl || type == kTypeUserDefined || type == kTypeUnknown) {
-      t->decoded_[i] = t->tokens_[i];
-      t->specials_.push_back(i);
+      decoded_[i] = tokens_[i];
+      specials_.push_back(i);
       continue;
     }
-    std::string& out = t->decoded_[i];
-    for (uint32_t cp : DecodeUtf8(t->tokens_[i])) {
+    std::string& out = decoded_[i];
+    for (uint32_t cp : DecodeUtf8(tokens_[i])) {
       const int b = CodepointToByte(cp);
       if (b >= 0) {
         out.push_back(static_cast<char>(b));
@@ -186,19 +215,22 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> BpeTokenizer::Build(const TokenizerSp
       }
     }
   }
-  std::stable_sort(t->specials_.begin(), t->specials_.end(), [&](int32_t a, int32_t b) {
-    return t->tokens_[a].size() > t->tokens_[b].size();
+  std::stable_sort(specials_.begin(), specials_.end(), [&](int32_t a, int32_t b) {
+    return tokens_[a].size() > tokens_[b].size();
   });
+}
 
-  if (spec.eos_id >= 0) t->eog_.insert(spec.eos_id);
+// eos, every listed end id, and the texts llama.cpp always treats as end of generation.
+void BpeTokenizer::SetEndOfGeneration(const TokenizerSpec& spec) {
+  const int32_t n = vocab_size();
+  if (spec.eos_id >= 0) eog_.insert(spec.eos_id);
   for (int32_t id : spec.eos_ids) {
-    if (id >= 0 && id < n) t->eog_.insert(id);
+    if (id >= 0 && id < n) eog_.insert(id);
   }
   for (const char* text : kEndOfGenerationTexts) {
-    const int32_t id = t->LookupToken(text);
-    if (id >= 0) t->eog_.insert(id);
+    const int32_t id = LookupToken(text);
+    if (id >= 0) eog_.insert(id);
   }
-  return std::unique_ptr<Tokenizer>(std::move(t));
 }
 
 // Splits text at special tokens: for each special token, longest first, every occurrence in
