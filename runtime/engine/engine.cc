@@ -394,7 +394,6 @@ absl::StatusOr<bool> Engine::Step() {
   DrainInbox();
   Outbox out;
   Admit(out);
-  KvCache& kv = backend_.kv();
   const int64_t gen_before = generation_tokens_total_;
   bool did_work = false;
 
@@ -402,34 +401,7 @@ absl::StatusOr<bool> Engine::Step() {
   while (!resident_.empty()) {
     std::vector<SeqChunk> batch;
     std::vector<Resident> owners;
-    int32_t prefill_left = options_.prefill_chunk;
-    for (const Resident& r : resident_) {
-      SeqChunk c;
-      int64_t have, total;
-      const std::vector<int32_t>* src;
-      if (r.thread == nullptr) {
-        c.seq = r.job->root;
-        have = r.job->root_len;
-        src = &r.job->spec.prompt;
-      } else {
-        c.seq = r.thread->seq;
-        have = r.thread->kv_len;
-        src = &r.thread->tokens;
-      }
-      total = static_cast<int64_t>(src->size());
-      int64_t pending = total - have;
-      if (pending <= 0) continue;
-      int64_t take = pending;
-      if (pending > 1) {  // a prefill or a recompute: bounded per step
-        take = std::min<int64_t>(pending, prefill_left);
-        if (take <= 0) continue;
-        prefill_left -= static_cast<int32_t>(take);
-      }
-      c.tokens.assign(src->begin() + have, src->begin() + have + take);
-      c.logits = (have + take == total) ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone;
-      batch.push_back(std::move(c));
-      owners.push_back(r);
-    }
+    BuildBatch(&batch, &owners);
     if (batch.empty()) break;
 
     absl::StatusOr<ForwardResult> fr = backend_.Forward(batch);
@@ -439,99 +411,152 @@ absl::StatusOr<bool> Engine::Step() {
         Emit(out);
         return fr.status();
       }
-      // Newest resident sequence.
-      auto newest = std::max_element(resident_.begin(), resident_.end(),
-                                     [](const Resident& a, const Resident& b) {
-                                       int64_t oa = a.thread ? a.thread->admit_order : a.job->root_admit;
-                                       int64_t ob = b.thread ? b.thread->admit_order : b.job->root_admit;
-                                       return oa < ob;
-                                     });
-      Resident victim = *newest;
-      if (resident_.size() == 1) {
-        std::string msg = absl::StrFormat(
-            "the sequence does not fit in the KV budget even alone (%d blocks of %d bytes; %s): "
-            "raise the KV budget or lower max_tokens",
-            kv.total_blocks(), kv.block_bytes(), fr.status().message());
-        Job& job = *victim.job;
-        if (victim.thread == nullptr) {
-          for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kPreemptedFailed, msg, out);
-        } else {
-          FinishThread(job, *victim.thread, FinishReason::kPreemptedFailed, msg, out);
-        }
-        MaybeFinishJob(job, out);
-        did_work = true;
-        continue;
-      }
-      Preempt(victim);
+      MakeRoom(fr.status(), out);
       did_work = true;
       continue;
     }
     did_work = true;
     UpdatePeaks();
-    const ForwardResult& res = *fr;
-    // Every chunk was fed.
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const Resident& r = owners[i];
-      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
-      if (r.thread == nullptr) {
-        r.job->root_len += n;
-        if (r.job->root_len == static_cast<int64_t>(r.job->spec.prompt.size())) {
-          prompt_tokens_total_ += r.job->root_len;
-        }
-      } else {
-        r.thread->kv_len += n;
-      }
-    }
-    // Sample where logits came back.
-    for (size_t row = 0; row < res.row_chunk.size(); ++row) {
-      const int32_t ci = res.row_chunk[row];
-      if (ci < 0 || ci >= static_cast<int32_t>(owners.size())) continue;
-      const float* logits = res.logits.data() + row * static_cast<size_t>(res.vocab);
-      Resident r = owners[ci];
-      Job& job = *r.job;
-      if (job.done) continue;
-      if (r.thread == nullptr) {
-        // The root is complete: sample each thread's first token, then fork.
-        resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
-                                       [&](const Resident& x) {
-                                         return x.job == &job && x.thread == nullptr;
-                                       }),
-                        resident_.end());
-        for (auto& tp : job.threads) {
-          Thread& t = *tp;
-          if (t.finished) continue;
-          absl::StatusOr<SeqId> child = kv.Fork(job.root);
-          if (!child.ok()) {
-            FinishThread(job, t, FinishReason::kError,
-                         absl::StrCat("fork failed: ", child.status().message()), out);
-            continue;
-          }
-          t.seq = *child;
-          t.kv_len = job.root_len;
-          t.started = true;
-          t.admit_order = ++admit_counter_;
-          resident_.push_back(Resident{&job, &t});
-          float lp = 0.0f;
-          int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
-          HandleToken(job, t, tok, lp, out);
-        }
-        kv.Free(job.root).IgnoreError();
-        job.root = -1;
-        job.forked = true;
-        MaybeFinishJob(job, out);
-      } else {
-        Thread& t = *r.thread;
-        if (t.finished) continue;
-        float lp = 0.0f;
-        int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
-        HandleToken(job, t, tok, lp, out);
-        MaybeFinishJob(job, out);
-      }
-    }
+    RecordFed(batch, owners);
+    SampleReturned(*fr, owners, out);
     break;
   }
   Emit(out);
-  // Drop finished jobs.
+  DropFinishedJobs();
+  if (did_work) ++steps_;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
+  return did_work;
+}
+
+void Engine::BuildBatch(std::vector<SeqChunk>* batch, std::vector<Resident>* owners) const {
+  int32_t prefill_left = options_.prefill_chunk;
+  for (const Resident& r : resident_) {
+    SeqChunk c;
+    int64_t have, total;
+    const std::vector<int32_t>* src;
+    if (r.thread == nullptr) {
+      c.seq = r.job->root;
+      have = r.job->root_len;
+      src = &r.job->spec.prompt;
+    } else {
+      c.seq = r.thread->seq;
+      have = r.thread->kv_len;
+      src = &r.thread->tokens;
+    }
+    total = static_cast<int64_t>(src->size());
+    int64_t pending = total - have;
+    if (pending <= 0) continue;
+    int64_t take = pending;
+    if (pending > 1) {  // a prefill or a recompute: bounded per step
+      take = std::min<int64_t>(pending, prefill_left);
+      if (take <= 0) continue;
+      prefill_left -= static_cast<int32_t>(take);
+    }
+    c.tokens.assign(src->begin() + have, src->begin() + have + take);
+    c.logits = (have + take == total) ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone;
+    batch->push_back(std::move(c));
+    owners->push_back(r);
+  }
+}
+
+void Engine::MakeRoom(const absl::Status& status, Outbox& out) {
+  const KvCache& kv = backend_.kv();
+  // Newest resident sequence.
+  auto newest = std::max_element(resident_.begin(), resident_.end(),
+                                 [](const Resident& a, const Resident& b) {
+                                   int64_t oa = a.thread ? a.thread->admit_order : a.job->root_admit;
+                                   int64_t ob = b.thread ? b.thread->admit_order : b.job->root_admit;
+                                   return oa < ob;
+                                 });
+  Resident victim = *newest;
+  if (resident_.size() == 1) {
+    std::string msg = absl::StrFormat(
+        "the sequence does not fit in the KV budget even alone (%d blocks of %d bytes; %s): "
+        "raise the KV budget or lower max_tokens",
+        kv.total_blocks(), kv.block_bytes(), status.message());
+    Job& job = *victim.job;
+    if (victim.thread == nullptr) {
+      for (auto& t : job.threads) FinishThread(job, *t, FinishReason::kPreemptedFailed, msg, out);
+    } else {
+      FinishThread(job, *victim.thread, FinishReason::kPreemptedFailed, msg, out);
+    }
+    MaybeFinishJob(job, out);
+    return;
+  }
+  Preempt(victim);
+}
+
+void Engine::RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Resident& r = owners[i];
+    const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+    if (r.thread == nullptr) {
+      r.job->root_len += n;
+      if (r.job->root_len == static_cast<int64_t>(r.job->spec.prompt.size())) {
+        prompt_tokens_total_ += r.job->root_len;
+      }
+    } else {
+      r.thread->kv_len += n;
+    }
+  }
+}
+
+void Engine::SampleReturned(const ForwardResult& res, const std::vector<Resident>& owners,
+                            Outbox& out) {
+  for (size_t row = 0; row < res.row_chunk.size(); ++row) {
+    const int32_t ci = res.row_chunk[row];
+    if (ci < 0 || ci >= static_cast<int32_t>(owners.size())) continue;
+    const float* logits = res.logits.data() + row * static_cast<size_t>(res.vocab);
+    Resident r = owners[ci];
+    Job& job = *r.job;
+    if (job.done) continue;
+    if (r.thread == nullptr) {
+      ForkRoot(job, logits, res.vocab, out);
+    } else {
+      Thread& t = *r.thread;
+      if (t.finished) continue;
+      float lp = 0.0f;
+      int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
+      HandleToken(job, t, tok, lp, out);
+      MaybeFinishJob(job, out);
+    }
+  }
+}
+
+void Engine::ForkRoot(Job& job, const float* logits, int32_t vocab, Outbox& out) {
+  KvCache& kv = backend_.kv();
+  resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
+                                 [&](const Resident& x) {
+                                   return x.job == &job && x.thread == nullptr;
+                                 }),
+                  resident_.end());
+  for (auto& tp : job.threads) {
+    Thread& t = *tp;
+    if (t.finished) continue;
+    absl::StatusOr<SeqId> child = kv.Fork(job.root);
+    if (!child.ok()) {
+      FinishThread(job, t, FinishReason::kError,
+                   absl::StrCat("fork failed: ", child.status().message()), out);
+      continue;
+    }
+    t.seq = *child;
+    t.kv_len = job.root_len;
+    t.started = true;
+    t.admit_order = ++admit_counter_;
+    resident_.push_back(Resident{&job, &t});
+    float lp = 0.0f;
+    int32_t tok = t.sampler->Sample(logits, vocab, &lp);
+    HandleToken(job, t, tok, lp, out);
+  }
+  kv.Free(job.root).IgnoreError();
+  job.root = -1;
+  job.forked = true;
+  MaybeFinishJob(job, out);
+}
+
+void Engine::DropFinishedJobs() {
   for (auto it = jobs_.begin(); it != jobs_.end();) {
     if (it->second->done) {
       it = jobs_.erase(it);
@@ -539,11 +564,6 @@ absl::StatusOr<bool> Engine::Step() {
       ++it;
     }
   }
-  if (did_work) ++steps_;
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
-  return did_work;
 }
 
 void Engine::UpdatePeaks() {

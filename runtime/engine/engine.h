@@ -191,6 +191,22 @@ class Engine {
   void UpdateStats(double step_seconds, int64_t generated_this_step);
   void UpdatePeaks();
   void FailEverything(const absl::Status& status, Outbox& out);
+  // Step's parts, in order.
+  // The next chunk of every resident sequence that has tokens to feed (prefill chunks share
+  // options_.prefill_chunk tokens per step); owners[i] holds batch[i].
+  void BuildBatch(std::vector<SeqChunk>* batch, std::vector<Resident>* owners) const;
+  // The step did not fit in the KV budget (`status`): preempts the newest resident sequence, or
+  // fails it when it is the only one.
+  void MakeRoom(const absl::Status& status, Outbox& out);
+  // Every chunk of the batch was fed: advances its sequence's length.
+  void RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners);
+  // Samples where logits came back: a thread's next token, or a finished root's fork.
+  void SampleReturned(const ForwardResult& res, const std::vector<Resident>& owners,
+                      Outbox& out);
+  // The root is complete: forks every unfinished thread from it, samples each one's first token
+  // from `logits`, and frees the root.
+  void ForkRoot(Job& job, const float* logits, int32_t vocab, Outbox& out);
+  void DropFinishedJobs();
 
   Backend& backend_;
   const Tokenizer& tok_;
