@@ -1,0 +1,126 @@
+// The CUDA backend's step (Forward): the batch's rows in decode-first order, the step's inputs
+// staged up, embeddings, every layer (layer_forward.cc), the results (step_output.cc), and the
+// decision bits a decode-only step brings back with them. Also AppendUncomputed.
+#include <vector>
+
+#include "kernels/elementwise.cuh"
+#include "runtime/backend/cuda/cuda_backend.h"
+
+namespace dmsrt {
+namespace cuda_backend {
+
+absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
+  if (n <= 0) return absl::OkStatus();
+  DMSRT_RETURN_IF_ERROR(BindDevice());
+  DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
+  // Bookkeeping only: the slots keep whatever values they hold.
+  class Discard final : public KvSlotSink {
+   public:
+    void CopyBlock(int32_t, int32_t) override {}
+    void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
+  } sink;
+  std::vector<uint8_t> bits(static_cast<size_t>(n) * nkv_, 0);
+  const int64_t pos0 = kv_->Length(seq);
+  for (int32_t l = 0; l < cfg_.n_layers; ++l) {
+    if (dms_bits_) UncomputedDmsBits(l, nkv_, 0, pos0, n, dms_flag_rate, bits.data());
+    if (!kv_->CommitRows(seq, l, n, 0, dms_bits_ ? bits.data() : nullptr, sink)) {
+      return absl::InternalError(absl::StrCat("appending to KV sequence ", seq, " failed"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& batch) {
+  ForwardResult result;
+  result.vocab = vocab_;
+  DMSRT_ASSIGN_OR_RETURN(const int64_t T, ValidateStep(batch, vocab_));
+  if (T == 0) return result;
+  DMSRT_RETURN_IF_ERROR(BeginStep(batch, T));
+  const StepRows s = PlanRows(batch, T);
+  DMSRT_ASSIGN_OR_RETURN(const int32_t* pos_d, EmbedTokens(s));
+  const bool defer_bits = dms_bits_ && PagedKvLayer::CanDeferBits(*kv_, s.chunks, s.n_decode);
+  for (int32_t l = 0; l < cfg_.n_layers; ++l) {
+    DMSRT_RETURN_IF_ERROR(ForwardLayer(l, s, pos_d, defer_bits));
+  }
+  // Deferred bits, every layer's, come back with the step's results ([layers, rows, n_kv]).
+  if (defer_bits) {
+    DMSRT_CUDA_OK(cudaMemcpyAsync(bits_pinned_, bits_.get(),
+                                  static_cast<size_t>(cfg_.n_layers * T * nkv_),
+                                  cudaMemcpyDeviceToHost, stream_));
+  }
+  DMSRT_RETURN_IF_ERROR(StepOutputs(batch, s, result));
+  if (defer_bits) DMSRT_RETURN_IF_ERROR(CommitDeferredBits(s));
+  return result;
+}
+
+absl::Status CudaBackend::BeginStep(const std::vector<SeqChunk>& batch, int64_t rows) {
+  DMSRT_RETURN_IF_ERROR(BindDevice());
+  for (const SeqChunk& ch : batch) {
+    DMSRT_RETURN_IF_ERROR(kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
+  }
+  DMSRT_RETURN_IF_ERROR(Grow(rows));
+  // A step that failed part-way may have left work queued: the staging arena is reused only
+  // once the stream is idle.
+  DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
+  stage_.Reset();
+  ops_.ClearStatus();
+  return absl::OkStatus();
+}
+
+StepRows CudaBackend::PlanRows(const std::vector<SeqChunk>& batch, int64_t rows) const {
+  StepRows s;
+  s.count = rows;
+  // Rows: one-token chunks first.
+  std::vector<size_t> order;
+  for (size_t ci = 0; ci < batch.size(); ++ci) {
+    if (batch[ci].tokens.size() == 1) order.push_back(ci);
+  }
+  s.n_decode = static_cast<int32_t>(order.size());
+  for (size_t ci = 0; ci < batch.size(); ++ci) {
+    if (batch[ci].tokens.size() != 1) order.push_back(ci);
+  }
+  s.chunks.resize(batch.size());
+  s.row0_of.resize(batch.size());
+  s.ids.resize(rows);
+  s.pos.resize(rows);
+  int32_t row = 0;
+  for (size_t oi = 0; oi < order.size(); ++oi) {
+    const SeqChunk& ch = batch[order[oi]];
+    const int32_t n = static_cast<int32_t>(ch.tokens.size());
+    const int64_t p0 = kv_->Length(ch.seq);
+    s.chunks[oi] = PagedChunk{ch.seq, row, n};
+    s.row0_of[order[oi]] = row;
+    for (int32_t i = 0; i < n; ++i) {
+      s.ids[row + i] = ch.tokens[i];
+      s.pos[row + i] = static_cast<int32_t>(p0 + i);
+    }
+    row += n;
+  }
+  return s;
+}
+
+absl::StatusOr<const int32_t*> CudaBackend::EmbedTokens(const StepRows& s) {
+  // Small per-step inputs go up through the pinned staging arena (asynchronous copies).
+  DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(s.ids) + Bytes(s.pos)));
+  cudaError_t staged = cudaSuccess;
+  const auto* ids_d =
+      static_cast<const int32_t*>(stage_.Stage(s.ids.data(), Bytes(s.ids), stream_, &staged));
+  const auto* pos_d =
+      static_cast<const int32_t*>(stage_.Stage(s.pos.data(), Bytes(s.pos), stream_, &staged));
+  DMSRT_CUDA_OK(staged);
+  DMSRT_CUDA_OK(EmbeddingGather(embed_, vocab_, H_, ids_d, static_cast<int32_t>(s.count), x_.get(),
+                                stream_));
+  return pos_d;
+}
+
+absl::Status CudaBackend::CommitDeferredBits(const StepRows& s) {
+  const int64_t bits_layer = s.count * nkv_;  // bytes of one layer's bits
+  for (int32_t b = 0; b < s.n_decode; ++b) {
+    DMSRT_RETURN_IF_ERROR(kv_->SetDeferredBits(
+        s.chunks[b].seq, bits_pinned_ + static_cast<int64_t>(b) * nkv_, bits_layer));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace cuda_backend
+}  // namespace dmsrt
