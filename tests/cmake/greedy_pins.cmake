@@ -1,0 +1,13 @@
+# Greedy output pinned token for token per KV policy (tests/regression/greedy_pins.py): the
+# default model under every CPU policy, tiny DMS models (Variants A and B), and the emulated CUDA
+# backend when it is built. Label unit: it runs in CI and takes about a minute.
+find_package(Python3 COMPONENTS Interpreter QUIET)
+if(Python3_Interpreter_FOUND)
+  set(pin_args --dmsrt $<TARGET_FILE:dmsrt>)
+  if(TARGET dmsrt_cuda_emulated)
+    list(APPEND pin_args --cuda-emulated $<TARGET_FILE:dmsrt_cuda_emulated>)
+  endif()
+  add_test(NAME greedy_pins COMMAND ${Python3_EXECUTABLE}
+           ${PROJECT_SOURCE_DIR}/tests/regression/greedy_pins.py ${pin_args})
+  set_tests_properties(greedy_pins PROPERTIES LABELS unit TIMEOUT 900)
+endif()
