@@ -11,6 +11,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/reference/random_hash.h"
+
 #if defined(__CUDACC__)
 #define DMSRT_HOST_DEVICE __host__ __device__
 #else
@@ -33,10 +35,7 @@ constexpr double kSamplingMassScale = 1099511627776.0;  // 2^40
 
 // SplitMix64 finaliser of (seed, counter): 53 random bits -> [0, 1).
 DMSRT_HOST_DEVICE inline double CounterUniform(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (counter + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
+  const uint64_t z = SplitMixFinalize(seed + kSplitMixGamma * (counter + 1));
   return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
 }
 

@@ -6,7 +6,7 @@
 // holds the keys and values of `block_tokens` slots of ONE KV head, float32:
 //   block b: K [block_tokens, head_dim] followed by V [block_tokens, head_dim]
 // Reference counts let forked sequences share blocks (copy-on-write is done by the owner of the
-// block tables, runtime/kv/kv_cache.cc). Not thread-safe.
+// block tables, runtime/kv/kv_store.cc). Not thread-safe.
 #pragma once
 
 #include <cstddef>
