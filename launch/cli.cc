@@ -16,7 +16,8 @@ namespace dmsrt {
 namespace {
 
 // Help lines as "--name TYPE   description (constraint; default: value)": CLI11's own layout
-// glues the validator and the default to the type ("INT:>= 0=0").
+// glues the validator and the default to the type ("INT:>= 0=0"). CLI11 joins the type name and
+// the validators' descriptions with ':', so a type name (Option::type_name) must not contain one.
 class HelpFormatter : public CLI::Formatter {
  public:
   std::string make_option_opts(const CLI::Option* opt) const override {

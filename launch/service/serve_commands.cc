@@ -98,8 +98,8 @@ void AddServiceOptions(CLI::App& app, ServiceOptions* o) {
   const CoordinatorOptions defaults;
   o->max_n = defaults.max_n;
   o->default_max_tokens = defaults.default_max_tokens;
-  app.add_option("--listen", o->listen, "the coordinator's gRPC address (port 0: any free port)")
-      ->type_name("HOST:PORT");
+  app.add_option("--listen", o->listen, "HOST:PORT the coordinator serves gRPC on (port 0: any free port)")
+      ->type_name("ADDRESS");
   app.add_option("--metrics-port", o->metrics_port,
                  "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)")
       ->transform(Integer(0, 65535));
@@ -354,8 +354,8 @@ absl::Status CoordinatorOnly(const CoordinatorCommandOptions& o) {
 
 void SetupServe(CLI::App& app, ServeOptions& o) {
   app.add_option("--coordinator", o.coordinator,
-                 "join this coordinator instead of hosting one on rank 0")
-      ->type_name("HOST:PORT");
+                 "HOST:PORT of a coordinator to join instead of hosting one on rank 0")
+      ->type_name("ADDRESS");
   AddServiceOptions(app, &o.service);
   AddRunOptions(app, &o.run);
   AddTpOptions(app, &o.tp,

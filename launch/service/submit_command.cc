@@ -89,7 +89,7 @@ absl::StatusOr<v1::JobRequest> BuildRequest(const SubmitOptions& o) {
 }  // namespace
 
 void SetupSubmit(CLI::App& app, SubmitOptions& o) {
-  app.add_option("--address", o.address, "the coordinator")->type_name("HOST:PORT");
+  app.add_option("--address", o.address, "HOST:PORT of the coordinator")->type_name("ADDRESS");
   app.add_option("--prompt", o.prompt, "the prompt, as it is");
   app.add_option("--chat", o.chat, "one user turn, rendered with the model's chat template");
   app.add_option("--n", o.n, "threads (default: 8; with --budget, as many as the budget holds)")
