@@ -1,8 +1,8 @@
 // `dmsrt bench`: prefill and decode speed on a model, next to the measured memory-bandwidth
 // floor, written as a table and as a JSON profile.
 //
-//   dmsrt bench [--model PATH] [--prefill 512] [--decode 128] [--reps 3] [--threads N]
-//       [--tokens-file F] [--out profile.json] [--json] [KV options as for generate] [--tp N]
+//   dmsrt bench [--prefill 512] [--decode 128] [--reps 3] [--out profile.json] [options]
+//   (dmsrt bench --help lists them)
 //
 // Prefill: one sequence, the whole prompt in chunks of --prefill-chunk. Decode: --decode greedy
 // steps of one token after the prompt, EOS ignored (the count is fixed). Each figure is the median
@@ -18,12 +18,13 @@
 #include <random>
 #include <thread>
 
+#include <CLI/CLI.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/figures.h"
 #include "launch/run_options.h"
@@ -69,24 +70,15 @@ int32_t Argmax(const float* x, int32_t n) {
   return static_cast<int32_t>(std::max_element(x, x + n) - x);
 }
 
-absl::Status Bench(int argc, char** argv, TpSession* tp) {
-  std::set<std::string> value_opts = RunValueOptions();
-  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
-  value_opts.insert({"prefill", "decode", "reps", "tokens-file", "out"});
-  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json"}));
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
-  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
-  DMSRT_ASSIGN_OR_RETURN(int64_t n_prefill, args.GetInt("prefill", 512));
-  DMSRT_ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode", 128));
-  DMSRT_ASSIGN_OR_RETURN(int64_t reps, args.GetInt("reps", 3));
-  if (n_prefill < 1 || n_decode < 0 || reps < 1) {
-    return absl::InvalidArgumentError("--prefill must be >= 1, --decode >= 0, --reps >= 1");
-  }
+absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "bench", args));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
+  const int64_t n_prefill = o.prefill, n_decode = o.decode, reps = o.reps;
   const Model& model = *ctx.model;
   std::vector<int32_t> prompt;
-  if (args.Has("tokens-file")) {
-    std::ifstream in(args.Get("tokens-file"));
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", args.Get("tokens-file")));
+  if (!o.tokens_file.empty()) {
+    std::ifstream in(o.tokens_file);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", o.tokens_file));
     int64_t id;
     while (in >> id) {
       if (id < 0 || id >= model.config.vocab) return absl::InvalidArgumentError("token id out of range in --tokens-file");
@@ -166,12 +158,12 @@ absl::Status Bench(int argc, char** argv, TpSession* tp) {
                       {"decoded_token_ids", decoded}};
   if (tp->tp > 1) j["tp"] = tp->tp;  // KV figures are the whole group's
   j.update(FiguresJson(figs, kv.geometry().n_kv_heads, false));
-  if (args.Has("out")) {
-    std::ofstream out(args.Get("out"));
-    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write --out ", args.Get("out")));
+  if (!o.out.empty()) {
+    std::ofstream out(o.out);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write --out ", o.out));
     out << j.dump(2) << "\n";
   }
-  if (args.Flag("json")) {
+  if (o.json) {
     std::cout << j.dump() << std::endl;
   } else {
     std::printf("%-28s %12s %12s %12s\n", "figure", "median", "min", "max");
@@ -188,9 +180,24 @@ absl::Status Bench(int argc, char** argv, TpSession* tp) {
 
 }  // namespace
 
-int RunBench(int argc, char** argv) {
+void SetupBench(CLI::App& app, BenchOptions& o) {
+  app.add_option("--prefill", o.prefill, "prompt tokens (random ids unless --tokens-file)")
+      ->transform(Integer(1));
+  app.add_option("--decode", o.decode, "greedy decode steps after the prompt (EOS ignored)")
+      ->transform(Integer(0));
+  app.add_option("--reps", o.reps, "timed repetitions after one warm-up; figures are their median")
+      ->transform(Integer(1));
+  app.add_option("--tokens-file", o.tokens_file, "the prompt's token ids, whitespace-separated")
+      ->type_name("FILE");
+  app.add_option("--out", o.out, "also write the JSON profile to this file")->type_name("FILE");
+  app.add_flag("--json", o.json, "print the JSON profile instead of the table");
+  AddRunOptions(app, &o.run);
+  AddTpOptions(app, &o.tp, "tensor-parallel degree: mpirun -np N dmsrt bench --tp N (0: the number of ranks)");
+}
+
+int RunBench(const BenchOptions& o, ProcessArgs& args) {
   TpSession tp;
-  absl::Status s = Bench(argc, argv, &tp);
+  absl::Status s = Bench(o, args, &tp);
   return CommandExit("bench", s, &tp);
 }
 

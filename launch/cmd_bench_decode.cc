@@ -2,11 +2,8 @@
 // synthetic model, one KV policy per run.
 //
 //   dmsrt bench-decode [--backend cpu|cuda] (--model PATH | --synthetic qwen3-8b)
-//       [--batch 1,32,256] [--context 4096,32768] [--steps 32]
-//       [--kv-policy none|forced|window|dms] [--dms-force-rate 0.875] [--dms-window 16]
-//       [--dms-fill-rate 0.875 (dms)]
-//       [--kv-budget BYTES (cuda: 0 = the device memory left)] [--kv-block 16] [--seed S]
-//       [--device N (cuda; default: the launcher's local rank)] [--json]
+//       [--batch 1,32,256] [--context 4096,32768] [--steps 32] [--kv-policy none] [options]
+//   (dmsrt bench-decode --help lists them)
 //
 // Per (batch, context) cell: `batch` sequences get `context` tokens each without running the
 // model (Backend::AppendUncomputed: the policy's bookkeeping runs, the slots keep arbitrary
@@ -22,13 +19,13 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "launch/args.h"
-#include "launch/byte_size.h"
 #include "launch/commands.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend/backend.h"
@@ -39,60 +36,58 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-absl::StatusOr<std::vector<int64_t>> IntList(const Args& args, const std::string& name,
-                                             const std::string& def) {
+// "1,32,256" -> {1, 32, 256}; the validator of --batch and --context has checked the form.
+std::vector<int64_t> IntList(const std::string& text) {
   std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(args.Get(name, def), ',')) {
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
     int64_t v = 0;
-    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--", name, " takes positive integers separated by commas (got '",
-                       args.Get(name, def), "')"));
-    }
-    out.push_back(v);
+    if (absl::SimpleAtoi(part, &v)) out.push_back(v);
   }
   return out;
 }
 
-absl::Status BenchDecode(int argc, char** argv) {
-  DMSRT_ASSIGN_OR_RETURN(
-      Args args,
-      Args::Parse(argc, argv,
-                  {"backend", "model", "synthetic", "batch", "context", "steps", "kv-policy",
-                   "dms-force-rate", "dms-window", "dms-fill-rate", "kv-budget", "kv-block", "seed", "threads", "device"},
-                  {"json"}));
-  DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> batches, IntList(args, "batch", "1,32,256"));
-  DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, IntList(args, "context", "4096,32768"));
-  DMSRT_ASSIGN_OR_RETURN(int64_t steps, args.GetInt("steps", 32));
-  DMSRT_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
-  DMSRT_ASSIGN_OR_RETURN(int64_t block, args.GetInt("kv-block", 16));
-  DMSRT_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  if (steps < 1 || block < 1) return absl::InvalidArgumentError("--steps and --kv-block must be >= 1");
-  const std::string backend_name = args.Get("backend", "cpu");
+CLI::Validator PositiveIntList() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        for (absl::string_view part : absl::StrSplit(s, ',')) {
+          int64_t v = 0;
+          if (!absl::SimpleAtoi(part, &v) || v <= 0) {
+            return absl::StrCat("takes positive integers separated by commas, got '", s, "'");
+          }
+        }
+        return "";
+      },
+      "");
+}
+
+absl::Status BenchDecode(const BenchDecodeOptions& opt) {
+  const std::vector<int64_t> batches = IntList(opt.batch);
+  const std::vector<int64_t> contexts = IntList(opt.context);
+  const int64_t steps = opt.steps;
+  const int64_t seed = opt.seed;
+  const std::string& backend_name = opt.backend;
 
   std::unique_ptr<Model> model;
-  if (args.Has("synthetic") == args.Has("model")) {
+  if (opt.synthetic.empty() == opt.model.empty()) {
     return absl::InvalidArgumentError("give exactly one of --model PATH or --synthetic NAME");
   }
-  if (args.Has("synthetic")) {
-    DMSRT_ASSIGN_OR_RETURN(ModelConfig c, SyntheticConfig(args.Get("synthetic")));
+  if (!opt.synthetic.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(ModelConfig c, SyntheticConfig(opt.synthetic));
     // A device backend generates the weights itself; a host one needs them materialised.
     DMSRT_ASSIGN_OR_RETURN(model, MakeSyntheticModel(c, static_cast<uint64_t>(seed),
                                                      backend_name != "cuda"));
   } else {
-    DMSRT_ASSIGN_OR_RETURN(model, LoadModel(args.Get("model")));
+    DMSRT_ASSIGN_OR_RETURN(model, LoadModel(opt.model));
   }
 
   BackendOptions o;
-  o.threads = static_cast<int32_t>(threads);
-  o.kv_block_tokens = static_cast<int32_t>(block);
-  DMSRT_ASSIGN_OR_RETURN(int64_t device, args.GetInt("device", -1));
-  o.device = static_cast<int32_t>(device);
-  DMSRT_ASSIGN_OR_RETURN(o.kv_policy.kind, ParseKvPolicy(args.Get("kv-policy", "none")));
-  DMSRT_ASSIGN_OR_RETURN(o.kv_policy.force_rate, args.GetDouble("dms-force-rate", 0.875));
-  DMSRT_ASSIGN_OR_RETURN(int64_t window, args.GetInt("dms-window", 16));
-  DMSRT_ASSIGN_OR_RETURN(const double fill_rate, args.GetDouble("dms-fill-rate", 0.875));
-  if (fill_rate < 0 || fill_rate > 1) return absl::InvalidArgumentError("--dms-fill-rate must be in [0, 1]");
+  o.threads = opt.threads;
+  o.kv_block_tokens = opt.kv_block;
+  o.device = opt.device;
+  DMSRT_ASSIGN_OR_RETURN(o.kv_policy.kind, ParseKvPolicy(opt.kv_policy));
+  o.kv_policy.force_rate = opt.dms_force_rate;
+  int64_t window = opt.dms_window.value_or(16);
+  const double fill_rate = opt.dms_fill_rate;
   o.kv_policy.seed = static_cast<uint64_t>(seed);
   if (o.kv_policy.kind == KvPolicyKind::kDms) {
     // The model decides while decoding; the window is the model's unless given.
@@ -102,11 +97,10 @@ absl::Status BenchDecode(int argc, char** argv) {
           "model with the dms option, e.g. --synthetic qwen3-8b:dms); --kv-policy forced evicts "
           "at a fixed rate on any model");
     }
-    if (!args.Has("dms-window")) window = model->config.dms.window;
+    if (!opt.dms_window) window = model->config.dms.window;
   }
   o.kv_policy.window = static_cast<int32_t>(window);
-  const std::string budget_text = args.Get("kv-budget", backend_name == "cuda" ? "0" : "4GiB");
-  DMSRT_ASSIGN_OR_RETURN(o.kv_budget_bytes, ParseByteSize(budget_text));
+  o.kv_budget_bytes = opt.kv_budget_bytes.value_or(backend_name == "cuda" ? 0 : int64_t{4} << 30);
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, *model, o));
   KvCache& kv = backend->kv();
   const int32_t vocab = model->config.vocab;
@@ -116,7 +110,7 @@ absl::Status BenchDecode(int argc, char** argv) {
   } else if (o.kv_policy.kind == KvPolicyKind::kDms) {
     policy = absl::StrCat("dms (model decisions; context filled at rate ", fill_rate, "), w ", window);
   }
-  if (!args.Flag("json")) {
+  if (!opt.json) {
     std::printf("model %s, backend %s, KV policy %s, pool %.2f GiB (%lld blocks of %lld bytes)\n",
                 model->source_path.c_str(), backend->name(), policy.c_str(),
                 kv.total_blocks() * static_cast<double>(kv.block_bytes()) / (1 << 30),
@@ -184,7 +178,7 @@ absl::Status BenchDecode(int argc, char** argv) {
         cell["reason"] = std::string(fill.ok() ? "decode ran out of KV blocks" : fill.message());
       }
       cell["device_bytes_in_use"] = backend->DeviceBytesInUse();
-      if (!args.Flag("json")) {
+      if (!opt.json) {
         if (fits) {
           std::printf("%6lld %8lld %5s %12.1f %10.2f %12.2f %8.2f %12.2f\n", (long long)b,
                       (long long)ctx, "yes", tps, ms, figs.kv_bytes / double(1 << 30),
@@ -199,7 +193,7 @@ absl::Status BenchDecode(int argc, char** argv) {
       for (SeqId s : seqs) DMSRT_RETURN_IF_ERROR(kv.Free(s));
     }
   }
-  if (args.Flag("json")) {
+  if (opt.json) {
     nlohmann::json j = {{"model", model->source_path},
                         {"backend", backend->name()},
                         {"kv_policy", policy},
@@ -213,8 +207,43 @@ absl::Status BenchDecode(int argc, char** argv) {
 
 }  // namespace
 
-int RunBenchDecode(int argc, char** argv) {
-  const absl::Status s = BenchDecode(argc, argv);
+void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o) {
+  AddBackendOption(app, &o.backend);
+  app.add_option("--model", o.model, "model: a GGUF file or a Hugging Face directory")->type_name("PATH");
+  app.add_option("--synthetic", o.synthetic,
+                 "a synthetic model with random weights: NAME[:dms][:layers=N], e.g. qwen3-8b, "
+                 "qwen3-8b:dms, tiny-llama")
+      ->type_name("NAME");
+  app.add_option("--batch", o.batch, "sequences per decode step, one cell each")
+      ->type_name("N,N,...")
+      ->transform(PositiveIntList());
+  app.add_option("--context", o.context, "tokens already in each sequence's cache, one cell each")
+      ->type_name("N,N,...")
+      ->transform(PositiveIntList());
+  app.add_option("--steps", o.steps, "timed decode steps per cell (after two warm-up steps)")
+      ->transform(Integer(1));
+  app.add_option("--kv-policy", o.kv_policy, "KV policy (dms: the model's own decisions)")
+      ->transform(OneOf({"none", "dms", "forced", "window", "tova", "h2o"}));
+  app.add_option("--dms-force-rate", o.dms_force_rate, "forced: share of tokens evicted after the window")
+      ->transform(Number(0.0, 1.0));
+  app.add_option("--dms-window", o.dms_window,
+                 "tokens an evicted token stays visible (default: 16; dms: the model's window)")
+      ->transform(Integer(1));
+  app.add_option("--dms-fill-rate", o.dms_fill_rate,
+                 "dms: rate of the eviction decisions drawn for the filled context")
+      ->transform(Number(0.0, 1.0));
+  AddByteSizeOption(app, "--kv-budget", &o.kv_budget_bytes,
+                    "memory for the KV pool (default: 4GiB on cpu; on cuda 0 = the device memory left)");
+  AddKvBlockOption(app, &o.kv_block);
+  app.add_option("--seed", o.seed, "seed of the synthetic weights and of the eviction draws")
+      ->transform(Integer());
+  AddThreadsOption(app, &o.threads);
+  AddDeviceOption(app, &o.device);
+  app.add_flag("--json", o.json, "print one JSON object instead of the table");
+}
+
+int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs&) {
+  const absl::Status s = BenchDecode(o);
   if (!s.ok()) {
     std::cerr << "dmsrt bench-decode: " << s << std::endl;
     return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

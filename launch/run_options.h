@@ -1,15 +1,16 @@
-// Options shared by the subcommands that run a model (generate, score, serve): the model, the
-// backend and the KV policy. One place turns the command line into a BackendOptions, so every
-// subcommand accepts the same spellings and gives the same errors.
+// Options shared by the subcommands that run a model (generate, score, bench, serve): the model, the
+// backend and the KV policy. One function adds them to a subcommand's command line and one turns
+// them into a RunContext, so every subcommand accepts the same spellings, defaults and errors.
 #pragma once
 
+#include <cstdint>
 #include <memory>
-#include <set>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "launch/args.h"
 #include "launch/byte_size.h"
+#include "launch/cli.h"
 #include "parallel/comm_factory.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/model.h"
@@ -17,8 +18,43 @@
 
 namespace dmsrt {
 
-// Options understood by LoadRunContext (add them to a subcommand's value options).
-const std::set<std::string>& RunValueOptions();
+// The command line of a model run, as parsed (AddRunOptions); LoadRunContext checks what depends
+// on the model.
+struct RunOptions {
+  std::string model;                     // --model; empty: DefaultModelPath()
+  std::string dms_adapter;               // --dms-adapter FILE.safetensors
+  std::string backend = "cpu";           // --backend cpu|cuda
+  int32_t device = -1;                   // --device (-1: the launcher's local rank)
+  int32_t threads = 0;                   // --threads (0: all cores)
+  int64_t kv_budget_bytes = int64_t{1} << 30;  // --kv-budget
+  int32_t kv_block = 16;                 // --kv-block
+  std::optional<std::string> kv_policy;  // --kv-policy; unset: forced with --dms-force-rate,
+                                         // dms on a model with DMS decisions, else none
+  std::optional<double> dms_force_rate;  // --dms-force-rate (forced; unset: 0.875)
+  std::optional<int32_t> dms_window;     // --dms-window (forced; unset: the model's, else 512)
+  int64_t dms_seed = 0;                  // --dms-seed (forced)
+  int32_t kv_window = 512;               // --kv-window (window)
+  int32_t kv_sinks = 4;                  // --kv-sinks (window)
+  int32_t kv_tokens = 512;               // --kv-tokens (tova, h2o)
+  int32_t prefill_chunk = 512;           // --prefill-chunk
+};
+
+// Adds --model --dms-adapter --backend --device --threads --kv-budget --kv-block --kv-policy
+// --dms-force-rate --dms-window --dms-seed --kv-window --kv-sinks --kv-tokens --prefill-chunk.
+void AddRunOptions(CLI::App& app, RunOptions* options);
+
+// The options of AddRunOptions that other subcommands take with the same meaning and default
+// (tokenize and coordinator: --model; bench-decode: --backend --device --threads --kv-block).
+CLI::Option* AddModelOption(CLI::App& app, std::string* model);
+CLI::Option* AddBackendOption(CLI::App& app, std::string* backend);
+CLI::Option* AddDeviceOption(CLI::App& app, int32_t* device);
+CLI::Option* AddThreadsOption(CLI::App& app, int32_t* threads);
+CLI::Option* AddKvBlockOption(CLI::App& app, int32_t* kv_block);
+
+// The default model: $DMSRT_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf next to the
+// source tree the binary was built from (found relative to the executable), else ./models/....
+// NOT_FOUND with the setup command to run when none exists.
+absl::StatusOr<std::string> DefaultModelPath();
 
 struct RunContext {
   std::unique_ptr<Model> model;
@@ -29,11 +65,11 @@ struct RunContext {
   bool synthetic_eviction = false;  // forced policy: figures are for measurement only
 };
 
-// Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer, reads
-// --backend (cpu, the default, or cuda: one device, --tp 1; --device N, default: the launcher's
-// local rank modulo the node's devices) and the backend options (--threads --kv-budget --kv-block --kv-policy --dms-window --dms-force-rate
-// --dms-seed --kv-window --kv-sinks --kv-tokens --prefill-chunk).
-absl::StatusOr<RunContext> LoadRunContext(const Args& args);
+// Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer and the
+// backend options (--backend cpu, the default, or cuda: one device, --tp 1; --device N, default:
+// the launcher's local rank modulo the node's devices), and resolves the KV policy against the
+// model (dms needs a model with DMS decisions; --dms-force-rate goes with forced only).
+absl::StatusOr<RunContext> LoadRunContext(const RunOptions& options);
 
 // ---- tensor parallelism (generate, score, bench) ------------------------------------------------
 //
@@ -46,8 +82,15 @@ absl::StatusOr<RunContext> LoadRunContext(const Args& args);
 // nothing but errors. Without mpirun and with --tp 1 (or no --tp) nothing changes: no MPI.
 // An error on any rank of a group brings the job down with a line naming the rank.
 
-// --tp N (0 = world size) and --tp-timeout SECONDS (collective watchdog, default 300).
-const std::set<std::string>& TpValueOptions();
+// --tp N and --tp-timeout SECONDS (collective watchdog).
+struct TpOptions {
+  int32_t tp = 0;  // generate, score, bench: 0 = the number of ranks; serve: ranks per replica
+  double timeout_s = 300;
+};
+
+// Adds --tp and --tp-timeout; the default of --tp is options->tp, `tp_description` says what it
+// counts for this subcommand.
+void AddTpOptions(CLI::App& app, TpOptions* options, const std::string& tp_description);
 
 struct TpSession {
   std::unique_ptr<ParallelContext> par;  // null: a single process without MPI
@@ -57,9 +100,10 @@ struct TpSession {
   bool leader() const { return tp <= 1 || par->world.tp_rank() == 0; }
 };
 
-// Reads --tp and the launcher's environment, and starts MPI when under mpirun. Errors are
-// INVALID_ARGUMENT / FAILED_PRECONDITION with the command line to use.
-absl::StatusOr<TpSession> StartTp(const Args& args, int* argc, char*** argv);
+// Checks --tp against the launcher's environment, and starts MPI (on the process's command line)
+// when under mpirun. Errors are INVALID_ARGUMENT / FAILED_PRECONDITION with the command line to
+// use; `command` is the subcommand's name, for that line.
+absl::StatusOr<TpSession> StartTp(const TpOptions& options, const char* command, ProcessArgs& args);
 
 // The backend for `ctx` on this rank. With tp 1: MakeBackend(ctx.backend). On the TP leader: its shard,
 // wrapped so that every step and sequence operation reaches the followers. On a follower: builds

@@ -27,11 +27,12 @@
 #include <sstream>
 #include <thread>
 
+#include <CLI/CLI.hpp>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "launch/args.h"
 #include "launch/run_options.h"
 #include "launch/service/coordinator.h"
 #include "launch/service/metrics_http.h"
@@ -59,8 +60,9 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 }
 
 // Server credentials from --tls-cert/--tls-key (both or neither).
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCreds(const Args& args) {
-  const std::string cert = args.Get("tls-cert"), key = args.Get("tls-key");
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCreds(const ServiceOptions& o) {
+  const std::string& cert = o.tls_cert;
+  const std::string& key = o.tls_key;
   if (cert.empty() != key.empty()) {
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
   }
@@ -75,24 +77,43 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCreds(const Args&
 
 // Channel credentials for a replica dialling the coordinator: TLS with --tls-ca (or the server's
 // own --tls-cert as the root) when TLS is on.
-absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientCreds(const Args& args) {
-  std::string ca = args.Get("tls-ca", args.Get("tls-cert"));
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientCreds(const ServiceOptions& so) {
+  const std::string ca = so.tls_ca.empty() ? so.tls_cert : so.tls_ca;
   if (ca.empty()) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions o;
   DMSRT_ASSIGN_OR_RETURN(o.pem_root_certs, ReadFile(ca));
   return grpc::SslCredentials(o);
 }
 
-CoordinatorOptions CoordOptions(const Args& args, absl::Status* st) {
+CoordinatorOptions CoordOptions(const ServiceOptions& s) {
   CoordinatorOptions o;
-  o.auth_token = args.Get("auth-token");
-  auto max_n = args.GetInt("max-n", o.max_n);
-  auto def_tok = args.GetInt("default-max-tokens", o.default_max_tokens);
-  if (!max_n.ok()) *st = max_n.status();
-  if (!def_tok.ok()) *st = def_tok.status();
-  if (max_n.ok()) o.max_n = static_cast<int32_t>(*max_n);
-  if (def_tok.ok()) o.default_max_tokens = static_cast<int32_t>(*def_tok);
+  o.auth_token = s.auth_token;
+  o.max_n = s.max_n;
+  o.default_max_tokens = s.default_max_tokens;
   return o;
+}
+
+// --listen, --metrics-port, --auth-token, --tls-*, --max-n, --default-max-tokens.
+void AddServiceOptions(CLI::App& app, ServiceOptions* o) {
+  const CoordinatorOptions defaults;
+  o->max_n = defaults.max_n;
+  o->default_max_tokens = defaults.default_max_tokens;
+  app.add_option("--listen", o->listen, "HOST:PORT the coordinator serves gRPC on (port 0: any free port)")
+      ->type_name("ADDRESS");
+  app.add_option("--metrics-port", o->metrics_port,
+                 "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)")
+      ->transform(Integer(0, 65535));
+  app.add_option("--auth-token", o->auth_token,
+                 "clients and replicas must send 'authorization: Bearer TOKEN'");
+  app.add_option("--tls-cert", o->tls_cert, "TLS certificate chain (PEM; with --tls-key)")->type_name("FILE");
+  app.add_option("--tls-key", o->tls_key, "TLS private key (PEM; with --tls-cert)")->type_name("FILE");
+  app.add_option("--tls-ca", o->tls_ca,
+                 "root certificate a replica trusts when it dials the coordinator (default: --tls-cert)")
+      ->type_name("FILE");
+  app.add_option("--max-n", o->max_n, "threads per job at most")->transform(Integer(1));
+  app.add_option("--default-max-tokens", o->default_max_tokens,
+                 "tokens per thread when a job gives no max_tokens")
+      ->transform(Integer(1));
 }
 
 // The coordinator a serve rank hosts. Stop() gives calls in flight `grace` to end, so replicas
@@ -115,20 +136,17 @@ struct HostedCoordinator {
   }
 };
 
-absl::StatusOr<HostedCoordinator> StartCoordinator(const Args& args, const Model& model,
+absl::StatusOr<HostedCoordinator> StartCoordinator(const ServiceOptions& so, const Model& model,
                                                    const Tokenizer& tok) {
   HostedCoordinator h;
-  absl::Status st;
-  CoordinatorOptions opts = CoordOptions(args, &st);
-  DMSRT_RETURN_IF_ERROR(st);
-  h.coordinator = std::make_unique<Coordinator>(model, tok, opts);
-  const std::string listen = args.Get("listen", "127.0.0.1:50051");
+  h.coordinator = std::make_unique<Coordinator>(model, tok, CoordOptions(so));
+  const std::string& listen = so.listen;
   size_t colon = listen.rfind(':');
   if (colon == std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat("--listen ", listen, " is not HOST:PORT"));
   }
   std::string host = listen.substr(0, colon);
-  DMSRT_ASSIGN_OR_RETURN(auto creds, ServerCreds(args));
+  DMSRT_ASSIGN_OR_RETURN(auto creds, ServerCreds(so));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
@@ -143,8 +161,8 @@ absl::StatusOr<HostedCoordinator> StartCoordinator(const Args& args, const Model
   }
   std::string dial_host = host == "0.0.0.0" || host == "[::]" || host.empty() ? "127.0.0.1" : host;
   h.dial_address = absl::StrCat(dial_host, ":", port);
-  if (args.Has("metrics-port")) {
-    DMSRT_ASSIGN_OR_RETURN(int64_t mp, args.GetInt("metrics-port", 0));
+  if (so.metrics_port) {
+    const int mp = *so.metrics_port;
     Coordinator* c = h.coordinator.get();
     h.metrics = std::make_unique<MetricsHttpServer>([c] { return c->MetricsText(); });
     DMSRT_RETURN_IF_ERROR(h.metrics->Start(dial_host, static_cast<int>(mp)));
@@ -155,12 +173,6 @@ absl::StatusOr<HostedCoordinator> StartCoordinator(const Args& args, const Model
   return h;
 }
 
-std::set<std::string> ServiceValueOptions() {
-  std::set<std::string> o = {"listen", "coordinator", "metrics-port", "auth-token",
-                             "tls-cert", "tls-key", "tls-ca", "max-n", "default-max-tokens"};
-  return o;
-}
-
 struct ServeTp {
   int tp = 1;
   absl::Duration timeout = absl::Seconds(300);
@@ -168,10 +180,10 @@ struct ServeTp {
 
 // --tp and --tp-timeout, checked against the launcher's environment before MPI starts, so every
 // rank gives the same message and nothing waits.
-absl::StatusOr<ServeTp> ParseServeTp(const Args& args) {
+absl::StatusOr<ServeTp> ParseServeTp(const TpOptions& o) {
   ServeTp t;
-  DMSRT_ASSIGN_OR_RETURN(int64_t tp, args.GetInt("tp", 1));
-  DMSRT_ASSIGN_OR_RETURN(double timeout_s, args.GetDouble("tp-timeout", 300.0));
+  int64_t tp = o.tp;
+  const double timeout_s = o.timeout_s;
   if (tp < 0) {
     return absl::InvalidArgumentError(
         "--tp must be >= 1 (ranks per replica; 0 = all ranks form one replica)");
@@ -198,22 +210,18 @@ absl::StatusOr<ServeTp> ParseServeTp(const Args& args) {
   return t;
 }
 
-absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp);
+absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeTp& tp);
 
-absl::Status Serve(int argc, char** argv) {
-  std::set<std::string> vopts = ServiceValueOptions();
-  for (const std::string& o : RunValueOptions()) vopts.insert(o);
-  for (const std::string& o : TpValueOptions()) vopts.insert(o);
-  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, vopts, {}));
-  DMSRT_ASSIGN_OR_RETURN(ServeTp tp, ParseServeTp(args));
+absl::Status Serve(const ServeOptions& o, ProcessArgs& args) {
+  DMSRT_ASSIGN_OR_RETURN(ServeTp tp, ParseServeTp(o.tp));
   // From here on a signal asks for a clean stop instead of killing the rank mid-collective.
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   ParallelOptions popts;
   popts.tp = tp.tp;
   popts.timeout = tp.timeout;
-  DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&argc, &argv, popts));
-  absl::Status s = ServeRank(args, par, tp);
+  DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&args.argc, &args.argv, popts));
+  absl::Status s = ServeRank(o, par, tp);
   // A rank that fails must not leave the others waiting in a collective: stop the whole job.
   if (!s.ok() && par.world.world_size() > 1) {
     std::cerr << "dmsrt serve: rank " << par.world.rank() << ": " << s << std::endl;
@@ -228,15 +236,15 @@ bool BreaksTpGroup(const absl::Status& s) {
   return !(absl::IsInvalidArgument(s) || absl::IsNotFound(s) || absl::IsResourceExhausted(s));
 }
 
-absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp) {
+absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeTp& tp) {
   const World& world = par.world;
-  DMSRT_ASSIGN_OR_RETURN(RunContext rc, LoadRunContext(args));
+  DMSRT_ASSIGN_OR_RETURN(RunContext rc, LoadRunContext(o.run));
 
   HostedCoordinator hosted;
-  std::string address = args.Get("coordinator");
+  std::string address = o.coordinator;
   absl::Status start_status;
   if (address.empty() && world.rank() == 0) {
-    absl::StatusOr<HostedCoordinator> h = StartCoordinator(args, *rc.model, *rc.tokenizer);
+    absl::StatusOr<HostedCoordinator> h = StartCoordinator(o.service, *rc.model, *rc.tokenizer);
     if (h.ok()) {
       hosted = std::move(*h);
       address = hosted.dial_address;
@@ -301,8 +309,8 @@ absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp
   info.set_kv_window(kv.policy().window);
   info.set_kv_force_rate(kv.policy().force_rate);
   info.set_max_positions(rc.model->config.max_positions);
-  DMSRT_ASSIGN_OR_RETURN(auto creds, ClientCreds(args));
-  ReplicaAgent agent(engine, info, address, creds, args.Get("auth-token"));
+  DMSRT_ASSIGN_OR_RETURN(auto creds, ClientCreds(o.service));
+  ReplicaAgent agent(engine, info, address, creds, o.service.auth_token);
 
   engine.Start();
   const double kv_mib = kv.total_blocks() * static_cast<double>(kv.block_bytes()) / 1048576.0;
@@ -325,11 +333,8 @@ absl::Status ServeRank(const Args& args, ParallelContext& par, const ServeTp& tp
   return absl::OkStatus();
 }
 
-absl::Status CoordinatorOnly(int argc, char** argv) {
-  std::set<std::string> vopts = ServiceValueOptions();
-  vopts.insert("model");
-  DMSRT_ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, vopts, {}));
-  std::string path = args.Get("model");
+absl::Status CoordinatorOnly(const CoordinatorCommandOptions& o) {
+  std::string path = o.model;
   if (path.empty()) {
     DMSRT_ASSIGN_OR_RETURN(path, DefaultModelPath());
   }
@@ -337,7 +342,7 @@ absl::Status CoordinatorOnly(int argc, char** argv) {
   // file's tokenizer and configuration; the weights stay unused in the mapping.
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, LoadModel(path));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tok, Tokenizer::Create(model->tokenizer));
-  DMSRT_ASSIGN_OR_RETURN(HostedCoordinator h, StartCoordinator(args, *model, *tok));
+  DMSRT_ASSIGN_OR_RETURN(HostedCoordinator h, StartCoordinator(o.service, *model, *tok));
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -347,8 +352,28 @@ absl::Status CoordinatorOnly(int argc, char** argv) {
 
 }  // namespace
 
-int RunServe(int argc, char** argv) {
-  absl::Status s = Serve(argc, argv);
+void SetupServe(CLI::App& app, ServeOptions& o) {
+  app.add_option("--coordinator", o.coordinator,
+                 "HOST:PORT of a coordinator to join instead of hosting one on rank 0")
+      ->type_name("ADDRESS");
+  AddServiceOptions(app, &o.service);
+  AddRunOptions(app, &o.run);
+  AddTpOptions(app, &o.tp,
+               "ranks per replica: mpirun -np replicas x N dmsrt serve --tp N (0: all ranks form one replica)");
+  app.footer(
+      "Under mpirun every group of --tp ranks is one replica; without --coordinator, rank 0 also "
+      "hosts the coordinator on --listen.");
+}
+
+void SetupCoordinator(CLI::App& app, CoordinatorCommandOptions& o) {
+  AddModelOption(app, &o.model)->description(
+      "the model whose tokenizer and context length the coordinator checks prompts with (default: "
+      "$DMSRT_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf)");
+  AddServiceOptions(app, &o.service);
+}
+
+int RunServe(const ServeOptions& o, ProcessArgs& args) {
+  absl::Status s = Serve(o, args);
   if (!s.ok()) {
     std::cerr << "dmsrt serve: " << s << std::endl;
     return 1;
@@ -356,8 +381,8 @@ int RunServe(int argc, char** argv) {
   return 0;
 }
 
-int RunCoordinator(int argc, char** argv) {
-  absl::Status s = CoordinatorOnly(argc, argv);
+int RunCoordinator(const CoordinatorCommandOptions& o, ProcessArgs&) {
+  absl::Status s = CoordinatorOnly(o);
   if (!s.ok()) {
     std::cerr << "dmsrt coordinator: " << s << std::endl;
     return 1;

@@ -3,10 +3,12 @@
 // On a terminal it redraws one progress line (threads running/done, tokens/s, KV in use, current
 // vote) from the event stream plus a cluster-status poll; otherwise it prints one plain line per
 // finished thread. Then the selected answer, the vote table and per-thread figures; --json prints
-// one JSON object instead. Exit codes: 0 answered (or no answer), 1 bad usage or RPC error,
-// 3 the job was cancelled, failed or passed its deadline.
+// one JSON object instead. Exit codes: 0 answered (or no answer), 1 RPC error, 2 bad usage, 3 the
+// job was cancelled, failed or passed its deadline.
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
+
+#include <CLI/CLI.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -22,7 +24,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
-#include "launch/args.h"
 #include "launch/service_commands.h"
 #include "parallel/status_macros.h"
 
@@ -54,99 +55,110 @@ const char* CodeName(grpc::StatusCode c) {
   }
 }
 
-absl::StatusOr<v1::JobRequest> BuildRequest(const Args& a) {
+absl::StatusOr<v1::JobRequest> BuildRequest(const SubmitOptions& o) {
   v1::JobRequest r;
-  if (a.Has("prompt") == a.Has("chat")) {
+  if (o.prompt.has_value() == o.chat.has_value()) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
   }
-  if (a.Has("prompt")) r.set_prompt(a.Get("prompt"));
-  if (a.Has("chat")) r.set_chat(a.Get("chat"));
-  if (a.Has("n") && a.Has("budget")) return absl::InvalidArgumentError("give --n or --budget, not both");
-  DMSRT_ASSIGN_OR_RETURN(int64_t n, a.GetInt("n", a.Has("budget") ? 0 : 8));
-  r.set_n(static_cast<int32_t>(n));
-  if (a.Has("budget")) {
-    DMSRT_ASSIGN_OR_RETURN(int64_t b, a.GetInt("budget", 0));
-    r.mutable_kv()->set_kv_budget_bytes(b);
-  }
-  DMSRT_ASSIGN_OR_RETURN(int64_t mt, a.GetInt("max-tokens", 0));
-  r.mutable_stopping()->set_max_tokens(static_cast<int32_t>(mt));
-  if (a.Has("stop")) r.mutable_stopping()->add_stop(a.Get("stop"));
+  if (o.prompt) r.set_prompt(*o.prompt);
+  if (o.chat) r.set_chat(*o.chat);
+  if (o.n && o.budget_bytes) return absl::InvalidArgumentError("give --n or --budget, not both");
+  r.set_n(o.n.value_or(o.budget_bytes ? 0 : 8));
+  if (o.budget_bytes) r.mutable_kv()->set_kv_budget_bytes(*o.budget_bytes);
+  r.mutable_stopping()->set_max_tokens(o.max_tokens);
+  for (const std::string& stop : o.stop) r.mutable_stopping()->add_stop(stop);
   // Every thread runs to --max-tokens (benchmarks, fixed-length reasoning budgets).
-  r.mutable_stopping()->set_ignore_eos(a.Flag("ignore-eos"));
-  DMSRT_ASSIGN_OR_RETURN(double t, a.GetDouble("temperature", 0.7));
-  r.mutable_sampling()->set_temperature(static_cast<float>(t));
-  DMSRT_ASSIGN_OR_RETURN(double tp, a.GetDouble("top-p", 1.0));
-  r.mutable_sampling()->set_top_p(static_cast<float>(tp));
-  DMSRT_ASSIGN_OR_RETURN(int64_t tk, a.GetInt("top-k", 0));
-  r.mutable_sampling()->set_top_k(static_cast<int32_t>(tk));
-  DMSRT_ASSIGN_OR_RETURN(int64_t seed, a.GetInt("seed", 0));
-  r.mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
-  if (a.Has("regex")) r.mutable_answer()->set_extraction_regex(a.Get("regex"));
-  std::string sel = a.Get("selection", "majority");
-  if (sel == "majority") {
+  r.mutable_stopping()->set_ignore_eos(o.ignore_eos);
+  r.mutable_sampling()->set_temperature(static_cast<float>(o.temperature));
+  r.mutable_sampling()->set_top_p(static_cast<float>(o.top_p));
+  r.mutable_sampling()->set_top_k(o.top_k);
+  r.mutable_sampling()->set_seed(static_cast<uint64_t>(o.seed));
+  if (!o.regex.empty()) r.mutable_answer()->set_extraction_regex(o.regex);
+  if (o.selection == "majority") {
     r.mutable_answer()->set_selection(v1::SELECTION_MAJORITY_VOTE);
-  } else if (sel == "logprob") {
+  } else if (o.selection == "logprob") {
     r.mutable_answer()->set_selection(v1::SELECTION_MAX_MEAN_LOGPROB);
-  } else if (sel == "first") {
-    r.mutable_answer()->set_selection(v1::SELECTION_FIRST_FINISHED);
   } else {
-    return absl::InvalidArgumentError("--selection must be majority, logprob or first");
+    r.mutable_answer()->set_selection(v1::SELECTION_FIRST_FINISHED);
   }
-  r.mutable_answer()->set_early_stop(a.Flag("early-stop"));
-  DMSRT_ASSIGN_OR_RETURN(double dl, a.GetDouble("deadline", 0));
-  r.set_deadline_seconds(dl);
+  r.mutable_answer()->set_early_stop(o.early_stop);
+  r.set_deadline_seconds(o.deadline_s);
   return r;
 }
 
 }  // namespace
 
-int RunSubmit(int argc, char** argv) {
-  absl::StatusOr<Args> parsed = Args::Parse(
-      argc, argv,
-      {"address", "prompt", "chat", "n", "budget", "max-tokens", "temperature", "top-p", "top-k",
-       "seed", "stop", "regex", "selection", "deadline", "auth-token", "tls-ca", "timeout",
-       "wait-ready"},
-      {"json", "early-stop", "no-progress", "ignore-eos"});
-  if (!parsed.ok()) {
-    std::cerr << "dmsrt submit: " << parsed.status().message() << "\n";
-    return 1;
-  }
-  const Args& a = *parsed;
-  absl::StatusOr<v1::JobRequest> req = BuildRequest(a);
+void SetupSubmit(CLI::App& app, SubmitOptions& o) {
+  app.add_option("--address", o.address, "HOST:PORT of the coordinator")->type_name("ADDRESS");
+  app.add_option("--prompt", o.prompt, "the prompt, as it is");
+  app.add_option("--chat", o.chat, "one user turn, rendered with the model's chat template");
+  app.add_option("--n", o.n, "threads (default: 8; with --budget, as many as the budget holds)")
+      ->transform(Integer(0));
+  AddByteSizeOption(app, "--budget", &o.budget_bytes,
+                    "budget mode: KV memory for the job's threads (instead of --n)");
+  app.add_option("--max-tokens", o.max_tokens, "tokens per thread at most (0: the coordinator's default)")
+      ->transform(Integer(0));
+  app.add_option("--temperature", o.temperature, "sampling temperature (0: greedy)")
+      ->transform(Number(0.0));
+  app.add_option("--top-p", o.top_p, "nucleus sampling")->transform(Number(0.0, 1.0, /*min_exclusive=*/true));
+  app.add_option("--top-k", o.top_k, "sample among the k most likely tokens (0: off)")
+      ->transform(Integer(0));
+  app.add_option("--seed", o.seed, "sampling seed (thread i uses seed + i)")->transform(Integer());
+  app.add_option("--stop", o.stop, "a string that ends a thread; repeatable")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->allow_extra_args(false);
+  app.add_option("--regex", o.regex,
+                 "extract each thread's answer: the last match, group 1 if any (ECMAScript; "
+                 "default: \\boxed{}, else the last number)");
+  app.add_option("--selection", o.selection, "how the answer is chosen")
+      ->transform(OneOf({"majority", "logprob", "first"}));
+  app.add_flag("--early-stop", o.early_stop, "cancel the other threads once the majority cannot change");
+  app.add_flag("--ignore-eos", o.ignore_eos, "every thread runs to --max-tokens");
+  app.add_option("--deadline", o.deadline_s, "the job's deadline in seconds (0: none)")->transform(Number(0.0));
+  app.add_option("--auth-token", o.auth_token, "send 'authorization: Bearer TOKEN'");
+  app.add_option("--tls-ca", o.tls_ca, "dial with TLS, trusting this root certificate (PEM)")->type_name("FILE");
+  app.add_option("--timeout", o.timeout_s, "RPC deadline in seconds (0: none)")->transform(Number(0.0));
+  app.add_option("--wait-ready", o.wait_ready_s,
+                 "first wait up to this many seconds for a replica to be ready (0: do not wait)")
+      ->transform(Number(0.0));
+  app.add_flag("--json", o.json, "print one JSON object at the end");
+  app.add_flag("--no-progress", o.no_progress, "no progress line, even on a terminal");
+  app.footer(
+      "Exit codes: 0 answered (or no answer), 1 RPC error, 2 bad usage, 3 the job was cancelled, "
+      "failed or passed its deadline.");
+}
+
+int RunSubmit(const SubmitOptions& o, ProcessArgs&) {
+  absl::StatusOr<v1::JobRequest> req = BuildRequest(o);
   if (!req.ok()) {
     std::cerr << "dmsrt submit: " << req.status().message() << "\n";
-    return 1;
+    return 2;
   }
-  const bool json = a.Flag("json");
-  const bool tty = !json && !a.Flag("no-progress") && isatty(STDOUT_FILENO);
+  const bool json = o.json;
+  const bool tty = !json && !o.no_progress && isatty(STDOUT_FILENO);
   req->set_stream_tokens(tty);
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
-  if (a.Has("tls-ca")) {
-    std::ifstream f(a.Get("tls-ca"));
+  if (!o.tls_ca.empty()) {
+    std::ifstream f(o.tls_ca);
     std::stringstream ss;
     ss << f.rdbuf();
     grpc::SslCredentialsOptions o;
     o.pem_root_certs = ss.str();
     creds = grpc::SslCredentials(o);
   }
-  const std::string address = a.Get("address", "127.0.0.1:50051");
+  const std::string& address = o.address;
   auto channel = grpc::CreateChannel(address, creds);
   auto stub = v1::JobService::NewStub(channel);
   // --wait-ready S: a freshly started server needs a moment before a replica has registered and
   // loaded its model; poll the cluster status until one is ready (or S seconds pass).
-  absl::StatusOr<double> wait_ready = a.GetDouble("wait-ready", 0);
-  if (!wait_ready.ok()) {
-    std::cerr << "dmsrt submit: " << wait_ready.status().message() << "\n";
-    return 1;
-  }
-  if (*wait_ready > 0) {
+  if (o.wait_ready_s > 0) {
     const auto until = std::chrono::steady_clock::now() +
-                       std::chrono::milliseconds(static_cast<int64_t>(*wait_ready * 1000));
+                       std::chrono::milliseconds(static_cast<int64_t>(o.wait_ready_s * 1000));
     bool ready = false;
     std::string last = "no answer";
     while (!ready && std::chrono::steady_clock::now() < until) {
       grpc::ClientContext c;
-      if (a.Has("auth-token")) c.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
+      if (!o.auth_token.empty()) c.AddMetadata("authorization", "Bearer " + o.auth_token);
       c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
       v1::ClusterStatus cs;
       grpc::Status st = stub->GetClusterStatus(&c, v1::GetClusterStatusRequest(), &cs);
@@ -160,16 +172,15 @@ int RunSubmit(int argc, char** argv) {
     }
     if (!ready) {
       std::cerr << "dmsrt submit: no replica at " << address << " became ready within "
-                << *wait_ready << " s (" << last << ")\n";
+                << o.wait_ready_s << " s (" << last << ")\n";
       return 1;
     }
   }
   grpc::ClientContext ctx;
-  if (a.Has("auth-token")) ctx.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
-  absl::StatusOr<double> timeout = a.GetDouble("timeout", 0);
-  if (timeout.ok() && *timeout > 0) {
+  if (!o.auth_token.empty()) ctx.AddMetadata("authorization", "Bearer " + o.auth_token);
+  if (o.timeout_s > 0) {
     ctx.set_deadline(std::chrono::system_clock::now() +
-                     std::chrono::milliseconds(static_cast<int64_t>(*timeout * 1000)));
+                     std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000)));
   }
   ctx.set_wait_for_ready(false);
 
@@ -192,7 +203,7 @@ int RunSubmit(int argc, char** argv) {
     poller = std::thread([&] {
       while (!finished.load()) {
         grpc::ClientContext c;
-        if (a.Has("auth-token")) c.AddMetadata("authorization", "Bearer " + a.Get("auth-token"));
+        if (!o.auth_token.empty()) c.AddMetadata("authorization", "Bearer " + o.auth_token);
         c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
         v1::ClusterStatus cs;
         if (stub->GetClusterStatus(&c, v1::GetClusterStatusRequest(), &cs).ok()) {
