@@ -546,6 +546,18 @@ void QuantizeActivations(const float* x, int64_t n, int64_t cols, int8_t* qs, fl
   }
 }
 
+const char* MatmulPath() {
+#if DMSRT_MM_AVX512
+  return "avx512-vnni";
+#elif DMSRT_MM_AVX2 && defined(__AVXVNNI__)
+  return "avx2-vnni";
+#elif DMSRT_MM_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 bool MatMulSupported(int type, int64_t cols) {
   if (TableFor(type) == nullptr || cols <= 0) return false;
   const int64_t bs = QuantBlockSize(type);
