@@ -4,6 +4,7 @@
 //   dmsrt bench-decode [--backend cpu|cuda] (--model PATH | --synthetic qwen3-8b)
 //       [--batch 1,32,256] [--context 4096,32768] [--steps 32]
 //       [--kv-policy none|forced|window|dms] [--dms-force-rate 0.875] [--dms-window 16]
+//       [--kv-window 512 --kv-sinks 4 (window)]
 //       [--dms-fill-rate 0.875 (dms)]
 //       [--kv-budget BYTES (cuda: 0 = the device memory left)] [--kv-block 16] [--seed S]
 //       [--device N (cuda; default: the launcher's local rank)] [--json]
@@ -20,6 +21,7 @@
 #include <cstdio>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -30,6 +32,7 @@
 #include "launch/args.h"
 #include "launch/byte_size.h"
 #include "launch/commands.h"
+#include "launch/provenance.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/synthetic_model.h"
@@ -59,7 +62,8 @@ absl::Status BenchDecode(int argc, char** argv) {
       Args args,
       Args::Parse(argc, argv,
                   {"backend", "model", "synthetic", "batch", "context", "steps", "kv-policy",
-                   "dms-force-rate", "dms-window", "dms-fill-rate", "kv-budget", "kv-block", "seed", "threads", "device"},
+                   "dms-force-rate", "dms-window", "dms-fill-rate", "kv-budget", "kv-block", "seed", "threads", "device",
+                   "kv-window", "kv-sinks"},
                   {"json"}));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> batches, IntList(args, "batch", "1,32,256"));
   DMSRT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, IntList(args, "context", "4096,32768"));
@@ -105,6 +109,16 @@ absl::Status BenchDecode(int argc, char** argv) {
     if (!args.Has("dms-window")) window = model->config.dms.window;
   }
   o.kv_policy.window = static_cast<int32_t>(window);
+  if (o.kv_policy.kind == KvPolicyKind::kWindow) {  // as for generate: the last tokens and sinks
+    DMSRT_ASSIGN_OR_RETURN(int64_t kept, args.GetInt("kv-window", 512));
+    DMSRT_ASSIGN_OR_RETURN(int64_t sinks, args.GetInt("kv-sinks", 4));
+    if (kept < 1 || sinks < 0) {
+      return absl::InvalidArgumentError("--kv-window must be >= 1 and --kv-sinks >= 0");
+    }
+    o.kv_policy.window = static_cast<int32_t>(kept);
+    o.kv_policy.sinks = static_cast<int32_t>(sinks);
+    window = kept;
+  }
   const std::string budget_text = args.Get("kv-budget", backend_name == "cuda" ? "0" : "4GiB");
   DMSRT_ASSIGN_OR_RETURN(o.kv_budget_bytes, ParseByteSize(budget_text));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, *model, o));
@@ -113,6 +127,8 @@ absl::Status BenchDecode(int argc, char** argv) {
   std::string policy = KvPolicyName(o.kv_policy.kind);
   if (o.kv_policy.kind == KvPolicyKind::kForced) {
     policy = absl::StrCat("forced ", o.kv_policy.force_rate, " (synthetic), w ", window);
+  } else if (o.kv_policy.kind == KvPolicyKind::kWindow) {
+    policy = absl::StrCat("window ", window, " + ", o.kv_policy.sinks, " sinks");
   } else if (o.kv_policy.kind == KvPolicyKind::kDms) {
     policy = absl::StrCat("dms (model decisions; context filled at rate ", fill_rate, "), w ", window);
   }
@@ -205,7 +221,9 @@ absl::Status BenchDecode(int argc, char** argv) {
                         {"kv_policy", policy},
                         {"kv_pool_bytes", kv.total_blocks() * kv.block_bytes()},
                         {"weight_bytes", model->weight_bytes},
-                        {"cells", cells}};
+                        {"cells", cells},
+                        {"provenance", BenchProvenance(threads > 0 ? static_cast<int>(threads)
+                                                                   : static_cast<int>(std::thread::hardware_concurrency()))}};
     std::cout << j.dump() << std::endl;
   }
   return absl::OkStatus();
