@@ -27,6 +27,7 @@
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/figures.h"
+#include "launch/provenance.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
 #include "runtime/engine/tp_replica.h"
@@ -155,7 +156,8 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
                       {"copy_bandwidth_gb_per_s", bw / 1e9},
                       {"decode_floor_tokens_per_s", floor_tps},
                       {"decode_fraction_of_floor", floor_tps > 0 ? dc.median / floor_tps : 0.0},
-                      {"decoded_token_ids", decoded}};
+                      {"decoded_token_ids", decoded},
+                      {"provenance", BenchProvenance(threads)}};
   if (tp->tp > 1) j["tp"] = tp->tp;  // KV figures are the whole group's
   j.update(FiguresJson(figs, kv.geometry().n_kv_heads, false));
   if (!o.out.empty()) {
@@ -166,6 +168,7 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
   if (o.json) {
     std::cout << j.dump() << std::endl;
   } else {
+    std::printf("%s\n", ProvenanceLine(j["provenance"]).c_str());
     std::printf("%-28s %12s %12s %12s\n", "figure", "median", "min", "max");
     std::printf("%-28s %12.1f %12.1f %12.1f\n", "prefill tokens/s", pf.median, pf.min, pf.max);
     std::printf("%-28s %12.1f %12.1f %12.1f\n", "decode tokens/s", dc.median, dc.min, dc.max);

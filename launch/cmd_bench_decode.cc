@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -27,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
+#include "launch/provenance.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/synthetic_model.h"
@@ -100,6 +102,11 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
     if (!opt.dms_window) window = model->config.dms.window;
   }
   o.kv_policy.window = static_cast<int32_t>(window);
+  if (o.kv_policy.kind == KvPolicyKind::kWindow) {  // as for generate: the last tokens and sinks
+    o.kv_policy.window = opt.kv_window;
+    o.kv_policy.sinks = opt.kv_sinks;
+    window = opt.kv_window;
+  }
   o.kv_budget_bytes = opt.kv_budget_bytes.value_or(backend_name == "cuda" ? 0 : int64_t{4} << 30);
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, *model, o));
   KvCache& kv = backend->kv();
@@ -109,6 +116,8 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
     policy = absl::StrCat("forced ", o.kv_policy.force_rate, " (synthetic), w ", window);
   } else if (o.kv_policy.kind == KvPolicyKind::kDms) {
     policy = absl::StrCat("dms (model decisions; context filled at rate ", fill_rate, "), w ", window);
+  } else if (o.kv_policy.kind == KvPolicyKind::kWindow) {
+    policy = absl::StrCat("window ", window, " + ", o.kv_policy.sinks, " sinks");
   }
   if (!opt.json) {
     std::printf("model %s, backend %s, KV policy %s, pool %.2f GiB (%lld blocks of %lld bytes)\n",
@@ -199,7 +208,9 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
                         {"kv_policy", policy},
                         {"kv_pool_bytes", kv.total_blocks() * kv.block_bytes()},
                         {"weight_bytes", model->weight_bytes},
-                        {"cells", cells}};
+                        {"cells", cells},
+                        {"provenance", BenchProvenance(opt.threads > 0 ? opt.threads
+                                                       : static_cast<int>(std::thread::hardware_concurrency()))}};
     std::cout << j.dump() << std::endl;
   }
   return absl::OkStatus();
@@ -232,6 +243,7 @@ void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o) {
   app.add_option("--dms-fill-rate", o.dms_fill_rate,
                  "dms: rate of the eviction decisions drawn for the filled context")
       ->transform(Number(0.0, 1.0));
+  AddKvWindowOptions(app, &o.kv_window, &o.kv_sinks);
   AddByteSizeOption(app, "--kv-budget", &o.kv_budget_bytes,
                     "memory for the KV pool (default: 4GiB on cpu; on cuda 0 = the device memory left)");
   AddKvBlockOption(app, &o.kv_block);

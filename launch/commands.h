@@ -67,6 +67,8 @@ struct BenchDecodeOptions {
   double dms_force_rate = 0.875;
   std::optional<int32_t> dms_window;     // unset: 16, or the model's under dms
   double dms_fill_rate = 0.875;
+  int32_t kv_window = 512;  // window policy: tokens kept besides the sinks
+  int32_t kv_sinks = 4;     // window policy: first tokens always kept
   std::optional<int64_t> kv_budget_bytes;  // unset: 4GiB on cpu, 0 on cuda
   int32_t kv_block = 16;
   int64_t seed = 1;

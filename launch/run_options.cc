@@ -44,6 +44,11 @@ CLI::Option* AddKvBlockOption(CLI::App& app, int32_t* kv_block) {
       ->transform(Integer(1, 4096));
 }
 
+void AddKvWindowOptions(CLI::App& app, int32_t* kv_window, int32_t* kv_sinks) {
+  app.add_option("--kv-window", *kv_window, "window: recent tokens kept")->transform(Integer(1));
+  app.add_option("--kv-sinks", *kv_sinks, "window: first tokens kept")->transform(Integer(0));
+}
+
 void AddRunOptions(CLI::App& app, RunOptions* o) {
   AddModelOption(app, &o->model);
   app.add_option("--dms-adapter", o->dms_adapter,
@@ -68,8 +73,7 @@ void AddRunOptions(CLI::App& app, RunOptions* o) {
                  "else 512)")
       ->transform(Integer(1));
   app.add_option("--dms-seed", o->dms_seed, "forced: seed of the eviction draws")->transform(Integer());
-  app.add_option("--kv-window", o->kv_window, "window: recent tokens kept")->transform(Integer(1));
-  app.add_option("--kv-sinks", o->kv_sinks, "window: first tokens kept")->transform(Integer(0));
+  AddKvWindowOptions(app, &o->kv_window, &o->kv_sinks);
   app.add_option("--kv-tokens", o->kv_tokens, "tova, h2o: tokens kept per head")->transform(Integer(2));
   app.add_option("--prefill-chunk", o->prefill_chunk, "prompt tokens per prefill step")
       ->transform(Integer(1));

@@ -44,12 +44,14 @@ struct RunOptions {
 void AddRunOptions(CLI::App& app, RunOptions* options);
 
 // The options of AddRunOptions that other subcommands take with the same meaning and default
-// (tokenize and coordinator: --model; bench-decode: --backend --device --threads --kv-block).
+// (tokenize and coordinator: --model; bench-decode: --backend --device --threads --kv-block
+// --kv-window --kv-sinks).
 CLI::Option* AddModelOption(CLI::App& app, std::string* model);
 CLI::Option* AddBackendOption(CLI::App& app, std::string* backend);
 CLI::Option* AddDeviceOption(CLI::App& app, int32_t* device);
 CLI::Option* AddThreadsOption(CLI::App& app, int32_t* threads);
 CLI::Option* AddKvBlockOption(CLI::App& app, int32_t* kv_block);
+void AddKvWindowOptions(CLI::App& app, int32_t* kv_window, int32_t* kv_sinks);
 
 // The default model: $DMSRT_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf next to the
 // source tree the binary was built from (found relative to the executable), else ./models/....

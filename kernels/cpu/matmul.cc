@@ -81,47 +81,73 @@ inline __m256i UnpackNibbles(const uint8_t* qs) {
 
 // Q4_0 / Q4_1 weights: unsigned nibbles q; value = q*d + m (Q4_1) or (q-8)*d (Q4_0, m = -8d).
 // Σ_i value_i * x_i = d * dx * Σ q*xq + m * s  (s = dx * Σ xq).
+//
+// AVX2 has 16 vector registers, so a tile keeps one accumulator per token for all four rows
+// instead of one per (row, token): the four rows' 8-lane integer dot products of a block are
+// folded by two rounds of horizontal adds into one vector, lanes [r0 r1 r2 r3 | r0 r1 r2 r3] (the
+// low and high halves of each row's block), converted once and scaled by [d_r * dx] in one
+// multiply-add. The offset term m * s of the four rows is one 4-lane multiply-add per token.
+// The integer sums are exact, so a row's result depends only on its own blocks: a tile of fewer
+// rows repeats its first row in the unused lanes and computes the same values bit for bit.
+// Decode streams every weight from memory once, so rows are prefetched a few blocks ahead.
+constexpr int64_t kPrefetchBlocksAvx2 = 8;
+
 template <int R, int T, bool kQ4_1>
 void TileQ4(const TileArgs& a) {
-  __m256 acc[R][T];
-  float macc[R][T];
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) {
-      acc[r][t] = _mm256_setzero_ps();
-      macc[r][t] = 0.0f;
-    }
+  static_assert(R >= 1 && R <= 4, "row tile of 1 to 4 rows");
+  const uint8_t* rows[4];
+  for (int r = 0; r < 4; ++r) rows[r] = a.w + (r < R ? r : 0) * a.row_bytes;
+  __m256 acc[T];
+  __m128 macc[T];
+  for (int t = 0; t < T; ++t) {
+    acc[t] = _mm256_setzero_ps();
+    macc[t] = _mm_setzero_ps();
   }
+  constexpr int64_t kBlockBytes = kQ4_1 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   for (int64_t b = 0; b < a.nb; ++b) {
-    __m256i wq[R];
-    float wd[R], wm[R];
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* row = a.w + r * a.row_bytes;
+    __m256i wq[4];
+    uint32_t head[4];  // Q4_1: d | m << 16 (fp16); Q4_0: d
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = rows[r] + b * kBlockBytes;
+      if (r < R) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocksAvx2 * kBlockBytes),
+                     _MM_HINT_T0);
+      }
       if (kQ4_1) {
-        const BlockQ4_1* blk = reinterpret_cast<const BlockQ4_1*>(row) + b;
-        wd[r] = HalfToFloat(blk->d);
-        wm[r] = HalfToFloat(blk->m);
-        wq[r] = UnpackNibbles(blk->qs);
+        std::memcpy(&head[r], blk, 4);
+        wq[r] = UnpackNibbles(reinterpret_cast<const BlockQ4_1*>(blk)->qs);
       } else {
-        const BlockQ4_0* blk = reinterpret_cast<const BlockQ4_0*>(row) + b;
-        wd[r] = HalfToFloat(blk->d);
-        wm[r] = -8.0f * wd[r];
-        wq[r] = UnpackNibbles(blk->qs);
+        uint16_t d;
+        std::memcpy(&d, blk, 2);
+        head[r] = d;
+        wq[r] = UnpackNibbles(reinterpret_cast<const BlockQ4_0*>(blk)->qs);
       }
     }
+    const __m128i dm = _mm_setr_epi32(static_cast<int>(head[0]), static_cast<int>(head[1]),
+                                      static_cast<int>(head[2]), static_cast<int>(head[3]));
+    const __m256 dmf = _mm256_cvtph_ps(dm);  // d0 m0 d1 m1 d2 m2 d3 m3
+    const __m256 dmp = _mm256_permutevar8x32_ps(dmf, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const __m128 wd4 = _mm256_castps256_ps128(dmp);
+    const __m128 wm4 = kQ4_1 ? _mm256_extractf128_ps(dmp, 1) : _mm_mul_ps(_mm_set1_ps(-8.0f), wd4);
+    const __m256 wd8 = _mm256_set_m128(wd4, wd4);
     for (int t = 0; t < T; ++t) {
       const __m256i xv =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + t * a.cols + b * kQK));
-      const float dx = a.xd[t * a.nb + b];
-      const float sx = a.xs[t * a.nb + b];
-      for (int r = 0; r < R; ++r) {
-        const __m256 p = _mm256_cvtepi32_ps(DotU8S8(wq[r], xv));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[r] * dx), acc[r][t]);
-        macc[r][t] = std::fma(wm[r], sx, macc[r][t]);  // explicit: same rounding in every tile
-      }
+      const __m256i h01 = _mm256_hadd_epi32(DotU8S8(wq[0], xv), DotU8S8(wq[1], xv));
+      const __m256i h23 = _mm256_hadd_epi32(DotU8S8(wq[2], xv), DotU8S8(wq[3], xv));
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_hadd_epi32(h01, h23));
+      const __m256 scale = _mm256_mul_ps(wd8, _mm256_broadcast_ss(a.xd + t * a.nb + b));
+      acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
+      macc[t] = _mm_fmadd_ps(wm4, _mm_broadcast_ss(a.xs + t * a.nb + b), macc[t]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) a.y[t * a.ldy + r] = Hsum(acc[r][t]) + macc[r][t];
+  for (int t = 0; t < T; ++t) {
+    const __m128 sum = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[t]),
+                                             _mm256_extractf128_ps(acc[t], 1)),
+                                  macc[t]);
+    float out[4];
+    _mm_storeu_ps(out, sum);
+    for (int r = 0; r < R; ++r) a.y[t * a.ldy + r] = out[r];
   }
 }
 
@@ -544,6 +570,18 @@ void QuantizeActivations(const float* x, int64_t n, int64_t cols, int8_t* qs, fl
       s[t * nb + b] = db * static_cast<float>(sum);
     }
   }
+}
+
+const char* MatmulPath() {
+#if DMSRT_MM_AVX512
+  return "avx512-vnni";
+#elif DMSRT_MM_AVX2 && defined(__AVXVNNI__)
+  return "avx2-vnni";
+#elif DMSRT_MM_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
 }
 
 bool MatMulSupported(int type, int64_t cols) {

@@ -50,6 +50,11 @@ struct MatmulSpec {
   int64_t w_stride = 0;
 };
 
+// The integer dot-product path this build uses for quantized weights: "avx512-vnni", "avx2"
+// (with AVX-VNNI when the compiler targets it: "avx2-vnni") or "scalar". Chosen at compile time
+// (-march), so a binary built on another machine may not match the CPU it runs on.
+const char* MatmulPath();
+
 // True when MatMul supports weights of `type` with `cols` columns.
 bool MatMulSupported(int type, int64_t cols);
 

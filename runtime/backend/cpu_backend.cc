@@ -129,6 +129,12 @@ class CpuBackend : public Backend {
   CpuBackend(const Model& model, const BackendOptions& options)
       : model_(model), cfg_(model.config), options_(options) {}
   absl::Status Init();
+  // This rank's part of the shard plan (tp > 1): its heads, FFN channels and vocabulary slice.
+  absl::Status InitShard();
+  // Views of layer l's weight slices and its norms and biases as float.
+  absl::Status InitLayer(int32_t l);
+  // RoPE inverse frequencies with the configured scaling.
+  void InitRope();
   void Matmuls(const kn::MatmulSpec* specs, int n_specs, int64_t cols, const float* x,
                int64_t n);
   // Row-parallel product y = W_slice x_slice, where W's input columns as read are `in` wide and
@@ -137,6 +143,19 @@ class CpuBackend : public Backend {
                    int64_t n, float* y);
   // All-ranks agreement on the step's KV reservations (tp > 1).
   absl::Status AgreeReservations(const absl::Status& mine);
+
+  // The parts of Forward, in order. The step's N tokens live in the scratch vectors below.
+  // Checks the batch and reserves its KV slots on every rank; returns N.
+  absl::StatusOr<int64_t> ValidateAndReserve(const std::vector<SeqChunk>& batch);
+  void GrowScratch(int64_t N);
+  // Token embeddings into x_, absolute positions and their RoPE cos/sin table.
+  void EmbedTokens(const std::vector<SeqChunk>& batch, int64_t N);
+  // x_ += o_proj(attention(rope(qkv(norm(x_))))) for layer l; the KV cache gets the new tokens.
+  absl::Status AttentionBlock(int32_t l, const std::vector<SeqChunk>& batch, int64_t N);
+  // x_ += down(silu(gate(norm(x_))) * up(norm(x_))) for layer l.
+  absl::Status FfnBlock(int32_t l, int64_t N);
+  // Final norm and output projection of the rows each chunk asks for (all-gathered with TP).
+  absl::Status ComputeLogits(const std::vector<SeqChunk>& batch, ForwardResult& result);
 
   const Model& model_;
   const ModelConfig& cfg_;
@@ -179,6 +198,116 @@ absl::StatusOr<std::unique_ptr<Backend>> CpuBackend::Create(const Model& model,
   return std::unique_ptr<Backend>(std::move(b));
 }
 
+absl::Status CpuBackend::InitShard() {
+  const ModelConfig& c = cfg_;
+  comm_ = options_.comm;
+  tp_ = comm_->size();
+  if (comm_->device_buffers()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the CPU backend needs a host-memory communicator; got ", comm_->Describe()));
+  }
+  const ModelDims dims{c.n_heads, c.n_kv_heads, c.head_dim, c.hidden, c.ffn, c.vocab};
+  ShardOptions so;
+  // Split the FFN in whole blocks of down_proj so its column slices need no padding.
+  const WeightTensor& down0 = model_.weights.layers[0].w_down;
+  if (down0.present() && BlockSize(down0.type) > 0 && c.ffn % BlockSize(down0.type) == 0) {
+    so.ffn_align = BlockSize(down0.type);
+  }
+  absl::StatusOr<ShardPlan> plan = MakeShardPlan(dims, tp_, comm_->rank(), so);
+  if (!plan.ok()) {
+    return absl::Status(plan.status().code(),
+                        absl::StrCat("tensor parallelism over ", tp_, " ranks: ",
+                                     plan.status().message()));
+  }
+  q_head_begin_ = static_cast<int32_t>(plan->q_heads.begin);
+  n_heads_ = static_cast<int32_t>(plan->q_heads.size());
+  kv_head_begin_ = static_cast<int32_t>(plan->kv_heads.begin);
+  n_kv_ = static_cast<int32_t>(plan->kv_heads.size());
+  ffn_begin_ = static_cast<int32_t>(plan->ffn.begin);
+  ffn_ = static_cast<int32_t>(plan->ffn.size());
+  vocab_begin_ = static_cast<int32_t>(plan->vocab.begin);
+  n_vocab_ = static_cast<int32_t>(plan->vocab.size());
+  max_vocab_slice_ = static_cast<int32_t>(plan->max_vocab_slice);
+  vocab_slices_.clear();
+  for (int r = 0; r < tp_; ++r) {
+    DMSRT_ASSIGN_OR_RETURN(ShardPlan pr, MakeShardPlan(dims, tp_, r, so));
+    vocab_slices_.push_back(pr.vocab);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::InitLayer(int32_t l) {
+  const ModelConfig& c = cfg_;
+  const int64_t hd = head_dim_;
+  const LayerWeights& lw = model_.weights.layers[l];
+  Layer& L = layers_[l];
+  const int64_t q0 = q_head_begin_ * hd, nq = n_heads_ * hd;
+  const int64_t k0 = kv_head_begin_ * hd, nk = n_kv_ * hd;
+  DMSRT_ASSIGN_OR_RETURN(L.wq, MakeView(lw.wq, "attn_q", q0, nq, 0, hidden_));
+  DMSRT_ASSIGN_OR_RETURN(L.wk, MakeView(lw.wk, "attn_k", k0, nk, 0, hidden_));
+  DMSRT_ASSIGN_OR_RETURN(L.wv, MakeView(lw.wv, "attn_v", k0, nk, 0, hidden_));
+  {
+    // Row-parallel: the owned input columns, widened to whole blocks when they are not.
+    const Range cov = BlockCover(Range{q0, q0 + nq}, lw.wo.cols, BlockSize(lw.wo.type));
+    DMSRT_ASSIGN_OR_RETURN(L.wo, MakeView(lw.wo, "attn_output", 0, hidden_, cov.begin,
+                                          cov.size()));
+    L.wo_in = cov.size();
+    L.wo_pad = q0 - cov.begin;
+  }
+  DMSRT_ASSIGN_OR_RETURN(L.gate, MakeView(lw.w_gate, "ffn_gate", ffn_begin_, ffn_, 0, hidden_));
+  DMSRT_ASSIGN_OR_RETURN(L.up, MakeView(lw.w_up, "ffn_up", ffn_begin_, ffn_, 0, hidden_));
+  {
+    const Range cov = BlockCover(Range{ffn_begin_, ffn_begin_ + ffn_}, lw.w_down.cols,
+                                 BlockSize(lw.w_down.type));
+    DMSRT_ASSIGN_OR_RETURN(L.down, MakeView(lw.w_down, "ffn_down", 0, hidden_, cov.begin,
+                                            cov.size()));
+    L.down_in = cov.size();
+    L.down_pad = ffn_begin_ - cov.begin;
+  }
+  DMSRT_ASSIGN_OR_RETURN(L.attn_norm, ToFloat(lw.attn_norm, "attn_norm", 0, hidden_));
+  DMSRT_ASSIGN_OR_RETURN(L.ffn_norm, ToFloat(lw.ffn_norm, "ffn_norm", 0, hidden_));
+  if (c.qk_norm) {
+    DMSRT_ASSIGN_OR_RETURN(L.q_norm, ToFloat(lw.q_norm, "attn_q_norm", 0, hd));
+    DMSRT_ASSIGN_OR_RETURN(L.k_norm, ToFloat(lw.k_norm, "attn_k_norm", 0, hd));
+  }
+  if (c.attn_bias) {
+    DMSRT_ASSIGN_OR_RETURN(L.bq, ToFloat(lw.bq, "attn_q bias", q0, nq));
+    DMSRT_ASSIGN_OR_RETURN(L.bk, ToFloat(lw.bk, "attn_k bias", k0, nk));
+    DMSRT_ASSIGN_OR_RETURN(L.bv, ToFloat(lw.bv, "attn_v bias", k0, nk));
+  }
+  if (dms_bits_ && c.dms.separate_alpha && !lw.dms_alpha.present()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DMS Variant B (separate alpha) needs the dms_proj_alpha adapter; layer ", l,
+        " has none (attach it with --dms-adapter)"));
+  }
+  return absl::OkStatus();
+}
+
+void CpuBackend::InitRope() {
+  const ModelConfig& c = cfg_;
+  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics).
+  inv_freq_.resize(rope_dim_ / 2);
+  const RopeScaling& rs = c.rope_scaling;
+  for (int32_t i = 0; i < rope_dim_ / 2; ++i) {
+    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / rope_dim_);
+    if (rs.type == RopeScaling::Type::kLinear && rs.factor > 0) {
+      f /= rs.factor;
+    } else if (rs.type == RopeScaling::Type::kLlama3 && rs.factor > 0) {
+      const double low_wavelen = rs.original_max_positions / rs.low_freq_factor;
+      const double high_wavelen = rs.original_max_positions / rs.high_freq_factor;
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f /= rs.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (rs.original_max_positions / wavelen - rs.low_freq_factor) /
+                              (rs.high_freq_factor - rs.low_freq_factor);
+        f = (1.0 - smooth) * f / rs.factor + smooth * f;
+      }
+    }
+    inv_freq_[i] = f;
+  }
+}
+
 absl::Status CpuBackend::Init() {
   const ModelConfig& c = cfg_;
   if (c.n_layers <= 0 || c.hidden <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
@@ -219,43 +348,8 @@ absl::Status CpuBackend::Init() {
   n_vocab_ = c.vocab;
   max_vocab_slice_ = c.vocab;
   vocab_slices_ = {Range{0, c.vocab}};
-  if (options_.comm != nullptr && options_.comm->size() > 1) {
-    comm_ = options_.comm;
-    tp_ = comm_->size();
-    if (comm_->device_buffers()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the CPU backend needs a host-memory communicator; got ", comm_->Describe()));
-    }
-    const ModelDims dims{c.n_heads, c.n_kv_heads, c.head_dim, c.hidden, c.ffn, c.vocab};
-    ShardOptions so;
-    // Split the FFN in whole blocks of down_proj so its column slices need no padding.
-    const WeightTensor& down0 = model_.weights.layers[0].w_down;
-    if (down0.present() && BlockSize(down0.type) > 0 && c.ffn % BlockSize(down0.type) == 0) {
-      so.ffn_align = BlockSize(down0.type);
-    }
-    absl::StatusOr<ShardPlan> plan = MakeShardPlan(dims, tp_, comm_->rank(), so);
-    if (!plan.ok()) {
-      return absl::Status(plan.status().code(),
-                          absl::StrCat("tensor parallelism over ", tp_, " ranks: ",
-                                       plan.status().message()));
-    }
-    q_head_begin_ = static_cast<int32_t>(plan->q_heads.begin);
-    n_heads_ = static_cast<int32_t>(plan->q_heads.size());
-    kv_head_begin_ = static_cast<int32_t>(plan->kv_heads.begin);
-    n_kv_ = static_cast<int32_t>(plan->kv_heads.size());
-    ffn_begin_ = static_cast<int32_t>(plan->ffn.begin);
-    ffn_ = static_cast<int32_t>(plan->ffn.size());
-    vocab_begin_ = static_cast<int32_t>(plan->vocab.begin);
-    n_vocab_ = static_cast<int32_t>(plan->vocab.size());
-    max_vocab_slice_ = static_cast<int32_t>(plan->max_vocab_slice);
-    vocab_slices_.clear();
-    for (int r = 0; r < tp_; ++r) {
-      DMSRT_ASSIGN_OR_RETURN(ShardPlan pr, MakeShardPlan(dims, tp_, r, so));
-      vocab_slices_.push_back(pr.vocab);
-    }
-  }
+  if (options_.comm != nullptr && options_.comm->size() > 1) DMSRT_RETURN_IF_ERROR(InitShard());
 
-  const int64_t hd = head_dim_;
   const WeightTensor& emb = model_.weights.tok_embd;
   if (!emb.present() || emb.rows != vocab_ || emb.cols != hidden_ ||
       !kn::QuantTypeKnown(static_cast<int>(emb.type))) {
@@ -269,71 +363,9 @@ absl::Status CpuBackend::Init() {
                                             n_vocab_, 0, hidden_));
 
   layers_.resize(c.n_layers);
-  for (int32_t l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& lw = model_.weights.layers[l];
-    Layer& L = layers_[l];
-    const int64_t q0 = q_head_begin_ * hd, nq = n_heads_ * hd;
-    const int64_t k0 = kv_head_begin_ * hd, nk = n_kv_ * hd;
-    DMSRT_ASSIGN_OR_RETURN(L.wq, MakeView(lw.wq, "attn_q", q0, nq, 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.wk, MakeView(lw.wk, "attn_k", k0, nk, 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.wv, MakeView(lw.wv, "attn_v", k0, nk, 0, hidden_));
-    {
-      // Row-parallel: the owned input columns, widened to whole blocks when they are not.
-      const Range cov = BlockCover(Range{q0, q0 + nq}, lw.wo.cols, BlockSize(lw.wo.type));
-      DMSRT_ASSIGN_OR_RETURN(L.wo, MakeView(lw.wo, "attn_output", 0, hidden_, cov.begin,
-                                            cov.size()));
-      L.wo_in = cov.size();
-      L.wo_pad = q0 - cov.begin;
-    }
-    DMSRT_ASSIGN_OR_RETURN(L.gate, MakeView(lw.w_gate, "ffn_gate", ffn_begin_, ffn_, 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.up, MakeView(lw.w_up, "ffn_up", ffn_begin_, ffn_, 0, hidden_));
-    {
-      const Range cov = BlockCover(Range{ffn_begin_, ffn_begin_ + ffn_}, lw.w_down.cols,
-                                   BlockSize(lw.w_down.type));
-      DMSRT_ASSIGN_OR_RETURN(L.down, MakeView(lw.w_down, "ffn_down", 0, hidden_, cov.begin,
-                                              cov.size()));
-      L.down_in = cov.size();
-      L.down_pad = ffn_begin_ - cov.begin;
-    }
-    DMSRT_ASSIGN_OR_RETURN(L.attn_norm, ToFloat(lw.attn_norm, "attn_norm", 0, hidden_));
-    DMSRT_ASSIGN_OR_RETURN(L.ffn_norm, ToFloat(lw.ffn_norm, "ffn_norm", 0, hidden_));
-    if (c.qk_norm) {
-      DMSRT_ASSIGN_OR_RETURN(L.q_norm, ToFloat(lw.q_norm, "attn_q_norm", 0, hd));
-      DMSRT_ASSIGN_OR_RETURN(L.k_norm, ToFloat(lw.k_norm, "attn_k_norm", 0, hd));
-    }
-    if (c.attn_bias) {
-      DMSRT_ASSIGN_OR_RETURN(L.bq, ToFloat(lw.bq, "attn_q bias", q0, nq));
-      DMSRT_ASSIGN_OR_RETURN(L.bk, ToFloat(lw.bk, "attn_k bias", k0, nk));
-      DMSRT_ASSIGN_OR_RETURN(L.bv, ToFloat(lw.bv, "attn_v bias", k0, nk));
-    }
-    if (dms_bits_ && c.dms.separate_alpha && !lw.dms_alpha.present()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "DMS Variant B (separate alpha) needs the dms_proj_alpha adapter; layer ", l,
-          " has none (attach it with --dms-adapter)"));
-    }
-  }
+  for (int32_t l = 0; l < c.n_layers; ++l) DMSRT_RETURN_IF_ERROR(InitLayer(l));
 
-  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics).
-  inv_freq_.resize(rope_dim_ / 2);
-  const RopeScaling& rs = c.rope_scaling;
-  for (int32_t i = 0; i < rope_dim_ / 2; ++i) {
-    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / rope_dim_);
-    if (rs.type == RopeScaling::Type::kLinear && rs.factor > 0) {
-      f /= rs.factor;
-    } else if (rs.type == RopeScaling::Type::kLlama3 && rs.factor > 0) {
-      const double low_wavelen = rs.original_max_positions / rs.low_freq_factor;
-      const double high_wavelen = rs.original_max_positions / rs.high_freq_factor;
-      const double wavelen = 2.0 * M_PI / f;
-      if (wavelen > low_wavelen) {
-        f /= rs.factor;
-      } else if (wavelen >= high_wavelen) {
-        const double smooth = (rs.original_max_positions / wavelen - rs.low_freq_factor) /
-                              (rs.high_freq_factor - rs.low_freq_factor);
-        f = (1.0 - smooth) * f / rs.factor + smooth * f;
-      }
-    }
-    inv_freq_[i] = f;
-  }
+  InitRope();
 
   KvGeometry geo;
   geo.n_layers = c.n_layers;
@@ -385,30 +417,26 @@ absl::Status CpuBackend::AgreeReservations(const absl::Status& mine) {
                                    "once"));
 }
 
-absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& batch) {
-  ForwardResult result;
-  result.vocab = vocab_;
+absl::StatusOr<int64_t> CpuBackend::ValidateAndReserve(const std::vector<SeqChunk>& batch) {
   // Validate everything before touching the cache.
   DMSRT_ASSIGN_OR_RETURN(const int64_t N, ValidateStep(batch, vocab_));
-  if (N == 0) return result;
-  {
-    absl::Status reserved;
-    for (const SeqChunk& ch : batch) {
-      reserved = kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size()));
-      if (!reserved.ok()) break;
-    }
-    // Ranks evict different amounts, so one may be full while the others are not: agree before
-    // the first collective of the step, so every rank runs it or none does.
-    if (comm_ != nullptr) reserved = AgreeReservations(reserved);
-    DMSRT_RETURN_IF_ERROR(reserved);
+  if (N == 0) return N;
+  absl::Status reserved;
+  for (const SeqChunk& ch : batch) {
+    reserved = kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size()));
+    if (!reserved.ok()) break;
   }
+  // Ranks evict different amounts, so one may be full while the others are not: agree before
+  // the first collective of the step, so every rank runs it or none does.
+  if (comm_ != nullptr) reserved = AgreeReservations(reserved);
+  DMSRT_RETURN_IF_ERROR(reserved);
+  return N;
+}
 
-  const int64_t hd = head_dim_;
-  const int64_t H = hidden_;
-  const int64_t QW = static_cast<int64_t>(n_heads_) * hd;  // q row width
-  const int64_t KW = static_cast<int64_t>(n_kv_) * hd;     // k/v row width
-  const int64_t F = ffn_;
-  const int64_t half = rope_dim_ / 2;
+void CpuBackend::GrowScratch(int64_t N) {
+  const int64_t QW = static_cast<int64_t>(n_heads_) * head_dim_;
+  const int64_t KW = static_cast<int64_t>(n_kv_) * head_dim_;
+  const int64_t H = hidden_, F = ffn_;
   Grow(x_, N * H);
   Grow(xn_, N * H);
   Grow(q_, N * QW);
@@ -418,30 +446,39 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
   Grow(o_, N * H);
   Grow(gate_, N * F);
   Grow(up_, N * F);
-  Grow(cos_sin_, N * half * 2);
+  Grow(cos_sin_, N * (rope_dim_ / 2) * 2);
   Grow(bits_, N * n_kv_);
   Grow(pos_, N);
+}
 
-  // Embeddings and positions.
-  {
-    const WeightTensor& emb = model_.weights.tok_embd;
-    int64_t t = 0;
-    for (const SeqChunk& ch : batch) {
-      const int64_t p0 = kv_->Length(ch.seq);
-      for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
-        kn::DequantizeRowFast(static_cast<int>(emb.type), emb.row(ch.tokens[i]), &x_[t * H], H);
-        pos_[t] = p0 + static_cast<int64_t>(i);
-      }
-    }
-    for (int64_t t2 = 0; t2 < N; ++t2) {
-      for (int64_t i = 0; i < half; ++i) {
-        const double a = static_cast<double>(pos_[t2]) * inv_freq_[i];
-        cos_sin_[(t2 * half + i) * 2] = static_cast<float>(std::cos(a));
-        cos_sin_[(t2 * half + i) * 2 + 1] = static_cast<float>(std::sin(a));
-      }
+void CpuBackend::EmbedTokens(const std::vector<SeqChunk>& batch, int64_t N) {
+  const int64_t H = hidden_;
+  const int64_t half = rope_dim_ / 2;
+  const WeightTensor& emb = model_.weights.tok_embd;
+  int64_t t = 0;
+  for (const SeqChunk& ch : batch) {
+    const int64_t p0 = kv_->Length(ch.seq);
+    for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
+      kn::DequantizeRowFast(static_cast<int>(emb.type), emb.row(ch.tokens[i]), &x_[t * H], H);
+      pos_[t] = p0 + static_cast<int64_t>(i);
     }
   }
+  for (int64_t t2 = 0; t2 < N; ++t2) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = static_cast<double>(pos_[t2]) * inv_freq_[i];
+      cos_sin_[(t2 * half + i) * 2] = static_cast<float>(std::cos(a));
+      cos_sin_[(t2 * half + i) * 2 + 1] = static_cast<float>(std::sin(a));
+    }
+  }
+}
 
+absl::Status CpuBackend::AttentionBlock(int32_t l, const std::vector<SeqChunk>& batch, int64_t N) {
+  const Layer& L = layers_[l];
+  const int64_t hd = head_dim_;
+  const int64_t H = hidden_;
+  const int64_t QW = static_cast<int64_t>(n_heads_) * hd;  // q row width
+  const int64_t KW = static_cast<int64_t>(n_kv_) * hd;     // k/v row width
+  const float eps = cfg_.rms_eps;
   float* x = x_.data();
   float* xn = xn_.data();
   float* q = q_.data();
@@ -449,69 +486,77 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
   float* v = v_.data();
   uint8_t* bits = dms_bits_ ? bits_.data() : nullptr;  // handed to the cache
   uint8_t* bits_a = bits_.data();                      // Variant A decisions (always computed)
-  const float eps = cfg_.rms_eps;
 
-  for (int32_t l = 0; l < cfg_.n_layers; ++l) {
-    const Layer& L = layers_[l];
-    if (dms_bits_ && cfg_.dms.separate_alpha) {
-      DmsDecideVariantB(cfg_.dms, model_.weights.layers[l], eps, static_cast<int32_t>(N),
-                        hidden_, n_kv_, kv_head_begin_, x, bits);
-    }
-    kn::RmsNorm(x, L.attn_norm.data(), N, H, eps, xn);
-    {
-      const kn::MatmulSpec specs[3] = {
-          {L.wq.type, L.wq.data, L.wq.rows, q, QW, L.wq.stride},
-          {L.wk.type, L.wk.data, L.wk.rows, k, KW, L.wk.stride},
-          {L.wv.type, L.wv.data, L.wv.rows, v, KW, L.wv.stride},
-      };
-      Matmuls(specs, 3, H, xn, N);
-    }
-    if (!L.bq.empty()) {
-      for (int64_t t = 0; t < N; ++t) {
-        kn::AddInPlace(q + t * QW, L.bq.data(), QW);
-        kn::AddInPlace(k + t * KW, L.bk.data(), KW);
-        kn::AddInPlace(v + t * KW, L.bv.data(), KW);
-      }
-    }
-    if (!L.q_norm.empty()) {
-      kn::RmsNorm(q, L.q_norm.data(), N * n_heads_, hd, eps, q);
-      kn::RmsNorm(k, L.k_norm.data(), N * n_kv_, hd, eps, k);
-    }
-    if (dms_variant_a_) {
-      DmsDecideVariantA(cfg_.dms, static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q, bits_a);
-    }
-    kn::RopeNeox(q, N, n_heads_, hd, rope_dim_, QW, cos_sin_.data());
-    kn::RopeNeox(k, N, n_kv_, hd, rope_dim_, KW, cos_sin_.data());
-    if (dms_variant_a_) {
-      DmsZeroAfterRope(static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q);
-    }
-    {
-      int64_t t = 0;
-      for (const SeqChunk& ch : batch) {
-        const int32_t n = static_cast<int32_t>(ch.tokens.size());
-        kv_->AttendAndAppend(ch.seq, l, n, q + t * QW, k + t * KW, v + t * KW,
-                             bits ? bits + t * n_kv_ : nullptr, &attn_[t * QW]);
-        t += n;
-      }
-    }
-    RowParallel(L.wo, L.wo_in, L.wo_pad, attn_.data(), QW, N, o_.data());
-    if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
-    kn::AddInPlace(x, o_.data(), N * H);
-
-    kn::RmsNorm(x, L.ffn_norm.data(), N, H, eps, xn);
-    {
-      const kn::MatmulSpec specs[2] = {
-          {L.gate.type, L.gate.data, L.gate.rows, gate_.data(), F, L.gate.stride},
-          {L.up.type, L.up.data, L.up.rows, up_.data(), F, L.up.stride},
-      };
-      Matmuls(specs, 2, H, xn, N);
-    }
-    kn::SiluMul(gate_.data(), up_.data(), gate_.data(), N * F);
-    RowParallel(L.down, L.down_in, L.down_pad, gate_.data(), F, N, o_.data());
-    if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
-    kn::AddInPlace(x, o_.data(), N * H);
+  if (dms_bits_ && cfg_.dms.separate_alpha) {
+    DmsDecideVariantB(cfg_.dms, model_.weights.layers[l], eps, static_cast<int32_t>(N), hidden_,
+                      n_kv_, kv_head_begin_, x, bits);
   }
+  kn::RmsNorm(x, L.attn_norm.data(), N, H, eps, xn);
+  {
+    const kn::MatmulSpec specs[3] = {
+        {L.wq.type, L.wq.data, L.wq.rows, q, QW, L.wq.stride},
+        {L.wk.type, L.wk.data, L.wk.rows, k, KW, L.wk.stride},
+        {L.wv.type, L.wv.data, L.wv.rows, v, KW, L.wv.stride},
+    };
+    Matmuls(specs, 3, H, xn, N);
+  }
+  if (!L.bq.empty()) {
+    for (int64_t t = 0; t < N; ++t) {
+      kn::AddInPlace(q + t * QW, L.bq.data(), QW);
+      kn::AddInPlace(k + t * KW, L.bk.data(), KW);
+      kn::AddInPlace(v + t * KW, L.bv.data(), KW);
+    }
+  }
+  if (!L.q_norm.empty()) {
+    kn::RmsNorm(q, L.q_norm.data(), N * n_heads_, hd, eps, q);
+    kn::RmsNorm(k, L.k_norm.data(), N * n_kv_, hd, eps, k);
+  }
+  if (dms_variant_a_) {
+    DmsDecideVariantA(cfg_.dms, static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q, bits_a);
+  }
+  kn::RopeNeox(q, N, n_heads_, hd, rope_dim_, QW, cos_sin_.data());
+  kn::RopeNeox(k, N, n_kv_, hd, rope_dim_, KW, cos_sin_.data());
+  if (dms_variant_a_) {
+    DmsZeroAfterRope(static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q);
+  }
+  {
+    int64_t t = 0;
+    for (const SeqChunk& ch : batch) {
+      const int32_t n = static_cast<int32_t>(ch.tokens.size());
+      kv_->AttendAndAppend(ch.seq, l, n, q + t * QW, k + t * KW, v + t * KW,
+                           bits ? bits + t * n_kv_ : nullptr, &attn_[t * QW]);
+      t += n;
+    }
+  }
+  RowParallel(L.wo, L.wo_in, L.wo_pad, attn_.data(), QW, N, o_.data());
+  if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
+  kn::AddInPlace(x, o_.data(), N * H);
+  return absl::OkStatus();
+}
 
+absl::Status CpuBackend::FfnBlock(int32_t l, int64_t N) {
+  const Layer& L = layers_[l];
+  const int64_t H = hidden_;
+  const int64_t F = ffn_;
+  float* x = x_.data();
+  float* xn = xn_.data();
+  kn::RmsNorm(x, L.ffn_norm.data(), N, H, cfg_.rms_eps, xn);
+  {
+    const kn::MatmulSpec specs[2] = {
+        {L.gate.type, L.gate.data, L.gate.rows, gate_.data(), F, L.gate.stride},
+        {L.up.type, L.up.data, L.up.rows, up_.data(), F, L.up.stride},
+    };
+    Matmuls(specs, 2, H, xn, N);
+  }
+  kn::SiluMul(gate_.data(), up_.data(), gate_.data(), N * F);
+  RowParallel(L.down, L.down_in, L.down_pad, gate_.data(), F, N, o_.data());
+  if (comm_ != nullptr) DMSRT_RETURN_IF_ERROR(comm_->AllReduceSum(o_.data(), N * H));
+  kn::AddInPlace(x, o_.data(), N * H);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::ComputeLogits(const std::vector<SeqChunk>& batch, ForwardResult& result) {
+  const int64_t H = hidden_;
   // Logits for the requested rows only.
   std::vector<int64_t> rows;
   {
@@ -532,35 +577,49 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
     }
   }
   const int64_t R = static_cast<int64_t>(rows.size());
-  if (R > 0) {
-    Grow(final_, R * H);
-    for (int64_t r = 0; r < R; ++r) {
-      kn::RmsNorm(x + rows[r] * H, output_norm_.data(), 1, H, eps, &final_[r * H]);
-    }
-    result.logits.resize(static_cast<size_t>(R) * vocab_);
-    if (comm_ == nullptr) {
-      const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows,
-                                   result.logits.data(), vocab_, output_.stride};
-      Matmuls(&spec, 1, H, final_.data(), R);
-    } else {
-      // This rank's vocabulary columns, padded to the largest slice, then every rank's.
-      const int64_t M = max_vocab_slice_;
-      Grow(logits_local_, static_cast<size_t>(R * M));
-      Grow(logits_all_, static_cast<size_t>(tp_ * R * M));
-      std::fill(logits_local_.begin(), logits_local_.begin() + R * M, 0.0f);
-      const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows,
-                                   logits_local_.data(), M, output_.stride};
-      if (n_vocab_ > 0) Matmuls(&spec, 1, H, final_.data(), R);
-      DMSRT_RETURN_IF_ERROR(comm_->AllGather(logits_local_.data(), R * M, logits_all_.data()));
-      for (int r = 0; r < tp_; ++r) {
-        const Range vs = vocab_slices_[static_cast<size_t>(r)];
-        for (int64_t row = 0; row < R; ++row) {
-          const float* src = logits_all_.data() + (static_cast<int64_t>(r) * R + row) * M;
-          std::copy(src, src + vs.size(), result.logits.data() + row * vocab_ + vs.begin);
-        }
-      }
+  if (R == 0) return absl::OkStatus();
+  Grow(final_, R * H);
+  for (int64_t r = 0; r < R; ++r) {
+    kn::RmsNorm(x_.data() + rows[r] * H, output_norm_.data(), 1, H, cfg_.rms_eps, &final_[r * H]);
+  }
+  result.logits.resize(static_cast<size_t>(R) * vocab_);
+  if (comm_ == nullptr) {
+    const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows, result.logits.data(),
+                                 vocab_, output_.stride};
+    Matmuls(&spec, 1, H, final_.data(), R);
+    return absl::OkStatus();
+  }
+  // This rank's vocabulary columns, padded to the largest slice, then every rank's.
+  const int64_t M = max_vocab_slice_;
+  Grow(logits_local_, static_cast<size_t>(R * M));
+  Grow(logits_all_, static_cast<size_t>(tp_ * R * M));
+  std::fill(logits_local_.begin(), logits_local_.begin() + R * M, 0.0f);
+  const kn::MatmulSpec spec = {output_.type, output_.data, output_.rows, logits_local_.data(), M,
+                               output_.stride};
+  if (n_vocab_ > 0) Matmuls(&spec, 1, H, final_.data(), R);
+  DMSRT_RETURN_IF_ERROR(comm_->AllGather(logits_local_.data(), R * M, logits_all_.data()));
+  for (int r = 0; r < tp_; ++r) {
+    const Range vs = vocab_slices_[static_cast<size_t>(r)];
+    for (int64_t row = 0; row < R; ++row) {
+      const float* src = logits_all_.data() + (static_cast<int64_t>(r) * R + row) * M;
+      std::copy(src, src + vs.size(), result.logits.data() + row * vocab_ + vs.begin);
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& batch) {
+  ForwardResult result;
+  result.vocab = vocab_;
+  DMSRT_ASSIGN_OR_RETURN(const int64_t N, ValidateAndReserve(batch));
+  if (N == 0) return result;
+  GrowScratch(N);
+  EmbedTokens(batch, N);
+  for (int32_t l = 0; l < cfg_.n_layers; ++l) {
+    DMSRT_RETURN_IF_ERROR(AttentionBlock(l, batch, N));
+    DMSRT_RETURN_IF_ERROR(FfnBlock(l, N));
+  }
+  DMSRT_RETURN_IF_ERROR(ComputeLogits(batch, result));
   SampleOnHost(batch, result);
   return result;
 }
