@@ -43,11 +43,11 @@ mkdir -p "$WORK/obj"
 OBJS=""
 for src in gguf safetensors mapped_file tensor; do
   obj="$WORK/obj/$src.o"
-  if [ ! -f "$obj" ] || [ "$SRC/runtime/$src.cc" -nt "$obj" ] || [ "$SRC/runtime/$src.h" -nt "$obj" ]; then
-    echo "== compiling runtime/$src.cc"
+  if [ ! -f "$obj" ] || [ "$SRC/runtime/model/$src.cc" -nt "$obj" ] || [ "$SRC/runtime/model/$src.h" -nt "$obj" ]; then
+    echo "== compiling runtime/model/$src.cc"
     # shellcheck disable=SC2086
-    "$CXX" $COMMON -fsanitize=fuzzer-no-link,address,undefined -c "$SRC/runtime/$src.cc" \
-        -o "$obj" || { echo "FAIL: could not compile runtime/$src.cc with $CXX"; exit 1; }
+    "$CXX" $COMMON -fsanitize=fuzzer-no-link,address,undefined -c "$SRC/runtime/model/$src.cc" \
+        -o "$obj" || { echo "FAIL: could not compile runtime/model/$src.cc with $CXX"; exit 1; }
   fi
   OBJS="$OBJS $obj"
 done
