@@ -6,11 +6,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include <CLI/CLI.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "launch/threshold_calibration.h"
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
 #include "runtime/engine/tp_replica.h"
@@ -63,15 +66,30 @@ void AddRunOptions(CLI::App& app, RunOptions* o) {
   app.add_option("--kv-policy", o->kv_policy,
                  "KV eviction policy; default: forced with --dms-force-rate, dms on a model with "
                  "DMS decisions, else none")
-      ->transform(OneOf({"none", "dms", "forced", "window", "tova", "h2o"}));
+      ->transform(OneOf({"none", "dms", "forced", "window", "tova", "h2o", "threshold"}));
   app.add_option("--dms-force-rate", o->dms_force_rate,
                  "forced: share of tokens evicted after the window, drawn at random (synthetic "
                  "eviction, for measurement; default 0.875)")
       ->transform(Number(0.0, 1.0));
   app.add_option("--dms-window", o->dms_window,
-                 "forced: tokens an evicted token stays visible (default: the model's DMS window, "
-                 "else 512)")
+                 "forced, threshold: tokens an evicted token stays visible (default: the "
+                 "model's DMS window, else 512)")
       ->transform(Integer(1));
+  app.add_option("--threshold", o->threshold,
+                 "threshold: flag a token whose key-norm score (minus the L2 norm of its key "
+                 "after RoPE) is below this; e.g. -20 flags keys of norm above 20");
+  app.add_option("--threshold-rate", o->threshold_rate,
+                 "threshold: pick the threshold that flags this share of the (layer, KV head, "
+                 "token) scores of a calibration text (prints it)")
+      ->transform(Number(0.0, 1.0));
+  app.add_option("--threshold-calibration", o->threshold_calibration,
+                 "threshold: calibration text for --threshold-rate (default: a built-in "
+                 "public-domain text)")
+      ->type_name("FILE");
+  app.add_option("--threshold-shift", o->threshold_shift,
+                 "threshold: 0 judges each token by its own key (as kvpress), 1 by the next "
+                 "token's key (the DMS one-token shift)")
+      ->transform(Integer(0, 1));
   app.add_option("--dms-seed", o->dms_seed, "forced: seed of the eviction draws")->transform(Integer());
   AddKvWindowOptions(app, &o->kv_window, &o->kv_sinks);
   app.add_option("--kv-tokens", o->kv_tokens, "tova, h2o: tokens kept per head")->transform(Integer(2));
@@ -155,6 +173,46 @@ absl::StatusOr<RunContext> LoadRunContext(const RunOptions& o) {
     case KvPolicyKind::kH2o:
       pol.budget_tokens = o.kv_tokens;
       break;
+    case KvPolicyKind::kThreshold: {
+      if (o.threshold.has_value() == o.threshold_rate.has_value()) {
+        return absl::InvalidArgumentError(
+            "--kv-policy threshold needs one of --threshold X or --threshold-rate R");
+      }
+      pol.window = o.dms_window.value_or(dms.enabled ? dms.window : 512);
+      pol.threshold_shift = o.threshold_shift;
+      if (o.threshold) {
+        pol.threshold = *o.threshold;
+        break;
+      }
+      std::string text = DefaultCalibrationText();
+      if (!o.threshold_calibration.empty()) {
+        std::ifstream in(o.threshold_calibration, std::ios::binary);
+        if (!in) {
+          return absl::NotFoundError(
+              absl::StrCat("cannot read --threshold-calibration ", o.threshold_calibration));
+        }
+        std::stringstream ss;
+        ss << in.rdbuf();
+        text = ss.str();
+      }
+      DMSRT_ASSIGN_OR_RETURN(
+          ThresholdCalibration cal,
+          CalibrateThreshold(*ctx.model, *ctx.tokenizer, bo, *o.threshold_rate, text));
+      pol.threshold = cal.threshold;
+      std::fprintf(stderr,
+                   "dmsrt: --threshold-rate %g: threshold %.6g (global quantile of %lld key-norm "
+                   "scores over %lld calibration tokens)\n",
+                   *o.threshold_rate, cal.threshold, static_cast<long long>(cal.scores),
+                   static_cast<long long>(cal.tokens));
+      break;
+    }
+  }
+  if ((o.threshold || o.threshold_rate || !o.threshold_calibration.empty() ||
+       o.threshold_shift != 0) &&
+      pol.kind != KvPolicyKind::kThreshold) {
+    return absl::InvalidArgumentError(
+        "--threshold, --threshold-rate, --threshold-calibration and --threshold-shift only go "
+        "with --kv-policy threshold");
   }
   if (o.dms_force_rate && pol.kind != KvPolicyKind::kForced) {
     return absl::InvalidArgumentError("--dms-force-rate only goes with --kv-policy forced");

@@ -31,7 +31,13 @@ struct RunOptions {
   std::optional<std::string> kv_policy;  // --kv-policy; unset: forced with --dms-force-rate,
                                          // dms on a model with DMS decisions, else none
   std::optional<double> dms_force_rate;  // --dms-force-rate (forced; unset: 0.875)
-  std::optional<int32_t> dms_window;     // --dms-window (forced; unset: the model's, else 512)
+  std::optional<int32_t> dms_window;     // --dms-window (forced, threshold; unset: the
+                                         // model's, else 512)
+  std::optional<double> threshold;       // --threshold (threshold: flag when score < it)
+  std::optional<double> threshold_rate;  // --threshold-rate (threshold: calibrate to this share)
+  std::string threshold_calibration;     // --threshold-calibration FILE (default: a built-in
+                                         // public-domain text)
+  int32_t threshold_shift = 0;           // --threshold-shift 0|1
   int64_t dms_seed = 0;                  // --dms-seed (forced)
   int32_t kv_window = 512;               // --kv-window (window)
   int32_t kv_sinks = 4;                  // --kv-sinks (window)
@@ -40,7 +46,8 @@ struct RunOptions {
 };
 
 // Adds --model --dms-adapter --backend --device --threads --kv-budget --kv-block --kv-policy
-// --dms-force-rate --dms-window --dms-seed --kv-window --kv-sinks --kv-tokens --prefill-chunk.
+// --dms-force-rate --dms-window --dms-seed --threshold --threshold-rate --threshold-calibration
+// --threshold-shift --kv-window --kv-sinks --kv-tokens --prefill-chunk.
 void AddRunOptions(CLI::App& app, RunOptions* options);
 
 // The options of AddRunOptions that other subcommands take with the same meaning and default

@@ -64,6 +64,9 @@ fi
 if [ $test_deps = 1 ]; then
   pip_install numpy gguf==0.19.0 safetensors==0.8.0 pytest jinja2 grpcio==1.85.1 \
     grpcio-tools==1.85.1 llama-cpp-python==0.3.36
+  # The kvpress oracle of --kv-policy threshold (tests/oracle/test_threshold_oracle.py). PyPI has
+  # no CPU-only Linux torch: this one pulls its CUDA libraries (about 3 GB more on disk).
+  pip_install torch==2.15.0 transformers==5.2.0 kvpress==0.5.5
 fi
 
 # ---- build ---------------------------------------------------------------------------------

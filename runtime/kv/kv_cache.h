@@ -33,17 +33,20 @@ class ThreadPool;  // kernels/cpu/thread_pool.h
 
 using SeqId = int32_t;
 
-enum class KvPolicyKind { kNone, kDms, kForced, kWindow, kTova, kH2o };
+enum class KvPolicyKind { kNone, kDms, kForced, kWindow, kTova, kH2o, kThreshold };
 const char* KvPolicyName(KvPolicyKind k);
 absl::StatusOr<KvPolicyKind> ParseKvPolicy(const std::string& name);
 
 struct KvPolicyConfig {
   KvPolicyKind kind = KvPolicyKind::kNone;
-  int32_t window = 0;          // dms/forced: the delay window w; window policy: tokens kept
+  int32_t window = 0;          // dms/forced/threshold: the delay window w; window: tokens kept
   int32_t sinks = 4;           // window policy: first tokens always kept
   int32_t budget_tokens = 0;   // tova/h2o: tokens kept per head
   double force_rate = 0.0;     // forced: probability that a token is flagged
   uint64_t seed = 0;           // forced: hash seed
+  double threshold = 0.0;      // threshold: a token whose score is below it is flagged
+  int32_t threshold_shift = 0; // threshold: 0 = token k is judged by its own key (kvpress);
+                               // 1 = by the key of token k+1 (the DMS one-token shift)
 };
 
 // Shapes of the part of the model this rank holds.

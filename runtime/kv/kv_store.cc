@@ -303,14 +303,27 @@ void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t bounda
 
 // ---- commits ----------------------------------------------------------------------------------
 
-const uint8_t* KvStore::StepBits(int32_t layer, int64_t P, int32_t n, const uint8_t* evict,
-                                 const float* k) {
+const uint8_t* KvStore::StepBits(const HeadState* heads, int32_t layer, int64_t P, int32_t n,
+                                 const uint8_t* evict, const float* k) {
   if (!ring_) return nullptr;
   const size_t count = static_cast<size_t>(n) * geo_.n_kv_heads;
   if (bits_.size() < count) bits_.resize(count);
   KvStepInputs in;
   in.evict = evict;
   in.k = k;
+  if (k != nullptr && P >= 1 && policy_->previous_key()) {
+    // Token P-1 is the newest entry of every head's ring; its key is in its slot.
+    const int32_t bt = geo_.block_tokens;
+    const int32_t hd = geo_.head_dim;
+    prev_key_.resize(static_cast<size_t>(geo_.n_kv_heads) * hd);
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      const HeadState& h = heads[j];
+      const int32_t slot = RingSlot(h.ring[(P - 1) % static_cast<int64_t>(h.ring.size())]);
+      const float* row = pool_->keys(h.blocks[slot / bt]) + static_cast<int64_t>(slot % bt) * hd;
+      std::copy_n(row, hd, prev_key_.data() + static_cast<size_t>(j) * hd);
+    }
+    in.k_prev = prev_key_.data();
+  }
   policy_->Decisions(layer, P, n, in, bits_.data());
   return bits_.data();
 }
@@ -332,7 +345,7 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
     return false;
   }
   const int32_t nkv = geo_.n_kv_heads;
-  const uint8_t* bits = StepBits(layer, P, n, evict, nullptr);
+  const uint8_t* bits = StepBits(heads, layer, P, n, evict, nullptr);
   if (n > 1) CountPrefillReads(heads, n, P, bits);
   sink_ = &sink;
   for (int32_t j = 0; j < nkv && !s.broken; ++j) {

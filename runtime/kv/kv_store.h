@@ -168,8 +168,9 @@ class KvStore final : public KvIndex {
   void CountPrefillReads(HeadState* heads, int32_t n, int64_t P, const uint8_t* bits);
   // The decision bits d[P + i] [n, n_kv_heads] of a commit into bits_, or nullptr when the
   // policy has none (every bit 0).
-  const uint8_t* StepBits(int32_t layer, int64_t P, int32_t n, const uint8_t* evict,
-                          const float* k);
+  // `heads` are the layer's heads of the sequence (for the key of token P-1, k_prev).
+  const uint8_t* StepBits(const HeadState* heads, int32_t layer, int64_t P, int32_t n,
+                          const uint8_t* evict, const float* k);
   static uint8_t BitAt(const uint8_t* bits, int32_t nkv, int32_t i, int32_t j) {
     return bits != nullptr ? bits[static_cast<int64_t>(i) * nkv + j] : 0;
   }
@@ -234,6 +235,7 @@ class KvStore final : public KvIndex {
   std::vector<Scratch> scratch_;
   std::vector<int32_t> cow_scratch_;
   std::vector<uint8_t> bits_;  // [n, n_kv_heads] decision bits of the current commit
+  std::vector<float> prev_key_;  // [n_kv_heads, head_dim] key of token P-1 (KvStepInputs::k_prev)
   kernels::ThreadPool* threads_ = nullptr;
 };
 

@@ -49,7 +49,7 @@ void KvStore::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q
     Poison(out, n);
     return;
   }
-  const uint8_t* bits = StepBits(layer, P, n, evict, k);
+  const uint8_t* bits = StepBits(heads, layer, P, n, evict, k);
   if (!attend) {
     CommitOnly(s, heads, layer, n, k, v, bits);
     return;

@@ -5,7 +5,8 @@
 // a small immutable object that picks one of them and makes the decisions it leaves open:
 //   kAppend   nothing to decide (none)
 //   kFlagged  the decision bits d[t] and the delay window w of docs/dms-semantics.md §4
-//             (dms: the model's bits; forced: a seeded hash; window: a fixed rule)
+//             (dms: the model's bits; forced: a seeded hash; window: a fixed rule;
+//             threshold: a key-norm score against a threshold)
 //   kVictim   the slot the next token overwrites, from the attention weights (tova, h2o)
 // The store calls a policy once per (sequence, layer) commit for the bits of a whole chunk, and
 // once per (token, head) for a victim; it never asks which policy it runs.
@@ -40,6 +41,9 @@ struct KvStepInputs {
   const uint8_t* evict = nullptr;  // [n, n_kv_heads] the model's decision bits, or nullptr
   const float* k = nullptr;        // [n, n_kv_heads, head_dim] keys after RoPE; nullptr when the
                                    // rows live elsewhere (KvIndex)
+  const float* k_prev = nullptr;   // [n_kv_heads, head_dim] key of token t0-1 after RoPE, given
+                                   // only to a policy that asks (previous_key()) and only when
+                                   // t0 >= 1 and `k` is given
 };
 
 // Victim choice of one KV head after the query of token t attended over its m resident slots.
@@ -70,6 +74,9 @@ class KvPolicy {
   // Whether the decision bits come from the model (the step's `evict`), so nothing about them
   // is known before the step.
   virtual bool model_bits() const { return false; }
+  // Whether Decisions needs the key of token t0-1 (KvStepInputs::k_prev): d[t0] flags token
+  // t0-1, so a policy that judges a token by its own key reads it there.
+  virtual bool previous_key() const { return false; }
 
   // ---- kFlagged ----
   // The delay window w >= 0 (-1 for the other mechanisms).

@@ -16,7 +16,8 @@
   X(kForcedKvPolicy)         \
   X(kWindowKvPolicy)         \
   X(kTovaKvPolicy)           \
-  X(kH2oKvPolicy)
+  X(kH2oKvPolicy)            \
+  X(kThresholdKvPolicy)
 
 namespace dmsrt {
 

@@ -18,7 +18,8 @@ TEST(KvPolicyRegistry, EveryEntryRoundTripsAndBuildsItsKind) {
     ASSERT_TRUE(parsed.ok()) << parsed.status();
     EXPECT_EQ(*parsed, e->kind);
   }
-  EXPECT_EQ(names, (std::set<std::string>{"none", "dms", "forced", "window", "tova", "h2o"}));
+  EXPECT_EQ(names, (std::set<std::string>{"none", "dms", "forced", "window", "tova", "h2o",
+                                          "threshold"}));
 }
 
 TEST(KvPolicyRegistry, UnknownNamesListTheRegisteredOnes) {
@@ -29,7 +30,8 @@ TEST(KvPolicyRegistry, UnknownNamesListTheRegisteredOnes) {
 }
 
 TEST(KvPolicyRegistry, IndexSupportFollowsTheMechanism) {
-  // An index never sees attention weights: exactly the victim policies are refused.
+  // An index never sees attention weights nor keys: exactly the victim policies and threshold
+  // (which scores keys) are refused.
   for (const KvPolicyEntry* e : KvPolicies()) {
     KvPolicyConfig c;
     c.kind = e->kind;
@@ -37,7 +39,9 @@ TEST(KvPolicyRegistry, IndexSupportFollowsTheMechanism) {
     c.budget_tokens = 8;
     auto p = MakeKvPolicy(c, kvpolicytest::Geo(2));
     ASSERT_TRUE(p.ok()) << e->name << ": " << p.status();
-    EXPECT_EQ((*p)->IndexSupport().ok(), (*p)->reuse() != KvSlotReuse::kVictim) << e->name;
+    const bool needs_rows =
+        (*p)->reuse() == KvSlotReuse::kVictim || e->kind == KvPolicyKind::kThreshold;
+    EXPECT_EQ((*p)->IndexSupport().ok(), !needs_rows) << e->name;
   }
 }
 
