@@ -20,6 +20,8 @@ namespace dmsrt {
 struct ServiceOptions {
   std::string listen = "127.0.0.1:50051";
   std::optional<int32_t> metrics_port;
+  std::string http_listen;  // HOST:PORT of the OpenAI-compatible HTTP API; empty: none
+  int32_t http_threads = 256;
   std::string auth_token;
   std::string tls_cert, tls_key, tls_ca;
   int32_t max_n = 0;               // 0: the coordinator's default (set by AddServiceOptions)

@@ -22,7 +22,7 @@ SUDO=""
 debs=(build-essential cmake git unzip python3 python3-pip pkg-config
       libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
       libopenmpi-dev openmpi-bin libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
-      libcli11-dev clang)
+      libcli11-dev libcpp-httplib-dev clang)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
