@@ -63,7 +63,7 @@ fi
 
 if [ $test_deps = 1 ]; then
   pip_install numpy gguf==0.19.0 safetensors==0.8.0 pytest jinja2 grpcio==1.85.1 \
-    grpcio-tools==1.85.1 llama-cpp-python==0.3.36
+    grpcio-tools==1.85.1 llama-cpp-python==0.3.36 openai==3.63.0
 fi
 
 # ---- build ---------------------------------------------------------------------------------
