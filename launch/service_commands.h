@@ -46,7 +46,8 @@ int RunCoordinator(const CoordinatorCommandOptions& o, ProcessArgs& args);
 
 struct SubmitOptions {
   std::string address = "127.0.0.1:50051";
-  std::optional<std::string> prompt, chat;  // exactly one
+  std::optional<std::string> prompt, chat;  // exactly one of these and messages
+  std::vector<std::string> messages;        // ROLE:TEXT turns of a conversation
   std::optional<int32_t> n;                 // default: 8, or 0 (the budget decides) with --budget
   std::optional<int64_t> budget_bytes;      // --budget
   int32_t max_tokens = 0;

@@ -204,3 +204,21 @@ def test_auth_required_when_configured(stubs_dir):
     finally:
         grpc_client.close()
         srv.stop()
+
+
+def test_grpc_conversation_python_and_submit(api):
+    import subprocess
+    from conftest import BIN
+    srv, grpc_client = api
+    conv = [{"role": "system", "content": "Answer with a number."},
+            {"role": "user", "content": "What is 6 * 7?"}]
+    res = grpc_client.run_job(messages=conv, n=2, max_tokens=8, timeout=120)
+    assert len(res["threads"]) == 2
+    with pytest.raises(grpc_client.grpc.RpcError) as e:
+        grpc_client.run_job(messages=[{"role": "tool", "content": "x"}], n=1, max_tokens=4, timeout=60)
+    assert e.value.code().name == "INVALID_ARGUMENT"
+    out = subprocess.run([BIN, "submit", "--address", srv.address, "--message", "system:Answer with a number.",
+                          "--message", "user:What is 6 * 7?", "--n", "1", "--max-tokens", "6", "--json",
+                          "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["threads"]) == 1
