@@ -3,6 +3,8 @@
 
 #include <httplib.h>
 
+#include <sys/socket.h>
+
 #include <chrono>
 #include <ctime>
 #include <regex>
@@ -244,6 +246,13 @@ absl::Status HttpFrontend::Start() {
   const int threads = std::max(1, options_.threads);
   server_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   server_->set_payload_max_length(options_.max_body_bytes);
+  // cpp-httplib listens with a backlog of 5 (a compile-time constant of the packaged library):
+  // a burst of clients connecting at once would find the accept queue full and be reset. Keep
+  // the listening socket and listen again on it with a deep backlog once bound.
+  server_->set_socket_options([this](int sock) {
+    httplib::default_socket_options(sock);
+    listen_fd_ = sock;
+  });
   server_->set_read_timeout(30, 0);
   server_->set_write_timeout(30, 0);
   Routes();
@@ -252,6 +261,7 @@ absl::Status HttpFrontend::Start() {
   } else if (server_->bind_to_port(options_.host, options_.port)) {
     port_ = options_.port;
   }
+  if (port_ > 0 && listen_fd_ >= 0) ::listen(listen_fd_, kListenBacklog);
   if (port_ <= 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for HTTP on ", options_.host, ":",
                                                options_.port, " (address in use, or not an address of this host)"));

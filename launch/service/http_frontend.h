@@ -42,6 +42,7 @@ struct HttpFrontendOptions {
 class HttpFrontend {
  public:
   static constexpr double kKeepAliveSeconds = 0.5;
+  static constexpr int kListenBacklog = 1024;
 
   // `broker` must outlive the server.
   HttpFrontend(JobBroker& broker, HttpFrontendOptions options);
@@ -59,6 +60,7 @@ class HttpFrontend {
   std::unique_ptr<httplib::Server> server_;
   std::thread listener_;
   int port_ = 0;
+  int listen_fd_ = -1;  // the listening socket, to deepen its backlog
 };
 
 }  // namespace dmsrt

@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--np", type=int, default=2)
+    ap.add_argument("--grpc-first", action="store_true", help="run the gRPC round before the HTTP one")
     ap.add_argument("--json")
     a = ap.parse_args()
     from dmsrt_client import DmsrtClient
@@ -129,12 +130,16 @@ def main():
     client = DmsrtClient(srv.address, stubs_dir=tempfile.mkdtemp(prefix="dmsrt_stubs_"))
     try:
         srv.wait_ready(client)
-        http = asyncio.run(http_run(http_port, a.requests, a.clients, a.max_tokens))
-        grpc = grpc_run(client, a.requests, a.max_tokens)
+        if a.grpc_first:
+            grpc = grpc_run(client, a.requests, a.max_tokens)
+            http = asyncio.run(http_run(http_port, a.requests, a.clients, a.max_tokens))
+        else:
+            http = asyncio.run(http_run(http_port, a.requests, a.clients, a.max_tokens))
+            grpc = grpc_run(client, a.requests, a.max_tokens)
     finally:
         client.close()
         srv.stop()
-    res = {"requests": a.requests, "clients": a.clients, "max_tokens": a.max_tokens, "replicas": a.np,
+    res = {"order": "grpc, http" if a.grpc_first else "http, grpc", "requests": a.requests, "clients": a.clients, "max_tokens": a.max_tokens, "replicas": a.np,
            "http": http, "grpc": grpc}
     print(f"{'path':6} {'done':>9} {'ttft med':>9} {'ttft p90':>9} {'ttft max':>9} {'wall s':>7}")
     for k in ("http", "grpc"):
