@@ -39,6 +39,16 @@ if(DMSRT_HAVE_GRPC AND DMSRT_HAVE_MPI)
                        --json ${PROJECT_BINARY_DIR}/budget_bench_4k.json)
       set_tests_properties(budget_bench_4k PROPERTIES
         LABELS bench_full TIMEOUT 3600 RUN_SERIAL TRUE ENVIRONMENT "${dmsrt_budget_env}")
+
+      # The HTTP front door under load (tests/bench/http_load_bench.py, label bench): 100
+      # concurrent streaming chat completions from 20 openai clients, none may be lost, with the
+      # gRPC path's time to first token from the same server beside it (docs/perf.md).
+      add_test(NAME http_load_bench
+               COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/bench/http_load_bench.py
+                       --json ${PROJECT_BINARY_DIR}/http_load_bench.json)
+      set_tests_properties(http_load_bench PROPERTIES
+        LABELS bench TIMEOUT 900 RUN_SERIAL TRUE
+        ENVIRONMENT "DMSRT_BIN=${PROJECT_BINARY_DIR}/bin/dmsrt;DMSRT_SOURCE_DIR=${PROJECT_SOURCE_DIR};DMSRT_MPIRUN=${DMSRT_MPIRUN}")
     else()
       message(STATUS "dmsrt: e2e tests off (python3 has no pytest)")
     endif()
