@@ -37,10 +37,9 @@ struct Parser {
     const json* f = Field(name);
     if (f == nullptr) return true;
     if (!f->is_number_integer()) return Fail(name, absl::StrCat("'", name, "' must be an integer"));
-    const int64_t x = f->is_number_unsigned() && f->get<uint64_t>() > static_cast<uint64_t>(hi)
-                          ? hi + 1
-                          : f->get<int64_t>();
-    if (x < lo || x > hi) {
+    const bool above = f->is_number_unsigned() && f->get<uint64_t>() > static_cast<uint64_t>(hi);
+    const int64_t x = above ? hi : f->get<int64_t>();
+    if (above || x < lo || x > hi) {
       return Fail(name, absl::StrCat("'", name, "' = ", f->dump(), " is out of range: send an integer in [",
                                      lo, ", ", hi, "]"));
     }

@@ -73,6 +73,8 @@ TEST(OpenAiRequest, RefusalsNameTheField) {
       {R"({"prompt":"x","dmsrt":{"dms":{"policy":"KV_POLICY_NOPE"}}})", "dmsrt"},
       {R"({"prompt":[1,2]})", "prompt"},
       {R"({"prompt":"x","stop":[1]})", "stop"},
+      {R"({"prompt":"x","seed":18446744073709551615})", "seed"},
+      {R"({"prompt":"x","n":9223372036854775808})", "n"},
   };
   for (const auto& [body, param] : cases) {
     OpenAiRequest r;
