@@ -107,7 +107,7 @@ void SetupSubmit(CLI::App& app, SubmitOptions& o) {
   app.add_option("--chat", o.chat, "one user turn, rendered with the model's chat template");
   app.add_option("--message", o.messages,
                  "one turn of a conversation, ROLE:TEXT (system, user or assistant); repeat in order")
-      ->type_name("ROLE:TEXT");
+      ->type_name("TURN");
   app.add_option("--n", o.n, "threads (default: 8; with --budget, as many as the budget holds)")
       ->transform(Integer(0));
   AddByteSizeOption(app, "--budget", &o.budget_bytes,
