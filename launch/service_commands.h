@@ -20,6 +20,8 @@ namespace dmsrt {
 struct ServiceOptions {
   std::string listen = "127.0.0.1:50051";
   std::optional<int32_t> metrics_port;
+  std::string http_listen;  // HOST:PORT of the OpenAI-compatible HTTP API; empty: none
+  int32_t http_threads = 256;
   std::string auth_token;
   std::string tls_cert, tls_key, tls_ca;
   int32_t max_n = 0;               // 0: the coordinator's default (set by AddServiceOptions)
@@ -44,7 +46,8 @@ int RunCoordinator(const CoordinatorCommandOptions& o, ProcessArgs& args);
 
 struct SubmitOptions {
   std::string address = "127.0.0.1:50051";
-  std::optional<std::string> prompt, chat;  // exactly one
+  std::optional<std::string> prompt, chat;  // exactly one of these and messages
+  std::vector<std::string> messages;        // ROLE:TEXT turns of a conversation
   std::optional<int32_t> n;                 // default: 8, or 0 (the budget decides) with --budget
   std::optional<int64_t> budget_bytes;      // --budget
   int32_t max_tokens = 0;

@@ -64,7 +64,7 @@ class DmsrtClient:
     def close(self):
         self.channel.close()
 
-    def request(self, prompt=None, chat=None, n=0, kv_budget_bytes=0, max_tokens=0,
+    def request(self, prompt=None, chat=None, messages=None, n=0, kv_budget_bytes=0, max_tokens=0,
                 temperature=0.7, top_p=1.0, top_k=0, seed=0, stop=(), regex="",
                 selection=0, early_stop=False, deadline_seconds=0.0, stream_tokens=False,
                 ignore_eos=False):
@@ -74,6 +74,9 @@ class DmsrtClient:
             req.prompt = prompt
         if chat is not None:
             req.chat = chat
+        if messages is not None:  # [{"role": "system" | "user" | "assistant", "content": text}, ...]
+            for m in messages:
+                req.conversation.messages.add(role=m["role"], content=m["content"])
         req.sampling.CopyFrom(pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                                 seed=seed))
         req.stopping.CopyFrom(pb.StoppingCriteria(max_tokens=max_tokens, stop=list(stop),
@@ -142,6 +145,8 @@ def main():
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--chat")
+    g.add_argument("--message", action="append", metavar="ROLE:TEXT",
+                   help="one conversation turn (system, user or assistant); repeat in order")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -152,7 +157,10 @@ def main():
     a = ap.parse_args()
     client = DmsrtClient(a.address, auth_token=a.auth_token, stubs_dir=a.stubs_dir)
     try:
-        res = client.run_job(timeout=a.timeout, prompt=a.prompt, chat=a.chat, n=a.n,
+        messages = None
+        if a.message:
+            messages = [dict(zip(("role", "content"), m.split(":", 1))) for m in a.message]
+        res = client.run_job(timeout=a.timeout, prompt=a.prompt, chat=a.chat, messages=messages, n=a.n,
                              max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
     except client.grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)

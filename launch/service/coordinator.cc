@@ -2,6 +2,7 @@
 // replicas are collected under mu_ and written after it is released, each under its replica's own
 // write mutex, so a slow stream never blocks the job table.
 #include "launch/service/coordinator.h"
+#include "launch/service/job_input.h"
 
 #include <algorithm>
 #include <cmath>
@@ -103,15 +104,20 @@ void Coordinator::Shutdown() {
 }
 
 grpc::Status Coordinator::CheckAuth(grpc::ServerContext* ctx) const {
-  if (options_.auth_token.empty()) return grpc::Status::OK;
   auto md = ctx->client_metadata();
   auto it = md.find("authorization");
-  if (it == md.end()) {
+  if (it == md.end()) return CheckBearer(nullptr);
+  const std::string v(it->second.data(), it->second.size());
+  return CheckBearer(&v);
+}
+
+grpc::Status Coordinator::CheckBearer(const std::string* authorization) const {
+  if (options_.auth_token.empty()) return grpc::Status::OK;
+  if (authorization == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "missing 'authorization: Bearer <token>' metadata (the server runs with --auth-token)");
   }
-  std::string v(it->second.data(), it->second.size());
-  if (v != "Bearer " + options_.auth_token) {
+  if (*authorization != "Bearer " + options_.auth_token) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token does not match");
   }
   return grpc::Status::OK;
@@ -130,17 +136,10 @@ std::string Coordinator::TraceParent(grpc::ServerContext* ctx) {
 grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string& traceparent,
                                     std::string* id, int32_t* n_out) {
   // ---- field validation -------------------------------------------------------------------
-  std::string text;
-  bool chat = false;
-  switch (req.input_case()) {
-    case v1::JobRequest::kPrompt: text = req.prompt(); break;
-    case v1::JobRequest::kChat: text = req.chat(); chat = true; break;
-    default: return Invalid("the request has no input: set `prompt` (raw text) or `chat` (a user message)");
-  }
-  if (text.empty()) return Invalid("the prompt is empty: send a non-empty `prompt` or `chat`");
-  if (static_cast<int64_t>(text.size()) > options_.max_prompt_bytes) {
-    return Invalid(absl::StrFormat("the prompt is %d bytes; the limit is %d: shorten it", text.size(),
-                                   options_.max_prompt_bytes));
+  std::string rendered;
+  if (grpc::Status s = RenderJobInput(req, model_.tokenizer, options_.max_prompt_bytes, &rendered);
+      !s.ok()) {
+    return s;
   }
   const int64_t budget = req.kv().kv_budget_bytes();
   if (req.n() < 0) return Invalid(absl::StrCat("n = ", req.n(), " is negative: set n >= 1"));
@@ -211,13 +210,6 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
   }
 
   // ---- tokenize -------------------------------------------------------------------------------
-  std::string rendered = text;
-  if (chat) {
-    absl::StatusOr<std::string> r =
-        ApplyChatTemplate(model_.tokenizer, {ChatMessage{"user", text}}, true);
-    if (!r.ok()) return Invalid(absl::StrCat("cannot render the chat: ", r.status().message()));
-    rendered = *r;
-  }
   std::vector<int32_t> prompt = tok_.Encode(rendered, /*parse_special=*/true,
                                             /*add_bos=*/model_.tokenizer.add_bos);
   if (prompt.empty()) return Invalid("the prompt tokenizes to nothing: send some text");
@@ -522,6 +514,7 @@ void Coordinator::FinishJob(Job& job, v1::JobOutcome outcome, const std::string&
   jf->set_outcome(outcome);
   jf->set_n(job.n);
   jf->set_message(message);
+  jf->set_early_stopped(job.early_stopped);
   std::optional<std::string> sel = job.votes.Select(job.selection);
   if (sel) {
     jf->set_selected_answer(*sel);
@@ -591,9 +584,8 @@ struct WatchArg {
 bool WatchReady(WatchArg* a) { return a->events->size() > a->next || *a->shutdown; }
 }  // namespace
 
-grpc::Status Coordinator::Watch(grpc::ServerContext* ctx, const std::string& id,
-                                grpc::ServerWriter<v1::JobEvent>* writer,
-                                bool cancel_on_disconnect) {
+grpc::Status Coordinator::Follow(const std::string& id, JobEventSink& sink,
+                                 bool cancel_on_disconnect) {
   size_t next = 0;
   for (;;) {
     std::vector<v1::JobEvent> batch;
@@ -617,10 +609,10 @@ grpc::Status Coordinator::Watch(grpc::ServerContext* ctx, const std::string& id,
         return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
       }
     }
-    bool broken = ctx->IsCancelled();
+    bool broken = sink.Gone();
     for (const v1::JobEvent& e : batch) {
       if (broken) break;
-      if (!writer->Write(e)) broken = true;
+      if (!sink.Write(e)) broken = true;
     }
     if (broken) {
       if (cancel_on_disconnect) {
@@ -655,7 +647,8 @@ grpc::Status Coordinator::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobR
   grpc::Status a = CheckAuth(ctx);
   if (!a.ok()) return a;
   if (req->job_id().empty()) return Invalid("job_id is empty: pass the id SubmitJob returned");
-  return Watch(ctx, req->job_id(), writer, /*cancel_on_disconnect=*/true);
+  GrpcEventSink sink(ctx, writer);
+  return Follow(req->job_id(), sink, /*cancel_on_disconnect=*/true);
 }
 
 grpc::Status Coordinator::RunJob(grpc::ServerContext* ctx, const v1::JobRequest* req,
@@ -666,7 +659,8 @@ grpc::Status Coordinator::RunJob(grpc::ServerContext* ctx, const v1::JobRequest*
   int32_t n = 0;
   grpc::Status s = CreateJob(*req, TraceParent(ctx), &id, &n);
   if (!s.ok()) return s;
-  return Watch(ctx, id, writer, /*cancel_on_disconnect=*/true);
+  GrpcEventSink sink(ctx, writer);
+  return Follow(id, sink, /*cancel_on_disconnect=*/true);
 }
 
 grpc::Status Coordinator::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,

@@ -26,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
 #include "dmsrt/v1/replica.grpc.pb.h"
+#include "launch/service/job_stream.h"
 #include "runtime/engine/answer.h"
 #include "runtime/model/model.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -44,7 +45,9 @@ struct CoordinatorOptions {
   double replica_timeout_seconds = 10;  // no heartbeat for this long: lost
 };
 
-class Coordinator final : public v1::JobService::Service, public v1::ReplicaService::Service {
+class Coordinator final : public v1::JobService::Service,
+                          public v1::ReplicaService::Service,
+                          public JobBroker {
  public:
   // `model` supplies the tokenizer spec and context length; both must outlive the coordinator.
   Coordinator(const Model& model, const Tokenizer& tokenizer, CoordinatorOptions options);
@@ -68,8 +71,15 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
       grpc::ServerContext* ctx,
       grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::ReplicaMessage>* stream) override;
 
+  // JobBroker (job_stream.h): what the HTTP front door uses, and the gRPC handlers too.
+  grpc::Status CreateJob(const v1::JobRequest& req, const std::string& traceparent, std::string* id,
+                         int32_t* n) override;
+  grpc::Status Follow(const std::string& id, JobEventSink& sink, bool cancel_on_disconnect) override;
+  grpc::Status CheckBearer(const std::string* authorization) const override;
+  std::string ModelName() const override { return model_.config.name; }
+  std::string TokenText(int32_t id) const override { return tok_.TokenBytes(id); }
   // Prometheus text exposition of the coordinator's and replicas' figures.
-  std::string MetricsText();
+  std::string MetricsText() override;
   // Stops the monitor thread and ends every watcher.
   void Shutdown();
 
@@ -119,9 +129,6 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
   };
 
   grpc::Status CheckAuth(grpc::ServerContext* ctx) const;
-  // Validates and creates a job; returns its id.
-  grpc::Status CreateJob(const v1::JobRequest& req, const std::string& traceparent, std::string* id,
-                         int32_t* n);
   // The W3C `traceparent` metadata of a call when it is well formed, else empty.
   static std::string TraceParent(grpc::ServerContext* ctx);
   // Sends thread indices to replicas. Requires mu_. Collects messages to send after unlocking.
@@ -138,8 +145,6 @@ class Coordinator final : public v1::JobService::Service, public v1::ReplicaServ
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReplicaLost(int32_t replica_id);
   void Send(std::vector<Outgoing>& out);
-  grpc::Status Watch(grpc::ServerContext* ctx, const std::string& id,
-                     grpc::ServerWriter<v1::JobEvent>* writer, bool cancel_on_disconnect);
   void FillStatus(const Job& job, v1::JobStatus* s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::VoteUpdate VoteUpdateOf(const Job& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MonitorLoop();

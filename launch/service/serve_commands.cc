@@ -35,7 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "launch/run_options.h"
 #include "launch/service/coordinator.h"
-#include "launch/service/metrics_http.h"
+#include "launch/service/http_frontend.h"
 #include "launch/service/replica_agent.h"
 #include "launch/service_commands.h"
 #include "parallel/comm_factory.h"
@@ -103,8 +103,15 @@ void AddServiceOptions(CLI::App& app, ServiceOptions* o) {
   app.add_option("--metrics-port", o->metrics_port,
                  "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)")
       ->transform(Integer(0, 65535));
+  app.add_option("--http-listen", o->http_listen,
+                 "HOST:PORT of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                 "/v1/models; port 0: any free port); same --auth-token and TLS as gRPC")
+      ->type_name("ADDRESS");
+  app.add_option("--http-threads", o->http_threads,
+                 "HTTP worker threads: each open request or stream holds one")
+      ->transform(Integer(1, 100000));
   app.add_option("--auth-token", o->auth_token,
-                 "clients and replicas must send 'authorization: Bearer TOKEN'");
+                 "clients and replicas must send 'authorization: Bearer TOKEN' (gRPC and HTTP)");
   app.add_option("--tls-cert", o->tls_cert, "TLS certificate chain (PEM; with --tls-key)")->type_name("FILE");
   app.add_option("--tls-key", o->tls_key, "TLS private key (PEM; with --tls-cert)")->type_name("FILE");
   app.add_option("--tls-ca", o->tls_ca,
@@ -122,7 +129,8 @@ void AddServiceOptions(CLI::App& app, ServiceOptions* o) {
 struct HostedCoordinator {
   std::unique_ptr<Coordinator> coordinator;
   std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<MetricsHttpServer> metrics;
+  std::unique_ptr<HttpFrontend> http;     // --http-listen: the OpenAI-compatible API
+  std::unique_ptr<HttpFrontend> metrics;  // --metrics-port: /metrics alone
   std::string dial_address;  // what replicas on this host dial
 
   HostedCoordinator() = default;
@@ -130,11 +138,33 @@ struct HostedCoordinator {
   HostedCoordinator& operator=(HostedCoordinator&&) = default;
   ~HostedCoordinator() { Stop(std::chrono::seconds(0)); }
   void Stop(std::chrono::seconds grace = std::chrono::seconds(2)) {
+    if (coordinator) coordinator->Shutdown();  // ends the streams HTTP workers follow
+    if (http) http->Stop();
     if (metrics) metrics->Stop();
-    if (coordinator) coordinator->Shutdown();
     if (server) server->Shutdown(std::chrono::system_clock::now() + grace);
   }
 };
+
+absl::StatusOr<std::unique_ptr<HttpFrontend>> StartHttp(const ServiceOptions& so, Coordinator& c) {
+  const size_t colon = so.http_listen.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || !absl::SimpleAtoi(so.http_listen.substr(colon + 1), &port) ||
+      port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--http-listen ", so.http_listen, " is not HOST:PORT"));
+  }
+  HttpFrontendOptions ho;
+  ho.host = so.http_listen.substr(0, colon);
+  ho.port = port;
+  ho.tls_cert = so.tls_cert;
+  ho.tls_key = so.tls_key;
+  ho.threads = so.http_threads;
+  ho.max_n = so.max_n;
+  auto http = std::make_unique<HttpFrontend>(c, ho);
+  DMSRT_RETURN_IF_ERROR(http->Start());
+  std::cout << "OpenAI-compatible HTTP API on " << (so.tls_cert.empty() ? "http" : "https") << "://"
+            << ho.host << ":" << http->port() << "/v1" << std::endl;
+  return http;
+}
 
 absl::StatusOr<HostedCoordinator> StartCoordinator(const ServiceOptions& so, const Model& model,
                                                    const Tokenizer& tok) {
@@ -162,12 +192,19 @@ absl::StatusOr<HostedCoordinator> StartCoordinator(const ServiceOptions& so, con
   std::string dial_host = host == "0.0.0.0" || host == "[::]" || host.empty() ? "127.0.0.1" : host;
   h.dial_address = absl::StrCat(dial_host, ":", port);
   if (so.metrics_port) {
-    const int mp = *so.metrics_port;
-    Coordinator* c = h.coordinator.get();
-    h.metrics = std::make_unique<MetricsHttpServer>([c] { return c->MetricsText(); });
-    DMSRT_RETURN_IF_ERROR(h.metrics->Start(dial_host, static_cast<int>(mp)));
+    HttpFrontendOptions mo;
+    mo.host = dial_host;
+    mo.port = *so.metrics_port;
+    mo.threads = 4;
+    mo.openai = false;
+    mo.metrics = true;
+    h.metrics = std::make_unique<HttpFrontend>(*h.coordinator, mo);
+    DMSRT_RETURN_IF_ERROR(h.metrics->Start());
     std::cout << "metrics on http://" << dial_host << ":" << h.metrics->port() << "/metrics"
               << std::endl;
+  }
+  if (!so.http_listen.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(h.http, StartHttp(so, *h.coordinator));
   }
   std::cout << "coordinator listening on " << h.dial_address << std::endl;
   return h;

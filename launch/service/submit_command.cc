@@ -57,11 +57,24 @@ const char* CodeName(grpc::StatusCode c) {
 
 absl::StatusOr<v1::JobRequest> BuildRequest(const SubmitOptions& o) {
   v1::JobRequest r;
-  if (o.prompt.has_value() == o.chat.has_value()) {
-    return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
+  const int inputs = o.prompt.has_value() + o.chat.has_value() + !o.messages.empty();
+  if (inputs != 1) {
+    return absl::InvalidArgumentError(
+        "give exactly one of --prompt TEXT, --chat TEXT or --message ROLE:TEXT (repeatable)");
   }
   if (o.prompt) r.set_prompt(*o.prompt);
   if (o.chat) r.set_chat(*o.chat);
+  for (const std::string& m : o.messages) {
+    const size_t colon = m.find(':');
+    const std::string role = colon == std::string::npos ? "" : m.substr(0, colon);
+    if (role != "system" && role != "user" && role != "assistant") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--message '", m.substr(0, 40), "' must be ROLE:TEXT with ROLE system, user or assistant"));
+    }
+    v1::ChatMessage* msg = r.mutable_conversation()->add_messages();
+    msg->set_role(role);
+    msg->set_content(m.substr(colon + 1));
+  }
   if (o.n && o.budget_bytes) return absl::InvalidArgumentError("give --n or --budget, not both");
   r.set_n(o.n.value_or(o.budget_bytes ? 0 : 8));
   if (o.budget_bytes) r.mutable_kv()->set_kv_budget_bytes(*o.budget_bytes);
@@ -92,6 +105,9 @@ void SetupSubmit(CLI::App& app, SubmitOptions& o) {
   app.add_option("--address", o.address, "HOST:PORT of the coordinator")->type_name("ADDRESS");
   app.add_option("--prompt", o.prompt, "the prompt, as it is");
   app.add_option("--chat", o.chat, "one user turn, rendered with the model's chat template");
+  app.add_option("--message", o.messages,
+                 "one turn of a conversation, ROLE:TEXT (system, user or assistant); repeat in order")
+      ->type_name("TURN");
   app.add_option("--n", o.n, "threads (default: 8; with --budget, as many as the budget holds)")
       ->transform(Integer(0));
   AddByteSizeOption(app, "--budget", &o.budget_bytes,

@@ -1,6 +1,7 @@
-# gRPC end-to-end tests (label e2e): a 2-replica `dmsrt serve` under mpirun on loopback, driven by
+# gRPC and HTTP end-to-end tests (label e2e): a 2-replica `dmsrt serve` under mpirun on loopback, driven by
 # `dmsrt submit` and by the Python client (examples/python/dmsrt_client.py), plus tensor-parallel
-# replicas (tests/e2e/test_tp_serve.py) and a replica on the CUDA backend over the device
+# replicas (tests/e2e/test_tp_serve.py), the OpenAI-compatible HTTP API with the `openai` client
+# (tests/e2e/test_openai_http.py) and a replica on the CUDA backend over the device
 # emulator (tests/e2e/test_cuda_emulated.py, with the CUDA headers only). The driver is pytest
 # (tests/e2e/); it starts and stops its own servers on free 127.0.0.1 ports and bounds every wait.
 # Registered only when the binary has gRPC and MPI and python3 has pytest.
@@ -38,6 +39,16 @@ if(DMSRT_HAVE_GRPC AND DMSRT_HAVE_MPI)
                        --json ${PROJECT_BINARY_DIR}/budget_bench_4k.json)
       set_tests_properties(budget_bench_4k PROPERTIES
         LABELS bench_full TIMEOUT 3600 RUN_SERIAL TRUE ENVIRONMENT "${dmsrt_budget_env}")
+
+      # The HTTP front door under load (tests/bench/http_load_bench.py, label bench): 100
+      # concurrent streaming chat completions from 20 openai clients, none may be lost, with the
+      # gRPC path's time to first token from the same server beside it (docs/perf.md).
+      add_test(NAME http_load_bench
+               COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/bench/http_load_bench.py
+                       --json ${PROJECT_BINARY_DIR}/http_load_bench.json)
+      set_tests_properties(http_load_bench PROPERTIES
+        LABELS bench TIMEOUT 900 RUN_SERIAL TRUE
+        ENVIRONMENT "DMSRT_BIN=${PROJECT_BINARY_DIR}/bin/dmsrt;DMSRT_SOURCE_DIR=${PROJECT_SOURCE_DIR};DMSRT_MPIRUN=${DMSRT_MPIRUN}")
     else()
       message(STATUS "dmsrt: e2e tests off (python3 has no pytest)")
     endif()

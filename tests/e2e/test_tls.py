@@ -1,6 +1,6 @@
 """TLS: `serve --tls-cert --tls-key` (a self-signed certificate for 127.0.0.1 made here with the
 openssl CLI); `submit --tls-ca` and a Python secure channel get answers, a plaintext client does
-not."""
+not; the OpenAI-compatible HTTP API is served over HTTPS with the same certificate."""
 
 import os
 import shutil
@@ -15,6 +15,9 @@ import pytest
 from conftest import BIN, MODEL, free_port
 
 
+HTTPS = {}  # the OpenAI-compatible API's port, with the same certificate
+
+
 @pytest.fixture(scope="module")
 def tls_server():
     if shutil.which("openssl") is None:
@@ -26,10 +29,12 @@ def tls_server():
                     "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, timeout=60)
     addr = f"127.0.0.1:{free_port()}"
+    HTTPS["port"] = free_port()
     log = tempfile.NamedTemporaryFile(prefix="dmsrt_tls_", suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
     proc = subprocess.Popen([BIN, "serve", "--model", MODEL, "--listen", addr, "--threads", "1",
-                             "--kv-budget", "32MiB", "--tls-cert", cert, "--tls-key", key],
+                             "--kv-budget", "32MiB", "--tls-cert", cert, "--tls-key", key,
+                             "--http-listen", f"127.0.0.1:{HTTPS['port']}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -75,3 +80,19 @@ def test_tls_submit_and_python(tls_server, stubs_dir):
         pb_grpc.JobServiceStub(plain).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
     plain.close()
+
+
+def test_tls_http_api(tls_server):
+    openai = pytest.importorskip("openai")
+    import ssl
+
+    import httpx
+    addr, cert = tls_server
+    base = f"https://127.0.0.1:{HTTPS['port']}/v1"
+    c = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=60,
+                      http_client=httpx.Client(verify=ssl.create_default_context(cafile=cert)))
+    r = c.completions.create(model="m", prompt="One, two,", max_tokens=3, temperature=0)
+    assert r.choices[0].text
+    plain = openai.OpenAI(base_url=base.replace("https", "http"), api_key="-", max_retries=0, timeout=10)
+    with pytest.raises(openai.APIConnectionError):
+        plain.models.list()
