@@ -22,6 +22,7 @@ const Command kCommands[] = {
     {"score", RunScore, "teacher-forced perplexity / top-1 / logits of a text"},
     {"bench", RunBench, "prefill/decode speed next to the measured memory-bandwidth floor; JSON profile"},
     {"bench-decode", RunBenchDecode, "decode tokens/s at batch x context for a real or synthetic model (cpu or cuda)"},
+    {"eval", RunEval, "eviction quality: perplexity, KL and top-1 against dense, passkey retrieval, per policy and cache CR"},
     {"tokenize", RunTokenize, "text -> token ids (and --decode ids -> text)"},
 #ifdef DMSRT_HAVE_GRPC
     {"serve", RunServe, "one replica (TP group under mpirun); hosts the coordinator unless --coordinator"},

@@ -12,5 +12,6 @@ int RunTokenize(int argc, char** argv);
 int RunScore(int argc, char** argv);
 int RunBench(int argc, char** argv);
 int RunBenchDecode(int argc, char** argv);
+int RunEval(int argc, char** argv);
 
 }  // namespace dmsrt

@@ -1,0 +1,239 @@
+// `dmsrt eval`: eviction quality against the dense cache (launch/eval/eval.h).
+//
+//   dmsrt eval [--model PATH] [--file F | --text TEXT | --tokens "1 2 3"] [--max-tokens N] [--context C]
+//       [--target-cr 2,4,8] [--forced-window 64] [--policies "SPEC;SPEC..."] [--top-k 64]
+//       [--passkey-lengths 1024,2048,4096] [--passkey-depths 0.1,0.5,0.9] [--no-passkey]
+//       [--json] [--json-out FILE] [--svg FILE] [--quiet]
+//       [--backend cpu|cuda --threads N --kv-budget B --prefill-chunk N ...]
+//
+// Policies: --kv-policy (with --kv-window/--kv-sinks/--kv-tokens/--dms-force-rate/--dms-window)
+// evaluates that one policy; --policies takes specs as in ParsePolicySpec ("window:w=1020,s=4",
+// "tova:t=1024", "h2o:t=512", "forced:r=0.9,w=64", "dms"); otherwise the grid of PolicyGrid for
+// --target-cr at the text's length. The dense reference always runs first.
+// Without --file/--text the held-out corpus tests/data/eval/heldout.txt is used.
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <unistd.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "launch/args.h"
+#include "launch/commands.h"
+#include "launch/eval/eval.h"
+#include "launch/run_options.h"
+#include "parallel/status_macros.h"
+
+namespace dmsrt {
+namespace {
+
+constexpr const char* kDefaultCorpus = "tests/data/eval/heldout.txt";
+
+// The default corpus next to the source tree the binary was built from, else ./tests/data/...
+absl::StatusOr<std::string> DefaultCorpusPath() {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> candidates;
+  char exe[PATH_MAX];
+  ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (len > 0) {
+    exe[len] = 0;
+    fs::path p = fs::path(exe).parent_path();
+    for (int up = 0; up < 4 && !p.empty(); ++up, p = p.parent_path()) {
+      candidates.push_back(p / kDefaultCorpus);
+    }
+  }
+  candidates.push_back(kDefaultCorpus);
+  std::error_code ec;
+  for (const auto& c : candidates) {
+    if (fs::exists(c, ec)) return c.string();
+  }
+  return absl::NotFoundError(
+      absl::StrCat("the held-out corpus ", kDefaultCorpus, " was not found; pass --file F"));
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> ParseList(const std::string& flag, const std::string& value) {
+  std::vector<T> out;
+  for (absl::string_view s : absl::StrSplit(value, ',', absl::SkipEmpty())) {
+    double v;
+    if (!absl::SimpleAtod(s, &v)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", s, "' is not a number"));
+    }
+    out.push_back(static_cast<T>(v));
+  }
+  return out;
+}
+
+// What the command line asks for beyond the model run options.
+struct EvalFlags {
+  std::string file;  // empty: --text or the default corpus
+  std::string text;
+  bool has_text = false;
+  std::string token_ids;  // --tokens
+
+  int64_t max_tokens = 0;
+  int64_t context = 0;
+  std::vector<double> target_crs = {2, 4, 8};
+  int32_t forced_window = 64;
+  std::string policies;  // specs separated by ';'
+  int32_t top_k = 64;
+  PasskeyOptions passkey;
+  bool json = false, quiet = false, add_bos = false;
+  std::string json_out, svg;
+};
+
+std::set<std::string> EvalValueOptions() {
+  std::set<std::string> v = RunValueOptions();
+  v.insert({"file", "text", "tokens", "max-tokens", "context", "target-cr", "forced-window", "policies",
+            "top-k", "passkey-lengths", "passkey-depths", "passkey-digits", "passkey-seed",
+            "json-out", "svg"});
+  return v;
+}
+
+// Maps the flags to EvalFlags (the model run options are read by LoadRunContext).
+absl::StatusOr<EvalFlags> ParseEvalFlags(const Args& a) {
+  EvalFlags f;
+  f.file = a.Get("file");
+  f.has_text = a.Has("text");
+  f.text = a.Get("text");
+  f.token_ids = a.Get("tokens");
+  if (static_cast<int>(f.has_text) + static_cast<int>(!f.file.empty()) + static_cast<int>(a.Has("tokens")) > 1) {
+    return absl::InvalidArgumentError("give one of --file, --text and --tokens");
+  }
+  DMSRT_ASSIGN_OR_RETURN(f.max_tokens, a.GetInt("max-tokens", 0));
+  DMSRT_ASSIGN_OR_RETURN(f.context, a.GetInt("context", 0));
+  if (f.max_tokens < 0 || f.context < 0) {
+    return absl::InvalidArgumentError("--max-tokens and --context must be >= 0");
+  }
+  if (a.Has("target-cr")) {
+    DMSRT_ASSIGN_OR_RETURN(f.target_crs, ParseList<double>("target-cr", a.Get("target-cr")));
+  }
+  DMSRT_ASSIGN_OR_RETURN(int64_t fw, a.GetInt("forced-window", 64));
+  if (fw < 1) return absl::InvalidArgumentError("--forced-window must be >= 1");
+  f.forced_window = static_cast<int32_t>(fw);
+  f.policies = a.Get("policies");
+  DMSRT_ASSIGN_OR_RETURN(int64_t k, a.GetInt("top-k", 64));
+  if (k < 1 || k > 4096) return absl::InvalidArgumentError("--top-k must be in 1..4096");
+  f.top_k = static_cast<int32_t>(k);
+  if (!a.Flag("no-passkey")) {
+    DMSRT_ASSIGN_OR_RETURN(f.passkey.lengths,
+                           ParseList<int32_t>("passkey-lengths", a.Get("passkey-lengths", "1024,2048,4096")));
+    f.passkey.lengths.erase(std::remove(f.passkey.lengths.begin(), f.passkey.lengths.end(), 0),
+                            f.passkey.lengths.end());
+  }
+  DMSRT_ASSIGN_OR_RETURN(f.passkey.depths,
+                         ParseList<double>("passkey-depths", a.Get("passkey-depths", "0.1,0.5,0.9")));
+  if (f.passkey.depths.empty()) return absl::InvalidArgumentError("--passkey-depths is empty");
+  DMSRT_ASSIGN_OR_RETURN(int64_t digits, a.GetInt("passkey-digits", 5));
+  if (digits < 1 || digits > 18) return absl::InvalidArgumentError("--passkey-digits must be in 1..18");
+  f.passkey.digits = static_cast<int32_t>(digits);
+  DMSRT_ASSIGN_OR_RETURN(int64_t seed, a.GetInt("passkey-seed", 1));
+  f.passkey.seed = static_cast<uint64_t>(seed);
+  f.passkey.max_new_tokens = f.passkey.digits + 5;
+  f.json = a.Flag("json");
+  f.quiet = a.Flag("quiet");
+  f.add_bos = a.Flag("add-bos");
+  f.json_out = a.Get("json-out");
+  f.svg = a.Get("svg");
+  return f;
+}
+
+absl::Status Eval(int argc, char** argv) {
+  DMSRT_ASSIGN_OR_RETURN(Args args,
+                         Args::Parse(argc, argv, EvalValueOptions(),
+                                     {"json", "no-passkey", "quiet", "add-bos"}));
+  DMSRT_ASSIGN_OR_RETURN(EvalFlags flags, ParseEvalFlags(args));
+  DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
+
+  std::string text = flags.text, label = "--text";
+  std::vector<int32_t> ids;
+  if (!flags.token_ids.empty()) {
+    label = "--tokens";
+    for (absl::string_view t : absl::StrSplit(flags.token_ids, ' ', absl::SkipEmpty())) {
+      int32_t id;
+      if (!absl::SimpleAtoi(t, &id) || id < 0 || id >= ctx.model->config.vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("--tokens: '", t, "' is not a token id of this model"));
+      }
+      ids.push_back(id);
+    }
+  } else if (!flags.has_text) {
+    std::string path = flags.file;
+    if (path.empty()) {
+      DMSRT_ASSIGN_OR_RETURN(path, DefaultCorpusPath());
+    }
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    text = ss.str();
+    label = std::filesystem::path(path).filename().string();
+  }
+  if (flags.token_ids.empty()) ids = ctx.tokenizer->Encode(text, /*parse_special=*/false, flags.add_bos);
+  if (ids.size() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the evaluation text (", label, ") has ", ids.size(), " tokens; at least 2 are needed"));
+  }
+  if (flags.max_tokens > 0 && static_cast<int64_t>(ids.size()) > flags.max_tokens) {
+    ids.resize(flags.max_tokens);
+  }
+
+  EvalOptions o;
+  o.tokens = std::move(ids);
+  o.text_label = label;
+  o.context = flags.context;
+  o.top_k = flags.top_k;
+  o.prefill_chunk = ctx.prefill_chunk;
+  o.max_positions = ctx.model->config.max_positions;
+  o.vocab = ctx.model->config.vocab;
+  o.passkey = flags.passkey;
+  o.tokenizer = ctx.tokenizer.get();
+  if (!flags.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
+  const int32_t dms_window = ctx.model->config.dms.enabled ? ctx.model->config.dms.window : 0;
+  if (args.Has("kv-policy") || args.Has("dms-force-rate")) {
+    const KvPolicyConfig& p = ctx.backend_options.kv_policy;
+    o.policies.push_back({PolicyLabel(p), p});
+  } else if (!flags.policies.empty()) {
+    for (absl::string_view spec : absl::StrSplit(flags.policies, absl::ByAnyChar("; "), absl::SkipEmpty())) {
+      DMSRT_ASSIGN_OR_RETURN(EvalPolicy p, ParsePolicySpec(std::string(spec), dms_window));
+      o.policies.push_back(std::move(p));
+    }
+  } else {
+    o.policies = PolicyGrid(flags.target_crs, static_cast<int64_t>(o.tokens.size()), flags.forced_window);
+  }
+
+  BackendFactory factory = [&ctx](const KvPolicyConfig& policy) {
+    BackendOptions bo = ctx.backend_options;
+    bo.kv_policy = policy;
+    return MakeBackend(ctx.backend, *ctx.model, bo);
+  };
+  DMSRT_ASSIGN_OR_RETURN(EvalReport report, Evaluate(o, factory));
+
+  const nlohmann::json j = ReportJson(report);
+  if (!flags.json_out.empty()) {
+    std::ofstream out(flags.json_out);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_out));
+    out << j.dump(1) << "\n";
+  }
+  if (!flags.svg.empty()) {
+    std::ofstream out(flags.svg);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.svg));
+    out << ReportSvg(report);
+  }
+  if (flags.json) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << ReportTable(report);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunEval(int argc, char** argv) { return CommandExit("eval", Eval(argc, argv), nullptr); }
+
+}  // namespace dmsrt
