@@ -147,7 +147,7 @@ double Since(Clock::time_point t0) {
 struct DenseRef {
   int32_t k = 0;
   std::vector<int32_t> ids;   // [positions, k]
-  std::vector<float> lp;      // [positions, k]
+  std::vector<double> lp;     // [positions, k]
   std::vector<double> lp_rest;
   std::vector<int32_t> top1;
 };
@@ -192,7 +192,7 @@ absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>
   out.agree.assign(L - 1, 0);
   if (make_ref != nullptr) {
     make_ref->ids.assign((L - 1) * make_ref->k, 0);
-    make_ref->lp.assign((L - 1) * make_ref->k, 0.f);
+    make_ref->lp.assign((L - 1) * make_ref->k, 0.0);
     make_ref->lp_rest.assign(L - 1, 0.0);
     make_ref->top1.assign(L - 1, 0);
   }
@@ -231,7 +231,7 @@ absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>
         double top_sum = 0;
         for (int32_t i = 0; i < k; ++i) {
           make_ref->ids[pos * k + i] = top[i];
-          make_ref->lp[pos * k + i] = static_cast<float>(row[top[i]] - lse);
+          make_ref->lp[pos * k + i] = row[top[i]] - lse;
           top_sum += std::exp(static_cast<double>(row[top[i]]) - mx);
         }
         const double rest = std::max(total - top_sum, total * 1e-300);
