@@ -4,6 +4,7 @@
 //       [--target-cr 2,4,8] [--forced-window 64] [--policies "SPEC;SPEC..."] [--top-k 64]
 //       [--passkey-lengths 1024,2048,4096] [--passkey-depths 0.1,0.5,0.9] [--no-passkey]
 //       [--json] [--json-out FILE] [--svg FILE] [--quiet]
+//   dmsrt eval --merge A.json,B.json [--json] [--json-out FILE] [--svg FILE]   (no model run)
 //       [--backend cpu|cuda --threads N --kv-budget B --prefill-chunk N ...]
 //
 // Policies: --kv-policy (with --kv-window/--kv-sinks/--kv-tokens/--dms-force-rate/--dms-window)
@@ -85,13 +86,14 @@ struct EvalFlags {
   PasskeyOptions passkey;
   bool json = false, quiet = false, add_bos = false;
   std::string json_out, svg;
+  std::vector<std::string> merge;  // --merge: reports to combine instead of a run
 };
 
 std::set<std::string> EvalValueOptions() {
   std::set<std::string> v = RunValueOptions();
   v.insert({"file", "text", "tokens", "max-tokens", "context", "target-cr", "forced-window", "policies",
             "top-k", "passkey-lengths", "passkey-depths", "passkey-digits", "passkey-seed",
-            "json-out", "svg"});
+            "json-out", "svg", "merge"});
   return v;
 }
 
@@ -140,7 +142,28 @@ absl::StatusOr<EvalFlags> ParseEvalFlags(const Args& a) {
   f.add_bos = a.Flag("add-bos");
   f.json_out = a.Get("json-out");
   f.svg = a.Get("svg");
+  if (a.Has("merge")) f.merge = absl::StrSplit(a.Get("merge"), ',', absl::SkipEmpty());
   return f;
+}
+
+absl::Status Output(const EvalFlags& flags, const EvalReport& report) {
+  const nlohmann::json j = ReportJson(report);
+  if (!flags.json_out.empty()) {
+    std::ofstream out(flags.json_out);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_out));
+    out << j.dump(1) << "\n";
+  }
+  if (!flags.svg.empty()) {
+    std::ofstream out(flags.svg);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.svg));
+    out << ReportSvg(report);
+  }
+  if (flags.json) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << ReportTable(report);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Eval(int argc, char** argv) {
@@ -148,6 +171,18 @@ absl::Status Eval(int argc, char** argv) {
                          Args::Parse(argc, argv, EvalValueOptions(),
                                      {"json", "no-passkey", "quiet", "add-bos"}));
   DMSRT_ASSIGN_OR_RETURN(EvalFlags flags, ParseEvalFlags(args));
+  if (!flags.merge.empty()) {
+    std::vector<nlohmann::json> reports;
+    for (const std::string& path : flags.merge) {
+      std::ifstream in(path);
+      if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+      nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, " is not JSON"));
+      reports.push_back(std::move(j));
+    }
+    DMSRT_ASSIGN_OR_RETURN(EvalReport merged, MergeReports(reports));
+    return Output(flags, merged);
+  }
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args));
 
   std::string text = flags.text, label = "--text";
@@ -213,23 +248,7 @@ absl::Status Eval(int argc, char** argv) {
   };
   DMSRT_ASSIGN_OR_RETURN(EvalReport report, Evaluate(o, factory));
 
-  const nlohmann::json j = ReportJson(report);
-  if (!flags.json_out.empty()) {
-    std::ofstream out(flags.json_out);
-    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_out));
-    out << j.dump(1) << "\n";
-  }
-  if (!flags.svg.empty()) {
-    std::ofstream out(flags.svg);
-    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.svg));
-    out << ReportSvg(report);
-  }
-  if (flags.json) {
-    std::cout << j.dump() << std::endl;
-  } else {
-    std::cout << ReportTable(report);
-  }
-  return absl::OkStatus();
+  return Output(flags, report);
 }
 
 }  // namespace

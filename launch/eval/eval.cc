@@ -489,6 +489,74 @@ nlohmann::json ReportJson(const EvalReport& r) {
           {"rows", rows},             {"passkey", pk}};
 }
 
+absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& reports) {
+  EvalReport out;
+  std::set<std::pair<std::string, std::string>> seen_rows;  // (policy, protocol)
+  std::set<std::string> seen_passkey;                       // policy
+  try {
+    for (const nlohmann::json& j : reports) {
+      if (out.length == 0) {
+        out.length = j.at("length").get<int64_t>();
+        out.context = j.at("context").get<int64_t>();
+        out.top_k = j.at("top_k").get<int32_t>();
+        out.text_label = j.at("text").get<std::string>();
+        out.dense_seconds = j.value("dense_seconds", 0.0);
+        out.dense_tail_mass = j.value("dense_tail_mass", 0.0);
+      }
+      // Text rows only from reports on the first report's text, length and context.
+      const bool same_text = j.at("length").get<int64_t>() == out.length &&
+                             j.at("context").get<int64_t>() == out.context &&
+                             j.at("text").get<std::string>() == out.text_label;
+      for (const nlohmann::json& x : j.at("rows")) {
+        if (!same_text) break;
+        TextRow t;
+        t.policy = x.at("policy").get<std::string>();
+        const std::string proto = x.at("protocol").get<std::string>();
+        if (!seen_rows.insert({t.policy, proto}).second) continue;
+        auto kind = ParseKvPolicy(x.at("kind").get<std::string>());
+        if (!kind.ok()) return kind.status();
+        t.config.kind = *kind;
+        t.protocol = proto.empty() ? 'a' : proto[0];
+        t.length = x.at("length").get<int64_t>();
+        t.context = x.at("context").get<int64_t>();
+        t.scored = x.at("scored").get<int64_t>();
+        t.perplexity = x.at("perplexity").get<double>();
+        t.mean_nll = x.at("mean_nll").get<double>();
+        t.kl = x.at("kl").get<double>();
+        t.top1_agreement = x.at("top1_agreement").get<double>();
+        t.cr_length = x.at("cr_length").get<int64_t>();
+        t.cache_cr = x.at("cache_cr").get<double>();
+        t.eviction_rate = x.value("eviction_rate", 0.0);
+        t.asymptotic_cr = x.value("asymptotic_cr", 0.0);
+        t.block_cr = x.value("block_cr", 0.0);
+        t.resident_tokens = x.value("resident_tokens", int64_t{0});
+        t.logical_tokens = x.value("logical_tokens", int64_t{0});
+        t.seconds = x.value("seconds", 0.0);
+        out.rows.push_back(std::move(t));
+      }
+      std::set<std::string> here;
+      for (const nlohmann::json& x : j.at("passkey")) {
+        PasskeyRow p;
+        p.policy = x.at("policy").get<std::string>();
+        if (seen_passkey.count(p.policy)) continue;
+        here.insert(p.policy);
+        p.length = x.at("length").get<int32_t>();
+        p.depth = x.at("depth").get<double>();
+        p.key = x.at("key").get<std::string>();
+        p.answer = x.at("answer").get<std::string>();
+        p.correct = x.at("correct").get<bool>();
+        p.cache_cr = x.at("cache_cr").get<double>();
+        out.passkey.push_back(std::move(p));
+      }
+      seen_passkey.insert(here.begin(), here.end());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("not an eval report: ", e.what()));
+  }
+  if (reports.empty()) return absl::InvalidArgumentError("no reports to merge");
+  return out;
+}
+
 std::string ReportTable(const EvalReport& r) {
   std::string s = absl::StrFormat(
       "text: %s, %lld tokens; protocol a = streaming (scored 1..L-1, CR at L=%lld); protocol b = "

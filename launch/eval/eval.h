@@ -123,6 +123,12 @@ struct EvalReport {
 absl::StatusOr<EvalReport> Evaluate(const EvalOptions& options, const BackendFactory& factory);
 
 nlohmann::json ReportJson(const EvalReport& r);
+// Reads reports written by ReportJson (several runs on the same text, e.g. one per target CR, or
+// rows of another implementation in the same format) into one: rows in file order, each
+// (policy, protocol) row and each policy's passkey rows kept once. Text rows are taken only from
+// reports on the first report's text, length and context (a passkey-only run contributes its
+// passkey rows). INVALID_ARGUMENT for malformed input.
+absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& reports);
 std::string ReportTable(const EvalReport& r);
 // Quality against cache CR (protocol a: perplexity, KL, top-1 agreement; passkey accuracy at the
 // longest probe length), one line per policy kind, each starting at the dense point (1x).

@@ -125,6 +125,12 @@ TEST(Eval, DenseAgainstItselfAndAnEviction) {
   EXPECT_EQ(ReportJson(*r)["rows"].size(), 6u);
   EXPECT_NE(ReportTable(*r).find("window small"), std::string::npos);
   EXPECT_NE(ReportSvg(*r).find("</svg>"), std::string::npos);
+  // A report read back (and merged with itself) prints the same table.
+  auto back = MergeReports({ReportJson(*r), ReportJson(*r)});
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->rows.size(), 6u);
+  EXPECT_EQ(ReportTable(*back), ReportTable(*r));
+  EXPECT_FALSE(MergeReports({nlohmann::json{{"rows", 1}}}).ok());
 }
 
 TEST(Eval, TopKPlusRemainderKl) {
