@@ -72,7 +72,7 @@ std::string RenderSvg(const std::string& title, const std::vector<PlotPanel>& pa
       }
     }
     if (!std::isfinite(xmin)) xmin = 0, xmax = 1, ymin = 0, ymax = 1;
-    if (p.log2_x) xmin = std::floor(xmin), xmax = std::ceil(xmax);
+    if (p.log2_x) xmin = std::floor(xmin + 1e-6), xmax = std::ceil(xmax - 1e-6);
     if (xmax - xmin < 1e-9) xmin -= 0.5, xmax += 0.5;
     const double pad = (ymax - ymin) * 0.08 + 1e-9;
     ymin -= pad, ymax += pad;
