@@ -18,6 +18,10 @@ const std::vector<Subcommand>& Subcommands() {
       MakeSubcommand("bench-decode",
                      "decode tokens/s at batch x context for a real or synthetic model (cpu or cuda)",
                      SetupBenchDecode, RunBenchDecode),
+      MakeSubcommand("eval",
+                     "eviction quality: perplexity, KL and top-1 against dense, passkey retrieval, "
+                     "per policy and cache CR",
+                     SetupEval, RunEval),
       MakeSubcommand("tokenize", "text -> token ids (and --decode ids -> text)", SetupTokenize,
                      RunTokenize),
 #ifdef DMSRT_HAVE_GRPC

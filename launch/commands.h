@@ -79,6 +79,26 @@ struct BenchDecodeOptions {
 void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o);
 int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs& args);
 
+struct EvalCommandOptions {
+  RunOptions run;
+  std::string file;                          // default: tests/data/eval/heldout.txt
+  std::optional<std::string> text, tokens;   // instead of --file
+  int64_t max_tokens = 0;                    // 0: the whole text
+  int64_t context = 0;                       // protocol b's C (0: 7/8 of the text)
+  std::string target_cr;                     // "2,4,8" when empty
+  int32_t forced_window = 64;
+  std::string policies;                      // specs separated by ';' (launch/eval/eval.h)
+  int32_t top_k = 64;
+  std::string passkey_lengths = "1024,2048,4096";
+  std::string passkey_depths = "0.1,0.5,0.9";
+  int32_t passkey_digits = 5;
+  int64_t passkey_seed = 1;
+  bool no_passkey = false, json = false, quiet = false, add_bos = false;
+  std::string json_out, svg, merge;
+};
+void SetupEval(CLI::App& app, EvalCommandOptions& o);
+int RunEval(const EvalCommandOptions& o, ProcessArgs& args);
+
 struct TokenizeOptions {
   std::string model, tokenizer_dir, pre;
   // Exactly one mode.

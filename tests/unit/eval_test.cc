@@ -1,0 +1,234 @@
+// `dmsrt eval`'s computation (launch/eval/): on a tiny synthetic model, the dense reference
+// against itself, a real eviction, the top-k KL against a full-vocabulary KL computed here, the
+// measured cache CR, the errors, the policy specs, the passkey prompt and the SVG writer.
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "launch/args.h"
+#include "launch/eval/eval.h"
+#include "launch/eval/probes.h"
+#include "launch/eval/svg_plot.h"
+#include "runtime/model/model.h"
+#include "runtime/model/synthetic_model.h"
+
+namespace dmsrt {
+namespace {
+
+struct Tiny {
+  std::unique_ptr<Model> model;
+  BackendFactory factory;
+};
+
+Tiny MakeTiny() {
+  Tiny t;
+  auto cfg = SyntheticConfig("tiny-llama");
+  EXPECT_TRUE(cfg.ok());
+  auto m = MakeSyntheticModel(*cfg, 7, /*host_weights=*/true);
+  EXPECT_TRUE(m.ok()) << m.status();
+  t.model = std::move(*m);
+  const Model* model = t.model.get();
+  t.factory = [model](const KvPolicyConfig& p) {
+    BackendOptions o;
+    o.threads = 1;
+    o.kv_policy = p;
+    o.kv_budget_bytes = 64 << 20;
+    return MakeCpuBackend(*model, o);
+  };
+  return t;
+}
+
+std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids(n);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % vocab);
+  return ids;
+}
+
+EvalOptions BaseOptions(const Model& m, int n) {
+  EvalOptions o;
+  o.tokens = RandomTokens(n, m.config.vocab, 3);
+  o.text_label = "random";
+  o.vocab = m.config.vocab;
+  o.prefill_chunk = 16;
+  o.context = 64;
+  return o;
+}
+
+KvPolicyConfig Window(int w, int s) {
+  KvPolicyConfig c;
+  c.kind = KvPolicyKind::kWindow;
+  c.window = w;
+  c.sinks = s;
+  return c;
+}
+
+// Full-vocabulary mean KL(dense || policy) over predictions [first, n-1), computed directly.
+double FullKl(const Tiny& t, const std::vector<int32_t>& ids, const KvPolicyConfig& pol, int first) {
+  auto logits = [&](const KvPolicyConfig& p) {
+    auto b = t.factory(p);
+    EXPECT_TRUE(b.ok());
+    SeqId s = *(*b)->kv().Create();
+    auto fr = (*b)->Forward({MakeChunk(s, ids, SeqChunk::Logits::kAll)});
+    EXPECT_TRUE(fr.ok()) << fr.status();
+    return fr->logits;
+  };
+  const std::vector<float> p = logits(KvPolicyConfig{}), q = logits(pol);
+  const int V = t.model->config.vocab;
+  const int n = static_cast<int>(ids.size());
+  double sum = 0;
+  for (int i = first; i < n - 1; ++i) {
+    auto lse = [&](const std::vector<float>& x) {
+      double mx = -1e30, acc = 0;
+      for (int v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(x[i * V + v]));
+      for (int v = 0; v < V; ++v) acc += std::exp(x[i * V + v] - mx);
+      return mx + std::log(acc);
+    };
+    const double lp0 = lse(p), lq0 = lse(q);
+    for (int v = 0; v < V; ++v) {
+      const double lp = p[i * V + v] - lp0, lq = q[i * V + v] - lq0;
+      sum += std::exp(lp) * (lp - lq);
+    }
+  }
+  return sum / (n - 1 - first);
+}
+
+TEST(Eval, DenseAgainstItselfAndAnEviction) {
+  Tiny t = MakeTiny();
+  EvalOptions o = BaseOptions(*t.model, 96);
+  o.policies = {{"window big", Window(1000, 4)}, {"window small", Window(12, 4)}};
+  auto r = Evaluate(o, t.factory);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->rows.size(), 6u);  // (dense, big, small) x (a, b)
+  for (const TextRow& row : r->rows) {
+    EXPECT_EQ(row.scored, row.protocol == 'a' ? 95 : 96 - 64);
+    EXPECT_TRUE(std::isfinite(row.perplexity));
+  }
+  // Dense and a window that evicts nothing: identical logits.
+  for (int i : {0, 1, 2, 3}) {
+    EXPECT_NEAR(r->rows[i].kl, 0.0, 1e-9) << r->rows[i].policy;
+    EXPECT_DOUBLE_EQ(r->rows[i].top1_agreement, 1.0);
+    EXPECT_NEAR(r->rows[i].cache_cr, 1.0, 1e-12);
+  }
+  EXPECT_DOUBLE_EQ(r->rows[0].perplexity, r->rows[2].perplexity);
+  // The small window: cache CR = L / (w + s) at L (a) and at C (b), measured by the store.
+  const TextRow& a = r->rows[4];
+  const TextRow& b = r->rows[5];
+  EXPECT_NEAR(a.cache_cr, 96.0 / 16, 1e-9);
+  EXPECT_NEAR(b.cache_cr, 64.0 / 16, 1e-9);
+  EXPECT_EQ(a.cr_length, 96);
+  EXPECT_EQ(b.cr_length, 64);
+  EXPECT_GT(a.kl, 0.0);
+  EXPECT_LT(a.top1_agreement, 1.0);
+  // JSON and table carry every row.
+  EXPECT_EQ(ReportJson(*r)["rows"].size(), 6u);
+  EXPECT_NE(ReportTable(*r).find("window small"), std::string::npos);
+  EXPECT_NE(ReportSvg(*r).find("</svg>"), std::string::npos);
+  // A report read back (and merged with itself) prints the same table.
+  auto back = MergeReports({ReportJson(*r), ReportJson(*r)});
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->rows.size(), 6u);
+  EXPECT_EQ(ReportTable(*back), ReportTable(*r));
+  EXPECT_FALSE(MergeReports({nlohmann::json{{"rows", 1}}}).ok());
+}
+
+TEST(Eval, TopKPlusRemainderKl) {
+  Tiny t = MakeTiny();
+  EvalOptions o = BaseOptions(*t.model, 80);
+  o.policies = {{"window", Window(10, 2)}};
+  const double full_a = FullKl(t, o.tokens, Window(10, 2), 0);
+  const double full_b = FullKl(t, o.tokens, Window(10, 2), 63);
+  o.top_k = t.model->config.vocab;  // no remainder: the full KL
+  auto all = Evaluate(o, t.factory);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_NEAR(all->rows[2].kl, full_a, 1e-5 * full_a + 1e-7);
+  EXPECT_NEAR(all->rows[3].kl, full_b, 1e-5 * full_b + 1e-7);
+  o.top_k = 8;  // a coarser partition: never above the full KL
+  auto k8 = Evaluate(o, t.factory);
+  ASSERT_TRUE(k8.ok()) << k8.status();
+  EXPECT_LE(k8->rows[2].kl, full_a + 1e-7);
+  EXPECT_GT(k8->rows[2].kl, 0.0);
+}
+
+TEST(Eval, RefusesWhatItCannotRun) {
+  Tiny t = MakeTiny();
+  EvalOptions o = BaseOptions(*t.model, 96);
+  o.tokens.resize(1);
+  EXPECT_EQ(Evaluate(o, t.factory).status().code(), absl::StatusCode::kInvalidArgument);
+  o = BaseOptions(*t.model, 96);
+  o.max_positions = 50;
+  auto r = Evaluate(o, t.factory);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("longer than the model's context"), std::string::npos);
+  o = BaseOptions(*t.model, 96);
+  o.context = 96;
+  EXPECT_EQ(Evaluate(o, t.factory).status().code(), absl::StatusCode::kInvalidArgument);
+  o = BaseOptions(*t.model, 96);
+  o.tokens[5] = t.model->config.vocab;
+  EXPECT_EQ(Evaluate(o, t.factory).status().code(), absl::StatusCode::kInvalidArgument);
+  o = BaseOptions(*t.model, 96);
+  o.passkey.lengths = {256};  // no tokenizer
+  EXPECT_EQ(Evaluate(o, t.factory).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Eval, PolicySpecsAndGrid) {
+  auto w = ParsePolicySpec("window:w=1020,s=4", 0);
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(w->config.kind, KvPolicyKind::kWindow);
+  EXPECT_EQ(w->config.window, 1020);
+  EXPECT_EQ(w->label, "window w=1020 s=4");
+  auto f = ParsePolicySpec("forced:r=0.9,w=64", 0);
+  ASSERT_TRUE(f.ok());
+  EXPECT_DOUBLE_EQ(f->config.force_rate, 0.9);
+  EXPECT_EQ(ParsePolicySpec("tova:t=1", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParsePolicySpec("tova:w=10", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParsePolicySpec("lru", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParsePolicySpec("dms", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  auto grid = PolicyGrid({2, 4, 8}, 4096, 64);
+  ASSERT_EQ(grid.size(), 12u);
+  EXPECT_EQ(grid[0].config.window + grid[0].config.sinks, 2048);
+  EXPECT_EQ(grid[10].config.budget_tokens, 512);
+  // forced at 8x: 64 + 4032 (1 - r) ~ 512
+  EXPECT_NEAR(64 + 4032 * (1 - grid[11].config.force_rate), 512, 4);
+}
+
+TEST(Eval, PasskeyPrompt) {
+  auto path = DefaultModelPath();
+  if (!path.ok()) GTEST_SKIP() << "default model not installed";
+  auto m = LoadModel(*path);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto tok = Tokenizer::Create((*m)->tokenizer);
+  ASSERT_TRUE(tok.ok());
+  const std::string key = PasskeyKey(1, 512, 0.5, 5);
+  EXPECT_EQ(key.size(), 5u);
+  EXPECT_NE(key[0], '0');
+  EXPECT_NE(key, PasskeyKey(1, 512, 0.1, 5));
+  for (double d : {0.0, 0.5, 1.0}) {
+    auto p = MakePasskeyPrompt(**tok, 512, d, key);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->tokens.size(), 512u);
+    const std::string text = (*tok)->Decode(p->tokens);
+    EXPECT_NE(text.find("The pass key is " + key + "."), std::string::npos);
+    EXPECT_EQ(text.substr(text.size() - 15), "The pass key is");
+    EXPECT_NEAR(static_cast<double>(p->needle_token) / 512, d, 0.12);
+  }
+  EXPECT_FALSE(MakePasskeyPrompt(**tok, 40, 0.5, key).ok());
+  EXPECT_TRUE(PasskeyCorrect(" 12345. Remember", "12345"));
+  EXPECT_FALSE(PasskeyCorrect(" 1234", "12345"));
+}
+
+TEST(Eval, SvgEscapesAndDrawsEverySeries) {
+  PlotPanel p;
+  p.title = "a < b & c";
+  p.log2_x = true;
+  p.series = {{"tova", {{1, 2}, {4, 3}}}, {"h2o", {{1, 2}, {8, 5}}}};
+  const std::string svg = RenderSvg("t", {p});
+  EXPECT_NE(svg.find("a &lt; b &amp; c"), std::string::npos);
+  EXPECT_NE(svg.find(">tova<"), std::string::npos);
+  EXPECT_NE(svg.find(">h2o<"), std::string::npos);
+  EXPECT_EQ(svg.find("nan"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace dmsrt
