@@ -22,6 +22,8 @@
 #include <sstream>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"

@@ -6,10 +6,10 @@
 
 #include <gtest/gtest.h>
 
-#include "launch/args.h"
 #include "launch/eval/eval.h"
 #include "launch/eval/probes.h"
 #include "launch/eval/svg_plot.h"
+#include "launch/run_options.h"
 #include "runtime/model/model.h"
 #include "runtime/model/synthetic_model.h"
 
