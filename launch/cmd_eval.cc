@@ -13,14 +13,12 @@
 // --target-cr at the text's length. The dense reference always runs first.
 // Without --file/--text the held-out corpus tests/data/eval/heldout.txt is used.
 #include <algorithm>
-#include <climits>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <optional>
 #include <sstream>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 
@@ -39,22 +37,7 @@ constexpr const char* kDefaultCorpus = "tests/data/eval/heldout.txt";
 
 // The default corpus next to the source tree the binary was built from, else ./tests/data/...
 absl::StatusOr<std::string> DefaultCorpusPath() {
-  namespace fs = std::filesystem;
-  std::vector<fs::path> candidates;
-  char exe[PATH_MAX];
-  ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (len > 0) {
-    exe[len] = 0;
-    fs::path p = fs::path(exe).parent_path();
-    for (int up = 0; up < 4 && !p.empty(); ++up, p = p.parent_path()) {
-      candidates.push_back(p / kDefaultCorpus);
-    }
-  }
-  candidates.push_back(kDefaultCorpus);
-  std::error_code ec;
-  for (const auto& c : candidates) {
-    if (fs::exists(c, ec)) return c.string();
-  }
+  if (std::optional<std::string> found = FindBesideSourceTree(kDefaultCorpus)) return *found;
   return absl::NotFoundError(
       absl::StrCat("the held-out corpus ", kDefaultCorpus, " was not found; pass --file F"));
 }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
@@ -97,25 +98,32 @@ void AddRunOptions(CLI::App& app, RunOptions* o) {
       ->transform(Integer(1));
 }
 
-absl::StatusOr<std::string> DefaultModelPath() {
+std::optional<std::string> FindBesideSourceTree(const std::string& relative) {
   namespace fs = std::filesystem;
-  const char* kFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (const char* env = std::getenv("DMSRT_MODEL"); env && *env) return std::string(env);
   std::vector<fs::path> candidates;
   char exe[PATH_MAX];
   ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   if (len > 0) {
     exe[len] = 0;
-    // build/bin/dmsrt -> <tree>/models/...
+    // build/bin/dmsrt (or build/tests/...) -> <tree>/<relative>
     fs::path p = fs::path(exe).parent_path();
     for (int up = 0; up < 4 && !p.empty(); ++up, p = p.parent_path()) {
-      candidates.push_back(p / "models" / kFile);
+      candidates.push_back(p / relative);
     }
   }
-  candidates.push_back(fs::path("models") / kFile);
+  candidates.push_back(fs::path(relative));
   std::error_code ec;
   for (const auto& c : candidates) {
     if (fs::exists(c, ec)) return c.string();
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<std::string> DefaultModelPath() {
+  const char* kFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (const char* env = std::getenv("DMSRT_MODEL"); env && *env) return std::string(env);
+  if (std::optional<std::string> found = FindBesideSourceTree(absl::StrCat("models/", kFile))) {
+    return *found;
   }
   return absl::NotFoundError(absl::StrCat(
       "the default model ", kFile, " is not installed; run launch/setup.sh (it fetches it from "

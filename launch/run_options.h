@@ -65,6 +65,11 @@ void AddKvWindowOptions(CLI::App& app, int32_t* kv_window, int32_t* kv_sinks);
 // NOT_FOUND with the setup command to run when none exists.
 absl::StatusOr<std::string> DefaultModelPath();
 
+// `relative` (a path inside the source tree, e.g. "tests/data/eval/heldout.txt") next to the
+// source tree the binary was built from (found relative to the executable), else relative to the
+// working directory; nullopt when neither exists.
+std::optional<std::string> FindBesideSourceTree(const std::string& relative);
+
 struct RunContext {
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;

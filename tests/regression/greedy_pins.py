@@ -11,7 +11,10 @@ Cases:
     (the emulated device: tests/cuda_emulator/), when that binary is built.
 
 The pins were recorded with --record; a deliberate change of behaviour records them again and says
-why in its commit. Usage:
+why in its commit. The CPU backend's quantized matmul has one code path per instruction set
+(avx512 / avx2 / scalar: kernels/cpu/matmul.cc), and each sums in its own order, so CPU pins hold
+for the path they were recorded with (the file names it). On another path the CPU cases are
+skipped with that reason; the emulated CUDA cases (plain C++ references) are checked everywhere. Usage:
   greedy_pins.py --dmsrt build/bin/dmsrt [--cuda-emulated build/tests/dmsrt_cuda_emulated]
                  [--record] [--work DIR]
 """
@@ -73,18 +76,31 @@ def generate(binary, model, prompt, extra, max_tokens, chat=True):
     return {"token_ids": j["token_ids"], "cache_cr": round(j.get("cache_cr", 0.0), 6)}
 
 
-def run_cases(a, work):
+def matmul_path(binary):
+    """The quantized matmul path compiled into `binary` (from `dmsrt bench`'s provenance)."""
+    r = subprocess.run([str(binary), "bench", "--model", str(DEFAULT_MODEL), "--prefill", "1",
+                        "--decode", "1", "--reps", "1", "--threads", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"dmsrt bench failed ({r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["provenance"]["matmul_path"]
+
+
+def run_cases(a, work, cpu=True):
     out = {}
     if not DEFAULT_MODEL.exists():
         raise RuntimeError(f"{DEFAULT_MODEL} is missing: run launch/setup.sh")
-    for name, extra in CPU_POLICIES.items():
-        out[f"cpu/default/{name}"] = generate(a.dmsrt, DEFAULT_MODEL, PROMPT, extra, 64)
+    if cpu:
+        for name, extra in CPU_POLICIES.items():
+            out[f"cpu/default/{name}"] = generate(a.dmsrt, DEFAULT_MODEL, PROMPT, extra, 64)
     tiny = {}
     for name, margs in TINY.items():
         d = pathlib.Path(work) / name
         subprocess.run([sys.executable, str(ROOT / "tests/fixtures/make_tiny_model.py"), "--out",
                         str(d)] + margs, check=True, capture_output=True)
         tiny[name] = d
+        if not cpu:
+            continue
         out[f"cpu/{name}/dms"] = generate(a.dmsrt, d, TINY_PROMPT, ["--kv-policy", "dms"], 48,
                                              chat=False)
     if a.cuda_emulated:
@@ -104,13 +120,20 @@ def main():
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--work", default="")
     a = ap.parse_args()
+    path = matmul_path(a.dmsrt)
+    pins = {} if a.record else json.loads(PINS.read_text())
+    cpu = a.record or pins.get("matmul_path") == path
+    if not cpu:
+        print(f"SKIP cpu cases: the CPU pins were recorded with the {pins.get('matmul_path')} "
+              f"matmul path and this binary uses {path} (a different summation order); record "
+              f"them on such a machine with --record")
     with tempfile.TemporaryDirectory() as tmp:
-        got = run_cases(a, a.work or tmp)
+        got = run_cases(a, a.work or tmp, cpu=cpu)
     if a.record:
+        got["matmul_path"] = path
         PINS.write_text(json.dumps(got, indent=1) + "\n")
-        print(f"recorded {len(got)} pins in {PINS}")
+        print(f"recorded {len(got) - 1} pins in {PINS} (matmul path {path})")
         return 0
-    pins = json.loads(PINS.read_text())
     failed = 0
     for name, g in got.items():
         want = pins.get(name)
