@@ -42,19 +42,6 @@ absl::StatusOr<std::string> DefaultCorpusPath() {
       absl::StrCat("the held-out corpus ", kDefaultCorpus, " was not found; pass --file F"));
 }
 
-template <typename T>
-absl::StatusOr<std::vector<T>> ParseList(const std::string& flag, const std::string& value) {
-  std::vector<T> out;
-  for (absl::string_view s : absl::StrSplit(value, ',', absl::SkipEmpty())) {
-    double v;
-    if (!absl::SimpleAtod(s, &v)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", s, "' is not a number"));
-    }
-    out.push_back(static_cast<T>(v));
-  }
-  return out;
-}
-
 // What the command line asks for beyond the model run options, checked.
 struct EvalFlags {
   std::string file;  // empty: --text or the default corpus
@@ -87,18 +74,16 @@ absl::StatusOr<EvalFlags> ParseEvalFlags(const EvalCommandOptions& a) {
   }
   f.max_tokens = a.max_tokens;
   f.context = a.context;
-  if (!a.target_cr.empty()) {
-    DMSRT_ASSIGN_OR_RETURN(f.target_crs, ParseList<double>("target-cr", a.target_cr));
-  }
+  f.target_crs = a.target_cr;
   f.forced_window = a.forced_window;
   f.policies = a.policies;
   f.top_k = a.top_k;
   if (!a.no_passkey) {
-    DMSRT_ASSIGN_OR_RETURN(f.passkey.lengths, ParseList<int32_t>("passkey-lengths", a.passkey_lengths));
+    f.passkey.lengths = a.passkey_lengths;
     f.passkey.lengths.erase(std::remove(f.passkey.lengths.begin(), f.passkey.lengths.end(), 0),
                             f.passkey.lengths.end());
   }
-  DMSRT_ASSIGN_OR_RETURN(f.passkey.depths, ParseList<double>("passkey-depths", a.passkey_depths));
+  f.passkey.depths = a.passkey_depths;
   if (f.passkey.depths.empty()) return absl::InvalidArgumentError("--passkey-depths is empty");
   f.passkey.digits = a.passkey_digits;
   f.passkey.seed = static_cast<uint64_t>(a.passkey_seed);
@@ -228,7 +213,9 @@ void SetupEval(CLI::App& app, EvalCommandOptions& o) {
       ->transform(Integer(0));
   app.add_option("--target-cr", o.target_cr,
                  "cache compression ratios of the default policy grid (window, tova, h2o, forced)")
-      ->type_name("X,X,...");
+      ->delimiter(',')
+      ->type_name("X,X,...")
+      ->transform(Number(1.0));
   app.add_option("--forced-window", o.forced_window, "the delay window of the grid's forced rows")
       ->transform(Integer(1));
   app.add_option("--policies", o.policies,
@@ -238,9 +225,13 @@ void SetupEval(CLI::App& app, EvalCommandOptions& o) {
   app.add_option("--top-k", o.top_k, "dense log-probabilities kept per position for the KL")
       ->transform(Integer(1, 4096));
   app.add_option("--passkey-lengths", o.passkey_lengths, "passkey prompt lengths in tokens")
-      ->type_name("N,N,...");
+      ->delimiter(',')
+      ->type_name("N,N,...")
+      ->transform(Integer(0));
   app.add_option("--passkey-depths", o.passkey_depths, "needle depths (0 = start, 1 = end)")
-      ->type_name("X,X,...");
+      ->delimiter(',')
+      ->type_name("X,X,...")
+      ->transform(Number(0.0, 1.0));
   app.add_option("--passkey-digits", o.passkey_digits, "digits of the passkey")->transform(Integer(1, 18));
   app.add_option("--passkey-seed", o.passkey_seed, "seed of the haystacks and keys")->transform(Integer());
   app.add_flag("--no-passkey", o.no_passkey, "skip the passkey probe");

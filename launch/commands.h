@@ -85,12 +85,12 @@ struct EvalCommandOptions {
   std::optional<std::string> text, tokens;   // instead of --file
   int64_t max_tokens = 0;                    // 0: the whole text
   int64_t context = 0;                       // protocol b's C (0: 7/8 of the text)
-  std::string target_cr;                     // "2,4,8" when empty
+  std::vector<double> target_cr = {2, 4, 8};
   int32_t forced_window = 64;
   std::string policies;                      // specs separated by ';' (launch/eval/eval.h)
   int32_t top_k = 64;
-  std::string passkey_lengths = "1024,2048,4096";
-  std::string passkey_depths = "0.1,0.5,0.9";
+  std::vector<int32_t> passkey_lengths = {1024, 2048, 4096};
+  std::vector<double> passkey_depths = {0.1, 0.5, 0.9};
   int32_t passkey_digits = 5;
   int64_t passkey_seed = 1;
   bool no_passkey = false, json = false, quiet = false, add_bos = false;

@@ -203,6 +203,9 @@ class KvIndex : public KvCache {
   // d[t] when the policy fixes it in advance (forced, window; 0 for none), -1 when the model
   // decides (dms).
   virtual int PolicyBit(int32_t layer, int32_t head, int64_t t) const = 0;
+  // Whether the decision bits come from the model (policy dms): the caller computes them and
+  // hands them to CommitRows / SetDeferredBits.
+  virtual bool model_bits() const = 0;
   // The delay window w of the flag-driven policies (window: window - 1), or -1 for none.
   virtual int32_t delay_window() const = 0;
   // The flagged tokens of (seq, layer, head) that are still resident before the next chunk, as

@@ -153,6 +153,7 @@ class KvStore final : public KvIndex {
     if (model_bits_) return -1;
     return t >= 1 ? policy_->KnownFlag(layer, head, t - 1) : 0;
   }
+  bool model_bits() const override { return model_bits_; }
   int32_t delay_window() const override { return ring_ ? w_ : -1; }
   void FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,
                     std::vector<std::pair<int32_t, int32_t>>* out) const override;

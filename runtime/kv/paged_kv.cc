@@ -7,12 +7,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace dmsrt {
-namespace {
-
-// Whether the policy's decision bits come from the model (PolicyBit is -1 exactly then).
-bool ModelBits(const KvIndex& kv) { return kv.PolicyBit(0, 0, 0) < 0; }
-
-}  // namespace
 
 class PagedKvLayer::Sink final : public KvSlotSink {
  public:
@@ -41,7 +35,7 @@ class PagedKvLayer::Sink final : public KvSlotSink {
 
 bool PagedKvLayer::CanDeferBits(const KvIndex& kv, const std::vector<PagedChunk>& chunks,
                                 int32_t n_decode) {
-  return ModelBits(kv) && kv.delay_window() >= 1 && n_decode > 0 &&
+  return kv.model_bits() && kv.delay_window() >= 1 && n_decode > 0 &&
          n_decode == static_cast<int32_t>(chunks.size());
 }
 
@@ -51,7 +45,7 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   const KvGeometry& geo = kv.geometry();
   const int32_t nkv = geo.n_kv_heads;
   const int32_t w = kv.delay_window();
-  const bool model_bits = ModelBits(kv);
+  const bool model_bits = kv.model_bits();
   if (defer_bits && !CanDeferBits(kv, chunks, n_decode)) {
     return absl::InternalError(
         "deferred decision bits need policy dms, a delay window of at least 1 and a step of "
