@@ -16,21 +16,27 @@ from conftest import Server, free_port, wait_idle
 openai = pytest.importorskip("openai", reason="the openai package is a test dependency (launch/setup.sh --test-deps)")
 
 
-def start(stubs_dir, extra=()):
+def start(stubs_dir, extra=(), attempts=3):
+    """A one-replica serve with the HTTP front door. Ports come from free_port(), which another
+    test running at the same time can take before serve binds them (an outgoing connection gets
+    an ephemeral port too), so a start that could not listen is retried on fresh ports."""
     from dmsrt_client import DmsrtClient
-    http_port = free_port()
-    srv = Server(np=1, kv_budget="64MiB", extra=["--http-listen", f"127.0.0.1:{http_port}"] + list(extra))
-    srv.http_port = http_port
-    grpc_client = DmsrtClient(srv.address, stubs_dir=stubs_dir,
-                              **({"auth_token": extra[extra.index("--auth-token") + 1]}
-                                 if "--auth-token" in extra else {}))
-    try:
-        srv.wait_ready(grpc_client)
-    except Exception:
-        grpc_client.close()
-        srv.stop()
-        raise
-    return srv, grpc_client
+    for attempt in range(attempts):
+        http_port = free_port()
+        srv = Server(np=1, kv_budget="64MiB",
+                     extra=["--http-listen", f"127.0.0.1:{http_port}"] + list(extra))
+        srv.http_port = http_port
+        grpc_client = DmsrtClient(srv.address, stubs_dir=stubs_dir,
+                                  **({"auth_token": extra[extra.index("--auth-token") + 1]}
+                                     if "--auth-token" in extra else {}))
+        try:
+            srv.wait_ready(grpc_client)
+            return srv, grpc_client
+        except Exception as e:
+            grpc_client.close()
+            srv.stop()
+            if "address in use" not in str(e) or attempt + 1 == attempts:
+                raise
 
 
 @pytest.fixture(scope="module")
