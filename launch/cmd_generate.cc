@@ -140,7 +140,8 @@ absl::Status Generate(const GenerateOptions& o, ProcessArgs& args, TpSession* tp
   const double decode_tps = decode_s > 0 ? decode_steps / decode_s : 0.0;
   KvFigures figs = kv.Figures(seq);
   const std::string policy_label =
-      absl::StrCat(KvPolicyName(ctx.backend_options.kv_policy.kind), ctx.synthetic_eviction ? " (synthetic)" : "");
+      absl::StrCat(KvPolicyName(ctx.backend_options.kv_policy.kind), ctx.synthetic_eviction ? " (synthetic)" : "",
+                   ctx.dms_adapter.empty() ? "" : absl::StrCat(", adapter ", ctx.dms_adapter));
 
   if (json) {
     nlohmann::json j = {{"text", text},
@@ -155,6 +156,7 @@ absl::Status Generate(const GenerateOptions& o, ProcessArgs& args, TpSession* tp
                         {"decode_tokens_per_s", decode_tps},
                         {"kv_policy", KvPolicyName(ctx.backend_options.kv_policy.kind)},
                         {"kv_synthetic", ctx.synthetic_eviction},
+                        {"dms_adapter", ctx.dms_adapter},
                         {"backend", backend->name()},
                         {"model", model.source_path}};
     j.update(FiguresJson(figs, kv.geometry().n_kv_heads, /*detail=*/true));

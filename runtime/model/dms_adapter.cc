@@ -1,10 +1,16 @@
 // AttachDmsAdapter: adds Variant-B DMS adapter tensors (dms_proj_alpha*) from a .safetensors file
 // to a model that has none, and the DMS config from the file's metadata when it carries one.
-// Tensor names may be in Hugging Face form (`model.layers.{i}.self_attn.dms_proj_alpha*`, or
+// The metadata key `dms_eviction_rate` (the rate measured at calibration) becomes
+// DmsConfig::expected_eviction_rate. Tensor names may be in Hugging Face form (`model.layers.{i}.self_attn.dms_proj_alpha*`, or
 // without the `model.` prefix) or in GGUF form (`blk.{i}.dms_alpha*`).
+#include <cmath>
+#include <cstring>
+#include <regex>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/reference/quant.h"
 #include "parallel/status_macros.h"
 #include "runtime/model/loader_internal.h"
 #include "runtime/model/safetensors.h"
@@ -40,26 +46,97 @@ absl::StatusOr<Json> AdapterDmsMetadata(const SafetensorsFile& f, const std::str
   return j;
 }
 
-// Reads layer i's adapter tensors, under the first naming the file uses; leaves the layer as it
-// is when the file has none for it.
-absl::Status ReadAdapterLayer(const SafetensorsFile& f, int32_t i, LayerWeights& l) {
-  struct Prefix {
-    std::string text;
-    bool gguf;
-  };
-  for (const Prefix& prefix : {Prefix{absl::StrCat("model.layers.", i, "."), false},
-                               Prefix{absl::StrCat("layers.", i, "."), false},
-                               Prefix{absl::StrCat("blk.", i, "."), true}}) {
+// The three naming schemes an adapter file may use for layer i's tensors.
+struct AdapterPrefix {
+  std::string text;
+  bool gguf;
+};
+std::vector<AdapterPrefix> AdapterPrefixes(int32_t i) {
+  return {AdapterPrefix{absl::StrCat("model.layers.", i, "."), false},
+          AdapterPrefix{absl::StrCat("layers.", i, "."), false},
+          AdapterPrefix{absl::StrCat("blk.", i, "."), true}};
+}
+
+// Every tensor of the file must be an adapter tensor of a layer the model has: a tensor for
+// layer 30 of a 30-layer model means the file was made for another model.
+absl::Status CheckAdapterNames(const SafetensorsFile& f, const std::string& path,
+                               int32_t n_layers) {
+  static const std::regex kName(
+      R"(^(?:model\.layers\.|layers\.|blk\.)(\d+)\.(self_attn\.dms_proj_alpha(?:_norm)?\.(?:weight|bias)|dms_alpha(?:_norm)?\.(?:weight|bias))$)");
+  for (const SafetensorsTensorInfo& t : f.tensors()) {
+    std::smatch m;
+    if (!std::regex_match(t.name, m, kName)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": tensor '", t.name,
+          "' is not a DMS adapter tensor (model.layers.{i}.self_attn.dms_proj_alpha.weight, "
+          "dms_proj_alpha_norm.weight, dms_proj_alpha.bias)"));
+    }
+    const std::string layer = m[1].str();
+    if (layer.size() > 6 || std::stoi(layer) >= n_layers) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", t.name, "' is for layer ",
+                                                     layer, ", but the model has ", n_layers,
+                                                     " layers (0..", n_layers - 1, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A NaN or infinite adapter weight would flag (or keep) tokens arbitrarily: refuse it by name.
+absl::Status CheckFinite(const std::string& path, const WeightTensor& w) {
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    float v;
+    if (w.type == DType::kF32) {
+      std::memcpy(&v, w.data + 4 * i, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, w.data + 2 * i, 2);
+      v = w.type == DType::kF16 ? kernels::Fp16ToFp32(h) : kernels::Bf16ToFp32(h);
+    }
+    if (!std::isfinite(v)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", w.name, "' has the value ",
+                                                     v, " at element ", i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Reads layer i's adapter tensors, under the first naming the file uses. Every layer needs its
+// projection and its norm; the error names the tensor that is missing.
+absl::Status ReadAdapterLayer(const SafetensorsFile& f, const std::string& path, int32_t i,
+                              LayerWeights& l) {
+  for (const AdapterPrefix& prefix : AdapterPrefixes(i)) {
     auto name = [&](const LayerTensorName& t) {
       return prefix.text + (prefix.gguf ? t.gguf : t.hf);
     };
-    if (!f.HasTensor(name(kDmsAlphaName))) continue;
+    const bool any = f.HasTensor(name(kDmsAlphaName)) || f.HasTensor(name(kDmsAlphaNormName)) ||
+                     f.HasTensor(name(kDmsAlphaBiasName));
+    if (!any) continue;
+    for (const LayerTensorName* t : {&kDmsAlphaName, &kDmsAlphaNormName}) {
+      if (!f.HasTensor(name(*t))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor '", name(*t), "' is missing (layer ", i, " has ",
+                         name(t == &kDmsAlphaName ? kDmsAlphaNormName : kDmsAlphaName), ")"));
+      }
+    }
     DMSRT_ASSIGN_OR_RETURN(l.dms_alpha, f.Tensor(name(kDmsAlphaName)));
     DMSRT_ASSIGN_OR_RETURN(l.dms_alpha_norm, f.Tensor(name(kDmsAlphaNormName)));
     if (f.HasTensor(name(kDmsAlphaBiasName))) {
       DMSRT_ASSIGN_OR_RETURN(l.dms_alpha_bias, f.Tensor(name(kDmsAlphaBiasName)));
     }
-    break;
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(path, ": tensor 'model.layers.", i,
+                   ".self_attn.dms_proj_alpha.weight' is missing: an adapter needs one for every "
+                   "layer"));
+}
+
+// Shapes (named by CheckAdapters) first, then values.
+absl::Status CheckAdapterValues(const std::string& path, const Model& m) {
+  for (const LayerWeights& l : m.weights.layers) {
+    for (const WeightTensor* w : {&l.dms_alpha, &l.dms_alpha_norm, &l.dms_alpha_bias}) {
+      if (w->present()) DMSRT_RETURN_IF_ERROR(CheckFinite(path, *w));
+    }
   }
   return absl::OkStatus();
 }
@@ -94,19 +171,31 @@ absl::Status AttachDmsAdapter(Model& model, const std::string& safetensors_path)
                      ": the model has no DMS config and the adapter's metadata has no "
                      "dms_window_size"));
   }
+  if (j.contains("dms_eviction_rate")) {
+    const loader::Json& r = j.at("dms_eviction_rate");
+    if (!r.is_number() || !(r.get<double>() >= 0.0 && r.get<double>() < 1.0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(safetensors_path, ": metadata 'dms_eviction_rate' = ", r.dump(),
+                       " is not a share in [0, 1)"));
+    }
+    cfg.dms.expected_eviction_rate = r.get<double>();
+  }
   cfg.dms.separate_alpha = false;  // CheckAdapters sets it once the tensors are verified
+  if (f->tensors().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(safetensors_path,
+                     ": no DMS adapter tensors (model.layers.{i}.self_attn.dms_proj_alpha.*)"));
+  }
+  DMSRT_RETURN_IF_ERROR(loader::CheckAdapterNames(*f, safetensors_path, cfg.n_layers));
   for (int32_t i = 0; i < cfg.n_layers; ++i) {
-    DMSRT_RETURN_IF_ERROR(loader::ReadAdapterLayer(*f, i, weights.layers[static_cast<size_t>(i)]));
+    DMSRT_RETURN_IF_ERROR(
+        loader::ReadAdapterLayer(*f, safetensors_path, i, weights.layers[static_cast<size_t>(i)]));
   }
   Model probe;
   probe.config = cfg;
   probe.weights = std::move(weights);
   DMSRT_RETURN_IF_ERROR(loader::CheckAdapters(safetensors_path, probe));
-  if (!probe.weights.layers.empty() && !probe.weights.layers[0].dms_alpha.present()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(safetensors_path,
-                     ": no DMS adapter tensors (model.layers.{i}.self_attn.dms_proj_alpha.*)"));
-  }
+  DMSRT_RETURN_IF_ERROR(loader::CheckAdapterValues(safetensors_path, probe));
   m->config = probe.config;
   m->weights = std::move(probe.weights);
   m->adapters.push_back(std::move(f));

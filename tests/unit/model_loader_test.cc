@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -21,6 +22,7 @@
 
 #include "runtime/model/gguf.h"
 #include "runtime/model/model.h"
+#include "runtime/model/safetensors.h"
 
 namespace dmsrt {
 namespace {
@@ -431,6 +433,97 @@ TEST_F(TinyModels, AttachDmsAdapter) {
   s = AttachDmsAdapter(*llama, adapter);
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(llama->config.dms.window, 12);
+}
+
+// Writes a safetensors file of F32 tensors with the given metadata.
+void WriteF32Safetensors(const std::string& path,
+                         const std::map<std::string, std::pair<std::vector<int64_t>,
+                                                               std::vector<float>>>& tensors,
+                         const std::map<std::string, std::string>& metadata) {
+  nlohmann::json h = nlohmann::json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  std::string data;
+  for (const auto& [name, t] : tensors) {
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(t.second.data()), t.second.size() * sizeof(float));
+    h[name] = {{"dtype", "F32"}, {"shape", t.first}, {"data_offsets", {begin, data.size()}}};
+  }
+  const std::string header = h.dump();
+  const uint64_t n = header.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out << header << data;
+}
+
+// A malformed adapter file is refused with a message that names the tensor at fault, and the
+// model is left as it was.
+TEST_F(TinyModels, MalformedDmsAdapters) {
+  auto base = SafetensorsFile::Open(dir_ + "/qwen3-adapter/dms_adapter.safetensors");
+  ASSERT_TRUE(base.ok()) << base.status();
+  using Tensors = std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>;
+  Tensors good;
+  for (const SafetensorsTensorInfo& t : (*base)->tensors()) {
+    ASSERT_EQ(t.type, DType::kF32) << t.name;
+    WeightTensor w = (*base)->View(t);
+    std::vector<float> v(static_cast<size_t>(w.numel()));
+    std::memcpy(v.data(), w.data, v.size() * sizeof(float));
+    good[t.name] = {t.shape, v};
+  }
+  const std::map<std::string, std::string> meta = (*base)->metadata();
+  const std::string a0 = "model.layers.0.self_attn.dms_proj_alpha.weight";
+  const std::string n1 = "model.layers.1.self_attn.dms_proj_alpha_norm.weight";
+  ASSERT_TRUE(good.count(a0) && good.count(n1));
+  struct Case {
+    std::string name;
+    std::function<void(Tensors&)> edit;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {"missing_norm", [&](Tensors& t) { t.erase(n1); }, "'" + n1 + "' is missing"},
+      {"missing_layer",
+       [&](Tensors& t) {
+         for (auto it = t.begin(); it != t.end();) {
+           it = it->first.rfind("model.layers.1.", 0) == 0 ? t.erase(it) : std::next(it);
+         }
+       },
+       "'model.layers.1.self_attn.dms_proj_alpha.weight' is missing"},
+      {"nan", [&](Tensors& t) { t[a0].second[3] = std::nanf(""); },
+       "'" + a0 + "' has the value nan at element 3"},
+      {"inf", [&](Tensors& t) { t[n1].second[0] = INFINITY; }, "'" + n1 + "' has the value inf"},
+      {"shape", [&](Tensors& t) { t[a0] = {{3, 64}, std::vector<float>(3 * 64, 0.f)}; },
+       "'" + a0 + "' has shape [3, 64], expected [2, 64]"},
+      {"extra_layer",
+       [&](Tensors& t) {
+         t["model.layers.2.self_attn.dms_proj_alpha.weight"] = t[a0];
+       },
+       "'model.layers.2.self_attn.dms_proj_alpha.weight' is for layer 2, but the model has 2 "
+       "layers"},
+      {"stranger", [&](Tensors& t) { t["lm_head.weight"] = t[a0]; },
+       "'lm_head.weight' is not a DMS adapter tensor"},
+      {"empty", [&](Tensors& t) { t.clear(); }, "no DMS adapter tensors"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    Tensors t = good;
+    c.edit(t);
+    const std::string path = dir_ + "/bad-adapter-" + c.name + ".safetensors";
+    WriteF32Safetensors(path, t, meta);
+    auto m = Load("qwen3-adapter");
+    ASSERT_TRUE(m);
+    absl::Status s = AttachDmsAdapter(*m, path);
+    ASSERT_FALSE(s.ok());
+    EXPECT_TRUE(HasSubstr(s, c.needle)) << s;
+    EXPECT_TRUE(HasSubstr(s, path)) << s;
+    EXPECT_FALSE(m->config.dms.enabled);
+    EXPECT_FALSE(m->weights.layers[0].dms_alpha.present());
+  }
+  // The unedited tensors, written the same way, load.
+  const std::string ok_path = dir_ + "/rewritten-adapter.safetensors";
+  WriteF32Safetensors(ok_path, good, meta);
+  auto m = Load("qwen3-adapter");
+  ASSERT_TRUE(m);
+  absl::Status s = AttachDmsAdapter(*m, ok_path);
+  EXPECT_TRUE(s.ok()) << s;
 }
 
 TEST_F(TinyModels, RopeScaling) {
