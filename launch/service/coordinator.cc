@@ -251,7 +251,10 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
     const double bt = std::max(1, bi.kv_block_tokens());
     const double per_tok_blocks = static_cast<double>(bi.blocks_per_token_dense());
     const double full_len = static_cast<double>(prompt.size() + max_tokens);
-    const double rate = big->stats.eviction_rate();
+    // dms: the rate the replica observes over the threads it holds; while it holds none (a fresh
+    // or idle replica reports 0), the rate its adapter was calibrated at.
+    const double rate = big->stats.logical_tokens() > 0 ? big->stats.eviction_rate()
+                                                         : bi.dms_expected_eviction_rate();
     const double thread_blocks =
         std::ceil(ExpectedResident(bi, rate, full_len) / bt + 1) * per_tok_blocks;
     if (thread_blocks > static_cast<double>(bi.kv_blocks_total())) {
@@ -267,13 +270,13 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
     if (n == 0) {
       // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
       // resident set at its full length is estimated with the policy's eviction rate (the
-      // configured rate for forced, the observed one for dms), so a compressing policy buys more
-      // threads in the same bytes. Without eviction the prompt's full blocks stay shared by all
-      // threads (a fork copies only the last, partial block). With eviction a thread writes its
-      // new tokens into the slots of evicted ones, prompt tokens included, and each such write
-      // into a shared block copies it: in the long run every thread holds its whole resident set
-      // itself, so nothing of the prompt is counted as shared. The extra block per (layer, head)
-      // covers the partly filled last block of each head.
+      // configured rate for forced, the observed or calibrated one for dms), so a compressing
+      // policy buys more threads in the same bytes. Without eviction the prompt's full blocks stay
+      // shared by all threads (a fork copies only the last, partial block). With eviction a thread
+      // writes its new tokens into the slots of evicted ones, prompt tokens included, and each such
+      // write into a shared block copies it: in the long run every thread holds its whole resident
+      // set itself, so nothing of the prompt is counted as shared. The extra block per (layer,
+      // head) covers the partly filled last block of each head.
       const double bb = static_cast<double>(bi.kv_block_bytes());
       const double prompt_bytes = std::ceil(prompt.size() / bt) * per_tok_blocks * bb;
       const double resident_full = ExpectedResident(bi, rate, full_len);
@@ -759,6 +762,7 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     rs->set_kv_policy(r->info.kv_policy());
     rs->set_kv_window(r->info.kv_window());
     rs->set_kv_force_rate(r->info.kv_force_rate());
+    rs->set_dms_expected_eviction_rate(r->info.dms_expected_eviction_rate());
     rs->set_peak_running_threads(r->stats.peak_running_threads());
     rs->set_last_heartbeat_age_seconds(SecondsSince(r->last_heartbeat));
     v1::RankStatus* k = rs->add_ranks();

@@ -345,6 +345,9 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
   info.set_kv_policy(KvPolicyName(kv.policy().kind));
   info.set_kv_window(kv.policy().window);
   info.set_kv_force_rate(kv.policy().force_rate);
+  if (kv.policy().kind == KvPolicyKind::kDms) {
+    info.set_dms_expected_eviction_rate(rc.model->config.dms.expected_eviction_rate);
+  }
   info.set_max_positions(rc.model->config.max_positions);
   DMSRT_ASSIGN_OR_RETURN(auto creds, ClientCreds(o.service));
   ReplicaAgent agent(engine, info, address, creds, o.service.auth_token);
@@ -355,7 +358,12 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
             << kv.total_blocks() << " KV blocks of " << kv.block_bytes() << " bytes ("
             << absl::StrFormat("%.1f MiB", kv_mib)
             << (world.tp() > 1 ? absl::StrCat(" over ", world.tp(), " ranks") : "") << "), policy "
-            << KvPolicyName(kv.policy().kind) << ", coordinator " << address << std::endl;
+            << KvPolicyName(kv.policy().kind)
+            << (info.dms_expected_eviction_rate() > 0
+                    ? absl::StrFormat(" (calibrated eviction rate %.3f)",
+                                      info.dms_expected_eviction_rate())
+                    : "")
+            << ", coordinator " << address << std::endl;
   agent.Run(&g_stop);
   engine.Stop();
   {

@@ -1,8 +1,9 @@
 // AttachDmsAdapter: adds Variant-B DMS adapter tensors (dms_proj_alpha*) from a .safetensors file
 // to a model that has none, and the DMS config from the file's metadata when it carries one.
 // The metadata key `dms_eviction_rate` (the rate measured at calibration) becomes
-// DmsConfig::expected_eviction_rate. Tensor names may be in Hugging Face form (`model.layers.{i}.self_attn.dms_proj_alpha*`, or
-// without the `model.` prefix) or in GGUF form (`blk.{i}.dms_alpha*`).
+// DmsConfig::expected_eviction_rate. Tensor names may be in Hugging Face form
+// (`model.layers.{i}.self_attn.dms_proj_alpha*`, or without the `model.` prefix) or in GGUF form
+// (`blk.{i}.dms_alpha*`).
 #include <cmath>
 #include <cstring>
 #include <regex>

@@ -43,6 +43,10 @@ struct DmsConfig {
   bool alpha_per_layer = false;        // dms_alpha_per == "layer"
   int32_t paged_block_size = 256;      // dms_paged_attention_block_size
   std::string cr_label;                // dms_cr (label only)
+  // dms_eviction_rate of an adapter file: the share of tokens its decisions evicted when it was
+  // calibrated, in [0, 1); 0 when the file does not say. Budget mode plans with it until the
+  // replica has observed its own rate.
+  double expected_eviction_rate = 0.0;
 };
 
 struct ModelConfig {
