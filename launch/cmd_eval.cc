@@ -188,6 +188,12 @@ absl::Status Eval(const EvalCommandOptions& args) {
   } else {
     o.policies = PolicyGrid(flags.target_crs, static_cast<int64_t>(o.tokens.size()), flags.forced_window);
   }
+  // Rows of learned decisions name the adapter that made them, so merged reports keep them apart.
+  for (EvalPolicy& p : o.policies) {
+    if (p.config.kind == KvPolicyKind::kDms && !ctx.dms_adapter.empty()) {
+      absl::StrAppend(&p.label, " ", std::filesystem::path(ctx.dms_adapter).stem().string());
+    }
+  }
 
   BackendFactory factory = [&ctx](const KvPolicyConfig& policy) {
     BackendOptions bo = ctx.backend_options;

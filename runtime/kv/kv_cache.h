@@ -41,6 +41,8 @@ struct KvPolicyConfig {
   KvPolicyKind kind = KvPolicyKind::kNone;
   int32_t window = 0;          // dms/forced/threshold: the delay window w; window: tokens kept
   int32_t sinks = 4;           // window policy: first tokens always kept
+  int32_t dms_sinks = 0;       // dms: the first tokens are never flagged (the model's
+                               // dms_sink_tokens; 0 = the reference rule)
   int32_t budget_tokens = 0;   // tova/h2o: tokens kept per head
   double force_rate = 0.0;     // forced: probability that a token is flagged
   uint64_t seed = 0;           // forced: hash seed

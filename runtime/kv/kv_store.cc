@@ -434,7 +434,9 @@ bool KvStore::ResolveDeferred(Sequence& s, int32_t layer) {
   const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
   for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
     HeadState& h = s.heads[base + j];
-    if (s.deferred_bits[base + j] != 0 && h.logical >= 2) SetFlag(h, h.logical - 2);
+    if (s.deferred_bits[base + j] != 0 && h.logical - 2 >= policy_->protected_prefix()) {
+      SetFlag(h, h.logical - 2);
+    }
   }
   s.deferred_state[layer] = kDeferNone;
   --s.deferred_layers;
@@ -460,7 +462,7 @@ bool KvStore::AwaitingBits(const Sequence& s) const {
 int KvStore::PendingFlag(const Sequence& s, int32_t layer, int32_t j, int64_t k) const {
   if (s.deferred_layers == 0 || s.deferred_state[layer] != kDeferKnown) return 0;
   const size_t idx = static_cast<size_t>(layer) * geo_.n_kv_heads + j;
-  return s.deferred_bits[idx] != 0 && k >= 0 && k == s.heads[idx].logical - 2 ? 1 : 0;
+  return s.deferred_bits[idx] != 0 && k >= policy_->protected_prefix() && k == s.heads[idx].logical - 2 ? 1 : 0;
 }
 
 // Upper bound on the blocks one head takes while appending n_new tokens at positions P..: new

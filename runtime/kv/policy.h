@@ -81,6 +81,9 @@ class KvPolicy {
   // ---- kFlagged ----
   // The delay window w >= 0 (-1 for the other mechanisms).
   virtual int32_t delay_window() const { return -1; }
+  // Tokens 0 .. protected_prefix()-1 are never flagged, whatever bits a step hands in (dms with
+  // dms_sinks; also applied to bits given after the step, SetDeferredBits).
+  virtual int32_t protected_prefix() const { return 0; }
   // d[t0 + i] of every local KV head j into out[i * n_kv_heads + j], for i in [0, n).
   virtual void Decisions(int32_t layer, int64_t t0, int32_t n, const KvStepInputs& in,
                          uint8_t* out) const;

@@ -16,15 +16,27 @@ class DmsPolicy final : public KvPolicy {
   KvSlotReuse reuse() const override { return KvSlotReuse::kFlagged; }
   bool model_bits() const override { return true; }
   int32_t delay_window() const override { return config().window; }
+  int32_t protected_prefix() const override { return config().dms_sinks; }
 
-  void Decisions(int32_t /*layer*/, int64_t /*t0*/, int32_t n, const KvStepInputs& in,
+  // Row r is token t0 + r, whose bit flags token t0 + r - 1: protected while that is a sink.
+  void Decisions(int32_t /*layer*/, int64_t t0, int32_t n, const KvStepInputs& in,
                  uint8_t* out) const override {
-    const int64_t count = static_cast<int64_t>(n) * geometry().n_kv_heads;
-    for (int64_t i = 0; i < count; ++i) out[i] = in.evict != nullptr && in.evict[i] ? 1 : 0;
+    const int32_t nkv = geometry().n_kv_heads;
+    for (int32_t r = 0; r < n; ++r) {
+      const bool sink = config().dms_sinks > 0 && t0 + r - 1 < config().dms_sinks;
+      for (int32_t j = 0; j < nkv; ++j) {
+        const int64_t i = static_cast<int64_t>(r) * nkv + j;
+        out[i] = !sink && in.evict != nullptr && in.evict[i] ? 1 : 0;
+      }
+    }
   }
 };
 
 absl::Status Validate(const KvPolicyConfig& config) {
+  if (config.dms_sinks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DMS sink tokens must be >= 0 (got ", config.dms_sinks, ")"));
+  }
   if (config.window < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("DMS window must be >= 0 (got ", config.window, ")"));

@@ -270,6 +270,11 @@ absl::Status ReadHfDms(const std::string& file, const Json& j, DmsConfig& d) {
   const bool block_given = cfg.Has("dms_paged_attention_block_size");
   DMSRT_ASSIGN_OR_RETURN(d.paged_block_size,
                          cfg.Int("dms_paged_attention_block_size", d.paged_block_size));
+  DMSRT_ASSIGN_OR_RETURN(d.sink_tokens, cfg.Int("dms_sink_tokens", 0));
+  if (d.sink_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": dms_sink_tokens ", d.sink_tokens, " must be >= 0"));
+  }
   if (cfg.Has("dms_cr")) {
     const Json& cr = j.at("dms_cr");
     d.cr_label = cr.is_string() ? cr.get<std::string>() : cr.dump();

@@ -43,6 +43,11 @@ struct DmsConfig {
   bool alpha_per_layer = false;        // dms_alpha_per == "layer"
   int32_t paged_block_size = 256;      // dms_paged_attention_block_size
   std::string cr_label;                // dms_cr (label only)
+  // dms_sink_tokens, a dmsrt extension (0, the reference behaviour, when absent): the first
+  // sink_tokens tokens of a sequence are never flagged, whatever the decisions say. Attention
+  // sinks cannot be recognised from the residual stream of layer 0 (it carries no position), so
+  // a calibrated adapter states them instead of guessing them.
+  int32_t sink_tokens = 0;
   // dms_eviction_rate of an adapter file: the share of tokens its decisions evicted when it was
   // calibrated, in [0, 1); 0 when the file does not say. Budget mode plans with it until the
   // replica has observed its own rate.

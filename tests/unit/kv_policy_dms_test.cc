@@ -35,6 +35,27 @@ TEST(KvPolicyDms, NoBitsDecideZeroAndNothingIsKnownInAdvance) {
   EXPECT_EQ(p->MaybeUnflagged(0, 1, 3, 11), 8);
 }
 
+// dms_sinks: the bits of tokens 1..sinks (which flag tokens 0..sinks-1) are dropped, in any
+// chunk that covers them; later bits pass.
+TEST(KvPolicyDms, SinkTokensAreNeverFlagged) {
+  KvPolicyConfig c = Dms(3);
+  c.dms_sinks = 2;
+  auto p = Make(c, Geo(1));
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(p->protected_prefix(), 2);
+  const uint8_t ones[] = {1, 1, 1, 1, 1};
+  // Tokens 0..4 in one chunk: d[0] (discarded anyway), d[1] and d[2] dropped.
+  EXPECT_EQ(Bits(*p, 0, 0, 5, ones), (std::vector<uint8_t>{0, 0, 0, 1, 1}));
+  // A chunk starting at token 2: only d[2] is a sink's.
+  EXPECT_EQ(Bits(*p, 0, 2, 3, ones), (std::vector<uint8_t>{0, 1, 1}));
+  // Without sinks every bit passes (the reference rule).
+  auto q = Make(Dms(3), Geo(1));
+  EXPECT_EQ(q->protected_prefix(), 0);
+  EXPECT_EQ(Bits(*q, 0, 0, 5, ones), (std::vector<uint8_t>{1, 1, 1, 1, 1}));
+  c.dms_sinks = -1;
+  EXPECT_FALSE(MakeKvPolicy(c, Geo(1)).ok());
+}
+
 TEST(KvPolicyDms, RejectsANegativeWindow) {
   auto p = MakeKvPolicy(Dms(-1), Geo(2));
   ASSERT_FALSE(p.ok());

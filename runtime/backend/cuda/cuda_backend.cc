@@ -101,6 +101,7 @@ absl::Status CudaBackend::AllocateKvPools() {
   geo.block_tokens = options_.kv_block_tokens;
   KvPolicyConfig policy = options_.kv_policy;
   if (policy.kind == KvPolicyKind::kDms && policy.window <= 0) policy.window = c.dms.window;
+  if (policy.kind == KvPolicyKind::kDms) policy.dms_sinks = c.dms.sink_tokens;
   const int64_t bt = geo.block_tokens;
   const int64_t block_bytes = bt * (2ll * hd_ * static_cast<int64_t>(sizeof(bf16)) + 2 * sizeof(int32_t));
   int64_t budget = options_.kv_budget_bytes;
