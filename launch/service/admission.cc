@@ -1,4 +1,4 @@
-// Validation of a job request and the per-thread KV estimate, moved out of coordinator.cc.
+// The coordinator's request validation and its edge between absl::Status and grpc::Status.
 #include "launch/service/admission.h"
 
 #include <algorithm>
@@ -12,9 +12,7 @@ namespace dmsrt {
 
 namespace {
 
-grpc::Status Invalid(const std::string& msg) {
-  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg);
-}
+absl::Status Invalid(const std::string& msg) { return absl::InvalidArgumentError(msg); }
 
 }  // namespace
 
@@ -30,27 +28,41 @@ std::string PolicyNameOf(v1::KvPolicy p) {
   }
 }
 
-// Resident tokens a thread of `len` logical tokens is expected to hold under the replica's
-// policy (docs/dms-semantics.md: a flagged token leaves after the window, so at most the window
-// plus the unflagged share of the rest stays).
-double ExpectedResident(const v1::ReplicaInfo& info, double measured_rate, double len) {
-  const std::string& p = info.kv_policy();
-  double rate = 0.0;
-  if (p == "forced") rate = info.kv_force_rate();
-  if (p == "dms") rate = measured_rate;
-  if (p == "window") return std::min(len, static_cast<double>(info.kv_window()) + 4.0);
-  if (rate <= 0.0) return len;
-  const double w = std::max(0, info.kv_window());
-  if (len <= w) return len;
-  return w + (1.0 - rate) * (len - w);
+ReplicaCapacity CapacityOf(int32_t id, const v1::ReplicaInfo& info, const v1::ReplicaStats& stats,
+                           int64_t assigned_open) {
+  ReplicaCapacity c;
+  c.id = id;
+  c.kv_policy = info.kv_policy();
+  c.kv_window = info.kv_window();
+  c.kv_force_rate = info.kv_force_rate();
+  c.kv_blocks_total = info.kv_blocks_total();
+  c.kv_block_tokens = info.kv_block_tokens();
+  c.blocks_per_token_dense = info.blocks_per_token_dense();
+  c.kv_block_bytes = info.kv_block_bytes();
+  c.eviction_rate = stats.eviction_rate();
+  c.assigned_open = assigned_open;
+  return c;
 }
 
-grpc::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& tokenizer,
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  // absl::StatusCode and grpc::StatusCode share their numbering (both follow google.rpc.Code).
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())),
+                      std::string(s.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.error_code())),
+                      s.error_message());
+}
+
+absl::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& tokenizer,
                                 const CoordinatorOptions& options, std::string* rendered,
                                 int32_t* max_tokens, std::shared_ptr<const std::regex>* pattern) {
   if (grpc::Status s = RenderJobInput(req, tokenizer, options.max_prompt_bytes, rendered);
       !s.ok()) {
-    return s;
+    return FromGrpcStatus(s);
   }
   const int64_t budget = req.kv().kv_budget_bytes();
   if (req.n() < 0) return Invalid(absl::StrCat("n = ", req.n(), " is negative: set n >= 1"));
@@ -118,7 +130,7 @@ grpc::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& 
   if (!std::isfinite(req.deadline_seconds()) || req.deadline_seconds() < 0) {
     return Invalid("deadline_seconds must be >= 0 (0 = none)");
   }
-  return grpc::Status::OK;
+  return absl::OkStatus();
 }
 
 }  // namespace dmsrt

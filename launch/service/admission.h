@@ -1,4 +1,6 @@
-// Job validation and the per-thread KV estimate of the coordinator.
+// The gRPC side of admission: request validation (it reads the protobuf request), the replica
+// table's registration and heartbeat as the plain ReplicaCapacity of launch/admission.h, and the
+// one mapping from absl::Status to grpc::Status at the edge.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -8,8 +10,10 @@
 #include <regex>
 #include <string>
 
+#include "absl/status/status.h"
 #include "dmsrt/v1/dmsrt.pb.h"
 #include "dmsrt/v1/replica.pb.h"
+#include "launch/admission.h"
 #include "launch/service/coordinator.h"
 #include "runtime/model/model.h"
 
@@ -17,14 +21,17 @@ namespace dmsrt {
 
 std::string PolicyNameOf(v1::KvPolicy p);
 
-// Resident tokens a thread of `len` logical tokens is expected to hold under the replica's
-// policy (docs/dms-semantics.md: a flagged token leaves after the window, so at most the window
-// plus the unflagged share of the rest stays).
-double ExpectedResident(const v1::ReplicaInfo& info, double measured_rate, double len);
+ReplicaCapacity CapacityOf(int32_t id, const v1::ReplicaInfo& info, const v1::ReplicaStats& stats,
+                           int64_t assigned_open);
 
-// Checks every field of `req` that needs no replica; on success `rendered` is the prompt text,
-// `max_tokens` the thread length and `pattern` the compiled answer regex (null for the default).
-grpc::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& tokenizer,
+// The same code and message (the two enums share google.rpc.Code's numbering).
+grpc::Status ToGrpcStatus(const absl::Status& s);
+absl::Status FromGrpcStatus(const grpc::Status& s);
+
+// Checks every field of `req` that needs no replica (INVALID_ARGUMENT naming the field and what
+// to change); on success `rendered` is the prompt text, `max_tokens` the thread length and
+// `pattern` the compiled answer regex (null for the default).
+absl::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& tokenizer,
                                 const CoordinatorOptions& options, std::string* rendered,
                                 int32_t* max_tokens, std::shared_ptr<const std::regex>* pattern);
 

@@ -2,10 +2,12 @@
 // replicas are collected under mu_ and written after it is released, each under its replica's own
 // write mutex, so a slow stream never blocks the job table.
 #include "launch/service/coordinator.h"
+#include "launch/admission.h"
 #include "launch/service/admission.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -38,6 +40,15 @@ const char* OutcomeName(v1::JobOutcome o) {
     case v1::JOB_QUEUED: return "queued";
     default: return "unspecified";
   }
+}
+
+// One structured line per replica lifecycle event on stderr, for operators:
+//   dmsrt coordinator: time=2026-01-02T03:04:05.678Z event=replica_lost replica=1 reason=... ...
+void LogEvent(const std::string& fields) {
+  const std::string line = absl::StrCat(
+      "dmsrt coordinator: time=",
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()), " ", fields, "\n");
+  std::fwrite(line.data(), 1, line.size(), stderr);
 }
 
 }  // namespace
@@ -112,10 +123,10 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
   std::string rendered;
   int32_t max_tokens = 0;
   std::shared_ptr<const std::regex> pattern;
-  if (grpc::Status s = ValidateJobRequest(req, model_.tokenizer, options_, &rendered, &max_tokens,
+  if (absl::Status s = ValidateJobRequest(req, model_.tokenizer, options_, &rendered, &max_tokens,
                                           &pattern);
       !s.ok()) {
-    return s;
+    return ToGrpcStatus(s);
   }
   const int64_t budget = req.kv().kv_budget_bytes();
 
@@ -135,73 +146,17 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
   {
     absl::MutexLock lock(&mu_);
     // ---- capacity ---------------------------------------------------------------------------------
-    std::vector<std::shared_ptr<Replica>> alive;
-    for (auto& [rid, r] : replicas_) {
-      if (r->alive) alive.push_back(r);
-    }
-    if (alive.empty()) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "no replica is registered with the coordinator: start `dmsrt serve` and retry");
-    }
-    for (auto& r : alive) {
-      const std::string want = PolicyNameOf(req.dms().policy());
-      if (!want.empty() && want != r->info.kv_policy()) {
-        return Invalid(absl::StrFormat(
-            "dms.policy = %s but replica %d runs --kv-policy %s: leave dms.policy unset or start the "
-            "replicas with --kv-policy %s",
-            want, r->id, r->info.kv_policy(), want));
-      }
-    }
-    // The replica with the most blocks decides whether one thread can fit at all.
-    std::shared_ptr<Replica> big = alive.front();
-    for (auto& r : alive) {
-      if (r->info.kv_blocks_total() > big->info.kv_blocks_total()) big = r;
-    }
-    const v1::ReplicaInfo& bi = big->info;
-    const double bt = std::max(1, bi.kv_block_tokens());
-    const double per_tok_blocks = static_cast<double>(bi.blocks_per_token_dense());
-    const double full_len = static_cast<double>(prompt.size() + max_tokens);
-    const double rate = big->stats.eviction_rate();
-    const double thread_blocks =
-        std::ceil(ExpectedResident(bi, rate, full_len) / bt + 1) * per_tok_blocks;
-    if (thread_blocks > static_cast<double>(bi.kv_blocks_total())) {
-      return grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrFormat("one thread of %d prompt + %d generated tokens needs about %.0f KV blocks "
-                          "(%.1f MiB) but the largest replica holds %d blocks: lower "
-                          "stopping.max_tokens, shorten the prompt, or raise the replicas' --kv-budget",
-                          prompt.size(), max_tokens, thread_blocks,
-                          thread_blocks * bi.kv_block_bytes() / 1048576.0, bi.kv_blocks_total()));
-    }
-    int32_t n = req.n();
-    if (n == 0) {
-      // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
-      // resident set at its full length is estimated with the policy's eviction rate (the
-      // configured rate for forced, the observed one for dms), so a compressing policy buys more
-      // threads in the same bytes. Without eviction the prompt's full blocks stay shared by all
-      // threads (a fork copies only the last, partial block). With eviction a thread writes its
-      // new tokens into the slots of evicted ones, prompt tokens included, and each such write
-      // into a shared block copies it: in the long run every thread holds its whole resident set
-      // itself, so nothing of the prompt is counted as shared. The extra block per (layer, head)
-      // covers the partly filled last block of each head.
-      const double bb = static_cast<double>(bi.kv_block_bytes());
-      const double prompt_bytes = std::ceil(prompt.size() / bt) * per_tok_blocks * bb;
-      const double resident_full = ExpectedResident(bi, rate, full_len);
-      const bool evicts = resident_full < full_len;
-      const double shared_tokens = evicts ? 0.0 : std::floor(prompt.size() / bt) * bt;
-      const double own_tokens = std::max(1.0, resident_full - shared_tokens);
-      const double per_thread_bytes = (std::ceil(own_tokens / bt) + 1) * per_tok_blocks * bb;
-      const double avail = static_cast<double>(budget) - prompt_bytes;
-      const int64_t fit = avail > 0 ? static_cast<int64_t>(avail / per_thread_bytes) : 0;
-      if (fit < 1) {
-        return grpc::Status(
-            grpc::StatusCode::RESOURCE_EXHAUSTED,
-            absl::StrFormat("kv.kv_budget_bytes = %d holds no thread: the prompt takes about %.0f bytes "
-                            "and each thread about %.0f bytes: raise the budget to at least %.0f",
-                            budget, prompt_bytes, per_thread_bytes, prompt_bytes + per_thread_bytes));
-      }
-      n = static_cast<int32_t>(std::min<int64_t>(fit, options_.max_n));
-    }
+    std::vector<ReplicaCapacity> alive = AliveCapacities();
+    AdmissionRequest ar;
+    ar.prompt_tokens = static_cast<int64_t>(prompt.size());
+    ar.max_tokens = max_tokens;
+    ar.n = req.n();
+    ar.kv_budget_bytes = budget;
+    ar.policy = PolicyNameOf(req.dms().policy());
+    ar.max_n = options_.max_n;
+    absl::StatusOr<int32_t> admitted = AdmitJob(ar, alive);
+    if (!admitted.ok()) return ToGrpcStatus(admitted.status());
+    const int32_t n = *admitted;
 
     // Forget the oldest finished jobs beyond the retention count (only those finished a while
     // ago, so a watcher still draining one never loses it).
@@ -258,26 +213,12 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
 
 bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
                                 std::vector<Outgoing>* out) {
-  std::vector<std::shared_ptr<Replica>> alive;
-  for (auto& [rid, r] : replicas_) {
-    if (r->alive) alive.push_back(r);
-  }
+  std::vector<ReplicaCapacity> alive = AliveCapacities();
   if (alive.empty()) return false;
-  std::map<int32_t, std::vector<int32_t>> plan;
-  for (int32_t idx : indices) {
-    std::shared_ptr<Replica> best;
-    double best_load = 0;
-    for (auto& r : alive) {
-      const double cap = std::max<int64_t>(1, r->info.kv_blocks_total());
-      const double load = static_cast<double>(r->assigned_open) / cap;
-      if (!best || load < best_load) {
-        best = r;
-        best_load = load;
-      }
-    }
-    ++best->assigned_open;
-    job.threads[idx].replica = best->id;
-    plan[best->id].push_back(idx);
+  const std::map<int32_t, std::vector<int32_t>> plan = PlaceThreads(indices, alive);
+  for (auto& [rid, idxs] : plan) {
+    replicas_[rid]->assigned_open += static_cast<int64_t>(idxs.size());
+    for (int32_t t : idxs) job.threads[t].replica = rid;
   }
   for (auto& [rid, idxs] : plan) {
     Outgoing o;
@@ -295,6 +236,14 @@ bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
     out->push_back(std::move(o));
   }
   return true;
+}
+
+std::vector<ReplicaCapacity> Coordinator::AliveCapacities() const {
+  std::vector<ReplicaCapacity> alive;
+  for (auto& [rid, r] : replicas_) {
+    if (r->alive) alive.push_back(CapacityOf(r->id, r->info, r->stats, r->assigned_open));
+  }
+  return alive;
 }
 
 void Coordinator::Send(std::vector<Outgoing>& out) {
@@ -730,6 +679,10 @@ grpc::Status Coordinator::Connect(
       rep->open = true;
     }
     replicas_[rep->id] = rep;
+    LogEvent(absl::StrFormat(
+        "event=replica_joined replica=%d peer=%s tp=%d kv_policy=%s kv_blocks=%d kv_block_bytes=%d",
+        rep->id, ctx->peer(), rep->info.tp(), rep->info.kv_policy(), rep->info.kv_blocks_total(),
+        rep->info.kv_block_bytes()));
   }
   while (stream->Read(&m)) {
     std::vector<Outgoing> out;
@@ -793,16 +746,18 @@ grpc::Status Coordinator::Connect(
     rep->open = false;
     rep->stream = nullptr;
   }
-  ReplicaLost(rep->id);
+  ReplicaLost(rep->id, ctx->IsCancelled() ? "stream_cancelled" : "stream_closed");
   return grpc::Status::OK;
 }
 
-void Coordinator::ReplicaLost(int32_t replica_id) {
+void Coordinator::ReplicaLost(int32_t replica_id, const char* reason) {
   std::vector<Outgoing> out;
   {
     absl::MutexLock lock(&mu_);
     auto rit = replicas_.find(replica_id);
-    if (rit == replicas_.end()) return;
+    if (rit == replicas_.end() || !rit->second->alive) return;
+    LogEvent(absl::StrFormat("event=replica_lost replica=%d reason=%s open_threads=%d", replica_id,
+                             reason, rit->second->assigned_open));
     rit->second->alive = false;
     rit->second->assigned_open = 0;
     for (auto& [id, job] : jobs_) {
@@ -832,8 +787,17 @@ void Coordinator::ReplicaLost(int32_t replica_id) {
           OnThreadFinished(*job, tf, &out);
           if (job->done) break;
         }
+        LogEvent(absl::StrFormat("event=threads_failed job=%s from_replica=%d threads=%d", job->id,
+                                 replica_id, orphans.size()));
       } else {
         lost_replica_preemptions_ += static_cast<int64_t>(orphans.size());
+        std::string to;
+        for (int32_t t : orphans) {
+          absl::StrAppend(&to, to.empty() ? "" : ",", job->threads[t].replica);
+        }
+        LogEvent(absl::StrFormat(
+            "event=threads_rerun job=%s from_replica=%d threads=%d to_replicas=%s", job->id,
+            replica_id, orphans.size(), to));
       }
     }
   }
@@ -861,7 +825,7 @@ void Coordinator::MonitorLoop() {
       }
     }
     Send(out);
-    for (int32_t rid : stale) ReplicaLost(rid);
+    for (int32_t rid : stale) ReplicaLost(rid, "heartbeat_timeout");
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
 }
