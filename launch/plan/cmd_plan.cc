@@ -46,6 +46,11 @@ absl::StatusOr<ModelConfig> PlanModel(const std::string& name) {
 }
 
 absl::Status Plan(const PlanCommandOptions& o) {
+  if (o.profile.empty()) {
+    return absl::InvalidArgumentError(
+        "--profile is required: a profile written by `dmsrt bench --out FILE`, or a datasheet "
+        "name (h100-sxm, h200)");
+  }
   PlanInputs in;
   std::string model_name = o.model;
   if (model_name.empty()) {
@@ -108,8 +113,7 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
                  "model file or directory, or a synthetic model name (qwen3-8b, ...) for its shapes")
       ->type_name("PATH|NAME");
   app.add_option("--profile", o.profile,
-                 "a profile written by `dmsrt bench --out`, or a datasheet: h100-sxm, h200")
-      ->required()
+                 "(required) a profile written by `dmsrt bench --out`, or a datasheet: h100-sxm, h200")
       ->type_name("FILE|NAME");
   app.add_option("--nodes", o.nodes, "nodes")->transform(Integer(1));
   app.add_option("--gpus", o.gpus, "GPUs per node (CPU profile: replica processes per node)")
