@@ -27,6 +27,7 @@
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/figures.h"
+#include "launch/plan/profile.h"
 #include "launch/provenance.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
@@ -69,6 +70,101 @@ double CopyBandwidth(int threads, size_t bytes) {
 
 int32_t Argmax(const float* x, int32_t n) {
   return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
+
+// The step-time grid of a schema-2 profile (launch/plan/profile.h): decode steps of `batch`
+// sequences that each hold `context` tokens, and prefill chunks of `chunk` tokens on a fresh
+// sequence. Each point is the median of `reps` timed steps after one warm-up step.
+absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, int32_t tp,
+                                        const std::vector<int32_t>& batches,
+                                        const std::vector<int32_t>& contexts,
+                                        const std::vector<int32_t>& chunks, int64_t reps,
+                                        std::vector<std::string>* skipped) {
+  KvCache& kv = backend.kv();
+  const KvGeometry& g = kv.geometry();
+  const double heads = static_cast<double>(g.n_layers) * g.n_kv_heads;
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<int32_t> pick(100, model.config.vocab - 1);
+  auto random_tokens = [&](int64_t n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = pick(rng);
+    return t;
+  };
+  nlohmann::json decode = nlohmann::json::array(), prefill = nlohmann::json::array();
+  for (int32_t b : batches) {
+    for (int32_t ctx_len : contexts) {
+      std::vector<SeqId> seqs;
+      absl::Status fill;
+      for (int32_t i = 0; i < b && fill.ok(); ++i) {
+        absl::StatusOr<SeqId> s = kv.Create();
+        if (!s.ok()) {
+          fill = s.status();
+          break;
+        }
+        seqs.push_back(*s);
+        if (tp == 1) {
+          fill = backend.AppendUncomputed(*s, ctx_len, 0.0);
+        } else {
+          for (int32_t at = 0; at < ctx_len && fill.ok(); at += 256) {
+            fill = backend.Forward({MakeChunk(*s, random_tokens(std::min(256, ctx_len - at)),
+                                              SeqChunk::Logits::kNone)})
+                       .status();
+          }
+        }
+      }
+      std::vector<double> times;
+      int64_t resident = 0;
+      for (int64_t rep = 0; rep < reps + 1 && fill.ok(); ++rep) {
+        std::vector<SeqChunk> batch;
+        for (SeqId s : seqs) batch.push_back(MakeChunk(s, random_tokens(1), SeqChunk::Logits::kLast));
+        const auto t0 = Clock::now();
+        absl::StatusOr<ForwardResult> fr = backend.Forward(batch);
+        if (!fr.ok()) {
+          fill = fr.status();
+          break;
+        }
+        if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      }
+      if (fill.ok()) {
+        for (SeqId s : seqs) resident += kv.Figures(s).resident_tokens;
+        decode.push_back({{"batch", b},
+                          {"context", ctx_len},
+                          {"kv_tokens", static_cast<int64_t>(resident / heads)},
+                          {"seconds", Summarise(times).median},
+                          {"min", Summarise(times).min},
+                          {"max", Summarise(times).max}});
+      } else {
+        skipped->push_back(absl::StrCat("decode batch ", b, " x context ", ctx_len, ": ",
+                                        fill.message()));
+      }
+      for (SeqId s : seqs) DMSRT_RETURN_IF_ERROR(kv.Free(s));
+    }
+  }
+  for (int32_t c : chunks) {
+    std::vector<double> times;
+    absl::Status st;
+    for (int64_t rep = 0; rep < reps + 1 && st.ok(); ++rep) {
+      absl::StatusOr<SeqId> s = kv.Create();
+      if (!s.ok()) {
+        st = s.status();
+        break;
+      }
+      const auto t0 = Clock::now();
+      st = backend.Forward({MakeChunk(*s, random_tokens(c), SeqChunk::Logits::kLast)}).status();
+      if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      DMSRT_RETURN_IF_ERROR(kv.Free(*s));
+    }
+    if (st.ok()) {
+      prefill.push_back({{"tokens", c},
+                         {"seconds", Summarise(times).median},
+                         {"min", Summarise(times).min},
+                         {"max", Summarise(times).max}});
+    } else {
+      skipped->push_back(absl::StrCat("prefill chunk ", c, ": ", st.message()));
+    }
+  }
+  nlohmann::json out = {{"decode", decode}, {"prefill", prefill}};
+  return absl::StatusOr<nlohmann::json>(absl::in_place, std::move(out));
 }
 
 absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
@@ -129,6 +225,12 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
     figs = kv.Figures(seq);
     DMSRT_RETURN_IF_ERROR(kv.Free(seq));
   }
+  std::vector<std::string> skipped;
+  nlohmann::json grid;
+  if (!o.no_grid) {
+    DMSRT_ASSIGN_OR_RETURN(grid, StepGrid(*backend, model, tp->tp, o.grid_batch, o.grid_context,
+                                          o.grid_chunk, reps, &skipped));
+  }
   if (tp->tp > 1) DMSRT_RETURN_IF_ERROR(ShutdownTpFollowers(*backend));  // they are done
   const double bw = CopyBandwidth(threads, size_t{512} << 20);
   const double floor_tps = bw / static_cast<double>(model.weight_bytes);
@@ -141,7 +243,8 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
             (2.0 * c.hidden * c.n_heads * c.head_dim + 2.0 * c.hidden * c.n_kv_heads * c.head_dim +
              3.0 * c.hidden * c.ffn);
   params += static_cast<double>(c.vocab) * c.hidden;
-  nlohmann::json j = {{"model", model.source_path},
+  nlohmann::json j = {{"schema_version", 2},
+                      {"model", model.source_path},
                       {"backend", backend->name()},
                       {"threads", threads},
                       {"kv_policy", KvPolicyName(ctx.backend_options.kv_policy.kind)},
@@ -159,6 +262,26 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
                       {"decoded_token_ids", decoded},
                       {"provenance", BenchProvenance(threads)}};
   if (tp->tp > 1) j["tp"] = tp->tp;  // KV figures are the whole group's
+  if (!o.no_grid) {
+    // The step model the planner fits (launch/plan/profile.h), with the fit beside the grid.
+    std::vector<DecodePoint> dec;
+    std::vector<PrefillPoint> pre;
+    for (const auto& e : grid["decode"]) {
+      dec.push_back({e["batch"].get<int64_t>(), e["kv_tokens"].get<int64_t>(), e["seconds"].get<double>()});
+    }
+    for (const auto& e : grid["prefill"]) pre.push_back({e["tokens"].get<int64_t>(), e["seconds"].get<double>()});
+    StepCosts costs;
+    double worst = 0;
+    FitStepCosts(dec, pre, &costs, &worst);
+    grid["fit"] = {{"fixed_s", costs.fixed},
+                   {"per_decode_row_s", costs.per_decode_row},
+                   {"per_kv_token_s", costs.per_kv_token},
+                   {"prefill_fixed_s", costs.prefill_fixed},
+                   {"per_prefill_token_s", costs.per_prefill_token},
+                   {"max_rel_error", worst}};
+    grid["skipped"] = skipped;
+    j["step_model"] = grid;
+  }
   j.update(FiguresJson(figs, kv.geometry().n_kv_heads, false));
   if (!o.out.empty()) {
     std::ofstream out(o.out);
@@ -194,6 +317,16 @@ void SetupBench(CLI::App& app, BenchOptions& o) {
       ->type_name("FILE");
   app.add_option("--out", o.out, "also write the JSON profile to this file")->type_name("FILE");
   app.add_flag("--json", o.json, "print the JSON profile instead of the table");
+  app.add_option("--grid-batch", o.grid_batch, "step grid: decode batch sizes")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--grid-context", o.grid_context, "step grid: tokens each decoding sequence holds")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--grid-chunk", o.grid_chunk, "step grid: prefill chunk sizes")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 16));
+  app.add_flag("--no-grid", o.no_grid, "skip the step grid (the profile then cannot drive `dmsrt plan`)");
   AddRunOptions(app, &o.run);
   AddTpOptions(app, &o.tp, "tensor-parallel degree: mpirun -np N dmsrt bench --tp N (0: the number of ranks)");
 }

@@ -1,5 +1,6 @@
 // The subcommands of the dmsrt binary, in the order `dmsrt --help` lists them.
 #include "launch/commands.h"
+#include "launch/plan/plan_command.h"
 
 #ifdef DMSRT_HAVE_GRPC
 #include "launch/service_commands.h"
@@ -22,6 +23,10 @@ const std::vector<Subcommand>& Subcommands() {
                      "eviction quality: perplexity, KL and top-1 against dense, passkey retrieval, "
                      "per policy and cache CR",
                      SetupEval, RunEval),
+      MakeSubcommand("plan",
+                     "capacity planning: GPUs for a best-of-N workload at a latency SLO, by "
+                     "simulating the real scheduler with measured or datasheet step times",
+                     SetupPlan, RunPlanCommand),
       MakeSubcommand("tokenize", "text -> token ids (and --decode ids -> text)", SetupTokenize,
                      RunTokenize),
 #ifdef DMSRT_HAVE_GRPC

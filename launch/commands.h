@@ -53,6 +53,11 @@ struct BenchOptions {
   int32_t reps = 3;
   std::string tokens_file, out;
   bool json = false;
+  // The step-time grid of the profile (schema 2) that `dmsrt plan` reads.
+  std::vector<int32_t> grid_batch = {1, 4, 16};
+  std::vector<int32_t> grid_context = {64, 1024};
+  std::vector<int32_t> grid_chunk = {16, 64, 256};
+  bool no_grid = false;
 };
 void SetupBench(CLI::App& app, BenchOptions& o);
 int RunBench(const BenchOptions& o, ProcessArgs& args);

@@ -2,10 +2,12 @@
 // replicas are collected under mu_ and written after it is released, each under its replica's own
 // write mutex, so a slow stream never blocks the job table.
 #include "launch/service/coordinator.h"
-#include "launch/service/job_input.h"
+#include "launch/admission.h"
+#include "launch/service/admission.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -40,31 +42,13 @@ const char* OutcomeName(v1::JobOutcome o) {
   }
 }
 
-std::string PolicyNameOf(v1::KvPolicy p) {
-  switch (p) {
-    case v1::KV_POLICY_NONE: return "none";
-    case v1::KV_POLICY_DMS: return "dms";
-    case v1::KV_POLICY_FORCED: return "forced";
-    case v1::KV_POLICY_WINDOW: return "window";
-    case v1::KV_POLICY_TOVA: return "tova";
-    case v1::KV_POLICY_H2O: return "h2o";
-    default: return "";
-  }
-}
-
-// Resident tokens a thread of `len` logical tokens is expected to hold under the replica's
-// policy (docs/dms-semantics.md: a flagged token leaves after the window, so at most the window
-// plus the unflagged share of the rest stays).
-double ExpectedResident(const v1::ReplicaInfo& info, double measured_rate, double len) {
-  const std::string& p = info.kv_policy();
-  double rate = 0.0;
-  if (p == "forced") rate = info.kv_force_rate();
-  if (p == "dms") rate = measured_rate;
-  if (p == "window") return std::min(len, static_cast<double>(info.kv_window()) + 4.0);
-  if (rate <= 0.0) return len;
-  const double w = std::max(0, info.kv_window());
-  if (len <= w) return len;
-  return w + (1.0 - rate) * (len - w);
+// One structured line per replica lifecycle event on stderr, for operators:
+//   dmsrt coordinator: time=2026-01-02T03:04:05.678Z event=replica_lost replica=1 reason=... ...
+void LogEvent(const std::string& fields) {
+  const std::string line = absl::StrCat(
+      "dmsrt coordinator: time=",
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()), " ", fields, "\n");
+  std::fwrite(line.data(), 1, line.size(), stderr);
 }
 
 }  // namespace
@@ -137,77 +121,14 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
                                     std::string* id, int32_t* n_out) {
   // ---- field validation -------------------------------------------------------------------
   std::string rendered;
-  if (grpc::Status s = RenderJobInput(req, model_.tokenizer, options_.max_prompt_bytes, &rendered);
+  int32_t max_tokens = 0;
+  std::shared_ptr<const std::regex> pattern;
+  if (absl::Status s = ValidateJobRequest(req, model_.tokenizer, options_, &rendered, &max_tokens,
+                                          &pattern);
       !s.ok()) {
-    return s;
+    return ToGrpcStatus(s);
   }
   const int64_t budget = req.kv().kv_budget_bytes();
-  if (req.n() < 0) return Invalid(absl::StrCat("n = ", req.n(), " is negative: set n >= 1"));
-  if (budget < 0) {
-    return Invalid(absl::StrCat("kv.kv_budget_bytes = ", budget, " is negative: set a positive byte count or 0"));
-  }
-  if (req.n() == 0 && budget == 0) {
-    return Invalid("n = 0: set n >= 1 threads, or leave n at 0 and set kv.kv_budget_bytes (budget mode)");
-  }
-  if (req.n() > 0 && budget > 0) {
-    return Invalid("set either n or kv.kv_budget_bytes, not both");
-  }
-  if (req.n() > options_.max_n) {
-    return Invalid(absl::StrFormat("n = %d exceeds the limit of %d threads per job: lower n", req.n(),
-                                   options_.max_n));
-  }
-  const v1::SamplingParams& sp = req.sampling();
-  if (!std::isfinite(sp.temperature()) || sp.temperature() < 0) {
-    return Invalid("sampling.temperature must be a finite number >= 0 (0 = greedy)");
-  }
-  if (!std::isfinite(sp.top_p()) || sp.top_p() < 0 || sp.top_p() > 1) {
-    return Invalid("sampling.top_p must be in [0, 1] (0 or 1 = off)");
-  }
-  if (sp.top_k() < 0) return Invalid("sampling.top_k must be >= 0 (0 = off)");
-  if (!std::isfinite(sp.min_p()) || sp.min_p() < 0 || sp.min_p() > 1) {
-    return Invalid("sampling.min_p must be in [0, 1] (0 = off)");
-  }
-  const v1::StoppingCriteria& st = req.stopping();
-  if (st.max_tokens() < 0) return Invalid("stopping.max_tokens must be >= 0 (0 = the server default)");
-  if (st.max_tokens() > options_.max_tokens_limit) {
-    return Invalid(absl::StrFormat("stopping.max_tokens = %d exceeds the limit of %d: lower it",
-                                   st.max_tokens(), options_.max_tokens_limit));
-  }
-  const int32_t max_tokens = st.max_tokens() > 0 ? st.max_tokens() : options_.default_max_tokens;
-  if (st.stop_size() > options_.max_stop_strings) {
-    return Invalid(absl::StrFormat("%d stop strings; the limit is %d: send fewer", st.stop_size(),
-                                   options_.max_stop_strings));
-  }
-  for (const std::string& s : st.stop()) {
-    if (s.empty()) return Invalid("stopping.stop contains an empty string: remove it");
-    if (static_cast<int32_t>(s.size()) > options_.max_stop_length) {
-      return Invalid(absl::StrFormat("a stop string is %d bytes; the limit is %d", s.size(),
-                                     options_.max_stop_length));
-    }
-  }
-  if (!v1::KvPolicy_IsValid(req.dms().policy())) {
-    return Invalid(absl::StrCat("dms.policy = ", static_cast<int>(req.dms().policy()),
-                                " is not a known KvPolicy value"));
-  }
-  if (req.dms().window() < 0) return Invalid("dms.window must be >= 0");
-  if (!std::isfinite(req.dms().force_rate()) || req.dms().force_rate() < 0 ||
-      req.dms().force_rate() >= 1) {
-    return Invalid("dms.force_rate must be in [0, 1)");
-  }
-  if (!v1::Selection_IsValid(req.answer().selection())) {
-    return Invalid(absl::StrCat("answer.selection = ", static_cast<int>(req.answer().selection()),
-                                " is not a known Selection value"));
-  }
-  std::shared_ptr<const std::regex> pattern;
-  if (!req.answer().extraction_regex().empty()) {
-    absl::StatusOr<std::shared_ptr<const std::regex>> re =
-        CompileAnswerRegex(req.answer().extraction_regex());
-    if (!re.ok()) return Invalid(std::string(re.status().message()));
-    pattern = *re;
-  }
-  if (!std::isfinite(req.deadline_seconds()) || req.deadline_seconds() < 0) {
-    return Invalid("deadline_seconds must be >= 0 (0 = none)");
-  }
 
   // ---- tokenize -------------------------------------------------------------------------------
   std::vector<int32_t> prompt = tok_.Encode(rendered, /*parse_special=*/true,
@@ -225,76 +146,17 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
   {
     absl::MutexLock lock(&mu_);
     // ---- capacity ---------------------------------------------------------------------------------
-    std::vector<std::shared_ptr<Replica>> alive;
-    for (auto& [rid, r] : replicas_) {
-      if (r->alive) alive.push_back(r);
-    }
-    if (alive.empty()) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "no replica is registered with the coordinator: start `dmsrt serve` and retry");
-    }
-    for (auto& r : alive) {
-      const std::string want = PolicyNameOf(req.dms().policy());
-      if (!want.empty() && want != r->info.kv_policy()) {
-        return Invalid(absl::StrFormat(
-            "dms.policy = %s but replica %d runs --kv-policy %s: leave dms.policy unset or start the "
-            "replicas with --kv-policy %s",
-            want, r->id, r->info.kv_policy(), want));
-      }
-    }
-    // The replica with the most blocks decides whether one thread can fit at all.
-    std::shared_ptr<Replica> big = alive.front();
-    for (auto& r : alive) {
-      if (r->info.kv_blocks_total() > big->info.kv_blocks_total()) big = r;
-    }
-    const v1::ReplicaInfo& bi = big->info;
-    const double bt = std::max(1, bi.kv_block_tokens());
-    const double per_tok_blocks = static_cast<double>(bi.blocks_per_token_dense());
-    const double full_len = static_cast<double>(prompt.size() + max_tokens);
-    // dms: the rate the replica observes over the threads it holds; while it holds none (a fresh
-    // or idle replica reports 0), the rate its adapter was calibrated at.
-    const double rate = big->stats.logical_tokens() > 0 ? big->stats.eviction_rate()
-                                                         : bi.dms_expected_eviction_rate();
-    const double thread_blocks =
-        std::ceil(ExpectedResident(bi, rate, full_len) / bt + 1) * per_tok_blocks;
-    if (thread_blocks > static_cast<double>(bi.kv_blocks_total())) {
-      return grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrFormat("one thread of %d prompt + %d generated tokens needs about %.0f KV blocks "
-                          "(%.1f MiB) but the largest replica holds %d blocks: lower "
-                          "stopping.max_tokens, shorten the prompt, or raise the replicas' --kv-budget",
-                          prompt.size(), max_tokens, thread_blocks,
-                          thread_blocks * bi.kv_block_bytes() / 1048576.0, bi.kv_blocks_total()));
-    }
-    int32_t n = req.n();
-    if (n == 0) {
-      // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
-      // resident set at its full length is estimated with the policy's eviction rate (the
-      // configured rate for forced, the observed or calibrated one for dms), so a compressing
-      // policy buys more threads in the same bytes. Without eviction the prompt's full blocks stay
-      // shared by all threads (a fork copies only the last, partial block). With eviction a thread
-      // writes its new tokens into the slots of evicted ones, prompt tokens included, and each such
-      // write into a shared block copies it: in the long run every thread holds its whole resident
-      // set itself, so nothing of the prompt is counted as shared. The extra block per (layer,
-      // head) covers the partly filled last block of each head.
-      const double bb = static_cast<double>(bi.kv_block_bytes());
-      const double prompt_bytes = std::ceil(prompt.size() / bt) * per_tok_blocks * bb;
-      const double resident_full = ExpectedResident(bi, rate, full_len);
-      const bool evicts = resident_full < full_len;
-      const double shared_tokens = evicts ? 0.0 : std::floor(prompt.size() / bt) * bt;
-      const double own_tokens = std::max(1.0, resident_full - shared_tokens);
-      const double per_thread_bytes = (std::ceil(own_tokens / bt) + 1) * per_tok_blocks * bb;
-      const double avail = static_cast<double>(budget) - prompt_bytes;
-      const int64_t fit = avail > 0 ? static_cast<int64_t>(avail / per_thread_bytes) : 0;
-      if (fit < 1) {
-        return grpc::Status(
-            grpc::StatusCode::RESOURCE_EXHAUSTED,
-            absl::StrFormat("kv.kv_budget_bytes = %d holds no thread: the prompt takes about %.0f bytes "
-                            "and each thread about %.0f bytes: raise the budget to at least %.0f",
-                            budget, prompt_bytes, per_thread_bytes, prompt_bytes + per_thread_bytes));
-      }
-      n = static_cast<int32_t>(std::min<int64_t>(fit, options_.max_n));
-    }
+    std::vector<ReplicaCapacity> alive = AliveCapacities();
+    AdmissionRequest ar;
+    ar.prompt_tokens = static_cast<int64_t>(prompt.size());
+    ar.max_tokens = max_tokens;
+    ar.n = req.n();
+    ar.kv_budget_bytes = budget;
+    ar.policy = PolicyNameOf(req.dms().policy());
+    ar.max_n = options_.max_n;
+    absl::StatusOr<int32_t> admitted = AdmitJob(ar, alive);
+    if (!admitted.ok()) return ToGrpcStatus(admitted.status());
+    const int32_t n = *admitted;
 
     // Forget the oldest finished jobs beyond the retention count (only those finished a while
     // ago, so a watcher still draining one never loses it).
@@ -351,26 +213,12 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
 
 bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
                                 std::vector<Outgoing>* out) {
-  std::vector<std::shared_ptr<Replica>> alive;
-  for (auto& [rid, r] : replicas_) {
-    if (r->alive) alive.push_back(r);
-  }
+  std::vector<ReplicaCapacity> alive = AliveCapacities();
   if (alive.empty()) return false;
-  std::map<int32_t, std::vector<int32_t>> plan;
-  for (int32_t idx : indices) {
-    std::shared_ptr<Replica> best;
-    double best_load = 0;
-    for (auto& r : alive) {
-      const double cap = std::max<int64_t>(1, r->info.kv_blocks_total());
-      const double load = static_cast<double>(r->assigned_open) / cap;
-      if (!best || load < best_load) {
-        best = r;
-        best_load = load;
-      }
-    }
-    ++best->assigned_open;
-    job.threads[idx].replica = best->id;
-    plan[best->id].push_back(idx);
+  const std::map<int32_t, std::vector<int32_t>> plan = PlaceThreads(indices, alive);
+  for (auto& [rid, idxs] : plan) {
+    replicas_[rid]->assigned_open += static_cast<int64_t>(idxs.size());
+    for (int32_t t : idxs) job.threads[t].replica = rid;
   }
   for (auto& [rid, idxs] : plan) {
     Outgoing o;
@@ -388,6 +236,14 @@ bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
     out->push_back(std::move(o));
   }
   return true;
+}
+
+std::vector<ReplicaCapacity> Coordinator::AliveCapacities() const {
+  std::vector<ReplicaCapacity> alive;
+  for (auto& [rid, r] : replicas_) {
+    if (r->alive) alive.push_back(CapacityOf(r->id, r->info, r->stats, r->assigned_open));
+  }
+  return alive;
 }
 
 void Coordinator::Send(std::vector<Outgoing>& out) {
@@ -824,6 +680,10 @@ grpc::Status Coordinator::Connect(
       rep->open = true;
     }
     replicas_[rep->id] = rep;
+    LogEvent(absl::StrFormat(
+        "event=replica_joined replica=%d peer=%s tp=%d kv_policy=%s kv_blocks=%d kv_block_bytes=%d",
+        rep->id, ctx->peer(), rep->info.tp(), rep->info.kv_policy(), rep->info.kv_blocks_total(),
+        rep->info.kv_block_bytes()));
   }
   while (stream->Read(&m)) {
     std::vector<Outgoing> out;
@@ -887,16 +747,18 @@ grpc::Status Coordinator::Connect(
     rep->open = false;
     rep->stream = nullptr;
   }
-  ReplicaLost(rep->id);
+  ReplicaLost(rep->id, ctx->IsCancelled() ? "stream_cancelled" : "stream_closed");
   return grpc::Status::OK;
 }
 
-void Coordinator::ReplicaLost(int32_t replica_id) {
+void Coordinator::ReplicaLost(int32_t replica_id, const char* reason) {
   std::vector<Outgoing> out;
   {
     absl::MutexLock lock(&mu_);
     auto rit = replicas_.find(replica_id);
-    if (rit == replicas_.end()) return;
+    if (rit == replicas_.end() || !rit->second->alive) return;
+    LogEvent(absl::StrFormat("event=replica_lost replica=%d reason=%s open_threads=%d", replica_id,
+                             reason, rit->second->assigned_open));
     rit->second->alive = false;
     rit->second->assigned_open = 0;
     for (auto& [id, job] : jobs_) {
@@ -926,8 +788,17 @@ void Coordinator::ReplicaLost(int32_t replica_id) {
           OnThreadFinished(*job, tf, &out);
           if (job->done) break;
         }
+        LogEvent(absl::StrFormat("event=threads_failed job=%s from_replica=%d threads=%d", job->id,
+                                 replica_id, orphans.size()));
       } else {
         lost_replica_preemptions_ += static_cast<int64_t>(orphans.size());
+        std::string to;
+        for (int32_t t : orphans) {
+          absl::StrAppend(&to, to.empty() ? "" : ",", job->threads[t].replica);
+        }
+        LogEvent(absl::StrFormat(
+            "event=threads_rerun job=%s from_replica=%d threads=%d to_replicas=%s", job->id,
+            replica_id, orphans.size(), to));
       }
     }
   }
@@ -955,7 +826,7 @@ void Coordinator::MonitorLoop() {
       }
     }
     Send(out);
-    for (int32_t rid : stale) ReplicaLost(rid);
+    for (int32_t rid : stale) ReplicaLost(rid, "heartbeat_timeout");
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
 }

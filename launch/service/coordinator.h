@@ -26,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
 #include "dmsrt/v1/replica.grpc.pb.h"
+#include "launch/admission.h"
 #include "launch/service/job_stream.h"
 #include "runtime/engine/answer.h"
 #include "runtime/model/model.h"
@@ -143,11 +144,14 @@ class Coordinator final : public v1::JobService::Service,
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FinishJob(Job& job, v1::JobOutcome outcome, const std::string& message)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReplicaLost(int32_t replica_id);
+  // Marks the replica lost (once; `reason` goes to the log line) and reassigns its threads.
+  void ReplicaLost(int32_t replica_id, const char* reason);
   void Send(std::vector<Outgoing>& out);
   void FillStatus(const Job& job, v1::JobStatus* s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::VoteUpdate VoteUpdateOf(const Job& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MonitorLoop();
+  // The live replicas as the admission rules see them (launch/admission.h).
+  std::vector<ReplicaCapacity> AliveCapacities() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Model& model_;
   const Tokenizer& tok_;

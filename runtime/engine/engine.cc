@@ -60,7 +60,11 @@ struct Engine::Job {
 
 Engine::Engine(Backend& backend, const Tokenizer& tokenizer, const Model& model,
                EngineOptions options)
-    : backend_(backend), tok_(tokenizer), model_(model), options_(std::move(options)) {
+    : backend_(backend),
+      clock_(options.clock != nullptr ? *options.clock : RealClock()),
+      tok_(tokenizer),
+      model_(model),
+      options_(std::move(options)) {
   if (options_.prefill_chunk < 1) options_.prefill_chunk = 1;
   if (options_.max_running_threads < 1) options_.max_running_threads = 1;
   UpdateStats(0.0, 0);
@@ -390,7 +394,7 @@ void Engine::FailEverything(const absl::Status& status, Outbox& out) {
 }
 
 absl::StatusOr<bool> Engine::Step() {
-  const auto t0 = std::chrono::steady_clock::now();
+  const Clock::TimePoint t0 = clock_.Now();
   DrainInbox();
   Outbox out;
   Admit(out);
@@ -425,7 +429,7 @@ absl::StatusOr<bool> Engine::Step() {
   DropFinishedJobs();
   if (did_work) ++steps_;
   const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::chrono::duration<double>(clock_.Now() - t0).count();
   UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
   return did_work;
 }
@@ -635,13 +639,13 @@ void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
   absl::MutexLock lock(&mu_);
   stats_ = s;
   busy_ = !jobs_.empty();
-  if (step_seconds > 0.0) last_work_ = std::chrono::steady_clock::now();
+  if (step_seconds > 0.0) last_work_ = clock_.Now();
 }
 
 EngineStats Engine::Stats() const {
   absl::MutexLock lock(&mu_);
   EngineStats s = stats_;
-  if (std::chrono::steady_clock::now() - last_work_ > std::chrono::seconds(2)) s.tokens_per_second = 0.0;
+  if (clock_.Now() - last_work_ > std::chrono::seconds(2)) s.tokens_per_second = 0.0;
   return s;
 }
 

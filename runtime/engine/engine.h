@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "runtime/backend/backend.h"
+#include "runtime/engine/clock.h"
 #include "runtime/model/model.h"
 #include "runtime/engine/sampler.h"
 #include "runtime/engine/stop_matcher.h"
@@ -99,6 +100,10 @@ struct EngineOptions {
   // a full KV cache; the jobs of a failed step have already ended with ERROR. The owner decides
   // whether the backend can go on (a broken TP group cannot).
   std::function<void(const absl::Status&)> on_failure;
+  // The time source of the step timings and the tokens/s figure. Null: the real steady clock.
+  // The capacity planner passes a simulated clock that its backend advances by each step's
+  // predicted duration. Must outlive the engine.
+  const Clock* clock = nullptr;
 };
 
 struct EngineStats {
@@ -209,6 +214,7 @@ class Engine {
   void DropFinishedJobs();
 
   Backend& backend_;
+  const Clock& clock_;
   const Tokenizer& tok_;
   const Model& model_;
   EngineOptions options_;
@@ -222,7 +228,7 @@ class Engine {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool busy_ ABSL_GUARDED_BY(mu_) = false;  // jobs_ not empty after the last step
   EngineStats stats_ ABSL_GUARDED_BY(mu_);
-  std::chrono::steady_clock::time_point last_work_ ABSL_GUARDED_BY(mu_);
+  Clock::TimePoint last_work_ ABSL_GUARDED_BY(mu_);
 
   // Stepping side (the engine thread only).
   std::map<JobId, std::unique_ptr<Job>> jobs_;

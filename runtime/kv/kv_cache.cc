@@ -1,5 +1,6 @@
 // The factories of the KV store (runtime/kv/kv_store.h) and the derived compression figures.
 #include "runtime/kv/kv_cache.h"
+#include "runtime/kv/kv_sizing.h"
 
 #include <limits>
 #include <memory>
@@ -75,8 +76,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
                                                         int64_t budget_bytes) {
   DMSRT_RETURN_IF_ERROR(ValidateGeometry(g));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvPolicy> policy, MakeKvPolicy(p, g));
-  const int64_t block_bytes =
-      2 * static_cast<int64_t>(g.block_tokens) * g.head_dim * static_cast<int64_t>(sizeof(float));
+  const int64_t block_bytes = CpuKvBlockBytes(g.head_dim, g.block_tokens);
   if (budget_bytes < block_bytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "KV budget of %d bytes is smaller than one block (%d bytes: %d tokens x head_dim %d x K,V "

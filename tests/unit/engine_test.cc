@@ -373,6 +373,46 @@ TEST_F(EngineTest, PeaksCountTheLastStepBeforeBlocksAreFreed) {
   EXPECT_LE(s.peak_kv_blocks_used, 4 * DenseBlocks(*backend, 38));
 }
 
+// The engine reads time only through EngineOptions::clock: with a simulated clock that moves
+// 0.25 s per forward step, tokens/s is exactly tokens / (steps x 0.25 s), and Stats() keeps it
+// until the simulated clock is 2 s past the last step.
+TEST_F(EngineTest, InjectedClockTimesSteps) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  // A backend wrapper that advances the clock by 0.25 s per forward pass.
+  struct TimedBackend : Backend {
+    Backend& inner;
+    SimClock& clock;
+    TimedBackend(Backend& b, SimClock& c) : inner(b), clock(c) {}
+    const char* name() const override { return "timed"; }
+    absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
+      clock.AdvanceSeconds(0.25);
+      return inner.Forward(batch);
+    }
+    KvCache& kv() override { return inner.kv(); }
+  };
+  SimClock clock;
+  TimedBackend timed(*backend, clock);
+  EngineOptions o;
+  o.clock = &clock;
+  Engine engine(timed, *tok_, *model_, o);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  SubmitTo(engine, Spec({0, 1}, 6, 3), out, mu);
+  // Step 1 prefills the prompt and samples each thread's first token; steps 2..6 decode one token
+  // per thread.
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(engine.Step().ok());
+  EngineStats s = engine.Stats();
+  EXPECT_DOUBLE_EQ(clock.Seconds(), 0.75);
+  EXPECT_DOUBLE_EQ(s.tokens_per_second, 6.0 / 0.75);
+  clock.AdvanceSeconds(1.9);
+  EXPECT_DOUBLE_EQ(engine.Stats().tokens_per_second, 6.0 / 0.75);
+  clock.AdvanceSeconds(0.2);
+  EXPECT_EQ(engine.Stats().tokens_per_second, 0.0);
+  RunUntilIdle(engine);
+  EXPECT_TRUE(out->finished);
+}
+
 // With on_idle set, the stepping thread calls it while there is no work; its errors, like step
 // errors other than a full cache, go to on_failure.
 TEST_F(EngineTest, IdleHookRunsWhileIdleAndReportsFailures) {

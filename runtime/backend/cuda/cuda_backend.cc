@@ -7,6 +7,7 @@
 #include "kernels/kv_store.cuh"
 #include "parallel/comm.h"
 #include "parallel/world.h"
+#include "runtime/kv/kv_sizing.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 
 namespace dmsrt {
@@ -103,13 +104,13 @@ absl::Status CudaBackend::AllocateKvPools() {
   if (policy.kind == KvPolicyKind::kDms && policy.window <= 0) policy.window = c.dms.window;
   if (policy.kind == KvPolicyKind::kDms) policy.dms_sinks = c.dms.sink_tokens;
   const int64_t bt = geo.block_tokens;
-  const int64_t block_bytes = bt * (2ll * hd_ * static_cast<int64_t>(sizeof(bf16)) + 2 * sizeof(int32_t));
+  const int64_t block_bytes = CudaKvBlockBytes(hd_, geo.block_tokens);
+  static_assert(sizeof(bf16) == 2, "CudaKvBlockBytes counts K and V in 2-byte bf16");
   int64_t budget = options_.kv_budget_bytes;
   if (budget <= 0) {
     size_t free_b = 0, total_b = 0;
     DMSRT_CUDA_OK(cudaMemGetInfo(&free_b, &total_b));
-    const int64_t margin = std::max<int64_t>(2ll << 30, static_cast<int64_t>(total_b) / 20);
-    budget = static_cast<int64_t>(free_b) - margin;
+    budget = DeviceKvBudgetBytes(static_cast<int64_t>(free_b), static_cast<int64_t>(total_b));
     if (budget < block_bytes) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "no device memory left for the KV cache: %d MiB free after the weights", free_b >> 20));

@@ -1,0 +1,105 @@
+// Discrete-event simulation of a deployment for the capacity planner.
+//
+// Every scheduling decision is the runtime's own code: each replica is a real Engine
+// (runtime/engine/engine.h: admission against free blocks, prefill chunking, forks, preemption)
+// over a SimBackend whose KV bookkeeping is the real KvIndex (runtime/kv/kv_cache.h: blocks,
+// copy-on-write, the delayed-eviction rule at the stated rate), and jobs are admitted and their
+// threads placed by the coordinator's rules (launch/admission.h). What is simulated is only the
+// forward pass: the backend returns logits that continue or end a thread and advances the
+// replica's clock by the profile's step time for what the step held.
+//
+// Simplification (documented in docs/planning.md): the KV index has one representative layer
+// and KV head, whose blocks stand for a row of n_layers x n_kv_heads real blocks; the pool is
+// the real pool divided by that row. Eviction under the forced rule is hashed per head, so the
+// real pool's average is what one head shows.
+//
+// Deterministic: the same inputs give the same result.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "launch/plan/profile.h"
+#include "runtime/kv/kv_cache.h"
+#include "runtime/model/model.h"
+
+namespace dmsrt {
+
+// A token-length distribution, parsed from "fixed:N", "uniform:A:B" or "lognormal:MEDIAN:SIGMA"
+// (heavy-tailed), each clipped to [1, max].
+struct LengthDist {
+  enum class Kind { kFixed, kUniform, kLognormal } kind = Kind::kFixed;
+  double a = 1.0, b = 0.0;  // fixed: a; uniform: [a, b]; lognormal: median a, sigma b
+  int64_t max = 1 << 30;
+  int64_t Sample(std::mt19937_64& rng) const;
+  // P(L >= k+1 | L >= k) complement: the probability that token number k (1-based) is the last.
+  double Hazard(int64_t k) const;
+  double Mean() const;  // of the clipped distribution (numerically)
+  int64_t Max() const;  // the longest length it can draw
+  std::string ToString() const;
+};
+absl::StatusOr<LengthDist> ParseLengthDist(const std::string& s, int64_t max);
+
+struct Workload {
+  double jobs_per_hour = 60.0;    // Poisson arrivals (ignored when `arrivals` is set)
+  std::vector<double> arrivals;   // trace: arrival times in seconds (sorted), optional
+  int32_t n = 16;                 // threads per job (best-of-N)
+  LengthDist prompt;              // prompt tokens per job
+  LengthDist reasoning;           // generated tokens
+  // false: one length per job, every thread runs to it (EOS ignored): what a load generator can
+  // reproduce on any model. true: every thread draws its own length (stragglers).
+  bool per_thread_lengths = false;
+  int64_t jobs = 200;             // jobs submitted
+  double warmup_fraction = 0.1;   // the first jobs are left out of latency percentiles
+  uint64_t seed = 1;
+};
+
+// One replica (a TP group) as the simulator runs it.
+struct SimReplicaConfig {
+  ModelConfig model;               // the planned model (shapes, context length)
+  int32_t tp = 1;
+  int64_t kv_budget_bytes = 0;     // per rank, as --kv-budget
+  int64_t kv_block_bytes = 0;      // one block of one (layer, KV head), as the backend sizes it
+  int32_t block_tokens = 16;
+  double eviction_rate = 0.0;      // 0: dense; otherwise the forced rule at this rate
+  int32_t window = 0;              // DMS delay window (eviction_rate > 0)
+  StepCosts costs;
+  int32_t prefill_chunk = 256;
+  int32_t max_running_threads = 256;
+};
+
+struct SimResult {
+  int64_t jobs_submitted = 0;
+  int64_t jobs_finished = 0;        // all, warm-up included
+  int64_t jobs_failed = 0;          // a thread ended with an error (did not fit)
+  double first_arrival = 0.0, last_arrival = 0.0, last_finish = 0.0;
+  double sim_seconds = 0.0;
+  std::vector<double> latency;      // measured jobs (after warm-up); +inf for unfinished
+  std::vector<double> first_thread; // time to the first finished thread, measured jobs
+  double jobs_per_hour = 0.0;       // measured jobs finished / their span
+  double threads_per_second = 0.0;
+  double tokens_per_second = 0.0;   // generated
+  int64_t preemptions = 0;
+  int64_t peak_running_threads = 0; // per replica, the largest
+  double peak_kv_fraction = 0.0;    // blocks used / total, the largest over replicas
+  double mean_batch = 0.0;          // decode rows per step
+  int64_t steps = 0;
+  double busy_seconds = 0.0;        // summed over replicas
+  double seconds_fixed = 0.0, seconds_rows = 0.0, seconds_kv = 0.0, seconds_prefill = 0.0;
+  bool complete = true;             // every job finished before the cut-off
+  double wall_seconds = 0.0;        // host time the simulation took
+};
+
+// Percentile (0..100) of `v` by nearest rank; +inf entries count as the largest.
+double Percentile(std::vector<double> v, double pct);
+
+// Simulates `replicas` identical replicas under `w`. The run stops when every job has finished,
+// or `cutoff_after_last_arrival` seconds after the last arrival (unfinished jobs then count
+// with infinite latency and `complete` is false).
+absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas,
+                                   const Workload& w, double cutoff_after_last_arrival);
+
+}  // namespace dmsrt

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""`dmsrt plan` on the command line: a datasheet run whose JSON has the promised fields, and clear
+errors (a message, a non-zero exit, no crash) for a profile missing a field, a negative rate, an
+SLO no deployment meets (an answer with the closest miss) and a model that fits nowhere. One case
+per ctest (label unit), seconds each:
+
+    plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# A small workload on Qwen3-8B shapes: fast to simulate.
+BASE = ["plan", "--model", "qwen3-8b", "--gpus", "2", "--n", "4", "--prompt", "fixed:256",
+        "--reasoning", "uniform:256:768", "--max-tokens", "1024", "--jobs", "30",
+        "--search-steps", "3"]
+
+
+def run(bin_, *args):
+    p = subprocess.run([bin_, *BASE, *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def expect_error(rc, err, needle, code=1):
+    assert rc == code, f"exit code {rc}, wanted {code}\n{err}"
+    assert err.startswith("dmsrt plan"), f"no clear message: {err!r}"
+    assert needle in err, f"{needle!r} not in {err!r}"
+
+
+def main():
+    bin_, case = sys.argv[1], sys.argv[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        if case == "datasheet":
+            out, svg = os.path.join(tmp, "plan.json"), os.path.join(tmp, "plan.svg")
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--tp", "1,2", "--evict", "0,0.875",
+                             "--slo", "p90=60", "--rate", "2000", "--out", out, "--svg", svg)
+            assert rc == 0, f"rc {rc}\n{so}\n{se}"
+            assert "UNMEASURED" in so, so
+            j = json.load(open(out))
+            assert j["provenance"]["measured"] is False
+            assert len(j["deployments"]) == 4, j["deployments"]
+            for d in j["deployments"]:
+                for k in ("gpus", "replicas", "capacity_jobs_per_hour_per_replica", "binding",
+                          "memory", "step_model", "at_capacity", "gpu_hours_per_1000_jobs"):
+                    assert k in d, k
+                assert d["runnable"] == (d["tp"] == 1), d
+            assert j["winner"] >= 0 and j["answer"], j["answer"]
+            gpus = [d["gpus"] for d in j["deployments"]]
+            assert gpus == sorted(gpus), gpus
+            assert open(svg).read().startswith("<svg") or "<svg" in open(svg).read()
+        elif case == "bad_profile":
+            p = os.path.join(tmp, "p.json")
+            json.dump({"schema_version": 2, "model": "m", "weight_bytes": 1, "provenance": {}}, open(p, "w"))
+            rc, so, se = run(bin_, "--profile", p)
+            expect_error(rc, se, "'step_model'")
+        elif case == "negative_rate":
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--rate", "-5")
+            expect_error(rc, se, "--rate", code=2)
+        elif case == "no_slo":
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--slo", "p90=0.01")
+            expect_error(rc, se, "closest miss")
+        elif case == "no_fit":
+            # A measured (CPU) profile and a KV budget far below one thread's need.
+            p = os.path.join(tmp, "cpu.json")
+            json.dump({"schema_version": 2, "model": "m.gguf", "weight_bytes": 100 << 20,
+                       "provenance": {"cpu_model": "test"},
+                       "step_model": {"decode": [{"batch": 1, "kv_tokens": 64, "seconds": 0.02},
+                                                 {"batch": 4, "kv_tokens": 4096, "seconds": 0.03},
+                                                 {"batch": 16, "kv_tokens": 1024, "seconds": 0.05}],
+                                      "prefill": [{"tokens": 16, "seconds": 0.03},
+                                                  {"tokens": 256, "seconds": 0.2}]}}, open(p, "w"))
+            rc, so, se = run(bin_, "--profile", p, "--kv-budget", "1MiB")
+            expect_error(rc, se, "fit no deployment")
+        else:
+            raise SystemExit(f"unknown case {case}")
+    print(f"{case}: ok")
+
+
+if __name__ == "__main__":
+    main()
