@@ -139,7 +139,8 @@ def run_config(args, name, extra, tasks, prompt_cfg, stubs):
                 cr = th["cache_cr"] if th["cache_cr"] > 0 else 1.0
                 threads.append({"index": th["index"], "reason": th["reason"], "tokens": th["tokens"],
                                 "answer": th["answer"], "correct": normalise(th["answer"]) == gold,
-                                "cache_cr": cr, "resident_tokens": (prompt_tokens + th["tokens"]) / cr})
+                                "cache_cr": cr, "resident_tokens": (prompt_tokens + th["tokens"]) / cr,
+                                "text": th["text"]})
             row = {"id": task.get("id", str(qi)), "gold": gold, "n": res["n"],
                    "outcome": res["outcome"], "answer": res["answer"],
                    "vote_correct": normalise(res["answer"]) == gold, "votes": res["votes"],
@@ -253,7 +254,7 @@ def main():
     ap.add_argument("--configs", default="dense,dms", help="which to run, in order")
     ap.add_argument("--job-timeout", type=float, default=1800)
     ap.add_argument("--verbose", action="store_true", help="one line per question and config")
-    ap.add_argument("--json-out", help="write the figures (and every thread's answer) here")
+    ap.add_argument("--json-out", help="write the figures (and every thread's answer and text) here")
     ap.add_argument("--check-admitted-ratio", type=float, default=0.0,
                     help="fail unless every job ended with an answer or none, nothing failed, and "
                     "dms admitted at least this many times dense's threads on every question; "
