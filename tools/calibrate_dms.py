@@ -71,6 +71,9 @@ def parse_args(argv):
                         "tests/data/calib/*.txt); never the held-out text")
     p.add_argument("--target", choices=["future", "kvzip"], default="future")
     p.add_argument("--window", type=int, default=32, help="DMS delay window w (dms_window_size)")
+    p.add_argument("--delay-window", type=int, default=None,
+                   help="the window written to the file (dms_window_size) when it differs from "
+                        "the --window the targets were measured with (default: --window)")
     p.add_argument("--rate", type=float, nargs="+", default=[0.885],
                    help="target eviction rate on the calibration text (asymptotic CR "
                         "1/(1-rate)); several rates write one file each, with {rate} in --out")
@@ -317,7 +320,7 @@ def write_adapter(args, params, taus, ln_w, rate, texts_sha, extra):
         b = tau - c + ALPHA_OFFSET / ALPHA_SCALE
         tensors[pre + "dms_proj_alpha.bias"] = torch.tensor(np.ascontiguousarray(b), dtype=torch.float32)
     meta = {
-        "dms_window_size": str(args.window),
+        "dms_window_size": str(args.delay_window or args.window),
         "dms_alpha_scale": str(ALPHA_SCALE),
         "dms_initial_alpha_offset": str(ALPHA_OFFSET),
         "dms_alpha_per": "head",

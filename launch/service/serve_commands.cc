@@ -363,6 +363,7 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
                     ? absl::StrFormat(" (calibrated eviction rate %.3f)",
                                       info.dms_expected_eviction_rate())
                     : "")
+            << (rc.dms_adapter.empty() ? "" : absl::StrCat(", adapter ", rc.dms_adapter))
             << ", coordinator " << address << std::endl;
   agent.Run(&g_stop);
   engine.Stop();

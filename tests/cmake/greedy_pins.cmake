@@ -11,3 +11,11 @@ if(Python3_Interpreter_FOUND)
            ${PROJECT_SOURCE_DIR}/tests/regression/greedy_pins.py ${pin_args})
   set_tests_properties(greedy_pins PROPERTIES LABELS unit TIMEOUT 900)
 endif()
+
+# The committed learned DMS adapter (adapters/), found without a flag, still evicts at the rate
+# recorded when it was made (tests/regression/adapter_rate.py). Label unit: about 20 s.
+if(Python3_Interpreter_FOUND)
+  add_test(NAME adapter_rate COMMAND ${Python3_EXECUTABLE}
+           ${PROJECT_SOURCE_DIR}/tests/regression/adapter_rate.py --dmsrt $<TARGET_FILE:dmsrt>)
+  set_tests_properties(adapter_rate PROPERTIES LABELS unit TIMEOUT 300)
+endif()
