@@ -2,12 +2,13 @@
 # model's learned DMS adapter, one budget-mode job per question under the same KV budget, on real
 # `dmsrt serve` replicas over loopback gRPC.
 #
-# bestofn_equal_memory_small (label e2e, so it runs in `ctest -LE bench_full`; 30-60 s on 2 idle
-# cores): one question, checks the mechanics only: both configurations run, every job ends with
-# an answer (or none), the figures are printed, and dms admits at least 2x dense's threads
-# because the coordinator plans a fresh dms replica with the adapter's calibrated eviction rate.
-# Nothing about accuracy is asserted. bestofn_equal_memory_full (label bench_full, 30-90 minutes
-# on 2 cores) is the measurement: every question of tests/data/bestofn/tasks.jsonl. Run it with
+# bestofn_equal_memory_small (label e2e, so it runs in `ctest -LE bench_full`; about 40 s on 2
+# loaded cores): one question, checks the mechanics only: both configurations run, every job
+# ends with an answer (or none), the figures are printed, and dms admits at least 2x dense's
+# threads because the coordinator plans a fresh dms replica with the adapter's calibrated
+# eviction rate. Nothing about accuracy is asserted. bestofn_equal_memory_full (label
+# bench_full, about 25 minutes on 2 loaded cores) is the measurement: every question of
+# tests/data/bestofn/tasks.jsonl (result in tests/data/bestofn/README.md). Run it with
 #   ctest --test-dir build -R bestofn_equal_memory_full -V
 # Without the adapter file (adapters/SmolLM2-135M-Instruct.dms.safetensors) the script falls back
 # to forced synthetic eviction (rate 0.875, w = 32) and says so. The glob below makes CMake look
