@@ -348,9 +348,8 @@ def check_written(args, X, params, taus):
     for i, (x, (W, c), tau) in enumerate(zip(X, params, taus)):
         pre = f"model.layers.{i}.self_attn."
         g = t[pre + "dms_proj_alpha_norm.weight"]
-        n = x if args.target == "future" else x  # features already include g
-        if args.target == "future":
-            n = x * g
+        # kvzip features already include g (the input_layernorm weight); future ones use g = 1.
+        n = x * g if args.target == "future" else x
         logit = ALPHA_SCALE * (n @ t[pre + "dms_proj_alpha.weight"].T + t[pre + "dms_proj_alpha.bias"]) - ALPHA_OFFSET
         want = (x @ W.T + c) < tau
         got = logit > 0

@@ -5,7 +5,6 @@
 // (`model.layers.{i}.self_attn.dms_proj_alpha*`, or without the `model.` prefix) or in GGUF form
 // (`blk.{i}.dms_alpha*`).
 #include <cmath>
-#include <cstring>
 #include <regex>
 
 #include <nlohmann/json.hpp>
@@ -83,19 +82,20 @@ absl::Status CheckAdapterNames(const SafetensorsFile& f, const std::string& path
 }
 
 // A NaN or infinite adapter weight would flag (or keep) tokens arbitrarily: refuse it by name.
+// Rows are converted to float by the same dequantizer the backends use.
 absl::Status CheckFinite(const std::string& path, const WeightTensor& w) {
-  for (int64_t i = 0; i < w.numel(); ++i) {
-    float v;
-    if (w.type == DType::kF32) {
-      std::memcpy(&v, w.data + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, w.data + 2 * i, 2);
-      v = w.type == DType::kF16 ? kernels::Fp16ToFp32(h) : kernels::Bf16ToFp32(h);
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    if (!kernels::DequantizeRow(static_cast<int>(w.type), w.row(r), row.data(), w.cols)) {
+      return absl::UnimplementedError(
+          absl::StrCat(path, ": tensor '", w.name, "' has type ", DTypeName(w.type)));
     }
-    if (!std::isfinite(v)) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", w.name, "' has the value ",
-                                                     v, " at element ", i));
+    for (int64_t c = 0; c < w.cols; ++c) {
+      if (!std::isfinite(row[static_cast<size_t>(c)])) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", w.name, "' has the value ",
+                                                       row[static_cast<size_t>(c)], " at element ",
+                                                       r * w.cols + c));
+      }
     }
   }
   return absl::OkStatus();

@@ -32,11 +32,13 @@ compared with the task's answer after the same normalisation. Needs grpcio + grp
 """
 
 import argparse
+import atexit
 import glob
 import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -273,6 +275,7 @@ def main():
                      "--dms-window", str(args.window)]
     configs = {"dense": ("dense", ["--kv-policy", "none"]), "dms": (dms_name, dms_extra)}
     stubs = tempfile.mkdtemp(prefix="dmsrt_stubs_")
+    atexit.register(shutil.rmtree, stubs, True)  # the generated gRPC stubs
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.time()
     runs = {}

@@ -27,9 +27,11 @@ an admission estimate that is too optimistic shows up as preemptions. Needs grpc
 """
 
 import argparse
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,6 +228,7 @@ def main():
                     help="fail unless forced/none >= this for admitted and for run-at-once threads")
     args = ap.parse_args()
     stubs = tempfile.mkdtemp(prefix="dmsrt_stubs_")
+    atexit.register(shutil.rmtree, stubs, True)  # the generated gRPC stubs
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     runs = [run_policy(args, p, stubs) for p in ("none", "forced")]
     none, forced = runs

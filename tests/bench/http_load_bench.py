@@ -127,7 +127,8 @@ def main():
     http_port = free_port()
     srv = Server(np=a.np, kv_budget="128MiB", extra=["--http-listen", f"127.0.0.1:{http_port}",
                                                      "--http-threads", "256", "--max-n", "64"])
-    client = DmsrtClient(srv.address, stubs_dir=tempfile.mkdtemp(prefix="dmsrt_stubs_"))
+    stubs = tempfile.TemporaryDirectory(prefix="dmsrt_stubs_")  # removed when the run ends
+    client = DmsrtClient(srv.address, stubs_dir=stubs.name)
     try:
         srv.wait_ready(client)
         if a.grpc_first:
