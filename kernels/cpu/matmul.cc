@@ -151,37 +151,54 @@ void TileQ4(const TileArgs& a) {
   }
 }
 
-// Q8_0 weights: signed × signed via |w| (unsigned) and sign(x, w).
+// Q8_0 weights: signed × signed via |w| (unsigned) and sign(x, w). The same register plan as
+// TileQ4: four rows' block dot products folded into one vector [r0 r1 r2 r3 | r0 r1 r2 r3] by
+// horizontal adds (exact integer sums), one conversion and one multiply-add per token and block,
+// unused rows of a short tile repeating the first row (bit-identical per row).
 template <int R, int T>
 void TileQ8_0(const TileArgs& a) {
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  }
+  static_assert(R >= 1 && R <= 4, "row tile of 1 to 4 rows");
+  const uint8_t* rows[4];
+  for (int r = 0; r < 4; ++r) rows[r] = a.w + (r < R ? r : 0) * a.row_bytes;
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  constexpr int64_t kBlockBytes = sizeof(BlockQ8_0);
   for (int64_t b = 0; b < a.nb; ++b) {
-    __m256i wq[R], wabs[R];
-    float wd[R];
-    for (int r = 0; r < R; ++r) {
-      const BlockQ8_0* blk = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes) + b;
-      wd[r] = HalfToFloat(blk->d);
-      wq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->qs));
+    __m256i wq[4], wabs[4];
+    uint16_t head[4];
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* blk = rows[r] + b * kBlockBytes;
+      if (r < R) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocksAvx2 * kBlockBytes),
+                     _MM_HINT_T0);
+      }
+      std::memcpy(&head[r], blk, 2);
+      wq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
       wabs[r] = _mm256_sign_epi8(wq[r], wq[r]);
     }
+    const __m128 wd4 = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(head[0]), static_cast<short>(head[1]),
+                                                   static_cast<short>(head[2]), static_cast<short>(head[3]),
+                                                   0, 0, 0, 0));
+    const __m256 wd8 = _mm256_set_m128(wd4, wd4);
     for (int t = 0; t < T; ++t) {
       const __m256i xv =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + t * a.cols + b * kQK));
-      const float dx = a.xd[t * a.nb + b];
-      for (int r = 0; r < R; ++r) {
-        const __m256 p = _mm256_cvtepi32_ps(DotU8S8(wabs[r], _mm256_sign_epi8(xv, wq[r])));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[r] * dx), acc[r][t]);
-      }
+      const __m256i h01 = _mm256_hadd_epi32(DotU8S8(wabs[0], _mm256_sign_epi8(xv, wq[0])),
+                                            DotU8S8(wabs[1], _mm256_sign_epi8(xv, wq[1])));
+      const __m256i h23 = _mm256_hadd_epi32(DotU8S8(wabs[2], _mm256_sign_epi8(xv, wq[2])),
+                                            DotU8S8(wabs[3], _mm256_sign_epi8(xv, wq[3])));
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_hadd_epi32(h01, h23));
+      const __m256 scale = _mm256_mul_ps(wd8, _mm256_broadcast_ss(a.xd + t * a.nb + b));
+      acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) a.y[t * a.ldy + r] = Hsum(acc[r][t]);
+  for (int t = 0; t < T; ++t) {
+    const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    float out[4];
+    _mm_storeu_ps(out, sum);
+    for (int r = 0; r < R; ++r) a.y[t * a.ldy + r] = out[r];
   }
 }
-
 
 #if DMSRT_MM_AVX512
 // AVX-512 VNNI: two consecutive blocks per 512-bit register, so each vpdpbusd covers 64 weights.

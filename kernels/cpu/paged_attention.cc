@@ -113,8 +113,8 @@ inline V8 ExpNonPositive(V8 x) {
   return y * (V8)e;
 }
 
-// Numerically stable softmax of p[0..m) in place (max subtraction, float sum).
-inline void SoftmaxInPlace(float* p, int32_t m) {
+// p[0..m) = exp(p - max) in place; returns the max and writes the sum of the exponentials.
+float ExpShifted(float* p, int32_t m, float* sum_out) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int32_t c = 0; c < m; ++c) mx = std::max(mx, p[c]);
   const V8 vmx = {mx, mx, mx, mx, mx, mx, mx, mx};
@@ -130,8 +130,16 @@ inline void SoftmaxInPlace(float* p, int32_t m) {
     p[c] = std::exp(p[c] - mx);
     sum += p[c];
   }
+  *sum_out = sum;
+  return mx;
+}
+
+// Numerically stable softmax of p[0..m) in place (max subtraction, float sum).
+inline void SoftmaxInPlace(float* p, int32_t m) {
+  float sum = 0.0f;
+  ExpShifted(p, m, &sum);
   const float inv = 1.0f / sum;
-  for (c = 0; c < m; ++c) p[c] *= inv;
+  for (int32_t c = 0; c < m; ++c) p[c] *= inv;
 }
 
 inline void Prefetch(const float* p, int32_t bytes) {
@@ -141,18 +149,26 @@ inline void Prefetch(const float* p, int32_t bytes) {
 
 }  // namespace
 
-void GatherSlotRows(const PagedKvPool& pool, const int32_t* blocks, int32_t n,
-                    const float** k_rows, const float** v_rows) {
+void GatherSlotRange(const PagedKvPool& pool, const int32_t* blocks, int32_t first, int32_t end,
+                     const float** k_rows, const float** v_rows) {
   const int32_t bt = pool.block_tokens;
-  for (int32_t sl = 0; sl < n; ++sl) {
+  for (int32_t sl = first; sl < end; ++sl) {
     const float* kr = pool.key(blocks[sl / bt], sl % bt);
     k_rows[sl] = kr;
     v_rows[sl] = kr + pool.v_offset;
   }
 }
 
-void AttendRows(const float* qg, int32_t g, int32_t hd, float scale, const float* const* kp,
-                const float* const* vp, int32_t m, float* p, float* outg) {
+void GatherSlotRows(const PagedKvPool& pool, const int32_t* blocks, int32_t n,
+                    const float** k_rows, const float** v_rows) {
+  GatherSlotRange(pool, blocks, 0, n, k_rows, v_rows);
+}
+
+namespace {
+
+// p[h * ldp + c] = scale * q_h . k_c for the g query heads and the m keys.
+void Scores(const float* qg, int32_t g, int32_t hd, float scale, const float* const* kp, int32_t m,
+            float* p, int64_t ldp) {
   // Rows of consecutive slots are contiguous only inside a block, so hardware prefetchers stall
   // at every block edge: fetch a few rows ahead explicitly.
   constexpr int32_t kAhead = 6;
@@ -166,16 +182,21 @@ void AttendRows(const float* qg, int32_t g, int32_t hd, float scale, const float
         if (c + kAhead + u < m) Prefetch(kp[c + kAhead + u], row_bytes);
       }
       for (int32_t h = 0; h < g; ++h) {
-        Store8(p + h * m + c, Dot8Keys(qg + h * hd, kp + c, hd) * scale);
+        Store8(p + h * ldp + c, Dot8Keys(qg + h * hd, kp + c, hd) * scale);
       }
     }
   }
   for (; c < m; ++c) {
     if (c + kAhead < m) Prefetch(kp[c + kAhead], row_bytes);
     const float* kr = kp[c];
-    for (int32_t h = 0; h < g; ++h) p[h * m + c] = Dot(qg + h * hd, kr, hd) * scale;
+    for (int32_t h = 0; h < g; ++h) p[h * ldp + c] = Dot(qg + h * hd, kr, hd) * scale;
   }
-  for (int32_t h = 0; h < g; ++h) SoftmaxInPlace(p + h * m, m);
+}
+
+// outg[h] = Σ_c p[h * ldp + c] v_c, overwriting outg [g, hd].
+void WeightedValues(const float* p, int64_t ldp, int32_t g, int32_t hd, const float* const* vp,
+                    int32_t m, float* outg) {
+  const int32_t row_bytes = hd * static_cast<int32_t>(sizeof(float));
   std::fill(outg, outg + static_cast<size_t>(g) * hd, 0.0f);
   // V in tiles of keys that stay in L1 while each query head of the group accumulates its
   // output in registers.
@@ -184,7 +205,7 @@ void AttendRows(const float* qg, int32_t g, int32_t hd, float scale, const float
     const int32_t c1 = std::min(m, c0 + kTile);
     for (int32_t c = c0; c < c1; ++c) Prefetch(vp[c], row_bytes);
     for (int32_t h = 0; h < g; ++h) {
-      const float* ph = p + h * m;
+      const float* ph = p + h * ldp;
       float* oh = outg + h * hd;
       if (hd == 64) {
         AccumulateRows<8>(ph, vp, c0, c1, oh);
@@ -193,6 +214,44 @@ void AttendRows(const float* qg, int32_t g, int32_t hd, float scale, const float
       } else {
         for (int32_t c = c0; c < c1; ++c) Axpy(ph[c], vp[c], oh, hd);
       }
+    }
+  }
+}
+
+}  // namespace
+
+void AttendRows(const float* qg, int32_t g, int32_t hd, float scale, const float* const* kp,
+                const float* const* vp, int32_t m, float* p, float* outg) {
+  Scores(qg, g, hd, scale, kp, m, p, m);
+  for (int32_t h = 0; h < g; ++h) SoftmaxInPlace(p + h * m, m);
+  WeightedValues(p, m, g, hd, vp, m, outg);
+}
+
+void AttendKeyChunk(const float* qg, int32_t g, int32_t hd, float scale, const float* const* kp,
+                    const float* const* vp, int32_t m, float* p, int64_t ldp, float* part) {
+  Scores(qg, g, hd, scale, kp, m, p, ldp);
+  for (int32_t h = 0; h < g; ++h) {
+    float* stats = part + static_cast<int64_t>(g) * hd + 2 * h;
+    stats[0] = ExpShifted(p + h * ldp, m, &stats[1]);
+  }
+  WeightedValues(p, ldp, g, hd, vp, m, part);
+}
+
+void CombineKeyChunks(const float* parts, int32_t n_parts, int32_t g, int32_t hd, float* outg) {
+  const int64_t stride = KeyChunkFloats(g, hd);
+  for (int32_t h = 0; h < g; ++h) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int32_t k = 0; k < n_parts; ++k) mx = std::max(mx, parts[k * stride + g * hd + 2 * h]);
+    float total = 0.0f;
+    for (int32_t k = 0; k < n_parts; ++k) {
+      const float* stats = parts + k * stride + g * hd + 2 * h;
+      total += std::exp(stats[0] - mx) * stats[1];
+    }
+    float* oh = outg + h * hd;
+    std::fill(oh, oh + hd, 0.0f);
+    for (int32_t k = 0; k < n_parts; ++k) {
+      const float* stats = parts + k * stride + g * hd + 2 * h;
+      Axpy(std::exp(stats[0] - mx) / total, parts + k * stride + h * hd, oh, hd);
     }
   }
 }

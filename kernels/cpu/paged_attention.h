@@ -38,11 +38,30 @@ struct PagedKvPool {
 // (slot s in blocks[s / block_tokens]).
 void GatherSlotRows(const PagedKvPool& pool, const int32_t* blocks, int32_t n,
                     const float** k_rows, const float** v_rows);
+// The same for slots s in [first, end) only (k_rows[s], v_rows[s]; other entries untouched).
+void GatherSlotRange(const PagedKvPool& pool, const int32_t* blocks, int32_t first, int32_t end,
+                     const float** k_rows, const float** v_rows);
 
 // out [g, head_dim] = softmax(scale * q k^T) v over the m rows; probs [g, m] keeps the weights.
 void AttendRows(const float* q, int32_t g, int32_t head_dim, float scale,
                 const float* const* k_rows, const float* const* v_rows, int32_t m, float* probs,
                 float* out);
+
+// Decode attention split over key chunks, so that one head's keys can be shared between threads
+// (a result depends on the chunking, never on which thread ran a chunk).
+//
+// AttendKeyChunk: for the g query heads over the m keys of one chunk, writes
+//   p[h * ldp + c]                 = exp(scale * q_h . k_c - max_h)  (unnormalised weights)
+//   part[h * hd .. (h + 1) * hd)   = Σ_c p[h * ldp + c] v_c
+//   part[g * hd + 2h], [+ 1]       = max_h, Σ_c p[h * ldp + c]
+// part holds KeyChunkFloats(g, hd) floats. CombineKeyChunks turns n_parts such partials (stride
+// KeyChunkFloats) into the softmax-weighted output outg [g, hd], rescaling each chunk by
+// exp(max_k - max) / Σ_k exp(max_k - max) sum_k.
+inline int64_t KeyChunkFloats(int32_t g, int32_t hd) { return static_cast<int64_t>(g) * (hd + 2); }
+void AttendKeyChunk(const float* q, int32_t g, int32_t head_dim, float scale,
+                    const float* const* k_rows, const float* const* v_rows, int32_t m, float* p,
+                    int64_t ldp, float* part);
+void CombineKeyChunks(const float* parts, int32_t n_parts, int32_t g, int32_t head_dim, float* out);
 
 }  // namespace kernels
 }  // namespace dmsrt

@@ -83,6 +83,20 @@ struct Scratch {
   std::vector<const float*> kp, vp;  // key/value row pointers of the keys one query sees
   std::vector<float> probs;          // [g, m] attention weights
   std::vector<uint8_t> chunk_flag;   // [n] flags of a chunk's tokens
+  std::vector<float> parts;          // decode: one partial softmax per key chunk (KeyChunkFloats)
+};
+
+// Decode attention: one head's keys in chunks of this many (kernels::AttendKeyChunk), and the
+// multiply-adds of a step from which they are spread over the thread pool (a waiting worker
+// wakes in about a microsecond; a chunk of 128 keys is a few microseconds of work).
+constexpr int32_t kDecodeKeyChunk = 128;
+constexpr int64_t kDecodeParallelMadds = 1 << 16;
+
+// One unit of a decode step's attention: key chunk `chunk` of `chunks` of a KV head.
+struct DecodeUnit {
+  int32_t head;
+  int32_t chunk;
+  int32_t chunks;
 };
 
 // Blocks one head may take for the next single token (BlocksNeeded with n_new = 1), computed
@@ -234,6 +248,7 @@ class KvStore final : public KvIndex {
   int64_t total_reserved_ = 0;
   // Scratch, grown on demand and reused: one set, or one per KV head with a thread pool.
   std::vector<Scratch> scratch_;
+  std::vector<kv_store_internal::DecodeUnit> decode_units_;  // AttendDecode's work list, reused
   std::vector<int32_t> cow_scratch_;
   std::vector<uint8_t> bits_;  // [n, n_kv_heads] decision bits of the current commit
   std::vector<float> prev_key_;  // [n_kv_heads, head_dim] key of token P-1 (KvStepInputs::k_prev)

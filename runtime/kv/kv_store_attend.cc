@@ -9,6 +9,9 @@
 
 namespace dmsrt {
 
+using kv_store_internal::DecodeUnit;
+using kv_store_internal::kDecodeKeyChunk;
+using kv_store_internal::kDecodeParallelMadds;
 using kv_store_internal::RingFlagged;
 
 // Runs fn(j, scratch) for every local KV head j: on the worker threads when a pool is set and the
@@ -114,7 +117,10 @@ void KvStore::AttendVictim(Sequence& s, HeadState* heads, int32_t n, const float
 }
 
 // Decode (§4): bookkeeping for every head first (it allocates, so it stays on this thread), then
-// attention over slots 0..n-1 = R(t), one head per worker.
+// attention over slots 0..n-1 = R(t). A head with more than kDecodeKeyChunk slots is split into
+// chunks of that many keys whose partial softmaxes are combined afterwards, so that one long
+// head's keys can be shared between workers; the chunking depends on the slot count alone, so the
+// result is the same for every thread count.
 void KvStore::AttendDecode(Sequence& s, HeadState* heads, const float* q, const float* k,
                            const float* v, const uint8_t* bits, float* out) {
   const int32_t nkv = geo_.n_kv_heads;
@@ -130,14 +136,65 @@ void KvStore::AttendDecode(Sequence& s, HeadState* heads, const float* q, const 
     }
     work += heads[j].n;
   }
-  ForEachHead(work * g * hd, [&](int32_t j, Scratch& sc) {
+  decode_units_.clear();
+  for (int32_t j = 0; j < nkv; ++j) {
+    const int32_t chunks = (heads[j].n + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
+    for (int32_t c = 0; c < chunks; ++c) decode_units_.push_back({j, c, chunks});
+  }
+  auto scratch_for = [&](int32_t j) -> Scratch& {
+    return static_cast<size_t>(j) < scratch_.size() ? scratch_[j] : scratch_[0];
+  };
+  auto prepare = [&](int32_t j) {
+    Scratch& sc = scratch_for(j);
+    const int32_t m = heads[j].n;
+    EnsureKeyScratch(sc, static_cast<size_t>(m));
+    if (sc.probs.size() < static_cast<size_t>(g) * m) sc.probs.resize(static_cast<size_t>(g) * m);
+    const size_t parts = static_cast<size_t>((m + kDecodeKeyChunk - 1) / kDecodeKeyChunk) *
+                         kernels::KeyChunkFloats(g, hd);
+    if (sc.parts.size() < parts) sc.parts.resize(parts);
+  };
+  auto run = [&](const DecodeUnit& u) {
+    Scratch& sc = scratch_for(u.head);
+    const HeadState& h = heads[u.head];
+    const int64_t qoff = static_cast<int64_t>(u.head) * g * hd;
+    if (u.chunks == 1) {
+      GatherAllSlots(sc, h);
+      AttendRows(sc, q + qoff, h.n, out + qoff);
+      return;
+    }
+    const int32_t c0 = u.chunk * kDecodeKeyChunk;
+    const int32_t c1 = std::min(h.n, c0 + kDecodeKeyChunk);
+    kernels::GatherSlotRange(rows_, h.blocks.data(), c0, c1, sc.kp.data(), sc.vp.data());
+    kernels::AttendKeyChunk(q + qoff, g, hd, scale_, sc.kp.data() + c0, sc.vp.data() + c0, c1 - c0,
+                            sc.probs.data() + c0, h.n,
+                            sc.parts.data() + u.chunk * kernels::KeyChunkFloats(g, hd));
+  };
+  auto finish = [&](int32_t j) {
     HeadState& h = heads[j];
-    const int64_t qoff = static_cast<int64_t>(j) * g * hd;
-    GatherAllSlots(sc, h);
-    AttendRows(sc, q + qoff, h.n, out + qoff);
+    const int32_t chunks = (h.n + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
+    if (chunks > 1) {
+      kernels::CombineKeyChunks(scratch_for(j).parts.data(), chunks, g, hd,
+                                out + static_cast<int64_t>(j) * g * hd);
+    }
     h.kv_reads += h.n;
     h.dense_reads += P + 1;
-  });
+  };
+  const int64_t n_units = static_cast<int64_t>(decode_units_.size());
+  const bool parallel = threads_ != nullptr && threads_->size() >= 2 && n_units >= 2 &&
+                        scratch_.size() >= static_cast<size_t>(nkv) &&
+                        work * g * hd >= kDecodeParallelMadds;
+  if (parallel) {
+    for (int32_t j = 0; j < nkv; ++j) prepare(j);
+    threads_->ParallelFor(n_units, [&](int64_t i) { run(decode_units_[i]); });
+    for (int32_t j = 0; j < nkv; ++j) finish(j);
+    return;
+  }
+  for (int64_t i = 0; i < n_units; ++i) {  // one head's chunks at a time: scratch_[0] may be shared
+    const DecodeUnit& u = decode_units_[i];
+    if (u.chunk == 0) prepare(u.head);
+    run(u);
+    if (u.chunk + 1 == u.chunks) finish(u.head);
+  }
 }
 
 // Exact chunk (§5): every query attends (old slots with the §3 rule, the chunk's own keys with

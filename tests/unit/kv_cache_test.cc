@@ -526,6 +526,37 @@ TEST(KvCache, ThreadPoolGivesIdenticalResults_kv4_threads3) {
   }
 }
 
+// Decode over more slots than one key chunk (kDecodeKeyChunk = 128): the chunks' partial softmaxes
+// combine to the reference attention, and the result is the same with and without worker threads
+// (the chunking depends on the slot count only).
+TEST(KvCache, LongDecodeKeyChunksMatchReferenceAndThreadCount_kv3_g3) {
+  kernels::ThreadPool pool(2);
+  const int32_t nkv = 3, nh = 9, hd = 64, T = 420;
+  Stream s = MakeStream(T, 1, nh, nkv, hd, 29, 0.0);
+  KvPolicyConfig pol;  // none: every key stays visible
+  auto a = MakeCpuKvCache(Geo(1, nkv, nh, hd, 16), pol, 16 << 20);
+  auto b = MakeCpuKvCache(Geo(1, nkv, nh, hd, 16), pol, 16 << 20);
+  ASSERT_TRUE(a.ok() && b.ok());
+  (*b)->SetThreadPool(&pool);
+  auto sa = (*a)->Create();
+  auto sb = (*b)->Create();
+  const int32_t prompt = 120;  // decode then runs at 121..420 slots: one to four chunks
+  ASSERT_TRUE(FeedChunk(**a, *sa, s, 0, prompt, false).ok());
+  ASSERT_TRUE(FeedChunk(**b, *sb, s, 0, prompt, false).ok());
+  for (int32_t t = prompt; t < T; ++t) {
+    std::vector<std::vector<float>> oa, ob;
+    ASSERT_TRUE(FeedChunk(**a, *sa, s, t, 1, false, &oa).ok());
+    ASSERT_TRUE(FeedChunk(**b, *sb, s, t, 1, false, &ob).ok());
+    ASSERT_EQ(oa, ob) << "decode of token " << t;
+    if (t % 37 == 0 || t == T - 1) {
+      const std::vector<double> ref = RefAttention(s, 0, t, [](int32_t, int32_t) { return true; });
+      EXPECT_LT(MaxRelErr(oa[0].data(), ref.data(), ref.size()), 2e-5) << "decode of token " << t;
+    }
+  }
+  EXPECT_EQ((*a)->Figures().kv_reads, (*b)->Figures().kv_reads);
+  (*b)->SetThreadPool(nullptr);
+}
+
 TEST(KvParse, PolicyNames) {
   for (auto k : {KvPolicyKind::kNone, KvPolicyKind::kDms, KvPolicyKind::kForced,
                  KvPolicyKind::kWindow, KvPolicyKind::kTova, KvPolicyKind::kH2o}) {
