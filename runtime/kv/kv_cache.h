@@ -210,6 +210,10 @@ class KvIndex : public KvCache {
   virtual bool model_bits() const = 0;
   // The delay window w of the flag-driven policies (window: window - 1), or -1 for none.
   virtual int32_t delay_window() const = 0;
+  // Tokens 0 .. protected_prefix()-1 are never flagged (policy dms with sink tokens): a bit that
+  // would flag one is ignored, also by callers that read the step's bits themselves (the
+  // in-chunk visibility of PagedKvLayer).
+  virtual int32_t protected_prefix() const = 0;
   // The flagged tokens of (seq, layer, head) that are still resident before the next chunk, as
   // (pool slot index = block * block_tokens + offset, last visible query position = pos + w).
   // `boundary_bit` is d[Length(seq)], the first bit of the next chunk: it flags the last token.

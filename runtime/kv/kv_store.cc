@@ -294,7 +294,7 @@ void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t bounda
   // Flagged tokens before P - w - 1 have left; the ring holds the last w + 1.
   for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
     const int32_t slot = RingSlot(h.ring[k % R]);
-    const bool flagged = k == P - 1 ? boundary_bit != 0
+    const bool flagged = k == P - 1 ? boundary_bit != 0 && k >= policy_->protected_prefix()
                                     : RingFlagged(h.ring[k % R]) || PendingFlag(s, layer, head, k);
     if (!flagged) continue;
     out->emplace_back(h.blocks[slot / bt] * bt + slot % bt, static_cast<int32_t>(k + w_));

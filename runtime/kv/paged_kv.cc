@@ -54,9 +54,11 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   if (model_bits && bits == nullptr && !defer_bits) {
     return absl::InternalError("KV policy dms needs the model's decision bits");
   }
-  // d[t] of KV head j for the token at `row` (position t).
+  // d[t] of KV head j for the token at `row` (position t); a bit that would flag a protected
+  // (sink) token t - 1 is 0, as the index's own commits make it.
+  const int32_t protected_prefix = kv.protected_prefix();
   auto bit = [&](int32_t row, int32_t j, int64_t t) -> bool {
-    if (model_bits) return bits[static_cast<int64_t>(row) * nkv + j] != 0;
+    if (model_bits) return t - 1 >= protected_prefix && bits[static_cast<int64_t>(row) * nkv + j] != 0;
     return kv.PolicyBit(layer, j, t) == 1;
   };
   constexpr int32_t kNever = std::numeric_limits<int32_t>::max();

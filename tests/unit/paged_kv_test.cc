@@ -183,6 +183,11 @@ KvPolicyConfig Policy(KvPolicyKind kind, int32_t window, double rate = 0, int32_
   return p;
 }
 
+KvPolicyConfig WithDmsSinks(KvPolicyConfig p, int32_t sinks) {
+  p.dms_sinks = sinks;
+  return p;
+}
+
 class PagedKvTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
@@ -286,8 +291,16 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
       ASSERT_EQ(cpu.Length(s.cpu), idx.Length(s.idx));
       for (int32_t l = 0; l < geo.n_layers; ++l) {
         for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
-          ASSERT_EQ(cpu.ResidentPositions(s.cpu, l, j), idx.ResidentPositions(s.idx, l, j))
+          const auto resident = idx.ResidentPositions(s.idx, l, j);
+          ASSERT_EQ(cpu.ResidentPositions(s.cpu, l, j), resident)
               << GetParam().name << " seq " << ls << " layer " << l << " head " << j;
+          // dms sinks: the first tokens stay whatever bits flagged them, deferred or not.
+          const int64_t sinks = std::min<int64_t>(pol.dms_sinks, idx.Length(s.idx));
+          for (int64_t t = 0; t < sinks; ++t) {
+            ASSERT_TRUE(std::find(resident.begin(), resident.end(), t) != resident.end())
+                << GetParam().name << " sink " << t << " left: seq " << ls << " layer " << l
+                << " head " << j;
+          }
         }
       }
     }
@@ -363,7 +376,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"none_resident_tables", Policy(KvPolicyKind::kNone, 0), false, true},
                       Case{"dms_w3_deferred_resident_tables", Policy(KvPolicyKind::kDms, 3), true, true},
                       Case{"forced_w2_resident_tables", Policy(KvPolicyKind::kForced, 2, 0.5), false, true},
-                      Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)}),
+                      Case{"window5", Policy(KvPolicyKind::kWindow, 5, 0, 2)},
+                      Case{"dms_w3_sinks3", WithDmsSinks(Policy(KvPolicyKind::kDms, 3), 3)},
+                      Case{"dms_w3_sinks3_deferred", WithDmsSinks(Policy(KvPolicyKind::kDms, 3), 3), true},
+                      Case{"dms_w1_sinks2_deferred", WithDmsSinks(Policy(KvPolicyKind::kDms, 1), 2), true}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // A sink for bookkeeping-only tests: the data movement is not looked at.
