@@ -233,6 +233,7 @@ bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
     a->set_ignore_eos(job.request.stopping().ignore_eos());
     a->set_stream_tokens(true);
     a->set_traceparent(job.traceparent);
+    a->set_top_logprobs(job.request.response().top_logprobs());
     out->push_back(std::move(o));
   }
   return true;
