@@ -175,7 +175,6 @@ void RespondStream(JobBroker& broker, std::shared_ptr<Completion> c, httplib::Re
     GoneSink gone;
     b->Follow(c->job_id, gone, /*cancel_on_disconnect=*/true);
   };
-  res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider("text/event-stream", provider, release);
 }
 
@@ -190,6 +189,7 @@ void HandleCompletion(JobBroker& broker, const HttpFrontendOptions& options, Ope
   int32_t n = 0;
   grpc::Status s = broker.CreateJob(c->request.job, TraceParent(req), &c->job_id, &n);
   if (!s.ok()) return SendError(res, FromStatus(s));
+  res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Dmsrt-Job-Id", c->job_id);
   if (c->request.stream) return RespondStream(broker, c, res);
   RespondWhole(broker, *c, req, res);
