@@ -67,9 +67,10 @@ class DmsrtClient:
     def request(self, prompt=None, chat=None, messages=None, n=0, kv_budget_bytes=0, max_tokens=0,
                 temperature=0.7, top_p=1.0, top_k=0, seed=0, stop=(), regex="",
                 selection=0, early_stop=False, deadline_seconds=0.0, stream_tokens=False,
-                ignore_eos=False):
+                ignore_eos=False, top_logprobs=0):
         pb = self.pb
         req = pb.JobRequest(n=n, deadline_seconds=deadline_seconds, stream_tokens=stream_tokens)
+        req.response.top_logprobs = top_logprobs  # per token, the k most likely (with stream_tokens)
         if prompt is not None:
             req.prompt = prompt
         if chat is not None:
@@ -91,13 +92,20 @@ class DmsrtClient:
         """RunJob: submit + watch. Returns a dict with the final event's contents."""
         req = self.request(**kw)
         result = {"job_id": None, "events": 0, "threads": [], "votes": {}, "answer": None,
-                  "outcome": None, "tokens_streamed": 0}
+                  "outcome": None, "tokens_streamed": 0, "token_events": []}
         for ev in self.stub.RunJob(req, timeout=timeout, metadata=self.metadata):
             result["job_id"] = ev.job_id
             result["events"] += 1
             kind = ev.WhichOneof("event")
             if kind == "token":
                 result["tokens_streamed"] += len(ev.token.token_ids)
+                t = ev.token
+                result["token_events"].append({
+                    "thread": t.thread_index, "text": t.text, "token_ids": list(t.token_ids),
+                    "logprobs": list(t.logprobs),
+                    # per token: [(token id, its bytes decoded leniently, logprob)], likeliest first
+                    "top_logprobs": [[(e.token_id, e.text.decode("utf-8", "replace"), e.logprob)
+                                      for e in listing.entries] for listing in t.top_logprobs]})
             elif kind == "job_finished":
                 jf = ev.job_finished
                 result["outcome"] = self.pb.JobOutcome.Name(jf.outcome)

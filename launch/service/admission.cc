@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "launch/service/job_input.h"
+#include "runtime/engine/sampler.h"
 
 namespace dmsrt {
 
@@ -129,6 +130,10 @@ absl::Status ValidateJobRequest(const v1::JobRequest& req, const TokenizerSpec& 
         CompileAnswerRegex(req.answer().extraction_regex());
     if (!re.ok()) return Invalid(std::string(re.status().message()));
     *pattern = *re;
+  }
+  if (req.response().top_logprobs() < 0 || req.response().top_logprobs() > kMaxTopLogprobs) {
+    return Invalid(absl::StrFormat("response.top_logprobs = %d is out of range: send 0 (none) to %d",
+                                   req.response().top_logprobs(), kMaxTopLogprobs));
   }
   if (!std::isfinite(req.deadline_seconds()) || req.deadline_seconds() < 0) {
     return Invalid("deadline_seconds must be >= 0 (0 = none)");

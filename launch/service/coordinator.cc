@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <regex>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -162,10 +163,10 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
     // ago, so a watcher still draining one never loses it).
     {
       int64_t finished = 0;
-      for (auto& [jid, j] : jobs_) finished += j->done ? 1 : 0;
+      for (auto& [jid, j] : jobs_) finished += j->done() ? 1 : 0;
       const auto now = Clock::now();
       for (auto it = jobs_.begin(); it != jobs_.end() && finished > options_.keep_finished_jobs;) {
-        if (it->second->done && now - it->second->finished_at > std::chrono::seconds(60)) {
+        if (it->second->done() && now - it->second->finished_at() > std::chrono::seconds(60)) {
           it = jobs_.erase(it);
           --finished;
         } else {
@@ -173,66 +174,43 @@ grpc::Status Coordinator::CreateJob(const v1::JobRequest& req, const std::string
         }
       }
     }
-    auto job = std::make_unique<Job>();
-    job->id = absl::StrCat("job-", next_job_++);
-    job->request = req;
-    job->traceparent = traceparent;
-    job->prompt = std::move(prompt);
-    job->n = n;
-    job->max_tokens = max_tokens;
-    job->pattern = pattern;
-    switch (req.answer().selection()) {
-      case v1::SELECTION_MAX_MEAN_LOGPROB: job->selection = Selection::kMaxMeanLogprob; break;
-      case v1::SELECTION_FIRST_FINISHED: job->selection = Selection::kFirstFinished; break;
-      default: job->selection = Selection::kMajorityVote; break;
-    }
-    job->threads.resize(n);
-    job->start = Clock::now();
-    if (req.deadline_seconds() > 0) {
-      job->deadline = job->start + std::chrono::microseconds(
-                                       static_cast<int64_t>(req.deadline_seconds() * 1e6));
-    }
-    job->outcome = v1::JOB_RUNNING;
-    v1::JobEvent acc;
-    acc.set_job_id(job->id);
-    acc.mutable_accepted()->set_n(n);
-    acc.mutable_accepted()->set_prompt_tokens(static_cast<int64_t>(job->prompt.size()));
-    acc.mutable_accepted()->set_traceparent(job->traceparent);
-    job->events.push_back(acc);
+    auto job = std::make_unique<JobRecord>(absl::StrCat("job-", next_job_++), req, traceparent,
+                                           std::move(prompt), n, max_tokens, pattern, Clock::now());
     std::vector<int32_t> all(n);
     for (int32_t i = 0; i < n; ++i) all[i] = i;
-    Job& ref = *job;
-    *id = job->id;
+    JobRecord& ref = *job;
+    *id = job->id();
     *n_out = n;
-    jobs_[job->id] = std::move(job);
+    jobs_[job->id()] = std::move(job);
     AssignThreads(ref, all, &out);
-}
+  }
   Send(out);
   return grpc::Status::OK;
 }
 
-bool Coordinator::AssignThreads(Job& job, const std::vector<int32_t>& indices,
+bool Coordinator::AssignThreads(JobRecord& job, const std::vector<int32_t>& indices,
                                 std::vector<Outgoing>* out) {
   std::vector<ReplicaCapacity> alive = AliveCapacities();
   if (alive.empty()) return false;
   const std::map<int32_t, std::vector<int32_t>> plan = PlaceThreads(indices, alive);
   for (auto& [rid, idxs] : plan) {
     replicas_[rid]->assigned_open += static_cast<int64_t>(idxs.size());
-    for (int32_t t : idxs) job.threads[t].replica = rid;
+    for (int32_t t : idxs) job.threads()[t].replica = rid;
   }
   for (auto& [rid, idxs] : plan) {
     Outgoing o;
     o.replica = replicas_[rid];
     v1::ThreadAssignment* a = o.msg.mutable_assign();
-    a->set_job_id(job.id);
-    for (int32_t t : job.prompt) a->add_prompt_tokens(t);
+    a->set_job_id(job.id());
+    for (int32_t t : job.prompt()) a->add_prompt_tokens(t);
     for (int32_t t : idxs) a->add_thread_indices(t);
-    *a->mutable_sampling() = job.request.sampling();
-    a->set_max_tokens(job.max_tokens);
-    for (const std::string& s : job.request.stopping().stop()) a->add_stop(s);
-    a->set_ignore_eos(job.request.stopping().ignore_eos());
+    *a->mutable_sampling() = job.request().sampling();
+    a->set_max_tokens(job.max_tokens());
+    for (const std::string& s : job.request().stopping().stop()) a->add_stop(s);
+    a->set_ignore_eos(job.request().stopping().ignore_eos());
     a->set_stream_tokens(true);
-    a->set_traceparent(job.traceparent);
+    a->set_traceparent(job.traceparent());
+    a->set_top_logprobs(job.request().response().top_logprobs());
     out->push_back(std::move(o));
   }
   return true;
@@ -258,10 +236,10 @@ void Coordinator::Send(std::vector<Outgoing>& out) {
   out.clear();
 }
 
-void Coordinator::CancelRemaining(Job& job, std::vector<Outgoing>* out) {
+void Coordinator::CancelRemaining(JobRecord& job, std::vector<Outgoing>* out) {
   std::set<int32_t> replicas;
-  for (size_t i = 0; i < job.threads.size(); ++i) {
-    ThreadState& ts = job.threads[i];
+  for (size_t i = 0; i < job.threads().size(); ++i) {
+    const JobRecord::Thread& ts = job.threads()[i];
     if (ts.finished) continue;
     auto it = replicas_.find(ts.replica);
     if (ts.replica < 0 || it == replicas_.end() || !it->second->alive) {
@@ -270,7 +248,7 @@ void Coordinator::CancelRemaining(Job& job, std::vector<Outgoing>* out) {
       tf.set_reason(v1::CANCELLED);
       tf.set_message("cancelled before a replica ran it");
       OnThreadFinished(job, tf, out);
-      if (job.done) return;
+      if (job.done()) return;
       continue;
     }
     replicas.insert(ts.replica);
@@ -278,147 +256,35 @@ void Coordinator::CancelRemaining(Job& job, std::vector<Outgoing>* out) {
   for (int32_t rid : replicas) {
     Outgoing o;
     o.replica = replicas_[rid];
-    o.msg.mutable_cancel()->set_job_id(job.id);
+    o.msg.mutable_cancel()->set_job_id(job.id());
     o.msg.mutable_cancel()->set_thread_index(-1);
     out->push_back(std::move(o));
   }
 }
 
-v1::VoteUpdate Coordinator::VoteUpdateOf(const Job& job) const {
-  v1::VoteUpdate vu;
-  for (const VoteEntry& e : job.votes.Sorted()) {
-    v1::Vote* v = vu.add_table();
-    v->set_answer(e.answer);
-    v->set_votes(e.votes);
-  }
-  vu.set_finished(job.finished_count);
-  vu.set_running(job.n - job.finished_count);
-  return vu;
-}
-
-void Coordinator::OnThreadFinished(Job& job, const v1::ThreadFinished& tf_in,
+void Coordinator::OnThreadFinished(JobRecord& job, const v1::ThreadFinished& tf,
                                    std::vector<Outgoing>* out) {
-  const int32_t idx = tf_in.thread_index();
-  if (job.done || idx < 0 || idx >= job.n) return;
-  ThreadState& ts = job.threads[idx];
-  if (ts.finished) return;
-  ts.finished = true;
-  ++job.finished_count;
-  auto rit = replicas_.find(ts.replica);
+  const int32_t idx = tf.thread_index();
+  if (job.done() || idx < 0 || idx >= job.n() || job.threads()[idx].finished) return;
+  auto rit = replicas_.find(job.threads()[idx].replica);
   if (rit != replicas_.end() && rit->second->assigned_open > 0) --rit->second->assigned_open;
-  v1::ThreadFinished tf = tf_in;
-  tf.set_replica(ts.replica);
-  const bool votes = tf.reason() == v1::STOP || tf.reason() == v1::STOP_STRING ||
-                     tf.reason() == v1::LENGTH;
-  if (votes) {
-    std::optional<std::string> ans = ExtractAnswer(tf.text(), job.pattern.get());
-    if (ans) {
-      tf.set_answer(*ans);
-      tf.set_has_answer(true);
-    }
-    job.votes.Add(ans, tf.mean_logprob());
-  }
-  ts.result = tf;
-  v1::JobEvent ev;
-  ev.set_job_id(job.id);
-  *ev.mutable_thread_finished() = tf;
-  job.events.push_back(ev);
-  v1::JobEvent vu;
-  vu.set_job_id(job.id);
-  *vu.mutable_vote_update() = VoteUpdateOf(job);
-  job.events.push_back(vu);
-
-  const int64_t running = job.n - job.finished_count;
-  if (job.request.answer().early_stop() && !job.early_stopped && running > 0 &&
-      job.votes.Decided(running)) {
-    job.early_stopped = true;
+  job.RecordThreadFinished(tf);
+  if (job.StopEarly()) {
     CancelRemaining(job, out);
-    if (job.done) return;
+    if (job.done()) return;
   }
-  if (job.finished_count == job.n) {
-    std::optional<std::string> sel = job.votes.Select(job.selection);
-    v1::JobOutcome outcome;
+  if (job.AllFinished()) {
     std::string msg;
-    bool all_failed = true;
-    for (const ThreadState& t : job.threads) {
-      if (t.result.reason() != v1::ERROR && t.result.reason() != v1::PREEMPTED_FAILED) all_failed = false;
-    }
-    if (job.deadline_hit) {
-      outcome = v1::JOB_DEADLINE_EXCEEDED;
-      msg = "the job's deadline passed; threads still running were cancelled";
-    } else if (job.cancel_requested) {
-      outcome = v1::JOB_CANCELLED;
-      msg = "cancelled";
-    } else if (sel) {
-      outcome = v1::JOB_SUCCEEDED;
-    } else if (all_failed) {
-      outcome = v1::JOB_FAILED;
-      msg = job.threads.empty() ? "no threads" : job.threads[0].result.message();
-    } else {
-      outcome = v1::JOB_NO_ANSWER;
-      msg = "no thread produced an answer";
-    }
+    const v1::JobOutcome outcome = job.Outcome(&msg);
     FinishJob(job, outcome, msg);
   }
 }
 
-void Coordinator::FinishJob(Job& job, v1::JobOutcome outcome, const std::string& message) {
-  if (job.done) return;
-  job.done = true;
-  job.finished_at = Clock::now();
-  job.outcome = outcome;
-  v1::JobEvent ev;
-  ev.set_job_id(job.id);
-  v1::JobFinished* jf = ev.mutable_job_finished();
-  jf->set_outcome(outcome);
-  jf->set_n(job.n);
-  jf->set_message(message);
-  jf->set_early_stopped(job.early_stopped);
-  std::optional<std::string> sel = job.votes.Select(job.selection);
-  if (sel) {
-    jf->set_selected_answer(*sel);
-    jf->set_has_answer(true);
-  }
-  for (const VoteEntry& e : job.votes.Sorted()) {
-    v1::Vote* v = jf->add_votes();
-    v->set_answer(e.answer);
-    v->set_votes(e.votes);
-  }
-  for (const ThreadState& t : job.threads) *jf->add_threads() = t.result;
-  const double secs = SecondsSince(job.start);
-  jf->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(job.prompt.size()));
-  jf->mutable_usage()->set_generated_tokens(job.generated);
-  jf->mutable_usage()->set_seconds(secs);
-  jf->mutable_usage()->set_time_to_first_token_seconds(job.ttft);
-  job.events.push_back(ev);
+void Coordinator::FinishJob(JobRecord& job, v1::JobOutcome outcome, const std::string& message) {
+  double secs = 0;
+  if (!job.Finish(outcome, message, Clock::now(), &secs)) return;
   ++outcomes_[OutcomeName(outcome)];
   e2e_.Observe(secs);
-}
-
-void Coordinator::FillStatus(const Job& job, v1::JobStatus* s) const {
-  s->set_job_id(job.id);
-  s->set_traceparent(job.traceparent);
-  s->set_outcome(job.outcome);
-  s->set_n(job.n);
-  s->set_threads_finished(job.finished_count);
-  s->set_threads_running(job.n - job.finished_count);
-  for (const VoteEntry& e : job.votes.Sorted()) {
-    v1::Vote* v = s->add_votes();
-    v->set_answer(e.answer);
-    v->set_votes(e.votes);
-  }
-  std::optional<std::string> sel = job.votes.Select(job.selection);
-  if (sel) {
-    s->set_selected_answer(*sel);
-    s->set_has_answer(true);
-  }
-  s->mutable_usage()->set_prompt_tokens(static_cast<int64_t>(job.prompt.size()));
-  s->mutable_usage()->set_generated_tokens(job.generated);
-  s->mutable_usage()->set_seconds(SecondsSince(job.start));
-  s->mutable_usage()->set_time_to_first_token_seconds(job.ttft);
-  for (const ThreadState& t : job.threads) {
-    if (t.finished) *s->add_threads() = t.result;
-  }
 }
 
 grpc::Status Coordinator::SubmitJob(grpc::ServerContext* ctx, const v1::JobRequest* req,
@@ -457,13 +323,13 @@ grpc::Status Coordinator::Follow(const std::string& id, JobEventSink& sink,
         return grpc::Status(grpc::StatusCode::NOT_FOUND,
                             absl::StrCat("no job '", id, "': list jobs with ListJobs"));
       }
-      Job& job = *it->second;
-      WatchArg arg{&job.events, next, &shutdown_};
+      const JobRecord& job = *it->second;
+      WatchArg arg{&job.events(), next, &shutdown_};
       mu_.AwaitWithTimeout(absl::Condition(&WatchReady, &arg), absl::Milliseconds(200));
-      for (size_t i = next; i < job.events.size(); ++i) batch.push_back(job.events[i]);
-      next = job.events.size();
-      done = job.done;
-      outcome = job.outcome;
+      for (size_t i = next; i < job.events().size(); ++i) batch.push_back(job.events()[i]);
+      next = job.events().size();
+      done = job.done();
+      outcome = job.outcome();
       if (shutdown_ && !done) {
         return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
       }
@@ -479,7 +345,7 @@ grpc::Status Coordinator::Follow(const std::string& id, JobEventSink& sink,
         {
           absl::MutexLock lock(&mu_);
           auto it = jobs_.find(id);
-          if (it != jobs_.end() && !it->second->done) {
+          if (it != jobs_.end() && !it->second->done()) {
             it->second->cancel_requested = true;
             CancelRemaining(*it->second, &out);
           }
@@ -532,7 +398,7 @@ grpc::Status Coordinator::GetJob(grpc::ServerContext* ctx, const v1::GetJobReque
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrCat("no job '", req->job_id(), "': list jobs with ListJobs"));
   }
-  FillStatus(*it->second, resp);
+  it->second->FillStatus(resp, Clock::now());
   return grpc::Status::OK;
 }
 
@@ -548,20 +414,20 @@ grpc::Status Coordinator::CancelJob(grpc::ServerContext* ctx, const v1::CancelJo
       return grpc::Status(grpc::StatusCode::NOT_FOUND,
                           absl::StrCat("no job '", req->job_id(), "': list jobs with ListJobs"));
     }
-    Job& job = *it->second;
-    if (job.done) {
+    JobRecord& job = *it->second;
+    if (job.done()) {
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                          absl::StrCat("job '", job.id, "' already finished (", OutcomeName(job.outcome), ")"));
+                          absl::StrCat("job '", job.id(), "' already finished (", OutcomeName(job.outcome()), ")"));
     }
     if (req->has_thread_index()) {
       const int32_t t = req->thread_index();
-      if (t < 0 || t >= job.n) {
-        return Invalid(absl::StrFormat("thread_index %d is outside 0..%d", t, job.n - 1));
+      if (t < 0 || t >= job.n()) {
+        return Invalid(absl::StrFormat("thread_index %d is outside 0..%d", t, job.n() - 1));
       }
-      ThreadState& ts = job.threads[t];
+      const JobRecord::Thread& ts = job.threads()[t];
       if (ts.finished) {
         return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                            absl::StrFormat("thread %d of job '%s' already finished", t, job.id));
+                            absl::StrFormat("thread %d of job '%s' already finished", t, job.id()));
       }
       auto rit = replicas_.find(ts.replica);
       if (rit == replicas_.end() || !rit->second->alive) {
@@ -572,7 +438,7 @@ grpc::Status Coordinator::CancelJob(grpc::ServerContext* ctx, const v1::CancelJo
       } else {
         Outgoing o;
         o.replica = rit->second;
-        o.msg.mutable_cancel()->set_job_id(job.id);
+        o.msg.mutable_cancel()->set_job_id(job.id());
         o.msg.mutable_cancel()->set_thread_index(t);
         out.push_back(std::move(o));
       }
@@ -591,9 +457,9 @@ grpc::Status Coordinator::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsR
   if (!a.ok()) return a;
   absl::MutexLock lock(&mu_);
   for (auto& [id, job] : jobs_) {
-    if (job->done && !req->include_finished()) continue;
+    if (job->done() && !req->include_finished()) continue;
     v1::JobStatus* s = resp->add_jobs();
-    FillStatus(*job, s);
+    job->FillStatus(s, Clock::now());
     s->clear_threads();
   }
   return grpc::Status::OK;
@@ -641,8 +507,8 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     }
   }
   for (auto& [id, job] : jobs_) {
-    if (job->done) continue;
-    if (job->generated > 0) {
+    if (job->done()) continue;
+    if (job->generated() > 0) {
       resp->set_jobs_running(resp->jobs_running() + 1);
     } else {
       resp->set_jobs_queued(resp->jobs_queued() + 1);
@@ -695,35 +561,9 @@ grpc::Status Coordinator::Connect(
         case v1::ReplicaMessage::kHeartbeat:
           rep->stats = m.heartbeat();
           break;
-        case v1::ReplicaMessage::kProgress: {
-          const v1::JobEvent& ev = m.progress();
-          auto it = jobs_.find(ev.job_id());
-          if (it == jobs_.end()) break;
-          Job& job = *it->second;
-          if (job.done) break;
-          if (ev.has_token()) {
-            const int32_t t = ev.token().thread_index();
-            if (t < 0 || t >= job.n || job.threads[t].replica != rep->id) break;
-            if (job.ttft < 0) {
-              job.ttft = SecondsSince(job.start);
-              ttft_.Observe(job.ttft);
-            }
-            job.generated += ev.token().token_ids_size();
-            ThreadState& ts = job.threads[t];
-            const auto now = Clock::now();
-            if (ts.first_token) {
-              itl_.Observe(std::chrono::duration<double>(now - ts.last_token).count());
-            }
-            ts.first_token = true;
-            ts.last_token = now;
-            if (job.request.stream_tokens()) job.events.push_back(ev);
-          } else if (ev.has_thread_finished()) {
-            const int32_t t = ev.thread_finished().thread_index();
-            if (t < 0 || t >= job.n || job.threads[t].replica != rep->id) break;
-            OnThreadFinished(job, ev.thread_finished(), &out);
-          }
+        case v1::ReplicaMessage::kProgress:
+          OnProgress(rep->id, m.progress(), &out);
           break;
-        }
         case v1::ReplicaMessage::kRejected: {
           auto it = jobs_.find(m.rejected().job_id());
           if (it == jobs_.end()) break;
@@ -751,6 +591,22 @@ grpc::Status Coordinator::Connect(
   return grpc::Status::OK;
 }
 
+void Coordinator::OnProgress(int32_t replica, const v1::JobEvent& ev, std::vector<Outgoing>* out) {
+  auto it = jobs_.find(ev.job_id());
+  if (it == jobs_.end() || it->second->done()) return;
+  JobRecord& job = *it->second;
+  // Only the replica the thread is placed on speaks for it (a lost replica's late events do not).
+  const int32_t t = ev.has_token() ? ev.token().thread_index() : ev.thread_finished().thread_index();
+  if (t < 0 || t >= job.n() || job.threads()[t].replica != replica) return;
+  if (ev.has_token()) {
+    const JobRecord::TokenTimes times = job.RecordTokens(ev, Clock::now());
+    if (times.time_to_first_token >= 0) ttft_.Observe(times.time_to_first_token);
+    if (times.inter_token >= 0) itl_.Observe(times.inter_token);
+  } else if (ev.has_thread_finished()) {
+    OnThreadFinished(job, ev.thread_finished(), out);
+  }
+}
+
 void Coordinator::ReplicaLost(int32_t replica_id, const char* reason) {
   std::vector<Outgoing> out;
   {
@@ -762,42 +618,39 @@ void Coordinator::ReplicaLost(int32_t replica_id, const char* reason) {
     rit->second->alive = false;
     rit->second->assigned_open = 0;
     for (auto& [id, job] : jobs_) {
-      if (job->done) continue;
+      if (job->done()) continue;
       std::vector<int32_t> orphans;
-      for (size_t i = 0; i < job->threads.size(); ++i) {
-        if (!job->threads[i].finished && job->threads[i].replica == replica_id) {
+      std::vector<JobRecord::Thread>& threads = job->threads();
+      for (size_t i = 0; i < threads.size(); ++i) {
+        if (!threads[i].finished && threads[i].replica == replica_id) {
           orphans.push_back(static_cast<int32_t>(i));
-          job->threads[i].replica = -1;
+          threads[i].replica = -1;
         }
       }
       if (orphans.empty()) continue;
-      if (job->cancel_requested || job->deadline_hit || job->early_stopped ||
+      if (job->cancel_requested || job->deadline_hit || job->early_stopped() ||
           !AssignThreads(*job, orphans, &out)) {
-        v1::JobEvent err;
-        err.set_job_id(job->id);
-        err.mutable_error()->set_message(absl::StrFormat(
-            "replica %d was lost and no other replica can take its %d threads", replica_id,
-            orphans.size()));
-        err.mutable_error()->set_retryable(true);
-        job->events.push_back(err);
+        job->RecordError(absl::StrFormat("replica %d was lost and no other replica can take its %d threads",
+                                         replica_id, orphans.size()),
+                         /*retryable=*/true);
         for (int32_t t : orphans) {
           v1::ThreadFinished tf;
           tf.set_thread_index(t);
-          tf.set_reason(job->cancel_requested || job->early_stopped ? v1::CANCELLED : v1::ERROR);
+          tf.set_reason(job->cancel_requested || job->early_stopped() ? v1::CANCELLED : v1::ERROR);
           tf.set_message(absl::StrCat("replica ", replica_id, " was lost"));
           OnThreadFinished(*job, tf, &out);
-          if (job->done) break;
+          if (job->done()) break;
         }
-        LogEvent(absl::StrFormat("event=threads_failed job=%s from_replica=%d threads=%d", job->id,
+        LogEvent(absl::StrFormat("event=threads_failed job=%s from_replica=%d threads=%d", job->id(),
                                  replica_id, orphans.size()));
       } else {
         lost_replica_preemptions_ += static_cast<int64_t>(orphans.size());
         std::string to;
         for (int32_t t : orphans) {
-          absl::StrAppend(&to, to.empty() ? "" : ",", job->threads[t].replica);
+          absl::StrAppend(&to, to.empty() ? "" : ",", threads[t].replica);
         }
         LogEvent(absl::StrFormat(
-            "event=threads_rerun job=%s from_replica=%d threads=%d to_replicas=%s", job->id,
+            "event=threads_rerun job=%s from_replica=%d threads=%d to_replicas=%s", job->id(),
             replica_id, orphans.size(), to));
       }
     }
@@ -814,7 +667,7 @@ void Coordinator::MonitorLoop() {
       if (shutdown_) break;
       const auto now = Clock::now();
       for (auto& [id, job] : jobs_) {
-        if (job->done || job->deadline_hit || !job->deadline || now < *job->deadline) continue;
+        if (job->done() || job->deadline_hit || !job->deadline() || now < *job->deadline()) continue;
         job->deadline_hit = true;
         CancelRemaining(*job, &out);
       }
@@ -850,7 +703,7 @@ std::string Coordinator::MetricsText() {
     flagged += s.flagged_tokens();
   }
   int64_t jobs_running = 0;
-  for (auto& [id, job] : jobs_) jobs_running += job->done ? 0 : 1;
+  for (auto& [id, job] : jobs_) jobs_running += job->done() ? 0 : 1;
   std::string o;
   auto gauge = [&](const char* name, const char* help, double v) {
     absl::StrAppendFormat(&o, "# HELP dmsrt:%s %s\n# TYPE dmsrt:%s gauge\ndmsrt:%s %.17g\n", name,

@@ -4,9 +4,11 @@
 // It validates each request (every field, with a message that says what to change), tokenizes the
 // prompt, decides N (given, or from a KV byte budget), splits the N threads over live replicas,
 // collects their progress, extracts answers, votes, stops early when the majority cannot change,
-// and keeps an event log per job that any number of watchers replay. A replica whose stream breaks
-// is marked lost and its unfinished threads are reassigned to the others (thread i keeps seed + i,
-// so the result does not depend on placement).
+// and keeps an event log per job that any number of watchers replay. A replica whose stream
+// breaks is marked lost and its unfinished threads are reassigned to the others (thread i keeps
+// seed + i, so the result does not depend on placement). Each job's bookkeeping (threads, answers
+// and votes, events, usage) is a JobRecord (job_record.h); this class places, cancels and reruns
+// threads and keeps the replica table and the metrics.
 //
 // Threading: gRPC handler threads call in; one monitor thread enforces deadlines. All state is
 // under one mutex; writes to a replica stream are under that replica's own mutex.
@@ -16,8 +18,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <optional>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,8 +27,8 @@
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
 #include "dmsrt/v1/replica.grpc.pb.h"
 #include "launch/admission.h"
+#include "launch/service/job_record.h"
 #include "launch/service/job_stream.h"
-#include "runtime/engine/answer.h"
 #include "runtime/model/model.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -85,37 +85,6 @@ class Coordinator final : public v1::JobService::Service,
   void Shutdown();
 
  private:
-  struct ThreadState {
-    int32_t replica = -1;
-    bool finished = false;
-    v1::ThreadFinished result;
-    bool first_token = false;
-    std::chrono::steady_clock::time_point last_token;  // for inter-token latency
-  };
-  struct Job {
-    std::string id;
-    v1::JobRequest request;
-    std::string traceparent;
-    std::vector<int32_t> prompt;
-    int32_t n = 0;
-    int32_t max_tokens = 0;
-    std::shared_ptr<const std::regex> pattern;
-    Selection selection = Selection::kMajorityVote;
-    std::vector<ThreadState> threads;
-    VoteTable votes;
-    std::vector<v1::JobEvent> events;  // the log watchers replay
-    bool done = false;
-    v1::JobOutcome outcome = v1::JOB_QUEUED;
-    bool cancel_requested = false;
-    bool deadline_hit = false;
-    bool early_stopped = false;
-    std::chrono::steady_clock::time_point start;
-    std::optional<std::chrono::steady_clock::time_point> deadline;
-    std::chrono::steady_clock::time_point finished_at;
-    double ttft = -1;
-    int64_t generated = 0;
-    int32_t finished_count = 0;
-  };
   struct Replica {
     int32_t id = 0;
     v1::ReplicaInfo info;
@@ -137,18 +106,21 @@ class Coordinator final : public v1::JobService::Service,
     std::shared_ptr<Replica> replica;
     v1::CoordinatorMessage msg;
   };
-  bool AssignThreads(Job& job, const std::vector<int32_t>& indices, std::vector<Outgoing>* out)
+  bool AssignThreads(JobRecord& job, const std::vector<int32_t>& indices, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void CancelRemaining(Job& job, std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void OnThreadFinished(Job& job, const v1::ThreadFinished& tf, std::vector<Outgoing>* out)
+  void CancelRemaining(JobRecord& job, std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A thread ended (reported by its replica, or ended here): frees its replica slot, records it,
+  // cancels the rest on an early stop, and finishes the job after its last thread.
+  void OnThreadFinished(JobRecord& job, const v1::ThreadFinished& tf, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FinishJob(Job& job, v1::JobOutcome outcome, const std::string& message)
+  void FinishJob(JobRecord& job, v1::JobOutcome outcome, const std::string& message)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A progress event of a replica: tokens or a finished thread of one of its threads.
+  void OnProgress(int32_t replica, const v1::JobEvent& ev, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks the replica lost (once; `reason` goes to the log line) and reassigns its threads.
   void ReplicaLost(int32_t replica_id, const char* reason);
   void Send(std::vector<Outgoing>& out);
-  void FillStatus(const Job& job, v1::JobStatus* s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  v1::VoteUpdate VoteUpdateOf(const Job& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MonitorLoop();
   // The live replicas as the admission rules see them (launch/admission.h).
   std::vector<ReplicaCapacity> AliveCapacities() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -158,7 +130,7 @@ class Coordinator final : public v1::JobService::Service,
   CoordinatorOptions options_;
 
   mutable absl::Mutex mu_;
-  std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<JobRecord>> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, std::shared_ptr<Replica>> replicas_ ABSL_GUARDED_BY(mu_);
   int64_t next_job_ ABSL_GUARDED_BY(mu_) = 1;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "launch/service/openai_request.h"
 #include "launch/service/openai_response.h"
+#include "launch/service/peer_watch.h"
 
 namespace dmsrt {
 
@@ -31,7 +32,7 @@ void SendError(httplib::Response& res, const OpenAiError& e) {
 }
 
 // The coordinator's refusal as an OpenAI error: bad input is 400, a missing token 401, no replica
-// 503 (retry later).
+// 503 (retry later); a job that ended early without a result: 499 cancelled, 504 deadline.
 OpenAiError FromStatus(const grpc::Status& s) {
   OpenAiError e;
   e.message = s.error_message();
@@ -56,6 +57,15 @@ OpenAiError FromStatus(const grpc::Status& s) {
       e.status = 503;
       e.type = "server_error";
       break;
+    case grpc::StatusCode::CANCELLED:
+      e.status = 499;
+      e.code = "cancelled";
+      break;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      e.status = 504;
+      e.type = "server_error";
+      e.code = "deadline_exceeded";
+      break;
     default:
       e.status = 500;
       e.type = "server_error";
@@ -70,17 +80,13 @@ std::string TraceParent(const httplib::Request& req) {
   return std::regex_match(v, kForm) ? v : "";
 }
 
-// Feeds job events to the HTTP response. While no event comes it writes a keep-alive at most every
-// kKeepAliveSeconds; a failed write means the client is gone.
-class HttpEventSink final : public JobEventSink {
+// Feeds a streamed job's events to the HTTP response. While no event comes it writes an SSE
+// comment at most every kKeepAliveSeconds; a failed write means the client is gone.
+class StreamSink final : public JobEventSink {
  public:
-  HttpEventSink(httplib::DataSink& sink, OpenAiResponder& responder, bool stream)
-      : sink_(sink), responder_(responder), stream_(stream), last_write_(Clock::now()) {}
+  StreamSink(httplib::DataSink& sink, OpenAiResponder& responder)
+      : sink_(sink), responder_(responder), last_write_(Clock::now()) {}
   bool Write(const v1::JobEvent& e) override {
-    if (!stream_) {
-      responder_.Record(e);
-      return true;
-    }
     const std::string s = responder_.StreamEvent(e);
     if (s.empty()) return true;
     last_write_ = Clock::now();
@@ -93,15 +99,28 @@ class HttpEventSink final : public JobEventSink {
     }
     last_write_ = now;
     static constexpr char kSse[] = ": keep-alive\n\n";
-    // Whitespace before a JSON value is still the same JSON.
-    return stream_ ? !sink_.write(kSse, sizeof(kSse) - 1) : !sink_.write(" ", 1);
+    return !sink_.write(kSse, sizeof(kSse) - 1);
   }
 
  private:
   httplib::DataSink& sink_;
   OpenAiResponder& responder_;
-  bool stream_;
   Clock::time_point last_write_;
+};
+
+// Records a non-streamed job's events; the client is gone when its connection closes.
+class RecordSink final : public JobEventSink {
+ public:
+  RecordSink(OpenAiResponder& responder, const PeerWatch& peer) : responder_(responder), peer_(peer) {}
+  bool Write(const v1::JobEvent& e) override {
+    responder_.Record(e);
+    return true;
+  }
+  bool Gone() override { return peer_.Closed(); }
+
+ private:
+  OpenAiResponder& responder_;
+  const PeerWatch& peer_;
 };
 
 // A sink for a response that never started (headers could not be sent): the job is cancelled.
@@ -118,6 +137,47 @@ struct Completion {
   bool followed = false;
 };
 
+OpenAiResponder MakeResponder(JobBroker& b, const Completion& c) {
+  return OpenAiResponder(c.endpoint, c.request, c.request.model.empty() ? b.ModelName() : c.request.model,
+                         static_cast<int64_t>(std::time(nullptr)),
+                         [&b](int32_t id) { return b.TokenText(id); });
+}
+
+// Non-streamed: nothing is sent until the job ends, so the reply carries the job's own status
+// (OpenAiResponder::Final). Meanwhile the connection is watched, and a client that hangs up
+// cancels the job.
+void RespondWhole(JobBroker& b, const Completion& c, const httplib::Request& req,
+                  httplib::Response& res) {
+  OpenAiResponder responder = MakeResponder(b, c);
+  const PeerWatch peer(req);
+  RecordSink sink(responder, peer);
+  const grpc::Status s = b.Follow(c.job_id, sink, /*cancel_on_disconnect=*/true);
+  if (!responder.finished() && !s.ok()) return SendError(res, FromStatus(s));
+  const OpenAiReply reply = responder.Final();
+  res.status = reply.status;
+  res.set_content(reply.body, kJsonType);
+}
+
+// Streamed: server-sent events from the first token on (the status is 200 from the start; a late
+// failure arrives as an error event).
+void RespondStream(JobBroker& broker, std::shared_ptr<Completion> c, httplib::Response& res) {
+  JobBroker* b = &broker;
+  auto provider = [b, c](size_t, httplib::DataSink& sink) {
+    c->followed = true;
+    OpenAiResponder responder = MakeResponder(*b, *c);
+    StreamSink events(sink, responder);
+    b->Follow(c->job_id, events, /*cancel_on_disconnect=*/true);
+    sink.done();
+    return true;
+  };
+  auto release = [b, c](bool) {
+    if (c->followed) return;
+    GoneSink gone;
+    b->Follow(c->job_id, gone, /*cancel_on_disconnect=*/true);
+  };
+  res.set_chunked_content_provider("text/event-stream", provider, release);
+}
+
 void HandleCompletion(JobBroker& broker, const HttpFrontendOptions& options, OpenAiEndpoint endpoint,
                       const httplib::Request& req, httplib::Response& res) {
   auto c = std::make_shared<Completion>();
@@ -129,31 +189,10 @@ void HandleCompletion(JobBroker& broker, const HttpFrontendOptions& options, Ope
   int32_t n = 0;
   grpc::Status s = broker.CreateJob(c->request.job, TraceParent(req), &c->job_id, &n);
   if (!s.ok()) return SendError(res, FromStatus(s));
-  JobBroker* b = &broker;
-  const bool stream = c->request.stream;
-  auto provider = [b, c, stream](size_t, httplib::DataSink& sink) {
-    c->followed = true;
-    OpenAiResponder responder(c->endpoint, c->request,
-                              c->request.model.empty() ? b->ModelName() : c->request.model,
-                              static_cast<int64_t>(std::time(nullptr)),
-                              [b](int32_t id) { return b->TokenText(id); });
-    HttpEventSink events(sink, responder, stream);
-    b->Follow(c->job_id, events, /*cancel_on_disconnect=*/true);
-    if (!stream) {
-      const std::string body = responder.Final();
-      if (!sink.write(body.data(), body.size())) return false;
-    }
-    sink.done();
-    return true;
-  };
-  auto release = [b, c](bool) {
-    if (c->followed) return;
-    GoneSink gone;
-    b->Follow(c->job_id, gone, /*cancel_on_disconnect=*/true);
-  };
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Dmsrt-Job-Id", c->job_id);
-  res.set_chunked_content_provider(stream ? "text/event-stream" : kJsonType, provider, release);
+  if (c->request.stream) return RespondStream(broker, c, res);
+  RespondWhole(broker, *c, req, res);
 }
 
 }  // namespace

@@ -7,9 +7,13 @@
 //
 // Requests are parsed by ParseOpenAiRequest and submitted through JobBroker, the same path as
 // gRPC's RunJob: same validation, admission and event log. A client that closes its connection
-// cancels its job: while a response waits for tokens it writes a keep-alive every
-// kKeepAliveSeconds (an SSE comment, or a space before the JSON body) and the first failed
-// write cancels the job, freeing its KV blocks.
+// cancels its job, freeing its KV blocks:
+//   - a streamed response (200 and server-sent events from the start) writes an SSE comment every
+//     kKeepAliveSeconds while it waits for tokens, and the first failed write cancels the job; a
+//     failure after the start arrives as an error event;
+//   - a non-streamed response sends nothing until the job ends, so its status is the job's own
+//     (200, or an error object with 4xx/5xx: OpenAiResponder::Final); meanwhile the connection is
+//     watched for the client hanging up (PeerWatch, about every 200 ms).
 //
 // Threading: one listener thread plus a pool of `threads` workers; a streaming response holds its
 // worker until the job ends, so the pool is sized for many long-lived streams.

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/engine/sampler.h"
 
 namespace dmsrt {
 
@@ -173,7 +174,8 @@ bool ParseExtension(Parser& p, v1::JobRequest* job) {
   const json* ext = p.Field("dmsrt");
   if (ext == nullptr) return true;
   if (!ext->is_object()) return p.Fail("dmsrt", "'dmsrt' must be an object of JobRequest fields");
-  for (const char* banned : {"prompt", "chat", "conversation", "n", "streamTokens", "stream_tokens"}) {
+  for (const char* banned : {"prompt", "chat", "conversation", "n", "streamTokens", "stream_tokens",
+                             "response"}) {
     if (ext->contains(banned)) {
       return p.Fail(absl::StrCat("dmsrt.", banned),
                     absl::StrCat("'dmsrt.", banned, "' is set by the OpenAI fields; remove it"));
@@ -186,6 +188,32 @@ bool ParseExtension(Parser& p, v1::JobRequest* job) {
     return p.Fail("dmsrt", absl::StrCat("'dmsrt' is not a valid JobRequest extension: ",
                                         std::string(s.message())));
   }
+  return true;
+}
+
+// Chat: "logprobs": true for the chosen tokens' log-probabilities, plus "top_logprobs": k (0..20,
+// only with logprobs) for the k most likely tokens at each position. Completions (the legacy
+// form): "logprobs": k (0..20) gives both at once; "top_logprobs" is not part of that API.
+bool ParseLogprobs(Parser& p, OpenAiEndpoint endpoint, OpenAiRequest* out) {
+  int64_t top = 0;
+  if (endpoint == OpenAiEndpoint::kChatCompletions) {
+    if (!p.Bool("logprobs", &out->logprobs)) return false;
+    if (!p.Int("top_logprobs", 0, kMaxTopLogprobs, &top)) return false;
+    if (top > 0 && !out->logprobs) {
+      return p.Fail("top_logprobs", "'top_logprobs' needs 'logprobs': true; set both");
+    }
+  } else {
+    if (!p.Int("logprobs", 0, kMaxTopLogprobs, &top)) return false;
+    out->logprobs = p.Field("logprobs") != nullptr;
+    int64_t unused = 0;
+    if (!p.Int("top_logprobs", 0, kMaxTopLogprobs, &unused)) return false;
+    if (unused > 0) {
+      return p.Fail("top_logprobs", "/v1/completions takes the listing size as 'logprobs': k; "
+                                    "remove 'top_logprobs'");
+    }
+  }
+  out->top_logprobs = static_cast<int32_t>(top);
+  out->job.mutable_response()->set_top_logprobs(out->top_logprobs);
   return true;
 }
 
@@ -210,24 +238,7 @@ bool ParseSampling(Parser& p, OpenAiEndpoint endpoint, const OpenAiLimits& limit
   }
   job->mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
   if (!ParseStop(p, job->mutable_stopping())) return false;
-  // logprobs: a boolean for chat, a count (0..5) for completions; only the chosen token's.
-  if (endpoint == OpenAiEndpoint::kChatCompletions) {
-    if (!p.Bool("logprobs", &out->logprobs)) return false;
-  } else {
-    int64_t lp = 0;
-    if (!p.Int("logprobs", 0, 5, &lp)) return false;
-    out->logprobs = p.Field("logprobs") != nullptr;
-    if (lp > 0) {
-      return p.Fail("logprobs", "only logprobs 0 (the chosen tokens' log-probabilities) is supported");
-    }
-  }
-  int64_t top = 0;
-  if (!p.Int("top_logprobs", 0, 20, &top)) return false;
-  if (top > 0) {
-    return p.Fail("top_logprobs", "top_logprobs > 0 is not supported: dmsrt returns the chosen tokens' "
-                                  "log-probabilities only (logprobs: true)");
-  }
-  return true;
+  return ParseLogprobs(p, endpoint, out);
 }
 
 bool ParseStreaming(Parser& p, OpenAiRequest* out) {

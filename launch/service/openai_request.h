@@ -4,14 +4,17 @@
 // bytes).
 //
 // Fields: messages | prompt, max_tokens, max_completion_tokens, temperature, top_p, seed, stop,
-// n, logprobs, top_logprobs (0 only), stream, stream_options.include_usage, user, model.
+// n, logprobs, top_logprobs, stream, stream_options.include_usage, user, model. Chat takes
+// "logprobs": true and "top_logprobs": k (0..20, only with logprobs); completions take the legacy
+// "logprobs": k (0..20). Both set JobRequest.response.top_logprobs.
 // dmsrt's own options go in one extension object, "dmsrt", whose fields are those of the gRPC
 // JobRequest in its JSON form: {"dms": {"policy": "KV_POLICY_DMS", "window": 64},
 // "kv": {"kv_budget_bytes": "1000000"}, "answer": {"selection": "SELECTION_MAJORITY_VOTE",
 // "early_stop": true, "extraction_regex": "..."}, "deadline_seconds": 30,
 // "sampling": {"top_k": 40}, "stopping": {"ignore_eos": true}}. Unknown top-level fields are
 // ignored; fields whose meaning dmsrt cannot honour (tools, functions, function_call,
-// tool_choice, response_format other than text, top_logprobs > 0) are a 400.
+// tool_choice, response_format other than text, echo, suffix) are a 400, as are extension fields
+// the OpenAI ones set (the input, n, stream_tokens, response).
 #pragma once
 
 #include <cstdint>
@@ -30,7 +33,8 @@ struct OpenAiRequest {
   std::string user;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
-  bool logprobs = false;
+  bool logprobs = false;       // list the chosen tokens' log-probabilities
+  int32_t top_logprobs = 0;    // and this many most likely tokens per position
 };
 
 // An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status.

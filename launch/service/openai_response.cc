@@ -14,6 +14,13 @@ std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_hand
 
 std::string Sse(const json& j) { return absl::StrCat("data: ", Dump(j), "\n\n"); }
 
+// A token's bytes as OpenAI lists them (its text may end inside a UTF-8 character).
+json Bytes(const std::string& s) {
+  json bytes = json::array();
+  for (unsigned char c : s) bytes.push_back(static_cast<int>(c));
+  return bytes;
+}
+
 const char* FinishReason(v1::FinishReason r) {
   switch (r) {
     case v1::STOP:
@@ -31,6 +38,7 @@ OpenAiResponder::OpenAiResponder(OpenAiEndpoint endpoint, const OpenAiRequest& r
                                  std::function<std::string(int32_t)> token_text)
     : endpoint_(endpoint),
       logprobs_(request.logprobs),
+      top_logprobs_(request.top_logprobs),
       include_usage_(request.include_usage),
       model_(std::move(model)),
       created_(created_unix),
@@ -44,25 +52,44 @@ json OpenAiResponder::Envelope(const char* object) const {
               {"model", model_}};
 }
 
-json OpenAiResponder::Logprobs(const std::vector<int32_t>& ids, const std::vector<float>& lps) const {
+json OpenAiResponder::Logprobs(const std::vector<int32_t>& ids, const std::vector<float>& lps,
+                               const std::vector<v1::TopLogprobs>& top) const {
   if (!logprobs_) return nullptr;
   const size_t k = std::min(ids.size(), lps.size());
+  const bool listed = top_logprobs_ > 0;
   if (endpoint_ == OpenAiEndpoint::kChatCompletions) {
     json content = json::array();
     for (size_t i = 0; i < k; ++i) {
+      json alternatives = json::array();
+      if (listed && i < top.size()) {
+        for (const v1::TopLogprob& e : top[i].entries()) {
+          alternatives.push_back({{"token", e.text()}, {"logprob", e.logprob()}, {"bytes", Bytes(e.text())}});
+        }
+      }
       const std::string t = token_text_ ? token_text_(ids[i]) : "";
-      json bytes = json::array();
-      for (unsigned char c : t) bytes.push_back(static_cast<int>(c));
-      content.push_back({{"token", t}, {"logprob", lps[i]}, {"bytes", bytes}, {"top_logprobs", json::array()}});
+      content.push_back({{"token", t}, {"logprob", lps[i]}, {"bytes", Bytes(t)}, {"top_logprobs", alternatives}});
     }
     return json{{"content", content}};
   }
   json tokens = json::array(), token_lps = json::array();
+  json top_lps = listed ? json::array() : json(nullptr);
   for (size_t i = 0; i < k; ++i) {
-    tokens.push_back(token_text_ ? token_text_(ids[i]) : "");
+    const std::string t = token_text_ ? token_text_(ids[i]) : "";
+    tokens.push_back(t);
     token_lps.push_back(lps[i]);
+    if (!listed) continue;
+    // {text: logprob}, most likely first; the chosen token is always there (k + 1 entries when
+    // it is not among the k most likely). Two tokens with the same text keep the likelier one.
+    json alternatives = json::object();
+    if (i < top.size()) {
+      for (const v1::TopLogprob& e : top[i].entries()) {
+        if (!alternatives.contains(e.text())) alternatives[e.text()] = e.logprob();
+      }
+    }
+    if (!alternatives.contains(t)) alternatives[t] = lps[i];
+    top_lps.push_back(alternatives);
   }
-  return json{{"tokens", tokens}, {"token_logprobs", token_lps}, {"top_logprobs", nullptr},
+  return json{{"tokens", tokens}, {"token_logprobs", token_lps}, {"top_logprobs", top_lps},
               {"text_offset", nullptr}};
 }
 
@@ -104,7 +131,8 @@ std::string OpenAiResponder::StreamEvent(const v1::JobEvent& e) {
     json choice = {{"index", t.thread_index()}, {"finish_reason", nullptr}};
     std::vector<int32_t> ids(t.token_ids().begin(), t.token_ids().end());
     std::vector<float> lps(t.logprobs().begin(), t.logprobs().end());
-    choice["logprobs"] = Logprobs(ids, lps);
+    std::vector<v1::TopLogprobs> top(t.top_logprobs().begin(), t.top_logprobs().end());
+    choice["logprobs"] = Logprobs(ids, lps, top);
     if (chat) {
       json delta = {{"content", t.text()}};
       if (!c.started) delta["role"] = "assistant";
@@ -154,12 +182,14 @@ void OpenAiResponder::Record(const v1::JobEvent& e) {
     c.text += e.token().text();
     c.token_ids.insert(c.token_ids.end(), e.token().token_ids().begin(), e.token().token_ids().end());
     c.logprobs.insert(c.logprobs.end(), e.token().logprobs().begin(), e.token().logprobs().end());
+    c.top.insert(c.top.end(), e.token().top_logprobs().begin(), e.token().top_logprobs().end());
   } else if (e.has_thread_finished()) {
     Choice& c = choices_[e.thread_finished().thread_index()];
     c.result = e.thread_finished();
     c.done = true;
   } else if (e.has_error()) {
     error_ = e.error().message();
+    retryable_ = retryable_ || e.error().retryable();
   } else if (e.has_job_finished()) {
     result_ = e.job_finished();
     finished_ = true;
@@ -173,13 +203,43 @@ void OpenAiResponder::Record(const v1::JobEvent& e) {
   }
 }
 
-std::string OpenAiResponder::Final() const {
+OpenAiReply OpenAiResponder::Error(int status, const char* type, const char* code,
+                                   const std::string& message) const {
+  json e = {{"message", message},
+            {"type", type},
+            {"param", nullptr},
+            {"code", code != nullptr ? json(code) : json(nullptr)}};
+  json body = {{"error", e}};
+  if (finished_) body["dmsrt"] = Extension();
+  return OpenAiReply{status, Dump(body)};
+}
+
+OpenAiReply OpenAiResponder::Final() const {
   if (!finished_) {
-    OpenAiError err;
-    err.status = 500;
-    err.type = "server_error";
-    err.message = error_.empty() ? "the job ended without a result" : error_;
-    return OpenAiErrorJson(err);
+    return Error(500, "server_error", nullptr,
+                 error_.empty() ? "the job ended without a result" : error_);
+  }
+  switch (result_.outcome()) {
+    case v1::JOB_SUCCEEDED:
+    case v1::JOB_NO_ANSWER:
+      break;
+    case v1::JOB_DEADLINE_EXCEEDED:
+      return Error(504, "server_error", "deadline_exceeded",
+                   absl::StrCat(result_.message(), ": raise dmsrt.deadline_seconds, or stream the "
+                               "response to keep the tokens generated before it"));
+    case v1::JOB_CANCELLED:
+      return Error(499, "invalid_request_error", "cancelled",
+                   "the job was cancelled (CancelJob) before it finished");
+    default: {
+      bool all_out_of_memory = !result_.threads().empty();
+      for (const v1::ThreadFinished& t : result_.threads()) {
+        all_out_of_memory = all_out_of_memory && t.reason() == v1::PREEMPTED_FAILED;
+      }
+      const std::string why = result_.message().empty() ? error_ : result_.message();
+      if (retryable_) return Error(503, "server_error", "retryable", error_.empty() ? why : error_);
+      if (all_out_of_memory) return Error(400, "invalid_request_error", "kv_capacity_exceeded", why);
+      return Error(500, "server_error", nullptr, why.empty() ? "the job failed" : why);
+    }
   }
   const bool chat = endpoint_ == OpenAiEndpoint::kChatCompletions;
   json resp = Envelope(chat ? "chat.completion" : "text_completion");
@@ -191,13 +251,13 @@ std::string OpenAiResponder::Final() const {
     } else {
       choice["text"] = c.text;
     }
-    choice["logprobs"] = Logprobs(c.token_ids, c.logprobs);
+    choice["logprobs"] = Logprobs(c.token_ids, c.logprobs, c.top);
     choices.push_back(choice);
   }
   resp["choices"] = choices;
   resp["usage"] = Usage();
   resp["dmsrt"] = Extension();
-  return Dump(resp);
+  return OpenAiReply{200, Dump(resp)};
 }
 
 }  // namespace dmsrt

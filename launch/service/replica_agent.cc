@@ -75,6 +75,7 @@ void ReplicaAgent::HandleAssign(const v1::ThreadAssignment& a) {
   spec.max_tokens = a.max_tokens();
   spec.stop.assign(a.stop().begin(), a.stop().end());
   spec.ignore_eos = a.ignore_eos();
+  spec.top_logprobs = a.top_logprobs();
   const std::string job_id = a.job_id();
   const bool stream_tokens = a.stream_tokens();
   auto sink = [this, job_id, stream_tokens](const EngineEvent& ev) {
@@ -89,6 +90,15 @@ void ReplicaAgent::HandleAssign(const v1::ThreadAssignment& a) {
         t->set_text(ev.text);
         for (int32_t id : ev.token_ids) t->add_token_ids(id);
         for (float lp : ev.logprobs) t->add_logprobs(lp);
+        for (const std::vector<TokenLogprob>& listing : ev.top_logprobs) {
+          v1::TopLogprobs* l = t->add_top_logprobs();
+          for (const TokenLogprob& e : listing) {
+            v1::TopLogprob* x = l->add_entries();
+            x->set_token_id(e.token);
+            x->set_text(engine_.tokenizer().TokenBytes(e.token));
+            x->set_logprob(e.logprob);
+          }
+        }
         break;
       }
       case EngineEvent::Kind::kThreadFinished: {

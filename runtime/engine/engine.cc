@@ -83,6 +83,10 @@ absl::StatusOr<JobId> Engine::Submit(EngineJobSpec spec, EventSink sink) {
     }
   }
   if (spec.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be >= 1");
+  if (spec.top_logprobs < 0 || spec.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "top_logprobs = %d is out of range: send 0 (none) to %d", spec.top_logprobs, kMaxTopLogprobs));
+  }
   const int64_t ctx = model_.config.max_positions;
   if (ctx > 0 && static_cast<int64_t>(spec.prompt.size()) + spec.max_tokens > ctx) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -237,7 +241,15 @@ void Engine::MaybeFinishJob(Job& job, Outbox& out) {
   live_.erase(job.id);
 }
 
-void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob, Outbox& out) {
+void Engine::SampleInto(Job& job, Thread& t, const float* logits, int32_t vocab, Outbox& out) {
+  float lp = 0.0f;
+  std::vector<TokenLogprob> top;
+  const int32_t tok = t.sampler->Sample(logits, vocab, &lp, job.spec.top_logprobs, &top);
+  HandleToken(job, t, tok, lp, std::move(top), out);
+}
+
+void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob,
+                         std::vector<TokenLogprob> top, Outbox& out) {
   t.tokens.push_back(token);
   ++t.generated;
   ++job.generated_total;
@@ -259,6 +271,7 @@ void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob, Outb
   ev.text = std::move(delta);
   ev.token_ids = {token};
   ev.logprobs = {logprob};
+  if (job.spec.top_logprobs > 0) ev.top_logprobs.push_back(std::move(top));
   out.emplace_back(job.sink, std::move(ev));
   if (t.stop->matched()) {
     FinishThread(job, t, FinishReason::kStopString, "", out);
@@ -521,9 +534,7 @@ void Engine::SampleReturned(const ForwardResult& res, const std::vector<Resident
     } else {
       Thread& t = *r.thread;
       if (t.finished) continue;
-      float lp = 0.0f;
-      int32_t tok = t.sampler->Sample(logits, res.vocab, &lp);
-      HandleToken(job, t, tok, lp, out);
+      SampleInto(job, t, logits, res.vocab, out);
       MaybeFinishJob(job, out);
     }
   }
@@ -550,9 +561,7 @@ void Engine::ForkRoot(Job& job, const float* logits, int32_t vocab, Outbox& out)
     t.started = true;
     t.admit_order = ++admit_counter_;
     resident_.push_back(Resident{&job, &t});
-    float lp = 0.0f;
-    int32_t tok = t.sampler->Sample(logits, vocab, &lp);
-    HandleToken(job, t, tok, lp, out);
+    SampleInto(job, t, logits, vocab, out);
   }
   kv.Free(job.root).IgnoreError();
   job.root = -1;

@@ -58,6 +58,10 @@ struct EngineJobSpec {
   int32_t max_tokens = 256;             // generated tokens per thread
   std::vector<std::string> stop;        // stop strings, matched on decoded text
   bool ignore_eos = false;
+  // Per generated token, list this many most likely tokens with their log-probabilities
+  // (0..kMaxTopLogprobs; 0 = none, and nothing is computed). See Sampler::Sample for the
+  // distribution.
+  int32_t top_logprobs = 0;
 };
 
 struct EngineEvent {
@@ -69,6 +73,8 @@ struct EngineEvent {
   std::string text;
   std::vector<int32_t> token_ids;
   std::vector<float> logprobs;
+  // kTokens when the job asked for top_logprobs: one listing per token id, most likely first.
+  std::vector<std::vector<TokenLogprob>> top_logprobs;
   // kThreadFinished.
   FinishReason reason = FinishReason::kStop;
   std::string message;        // why, for PREEMPTED_FAILED and ERROR
@@ -142,8 +148,8 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Queues a job. INVALID_ARGUMENT for an empty prompt, no threads, max_tokens < 1, or a prompt
-  // that, with max_tokens, exceeds the model's context. `sink` receives every event of the job.
+  // Queues a job. INVALID_ARGUMENT for an empty prompt, no threads, max_tokens < 1, top_logprobs
+  // outside 0..kMaxTopLogprobs, or a prompt that, with max_tokens, exceeds the model's context. `sink` receives every event of the job.
   absl::StatusOr<JobId> Submit(EngineJobSpec spec, EventSink sink);
   // Cancels a job (thread_index < 0) or one of its threads; the blocks are freed by the next
   // Step(). NOT_FOUND for an unknown or finished job.
@@ -186,8 +192,10 @@ class Engine {
   void FinishThread(Job& job, Thread& t, FinishReason reason, const std::string& message,
                     Outbox& out);
   void MaybeFinishJob(Job& job, Outbox& out);
+  // Samples thread `t`'s next token from `logits` and handles it.
+  void SampleInto(Job& job, Thread& t, const float* logits, int32_t vocab, Outbox& out);
   void HandleToken(Job& job, Thread& t, int32_t token, float logprob,
-                   Outbox& out);
+                   std::vector<TokenLogprob> top, Outbox& out);
   void Preempt(const Resident& r);
   int64_t BlocksFor(int64_t tokens) const;
   int64_t FreeBlocks() const;

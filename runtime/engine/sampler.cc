@@ -11,6 +11,12 @@
 //
 // Vocabularies reach 150K: top-k uses nth_element, top-p sorts a growing prefix only until it
 // holds the required mass, and plain temperature sampling needs no sort at all.
+//
+// Log-probabilities (the chosen token's, and the top-n listing when asked) come from the raw
+// logits, not from the filtered and tempered distribution the draw uses: that is what vLLM
+// reports by default (its "raw_logprobs") and what the best-of-N selection by mean
+// log-probability needs, a figure of the model that does not move with the sampling settings.
+// The listing costs one extra pass over the vocabulary, and nothing when it is not asked for.
 #include "runtime/engine/sampler.h"
 
 #include <algorithm>
@@ -39,19 +45,62 @@ int32_t Argmax(const float* logits, int32_t vocab) {
   return best;
 }
 
-float LogSoftmaxAt(const float* logits, int32_t vocab, int32_t id) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int32_t i = 0; i < vocab; ++i) mx = std::max(mx, logits[i]);
+// log(sum(exp(logits))) in the form every log-probability here is computed from, so that the
+// chosen token's log-probability and a listing's entries for the same token are the same float.
+struct LogNormalizer {
+  float max = -std::numeric_limits<float>::infinity();
+  double log_sum = 0.0;
+  float At(const float* logits, int32_t id) const {
+    return static_cast<float>(static_cast<double>(logits[id] - max) - log_sum);
+  }
+};
+
+LogNormalizer Normalizer(const float* logits, int32_t vocab) {
+  LogNormalizer n;
+  for (int32_t i = 0; i < vocab; ++i) n.max = std::max(n.max, logits[i]);
   double sum = 0.0;
-  for (int32_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
-  return static_cast<float>(static_cast<double>(logits[id] - mx) - std::log(sum));
+  for (int32_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - n.max));
+  n.log_sum = std::log(sum);
+  return n;
+}
+
+// The n best (logit, id) pairs by Before, sorted: a sorted window that a candidate enters only
+// when it beats the window's last entry, which for n << vocab is almost never.
+void TopByLogit(const float* logits, int32_t vocab, int32_t n,
+                std::vector<std::pair<float, int32_t>>* best) {
+  best->clear();
+  if (n <= 0) return;
+  best->reserve(static_cast<size_t>(n) + 1);
+  for (int32_t i = 0; i < vocab; ++i) {
+    const std::pair<float, int32_t> c(logits[i], i);
+    if (std::isnan(c.first)) continue;
+    if (static_cast<int32_t>(best->size()) == n && !Before(c, best->back())) continue;
+    best->insert(std::upper_bound(best->begin(), best->end(), c, Before), c);
+    if (static_cast<int32_t>(best->size()) > n) best->pop_back();
+  }
+}
+
+void FillTop(const float* logits, int32_t vocab, int32_t n, const LogNormalizer& norm,
+             std::vector<TokenLogprob>* out) {
+  std::vector<std::pair<float, int32_t>> best;
+  TopByLogit(logits, vocab, std::min(n, vocab), &best);
+  out->clear();
+  for (const auto& [logit, id] : best) out->push_back(TokenLogprob{id, norm.At(logits, id)});
 }
 
 }  // namespace
 
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
 
-int32_t Sampler::Sample(const float* logits, int32_t vocab, float* logprob) {
+void TopLogprobs(const float* logits, int32_t vocab, int32_t n, std::vector<TokenLogprob>* out) {
+  out->clear();
+  if (vocab <= 0 || n <= 0) return;
+  FillTop(logits, vocab, n, Normalizer(logits, vocab), out);
+}
+
+int32_t Sampler::Sample(const float* logits, int32_t vocab, float* logprob, int32_t top_n,
+                        std::vector<TokenLogprob>* top) {
+  if (top) top->clear();
   if (vocab <= 0) return -1;
   int32_t chosen;
   if (params_.temperature <= 0.0f) {
@@ -133,7 +182,11 @@ int32_t Sampler::Sample(const float* logits, int32_t vocab, float* logprob) {
       }
     }
   }
-  if (logprob) *logprob = LogSoftmaxAt(logits, vocab, chosen);
+  if (logprob || (top && top_n > 0)) {
+    const LogNormalizer norm = Normalizer(logits, vocab);
+    if (logprob) *logprob = norm.At(logits, chosen);
+    if (top && top_n > 0) FillTop(logits, vocab, top_n, norm, top);
+  }
   return chosen;
 }
 

@@ -56,6 +56,29 @@ def check_best_of(res, n):
         assert res["answer"] is None
 
 
+def check_top_logprobs(token_events, k, greedy):
+    """Token events of a job run with response.top_logprobs = k (run_job's "token_events"): one
+    listing of k entries per token, likeliest first, log-probabilities <= 0 whose probabilities add
+    up to at most 1; under greedy sampling the chosen token heads its listing with the same
+    log-probability (the same float32). Returns the number of tokens checked."""
+    import math
+    count = 0
+    for ev in token_events:
+        assert len(ev["top_logprobs"]) == len(ev["token_ids"]) == len(ev["logprobs"]), ev
+        for tok, lp, listing in zip(ev["token_ids"], ev["logprobs"], ev["top_logprobs"]):
+            assert len(listing) == k, listing
+            lps = [e[2] for e in listing]
+            assert lps == sorted(lps, reverse=True), listing
+            assert all(x <= 0 for x in lps), listing
+            assert sum(math.exp(x) for x in lps) <= 1 + 1e-5, listing
+            assert len({e[0] for e in listing}) == k, listing
+            assert lp <= 0
+            if greedy:
+                assert listing[0][0] == tok and listing[0][2] == lp, (tok, lp, listing)
+            count += 1
+    return count
+
+
 class Server:
     """`mpirun -np NP dmsrt serve ...` in its own session. `replicas` is how many replicas
     wait_ready expects (NP / tp); `env` adds environment variables."""
@@ -104,6 +127,30 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+class Proc:
+    """One dmsrt process (`args` after the binary) without mpirun, in its own session, logging to a
+    temporary file; stop() ends its process group."""
+
+    def __init__(self, args):
+        self.log = tempfile.NamedTemporaryFile(prefix="dmsrt_proc_", suffix=".log", delete=False)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+        self.proc = subprocess.Popen([BIN] + args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def text(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

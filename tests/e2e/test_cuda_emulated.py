@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import check_best_of, standalone_replica, wait_idle
+from conftest import check_best_of, check_top_logprobs, standalone_replica, wait_idle
 
 EMU_BIN = os.environ.get("DMSRT_EMU_BIN", "")
 
@@ -41,10 +41,14 @@ def test_greedy_threads_agree(cuda_replica):
     # policy's decisions independent of the thread: any mix-up of rows, block tables or sampled
     # rows between threads shows up as texts that differ.
     res = cuda_replica.run_job(prompt="The three primary colours are", n=3, max_tokens=10, seed=1,
-                               ignore_eos=True, temperature=0.0, timeout=300)
+                               ignore_eos=True, temperature=0.0, stream_tokens=True, top_logprobs=5,
+                               timeout=300)
     check_best_of(res, 3)
     texts = [t["text"] for t in res["threads"]]
     assert texts[0] and texts.count(texts[0]) == 3, texts
+    # The engine samples on the host from the logits rows the backend returns, so the CUDA
+    # backend gives the same log-probability listings as the CPU one.
+    assert check_top_logprobs(res["token_events"], 5, greedy=True) == 30
 
 
 def test_cancel_frees_device_blocks(cuda_replica):

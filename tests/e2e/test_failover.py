@@ -2,10 +2,8 @@
 be killed without taking an mpirun job down): unauthenticated calls are refused, and when one
 replica is killed mid-job its threads move to the other and the job is still answered."""
 
-import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -13,30 +11,9 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import BIN, MODEL, free_port
+from conftest import BIN, MODEL, Proc, free_port
 
 TOKEN = "e2e-secret"
-
-
-class Proc:
-    def __init__(self, args):
-        self.log = tempfile.NamedTemporaryFile(prefix="dmsrt_failover_", suffix=".log", delete=False)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
-        self.proc = subprocess.Popen([BIN] + args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def text(self):
-        with open(self.log.name, errors="replace") as f:
-            return f.read()
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

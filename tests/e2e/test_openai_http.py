@@ -2,16 +2,20 @@
 `openai` Python client and by raw HTTP for the malformed requests a client library would not send.
 
 One replica (mpirun -np 1) with the API on a free loopback port; a second server checks
---auth-token. Every wait is bounded.
+--auth-token; a coordinator with one separately started replica checks the status of a
+non-streamed request whose replica is killed. Every wait is bounded.
 """
 
 import http.client
 import json
+import math
+import signal
+import threading
 import time
 
 import pytest
 
-from conftest import Server, free_port, wait_idle
+from conftest import MODEL, Proc, Server, free_port, wait_idle
 
 openai = pytest.importorskip("openai", reason="the openai package is a test dependency (launch/setup.sh --test-deps)")
 
@@ -93,6 +97,61 @@ def test_completion_with_logprobs(oai):
     assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
 
 
+def check_chat_listing(content, k):
+    """choices[].logprobs.content of a greedy chat completion with top_logprobs = k."""
+    for entry in content:
+        top = entry.top_logprobs
+        assert len(top) == k, entry
+        lps = [t.logprob for t in top]
+        assert lps == sorted(lps, reverse=True), entry
+        assert all(x <= 0 for x in lps) and sum(math.exp(x) for x in lps) <= 1 + 1e-5, entry
+        # Greedy: the chosen token is the likeliest, with the same log-probability.
+        assert bytes(top[0].bytes) == bytes(entry.bytes) and top[0].logprob == entry.logprob, entry
+        assert entry.logprob <= 0
+
+
+def test_chat_top_logprobs_whole_and_streamed(oai):
+    kwargs = dict(model="default", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+                  messages=[{"role": "user", "content": "Name three colours."}])
+    whole = oai.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    check_chat_listing(content, 3)
+    streamed = []
+    for chunk in oai.chat.completions.create(stream=True, **kwargs):
+        for ch in chunk.choices:
+            if ch.logprobs is not None and ch.logprobs.content:
+                streamed += ch.logprobs.content
+    check_chat_listing(streamed, 3)
+    key = lambda c: [(bytes(e.bytes), e.logprob, [(bytes(t.bytes), t.logprob) for t in e.top_logprobs])
+                     for e in c]
+    assert key(streamed) == key(content)
+    # logprobs alone: the chosen tokens with empty listings.
+    plain = oai.chat.completions.create(**dict(kwargs, top_logprobs=None))
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+
+
+def test_completions_top_logprobs_whole_and_streamed(oai):
+    kwargs = dict(model="default", prompt="The capital of France is", max_tokens=6, temperature=0,
+                  logprobs=3)
+    whole = oai.completions.create(**kwargs)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == whole.usage.completion_tokens
+    for tok, tlp, alternatives in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(alternatives) == 3, alternatives  # greedy: the chosen token is among the 3
+        assert alternatives[tok] == tlp and max(alternatives.values()) == tlp, (tok, tlp, alternatives)
+        assert sum(math.exp(x) for x in alternatives.values()) <= 1 + 1e-5
+    tokens, token_lps, tops = [], [], []
+    for chunk in oai.completions.create(stream=True, **kwargs):
+        for ch in chunk.choices:
+            if ch.logprobs is not None and ch.logprobs.tokens:
+                tokens += ch.logprobs.tokens
+                token_lps += ch.logprobs.token_logprobs
+                tops += ch.logprobs.top_logprobs
+    assert (tokens, token_lps, tops) == (lp.tokens, lp.token_logprobs, lp.top_logprobs)
+
+
 def test_streaming_matches_non_streaming(oai):
     kwargs = dict(model="default", max_tokens=12, temperature=0,
                   messages=[{"role": "user", "content": "Name three colours."}])
@@ -128,6 +187,20 @@ def test_best_of_4_vote(oai):
     assert r.usage.completion_tokens == sum(c.model_extra["dmsrt"]["tokens"] for c in r.choices)
 
 
+def running_job_id(grpc_client, timeout=20):
+    """The id of the one job that is running (a non-streamed request sends no header until its
+    job ends)."""
+    pb = grpc_client.pb
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = grpc_client.stub.ListJobs(pb.ListJobsRequest()).jobs
+        if jobs:
+            assert len(jobs) == 1, jobs
+            return jobs[0].job_id
+        time.sleep(0.05)
+    raise AssertionError("no job started")
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 def test_disconnect_cancels_and_frees_blocks(api, stream):
     srv, grpc_client = api
@@ -137,18 +210,22 @@ def test_disconnect_cancels_and_frees_blocks(api, stream):
                        "dmsrt": {"stopping": {"ignore_eos": True}}})
     conn.request("POST", "/v1/chat/completions", body=body,
                  headers={"Content-Type": "application/json", "Accept-Encoding": "gzip"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    job_id = resp.getheader("X-Dmsrt-Job-Id")
-    got = 0
-    while stream and got < 5:  # a few token events, then hang up mid-stream
-        line = resp.fp.readline()
-        assert line, "the stream ended early"
-        got += line.startswith(b"data: ")
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        job_id = resp.getheader("X-Dmsrt-Job-Id")
+        got = 0
+        while got < 5:  # a few token events, then hang up mid-stream
+            line = resp.fp.readline()
+            assert line, "the stream ended early"
+            got += line.startswith(b"data: ")
+    else:
+        job_id = running_job_id(grpc_client)
     deadline = time.time() + 20  # blocks reach the coordinator with the next heartbeat
     while grpc_client.cluster().kv_blocks_used == 0:
         assert time.time() < deadline, "the job never held KV blocks"
         time.sleep(0.1)
+    assert grpc_client.get(job_id).outcome == 1  # JOB_RUNNING: nothing ended it but the client
     conn.sock.close()
     conn.close()
     deadline = time.time() + 30
@@ -159,6 +236,87 @@ def test_disconnect_cancels_and_frees_blocks(api, stream):
     wait_idle(grpc_client, timeout=30)
     status, metrics = raw(srv, "GET", "/v1/models")
     assert status == 200
+
+
+def test_late_deadline_is_504_whole_and_in_band_streamed(api, oai):
+    """A job admitted and then ended by its deadline: a non-streamed request gets 504 and an error
+    object (the job's vote so far beside it), not a 200; a streamed one has sent its 200 already
+    and ends with the outcome in its last chunk."""
+    srv, grpc_client = api
+    body = {"messages": [{"role": "user", "content": "Tell a very long story."}], "max_tokens": 900,
+            "dmsrt": {"deadline_seconds": 1.0, "stopping": {"ignore_eos": True}}}
+    status, data = raw(srv, "POST", "/v1/chat/completions", body=json.dumps(body))
+    assert status == 504, data[:300]
+    reply = json.loads(data)
+    assert reply["error"]["code"] == "deadline_exceeded" and reply["error"]["type"] == "server_error"
+    assert "deadline" in reply["error"]["message"]
+    assert reply["dmsrt"]["outcome"] == "JOB_DEADLINE_EXCEEDED"
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.completions.create(model="default", prompt="Once upon a time", max_tokens=900,
+                               extra_body={"dmsrt": {"deadline_seconds": 1.0, "stopping": {"ignore_eos": True}}})
+    assert e.value.status_code == 504
+    last = None
+    for chunk in oai.completions.create(model="default", prompt="Once upon a time", max_tokens=900,
+                                        stream=True, extra_body={"dmsrt": {"deadline_seconds": 1.0,
+                                                                           "stopping": {"ignore_eos": True}}}):
+        last = chunk
+    assert last.model_extra["dmsrt"]["outcome"] == "JOB_DEADLINE_EXCEEDED"
+    wait_idle(grpc_client, timeout=30)
+
+
+def test_late_replica_loss_is_503(stubs_dir):
+    """A coordinator and one replica started on its own: the replica is killed while a
+    non-streamed request waits for its job, no other replica can take the threads, and the
+    request gets 503 with a retryable error, not a 200."""
+    from dmsrt_client import DmsrtClient
+    addr, http_port = f"127.0.0.1:{free_port()}", free_port()
+    coord = Proc(["coordinator", "--model", MODEL, "--listen", addr, "--http-listen", f"127.0.0.1:{http_port}"])
+    rep = Proc(["serve", "--model", MODEL, "--coordinator", addr, "--threads", "1", "--kv-budget", "64MiB"])
+    client = DmsrtClient(addr, stubs_dir=stubs_dir)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if any(r.state == "ready" for r in client.cluster().replicas):
+                    break
+            except client.grpc.RpcError:
+                pass  # not listening yet
+            assert time.time() < deadline, coord.text() + rep.text()
+            assert coord.proc.poll() is None and rep.proc.poll() is None, coord.text() + rep.text()
+            time.sleep(0.3)
+        result = {}
+
+        def request():
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=120)
+            body = json.dumps({"messages": [{"role": "user", "content": "Tell a very long story."}],
+                               "max_tokens": 900, "dmsrt": {"stopping": {"ignore_eos": True}}})
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            result["status"], result["body"] = resp.status, resp.read()
+            conn.close()
+
+        t = threading.Thread(target=request)
+        t.start()
+        deadline = time.time() + 30
+        while client.cluster().kv_blocks_used == 0:
+            assert time.time() < deadline, "the job never held KV blocks"
+            time.sleep(0.1)
+        rep.stop(signal.SIGKILL)
+        t.join(timeout=60)
+        assert not t.is_alive(), "the request did not end when its replica was lost"
+        assert result["status"] == 503, result
+        reply = json.loads(result["body"])
+        assert reply["error"]["code"] == "retryable" and "lost" in reply["error"]["message"], reply
+        assert reply["dmsrt"]["outcome"] == "JOB_FAILED", reply
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().status == 200  # the coordinator stays up
+        conn.close()
+    finally:
+        client.close()
+        rep.stop()
+        coord.stop()
 
 
 LONG = "hello " * 9000  # more tokens than the model's context
@@ -176,6 +334,8 @@ LONG = "hello " * 9000  # more tokens than the model's context
     ("tools", json.dumps({"prompt": "x", "tools": [{"type": "function"}]}).encode(), 400),
     ("response_format_json", json.dumps({"prompt": "x", "response_format": {"type": "json_object"}}).encode(), 400),
     ("bad_extension", json.dumps({"prompt": "x", "dmsrt": {"no_such_field": 1}}).encode(), 400),
+    ("logprobs_21", json.dumps({"prompt": "x", "logprobs": 21}).encode(), 400),
+    ("top_logprobs_on_completions", json.dumps({"prompt": "x", "top_logprobs": 2}).encode(), 400),
     ("too_long_for_context", json.dumps({"prompt": LONG, "max_tokens": 16}).encode(), 400),
     ("ten_megabytes", b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 413),
 ])

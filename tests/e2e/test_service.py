@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import BIN, check_best_of, wait_idle
+from conftest import BIN, check_best_of, check_top_logprobs, wait_idle
 
 MATH = "What is 3 + 4? Put the final answer in \\boxed{}."
 
@@ -76,6 +76,20 @@ def test_streamed_tokens_match_usage(client):
     assert res["tokens_streamed"] == sum(t["tokens"] for t in res["threads"]) == res["usage"]["generated_tokens"]
 
 
+def test_top_logprobs_stream_with_tokens(client):
+    """response.top_logprobs = 4: every streamed token carries its 4 likeliest alternatives, from
+    whichever replica runs the thread (n = 2 over 2 replicas)."""
+    res = client.run_job(prompt="The three primary colours are", n=2, max_tokens=8, temperature=0.0,
+                         stream_tokens=True, top_logprobs=4, timeout=120)
+    assert check_top_logprobs(res["token_events"], 4, greedy=True) == res["usage"]["generated_tokens"]
+    # The entries' text is the token's bytes.
+    assert any(e[1].strip() for ev in res["token_events"] for listing in ev["top_logprobs"] for e in listing)
+    # Not asked: no listing.
+    plain = client.run_job(prompt="The three primary colours are", n=1, max_tokens=4, temperature=0.0,
+                           stream_tokens=True, timeout=120)
+    assert plain["token_events"] and all(not ev["top_logprobs"] for ev in plain["token_events"])
+
+
 def expect_error(fn, code, fragment):
     with pytest.raises(grpc.RpcError) as ei:
         r = fn()
@@ -105,6 +119,8 @@ def test_malformed_requests(client):
         (dict(chat="hi", n=1, regex="(unclosed"), INVALID, "does not compile"),
         (dict(chat="hi", n=1, selection=99), INVALID, "not a known Selection"),
         (dict(chat="hi", n=1, deadline_seconds=-1.0), INVALID, "deadline_seconds"),
+        (dict(chat="hi", n=1, top_logprobs=21), INVALID, "response.top_logprobs"),
+        (dict(chat="hi", n=1, top_logprobs=-1), INVALID, "response.top_logprobs"),
         (dict(prompt="hello " * 9000, n=1, max_tokens=64), INVALID, "context"),
         (dict(chat="hi", kv_budget_bytes=1000), grpc.StatusCode.RESOURCE_EXHAUSTED, "raise the budget"),
         (dict(prompt="word " * 3500, n=1, max_tokens=4000), grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -96,3 +96,40 @@ def test_tls_http_api(tls_server):
     plain = openai.OpenAI(base_url=base.replace("https", "http"), api_key="-", max_retries=0, timeout=10)
     with pytest.raises(openai.APIConnectionError):
         plain.models.list()
+
+
+def test_tls_http_disconnect_cancels_non_streamed(tls_server, stubs_dir):
+    """A non-streamed HTTPS request writes nothing while its job runs; closing the connection still
+    cancels the job (the front door watches the socket under the TLS session)."""
+    import http.client
+    import json
+    import ssl
+
+    from dmsrt_client import load_stubs
+    addr, cert = tls_server
+    pb, pb_grpc = load_stubs(stubs_dir)
+    with open(cert, "rb") as f:
+        ch = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    stub = pb_grpc.JobServiceStub(ch)
+    conn = http.client.HTTPSConnection("127.0.0.1", HTTPS["port"], timeout=60,
+                                       context=ssl.create_default_context(cafile=cert))
+    try:
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"prompt": "Tell a very long story.", "max_tokens": 500,
+                                      "dmsrt": {"stopping": {"ignore_eos": True}}}))
+        deadline = time.time() + 30
+        jobs = []
+        while not jobs:  # 500 tokens fit the 32 MiB budget; an over-budget request would get a 400
+            assert time.time() < deadline, "the job never started"
+            jobs = stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs
+            time.sleep(0.05)
+        job_id = jobs[0].job_id
+        conn.sock.close()
+        deadline = time.time() + 30
+        while stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10).outcome == pb.JOB_RUNNING:
+            assert time.time() < deadline, "closing the TLS connection did not end the job"
+            time.sleep(0.2)
+        assert stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10).outcome == pb.JOB_CANCELLED
+    finally:
+        conn.close()
+        ch.close()

@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import BIN, MODEL, MPIRUN, SRC, Server, check_best_of, wait_idle
+from conftest import BIN, MODEL, MPIRUN, SRC, Server, check_best_of, check_top_logprobs, wait_idle
 
 TP_TIMEOUT_S = 4  # collective watchdog of the TP group; the idle test waits longer than this
 MATH = "What is 3 + 4? Put the final answer in \\boxed{}."
@@ -102,8 +102,12 @@ def test_submit_best_of_4(tp3):
 def test_greedy_answer_is_well_formed(tp3):
     _, client = tp3
     res = client.run_job(chat="What is the capital of France? Answer in one sentence.", n=2,
-                         max_tokens=24, temperature=0.0, seed=3, timeout=120)
+                         max_tokens=24, temperature=0.0, seed=3, stream_tokens=True, top_logprobs=3,
+                         timeout=120)
     assert res["outcome"] in ("JOB_SUCCEEDED", "JOB_NO_ANSWER"), res
+    # Only the leader samples; its listings cover the whole vocabulary (the logits are gathered
+    # over the ranks' vocabulary shards), so greedy tokens head their listings.
+    assert check_top_logprobs(res["token_events"], 3, greedy=True) == res["usage"]["generated_tokens"]
     a, b = res["threads"]
     # Greedy threads are the same sequence whatever their seed.
     assert a["text"] == b["text"] and a["tokens"] == b["tokens"]

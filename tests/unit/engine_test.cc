@@ -23,6 +23,8 @@ namespace fs = std::filesystem;
 
 struct ThreadOut {
   std::vector<int32_t> tokens;  // from token events
+  std::vector<float> logprobs;
+  std::vector<std::vector<TokenLogprob>> top;  // per token, when the job asked for a listing
   std::string text;             // concatenated deltas
   std::string final_text;
   FinishReason reason = FinishReason::kError;
@@ -117,6 +119,8 @@ class EngineTest : public ::testing::Test {
         case EngineEvent::Kind::kTokens: {
           ThreadOut& t = out->threads[ev.thread_index];
           t.tokens.insert(t.tokens.end(), ev.token_ids.begin(), ev.token_ids.end());
+          t.logprobs.insert(t.logprobs.end(), ev.logprobs.begin(), ev.logprobs.end());
+          t.top.insert(t.top.end(), ev.top_logprobs.begin(), ev.top_logprobs.end());
           t.text += ev.text;
           break;
         }
@@ -317,7 +321,47 @@ TEST_F(EngineTest, RejectsBadJobs) {
   EngineJobSpec bad_id = Spec({0}, 4, 0);
   bad_id.prompt[0] = 1 << 30;
   EXPECT_EQ(engine.Submit(bad_id, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EngineJobSpec too_many = Spec({0}, 4, 0);
+  too_many.top_logprobs = kMaxTopLogprobs + 1;
+  EXPECT_EQ(engine.Submit(too_many, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  too_many.top_logprobs = -1;
+  EXPECT_EQ(engine.Submit(too_many, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(engine.Cancel(12345).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(EngineTest, TopLogprobs_k5_OneListingPerTokenOnlyWhenAsked) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  Engine engine(*backend, *tok_, *model_);
+  auto mu = std::make_shared<std::mutex>();
+  // Greedy, two threads: the first token comes from the root's logits (ForkRoot), the rest from
+  // decode steps, and both paths must list.
+  EngineJobSpec greedy = Spec({0, 1}, 11, 3);
+  greedy.sampling.temperature = 0.0f;
+  greedy.top_logprobs = 5;
+  auto listed = std::make_shared<JobOut>();
+  SubmitTo(engine, greedy, listed, mu);
+  greedy.top_logprobs = 0;
+  auto plain = std::make_shared<JobOut>();
+  SubmitTo(engine, greedy, plain, mu);
+  RunUntilIdle(engine);
+  ASSERT_TRUE(listed->finished && plain->finished);
+  for (int32_t i : {0, 1}) {
+    const ThreadOut& t = listed->threads[i];
+    ASSERT_EQ(t.tokens.size(), 11u);
+    ASSERT_EQ(t.top.size(), t.tokens.size()) << "thread " << i;
+    for (size_t j = 0; j < t.tokens.size(); ++j) {
+      const std::vector<TokenLogprob>& top = t.top[j];
+      ASSERT_EQ(top.size(), 5u);
+      EXPECT_EQ(top[0].token, t.tokens[j]) << "greedy picks the most likely token";
+      EXPECT_EQ(top[0].logprob, t.logprobs[j]);
+      for (size_t k = 1; k < top.size(); ++k) EXPECT_GE(top[k - 1].logprob, top[k].logprob);
+    }
+    // The listing changes nothing else.
+    EXPECT_EQ(plain->threads[i].tokens, t.tokens);
+    EXPECT_EQ(plain->threads[i].logprobs, t.logprobs);
+    EXPECT_TRUE(plain->threads[i].top.empty());
+  }
 }
 
 TEST_F(EngineTest, BackgroundThreadWithConcurrentSubmitters) {

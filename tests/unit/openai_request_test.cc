@@ -58,6 +58,34 @@ TEST(OpenAiRequest, ExtensionUsesJobRequestFieldNames) {
   EXPECT_EQ(r.job.n(), 0);  // budget mode: the coordinator picks n
 }
 
+TEST(OpenAiRequest, TopLogprobsSetTheResponseOptions) {
+  OpenAiRequest r;
+  OpenAiError e;
+  ASSERT_TRUE(Parse(OpenAiEndpoint::kChatCompletions,
+                    R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":20})",
+                    &r, &e))
+      << e.message;
+  EXPECT_TRUE(r.logprobs);
+  EXPECT_EQ(r.top_logprobs, 20);
+  EXPECT_EQ(r.job.response().top_logprobs(), 20);
+  ASSERT_TRUE(Parse(OpenAiEndpoint::kChatCompletions,
+                    R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":0})",
+                    &r, &e));
+  EXPECT_TRUE(r.logprobs);
+  EXPECT_EQ(r.job.response().top_logprobs(), 0);
+  // The legacy form: logprobs is the listing size; 0 lists the chosen tokens only.
+  ASSERT_TRUE(Parse(OpenAiEndpoint::kCompletions, R"({"prompt":"x","logprobs":3})", &r, &e)) << e.message;
+  EXPECT_TRUE(r.logprobs);
+  EXPECT_EQ(r.top_logprobs, 3);
+  EXPECT_EQ(r.job.response().top_logprobs(), 3);
+  ASSERT_TRUE(Parse(OpenAiEndpoint::kCompletions, R"({"prompt":"x","logprobs":0})", &r, &e));
+  EXPECT_TRUE(r.logprobs);
+  EXPECT_EQ(r.job.response().top_logprobs(), 0);
+  ASSERT_TRUE(Parse(OpenAiEndpoint::kCompletions, R"({"prompt":"x"})", &r, &e));
+  EXPECT_FALSE(r.logprobs);
+  EXPECT_EQ(r.job.response().top_logprobs(), 0);
+}
+
 TEST(OpenAiRequest, RefusalsNameTheField) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {R"({"prompt":"x","n":0})", "n"},
@@ -68,7 +96,10 @@ TEST(OpenAiRequest, RefusalsNameTheField) {
       {R"({"prompt":"x","tools":[]})", "tools"},
       {R"({"prompt":"x","function_call":"auto"})", "function_call"},
       {R"({"prompt":"x","response_format":{"type":"json_object"}})", "response_format"},
-      {R"({"prompt":"x","top_logprobs":2})", "top_logprobs"},
+      {R"({"prompt":"x","top_logprobs":2})", "top_logprobs"},  // completions: logprobs: k
+      {R"({"prompt":"x","logprobs":21})", "logprobs"},
+      {R"({"prompt":"x","logprobs":true})", "logprobs"},
+      {R"({"prompt":"x","dmsrt":{"response":{"top_logprobs":3}}})", "dmsrt.response"},
       {R"({"prompt":"x","dmsrt":{"n":3}})", "dmsrt.n"},
       {R"({"prompt":"x","dmsrt":{"dms":{"policy":"KV_POLICY_NOPE"}}})", "dmsrt"},
       {R"({"prompt":[1,2]})", "prompt"},
@@ -89,6 +120,12 @@ TEST(OpenAiRequest, RefusalsNameTheField) {
   EXPECT_FALSE(Parse(OpenAiEndpoint::kChatCompletions, R"({"messages":[{"role":"tool","content":"x"}]})", &r, &e));
   EXPECT_EQ(e.param, "messages[0].role");
   EXPECT_FALSE(Parse(OpenAiEndpoint::kChatCompletions, std::string(100, '[') , &r, &e));
+  const std::string chat = R"({"messages":[{"role":"user","content":"x"}],)";
+  EXPECT_FALSE(Parse(OpenAiEndpoint::kChatCompletions, chat + R"("top_logprobs":3})", &r, &e));
+  EXPECT_EQ(e.param, "top_logprobs");
+  EXPECT_NE(e.message.find("logprobs"), std::string::npos) << e.message;
+  EXPECT_FALSE(Parse(OpenAiEndpoint::kChatCompletions, chat + R"("logprobs":true,"top_logprobs":21})", &r, &e));
+  EXPECT_EQ(e.param, "top_logprobs");
   EXPECT_FALSE(Parse(OpenAiEndpoint::kCompletions, "{\"prompt\":\"\xff\"}", &r, &e));
 }
 

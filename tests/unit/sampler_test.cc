@@ -1,12 +1,15 @@
 // Sampler: greedy ties, the sets kept by top-k / top-p / min-p, seeded reproducibility, the
-// log-probability of the chosen token, and the sampling distribution against the softmax with a
-// fixed seed (chi-square bound).
+// log-probability of the chosen token, the top-n log-probability listing, and the sampling
+// distribution against the softmax with a fixed seed (chi-square bound).
 #include "runtime/engine/sampler.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -167,6 +170,143 @@ TEST(Sampler, NanLogitsAreNeverDrawn) {
   EXPECT_EQ(seen, std::set<int32_t>({1, 3}));
   Sampler g(SamplingParams{});
   EXPECT_EQ(g.Sample(l.data(), 4), 1);
+}
+
+// Logits with ties, negative values and a spread like a model's, from a fixed seed.
+std::vector<float> RandomLogits(int32_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 3.0f);
+  std::vector<float> l(vocab);
+  for (float& x : l) x = d(rng);
+  if (vocab > 10) l[7] = l[3];  // a tie the listing must order by id
+  return l;
+}
+
+// log-softmax in double, independently of the sampler's code.
+std::vector<double> LogSoftmax(const std::vector<float>& l) {
+  double mx = -1e300;
+  for (float x : l) mx = std::max(mx, static_cast<double>(x));
+  double sum = 0.0;
+  for (float x : l) sum += std::exp(static_cast<double>(x) - mx);
+  std::vector<double> out;
+  for (float x : l) out.push_back(static_cast<double>(x) - mx - std::log(sum));
+  return out;
+}
+
+void ExpectValidListing(const std::vector<float>& l, const std::vector<TokenLogprob>& top,
+                        size_t k) {
+  const std::vector<double> ref = LogSoftmax(l);
+  ASSERT_EQ(top.size(), k);
+  std::set<int32_t> listed;
+  double mass = 0.0;
+  for (size_t i = 0; i < top.size(); ++i) {
+    ASSERT_GE(top[i].token, 0);
+    ASSERT_LT(top[i].token, static_cast<int32_t>(l.size()));
+    EXPECT_TRUE(listed.insert(top[i].token).second) << "token " << top[i].token << " listed twice";
+    EXPECT_NEAR(top[i].logprob, ref[top[i].token], 1e-5) << "entry " << i;
+    EXPECT_LE(top[i].logprob, 0.0f);
+    mass += std::exp(static_cast<double>(top[i].logprob));
+    if (i > 0) {
+      // Sorted descending; equal logits in id order.
+      EXPECT_GE(top[i - 1].logprob, top[i].logprob) << "entry " << i;
+      if (l[top[i - 1].token] == l[top[i].token]) {
+        EXPECT_LT(top[i - 1].token, top[i].token);
+      }
+    }
+  }
+  EXPECT_LE(std::log(mass), 1e-6) << "the listed probabilities add up to more than 1";
+  // Nothing left out is more likely than the last entry.
+  const float last = l[top.back().token];
+  for (int32_t id = 0; id < static_cast<int32_t>(l.size()); ++id) {
+    if (!listed.count(id)) {
+      EXPECT_LE(l[id], last) << "token " << id << " should be listed";
+    }
+  }
+}
+
+TEST(Sampler, TopLogprobs_vocab111_k1_5_20_SortedAndExact) {
+  const std::vector<float> l = RandomLogits(111, 17);
+  for (int32_t k : {1, 5, 20}) {
+    std::vector<TokenLogprob> top;
+    TopLogprobs(l.data(), 111, k, &top);
+    ExpectValidListing(l, top, static_cast<size_t>(k));
+  }
+}
+
+TEST(Sampler, TopLogprobs_GreedyChosenTokenIsFirstWithTheSameLogprob) {
+  for (int32_t vocab : {19, 1000, 49152}) {
+    const std::vector<float> l = RandomLogits(vocab, 3 + vocab);
+    Sampler g(SamplingParams{});
+    float lp = 1.0f;
+    std::vector<TokenLogprob> top;
+    const int32_t tok = g.Sample(l.data(), vocab, &lp, 20, &top);
+    ExpectValidListing(l, top, std::min<size_t>(20, vocab));  // 19: the whole vocabulary
+    EXPECT_EQ(top[0].token, tok) << "vocab " << vocab;
+    EXPECT_EQ(top[0].logprob, lp) << "vocab " << vocab;  // the same float, not merely close
+  }
+  // Ties: greedy takes the lowest id, and so does the listing's first entry.
+  const std::vector<float> tied = {0.5f, 2.0f, -1.0f, 2.0f, 2.0f};
+  Sampler g(SamplingParams{});
+  float lp = 0;
+  std::vector<TokenLogprob> top;
+  EXPECT_EQ(g.Sample(tied.data(), 5, &lp, 3, &top), 1);
+  ASSERT_EQ(top.size(), 3u);
+  EXPECT_EQ(top[0].token, 1);
+  EXPECT_EQ(top[1].token, 3);
+  EXPECT_EQ(top[2].token, 4);
+  EXPECT_EQ(top[0].logprob, lp);
+}
+
+TEST(Sampler, TopLogprobs_SameListingWhateverTheSamplingSettings) {
+  // The listing is the model's distribution: temperature, top-k and top-p change the draw only.
+  const std::vector<float> l = RandomLogits(1000, 5);
+  std::vector<TokenLogprob> greedy;
+  TopLogprobs(l.data(), 1000, 8, &greedy);
+  SamplingParams p;
+  p.temperature = 0.4f;
+  p.top_k = 50;
+  p.top_p = 0.9f;
+  p.seed = 9;
+  Sampler s(p);
+  for (int i = 0; i < 50; ++i) {
+    float lp = 0;
+    std::vector<TokenLogprob> top;
+    const int32_t tok = s.Sample(l.data(), 1000, &lp, 8, &top);
+    ASSERT_EQ(top.size(), greedy.size());
+    for (size_t j = 0; j < top.size(); ++j) {
+      EXPECT_EQ(top[j].token, greedy[j].token);
+      EXPECT_EQ(top[j].logprob, greedy[j].logprob);
+      if (top[j].token == tok) {
+        EXPECT_EQ(top[j].logprob, lp) << "the chosen token's two figures differ";
+      }
+    }
+  }
+}
+
+TEST(Sampler, TopLogprobs_MoreThanTheVocabularyListsItAll) {
+  const std::vector<float> l = {1.0f, -2.0f, 0.25f};
+  std::vector<TokenLogprob> top;
+  TopLogprobs(l.data(), 3, 20, &top);
+  ExpectValidListing(l, top, 3);
+  double mass = 0.0;
+  for (const TokenLogprob& t : top) mass += std::exp(static_cast<double>(t.logprob));
+  EXPECT_NEAR(mass, 1.0, 1e-6);  // the whole distribution
+}
+
+TEST(Sampler, TopLogprobs_NotAskedComputesNothingAndSkipsNan) {
+  const std::vector<float> l = RandomLogits(50, 2);
+  Sampler g(SamplingParams{});
+  std::vector<TokenLogprob> top = {{1, -1.0f}};
+  float lp = 0;
+  g.Sample(l.data(), 50, &lp, 0, &top);
+  EXPECT_TRUE(top.empty());
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> with_nan = {nan, 1.0f, nan, 3.0f, 2.0f};
+  TopLogprobs(with_nan.data(), 5, 5, &top);
+  ASSERT_EQ(top.size(), 3u);
+  EXPECT_EQ(top[0].token, 3);
+  EXPECT_EQ(top[1].token, 4);
+  EXPECT_EQ(top[2].token, 1);
 }
 
 }  // namespace
