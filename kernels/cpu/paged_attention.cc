@@ -152,10 +152,15 @@ inline void Prefetch(const float* p, int32_t bytes) {
 void GatherSlotRange(const PagedKvPool& pool, const int32_t* blocks, int32_t first, int32_t end,
                      const float** k_rows, const float** v_rows) {
   const int32_t bt = pool.block_tokens;
-  for (int32_t sl = first; sl < end; ++sl) {
-    const float* kr = pool.key(blocks[sl / bt], sl % bt);
-    k_rows[sl] = kr;
-    v_rows[sl] = kr + pool.v_offset;
+  const int64_t hd = pool.head_dim;
+  for (int32_t sl = first; sl < end;) {  // one block at a time: no division per slot
+    const int32_t off = sl % bt;
+    const int32_t n = std::min(end - sl, bt - off);
+    const float* kr = pool.key(blocks[sl / bt], off);
+    for (int32_t i = 0; i < n; ++i, ++sl, kr += hd) {
+      k_rows[sl] = kr;
+      v_rows[sl] = kr + pool.v_offset;
+    }
   }
 }
 
