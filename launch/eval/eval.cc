@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <queue>
 #include <set>
 #include <utility>
@@ -159,6 +160,9 @@ struct PassOut {
   KvFigures at_context, at_end;
   double seconds = 0;
   double tail_mass = 0;  // dense only: mean p_rest
+  // Protocol b's own continuation on a frozen fork (positions before the context copied from this
+  // pass), or null when protocol b reads this pass.
+  std::unique_ptr<PassOut> b;
 };
 
 // Indices of the k largest values of row[0..n) (ties: any), largest first.
@@ -180,11 +184,70 @@ void TopK(const float* row, int32_t n, int32_t k, std::vector<int32_t>& out) {
   }
 }
 
+// Scores the rows of one forward result (positions at .. at+rows-1) into `out`: the negative
+// log-likelihood of the next token, and with `make_ref` the dense top-k reference, or with `ref`
+// the KL and top-1 agreement against it. Adds the dense tail mass to *tail_sum.
+void ScoreRows(const ForwardResult& fr, const std::vector<int32_t>& tokens, int64_t at,
+               int64_t rows, DenseRef* make_ref, const DenseRef* ref, PassOut& out,
+               std::vector<int32_t>& top, double* tail_sum) {
+  const int64_t L = static_cast<int64_t>(tokens.size());
+  const int32_t vocab = fr.vocab;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = at + r;
+    if (pos + 1 >= L) break;
+    const float* row = fr.logits.data() + r * vocab;
+    int32_t best = 0;
+    float mx = row[0];
+    for (int32_t v = 1; v < vocab; ++v) {
+      if (row[v] > mx) mx = row[v], best = v;
+    }
+    double total = 0;
+    for (int32_t v = 0; v < vocab; ++v) total += std::exp(static_cast<double>(row[v]) - mx);
+    const double lse = mx + std::log(total);
+    out.nll[pos] = lse - row[tokens[pos + 1]];
+    if (make_ref != nullptr) {
+      const int32_t k = make_ref->k;
+      TopK(row, vocab, k, top);
+      double top_sum = 0;
+      for (int32_t i = 0; i < k; ++i) {
+        make_ref->ids[pos * k + i] = top[i];
+        make_ref->lp[pos * k + i] = row[top[i]] - lse;
+        top_sum += std::exp(static_cast<double>(row[top[i]]) - mx);
+      }
+      const double rest = std::max(total - top_sum, total * 1e-300);
+      make_ref->lp_rest[pos] = std::log(rest / total);
+      make_ref->top1[pos] = best;
+      *tail_sum += rest / total;
+      out.agree[pos] = 1;
+    }
+    if (ref != nullptr) {
+      const int32_t k = ref->k;
+      double kl = 0, top_sum = 0;
+      for (int32_t i = 0; i < k; ++i) {
+        const int32_t id = ref->ids[pos * k + i];
+        const double lq = row[id] - lse;
+        const double lp = ref->lp[pos * k + i];
+        top_sum += std::exp(static_cast<double>(row[id]) - mx);
+        kl += std::exp(lp) * (lp - lq);
+      }
+      const double lq_rest = std::log(std::max(total - top_sum, total * 1e-300) / total);
+      const double lp_rest = ref->lp_rest[pos];
+      kl += std::exp(lp_rest) * (lp_rest - lq_rest);
+      out.kl[pos] = kl;
+      out.agree[pos] = best == ref->top1[pos];
+    }
+  }
+}
+
 // Runs `tokens` through `backend` in chunks, cut at `context`. With `make_ref` the top-k reference
-// is recorded; with `ref` the KL and top-1 agreement against it are computed.
+// is recorded; with `ref` the KL and top-1 agreement against it are computed. With `frozen_b`
+// protocol b gets its own continuation: the sequence is forked at `context`, the fork's eviction
+// is frozen (KvCache::FreezeEviction: compress once, then continue) and the continuation runs on
+// it into out.b; without it (or where the cache cannot freeze) protocol b reads the streaming
+// pass, which keeps evicting during the continuation.
 absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>& tokens,
                                     int64_t context, int32_t chunk, DenseRef* make_ref,
-                                    const DenseRef* ref) {
+                                    const DenseRef* ref, bool frozen_b) {
   const int64_t L = static_cast<int64_t>(tokens.size());
   PassOut out;
   out.nll.assign(L - 1, 0.0);
@@ -199,69 +262,49 @@ absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>
   const auto t0 = Clock::now();
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, backend.kv().Create());
   std::vector<int32_t> top;
-  double tail_sum = 0;
+  double tail_sum = 0, unused_tail = 0;
   absl::Status st;
-  for (int64_t at = 0; at < L && st.ok();) {
-    const int64_t stop = at < context ? context : L;
-    const int64_t end = std::min(stop, at + chunk);
-    SeqChunk c = MakeChunk(seq, std::vector<int32_t>(tokens.begin() + at, tokens.begin() + end),
-                           SeqChunk::Logits::kAll);
-    absl::StatusOr<ForwardResult> fr = backend.Forward({c});
-    if (!fr.ok()) {
-      st = fr.status();
-      break;
-    }
-    const int32_t vocab = fr->vocab;
-    for (int64_t r = 0; r < end - at; ++r) {
-      const int64_t pos = at + r;
-      if (pos + 1 >= L) break;
-      const float* row = fr->logits.data() + r * vocab;
-      int32_t best = 0;
-      float mx = row[0];
-      for (int32_t v = 1; v < vocab; ++v) {
-        if (row[v] > mx) mx = row[v], best = v;
-      }
-      double total = 0;
-      for (int32_t v = 0; v < vocab; ++v) total += std::exp(static_cast<double>(row[v]) - mx);
-      const double lse = mx + std::log(total);
-      out.nll[pos] = lse - row[tokens[pos + 1]];
-      if (make_ref != nullptr) {
-        const int32_t k = make_ref->k;
-        TopK(row, vocab, k, top);
-        double top_sum = 0;
-        for (int32_t i = 0; i < k; ++i) {
-          make_ref->ids[pos * k + i] = top[i];
-          make_ref->lp[pos * k + i] = row[top[i]] - lse;
-          top_sum += std::exp(static_cast<double>(row[top[i]]) - mx);
+  std::optional<SeqId> frozen;
+  // Tokens [from, to) of `s` in chunks, scored into `dst`.
+  auto run = [&](SeqId s, int64_t from, int64_t to, DenseRef* mk, PassOut& dst, double* tail) {
+    for (int64_t at = from; at < to;) {
+      const int64_t stop = at < context ? context : to;
+      const int64_t end = std::min(stop, at + chunk);
+      SeqChunk c = MakeChunk(s, std::vector<int32_t>(tokens.begin() + at, tokens.begin() + end),
+                             SeqChunk::Logits::kAll);
+      absl::StatusOr<ForwardResult> fr = backend.Forward({c});
+      if (!fr.ok()) return fr.status();
+      ScoreRows(*fr, tokens, at, end - at, mk, ref, dst, top, tail);
+      at = end;
+      if (&dst == &out && at == context) {
+        out.at_context = backend.kv().Figures(s);
+        if (frozen_b && context < L) {
+          DMSRT_ASSIGN_OR_RETURN(SeqId f, backend.kv().Fork(s));
+          const absl::Status fz = backend.kv().FreezeEviction(f);
+          if (fz.ok()) {
+            frozen = f;
+          } else if (fz.code() == absl::StatusCode::kUnimplemented) {
+            DMSRT_RETURN_IF_ERROR(backend.kv().Free(f));  // protocol b reads the streaming pass
+          } else {
+            return fz;
+          }
         }
-        const double rest = std::max(total - top_sum, total * 1e-300);
-        make_ref->lp_rest[pos] = std::log(rest / total);
-        make_ref->top1[pos] = best;
-        tail_sum += rest / total;
-        out.agree[pos] = 1;
-      }
-      if (ref != nullptr) {
-        const int32_t k = ref->k;
-        double kl = 0, top_sum = 0;
-        for (int32_t i = 0; i < k; ++i) {
-          const int32_t id = ref->ids[pos * k + i];
-          const double lq = row[id] - lse;
-          const double lp = ref->lp[pos * k + i];
-          top_sum += std::exp(static_cast<double>(row[id]) - mx);
-          kl += std::exp(lp) * (lp - lq);
-        }
-        const double lq_rest = std::log(std::max(total - top_sum, total * 1e-300) / total);
-        const double lp_rest = ref->lp_rest[pos];
-        kl += std::exp(lp_rest) * (lp_rest - lq_rest);
-        out.kl[pos] = kl;
-        out.agree[pos] = best == ref->top1[pos];
       }
     }
-    at = end;
-    if (at == context) out.at_context = backend.kv().Figures(seq);
-  }
+    return absl::OkStatus();
+  };
+  st = run(seq, 0, L, make_ref, out, &tail_sum);
   out.at_end = backend.kv().Figures(seq);
   absl::Status freed = backend.kv().Free(seq);
+  if (st.ok() && frozen.has_value()) {
+    out.b = std::make_unique<PassOut>();
+    out.b->nll = out.nll;
+    out.b->kl = out.kl;
+    out.b->agree = out.agree;
+    st = run(*frozen, context, L, nullptr, *out.b, &unused_tail);
+    const absl::Status fb = backend.kv().Free(*frozen);
+    if (st.ok()) st = fb;
+  }
   DMSRT_RETURN_IF_ERROR(st);
   DMSRT_RETURN_IF_ERROR(freed);
   out.seconds = Since(t0);
@@ -278,11 +321,13 @@ TextRow MakeRow(const EvalPolicy& p, char protocol, const PassOut& pass, int64_t
   row.context = protocol == 'b' ? C : 0;
   // Predictions scored: a: 0..L-2 (tokens 1..L-1); b: C-1..L-2 (the continuation C..L-1).
   const int64_t first = protocol == 'b' ? C - 1 : 0;
+  const PassOut& scored = protocol == 'b' && pass.b ? *pass.b : pass;
+  row.frozen_continuation = protocol == 'b' && pass.b != nullptr;
   double nll = 0, kl = 0, agree = 0;
   for (int64_t i = first; i < L - 1; ++i) {
-    nll += pass.nll[i];
-    kl += pass.kl[i];
-    agree += pass.agree[i];
+    nll += scored.nll[i];
+    kl += scored.kl[i];
+    agree += scored.agree[i];
   }
   row.scored = L - 1 - first;
   row.mean_nll = nll / row.scored;
@@ -421,7 +466,8 @@ absl::StatusOr<EvalReport> Evaluate(const EvalOptions& o, const BackendFactory& 
     DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, factory(p.config));
     DMSRT_ASSIGN_OR_RETURN(PassOut pass,
                            RunTextPass(*backend, o.tokens, C, o.prefill_chunk,
-                                       i == 0 ? &ref : nullptr, i == 0 ? nullptr : &ref));
+                                       i == 0 ? &ref : nullptr, i == 0 ? nullptr : &ref,
+                                       /*frozen_b=*/i != 0));
     if (i == 0) {
       rep.dense_seconds = pass.seconds;
       rep.dense_tail_mass = pass.tail_mass;
@@ -459,6 +505,7 @@ nlohmann::json ReportJson(const EvalReport& r) {
                     {"kind", KvPolicyName(t.config.kind)},
                     {"protocol", std::string(1, t.protocol)},
                     {"protocol_name", t.protocol == 'a' ? "streaming" : "compress-then-continue"},
+                    {"frozen_continuation", t.frozen_continuation},
                     {"length", t.length},
                     {"context", t.context},
                     {"scored", t.scored},
@@ -517,6 +564,7 @@ absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& repor
         if (!kind.ok()) return kind.status();
         t.config.kind = *kind;
         t.protocol = proto.empty() ? 'a' : proto[0];
+        t.frozen_continuation = x.value("frozen_continuation", false);
         t.length = x.at("length").get<int64_t>();
         t.context = x.at("context").get<int64_t>();
         t.scored = x.at("scored").get<int64_t>();
@@ -560,15 +608,19 @@ absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& repor
 std::string ReportTable(const EvalReport& r) {
   std::string s = absl::StrFormat(
       "text: %s, %lld tokens; protocol a = streaming (scored 1..L-1, CR at L=%lld); protocol b = "
-      "compress-then-continue (context C=%lld, scored C..L-1, CR at C)\nKL(dense || policy) per "
+      "compress-then-continue (context C=%lld, scored C..L-1, CR at C; the cache is frozen after C, "
+      "nothing leaves; a row marked b~ kept evicting during the continuation)\nKL(dense || policy) per "
       "token over the dense top-%d + remainder (dense mass outside the top-%d: %.4f)\n\n",
       r.text_label, static_cast<long long>(r.length), static_cast<long long>(r.length),
       static_cast<long long>(r.context), r.top_k, r.top_k, r.dense_tail_mass);
   absl::StrAppend(&s, absl::StrFormat("%-22s %-2s %9s %7s %9s %9s %8s %7s\n", "policy", "p",
                                       "cache CR", "at", "ppl", "KL", "top1", "sec"));
   for (const TextRow& t : r.rows) {
-    absl::StrAppend(&s, absl::StrFormat("%-22s %-2c %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f\n",
-                                        t.policy, t.protocol, t.cache_cr,
+    const std::string proto =
+        t.protocol == 'b' && !t.frozen_continuation && t.config.kind != KvPolicyKind::kNone ? "b~"
+                                                                                            : std::string(1, t.protocol);
+    absl::StrAppend(&s, absl::StrFormat("%-22s %-2s %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f\n",
+                                        t.policy, proto, t.cache_cr,
                                         static_cast<long long>(t.cr_length), t.perplexity, t.kl,
                                         t.top1_agreement, t.seconds));
   }

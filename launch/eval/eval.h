@@ -96,6 +96,9 @@ struct TextRow {
   double cache_cr = 0, eviction_rate = 0, asymptotic_cr = 0, block_cr = 0;
   int64_t resident_tokens = 0, logical_tokens = 0;
   double seconds = 0;  // the pass (both protocols share it)
+  // Protocol b: true when the continuation ran on a frozen fork (compressed once at C, nothing
+  // leaves after it); false when it read the streaming pass (the cache kept evicting).
+  bool frozen_continuation = false;
 };
 
 struct PasskeyRow {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/status/statusor.h"
 
 namespace dmsrt {
@@ -99,6 +100,15 @@ class KvCache {
   virtual absl::StatusOr<SeqId> Create() = 0;
   virtual absl::StatusOr<SeqId> Fork(SeqId parent) = 0;
   virtual absl::Status Free(SeqId seq) = 0;
+  // Compress-then-continue: from the next token on, no token of `seq` is flagged or leaves, and
+  // the tokens flagged before but still inside their delay window (or a victim policy's pick)
+  // stay resident for good, so what was resident at this length is kept and every later token
+  // adds to it. Forks of a frozen sequence are frozen. Without eviction it changes nothing.
+  // UNIMPLEMENTED where the cache cannot do it (the index of a device backend).
+  virtual absl::Status FreezeEviction(SeqId seq) {
+    return absl::UnimplementedError(
+        absl::StrCat("this KV cache cannot freeze the eviction of sequence ", seq));
+  }
   // Tokens the sequence has seen (its next position).
   virtual int64_t Length(SeqId seq) const = 0;
 

@@ -84,6 +84,7 @@ absl::StatusOr<SeqId> KvStore::Fork(SeqId parent) {
   auto seq = std::make_unique<Sequence>();
   seq->heads = p.heads;  // metadata is per sequence: copied
   seq->length = p.length;
+  seq->frozen = p.frozen;
   for (const HeadState& h : seq->heads) {
     for (int32_t b : h.blocks) pool_->AddRef(b);  // blocks are shared
   }
@@ -93,6 +94,38 @@ absl::StatusOr<SeqId> KvStore::Fork(SeqId parent) {
   const SeqId id = next_id_++;
   seqs_.emplace(id, std::move(seq));
   return id;
+}
+
+absl::Status KvStore::FreezeEviction(SeqId id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return NoSuchSequence(id);
+  Sequence& s = *it->second;
+  if (index_only_) {
+    return absl::UnimplementedError(
+        "FreezeEviction runs on the CPU KV store only: a device backend's kernels read the step's "
+        "decision bits themselves");
+  }
+  if (s.broken || !ResolveDeferred(s)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot freeze sequence ", id, ": its cache is inconsistent"));
+  }
+  for (HeadState& h : s.heads) {
+    h.victim = -1;
+    if (!ring_) continue;
+    // The ring holds the last w + 1 tokens; a flagged one among them has not left yet and now
+    // never will.
+    const int64_t R = static_cast<int64_t>(h.ring.size());
+    for (int64_t k = std::max<int64_t>(0, s.length - w_ - 1); k < s.length; ++k) {
+      int32_t& e = h.ring[k % R];
+      if (RingFlagged(e)) {
+        e = RingEntry(RingSlot(e), false);
+        --h.flagged;
+      }
+    }
+  }
+  s.frozen = true;
+  s.next_need.assign(s.heads.size(), NextTokenNeed{});
+  return absl::OkStatus();
 }
 
 absl::Status KvStore::Free(SeqId id) {
@@ -135,7 +168,7 @@ absl::Status KvStore::Reserve(SeqId id, int32_t n_new) {
         need += s.next_need[idx].blocks;
       } else {
         if (j == 0) ResolveDeferred(s, l);  // the flags it reads must be in the ring
-        need += BlocksNeeded(s.heads[idx], l, j, s.length, n_new);
+        need += BlocksNeeded(s.heads[idx], l, j, s.length, n_new, false, s.frozen);
       }
     }
   }
@@ -294,7 +327,7 @@ void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t bounda
   // Flagged tokens before P - w - 1 have left; the ring holds the last w + 1.
   for (int64_t k = std::max<int64_t>(0, P - w_ - 1); k < P; ++k) {
     const int32_t slot = RingSlot(h.ring[k % R]);
-    const bool flagged = k == P - 1 ? boundary_bit != 0 && k >= policy_->protected_prefix()
+    const bool flagged = k == P - 1 ? boundary_bit != 0 && MayFlag(s, k)
                                     : RingFlagged(h.ring[k % R]) || PendingFlag(s, layer, head, k);
     if (!flagged) continue;
     out->emplace_back(h.blocks[slot / bt] * bt + slot % bt, static_cast<int32_t>(k + w_));
@@ -303,11 +336,15 @@ void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t bounda
 
 // ---- commits ----------------------------------------------------------------------------------
 
-const uint8_t* KvStore::StepBits(const HeadState* heads, int32_t layer, int64_t P, int32_t n,
-                                 const uint8_t* evict, const float* k) {
+const uint8_t* KvStore::StepBits(const Sequence& s, const HeadState* heads, int32_t layer,
+                                 int64_t P, int32_t n, const uint8_t* evict, const float* k) {
   if (!ring_) return nullptr;
   const size_t count = static_cast<size_t>(n) * geo_.n_kv_heads;
   if (bits_.size() < count) bits_.resize(count);
+  if (s.frozen) {  // nothing is flagged any more
+    std::fill(bits_.begin(), bits_.begin() + static_cast<std::ptrdiff_t>(count), 0);
+    return bits_.data();
+  }
   KvStepInputs in;
   in.evict = evict;
   in.k = k;
@@ -345,7 +382,7 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
     return false;
   }
   const int32_t nkv = geo_.n_kv_heads;
-  const uint8_t* bits = StepBits(heads, layer, P, n, evict, nullptr);
+  const uint8_t* bits = StepBits(s, heads, layer, P, n, evict, nullptr);
   if (n > 1) CountPrefillReads(heads, n, P, bits);
   sink_ = &sink;
   for (int32_t j = 0; j < nkv && !s.broken; ++j) {
@@ -407,7 +444,7 @@ void KvStore::CountPrefillReads(HeadState* heads, int32_t n, int64_t P, const ui
 void KvStore::EndLayer(Sequence& s, int32_t layer, int64_t new_length, bool deferred) {
   const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
   for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
-    const int64_t blocks = BlocksNeeded(s.heads[base + j], layer, j, new_length, 1, deferred);
+    const int64_t blocks = BlocksNeeded(s.heads[base + j], layer, j, new_length, 1, deferred, s.frozen);
     s.next_need[base + j] = NextTokenNeed{new_length, static_cast<int32_t>(blocks)};
   }
   if (layer != geo_.n_layers - 1) return;
@@ -434,7 +471,7 @@ bool KvStore::ResolveDeferred(Sequence& s, int32_t layer) {
   const size_t base = static_cast<size_t>(layer) * geo_.n_kv_heads;
   for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
     HeadState& h = s.heads[base + j];
-    if (s.deferred_bits[base + j] != 0 && h.logical - 2 >= policy_->protected_prefix()) {
+    if (s.deferred_bits[base + j] != 0 && MayFlag(s, h.logical - 2)) {
       SetFlag(h, h.logical - 2);
     }
   }
@@ -462,20 +499,20 @@ bool KvStore::AwaitingBits(const Sequence& s) const {
 int KvStore::PendingFlag(const Sequence& s, int32_t layer, int32_t j, int64_t k) const {
   if (s.deferred_layers == 0 || s.deferred_state[layer] != kDeferKnown) return 0;
   const size_t idx = static_cast<size_t>(layer) * geo_.n_kv_heads + j;
-  return s.deferred_bits[idx] != 0 && k >= policy_->protected_prefix() && k == s.heads[idx].logical - 2 ? 1 : 0;
+  return s.deferred_bits[idx] != 0 && MayFlag(s, k) && k == s.heads[idx].logical - 2 ? 1 : 0;
 }
 
 // Upper bound on the blocks one head takes while appending n_new tokens at positions P..: new
 // blocks for appended slots plus copies of shared blocks that will be written.
 // `flag_pending`: flag(P - 2) is deferred (not in the ring yet), so it counts as unknown.
 int64_t KvStore::BlocksNeeded(const HeadState& h, int32_t layer, int32_t j, int64_t P,
-                              int32_t n_new, bool flag_pending) {
+                              int32_t n_new, bool flag_pending, bool frozen) {
   const int32_t bt = geo_.block_tokens;
   int64_t appends = 0;
   cow_scratch_.clear();
   if (ring_) {
     appends = RingAppends(h, layer, j, P, n_new, flag_pending);
-  } else if (!victim_) {
+  } else if (!victim_ || frozen) {
     appends = n_new;
   } else {
     appends = std::max<int64_t>(0, std::min<int64_t>(h.n + n_new, budget_) - h.n);

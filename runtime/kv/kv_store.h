@@ -121,6 +121,7 @@ struct Sequence {
   int64_t length = 0;            // tokens committed in every layer
   int64_t reserved = 0;          // blocks promised to this sequence by Reserve, not yet taken
   bool broken = false;           // AttendAndAppend was misused; see Reserve
+  bool frozen = false;           // FreezeEviction: nothing is flagged or leaves any more
 };
 
 }  // namespace kv_store_internal
@@ -140,6 +141,7 @@ class KvStore final : public KvIndex {
   absl::StatusOr<SeqId> Create() override;
   absl::StatusOr<SeqId> Fork(SeqId parent) override;
   absl::Status Free(SeqId id) override;
+  absl::Status FreezeEviction(SeqId id) override;
   int64_t Length(SeqId id) const override;
   absl::Status Reserve(SeqId id, int32_t n_new) override;
   void AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q, const float* k,
@@ -185,8 +187,12 @@ class KvStore final : public KvIndex {
   // The decision bits d[P + i] [n, n_kv_heads] of a commit into bits_, or nullptr when the
   // policy has none (every bit 0).
   // `heads` are the layer's heads of the sequence (for the key of token P-1, k_prev).
-  const uint8_t* StepBits(const HeadState* heads, int32_t layer, int64_t P, int32_t n,
-                          const uint8_t* evict, const float* k);
+  const uint8_t* StepBits(const Sequence& s, const HeadState* heads, int32_t layer, int64_t P,
+                          int32_t n, const uint8_t* evict, const float* k);
+  // Whether token k of `s` may still be flagged (not a protected sink, not frozen).
+  bool MayFlag(const Sequence& s, int64_t k) const {
+    return !s.frozen && k >= policy_->protected_prefix();
+  }
   static uint8_t BitAt(const uint8_t* bits, int32_t nkv, int32_t i, int32_t j) {
     return bits != nullptr ? bits[static_cast<int64_t>(i) * nkv + j] : 0;
   }
@@ -200,7 +206,7 @@ class KvStore final : public KvIndex {
   KvFigures EmptyFigures() const;
   void AddFigures(const Sequence& s, KvFigures& f) const;
   int64_t BlocksNeeded(const HeadState& h, int32_t layer, int32_t j, int64_t P, int32_t n_new,
-                       bool flag_pending = false);
+                       bool flag_pending = false, bool frozen = false);
   int64_t RingAppends(const HeadState& h, int32_t layer, int32_t j, int64_t P, int32_t n_new,
                       bool flag_pending);
   int32_t TakeBlock(Sequence& s);

@@ -52,7 +52,7 @@ void KvStore::AttendAndAppend(SeqId id, int32_t layer, int32_t n, const float* q
     Poison(out, n);
     return;
   }
-  const uint8_t* bits = StepBits(heads, layer, P, n, evict, k);
+  const uint8_t* bits = StepBits(s, heads, layer, P, n, evict, k);
   if (!attend) {
     CommitOnly(s, heads, layer, n, k, v, bits);
     return;
@@ -111,7 +111,7 @@ void KvStore::AttendVictim(Sequence& s, HeadState* heads, int32_t n, const float
       AttendRows(sc, q + qoff, h.n, out + qoff);
       h.kv_reads += h.n;
       h.dense_reads += t + 1;
-      PickVictim(sc, h, t);
+      if (!s.frozen) PickVictim(sc, h, t);
     }
   }
 }

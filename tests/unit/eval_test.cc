@@ -65,16 +65,30 @@ KvPolicyConfig Window(int w, int s) {
 }
 
 // Full-vocabulary mean KL(dense || policy) over predictions [first, n-1), computed directly.
-double FullKl(const Tiny& t, const std::vector<int32_t>& ids, const KvPolicyConfig& pol, int first) {
-  auto logits = [&](const KvPolicyConfig& p) {
+// Full-vocabulary KL(dense || policy) over predictions first..n-2, each pass one chunk; with
+// freeze_at > 0 the policy pass is two chunks with the sequence's eviction frozen between them
+// (protocol b).
+double FullKl(const Tiny& t, const std::vector<int32_t>& ids, const KvPolicyConfig& pol, int first,
+              int freeze_at = 0) {
+  auto logits = [&](const KvPolicyConfig& p, int cut) {
     auto b = t.factory(p);
     EXPECT_TRUE(b.ok());
     SeqId s = *(*b)->kv().Create();
-    auto fr = (*b)->Forward({MakeChunk(s, ids, SeqChunk::Logits::kAll)});
-    EXPECT_TRUE(fr.ok()) << fr.status();
-    return fr->logits;
+    if (cut <= 0) {
+      auto fr = (*b)->Forward({MakeChunk(s, ids, SeqChunk::Logits::kAll)});
+      EXPECT_TRUE(fr.ok()) << fr.status();
+      return fr->logits;
+    }
+    auto head = (*b)->Forward({MakeChunk(s, {ids.begin(), ids.begin() + cut}, SeqChunk::Logits::kAll)});
+    EXPECT_TRUE(head.ok()) << head.status();
+    EXPECT_TRUE((*b)->kv().FreezeEviction(s).ok());
+    auto tail = (*b)->Forward({MakeChunk(s, {ids.begin() + cut, ids.end()}, SeqChunk::Logits::kAll)});
+    EXPECT_TRUE(tail.ok()) << tail.status();
+    std::vector<float> all = head->logits;
+    all.insert(all.end(), tail->logits.begin(), tail->logits.end());
+    return all;
   };
-  const std::vector<float> p = logits(KvPolicyConfig{}), q = logits(pol);
+  const std::vector<float> p = logits(KvPolicyConfig{}, 0), q = logits(pol, freeze_at);
   const int V = t.model->config.vocab;
   const int n = static_cast<int>(ids.size());
   double sum = 0;
@@ -138,12 +152,16 @@ TEST(Eval, TopKPlusRemainderKl) {
   EvalOptions o = BaseOptions(*t.model, 80);
   o.policies = {{"window", Window(10, 2)}};
   const double full_a = FullKl(t, o.tokens, Window(10, 2), 0);
-  const double full_b = FullKl(t, o.tokens, Window(10, 2), 63);
+  const double full_b = FullKl(t, o.tokens, Window(10, 2), 63, /*freeze_at=*/64);
+  const double streaming_b = FullKl(t, o.tokens, Window(10, 2), 63);
   o.top_k = t.model->config.vocab;  // no remainder: the full KL
   auto all = Evaluate(o, t.factory);
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_NEAR(all->rows[2].kl, full_a, 1e-5 * full_a + 1e-7);
   EXPECT_NEAR(all->rows[3].kl, full_b, 1e-5 * full_b + 1e-7);
+  EXPECT_TRUE(all->rows[3].frozen_continuation);
+  // Freezing keeps what a streaming continuation would evict: closer to dense.
+  EXPECT_LT(full_b, streaming_b);
   o.top_k = 8;  // a coarser partition: never above the full KL
   auto k8 = Evaluate(o, t.factory);
   ASSERT_TRUE(k8.ok()) << k8.status();

@@ -557,6 +557,55 @@ TEST(KvCache, LongDecodeKeyChunksMatchReferenceAndThreadCount_kv3_g3) {
   (*b)->SetThreadPool(nullptr);
 }
 
+// FreezeEviction (compress-then-continue): what is resident when a sequence is frozen stays, every
+// later token adds to it, and nothing leaves, under flag-driven (dms, window) and victim (tova)
+// policies alike; the sequence it was forked from keeps evicting.
+TEST(KvCache, FreezeEvictionKeepsTheCompressedContext_dms_window_tova) {
+  for (KvPolicyKind kind : {KvPolicyKind::kDms, KvPolicyKind::kWindow, KvPolicyKind::kTova}) {
+    KvPolicyConfig pol;
+    pol.kind = kind;
+    pol.window = 4;
+    pol.sinks = 2;
+    pol.budget_tokens = 12;
+    const int32_t nkv = 2, nh = 4, hd = 8, T = 90, C = 50;
+    Stream s = MakeStream(T, 2, nh, nkv, hd, 31, 0.6);
+    auto kv = MakeCpuKvCache(Geo(2, nkv, nh, hd, 4), pol, 4 << 20);
+    ASSERT_TRUE(kv.ok());
+    auto seq = (*kv)->Create();
+    ASSERT_TRUE(seq.ok());
+    const bool bits = kind == KvPolicyKind::kDms;
+    ASSERT_TRUE(FeedChunk(**kv, *seq, s, 0, C, bits).ok());
+    auto frozen = (*kv)->Fork(*seq);
+    ASSERT_TRUE(frozen.ok());
+    ASSERT_TRUE((*kv)->FreezeEviction(*frozen).ok());
+    std::vector<std::vector<int32_t>> kept(2 * nkv);
+    for (int32_t l = 0; l < 2; ++l) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        kept[l * nkv + j] = (*kv)->ResidentPositions(*frozen, l, j);
+        ASSERT_LT(static_cast<int32_t>(kept[l * nkv + j].size()), C) << KvPolicyName(kind);
+      }
+    }
+    int32_t parent_resident_max = 0;
+    for (int32_t t = C; t < T;) {  // chunks of 8, then decode steps for the last 8 tokens
+      const int32_t n = T - t > 8 ? 8 : 1;
+      ASSERT_TRUE(FeedChunk(**kv, *frozen, s, t, n, bits).ok()) << KvPolicyName(kind);
+      ASSERT_TRUE(FeedChunk(**kv, *seq, s, t, n, bits).ok()) << KvPolicyName(kind);
+      t += n;
+    }
+    for (int32_t l = 0; l < 2; ++l) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        std::vector<int32_t> want = kept[l * nkv + j];
+        for (int32_t t = C; t < T; ++t) want.push_back(t);
+        EXPECT_EQ((*kv)->ResidentPositions(*frozen, l, j), want) << KvPolicyName(kind);
+        parent_resident_max = std::max<int32_t>(
+            parent_resident_max, static_cast<int32_t>((*kv)->ResidentPositions(*seq, l, j).size()));
+      }
+    }
+    EXPECT_LT(parent_resident_max, static_cast<int32_t>(kept[0].size()) + (T - C))
+        << KvPolicyName(kind) << ": the parent kept evicting";
+  }
+}
+
 TEST(KvParse, PolicyNames) {
   for (auto k : {KvPolicyKind::kNone, KvPolicyKind::kDms, KvPolicyKind::kForced,
                  KvPolicyKind::kWindow, KvPolicyKind::kTova, KvPolicyKind::kH2o}) {
