@@ -181,6 +181,18 @@ cudaError_t ResidualAdd(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) 
   return cudaSuccess;
 }
 
+cudaError_t ResidualAddF32(bf16* x, const float* y, int64_t n, cudaStream_t stream) {
+  static const char* kName = "ResidualAddF32";
+  if (const cudaError_t e = Begin(stream, kName)) return e;
+  if (n < 0) return cudaErrorInvalidValue;
+  EMU_CHECK(x, n * sizeof(bf16), "x");
+  EMU_CHECK(y, n * sizeof(float), "y");
+  emu::Enqueue(stream, [=] {
+    for (int64_t i = 0; i < n; ++i) x[i] = B(F(x[i]) + F(B(y[i])));
+  });
+  return cudaSuccess;
+}
+
 cudaError_t SiluMul(const bf16* gate, const bf16* up, int32_t rows, int32_t ffn, int32_t ld_in,
                     bf16* out, int32_t ld_out, cudaStream_t stream) {
   static const char* kName = "SiluMul";
