@@ -626,11 +626,11 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
 }
 
 absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
-  if (comm_ != nullptr) {
-    return absl::UnimplementedError("AppendUncomputed runs on a single rank");
-  }
   if (n <= 0) return absl::OkStatus();
-  DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
+  absl::Status reserved = kv_->Reserve(seq, n);
+  // Under tensor parallelism every rank appends to its own heads, or none does.
+  if (comm_ != nullptr) reserved = AgreeReservations(reserved);
+  DMSRT_RETURN_IF_ERROR(reserved);
   const int64_t kw = static_cast<int64_t>(n_kv_) * head_dim_;
   std::vector<float> zeros(static_cast<size_t>(n) * kw, 0.0f);
   std::vector<uint8_t> bits(static_cast<size_t>(n) * n_kv_, 0);

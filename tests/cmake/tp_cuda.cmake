@@ -5,6 +5,13 @@
 # (tests/cmake/cuda_emulator.cmake: CUDA headers, NCCL and MPI found).
 #
 #   nccl_emulated_np{2,3}       NcclComm's collectives, split, stream binding, watchdog
+#   tp_cuda_backend_np{2,4}     the backend at TP 2 and 4 against the single-device CUDA backend
+#                               and the CPU backend (logits, greedy tokens, resident sets)
+#   tp_cuda_cli                 generate and bench-decode --backend cuda --tp 2 under mpirun
+#                               against --tp 1, and a degree that does not divide the KV heads
+#   tp_cuda_fail_*              a rank that fails (injected error, device fault, NCCL error, a
+#                               stuck collective, a killed or stalled rank) stops its group with
+#                               a line naming a rank and the cause, within the timeout
 
 if(NOT DMSRT_EMULATED_NCCL)
   return()
@@ -27,6 +34,29 @@ set(DMSRT_TPC_ENV OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_id
 set(DMSRT_TPC_MODELS ${PROJECT_BINARY_DIR}/tests/tp_cuda_models)
 set(DMSRT_TPC_MAKE ${PROJECT_SOURCE_DIR}/tests/fixtures/make_tiny_model.py)
 
+# ---- tiny models with head_dim 64 (the CUDA attention kernels' smallest) --------------------------
+if(Python3_Interpreter_FOUND)
+  set(tpc_common --layers 2 --hidden 128 --head-dim 64)
+  add_test(NAME tp_cuda_make_models_llama
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/llama_kv4
+                   --arch llama --format hf --heads 8 --kv-heads 4 --ffn 192 --seed 11 ${tpc_common})
+  add_test(NAME tp_cuda_make_models_qwen3
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/qwen3_kv8
+                   --arch qwen3 --format gguf --quant f16 --heads 8 --kv-heads 8 --ffn 160
+                   --vocab 275 --seed 12 ${tpc_common})
+  add_test(NAME tp_cuda_make_models_dmsA
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/llama_dmsA_kv4
+                   --arch llama --format hf --heads 8 --kv-heads 4 --ffn 192 --seed 13
+                   --dms-window 4 --dms-variant A ${tpc_common})
+  add_test(NAME tp_cuda_make_models_dmsB
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/qwen2_dmsB_kv4
+                   --arch qwen2 --format hf --heads 8 --kv-heads 4 --ffn 192 --seed 15
+                   --dms-window 4 --dms-variant B ${tpc_common})
+  set_tests_properties(tp_cuda_make_models_llama tp_cuda_make_models_qwen3 tp_cuda_make_models_dmsA
+                       tp_cuda_make_models_dmsB
+                       PROPERTIES LABELS mpi TIMEOUT 60 FIXTURES_SETUP tp_cuda_models)
+endif()
+
 # dmsrt_tpc_gtest(<name> <source>): a gtest binary on the emulated device with its own main.
 function(dmsrt_tpc_gtest name src)
   add_executable(${name} ${src})
@@ -46,3 +76,22 @@ foreach(np 2 3)
   dmsrt_tpc_run(nccl_emulated_np${np} ${np} 90 $<TARGET_FILE:nccl_emulated_test>)
 endforeach()
 
+dmsrt_tpc_gtest(tp_cuda_backend_test ${CMAKE_CURRENT_SOURCE_DIR}/mpi/tp_cuda_backend_test.cc)
+foreach(np 2 4)
+  dmsrt_tpc_run(tp_cuda_backend_emulated_np${np} ${np} 300 $<TARGET_FILE:tp_cuda_backend_test>)
+  set_tests_properties(tp_cuda_backend_emulated_np${np} PROPERTIES FIXTURES_REQUIRED tp_cuda_models)
+endforeach()
+add_test(NAME tp_cuda_backend_without_mpirun COMMAND tp_cuda_backend_test)
+set_tests_properties(tp_cuda_backend_without_mpirun PROPERTIES LABELS mpi TIMEOUT 30
+                     PASS_REGULAR_EXPRESSION "SKIPPED")
+
+# ---- the dmsrt binary on emulated devices --------------------------------------------------------
+if(Python3_Interpreter_FOUND)
+  string(REPLACE ";" " " dmsrt_tpc_flags_str "${DMSRT_TPC_FLAGS}")
+  add_test(NAME tp_cuda_cli_emulated
+           COMMAND ${Python3_EXECUTABLE} -m pytest -q -s -p no:cacheprovider
+                   ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_tp_cuda_cli.py)
+  set_tests_properties(tp_cuda_cli_emulated PROPERTIES LABELS mpi TIMEOUT 600 PROCESSORS 2
+    FIXTURES_REQUIRED tp_cuda_models
+    ENVIRONMENT "${DMSRT_TPC_ENV};DMSRT_EMU_BIN=$<TARGET_FILE:dmsrt_cuda_emulated>;DMSRT_MPIEXEC=${DMSRT_TPC_MPIEXEC};DMSRT_MPI_FLAGS=${dmsrt_tpc_flags_str};DMSRT_TP_CUDA_MODELS=${DMSRT_TPC_MODELS}")
+endif()
