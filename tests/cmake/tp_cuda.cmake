@@ -9,9 +9,10 @@
 #                               and the CPU backend (logits, greedy tokens, resident sets)
 #   tp_cuda_cli                 generate and bench-decode --backend cuda --tp 2 under mpirun
 #                               against --tp 1, and a degree that does not divide the KV heads
-#   tp_cuda_fail_*              a rank that fails (injected error, device fault, NCCL error, a
-#                               stuck collective, a killed or stalled rank) stops its group with
-#                               a line naming a rank and the cause, within the timeout
+#                               and a rank that fails (injected error, device fault, NCCL error,
+#                               a stuck collective, a killed or stalled rank) stops its group
+#                               with a line naming a rank and the cause, within the timeout
+#   tp_cuda_*_gpu*              the same on real GPUs (label gpu_tp, launch/gpu_check.sh)
 
 if(NOT DMSRT_EMULATED_NCCL)
   return()
@@ -85,6 +86,20 @@ add_test(NAME tp_cuda_backend_without_mpirun COMMAND tp_cuda_backend_test)
 set_tests_properties(tp_cuda_backend_without_mpirun PROPERTIES LABELS mpi TIMEOUT 30
                      PASS_REGULAR_EXPRESSION "SKIPPED")
 
+# The same test on real GPUs (label gpu_tp: launch/gpu_check.sh runs it where there are two or
+# more; with fewer devices than ranks it prints SKIPPED and passes).
+add_executable(tp_cuda_backend_gpu_test ${CMAKE_CURRENT_SOURCE_DIR}/mpi/tp_cuda_backend_test.cc)
+target_link_libraries(tp_cuda_backend_gpu_test PRIVATE dmsrt_runtime GTest::gtest)
+set_target_properties(tp_cuda_backend_gpu_test PROPERTIES RUNTIME_OUTPUT_DIRECTORY
+                      ${PROJECT_BINARY_DIR}/tests)
+foreach(np 2 4 8)
+  add_test(NAME tp_cuda_backend_gpu_np${np}
+           COMMAND ${DMSRT_TPC_MPIEXEC} ${DMSRT_TPC_FLAGS} -np ${np} $<TARGET_FILE:tp_cuda_backend_gpu_test>)
+  set_tests_properties(tp_cuda_backend_gpu_np${np} PROPERTIES LABELS gpu_tp TIMEOUT 600
+                       PROCESSORS ${np} FIXTURES_REQUIRED tp_cuda_models
+                       ENVIRONMENT "${DMSRT_TPC_ENV};DMSRT_TP_CUDA_MODELS=${DMSRT_TPC_MODELS}")
+endforeach()
+
 # ---- the dmsrt binary on emulated devices --------------------------------------------------------
 if(Python3_Interpreter_FOUND)
   string(REPLACE ";" " " dmsrt_tpc_flags_str "${DMSRT_TPC_FLAGS}")
@@ -94,4 +109,12 @@ if(Python3_Interpreter_FOUND)
   set_tests_properties(tp_cuda_cli_emulated PROPERTIES LABELS mpi TIMEOUT 600 PROCESSORS 2
     FIXTURES_REQUIRED tp_cuda_models
     ENVIRONMENT "${DMSRT_TPC_ENV};DMSRT_EMU_BIN=$<TARGET_FILE:dmsrt_cuda_emulated>;DMSRT_MPIEXEC=${DMSRT_TPC_MPIEXEC};DMSRT_MPI_FLAGS=${dmsrt_tpc_flags_str};DMSRT_TP_CUDA_MODELS=${DMSRT_TPC_MODELS}")
+  # The same commands with build/bin/dmsrt on two real GPUs (label gpu_tp), without the cases
+  # that inject faults through the emulator.
+  add_test(NAME tp_cuda_cli_gpu
+           COMMAND ${Python3_EXECUTABLE} -m pytest -q -s -p no:cacheprovider
+                   ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_tp_cuda_cli.py -k "not device_fault and not nccl_")
+  set_tests_properties(tp_cuda_cli_gpu PROPERTIES LABELS gpu_tp TIMEOUT 900 PROCESSORS 2
+    FIXTURES_REQUIRED tp_cuda_models
+    ENVIRONMENT "${DMSRT_TPC_ENV};DMSRT_EMU_BIN=$<TARGET_FILE:dmsrt>;DMSRT_REAL_GPUS=1;DMSRT_MPIEXEC=${DMSRT_TPC_MPIEXEC};DMSRT_MPI_FLAGS=${dmsrt_tpc_flags_str};DMSRT_TP_CUDA_MODELS=${DMSRT_TPC_MODELS}")
 endif()

@@ -25,8 +25,26 @@ MPIEXEC = os.environ.get("DMSRT_MPIEXEC", "mpirun")
 FLAGS = os.environ.get("DMSRT_MPI_FLAGS", "").split()
 MODELS = os.environ.get("DMSRT_TP_CUDA_MODELS", "")
 
-pytestmark = pytest.mark.skipif(not EMU or not os.path.exists(EMU),
-                                reason="dmsrt_cuda_emulated not built")
+# DMSRT_REAL_GPUS=1: EMU is build/bin/dmsrt on real GPUs (label gpu_tp). Their bf16 kernels may
+# split sums differently at TP 2 than at TP 1, so a decision that sits on its threshold may flip:
+# only what does not depend on activations (forced eviction, tokens at TP 2 against TP 1) is
+# compared exactly there.
+REAL = os.environ.get("DMSRT_REAL_GPUS") == "1"
+
+
+
+def real_gpus():
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return sum(line.startswith("GPU") for line in out.stdout.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        return 0
+
+
+pytestmark = [
+    pytest.mark.skipif(not EMU or not os.path.exists(EMU), reason="the dmsrt binary was not built"),
+    pytest.mark.skipif(REAL and real_gpus() < 2, reason="needs two or more GPUs"),
+]
 
 
 def run(np_, args, env=None, timeout=300):
@@ -55,13 +73,16 @@ GEN = ["generate", "--prompt", "hello world, the", "--max-tokens", "10", "--json
     ("llama_dmsA_kv4", ["--kv-policy", "dms"]),
 ])
 def test_generate_tp2_matches_tp1(model, policy):
+    if REAL and "dms" in policy:
+        pytest.skip("decisions from bf16 activations are compared in tp_cuda_backend_gpu_np*")
     args = GEN + ["--model", os.path.join(MODELS, model)] + policy
     one = last_json(run(0, args + ["--backend", "cuda"]))
-    cpu = last_json(run(0, args + ["--backend", "cpu"]))
     two = last_json(run(2, args + ["--backend", "cuda", "--tp", "2"]))
     assert two["tp"] == 2 and two["backend"] == "cuda"
     assert two["token_ids"] == one["token_ids"], (two["token_ids"], one["token_ids"])
-    assert two["token_ids"] == cpu["token_ids"], (two["token_ids"], cpu["token_ids"])
+    if not REAL:
+        cpu = last_json(run(0, args + ["--backend", "cpu"]))
+        assert two["token_ids"] == cpu["token_ids"], (two["token_ids"], cpu["token_ids"])
     assert len(two["token_ids"]) == 10
     for key in ("logical_tokens", "resident_tokens", "blocks_held", "kv_bytes"):
         assert two[key] == one[key], (key, two[key], one[key])
@@ -79,6 +100,8 @@ BENCH = ["bench-decode", "--backend", "cuda", "--batch", "2,3", "--context", "40
     ("tiny-qwen3:dms", ["--kv-policy", "dms", "--dms-window", "8", "--dms-fill-rate", "0.75"]),
 ])
 def test_bench_decode_tp2_matches_tp1(synthetic, policy):
+    if REAL and "dms" in policy:
+        pytest.skip("decisions from bf16 activations are compared in tp_cuda_backend_gpu_np*")
     args = BENCH + ["--synthetic", synthetic] + policy
     one = last_json(run(0, args))
     two = last_json(run(2, args + ["--tp", "2"]))

@@ -18,7 +18,9 @@
 // q/k norms, an odd vocabulary) with 8, policies none and forced; DMS Variant A (llama) and
 // Variant B (qwen2, Q/K/V biases) with 4 KV heads, policy dms. Also: a full pool on one rank
 // fails the step on every rank; a degree that does not divide the KV heads and a host
-// communicator are refused. Without mpirun every test skips with the reason.
+// communicator are refused. Without mpirun every test skips with the reason. The same source is
+// built against the real CUDA runtime and NCCL (tp_cuda_backend_gpu_np*, label gpu_tp, run by
+// launch/gpu_check.sh on a machine with two or more GPUs); with fewer devices than ranks it skips.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -439,6 +441,16 @@ TEST(TpCudaRefusal, DegreeAndCommunicator) {
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   std::unique_ptr<dmsrt::ParallelContext> par;
+  // One device per rank on one node (the emulated build: DMSRT_CUDA_EMULATOR_DEVICES), else every
+  // test skips: the same decision on every rank, before any of them starts MPI.
+  int devices = 0;
+  const bool enough = cudaGetDeviceCount(&devices) == cudaSuccess &&
+                      devices >= dmsrt::ReadLauncherEnv().world_size.value_or(1);
+  if (dmsrt::InsideMpirun() && !enough) {
+    std::printf("SKIPPED: %d CUDA device(s) for %d ranks; this test needs one device per rank\n",
+                devices, dmsrt::ReadLauncherEnv().world_size.value_or(1));
+    return 0;
+  }
   if (dmsrt::InsideMpirun()) {
     dmsrt::ParallelOptions opts;
     opts.gpu = true;  // the TP communicator: NCCL on the device of the local rank
