@@ -284,27 +284,12 @@ absl::Status CpuBackend::InitLayer(int32_t l) {
 }
 
 void CpuBackend::InitRope() {
-  const ModelConfig& c = cfg_;
-  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics).
+  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics), the same
+  // function the CUDA kernel uses.
+  const kernels::RopeScalingParams scaling = RopeParams(cfg_.rope_scaling);
   inv_freq_.resize(rope_dim_ / 2);
-  const RopeScaling& rs = c.rope_scaling;
   for (int32_t i = 0; i < rope_dim_ / 2; ++i) {
-    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / rope_dim_);
-    if (rs.type == RopeScaling::Type::kLinear && rs.factor > 0) {
-      f /= rs.factor;
-    } else if (rs.type == RopeScaling::Type::kLlama3 && rs.factor > 0) {
-      const double low_wavelen = rs.original_max_positions / rs.low_freq_factor;
-      const double high_wavelen = rs.original_max_positions / rs.high_freq_factor;
-      const double wavelen = 2.0 * M_PI / f;
-      if (wavelen > low_wavelen) {
-        f /= rs.factor;
-      } else if (wavelen >= high_wavelen) {
-        const double smooth = (rs.original_max_positions / wavelen - rs.low_freq_factor) /
-                              (rs.high_freq_factor - rs.low_freq_factor);
-        f = (1.0 - smooth) * f / rs.factor + smooth * f;
-      }
-    }
-    inv_freq_[i] = f;
+    inv_freq_[i] = kernels::RopeInvFreq(cfg_.rope_theta, scaling, i, rope_dim_);
   }
 }
 

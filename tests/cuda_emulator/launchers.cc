@@ -573,7 +573,8 @@ cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, bf
     std::vector<float> kf = k != nullptr ? ToFloat(k, kn) : std::vector<float>();
     kernels::RopeDmsVariantARef(p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim, p.theta,
                                 p.decide, p.alpha_scale, p.alpha_offset, p.alpha_per_layer,
-                                positions, qf.data(), k != nullptr ? kf.data() : nullptr, bits);
+                                positions, qf.data(), k != nullptr ? kf.data() : nullptr, bits,
+                                p.scaling);
     ToBf16(qf.data(), qn, q);
     if (k != nullptr) ToBf16(kf.data(), kn, k);
   });

@@ -16,7 +16,8 @@
 //   * the leader's group figures are the single-device figures, head by head.
 // Models (tests/cmake/tp_cuda.cmake writes them): llama (HF) with 4 KV heads and qwen3 (GGUF,
 // q/k norms, an odd vocabulary) with 8, policies none and forced; DMS Variant A (llama) and
-// Variant B (qwen2, Q/K/V biases) with 4 KV heads, policy dms. Also: a full pool on one rank
+// Variant B (qwen2, Q/K/V biases) with 4 KV heads, policy dms; llama with Llama-3.1's RoPE
+// frequency scaling, policy forced. Also: a full pool on one rank
 // fails the step on every rank; a degree that does not divide the KV heads and a host
 // communicator are refused. Without mpirun every test skips with the reason. The same source is
 // built against the real CUDA runtime and NCCL (tp_cuda_backend_gpu_np*, label gpu_tp, run by
@@ -331,7 +332,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"llama_kv4", "", "none"}, Case{"llama_kv4", "", "forced"},
                       Case{"qwen3_kv8", "model.gguf", "none"},
                       Case{"qwen3_kv8", "model.gguf", "forced"}, Case{"llama_dmsA_kv4", "", "dms"},
-                      Case{"qwen2_dmsB_kv4", "", "dms"}),
+                      Case{"qwen2_dmsB_kv4", "", "dms"}, Case{"llama_rope3_kv4", "", "forced"}),
     [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
 
 // Each rank drives the device of its local rank, and so does its communicator.

@@ -60,11 +60,10 @@ absl::Status CudaBackend::CheckModel() {
         "the CUDA decode attention takes at most 8 query heads per KV head; this model has ",
         c.gqa_group()));
   }
-  if ((c.rope_dim > 0 && c.rope_dim != c.head_dim) ||
-      c.rope_scaling.type != RopeScaling::Type::kNone) {
+  if (c.rope_dim > 0 && c.rope_dim != c.head_dim) {
     return absl::UnimplementedError(
-        "the CUDA RoPE kernel rotates every channel without frequency scaling; this model uses "
-        "partial rotation or RoPE scaling (run it on --backend cpu)");
+        "the CUDA RoPE kernel rotates every channel; this model uses partial rotation (run it on "
+        "--backend cpu)");
   }
   DMSRT_RETURN_IF_ERROR(CheckKvPolicy(c, options_.kv_policy));
   variant_a_ = c.dms.enabled && !c.dms.separate_alpha;

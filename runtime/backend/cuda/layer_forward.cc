@@ -58,6 +58,7 @@ absl::Status CudaBackend::AttentionInputs(const DeviceLayer& L, int64_t T, const
   rp.n_kv_heads = nkv_;
   rp.head_dim = hd_;
   rp.theta = cfg_.rope_theta;
+  rp.scaling = RopeParams(cfg_.rope_scaling);
   rp.decide = variant_a_;
   rp.alpha_scale = cfg_.dms.alpha_scale;
   rp.alpha_offset = cfg_.dms.initial_alpha_offset;
