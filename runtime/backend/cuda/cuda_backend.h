@@ -31,11 +31,11 @@
 // o_proj and down_proj write fp32 partial sums that are all-reduced and then rounded into the
 // residual as a single device's bf16 GEMM output is (ResidualAddF32); the embedding rows of
 // other ranks' tokens are zero, so an integer sum of the rows' bits gathers them exactly; the
-// logits of each vocabulary slice are all-gathered into full rows. The KV reservations of a step
-// are agreed over the group before its first collective (one rank's full pool fails the step on
-// every rank alike), and every wait of a step goes through the communicator's watchdog
-// (--tp-timeout). Only TP rank 0's results are the group's: the other ranks compute their share
-// of every row and return no logits and no samples.
+// logits of each vocabulary slice are all-gathered (the leader assembles full rows). The KV
+// reservations of a step are agreed over the group before its first collective (one rank's full
+// pool fails the step on every rank alike), and every wait of a step goes through the
+// communicator's watchdog (--tp-timeout). Only TP rank 0's results are the group's: the other
+// ranks compute their share of every row and return no logits and no samples.
 //
 // Index arrays (block tables, lengths, slot writes) go up through a pinned staging arena that
 // is reset at each step; the device arena mirrors it offset for offset. Decode tables, the
@@ -367,7 +367,8 @@ class CudaBackend final : public Backend {
   absl::Status ReduceIntoResidual(int64_t T);
   // Every rank's embedding rows of the step (zero rows for other ranks' tokens) summed into x.
   absl::Status GatherEmbeddings(int64_t T);
-  // Full logits rows [R, vocab] in logits_ from this rank's vocabulary slice in logits_local_.
+  // Every rank's vocabulary slice of the R rows (from logits_local_); on the leader, the full
+  // rows [R, vocab] in logits_.
   absl::Status GatherLogits(int64_t R);
   bool leader() const { return shard_.rank == 0; }
 

@@ -51,7 +51,7 @@ absl::StatusOr<LogitRows> CudaBackend::PrepareOutputs(const std::vector<SeqChunk
   const int64_t R = static_cast<int64_t>(sel.dev_rows.size());
   if (R == 0) return sel;
   DMSRT_RETURN_IF_ERROR(final_.Reserve(R * H_, wait_));
-  DMSRT_RETURN_IF_ERROR(logits_.Reserve(R * vocab_, wait_));
+  if (leader()) DMSRT_RETURN_IF_ERROR(logits_.Reserve(R * vocab_, wait_));
   if (shard_.tp > 1) {
     const int64_t M = shard_.max_vocab_slice;
     DMSRT_RETURN_IF_ERROR(logits_local_.Reserve(R * M, wait_));

@@ -130,6 +130,7 @@ absl::Status CudaBackend::GatherLogits(int64_t R) {
   const int64_t M = shard_.max_vocab_slice;
   const int tp = shard_.tp;
   DMSRT_RETURN_IF_ERROR(options_.comm->AllGather(logits_local_.get(), R * M, logits_all_.get()));
+  if (!leader()) return absl::OkStatus();  // only the leader's rows are read
   // [tp, R, M] -> [R, vocab]: each rank's block of columns, one 2D copy per rank.
   for (int r = 0; r < tp; ++r) {
     const Range vs = shard_.vocab_slices[static_cast<size_t>(r)];
