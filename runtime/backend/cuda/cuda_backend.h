@@ -279,7 +279,6 @@ struct TpShard {
   Range q_heads, kv_heads, ffn, vocab;  // query heads, KV heads, FFN channels, vocabulary rows
   int64_t max_vocab_slice = 0;          // the largest rank's vocabulary rows (gather padding)
   std::vector<Range> vocab_slices;      // every rank's vocabulary rows, in rank order
-  int64_t ffn_align = 1;                // the plan's FFN split unit
 };
 
 // Which part of a [rows, cols] weight this rank keeps: rows `r`, columns `c`.

@@ -72,7 +72,6 @@ absl::Status CudaBackend::PlanShard() {
     shard_.ffn = plan->ffn;
     shard_.vocab = plan->vocab;
     shard_.max_vocab_slice = plan->max_vocab_slice;
-    shard_.ffn_align = so.ffn_align;
     shard_.vocab_slices.clear();
     for (int r = 0; r < tp; ++r) {
       DMSRT_ASSIGN_OR_RETURN(ShardPlan pr, MakeShardPlan(dims, tp, r, so));
