@@ -64,16 +64,22 @@ def test_cancel_frees_device_blocks(cuda_replica):
 
 
 @pytest.fixture(scope="module")
-def tp2_cuda(stubs_dir, tmp_path_factory):
+def tiny_kv4(tmp_path_factory):
     if not EMU_BIN or not os.path.exists(EMU_BIN):
         pytest.skip("dmsrt_cuda_emulated not built (needs the CUDA headers)")
     pytest.importorskip("numpy")
-    from dmsrt_client import DmsrtClient
     model = str(tmp_path_factory.mktemp("tp2_cuda") / "tiny_kv4")
     subprocess.run(["python3", os.path.join(SRC, "tests", "fixtures", "make_tiny_model.py"),
                     "--out", model, "--arch", "llama", "--format", "hf", "--heads", "8",
                     "--kv-heads", "4", "--head-dim", "64", "--layers", "2", "--hidden", "128",
                     "--ffn", "192", "--seed", "1"], check=True, capture_output=True, timeout=120)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tp2_cuda(stubs_dir, tiny_kv4):
+    from dmsrt_client import DmsrtClient
+    model = tiny_kv4
     srv = Server(np=2, kv_budget="112KiB", replicas=1, model=model, binary=EMU_BIN,
                  env={"DMSRT_CUDA_EMULATOR_DEVICES": "2"},
                  extra=["--backend", "cuda", "--tp", "2", "--tp-timeout", "30", "--kv-policy",
@@ -135,3 +141,27 @@ def test_tp2_cancel_frees_every_ranks_blocks(tp2_cuda):
     client.cancel(job.job_id)
     cs = wait_idle(client, timeout=120)
     assert cs.kv_blocks_used == 0
+
+
+def test_two_replicas_of_tp2_on_four_devices(stubs_dir, tiny_kv4):
+    """mpirun -np 4 serve --backend cuda --tp 2: two replicas, each with its own NCCL
+    communicator over its two devices, register separately and share a job."""
+    from dmsrt_client import DmsrtClient
+    srv = Server(np=4, kv_budget="1MiB", replicas=2, model=tiny_kv4, binary=EMU_BIN,
+                 env={"DMSRT_CUDA_EMULATOR_DEVICES": "4"},
+                 extra=["--backend", "cuda", "--tp", "2", "--tp-timeout", "30"])
+    client = DmsrtClient(srv.address, stubs_dir=stubs_dir)
+    try:
+        cs = srv.wait_ready(client, timeout=180)
+        assert sorted(r.replica for r in cs.replicas) == [0, 1]
+        assert all(r.tp == 2 for r in cs.replicas), cs
+        res = client.run_job(prompt="hello world", n=4, max_tokens=8, temperature=1.0, seed=1,
+                             ignore_eos=True, timeout=300)
+        assert all(t["reason"] == "LENGTH" and t["tokens"] == 8 for t in res["threads"]), res
+        assert {t["replica"] for t in res["threads"]} == {0, 1}, res["threads"]
+        log = srv.log_text()
+        for rank in range(4):
+            assert f"tp_rank {rank % 2}/2, device {rank})" in log, log
+    finally:
+        client.close()
+        srv.stop()
