@@ -12,6 +12,7 @@
 #                               and a rank that fails (injected error, device fault, NCCL error,
 #                               a stuck collective, a killed or stalled rank) stops its group
 #                               with a line naming a rank and the cause, within the timeout
+#   tp_cuda_host_only_tp8       Llama-3.1-70B shapes at TP 8 in host-only mode
 #   tp_cuda_*_gpu*              the same on real GPUs (label gpu_tp, launch/gpu_check.sh)
 
 if(NOT DMSRT_EMULATED_NCCL)
@@ -106,6 +107,18 @@ foreach(np 2 4 8)
 endforeach()
 
 # ---- the dmsrt binary on emulated devices --------------------------------------------------------
+# Full-size shapes at TP 8 in the emulator's host-only mode (device memory is address space, work
+# is counted, not run): Llama-3.1-70B's layers sharded over 8 emulated 80 GB devices, a decode
+# cell of 32 x 4096 tokens, so that the shard sizes, pools and collectives of the largest degree
+# are exercised on every machine.
+dmsrt_tpc_run(tp_cuda_host_only_tp8 8 120 $<TARGET_FILE:dmsrt_cuda_emulated> bench-decode
+              --backend cuda --tp 8 --synthetic llama-3.1-70b:layers=2 --batch 32 --context 4096
+              --steps 2 --kv-budget 1GiB --kv-policy forced)
+set_tests_properties(tp_cuda_host_only_tp8 PROPERTIES
+                     ENVIRONMENT "${DMSRT_TPC_ENV};DMSRT_CUDA_EMULATOR_DEVICES=8;DMSRT_CUDA_EMULATOR_HOST_ONLY=1;DMSRT_CUDA_EMULATOR_MIB=81920"
+                     PASS_REGULAR_EXPRESSION "tp 8 .*\n +32 +4096 +yes"
+                     FAIL_REGULAR_EXPRESSION "cuda emulator: fault|failed")
+
 if(Python3_Interpreter_FOUND)
   string(REPLACE ";" " " dmsrt_tpc_flags_str "${DMSRT_TPC_FLAGS}")
   add_test(NAME tp_cuda_cli_emulated
