@@ -130,7 +130,7 @@ __global__ void RopeDmsKernel(RopeDmsParams p, const int32_t* __restrict__ posit
     }
     hi = 0.f;
   }
-  const double inv_freq = pow(static_cast<double>(p.theta), -2.0 * i / p.head_dim);
+  const double inv_freq = kernels::RopeInvFreq(p.theta, p.scaling, i, p.head_dim);
   double s, c;
   sincos(static_cast<double>(positions[t]) * inv_freq, &s, &c);
   const float cf = static_cast<float>(c), sf = static_cast<float>(s);

@@ -31,7 +31,8 @@
 //
 // ---- RoPE (+ Variant A decisions) ----------------------------------------------------------
 //   q [n, n_heads, head_dim] after q_norm, k [n, n_kv, head_dim]: rotated in place (rotate-half,
-//   inv_freq_i = theta^(-2i/head_dim), angle = position * inv_freq_i, computed in double).
+//   inv_freq_i = theta^(-2i/head_dim) with the frequency scaling of kernels/reference/rope_freq.h,
+//   angle = position * inv_freq_i, computed in double).
 // With decide: for KV head j, query head j*g channel head_dim-1 gives
 //   bits[t, j] = q * alpha_scale - alpha_offset > 0, then the channel is zeroed before and after
 //   the rotation. alpha_per_layer copies KV head 0's bit to every head.
@@ -44,6 +45,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "kernels/reference/rope_freq.h"
 
 namespace dmsrt {
 
@@ -78,6 +81,7 @@ struct RopeDmsParams {
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   float theta = 10000.f;
+  kernels::RopeScalingParams scaling;  // frequency scaling (kernels/reference/rope_freq.h)
   bool decide = false;  // Variant A decisions and zeroing
   float alpha_scale = 100.f;
   float alpha_offset = 5.f;

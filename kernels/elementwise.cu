@@ -60,6 +60,14 @@ __global__ void AddKernel(__nv_bfloat16* x, const __nv_bfloat16* __restrict__ y,
   }
 }
 
+__global__ void AddF32Kernel(__nv_bfloat16* x, const float* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float yb = __bfloat162float(__float2bfloat16(y[i]));  // as a bf16 GEMM output
+    x[i] = __float2bfloat16(__bfloat162float(x[i]) + yb);
+  }
+}
+
 __global__ void SiluMulKernel(const __nv_bfloat16* __restrict__ gate,
                               const __nv_bfloat16* __restrict__ up, int32_t ffn, int32_t ld_in,
                               __nv_bfloat16* __restrict__ out, int32_t ld_out) {
@@ -100,6 +108,15 @@ cudaError_t ResidualAdd(__nv_bfloat16* x, const __nv_bfloat16* y, int64_t n,
   if (n == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
   AddKernel<<<static_cast<int>(blocks), 256, 0, stream>>>(x, y, n);
+  DMSRT_LAUNCH_CHECK(stream);
+  return cudaSuccess;
+}
+
+cudaError_t ResidualAddF32(__nv_bfloat16* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  AddF32Kernel<<<static_cast<int>(blocks), 256, 0, stream>>>(x, y, n);
   DMSRT_LAUNCH_CHECK(stream);
   return cudaSuccess;
 }

@@ -168,7 +168,7 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
 }
 
 absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "bench", args));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "bench", o.run.backend, args));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
   const int64_t n_prefill = o.prefill, n_decode = o.decode, reps = o.reps;
   const Model& model = *ctx.model;

@@ -13,6 +13,10 @@
 // that is the figure that separates a dense cache from a compressed one. Figures per cell:
 // decode tokens/s, ms per step, KV bytes held (blocks in use x block bytes), the cache
 // compression ratio, and the device memory the process holds.
+//
+// Under mpirun with --tp N (or without --tp: every rank) the ranks form one tensor-parallel
+// group: each holds its shard (with --backend cuda on the GPU of its local rank, collectives
+// through NCCL), TP rank 0 drives the cells and prints, and the KV figures are the group's.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -29,8 +33,10 @@
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/provenance.h"
+#include "launch/run_options.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend/backend.h"
+#include "runtime/engine/tp_replica.h"
 #include "runtime/model/synthetic_model.h"
 
 namespace dmsrt {
@@ -62,7 +68,8 @@ CLI::Validator PositiveIntList() {
       "");
 }
 
-absl::Status BenchDecode(const BenchDecodeOptions& opt) {
+absl::Status BenchDecode(const BenchDecodeOptions& opt, ProcessArgs& args, TpSession* tp) {
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(opt.tp, "bench-decode", opt.backend, args));
   const std::vector<int64_t> batches = IntList(opt.batch);
   const std::vector<int64_t> contexts = IntList(opt.context);
   const int64_t steps = opt.steps;
@@ -108,7 +115,12 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
     window = opt.kv_window;
   }
   o.kv_budget_bytes = opt.kv_budget_bytes.value_or(backend_name == "cuda" ? 0 : int64_t{4} << 30);
+  o.comm = tp->comm();
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, *model, o));
+  if (tp->tp > 1) {
+    if (!tp->leader()) return RunTpFollower(*backend, tp->comm());  // until the leader is done
+    DMSRT_ASSIGN_OR_RETURN(backend, MakeTpLeaderBackend(std::move(backend), tp->comm()));
+  }
   KvCache& kv = backend->kv();
   const int32_t vocab = model->config.vocab;
   std::string policy = KvPolicyName(o.kv_policy.kind);
@@ -120,8 +132,10 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
     policy = absl::StrCat("window ", window, " + ", o.kv_policy.sinks, " sinks");
   }
   if (!opt.json) {
-    std::printf("model %s, backend %s, KV policy %s, pool %.2f GiB (%lld blocks of %lld bytes)\n",
-                model->source_path.c_str(), backend->name(), policy.c_str(),
+    std::printf("model %s, backend %s%s, KV policy %s, pool %.2f GiB (%lld blocks of %lld bytes)\n",
+                model->source_path.c_str(), backend->name(),
+                tp->tp > 1 ? absl::StrCat(", tp ", tp->tp, " (device figures per rank)").c_str() : "",
+                policy.c_str(),
                 kv.total_blocks() * static_cast<double>(kv.block_bytes()) / (1 << 30),
                 static_cast<long long>(kv.total_blocks()), static_cast<long long>(kv.block_bytes()));
     std::printf("%6s %8s %5s %12s %10s %12s %8s %12s\n", "batch", "context", "fits", "tokens/s",
@@ -205,6 +219,7 @@ absl::Status BenchDecode(const BenchDecodeOptions& opt) {
   if (opt.json) {
     nlohmann::json j = {{"model", model->source_path},
                         {"backend", backend->name()},
+                        {"tp", tp->tp},
                         {"kv_policy", policy},
                         {"kv_pool_bytes", kv.total_blocks() * kv.block_bytes()},
                         {"weight_bytes", model->weight_bytes},
@@ -251,16 +266,14 @@ void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o) {
       ->transform(Integer());
   AddThreadsOption(app, &o.threads);
   AddDeviceOption(app, &o.device);
+  AddTpOptions(app, &o.tp, "tensor-parallel degree (under mpirun; 0: the number of ranks)");
   app.add_flag("--json", o.json, "print one JSON object instead of the table");
 }
 
-int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs&) {
-  const absl::Status s = BenchDecode(o);
-  if (!s.ok()) {
-    std::cerr << "dmsrt bench-decode: " << s << std::endl;
-    return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-  }
-  return 0;
+int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs& args) {
+  TpSession tp;
+  const absl::Status s = BenchDecode(o, args, &tp);
+  return CommandExit("bench-decode", s, &tp);
 }
 
 }  // namespace dmsrt

@@ -36,7 +36,7 @@ absl::Status Generate(const GenerateOptions& o, ProcessArgs& args, TpSession* tp
   if (o.prompt.has_value() == o.chat.has_value()) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --chat TEXT");
   }
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "generate", args));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "generate", o.run.backend, args));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
   const Model& model = *ctx.model;
   const Tokenizer& tok = *ctx.tokenizer;

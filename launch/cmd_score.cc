@@ -27,7 +27,7 @@ namespace dmsrt {
 namespace {
 
 absl::Status Score(const ScoreOptions& o, ProcessArgs& args, TpSession* tp) {
-  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "score", args));
+  DMSRT_ASSIGN_OR_RETURN(*tp, StartTp(o.tp, "score", o.run.backend, args));
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(o.run));
   std::vector<int32_t> ids;
   if (!o.tokens.empty()) {

@@ -80,6 +80,7 @@ struct BenchDecodeOptions {
   int32_t threads = 0;
   int32_t device = -1;
   bool json = false;
+  TpOptions tp;  // mpirun -np N dmsrt bench-decode --tp N: one tensor-parallel group
 };
 void SetupBenchDecode(CLI::App& app, BenchDecodeOptions& o);
 int RunBenchDecode(const BenchDecodeOptions& o, ProcessArgs& args);

@@ -7,6 +7,12 @@
 # table LAST (decode-attention GB/s vs measured copy bandwidth and vs SDPA, the DMS time ratio,
 # end-to-end decode tokens/s, KV held and device memory per cell).
 #
+# With two or more GPUs (and MPI: mpirun and its headers) it also runs tensor parallelism on
+# them: the TP tests (ctest -L gpu_tp: the CUDA backend at TP 2/4/8 against TP 1 and the CPU,
+# generate and bench-decode --tp 2 under mpirun), an all-reduce sweep over all GPUs in
+# nccl-tests' terms (size, time, algbw, busbw, #wrong; tests/bench/allreduce_bench.cc --nccl),
+# and end-to-end decode at TP 2 next to TP 1. With one GPU it says plainly that it skipped them.
+#
 # Works on a bare machine that has only a CUDA toolkit, CMake and PyTorch: abseil and GoogleTest
 # are built from third_party/ (run launch/fetch_source_deps.sh beforehand where the registry is
 # reachable and carry third_party/ along). Logs and JSON go to $OUT when it is set, otherwise to
@@ -36,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 date -u +"date: %Y-%m-%dT%H:%M:%SZ"
 
 echo "== configure"
-cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDMSRT_WITH_CUDA=ON -DDMSRT_WITH_MPI=OFF \
+cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDMSRT_WITH_CUDA=ON -DDMSRT_WITH_MPI=AUTO \
   -DDMSRT_WITH_GRPC=OFF -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 || {
   tail -40 "$out/build.log"; echo "gpu_check: configure failed (log: $out/build.log)"; exit 1; }
 grep "dmsrt:" "$out/build.log"
@@ -46,7 +52,7 @@ build_status="full"
 if ! cmake --build "$build" -j"$jobs" >>"$out/build.log" 2>&1; then
   # Another part of the tree may not build here; the GPU tests and the benchmark may still.
   gpu_targets=$(ls "$here"/tests/gpu/*_test.c* 2>/dev/null | xargs -n1 basename | sed 's/\.c[cu]*$//' | tr '\n' ' ')
-  gpu_targets="$gpu_targets dmsrt"
+  gpu_targets="$gpu_targets dmsrt tp_cuda_backend_gpu_test allreduce_bench"
   echo "full build failed; building only: $gpu_targets gpu_attention_bench"
   grep -E "error" "$out/build.log" | head -10
   build_status="partial"
@@ -87,10 +93,47 @@ if [ "$bench" = 1 ]; then
   done
 fi
 
+echo "== tensor parallelism"
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+tp_line=""
+if [ "$gpus" -lt 2 ]; then
+  tp_line="skipped: this machine has $gpus GPU(s); the TP tests and the all-reduce sweep need two or more"
+elif ! grep -q "MPI=ON" "$out/build.log"; then
+  tp_line="skipped: $gpus GPUs, but no MPI was found (apt-get install libopenmpi-dev openmpi-bin), which tensor parallelism needs"
+else
+  mpi=(mpirun)
+  mpirun --version 2>&1 | grep -q "Open MPI" && mpi+=(--allow-run-as-root --bind-to none)
+  tp_np=2; [ "$gpus" -ge 4 ] && tp_np=4; [ "$gpus" -ge 8 ] && tp_np=8
+  sel="tp_cuda_backend_gpu_np2|tp_cuda_cli_gpu"
+  [ "$tp_np" -ge 4 ] && sel="$sel|tp_cuda_backend_gpu_np4"
+  [ "$tp_np" -ge 8 ] && sel="$sel|tp_cuda_backend_gpu_np8"
+  (cd "$build" && ctest -L gpu_tp -R "$sel" --output-on-failure --timeout 900) 2>&1 | tee "$out/ctest_tp.log"
+  tp_rc=${PIPESTATUS[0]}
+  [ "$tp_rc" -ne 0 ] && tests_rc=$tp_rc
+  tp_line="TP tests: $(grep -E "tests passed|tests failed" "$out/ctest_tp.log" | tail -1)"
+  echo "-- all-reduce sweep over $gpus GPUs (NCCL)"
+  if [ -x "$build/tests/allreduce_bench" ]; then
+    "${mpi[@]}" -np "$gpus" "$build/tests/allreduce_bench" --nccl -b 8 -e 1G -f 4 -n 20 -w 5 -r 5 \
+      --json "$out/allreduce.json" 2>&1 | tee "$out/allreduce.txt"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && { tests_rc=1; tp_line="$tp_line; all-reduce sweep FAILED"; }
+  else
+    tp_line="$tp_line; allreduce_bench was not built"
+  fi
+  if [ "$bench" = 1 ] && [ -x "$build/bin/dmsrt" ]; then
+    echo "-- end-to-end decode, qwen3-8b shapes, TP 1 and TP 2"
+    tp_bench=(bench-decode --backend cuda --synthetic qwen3-8b --batch 1,32 --context 4096
+              --steps 8 --kv-policy forced --dms-force-rate 0.875 --dms-window 16 --json)
+    "$build/bin/dmsrt" "${tp_bench[@]}" >"$out/e2e_tp1.json" 2>"$out/e2e_tp1.err"
+    "${mpi[@]}" -np 2 "$build/bin/dmsrt" "${tp_bench[@]}" --tp 2 >"$out/e2e_tp2.json" 2>"$out/e2e_tp2.err" \
+      || { echo "bench-decode --tp 2 failed:"; tail -5 "$out/e2e_tp2.err"; }
+  fi
+fi
+echo "$tp_line"
+
 echo "== summary"
-python3 - "$out" "$tests_line" "$build_status" <<'PY' | tee "$out/summary.txt"
+python3 - "$out" "$tests_line" "$build_status" "$tp_line" <<'PY' | tee "$out/summary.txt"
 import json, os, sys
-out, tests_line, build_status = sys.argv[1], sys.argv[2], sys.argv[3]
+out, tests_line, build_status, tp_line = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 def load(name):
     p = os.path.join(out, name)
     try:
@@ -134,5 +177,21 @@ if any(e.values()):
             return f"{c['decode_tokens_per_s']:>10.0f} ({c['kv_bytes_held']/2**30:>6.1f} GiB)"
         dev = max(c.get('device_bytes_in_use', 0) for c in cs.values()) / 2**30
         print(f"{bt:>5} {ctx:>7} {fmt(cs.get('none'))} {fmt(cs.get('forced'))} {fmt(cs.get('dms'))} {dev:>10.1f}")
+print(f"tensor parallelism: {tp_line}")
+a = load("allreduce.json")
+if a:
+    rows = a.get("rows", [])
+    wrong = sum(r.get("wrong", 0) for r in rows)
+    best = max(rows, key=lambda r: r.get("busbw_gbs", 0), default=None)
+    if best:
+        print(f"all-reduce over {a.get('ranks', '?')} GPUs ({a.get('comm')}): peak busbw "
+              f"{best['busbw_gbs']:.1f} GB/s at {best['bytes']} bytes; #wrong {wrong}")
+t1, t2 = load("e2e_tp1.json"), load("e2e_tp2.json")
+if t1 and t2:
+    print("end-to-end decode, qwen3-8b shapes, forced 0.875: tokens/s at TP 1 -> TP 2")
+    for c1, c2 in zip(t1["cells"], t2["cells"]):
+        if c1.get("fits") and c2.get("fits"):
+            print(f"  batch {c1['batch']:>3} context {c1['context']}: {c1['decode_tokens_per_s']:.0f} -> "
+                  f"{c2['decode_tokens_per_s']:.0f} ({c2['decode_tokens_per_s'] / c1['decode_tokens_per_s']:.2f}x)")
 PY
 exit $tests_rc

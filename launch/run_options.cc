@@ -262,7 +262,8 @@ void AddTpOptions(CLI::App& app, TpOptions* o, const std::string& tp_description
       ->transform(Number(0.0, std::nullopt, /*min_exclusive=*/true));
 }
 
-absl::StatusOr<TpSession> StartTp(const TpOptions& o, const char* command, ProcessArgs& args) {
+absl::StatusOr<TpSession> StartTp(const TpOptions& o, const char* command,
+                                  const std::string& backend, ProcessArgs& args) {
   TpSession session;
   int64_t tp = o.tp;
   if (tp < 0) return absl::InvalidArgumentError("--tp must be >= 1 (or 0 = the number of ranks)");
@@ -287,6 +288,7 @@ absl::StatusOr<TpSession> StartTp(const TpOptions& o, const char* command, Proce
   ParallelOptions opts;
   opts.tp = static_cast<int>(tp);
   opts.timeout = absl::Seconds(o.timeout_s);
+  opts.gpu = backend == "cuda" && tp > 1;  // NCCL for the activations, MPI for the plans
   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&args.argc, &args.argv, opts));
   session.par = std::make_unique<ParallelContext>(std::move(par));
   session.tp = session.par->world.tp();

@@ -87,7 +87,7 @@ struct RunContext {
 };
 
 // Loads the model (--model or the default), attaches --dms-adapter (or DefaultDmsAdapterPath()), builds the tokenizer and the
-// backend options (--backend cpu, the default, or cuda: one device, --tp 1; --device N, default:
+// backend options (--backend cpu, the default, or cuda: one device per process; --device N, default:
 // the launcher's local rank modulo the node's devices), and resolves the KV policy against the
 // model (dms needs a model with DMS decisions; --dms-force-rate goes with forced only).
 absl::StatusOr<RunContext> LoadRunContext(const RunOptions& options);
@@ -97,7 +97,8 @@ absl::StatusOr<RunContext> LoadRunContext(const RunOptions& options);
 //   mpirun -np N build/bin/dmsrt generate --tp N ...
 //
 // These subcommands run one TP group: the job's ranks are the group (world size must equal the
-// TP degree). Under mpirun without --tp the degree is the world size; --tp N > 1 without mpirun
+// TP degree). With --backend cuda each rank drives the GPU of its local rank and the group's
+// collectives go through NCCL. Under mpirun without --tp the degree is the world size; --tp N > 1 without mpirun
 // is refused with the command to run. TP rank 0 leads (reads the prompt, samples, prints); the
 // other ranks load the same model, build their shard and follow the leader's steps, printing
 // nothing but errors. Without mpirun and with --tp 1 (or no --tp) nothing changes: no MPI.
@@ -122,9 +123,12 @@ struct TpSession {
 };
 
 // Checks --tp against the launcher's environment, and starts MPI (on the process's command line)
-// when under mpirun. Errors are INVALID_ARGUMENT / FAILED_PRECONDITION with the command line to
-// use; `command` is the subcommand's name, for that line.
-absl::StatusOr<TpSession> StartTp(const TpOptions& options, const char* command, ProcessArgs& args);
+// when under mpirun. With --backend cuda (`backend`) and more than one rank, the TP group's
+// communicator is an NcclComm on the device of this rank's local rank (bootstrapped over MPI).
+// Errors are INVALID_ARGUMENT / FAILED_PRECONDITION with the command line to use; `command` is
+// the subcommand's name, for that line.
+absl::StatusOr<TpSession> StartTp(const TpOptions& options, const char* command,
+                                  const std::string& backend, ProcessArgs& args);
 
 // The backend for `ctx` on this rank. With tp 1: MakeBackend(ctx.backend). On the TP leader: its shard,
 // wrapped so that every step and sequence operation reaches the followers. On a follower: builds

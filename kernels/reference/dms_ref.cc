@@ -63,10 +63,11 @@ void DmsRingUpdateRef(int32_t batch, int32_t n_kv_heads, int32_t head_dim, int32
 }
 
 namespace {
-void RotateRow(float* x, int32_t head_dim, float theta, int32_t pos) {
+void RotateRow(float* x, int32_t head_dim, float theta, const RopeScalingParams& scaling,
+               int32_t pos) {
   const int32_t half = head_dim / 2;
   for (int32_t i = 0; i < half; ++i) {
-    const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+    const double inv_freq = RopeInvFreq(theta, scaling, i, head_dim);
     const double a = static_cast<double>(pos) * inv_freq;
     const float c = static_cast<float>(std::cos(a)), s = static_cast<float>(std::sin(a));
     const float lo = x[i], hi = x[i + half];
@@ -79,7 +80,7 @@ void RotateRow(float* x, int32_t head_dim, float theta, int32_t pos) {
 void RopeDmsVariantARef(int32_t n, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim,
                         float theta, bool decide, float alpha_scale, float alpha_offset,
                         bool alpha_per_layer, const int32_t* positions, float* q, float* k,
-                        uint8_t* bits) {
+                        uint8_t* bits, const RopeScalingParams& scaling) {
   const int32_t g = n_heads / n_kv_heads;
   for (int32_t t = 0; t < n; ++t) {
     for (int32_t h = 0; h < n_heads; ++h) {
@@ -95,13 +96,13 @@ void RopeDmsVariantARef(int32_t n, int32_t n_heads, int32_t n_kv_heads, int32_t 
         }
         row[head_dim - 1] = 0.f;
       }
-      RotateRow(row, head_dim, theta, positions[t]);
+      RotateRow(row, head_dim, theta, scaling, positions[t]);
       if (leader) row[head_dim - 1] = 0.f;
     }
     if (k != nullptr) {
       for (int32_t j = 0; j < n_kv_heads; ++j) {
         RotateRow(k + (static_cast<size_t>(t) * n_kv_heads + j) * head_dim, head_dim, theta,
-                  positions[t]);
+                  scaling, positions[t]);
       }
     }
   }

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "kernels/reference/rope_freq.h"
+
 namespace dmsrt {
 namespace kernels {
 
@@ -18,11 +20,12 @@ void DmsRingUpdateRef(int32_t batch, int32_t n_kv_heads, int32_t head_dim, int32
                       int32_t* last_vis_pool, int32_t* status);
 
 // q [n, n_heads, D] and k [n, n_kv, D] (k may be null) rotated in place; with `decide`, bits
-// [n, n_kv] and the channel zeroing of docs/dms-semantics.md §1 step 4. Angles in double.
+// [n, n_kv] and the channel zeroing of docs/dms-semantics.md §1 step 4. Angles in double, with
+// the frequency scaling of rope_freq.h.
 void RopeDmsVariantARef(int32_t n, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim,
                         float theta, bool decide, float alpha_scale, float alpha_offset,
                         bool alpha_per_layer, const int32_t* positions, float* q, float* k,
-                        uint8_t* bits);
+                        uint8_t* bits, const RopeScalingParams& scaling = {});
 
 // Variant B bits from adapter logits [n, ld] (+ `bias` [ld] when not null).
 void DmsThresholdRef(int32_t n, int32_t n_kv_heads, const float* logits, int32_t ld,

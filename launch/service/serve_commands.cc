@@ -2,7 +2,8 @@
 //
 // serve: the mpirun world is cut into replicas of --tp consecutive ranks (world size = replicas x
 // tp; --tp 1, the default, makes every rank its own replica). Every rank loads the model and
-// builds its shard of the CPU backend. The TP leader of each replica (TP rank 0) wraps its shard
+// builds its shard of the backend (--backend cuda: on the GPU of its local rank, the group's
+// collectives through NCCL). The TP leader of each replica (TP rank 0) wraps its shard
 // (MakeTpLeaderBackend), runs the Engine over it and a ReplicaAgent that dials the coordinator;
 // the other ranks of the group follow the leader's steps (RunTpFollower) until it shuts the group
 // down. Without --coordinator, rank 0 first starts the coordinator on --listen; the address the
@@ -257,6 +258,7 @@ absl::Status Serve(const ServeOptions& o, ProcessArgs& args) {
   ParallelOptions popts;
   popts.tp = tp.tp;
   popts.timeout = tp.timeout;
+  popts.gpu = o.run.backend == "cuda" && tp.tp > 1;  // NCCL within each replica's group
   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&args.argc, &args.argv, popts));
   absl::Status s = ServeRank(o, par, tp);
   // A rank that fails must not leave the others waiting in a collective: stop the whole job.

@@ -82,7 +82,7 @@ absl::StatusOr<std::unique_ptr<NcclComm>> NcclComm::Create(std::unique_ptr<Commu
   c->device_ = device;
   c->size_ = host->size();
   c->rank_ = host->rank();
-  c->sync_ = options.sync;
+  c->sync_ = c->own_sync_ = options.sync;
   c->timeout_ = host->timeout();
   DMSRT_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   if (options.stream != nullptr) {
@@ -91,6 +91,7 @@ absl::StatusOr<std::unique_ptr<NcclComm>> NcclComm::Create(std::unique_ptr<Commu
     DMSRT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&c->stream_, cudaStreamNonBlocking));
     c->owns_stream_ = true;
   }
+  c->own_stream_ = c->stream_;
   DMSRT_NCCL_RETURN_IF_ERROR(ncclCommInitRank(&c->comm_, c->size_, msg.id, c->rank_));
   c->host_ = std::move(host);
   return c;
@@ -105,7 +106,17 @@ NcclComm::~NcclComm() {
       ncclCommAbort(comm_);
     }
   }
-  if (owns_stream_ && stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (owns_stream_ && own_stream_ != nullptr) cudaStreamDestroy(own_stream_);
+}
+
+void NcclComm::UseStream(cudaStream_t stream, bool sync) {
+  if (stream == nullptr) {
+    stream_ = own_stream_;
+    sync_ = own_sync_;
+  } else {
+    stream_ = stream;
+    sync_ = sync;
+  }
 }
 
 std::string NcclComm::Describe() const {
@@ -133,14 +144,19 @@ absl::Status NcclComm::Synchronize() {
     if (e == cudaSuccess) return absl::OkStatus();
     if (e != cudaErrorNotReady) {
       s = CudaError(e, "cudaStreamQuery", __FILE__, __LINE__);
-      broken_ = s.ToString();
-      return s;
+    } else {
+      ncclResult_t async = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm_, &async);
+      if (r != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+        s = NcclError(r != ncclSuccess ? r : async, "NCCL collective", __FILE__, __LINE__);
+      }
     }
-    ncclResult_t async = ncclSuccess;
-    ncclResult_t r = ncclCommGetAsyncError(comm_, &async);
-    if (r != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
-      s = NcclError(r != ncclSuccess ? r : async, "NCCL collective", __FILE__, __LINE__);
+    if (!s.ok()) {
+      // NCCL's rule after an error: abort the communicator, which also frees its kernels, so
+      // that whatever waits on this stream next (a free, a synchronisation) does not hang.
       broken_ = s.ToString();
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
       return s;
     }
     if (polls < 1000) continue;
@@ -226,13 +242,14 @@ absl::StatusOr<std::unique_ptr<Communicator>> NcclComm::Split(int color, int key
   if (!sub_host.ok()) return sub_host.status();
   std::unique_ptr<NcclComm> c(new NcclComm());
   c->device_ = device_;
-  c->sync_ = sync_;
+  c->sync_ = c->own_sync_ = own_sync_;
   c->timeout_ = timeout_;
   c->size_ = (*sub_host)->size();
   c->rank_ = (*sub_host)->rank();
   DMSRT_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   DMSRT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&c->stream_, cudaStreamNonBlocking));
   c->owns_stream_ = true;
+  c->own_stream_ = c->stream_;
   DMSRT_NCCL_RETURN_IF_ERROR(ncclCommSplit(comm_, color, key, &c->comm_, nullptr));
   c->host_ = std::move(*sub_host);
   return std::unique_ptr<Communicator>(std::move(c));

@@ -11,12 +11,14 @@
 // non-blocking stream owned by the communicator. With NcclCommOptions::sync (the default) each call
 // also waits for the stream, giving the blocking semantics of comm.h. With sync = false, calls
 // return once enqueued and results are ordered with later work on stream(); Synchronize() waits.
-// The CUDA backend uses sync = false and makes its compute stream wait on stream() (or passes its
-// own stream via NcclCommOptions::stream).
+// The CUDA backend binds its compute stream with UseStream(stream, /*sync=*/false): collectives
+// are then ordered with its kernels by the stream alone, and its waits go through Synchronize()
+// so that they have the watchdog too.
 //
 // Watchdog: with a timeout set, waiting polls cudaStreamQuery and ncclCommGetAsyncError until the
 // deadline; on expiry the NCCL communicator is aborted (ncclCommAbort frees the stuck kernels) and
-// DEADLINE_EXCEEDED names the collective and the members.
+// DEADLINE_EXCEEDED names the collective and the members. An asynchronous NCCL error or a device
+// error found while waiting aborts it too (INTERNAL), as NCCL asks after an error.
 //
 //   DMSRT_ASSIGN_OR_RETURN(auto tp_host, MakeTpComm(*world_comm, world));
 //   DMSRT_ASSIGN_OR_RETURN(auto tp, NcclComm::Create(std::move(tp_host), world.device()));
@@ -31,6 +33,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/cuda_check.h"
 #include "parallel/comm.h"
 
 namespace dmsrt {
@@ -45,12 +48,7 @@ absl::Status CudaError(cudaError_t code, const char* call, const char* file, int
     if (dmsrt_nccl_rc_ != ncclSuccess)                                        \
       return ::dmsrt::NcclError(dmsrt_nccl_rc_, #call, __FILE__, __LINE__);   \
   } while (0)
-#define DMSRT_CUDA_RETURN_IF_ERROR(call)                                      \
-  do {                                                                        \
-    cudaError_t dmsrt_cuda_rc_ = (call);                                      \
-    if (dmsrt_cuda_rc_ != cudaSuccess)                                        \
-      return ::dmsrt::CudaError(dmsrt_cuda_rc_, #call, __FILE__, __LINE__);   \
-  } while (0)
+// DMSRT_CUDA_RETURN_IF_ERROR: kernels/cuda_check.h (one definition for every layer).
 
 // Number of visible CUDA devices; FAILED_PRECONDITION when there is none.
 absl::StatusOr<int> CudaDeviceCount();
@@ -77,6 +75,11 @@ class NcclComm final : public Communicator {
 
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
+  // Enqueues later collectives on `stream` (not owned; a compute stream of `device()`, so that
+  // they are ordered with its kernels) and sets whether each collective waits for it. Synchronize
+  // then waits for `stream`. nullptr restores the communicator's own stream and the sync setting
+  // it was created with (call it before `stream` is destroyed). Not collective.
+  void UseStream(cudaStream_t stream, bool sync);
   ncclComm_t raw() const { return comm_; }
   // Waits for everything enqueued on stream(), with the watchdog.
   absl::Status Synchronize();
@@ -101,9 +104,11 @@ class NcclComm final : public Communicator {
 
   std::unique_ptr<Communicator> host_;
   ncclComm_t comm_ = nullptr;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;      // where collectives go now
+  cudaStream_t own_stream_ = nullptr;  // created or given at Create (stream_ unless UseStream)
   bool owns_stream_ = false;
   bool sync_ = true;
+  bool own_sync_ = true;
   int device_ = 0;
   int size_ = 1;
   int rank_ = 0;

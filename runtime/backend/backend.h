@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/reference/rope_freq.h"
 #include "kernels/reference/sampling_ref.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/model.h"
@@ -87,6 +88,19 @@ class Backend {
   // Device memory this process holds (0 for host backends).
   virtual int64_t DeviceBytesInUse() const { return 0; }
 };
+
+// The model's RoPE scaling as the kernels take it (kernels/reference/rope_freq.h).
+inline kernels::RopeScalingParams RopeParams(const RopeScaling& r) {
+  kernels::RopeScalingParams p;
+  p.type = r.type == RopeScaling::Type::kLinear   ? kernels::RopeScalingParams::kLinear
+           : r.type == RopeScaling::Type::kLlama3 ? kernels::RopeScalingParams::kLlama3
+                                                  : kernels::RopeScalingParams::kNone;
+  p.factor = r.factor;
+  p.low_freq_factor = r.low_freq_factor;
+  p.high_freq_factor = r.high_freq_factor;
+  p.original_max_positions = r.original_max_positions;
+  return p;
+}
 
 // Checks a step before it touches anything: chunks not empty, a sequence at most once, token
 // ids inside the vocabulary. Returns the number of tokens.

@@ -284,27 +284,12 @@ absl::Status CpuBackend::InitLayer(int32_t l) {
 }
 
 void CpuBackend::InitRope() {
-  const ModelConfig& c = cfg_;
-  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics).
+  // RoPE frequencies with the configured scaling (HF's rope_scaling semantics), the same
+  // function the CUDA kernel uses.
+  const kernels::RopeScalingParams scaling = RopeParams(cfg_.rope_scaling);
   inv_freq_.resize(rope_dim_ / 2);
-  const RopeScaling& rs = c.rope_scaling;
   for (int32_t i = 0; i < rope_dim_ / 2; ++i) {
-    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / rope_dim_);
-    if (rs.type == RopeScaling::Type::kLinear && rs.factor > 0) {
-      f /= rs.factor;
-    } else if (rs.type == RopeScaling::Type::kLlama3 && rs.factor > 0) {
-      const double low_wavelen = rs.original_max_positions / rs.low_freq_factor;
-      const double high_wavelen = rs.original_max_positions / rs.high_freq_factor;
-      const double wavelen = 2.0 * M_PI / f;
-      if (wavelen > low_wavelen) {
-        f /= rs.factor;
-      } else if (wavelen >= high_wavelen) {
-        const double smooth = (rs.original_max_positions / wavelen - rs.low_freq_factor) /
-                              (rs.high_freq_factor - rs.low_freq_factor);
-        f = (1.0 - smooth) * f / rs.factor + smooth * f;
-      }
-    }
-    inv_freq_[i] = f;
+    inv_freq_[i] = kernels::RopeInvFreq(cfg_.rope_theta, scaling, i, rope_dim_);
   }
 }
 
@@ -626,11 +611,11 @@ absl::StatusOr<ForwardResult> CpuBackend::Forward(const std::vector<SeqChunk>& b
 }
 
 absl::Status CpuBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
-  if (comm_ != nullptr) {
-    return absl::UnimplementedError("AppendUncomputed runs on a single rank");
-  }
   if (n <= 0) return absl::OkStatus();
-  DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
+  absl::Status reserved = kv_->Reserve(seq, n);
+  // Under tensor parallelism every rank appends to its own heads, or none does.
+  if (comm_ != nullptr) reserved = AgreeReservations(reserved);
+  DMSRT_RETURN_IF_ERROR(reserved);
   const int64_t kw = static_cast<int64_t>(n_kv_) * head_dim_;
   std::vector<float> zeros(static_cast<size_t>(n) * kw, 0.0f);
   std::vector<uint8_t> bits(static_cast<size_t>(n) * n_kv_, 0);

@@ -2,9 +2,13 @@
 // Backend and KvCache facades that broadcast before acting, and the followers' loop.
 #include "runtime/engine/tp_replica.h"
 
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <thread>
 #include <limits>
 #include <string>
 #include <utility>
@@ -27,24 +31,44 @@ enum PlanOp : int32_t {
   kShutdown = 6,
   kFigures = 7,
   kPing = 8,
+  kAppendUncomputed = 9,
 };
 
 using Plan = std::vector<int32_t>;
 
-int32_t LogitsCode(SeqChunk::Logits l) {
-  switch (l) {
-    case SeqChunk::Logits::kNone: return 0;
-    case SeqChunk::Logits::kLast: return 1;
-    case SeqChunk::Logits::kAll: return 2;
+// The logits mode (0 none, 1 last, 2 all) plus kSampleBit when the chunk samples: every rank
+// must compute the same logits rows (a device backend gathers them over the group).
+constexpr int32_t kSampleBit = 4;
+
+int32_t LogitsCode(const SeqChunk& c) {
+  int32_t code = 1;
+  switch (c.logits) {
+    case SeqChunk::Logits::kNone: code = 0; break;
+    case SeqChunk::Logits::kLast: code = 1; break;
+    case SeqChunk::Logits::kAll: code = 2; break;
   }
-  return 1;
+  return code | (c.sample ? kSampleBit : 0);
+}
+
+// A double in two int32 plan words, and back.
+void PutDouble(double v, Plan* p) {
+  int32_t w[2];
+  static_assert(sizeof(w) == sizeof(v), "two words hold a double");
+  std::memcpy(w, &v, sizeof(v));
+  p->push_back(w[0]);
+  p->push_back(w[1]);
+}
+double GetDouble(const int32_t* w) {
+  double v = 0;
+  std::memcpy(&v, w, sizeof(v));
+  return v;
 }
 
 Plan EncodeForward(const std::vector<SeqChunk>& batch) {
   Plan p = {kForward, static_cast<int32_t>(batch.size())};
   for (const SeqChunk& c : batch) {
     p.push_back(c.seq);
-    p.push_back(LogitsCode(c.logits));
+    p.push_back(LogitsCode(c));
     p.push_back(static_cast<int32_t>(c.tokens.size()));
     p.insert(p.end(), c.tokens.begin(), c.tokens.end());
   }
@@ -64,9 +88,11 @@ absl::StatusOr<std::vector<SeqChunk>> DecodeForward(const Plan& p) {
     const int32_t mode = p[at + 1];
     const int64_t len = p[at + 2];
     at += 3;
-    if (mode < 0 || mode > 2 || len < 0 || at + static_cast<size_t>(len) > p.size()) return bad();
-    c.logits = mode == 0 ? SeqChunk::Logits::kNone
-                         : (mode == 1 ? SeqChunk::Logits::kLast : SeqChunk::Logits::kAll);
+    const int32_t logits = mode & ~kSampleBit;
+    if (mode < 0 || logits > 2 || len < 0 || at + static_cast<size_t>(len) > p.size()) return bad();
+    c.logits = logits == 0 ? SeqChunk::Logits::kNone
+                           : (logits == 1 ? SeqChunk::Logits::kLast : SeqChunk::Logits::kAll);
+    c.sample = (mode & kSampleBit) != 0;  // the leader alone samples; the rows are what matter
     c.tokens.assign(p.begin() + at, p.begin() + at + len);
     at += static_cast<size_t>(len);
     batch.push_back(std::move(c));
@@ -83,6 +109,15 @@ int InjectedFailRank() {
   return r;
 }
 
+// How that rank fails (DMSRT_TEST_FAIL_HOW): an error (the default), killed, or stuck.
+enum class FailHow { kError, kKill, kStall };
+FailHow InjectedFailHow() {
+  const char* v = std::getenv("DMSRT_TEST_FAIL_HOW");
+  if (v != nullptr && std::string(v) == "kill") return FailHow::kKill;
+  if (v != nullptr && std::string(v) == "stall") return FailHow::kStall;
+  return FailHow::kError;
+}
+
 // Errors that every rank of the group meets alike for the same plan (the followers keep going).
 bool Deterministic(const absl::Status& s) {
   return absl::IsInvalidArgument(s) || absl::IsNotFound(s) || absl::IsResourceExhausted(s) ||
@@ -95,10 +130,15 @@ struct Executor {
   Backend* local = nullptr;
   int rank = 0;
   int fail_rank = -1;
+  FailHow fail_how = FailHow::kError;
   int64_t forwards = 0;
 
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) {
     if (forwards++ == 0 && rank == fail_rank) {
+      if (fail_how == FailHow::kKill) std::raise(SIGKILL);
+      if (fail_how == FailHow::kStall) {
+        while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+      }
       return absl::DataLossError(
           absl::StrCat("injected failure (DMSRT_TEST_FAIL_RANK=", fail_rank, ")"));
     }
@@ -204,6 +244,7 @@ class TpLeaderBackend final : public Backend {
     exec_.local = local_.get();
     exec_.rank = comm_->rank();
     exec_.fail_rank = InjectedFailRank();
+    exec_.fail_how = InjectedFailHow();
     agreed_free_ = local_->kv().free_blocks() * comm_->size();
     agreed_total_ = local_->kv().total_blocks() * comm_->size();
   }
@@ -245,6 +286,15 @@ class TpLeaderBackend final : public Backend {
   }
 
   KvCache& kv() override { return kv_; }
+
+  absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) override {
+    Plan p = {kAppendUncomputed, seq, n};
+    PutDouble(dms_flag_rate, &p);
+    DMSRT_RETURN_IF_ERROR(Send(std::move(p)));
+    return Settle(local_->AppendUncomputed(seq, n, dms_flag_rate), "uncomputed append");
+  }
+
+  int64_t DeviceBytesInUse() const override { return local_->DeviceBytesInUse(); }
 
   absl::Status Shutdown() {
     if (shut_down_ || !broken_.ok()) return absl::OkStatus();
@@ -434,6 +484,7 @@ absl::Status RunTpFollower(Backend& local, Communicator* comm) {
   exec.local = &local;
   exec.rank = comm->rank();
   exec.fail_rank = InjectedFailRank();
+  exec.fail_how = InjectedFailHow();
   KvCache& kv = local.kv();
   while (true) {
     Plan plan;
@@ -479,6 +530,12 @@ absl::Status RunTpFollower(Backend& local, Communicator* comm) {
           return absl::DataLossError("malformed reserve plan from the TP leader");
         }
         mine = kv.Reserve(plan[1], plan[2]);
+        break;
+      case kAppendUncomputed:
+        if (plan.size() != 5) {
+          return absl::DataLossError("malformed append plan from the TP leader");
+        }
+        mine = local.AppendUncomputed(plan[1], plan[2], GetDouble(&plan[3]));
         break;
       case kFigures: {
         if (plan.size() != 3) {

@@ -9,9 +9,12 @@
 // receives plans and executes them until the leader's shutdown plan.
 //
 // Plan wire format (int32 vector, broadcast with Communicator::BroadcastVector):
-//   [kForward, n_chunks, {seq, logits_mode, n_tokens, tokens...} * n_chunks]
+//   [kForward, n_chunks, {seq, logits_mode | sample << 2, n_tokens, tokens...} * n_chunks]
 //   [kCreate, expected_id]   [kFork, parent, expected_id]   [kFree, seq]
 //   [kReserve, seq, n_new]   [kFigures, all, seq]   [kPing]   [kShutdown]
+//   [kAppendUncomputed, seq, n, rate (a double in two words)]
+// A sampled chunk is marked so that every rank computes the same logits rows; only the leader
+// samples (its backend's samples are the group's).
 // Create/Fork carry the id the leader got; a follower that gets another id has diverged and
 // fails (its ids are deterministic: same operations, same order).
 //
@@ -33,7 +36,9 @@
 //
 // Test hook: with DMSRT_TEST_FAIL_RANK=r in the environment, TP rank r fails its first forward
 // step with DATA_LOSS "injected failure" (used to check that a failing rank brings the job down
-// with its name instead of hanging the group).
+// with its name instead of hanging the group). DMSRT_TEST_FAIL_HOW=kill makes it kill itself
+// (SIGKILL) instead, and DMSRT_TEST_FAIL_HOW=stall makes it stop responding, so that the others
+// meet the communicator's timeout.
 //
 // The leader's KvCache view is the group's: geometry() counts every rank's heads, and block counts
 // are in the same unit (a block holds block_tokens slots of one KV head, on whichever rank holds

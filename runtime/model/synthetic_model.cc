@@ -39,12 +39,26 @@ ModelConfig Shape(Arch arch, const char* name, int32_t layers, int32_t hidden, i
   return c;
 }
 
+// Llama 3.1's RoPE frequency scaling (rope_scaling of its config.json).
+ModelConfig WithLlama31Rope(ModelConfig c) {
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8.0f;
+  c.rope_scaling.low_freq_factor = 1.0f;
+  c.rope_scaling.high_freq_factor = 4.0f;
+  c.rope_scaling.original_max_positions = 8192;
+  return c;
+}
+
 const std::vector<Named>& Catalog() {
   static const std::vector<Named> kNamed = {
       {"qwen3-8b", Shape(Arch::kQwen3, "qwen3-8b (synthetic)", 36, 4096, 32, 8, 128, 12288,
                          151936, 1e6f, 1e-6f, true)},
-      {"llama-3.1-8b", Shape(Arch::kLlama, "llama-3.1-8b (synthetic)", 32, 4096, 32, 8, 128,
-                             14336, 128256, 5e5f, 1e-5f, false)},
+      {"qwen3-32b", Shape(Arch::kQwen3, "qwen3-32b (synthetic)", 64, 5120, 64, 8, 128, 25600,
+                          151936, 1e6f, 1e-6f, true)},
+      {"llama-3.1-8b", WithLlama31Rope(Shape(Arch::kLlama, "llama-3.1-8b (synthetic)", 32, 4096,
+                                             32, 8, 128, 14336, 128256, 5e5f, 1e-5f, false))},
+      {"llama-3.1-70b", WithLlama31Rope(Shape(Arch::kLlama, "llama-3.1-70b (synthetic)", 80, 8192,
+                                              64, 8, 128, 28672, 128256, 5e5f, 1e-5f, false))},
       {"tiny-qwen3", Shape(Arch::kQwen3, "tiny-qwen3 (synthetic)", 2, 256, 8, 2, 64, 512, 512,
                            1e4f, 1e-6f, true)},
       {"tiny-llama", Shape(Arch::kLlama, "tiny-llama (synthetic)", 3, 256, 4, 2, 64, 512, 384,

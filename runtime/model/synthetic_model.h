@@ -21,7 +21,9 @@
 
 namespace dmsrt {
 
-// Known names: qwen3-8b, llama-3.1-8b (without its RoPE scaling), tiny-qwen3, tiny-llama. A name
+// Known names: qwen3-8b, qwen3-32b, llama-3.1-8b and llama-3.1-70b (with Llama 3.1's RoPE
+// frequency scaling), tiny-qwen3, tiny-llama. The large ones are for tensor-parallel runs
+// (qwen3-32b: about 61 GiB of bf16 weights; llama-3.1-70b: about 131 GiB). A name
 // may end in ":" and comma-separated options: "layers=N" keeps the first N layers (for quick
 // runs); "dms" turns on DMS Variant A decisions (window 512) with an offset that flags about 7/8
 // of tokens on these random weights, so that policy dms runs the model's own decision path.

@@ -8,12 +8,25 @@
 # linker takes those definitions and extracts nothing for them from dmsrt_kernels_cuda (a
 # forgotten launcher shows up as a duplicate-symbol error, not as a silent mix) and binds no
 # call of the backend to libcudart or libcublas.
+#
+# NCCL: with NCCL and MPI found, the emulator also defines the NCCL entry points
+# (tests/cuda_emulator/nccl_api.cc): each process of an mpirun job is one emulated device and
+# collectives run over MPI, so the multi-rank CUDA paths (tests/cmake/tp_cuda.cmake) run too.
 if(DMSRT_HAVE_CUDA)
   file(GLOB CUDA_EMULATOR_SRC CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/tests/cuda_emulator/*.cc)
+  set(DMSRT_EMULATED_NCCL OFF)
+  if(DMSRT_NCCL_LIB AND DMSRT_HAVE_MPI)
+    set(DMSRT_EMULATED_NCCL ON)
+  else()
+    list(REMOVE_ITEM CUDA_EMULATOR_SRC ${PROJECT_SOURCE_DIR}/tests/cuda_emulator/nccl_api.cc)
+  endif()
   add_library(dmsrt_cuda_emulator OBJECT ${CUDA_EMULATOR_SRC})
   target_include_directories(dmsrt_cuda_emulator PUBLIC ${PROJECT_SOURCE_DIR})
   target_include_directories(dmsrt_cuda_emulator SYSTEM PUBLIC ${CUDAToolkit_INCLUDE_DIRS})
   target_link_libraries(dmsrt_cuda_emulator PUBLIC dmsrt_kernels)
+  if(DMSRT_EMULATED_NCCL)
+    target_link_libraries(dmsrt_cuda_emulator PUBLIC MPI::MPI_C)
+  endif()
 
   add_executable(cuda_backend_emulated_test ${CMAKE_CURRENT_SOURCE_DIR}/gpu/cuda_backend_test.cc)
   target_link_libraries(cuda_backend_emulated_test PRIVATE dmsrt_cuda_emulator dmsrt_runtime

@@ -1,8 +1,9 @@
 # gRPC and HTTP end-to-end tests (label e2e): a 2-replica `dmsrt serve` under mpirun on loopback, driven by
 # `dmsrt submit` and by the Python client (examples/python/dmsrt_client.py), plus tensor-parallel
 # replicas (tests/e2e/test_tp_serve.py), the OpenAI-compatible HTTP API with the `openai` client
-# (tests/e2e/test_openai_http.py) and a replica on the CUDA backend over the device
-# emulator (tests/e2e/test_cuda_emulated.py, with the CUDA headers only). The driver is pytest
+# (tests/e2e/test_openai_http.py) and replicas on the CUDA backend over the device
+# emulator (tests/e2e/test_cuda_emulated.py, with the CUDA headers only: one device, and a
+# tensor-parallel replica of two emulated devices with NCCL over MPI). The driver is pytest
 # (tests/e2e/); it starts and stops its own servers on free 127.0.0.1 ports and bounds every wait.
 # Registered only when the binary has gRPC and MPI and python3 has pytest.
 if(DMSRT_HAVE_GRPC AND DMSRT_HAVE_MPI)

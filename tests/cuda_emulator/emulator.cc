@@ -23,13 +23,20 @@ namespace {
 struct Block {
   size_t bytes = 0;
   MemoryKind kind = MemoryKind::kDevice;
+  int device = 0;
   size_t mapped = 0;  // host-only mode: bytes of reserved address space (munmap), else 0
 };
 
+struct Work {
+  std::function<void()> run;
+  std::function<bool()> ready;  // null: ready at once
+};
+
 struct Stream {
+  int device = 0;
   bool blocking = true;
   bool pending = false;  // work queued since the host last waited for this stream
-  std::deque<std::function<void()>> work;
+  std::deque<Work> work;
 };
 
 struct State {
@@ -47,6 +54,8 @@ State& S() {
   static State* s = new State;  // never destroyed: frees may run during static destruction
   return *s;
 }
+
+thread_local int current_device = 0;
 
 Stream* Get(cudaStream_t s) {
   if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return &S().legacy;
@@ -75,6 +84,23 @@ size_t DeviceCapacity() {
     return static_cast<size_t>(mib > 0 ? mib : 4096) << 20;
   }();
   return cap;
+}
+
+int DeviceCount() {
+  static const int n = [] {
+    const char* v = std::getenv("DMSRT_CUDA_EMULATOR_DEVICES");
+    const int d = v != nullptr ? std::atoi(v) : 1;
+    return d > 0 ? d : 1;
+  }();
+  return n;
+}
+
+int CurrentDevice() { return current_device; }
+void SetCurrentDevice(int device) { current_device = device; }
+
+int StreamDevice(cudaStream_t s) {
+  if (Get(s) == &S().legacy) return current_device;
+  return Get(s)->device;
 }
 
 bool HostOnly() {
@@ -123,7 +149,7 @@ void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err) {
     return nullptr;
   }
   std::lock_guard<std::mutex> lock(S().mu);
-  S().blocks[reinterpret_cast<uintptr_t>(p)] = Block{n, kind, mapped};
+  S().blocks[reinterpret_cast<uintptr_t>(p)] = Block{n, kind, current_device, mapped};
   if (kind == MemoryKind::kDevice) S().device_bytes += n;
   return p;
 }
@@ -158,18 +184,28 @@ size_t DeviceBytesAllocated() {
   return S().device_bytes;
 }
 
-bool Inside(const void* p, size_t bytes, MemoryKind kind, size_t* room) {
+bool Inside(const void* p, size_t bytes, MemoryKind kind, size_t* room, int* device) {
   std::lock_guard<std::mutex> lock(S().mu);
   auto it = FindLocked(p, bytes);
   if (it == S().blocks.end() || it->second.kind != kind) return false;
   if (room != nullptr) {
     *room = it->second.bytes - (reinterpret_cast<uintptr_t>(p) - it->first);
   }
+  if (device != nullptr) *device = it->second.device;
   return true;
 }
 
 cudaError_t CheckDevice(const void* p, size_t bytes, const char* launcher, const char* arg) {
-  if (bytes == 0 || Inside(p, bytes, MemoryKind::kDevice)) return cudaSuccess;
+  int owner = 0;
+  if (bytes == 0) return cudaSuccess;
+  if (Inside(p, bytes, MemoryKind::kDevice, nullptr, &owner)) {
+    if (owner == current_device) return cudaSuccess;
+    Fault(cudaErrorIllegalAddress, std::string(launcher) + ": argument '" + arg +
+                                       "' is memory of device " + std::to_string(owner) +
+                                       ", the launch runs on device " +
+                                       std::to_string(current_device));
+    return cudaErrorIllegalAddress;
+  }
   size_t room = 0;
   const bool device = Inside(p, 1, MemoryKind::kDevice, &room);
   Fault(cudaErrorIllegalAddress,
@@ -186,6 +222,38 @@ size_t DeviceRoom(const void* p, size_t elem_bytes) {
   return room / elem_bytes;
 }
 
+int WorldRankFromEnv() {
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"}) {
+    if (const char* v = std::getenv(name)) return std::atoi(v);
+  }
+  return 0;
+}
+
+cudaError_t InjectedFault(const char* launcher) {
+  struct Spec {
+    std::string launcher;
+    long long at = 0;
+  };
+  static const Spec spec = [] {
+    Spec sp;
+    const char* v = std::getenv("DMSRT_CUDA_EMULATOR_FAULT");
+    if (v == nullptr) return sp;
+    const std::string text(v);
+    const size_t a = text.find(':'), b = text.rfind(':');
+    if (a == std::string::npos || b == a) return sp;
+    if (std::atoi(text.substr(0, a).c_str()) != WorldRankFromEnv()) return sp;
+    sp.launcher = text.substr(a + 1, b - a - 1);
+    sp.at = std::atoll(text.substr(b + 1).c_str());
+    return sp;
+  }();
+  static std::atomic<long long> seen{0};
+  if (spec.at <= 0 || spec.launcher != launcher) return cudaSuccess;
+  if (++seen != spec.at) return cudaSuccess;
+  Fault(cudaErrorIllegalAddress, std::string(launcher) +
+                                     ": injected device fault (DMSRT_CUDA_EMULATOR_FAULT)");
+  return cudaErrorIllegalAddress;
+}
+
 void Fault(cudaError_t e, const std::string& what) {
   std::fprintf(stderr, "cuda emulator: fault (%s): %s\n", cudaGetErrorName(e), what.c_str());
   std::lock_guard<std::mutex> lock(S().mu);
@@ -199,6 +267,7 @@ cudaError_t StickyError() {
 
 cudaStream_t NewStream(bool blocking) {
   auto s = std::make_unique<Stream>();
+  s->device = current_device;
   s->blocking = blocking;
   Stream* raw = s.get();
   std::lock_guard<std::mutex> lock(S().mu);
@@ -227,13 +296,40 @@ void DeleteStream(cudaStream_t s) {
   }
 }
 
-void Enqueue(cudaStream_t s, std::function<void()> work) {
+namespace {
+
+void Push(cudaStream_t s, Work w) {
   S().queued.fetch_add(1);
   Stream* st = Get(s);
   std::lock_guard<std::mutex> lock(S().mu);
   st->pending = true;
   if (HostOnly()) return;
-  st->work.push_back(std::move(work));
+  st->work.push_back(std::move(w));
+}
+
+// Runs queued work in order; with `stop_unready`, stops in front of an item that is not ready.
+// True when the queue is empty.
+bool Run(Stream* st, bool stop_unready) {
+  for (;;) {
+    Work w;
+    {
+      std::lock_guard<std::mutex> lock(S().mu);
+      if (st->work.empty()) return true;
+      if (stop_unready && st->work.front().ready && !st->work.front().ready()) return false;
+      w = std::move(st->work.front());
+      st->work.pop_front();
+    }
+    // After a fault the device runs nothing more.
+    if (StickyError() == cudaSuccess) w.run();
+  }
+}
+
+}  // namespace
+
+void Enqueue(cudaStream_t s, std::function<void()> work) { Push(s, Work{std::move(work), nullptr}); }
+
+void EnqueueAwaiting(cudaStream_t s, std::function<bool()> ready, std::function<void()> work) {
+  Push(s, Work{std::move(work), std::move(ready)});
 }
 
 void Drain(cudaStream_t s) {
@@ -243,18 +339,10 @@ void Drain(cudaStream_t s) {
     if (st->pending) S().waits.fetch_add(1);
     st->pending = false;
   }
-  for (;;) {
-    std::function<void()> w;
-    {
-      std::lock_guard<std::mutex> lock(S().mu);
-      if (st->work.empty()) return;
-      w = std::move(st->work.front());
-      st->work.pop_front();
-    }
-    // After a fault the device runs nothing more.
-    if (StickyError() == cudaSuccess) w();
-  }
+  Run(st, /*stop_unready=*/false);
 }
+
+bool Poll(cudaStream_t s) { return Run(Get(s), /*stop_unready=*/true); }
 
 namespace {
 std::vector<cudaStream_t> Streams(bool blocking_only) {

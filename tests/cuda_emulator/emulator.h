@@ -45,6 +45,16 @@ enum class MemoryKind { kDevice, kPinnedHost };
 // Bytes of the emulated device (cudaMemGetInfo's total, and the cap on cudaMalloc).
 // DMSRT_CUDA_EMULATOR_MIB overrides the default of 4096.
 size_t DeviceCapacity();
+// Devices the process sees (cudaGetDeviceCount): DMSRT_CUDA_EMULATOR_DEVICES, default 1. They
+// share one memory registry, but every allocation and stream belongs to the device that was
+// current (cudaSetDevice, per thread as in CUDA) when it was made, and a launch that touches
+// another device's memory, or goes to another device's stream, faults: a rank that binds one
+// device for its communicator and another for its buffers fails here as on a GPU machine.
+int DeviceCount();
+int CurrentDevice();
+void SetCurrentDevice(int device);
+// The device of a stream (nullptr: the current device's legacy stream).
+int StreamDevice(cudaStream_t s);
 // True in host-only mode (see above).
 bool HostOnly();
 // Device operations (launches, copies, memsets) queued so far.
@@ -59,15 +69,24 @@ void* Allocate(size_t bytes, MemoryKind kind, cudaError_t* err);
 cudaError_t Release(void* p, MemoryKind kind);
 size_t DeviceBytesAllocated();
 // True when [p, p + bytes) lies inside one live allocation of `kind`. With `room`, also the
-// bytes from p to the end of that allocation.
-bool Inside(const void* p, size_t bytes, MemoryKind kind, size_t* room = nullptr);
+// bytes from p to the end of that allocation; with `device`, the device it belongs to.
+bool Inside(const void* p, size_t bytes, MemoryKind kind, size_t* room = nullptr,
+            int* device = nullptr);
 
-// Checks that a launcher argument [p, p + bytes) is device memory. On failure records a sticky
-// cudaErrorIllegalAddress naming the launcher and the argument, and returns it.
+// Checks that a launcher argument [p, p + bytes) is memory of the current device. On failure
+// records a sticky cudaErrorIllegalAddress naming the launcher and the argument, and returns it.
 cudaError_t CheckDevice(const void* p, size_t bytes, const char* launcher, const char* arg);
 // How many whole `elem_bytes` elements fit from p to the end of its device allocation (0 when p
 // is not device memory).
 size_t DeviceRoom(const void* p, size_t elem_bytes);
+
+// Fault injection, for the tests of a failing rank: DMSRT_CUDA_EMULATOR_FAULT=R:LAUNCHER:N makes
+// the N-th launch (from 1) of LAUNCHER (e.g. DecodeAttention) on world rank R (from the
+// launcher's environment) fault with cudaErrorIllegalAddress, as a kernel that reads outside its
+// buffers would. Returns the fault for that launch, else cudaSuccess.
+cudaError_t InjectedFault(const char* launcher);
+// This process's rank in the mpirun job (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK), else 0.
+int WorldRankFromEnv();
 
 // Records a fault (the first one sticks) and prints it.
 void Fault(cudaError_t e, const std::string& what);
@@ -81,7 +100,15 @@ bool KnownStream(cudaStream_t s);
 // Queues work on a stream. Work runs in order when the stream is drained; it reports faults
 // through Fault().
 void Enqueue(cudaStream_t s, std::function<void()> work);
+// Queues work that completes something started elsewhere (a collective in flight between
+// processes): `ready` says whether `work` would return at once; Drain runs `work` anyway (it may
+// block, as a stream synchronisation does on a device), Poll stops in front of it.
+void EnqueueAwaiting(cudaStream_t s, std::function<bool()> ready, std::function<void()> work);
+// Runs the stream's queued work in order (a host wait: see HostWaits).
 void Drain(cudaStream_t s);
+// cudaStreamQuery: runs queued work up to the first item that is not ready; true when none is
+// left. Not a host wait.
+bool Poll(cudaStream_t s);
 // Legacy-stream semantics: the legacy stream and every blocking stream.
 void DrainBlocking();
 void DrainAll();

@@ -56,10 +56,12 @@ void ToBf16(const float* v, size_t n, bf16* p) {
 }
 
 // The start of every launcher: a faulted device or an unknown stream refuses work.
-cudaError_t Begin(cudaStream_t s) {
+cudaError_t Begin(cudaStream_t s, const char* launcher) {
   if (emu::StickyError() != cudaSuccess) return emu::StickyError();
   if (!emu::KnownStream(s)) return cudaErrorInvalidResourceHandle;
-  return cudaSuccess;
+  // A kernel goes to a stream of the current device.
+  if (emu::StreamDevice(s) != emu::CurrentDevice()) return cudaErrorInvalidResourceHandle;
+  return emu::InjectedFault(launcher);
 }
 
 #define EMU_CHECK(ptr, bytes, arg)                                                   \
@@ -146,7 +148,7 @@ struct CompactPools {
 cudaError_t RmsNorm(const bf16* x, const bf16* weight, int32_t rows, int32_t dim, float eps,
                     bf16* out, cudaStream_t stream) {
   static const char* kName = "RmsNorm";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (rows < 0 || dim <= 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const size_t n = static_cast<size_t>(rows) * dim;
@@ -169,7 +171,7 @@ cudaError_t RmsNorm(const bf16* x, const bf16* weight, int32_t rows, int32_t dim
 
 cudaError_t ResidualAdd(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) {
   static const char* kName = "ResidualAdd";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n < 0) return cudaErrorInvalidValue;
   EMU_CHECK(x, n * sizeof(bf16), "x");
   EMU_CHECK(y, n * sizeof(bf16), "y");
@@ -179,10 +181,22 @@ cudaError_t ResidualAdd(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) 
   return cudaSuccess;
 }
 
+cudaError_t ResidualAddF32(bf16* x, const float* y, int64_t n, cudaStream_t stream) {
+  static const char* kName = "ResidualAddF32";
+  if (const cudaError_t e = Begin(stream, kName)) return e;
+  if (n < 0) return cudaErrorInvalidValue;
+  EMU_CHECK(x, n * sizeof(bf16), "x");
+  EMU_CHECK(y, n * sizeof(float), "y");
+  emu::Enqueue(stream, [=] {
+    for (int64_t i = 0; i < n; ++i) x[i] = B(F(x[i]) + F(B(y[i])));
+  });
+  return cudaSuccess;
+}
+
 cudaError_t SiluMul(const bf16* gate, const bf16* up, int32_t rows, int32_t ffn, int32_t ld_in,
                     bf16* out, int32_t ld_out, cudaStream_t stream) {
   static const char* kName = "SiluMul";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (rows < 0 || ffn <= 0 || ld_in < ffn || ld_out < ffn || rows > 65535) {
     return cudaErrorInvalidValue;
   }
@@ -205,7 +219,7 @@ cudaError_t SiluMul(const bf16* gate, const bf16* up, int32_t rows, int32_t ffn,
 cudaError_t EmbeddingGather(const bf16* table, int32_t vocab, int32_t hidden, const int32_t* ids,
                             int32_t rows, bf16* out, cudaStream_t stream) {
   static const char* kName = "EmbeddingGather";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (rows < 0 || hidden <= 0 || vocab <= 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   EMU_CHECK(table, static_cast<size_t>(vocab) * hidden * sizeof(bf16), "table");
@@ -230,7 +244,7 @@ cudaError_t GemmBf16(cublasHandle_t handle, int32_t m, int32_t n, int32_t k, con
                      int32_t lda, const bf16* w, int32_t ldw, void* c, int32_t ldc,
                      GemmOut out_type, float alpha, float beta, cudaStream_t stream) {
   static const char* kName = "GemmBf16";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (handle == nullptr || m < 0 || n < 0 || k <= 0 || lda < k || ldw < k || ldc < n) {
     return cudaErrorInvalidValue;
   }
@@ -273,7 +287,7 @@ cudaError_t KvCopyBlocks(const int32_t* pairs, int32_t n, int32_t block_tokens, 
                          bf16* k_pool, bf16* v_pool, int32_t* pos_pool, int32_t* last_vis_pool,
                          cudaStream_t stream) {
   static const char* kName = "KvCopyBlocks";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n < 0 || block_tokens <= 0 || head_dim <= 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   EMU_CHECK(pairs, 2 * n * sizeof(int32_t), "pairs");
@@ -320,7 +334,7 @@ cudaError_t KvWriteSlots(const int32_t* writes, int32_t n, const bf16* k, const 
                          int32_t n_kv_heads, int32_t head_dim, bf16* k_pool, bf16* v_pool,
                          int32_t* pos_pool, cudaStream_t stream) {
   static const char* kName = "KvWriteSlots";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n < 0 || n_kv_heads <= 0 || head_dim <= 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   EMU_CHECK(writes, 4 * n * sizeof(int32_t), "writes");
@@ -361,7 +375,7 @@ cudaError_t KvWriteSlots(const int32_t* writes, int32_t n, const bf16* k, const 
 cudaError_t KvScatterInt32(const int32_t* pairs, int32_t n, bool use_fill, int32_t fill,
                            int32_t* dst, cudaStream_t stream) {
   static const char* kName = "KvScatterInt32";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   EMU_CHECK(pairs, 2 * n * sizeof(int32_t), "pairs");
@@ -382,7 +396,7 @@ cudaError_t KvScatterInt32(const int32_t* pairs, int32_t n, bool use_fill, int32
 cudaError_t AddBiasRows(bf16* x, const bf16* bias, int32_t rows, int32_t cols, int32_t ld,
                         cudaStream_t stream) {
   static const char* kName = "AddBiasRows";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (rows < 0 || cols < 0 || ld < cols) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   EMU_CHECK(x, Strided(rows, cols, ld, sizeof(bf16)), "x");
@@ -400,7 +414,7 @@ cudaError_t AddBiasRows(bf16* x, const bf16* bias, int32_t rows, int32_t cols, i
 
 cudaError_t FillRandomBf16(bf16* dst, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
   static const char* kName = "FillRandomBf16";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n < 0) return cudaErrorInvalidValue;
   EMU_CHECK(dst, n * sizeof(bf16), "dst");
   emu::Enqueue(stream, [=] {
@@ -418,7 +432,7 @@ cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const
                             const int32_t* lengths, bf16* out, void* workspace,
                             size_t workspace_bytes, int32_t num_sms, cudaStream_t stream) {
   static const char* kName = "DecodeAttention";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (p.batch <= 0 || p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 ||
       p.n_heads / p.n_kv_heads > 8 || p.block_tokens <= 0 || p.max_blocks_per_head <= 0 ||
       p.max_length < 0 || p.max_length > p.block_tokens * p.max_blocks_per_head ||
@@ -493,7 +507,7 @@ cudaError_t PrefillAttention(const PrefillAttentionParams& p, const bf16* q, con
                              const int32_t* last_vis_pool, const int32_t* block_table,
                              const int32_t* old_lengths, bf16* out, cudaStream_t stream) {
   static const char* kName = "PrefillAttention";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (p.n_queries <= 0 || p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 ||
       p.block_tokens <= 0 || p.max_blocks_per_head <= 0 || p.q_pos0 < 0 ||
       (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)) {
@@ -542,7 +556,7 @@ cudaError_t PrefillAttention(const PrefillAttentionParams& p, const bf16* q, con
 cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, bf16* q, bf16* k,
                             uint8_t* bits, cudaStream_t stream) {
   static const char* kName = "RopeDmsVariantA";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (p.n_tokens <= 0 || p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 ||
       p.head_dim <= 0 || p.head_dim % 2 != 0 || p.head_dim > 2048 ||
       (p.decide && bits == nullptr)) {
@@ -559,7 +573,8 @@ cudaError_t RopeDmsVariantA(const RopeDmsParams& p, const int32_t* positions, bf
     std::vector<float> kf = k != nullptr ? ToFloat(k, kn) : std::vector<float>();
     kernels::RopeDmsVariantARef(p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim, p.theta,
                                 p.decide, p.alpha_scale, p.alpha_offset, p.alpha_per_layer,
-                                positions, qf.data(), k != nullptr ? kf.data() : nullptr, bits);
+                                positions, qf.data(), k != nullptr ? kf.data() : nullptr, bits,
+                                p.scaling);
     ToBf16(qf.data(), qn, q);
     if (k != nullptr) ToBf16(kf.data(), kn, k);
   });
@@ -570,7 +585,7 @@ cudaError_t DmsThreshold(int32_t n_tokens, int32_t n_kv_heads, const float* logi
                          const float* bias, float alpha_scale, float alpha_offset,
                          bool alpha_per_layer, uint8_t* bits, cudaStream_t stream) {
   static const char* kName = "DmsThreshold";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (n_tokens <= 0 || n_kv_heads <= 0 || ld < (alpha_per_layer ? 1 : n_kv_heads)) {
     return cudaErrorInvalidValue;
   }
@@ -590,7 +605,7 @@ cudaError_t SampleTokens(const float* logits, int32_t rows, int32_t vocab, int32
                          const DeviceSamplingParams* params, int32_t* tokens, float* logprobs,
                          cudaStream_t stream) {
   static const char* kName = "SampleTokens";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   if (rows < 0 || vocab <= 0 || ld < vocab) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   EMU_CHECK(logits, Strided(rows, vocab, ld, sizeof(float)), "logits");
@@ -610,7 +625,7 @@ cudaError_t SampleTokens(const float* logits, int32_t rows, int32_t vocab, int32
 cudaError_t DequantizeToBf16(int ggml_type, const void* src, int64_t rows, int64_t cols, bf16* dst,
                              cudaStream_t stream) {
   static const char* kName = "DequantizeToBf16";
-  if (const cudaError_t e = Begin(stream)) return e;
+  if (const cudaError_t e = Begin(stream, kName)) return e;
   namespace q = kernels;
   const bool supported = ggml_type == q::kTypeF32 || ggml_type == q::kTypeF16 ||
                          ggml_type == q::kTypeBF16 || ggml_type == q::kTypeQ4_0 ||

@@ -61,6 +61,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidPitchValue: return "cudaErrorInvalidPitchValue";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     default: return "cudaErrorUnknown";
   }
 }
@@ -74,6 +76,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotSupported: return "operation not supported";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidPitchValue: return "invalid pitch argument";
+    case cudaErrorNotReady: return "device not ready";
     default: return "unknown error";
   }
 }
@@ -89,19 +93,23 @@ cudaError_t cudaPeekAtLastError(void) {
 }
 
 cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  *count = emu::DeviceCount();
   return cudaSuccess;
 }
 
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = emu::CurrentDevice();
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return Note(device == 0 ? cudaSuccess : cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= emu::DeviceCount()) return Note(cudaErrorInvalidDevice);
+  emu::SetCurrentDevice(device);
+  return cudaSuccess;
+}
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
-  if (device != 0) return Note(cudaErrorInvalidDevice);
+  if (device < 0 || device >= emu::DeviceCount()) return Note(cudaErrorInvalidDevice);
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;  // an H100 SXM
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
@@ -168,6 +176,13 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   return Note(emu::StickyError());
 }
 
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+  if (!emu::KnownStream(s)) return Note(cudaErrorInvalidResourceHandle);
+  const bool idle = emu::Poll(s);
+  if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
+  return idle ? cudaSuccess : cudaErrorNotReady;
+}
+
 // Blocking copy on the legacy stream: waits for the legacy and blocking streams, not for
 // non-blocking ones.
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, enum cudaMemcpyKind kind) {
@@ -207,6 +222,82 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcp
     std::memset(dst, 0, n);  // device memory is never written in host-only mode: it reads as 0
   }
   emu::Enqueue(s, [dst, src, n] { std::memmove(dst, src, n); });
+  return cudaSuccess;
+}
+
+// 2D copies: `height` rows of `width` bytes, rows `dpitch` / `spitch` bytes apart. Each side
+// is checked as the span it covers; host sides follow the 1D rules (pageable sources are
+// snapshotted at the call, pageable destinations wait for the stream).
+namespace {
+
+size_t Span(size_t pitch, size_t width, size_t height) {
+  return height == 0 ? 0 : pitch * (height - 1) + width;
+}
+
+void CopyRows(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+              size_t height) {
+  for (size_t r = 0; r < height; ++r) {
+    std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                 width);
+  }
+}
+
+cudaError_t Check2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                    size_t height, cudaMemcpyKind* kind, const char* what) {
+  if (dpitch < width || spitch < width) return cudaErrorInvalidPitchValue;
+  const size_t dn = Span(dpitch, width, height), sn = Span(spitch, width, height);
+  if (*kind == cudaMemcpyDefault) {
+    const bool d = IsDevice(dst, dn), s = IsDevice(src, sn);
+    *kind = d ? (s ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
+              : (s ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
+  }
+  const bool dst_dev = *kind == cudaMemcpyHostToDevice || *kind == cudaMemcpyDeviceToDevice;
+  const bool src_dev = *kind == cudaMemcpyDeviceToHost || *kind == cudaMemcpyDeviceToDevice;
+  const bool ok_dst = dst_dev ? IsDevice(dst, dn) : !IsDevice(dst, 1);
+  const bool ok_src = src_dev ? IsDevice(src, sn) : !IsDevice(src, 1);
+  if (ok_dst && ok_src) return cudaSuccess;
+  std::fprintf(stderr, "cuda emulator: %s of %zu rows of %zu bytes (kind %d): %s%s\n", what, height,
+               width, static_cast<int>(*kind), ok_dst ? "" : "bad destination ",
+               ok_src ? "" : "bad source");
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                              size_t width, size_t height, enum cudaMemcpyKind kind,
+                              cudaStream_t s) {
+  if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
+  if (!emu::KnownStream(s)) return Note(cudaErrorInvalidResourceHandle);
+  const cudaError_t e = Check2D(dst, dpitch, src, spitch, width, height, &kind, "cudaMemcpy2DAsync");
+  if (e != cudaSuccess) return Note(e);
+  if (width == 0 || height == 0) return cudaSuccess;
+  const bool host_src = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyHostToHost;
+  const bool host_dst = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
+  if (host_dst && !IsPinned(dst, Span(dpitch, width, height))) {
+    emu::Drain(s);
+    if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
+    CopyRows(dst, dpitch, src, spitch, width, height);
+    return cudaSuccess;
+  }
+  if (host_src && !IsPinned(src, Span(spitch, width, height)) && !emu::HostOnly()) {
+    auto copy = std::make_shared<std::vector<char>>(width * height);
+    CopyRows(copy->data(), width, src, spitch, width, height);
+    emu::Enqueue(s, [=] { CopyRows(dst, dpitch, copy->data(), width, width, height); });
+    return cudaSuccess;
+  }
+  emu::Enqueue(s, [=] { CopyRows(dst, dpitch, src, spitch, width, height); });
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                         size_t height, enum cudaMemcpyKind kind) {
+  if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
+  const cudaError_t e = Check2D(dst, dpitch, src, spitch, width, height, &kind, "cudaMemcpy2D");
+  if (e != cudaSuccess) return Note(e);
+  emu::DrainBlocking();
+  if (emu::StickyError() != cudaSuccess) return Note(emu::StickyError());
+  CopyRows(dst, dpitch, src, spitch, width, height);
   return cudaSuccess;
 }
 

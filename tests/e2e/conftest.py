@@ -81,9 +81,11 @@ def check_top_logprobs(token_events, k, greedy):
 
 class Server:
     """`mpirun -np NP dmsrt serve ...` in its own session. `replicas` is how many replicas
-    wait_ready expects (NP / tp); `env` adds environment variables."""
+    wait_ready expects (NP / tp); `env` adds environment variables; `binary` replaces
+    build/bin/dmsrt (the device-emulated build, for one)."""
 
-    def __init__(self, np=2, kv_budget="128MiB", extra=(), replicas=None, env=None, model=None):
+    def __init__(self, np=2, kv_budget="128MiB", extra=(), replicas=None, env=None, model=None,
+                 binary=None):
         self.port = free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -92,7 +94,8 @@ class Server:
                    OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
                    **(env or {}))
         self.cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                    "-np", str(np), BIN, "serve", "--model", model or MODEL, "--listen", self.address,
+                    "-np", str(np), binary or BIN, "serve", "--model", model or MODEL,
+                    "--listen", self.address,
                     "--threads", "1", "--kv-budget", kv_budget,
                     "--metrics-port", str(self.metrics_port)] + list(extra)
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,

@@ -146,13 +146,16 @@ struct RopeCase {
   int n, heads, kv, dim;
   bool decide, per_layer;
   float theta;
+  int32_t scaling = kernels::RopeScalingParams::kNone;  // llama3: Llama-3.1's (factor 8)
 };
 
 std::string RopeName(const testing::TestParamInfo<RopeCase>& info) {
   const RopeCase& c = info.param;
   return "tokens" + std::to_string(c.n) + "_heads" + std::to_string(c.heads) + "_kv" +
          std::to_string(c.kv) + "_dim" + std::to_string(c.dim) +
-         (c.decide ? (c.per_layer ? "_decide_per_layer" : "_decide_per_head") : "_rope_only");
+         (c.decide ? (c.per_layer ? "_decide_per_layer" : "_decide_per_head") : "_rope_only") +
+         (c.scaling == kernels::RopeScalingParams::kLlama3 ? "_llama3" : "") +
+         (c.scaling == kernels::RopeScalingParams::kLinear ? "_linear" : "");
 }
 
 class RopeDms : public testing::TestWithParam<RopeCase> {};
@@ -178,13 +181,20 @@ TEST_P(RopeDms, MatchesReference) {
   p.n_kv_heads = c.kv;
   p.head_dim = c.dim;
   p.theta = c.theta;
+  p.scaling.type = c.scaling;
+  if (c.scaling != kernels::RopeScalingParams::kNone) {
+    p.scaling.factor = 8.f;
+    p.scaling.low_freq_factor = 1.f;
+    p.scaling.high_freq_factor = 4.f;
+    p.scaling.original_max_positions = 8192;
+  }
   p.decide = c.decide;
   p.alpha_per_layer = c.per_layer;
   ASSERT_CUDA_OK(RopeDmsVariantA(p, dpos.get(), Bf(dq), Bf(dk), c.decide ? dbits.get() : nullptr, nullptr));
   std::vector<uint8_t> bits(static_cast<size_t>(c.n) * c.kv, 0);
   kernels::RopeDmsVariantARef(c.n, c.heads, c.kv, c.dim, c.theta, c.decide, p.alpha_scale,
                               p.alpha_offset, c.per_layer, positions.data(), qf.data(), kf.data(),
-                              bits.data());
+                              bits.data(), p.scaling);
   const auto gq = gpu_test::Bf16ToFloat(dq.Download());
   const auto gk = gpu_test::Bf16ToFloat(dk.Download());
   EXPECT_LE(gpu_test::WorstScaledError(gq, qf, 1e-2, 8e-3), 1.0);
@@ -209,7 +219,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, RopeDms,
                                          RopeCase{19, 32, 8, 128, true, false, 1e6f},
                                          RopeCase{111, 32, 8, 128, true, true, 1e6f},
                                          RopeCase{19, 9, 3, 64, true, false, 1e4f},
-                                         RopeCase{111, 9, 3, 64, false, false, 1e4f}),
+                                         RopeCase{111, 9, 3, 64, false, false, 1e4f},
+                                         RopeCase{111, 64, 8, 128, true, false, 5e5f,
+                                                  kernels::RopeScalingParams::kLlama3},
+                                         RopeCase{19, 8, 8, 64, false, false, 1e4f,
+                                                  kernels::RopeScalingParams::kLinear}),
                          RopeName);
 
 TEST(DmsThreshold, VariantBBitsMatchReference) {

@@ -85,6 +85,29 @@ TEST(ResidualAdd, MatchesReference) {
   }
 }
 
+// The fp32 partial sums of a tensor-parallel o_proj/down_proj: rounded to bf16 first, as the
+// single-device GEMM rounds its output, then added.
+TEST(ResidualAddF32, RoundsThenAdds) {
+  DMSRT_REQUIRE_GPU();
+  std::mt19937 rng(15);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  for (int n : {1, 19, 111 * 576}) {
+    SCOPED_TRACE("ResidualAddF32/n" + std::to_string(n));
+    std::vector<float> xf, yf(n);
+    const auto x = gpu_test::RandomBf16(n, rng, 1.f, &xf);
+    for (float& v : yf) v = u(rng);
+    DeviceBuffer<uint16_t> dx(x);
+    DeviceBuffer<float> dy(yf);
+    ASSERT_CUDA_OK(ResidualAddF32(Bf(dx), dy.get(), n, nullptr));
+    std::vector<float> want(n);
+    for (int i = 0; i < n; ++i) {
+      const float yb = kernels::Bf16ToFp32(kernels::Fp32ToBf16(yf[i]));
+      want[i] = kernels::Bf16ToFp32(kernels::Fp32ToBf16(xf[i] + yb));
+    }
+    EXPECT_EQ(gpu_test::Bf16ToFloat(dx.Download()), want);
+  }
+}
+
 TEST(EmbeddingGather, MatchesReferenceIncludingOutOfRangeIds) {
   DMSRT_REQUIRE_GPU();
   std::mt19937 rng(14);

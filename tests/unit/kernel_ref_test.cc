@@ -178,6 +178,46 @@ TEST(RopeDmsVariantARef, DecisionZeroingAndRotation) {
   EXPECT_EQ(bit, 0);          // 0.04 * 100 - 5 < 0
 }
 
+// Llama-3.1's RoPE scaling (theta 5e5, factor 8, low 1, high 4, 8192 original positions) on a
+// 128-channel head: high frequencies untouched, low ones divided by 8, a blend between.
+TEST(RopeInvFreq, Llama3AndLinearScaling) {
+  RopeScalingParams s;
+  s.type = RopeScalingParams::kLlama3;
+  s.factor = 8.f;
+  s.low_freq_factor = 1.f;
+  s.high_freq_factor = 4.f;
+  s.original_max_positions = 8192;
+  const double pi = 3.14159265358979323846;
+  int blended = 0;
+  for (int32_t i = 0; i < 64; ++i) {
+    const double base = std::pow(500000.0, -2.0 * i / 128);
+    const double wavelen = 2 * pi / base;
+    double want = base;  // wavelength under 8192 / 4: unchanged
+    if (wavelen > 8192.0) {
+      want = base / 8;
+    } else if (wavelen >= 2048.0) {
+      const double smooth = (8192.0 / wavelen - 1.0) / 3.0;
+      want = (1 - smooth) * base / 8 + smooth * base;
+      ++blended;
+    }
+    EXPECT_NEAR(RopeInvFreq(500000.f, s, i, 128) / want, 1.0, 1e-12) << "channel pair " << i;
+  }
+  EXPECT_GT(blended, 0);
+  EXPECT_EQ(RopeInvFreq(500000.f, s, 0, 128), 1.0);
+  EXPECT_NEAR(RopeInvFreq(500000.f, s, 63, 128), std::pow(500000.0, -126.0 / 128) / 8, 1e-18);
+  // Linear: positions / factor. A key at position 4 with factor 4 turns as at position 1.
+  RopeScalingParams lin;
+  lin.type = RopeScalingParams::kLinear;
+  lin.factor = 4.f;
+  std::vector<float> q = {0, 0, 0, 0}, k = {1, 0, 0, 1};
+  const int32_t pos = 4;
+  uint8_t bit = 0;
+  RopeDmsVariantARef(1, 1, 1, 4, 10000.f, false, 100.f, 5.f, false, &pos, q.data(), k.data(),
+                     &bit, lin);
+  EXPECT_NEAR(k[0], std::cos(1.0), 1e-6);
+  EXPECT_NEAR(k[2], std::sin(1.0), 1e-6);
+}
+
 TEST(DmsThresholdRef, PerHeadAndPerLayer) {
   const std::vector<float> logits = {0.06f, 0.01f, 0.2f, 0.f, 0.07f, 0.f};  // [2, ld 3]
   std::vector<uint8_t> bits(4);

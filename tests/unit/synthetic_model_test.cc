@@ -51,6 +51,39 @@ TEST(SyntheticModel, NamedShapesAndErrors) {
   EXPECT_GT((*dev)->weight_bytes, 15ll << 30);  // ~16 GB of bf16
 }
 
+// The shapes for tensor-parallel runs: Qwen3-32B and Llama-3.1-70B (with Llama 3.1's RoPE
+// scaling), as their config.json files give them; both shard over 2, 4 or 8 GPUs (8 KV heads).
+TEST(SyntheticModel, LargeShapesForTensorParallelism) {
+  auto q = SyntheticConfig("qwen3-32b");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ(q->n_layers, 64);
+  EXPECT_EQ(q->hidden, 5120);
+  EXPECT_EQ(q->n_heads, 64);
+  EXPECT_EQ(q->n_kv_heads, 8);
+  EXPECT_EQ(q->head_dim, 128);
+  EXPECT_EQ(q->ffn, 25600);
+  EXPECT_EQ(q->vocab, 151936);
+  EXPECT_TRUE(q->qk_norm);
+  EXPECT_EQ(q->rope_scaling.type, RopeScaling::Type::kNone);
+  auto l = SyntheticConfig("llama-3.1-70b");
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(l->n_layers, 80);
+  EXPECT_EQ(l->hidden, 8192);
+  EXPECT_EQ(l->n_heads, 64);
+  EXPECT_EQ(l->n_kv_heads, 8);
+  EXPECT_EQ(l->ffn, 28672);
+  EXPECT_EQ(l->vocab, 128256);
+  EXPECT_FLOAT_EQ(l->rope_theta, 5e5f);
+  EXPECT_EQ(l->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_FLOAT_EQ(l->rope_scaling.factor, 8.f);
+  EXPECT_EQ(l->rope_scaling.original_max_positions, 8192);
+  auto dq = MakeSyntheticModel(*q, 1, false);
+  auto dl = MakeSyntheticModel(*l, 1, false);
+  ASSERT_TRUE(dq.ok() && dl.ok());
+  EXPECT_NEAR((*dq)->weight_bytes / double(1ll << 30), 61.0, 1.0);   // bf16
+  EXPECT_NEAR((*dl)->weight_bytes / double(1ll << 30), 131.5, 1.0);
+}
+
 TEST(SyntheticModel, HostWeightsFollowTheSharedStream) {
   auto c = SyntheticConfig("tiny-qwen3");
   ASSERT_TRUE(c.ok());

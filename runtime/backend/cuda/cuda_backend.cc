@@ -10,6 +10,10 @@
 #include "runtime/kv/kv_sizing.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 
+#ifdef DMSRT_HAVE_NCCL
+#include "parallel/nccl/nccl_comm.h"
+#endif
+
 namespace dmsrt {
 namespace cuda_backend {
 
@@ -17,7 +21,16 @@ namespace cuda_backend {
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
-  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (stream_ != nullptr) {
+#ifdef DMSRT_HAVE_NCCL
+    // Work of a failed step may wait for a rank that is gone: the watchdog bounds the wait.
+    if (nccl_ != nullptr) {
+      (void)nccl_->Synchronize();
+      nccl_->UseStream(nullptr, true);
+    }
+#endif
+    if (nccl_ == nullptr) cudaStreamSynchronize(stream_);
+  }
   for (void* p : allocations_) cudaFree(p);
   if (bits_pinned_ != nullptr) cudaFreeHost(bits_pinned_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -26,6 +39,7 @@ CudaBackend::~CudaBackend() {
 
 absl::Status CudaBackend::Init() {
   DMSRT_RETURN_IF_ERROR(CheckModel());
+  DMSRT_RETURN_IF_ERROR(PlanShard());
   DMSRT_RETURN_IF_ERROR(OpenDevice());
   DMSRT_RETURN_IF_ERROR(UploadWeights());
   return AllocateKvPools();
@@ -33,10 +47,6 @@ absl::Status CudaBackend::Init() {
 
 absl::Status CudaBackend::CheckModel() {
   const ModelConfig& c = cfg_;
-  if (options_.comm != nullptr && options_.comm->size() > 1) {
-    return absl::UnimplementedError(
-        "the CUDA backend runs on one device; tensor parallelism is on the CPU backend");
-  }
   if (c.n_layers <= 0 || c.hidden <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
       c.head_dim <= 0 || c.ffn <= 0 || c.vocab <= 0 || c.n_heads % c.n_kv_heads != 0) {
     return absl::InvalidArgumentError("bad model config for the CUDA backend");
@@ -50,25 +60,19 @@ absl::Status CudaBackend::CheckModel() {
         "the CUDA decode attention takes at most 8 query heads per KV head; this model has ",
         c.gqa_group()));
   }
-  if ((c.rope_dim > 0 && c.rope_dim != c.head_dim) ||
-      c.rope_scaling.type != RopeScaling::Type::kNone) {
+  if (c.rope_dim > 0 && c.rope_dim != c.head_dim) {
     return absl::UnimplementedError(
-        "the CUDA RoPE kernel rotates every channel without frequency scaling; this model uses "
-        "partial rotation or RoPE scaling (run it on --backend cpu)");
+        "the CUDA RoPE kernel rotates every channel; this model uses partial rotation (run it on "
+        "--backend cpu)");
   }
   DMSRT_RETURN_IF_ERROR(CheckKvPolicy(c, options_.kv_policy));
   variant_a_ = c.dms.enabled && !c.dms.separate_alpha;
   dms_bits_ = options_.kv_policy.kind == KvPolicyKind::kDms && c.dms.enabled;
   variant_b_ = dms_bits_ && c.dms.separate_alpha;
   H_ = c.hidden;
-  nh_ = c.n_heads;
-  nkv_ = c.n_kv_heads;
   hd_ = c.head_dim;
-  QW_ = nh_ * hd_;
-  KW_ = nkv_ * hd_;
-  F_ = c.ffn;
   vocab_ = c.vocab;
-  return absl::OkStatus();
+  return absl::OkStatus();  // the per-rank dimensions: PlanShard
 }
 
 absl::Status CudaBackend::OpenDevice() {
@@ -84,8 +88,24 @@ absl::Status CudaBackend::OpenDevice() {
                                                    n_dev, " CUDA device(s)"));
   }
   device_ = options_.device >= 0 ? options_.device : ReadLauncherEnv().local_rank.value_or(0) % n_dev;
+#ifdef DMSRT_HAVE_NCCL
+  if (nccl_ != nullptr) {
+    // The communicator was bound to this rank's device (its local rank) when it was created.
+    if (options_.device >= 0 && options_.device != nccl_->device()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--device ", options_.device, ": under tensor parallelism each rank takes the device of "
+          "its local rank, and this rank's NCCL communicator is bound to device ",
+          nccl_->device()));
+    }
+    device_ = nccl_->device();
+  }
+#endif
   DMSRT_RETURN_IF_ERROR(BindDevice());
   DMSRT_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+#ifdef DMSRT_HAVE_NCCL
+  // Collectives go on this stream, in order with the kernels, without waiting on the host.
+  if (nccl_ != nullptr) nccl_->UseStream(stream_, /*sync=*/false);
+#endif
   DMSRT_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
   DMSRT_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
   DMSRT_CUDA_OK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
@@ -100,6 +120,7 @@ absl::Status CudaBackend::AllocateKvPools() {
   geo.n_heads = nh_;
   geo.head_dim = hd_;
   geo.block_tokens = options_.kv_block_tokens;
+  geo.kv_head_offset = static_cast<int32_t>(shard_.kv_heads.begin);
   KvPolicyConfig policy = options_.kv_policy;
   if (policy.kind == KvPolicyKind::kDms && policy.window <= 0) policy.window = c.dms.window;
   if (policy.kind == KvPolicyKind::kDms) policy.dms_sinks = c.dms.sink_tokens;
@@ -146,19 +167,20 @@ absl::Status CudaBackend::AllocateKvPools() {
 absl::Status CudaBackend::Grow(int64_t rows) {
   if (rows <= rows_cap_) return absl::OkStatus();
   const size_t r = static_cast<size_t>(std::max<int64_t>(rows, 2 * rows_cap_));
-  DMSRT_RETURN_IF_ERROR(x_.Reserve(r * H_, stream_));
-  DMSRT_RETURN_IF_ERROR(xn_.Reserve(r * H_, stream_));
-  DMSRT_RETURN_IF_ERROR(q_.Reserve(r * QW_, stream_));
-  DMSRT_RETURN_IF_ERROR(k_.Reserve(r * KW_, stream_));
-  DMSRT_RETURN_IF_ERROR(v_.Reserve(r * KW_, stream_));
-  DMSRT_RETURN_IF_ERROR(attn_.Reserve(r * QW_, stream_));
-  DMSRT_RETURN_IF_ERROR(tmp_.Reserve(r * H_, stream_));
-  DMSRT_RETURN_IF_ERROR(gu_.Reserve(r * 2 * F_, stream_));
-  DMSRT_RETURN_IF_ERROR(act_.Reserve(r * F_, stream_));
+  DMSRT_RETURN_IF_ERROR(x_.Reserve(r * H_, wait_));
+  DMSRT_RETURN_IF_ERROR(xn_.Reserve(r * H_, wait_));
+  DMSRT_RETURN_IF_ERROR(q_.Reserve(r * QW_, wait_));
+  DMSRT_RETURN_IF_ERROR(k_.Reserve(r * KW_, wait_));
+  DMSRT_RETURN_IF_ERROR(v_.Reserve(r * KW_, wait_));
+  DMSRT_RETURN_IF_ERROR(attn_.Reserve(r * QW_, wait_));
+  DMSRT_RETURN_IF_ERROR(tmp_.Reserve(r * H_, wait_));
+  DMSRT_RETURN_IF_ERROR(gu_.Reserve(r * 2 * F_, wait_));
+  DMSRT_RETURN_IF_ERROR(act_.Reserve(r * F_, wait_));
+  if (shard_.tp > 1) DMSRT_RETURN_IF_ERROR(partial_.Reserve(r * H_, wait_));
   // Decision bits: one [rows, n_kv] slice per layer (a decode step brings them all back at once).
   const size_t bits_n = r * nkv_ * (dms_bits_ ? cfg_.n_layers : 1);
-  DMSRT_RETURN_IF_ERROR(bits_.Reserve(bits_n, stream_));
-  DMSRT_RETURN_IF_ERROR(alpha_logits_.Reserve(r * nkv_, stream_));
+  DMSRT_RETURN_IF_ERROR(bits_.Reserve(bits_n, wait_));
+  DMSRT_RETURN_IF_ERROR(alpha_logits_.Reserve(r * nkv_, wait_));
   if (bits_pinned_n_ < bits_n) {
     if (bits_pinned_ != nullptr) cudaFreeHost(bits_pinned_);
     bits_pinned_ = nullptr;

@@ -21,6 +21,22 @@
 // are written (the chunk's own visibility and slot reuse depend on them), so it waits for them
 // once per layer.
 //
+// Tensor parallelism (BackendOptions::comm an NcclComm of tp > 1 ranks, one device each): the
+// rank holds the shard of parallel/shard_plan.h that the CPU backend holds, in bf16 on its
+// device: the rows of q/k/v for its heads and of gate/up for its FFN slice, the columns of o_proj
+// and down_proj, the vocabulary rows of the embedding and the output projection. Its KV index and
+// pools cover its own KV heads only (global indices from kv_head_offset), so it makes the DMS
+// decisions and evictions of those heads. Collectives go through the NcclComm, bound to the
+// backend's stream (they are ordered with the kernels by the stream and never wait on the host):
+// o_proj and down_proj write fp32 partial sums that are all-reduced and then rounded into the
+// residual as a single device's bf16 GEMM output is (ResidualAddF32); the embedding rows of
+// other ranks' tokens are zero, so an integer sum of the rows' bits gathers them exactly; the
+// logits of each vocabulary slice are all-gathered (the leader assembles full rows). The KV
+// reservations of a step are agreed over the group before its first collective (one rank's full
+// pool fails the step on every rank alike), and every wait of a step goes through the
+// communicator's watchdog (--tp-timeout). Only TP rank 0's results are the group's: the other
+// ranks compute their share of every row and return no logits and no samples.
+//
 // Index arrays (block tables, lengths, slot writes) go up through a pinned staging arena that
 // is reset at each step; the device arena mirrors it offset for offset. Decode tables, the
 // largest, are written by PagedKvLayer straight into the arena (DecodeIndexBuffer). Weights are
@@ -33,6 +49,7 @@
 //   step.cc            Forward: row order, staging of the step's inputs, embeddings, deferred bits
 //   layer_forward.cc   one transformer layer of a step
 //   step_output.cc     logits rows, the output GEMM, device sampling, results back to the host
+//   tensor_parallel.cc the shard, the group's collectives and agreements, the watchdog wait
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,6 +61,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -54,19 +72,27 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
 #include "kernels/gemm.cuh"
+#include "parallel/shard_plan.h"
 #include "parallel/status_macros.h"
 #include "runtime/backend/backend.h"
 #include "runtime/kv/paged_kv.h"
 
 namespace dmsrt {
+
+class NcclComm;  // parallel/nccl/nccl_comm.h
+
 namespace cuda_backend {
 
 using bf16 = __nv_bfloat16;
 
 #define DMSRT_CUDA_OK(expr) DMSRT_CUDA_RETURN_IF_ERROR(expr)
 
-// A device buffer that only grows. Growing frees the old storage, so callers synchronise the
-// stream first when kernels may still use it.
+// Waits until the stream that uses a buffer is idle (CudaBackend::WaitStream: through the TP
+// group's watchdog when there is one, since the stream may hold a collective).
+using StreamWait = std::function<absl::Status()>;
+
+// A device buffer that only grows. Growing frees the old storage, so it first waits for the
+// stream that may still use it.
 template <typename T>
 class DeviceArray {
  public:
@@ -76,10 +102,10 @@ class DeviceArray {
   }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
-  absl::Status Reserve(size_t n, cudaStream_t stream) {
+  absl::Status Reserve(size_t n, const StreamWait& wait) {
     if (n <= n_) return absl::OkStatus();
     if (p_ != nullptr) {
-      DMSRT_CUDA_OK(cudaStreamSynchronize(stream));
+      DMSRT_RETURN_IF_ERROR(wait());
       cudaFree(p_);
       p_ = nullptr;
       n_ = 0;
@@ -90,6 +116,12 @@ class DeviceArray {
   }
   T* get() const { return p_; }
   size_t size() const { return n_; }
+  // Frees the storage now (it must be idle).
+  void Release() {
+    if (p_ != nullptr) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
 
  private:
   T* p_ = nullptr;
@@ -241,11 +273,37 @@ struct StepRows {
   std::vector<int32_t> ids, pos;    // [T] token id and position of each row
 };
 
+// This rank's share of the model (tensor_parallel.cc): with one device, all of it.
+struct TpShard {
+  int tp = 1, rank = 0;
+  Range q_heads, kv_heads, ffn, vocab;  // query heads, KV heads, FFN channels, vocabulary rows
+  int64_t max_vocab_slice = 0;          // the largest rank's vocabulary rows (gather padding)
+  std::vector<Range> vocab_slices;      // every rank's vocabulary rows, in rank order
+};
+
+// Which part of a [rows, cols] weight this rank keeps: rows `r`, columns `c`.
+struct WeightSlice {
+  int64_t rows = 0, cols = 0;
+  Range r, c;
+  static WeightSlice Full(int64_t rows, int64_t cols) {
+    return WeightSlice{rows, cols, Range{0, rows}, Range{0, cols}};
+  }
+  static WeightSlice Rows(int64_t rows, int64_t cols, Range r) {
+    return WeightSlice{rows, cols, r, Range{0, cols}};
+  }
+  static WeightSlice Cols(int64_t rows, int64_t cols, Range c) {
+    return WeightSlice{rows, cols, Range{0, rows}, c};
+  }
+  bool full() const { return r.size() == rows && c.size() == cols; }
+  int64_t elems() const { return r.size() * c.size(); }
+};
+
 // The rows that need logits on the device, in chunk order.
 struct LogitRows {
   std::vector<int32_t> dev_rows;    // [R] step rows
   std::vector<bool> ret;            // [R] returned to the caller (else only sampled)
   std::vector<int32_t> sample_idx;  // batch index -> index into dev_rows, or -1
+  size_t returned = 0;              // rows returned to the caller
 };
 
 class CudaBackend final : public Backend {
@@ -292,28 +350,54 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
   absl::Status Grow(int64_t rows);
+  // Waits for the stream: through the TP communicator's watchdog when there is one (a step's
+  // collectives may be waiting for a rank that died), else cudaStreamSynchronize.
+  absl::Status WaitStream();
   absl::Status Gemm(int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* w, void* c,
                     GemmOut out, int64_t ldc);
 
+  // ---- tensor parallelism (tensor_parallel.cc) ----
+  // With a communicator of more than one rank: its NcclComm (bound to the stream in OpenDevice),
+  // this rank's shard, and the local dimensions. With one device: the whole model.
+  absl::Status PlanShard();
+  // The group's agreement on the step's KV reservations (`mine`: this rank's outcome).
+  absl::Status AgreeReservations(const absl::Status& mine);
+  // x += bf16(sum over ranks of partial_), for the row-parallel o_proj and down_proj.
+  absl::Status ReduceIntoResidual(int64_t T);
+  // Every rank's embedding rows of the step (zero rows for other ranks' tokens) summed into x.
+  absl::Status GatherEmbeddings(int64_t T);
+  // Every rank's vocabulary slice of the R rows (from logits_local_); on the leader, the full
+  // rows [R, vocab] in logits_.
+  absl::Status GatherLogits(int64_t R);
+  bool leader() const { return shard_.rank == 0; }
+
   // ---- weights (weight_upload.cc) ----
-  // Every weight to the device, then waits for the conversions.
+  // Every weight to the device (this rank's slice of it), then waits for the conversions.
   absl::Status UploadWeights();
   // One layer's weights; `L` is null for a synthetic model without host weights.
   absl::Status UploadLayer(int32_t l, const LayerWeights* L, DeviceLayer& D);
   // The Variant-B adapter of one layer (policy dms with separate alpha only).
   absl::Status UploadAdapter(int32_t l, const LayerWeights* L, DeviceLayer& D);
-  absl::StatusOr<bf16*> Upload(const WeightTensor& w, const char* what, int64_t rows,
-                               int64_t cols, bf16* dst = nullptr);
-  absl::StatusOr<bf16*> Generate(const std::string& which, int32_t layer, int64_t rows,
-                                 int64_t cols, bf16* dst = nullptr);
+  // Only the slice's rows (and the whole blocks that cover its columns) leave the host.
+  absl::StatusOr<bf16*> Upload(const WeightTensor& w, const char* what, const WeightSlice& s,
+                               bf16* dst = nullptr);
+  // A slice of a synthetic tensor: generated whole on the device, then the slice copied out.
+  absl::StatusOr<bf16*> Generate(const std::string& which, int32_t layer, const WeightSlice& s,
+                                 bf16* dst = nullptr);
   absl::StatusOr<bf16*> Weight(const WeightTensor& w, const std::string& which, int32_t layer,
-                               int64_t rows, int64_t cols, bf16* dst = nullptr);
+                               const WeightSlice& s, bf16* dst = nullptr);
+  absl::StatusOr<bf16*> Weight(const WeightTensor& w, const std::string& which, int32_t layer,
+                               int64_t rows, int64_t cols, bf16* dst = nullptr) {
+    return Weight(w, which, layer, WeightSlice::Full(rows, cols), dst);
+  }
+  // Copies a slice of the bf16 matrix `full` [s.rows, s.cols] (device) into dst (queued).
+  absl::Status CopySlice(const bf16* full, const WeightSlice& s, bf16* dst);
   absl::StatusOr<void*> AllocBytes(size_t bytes);  // freed with the backend
   absl::StatusOr<bf16*> Alloc(int64_t elems);
 
   // ---- the step (step.cc) ----
-  // Reserves KV room for the batch, grows the activations, and waits for the stream so that the
-  // staging arena can be reused.
+  // Reserves KV room for the batch (agreed over the TP group), grows the activations, and waits
+  // for the stream so that the staging arena can be reused.
   absl::Status BeginStep(const std::vector<SeqChunk>& batch, int64_t rows);
   StepRows PlanRows(const std::vector<SeqChunk>& batch, int64_t rows) const;
   // Stages token ids and positions, gathers the embeddings into x; the positions on the device.
@@ -333,12 +417,18 @@ class CudaBackend final : public Backend {
   absl::Status KvLayer(int32_t l, const StepRows& s, const uint8_t* bits_l, bool defer_bits);
   // o_proj and residual, then norm, gate|up, SiLU-mul, down and residual.
   absl::Status AttentionOutputAndMlp(const DeviceLayer& L, int64_t T);
+  // x += in [T, k] · w [H, k]^T, summed over the TP group when there is one.
+  absl::Status RowParallelIntoResidual(int64_t T, int64_t k, const bf16* in, const bf16* w);
 
   // ---- results (step_output.cc) ----
+  // The rows that need logits (fills result.row_chunk), and room for them on the device. Called
+  // before the step's first collective, since growing a buffer waits for the stream.
+  absl::StatusOr<LogitRows> PrepareOutputs(const std::vector<SeqChunk>& batch, const StepRows& s,
+                                           ForwardResult& result);
   // Logits for the rows that need them, device sampling, and the copies back; waits for the
   // stream once.
   absl::Status StepOutputs(const std::vector<SeqChunk>& batch, const StepRows& s,
-                           ForwardResult& result);
+                           const LogitRows& sel, ForwardResult& result);
   // Final norm and output GEMM over `dev_rows` into logits_.
   absl::Status ComputeLogits(const std::vector<int32_t>& dev_rows, int64_t step_rows);
   // Samples the rows of `sel` that sample; tokens and log-probabilities land (asynchronously) in
@@ -351,15 +441,20 @@ class CudaBackend final : public Backend {
   const Model& model_;
   BackendOptions options_;
   const ModelConfig& cfg_;
+  TpShard shard_;
+  NcclComm* nccl_ = nullptr;  // the TP group (tp > 1), bound to stream_
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  StreamWait wait_ = [this] { return WaitStream(); };  // for DeviceArray::Reserve
   cublasHandle_t cublas_ = nullptr;
   int32_t num_sms_ = 0;
   std::vector<void*> allocations_;
   bool dms_bits_ = false, variant_a_ = false, variant_b_ = false;
-  int32_t H_ = 0, QW_ = 0, KW_ = 0, F_ = 0, hd_ = 0, nkv_ = 0, nh_ = 0, vocab_ = 0;
+  // H_ and hd_ are the model's; nh_, nkv_, QW_, KW_ and F_ this rank's share. vocab_ is the
+  // model's vocabulary (logits rows are full), vrows_ this rank's rows of embed_ and output_.
+  int32_t H_ = 0, QW_ = 0, KW_ = 0, F_ = 0, hd_ = 0, nkv_ = 0, nh_ = 0, vocab_ = 0, vrows_ = 0;
 
-  // Weights.
+  // Weights (this rank's slices).
   bf16* embed_ = nullptr;
   bf16* output_norm_ = nullptr;
   bf16* output_ = nullptr;
@@ -381,6 +476,9 @@ class CudaBackend final : public Backend {
   DeviceArray<int32_t> tokens_;
   DeviceArray<bf16> final_;
   DeviceArray<float> logits_, logprobs_;
+  DeviceArray<float> partial_;                     // [rows, H] fp32 partial sums (tp > 1)
+  DeviceArray<float> logits_local_, logits_all_;  // [R, max slice], [tp, R, max slice] (tp > 1)
+  DeviceArray<bf16> load_scratch_;                 // a whole synthetic tensor while loading
   DeviceArray<char> workspace_;
   DeviceArray<int32_t> decode_tables_;  // resident decode tables (runtime/kv/paged_kv.h)
   StagingArena stage_;

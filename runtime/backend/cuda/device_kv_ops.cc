@@ -113,7 +113,7 @@ void DeviceKvOps::LaunchDecode(int32_t batch, const int32_t* tables, int32_t max
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
   p.table_rows = table_rows;
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
-  Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->stream_));
+  Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->wait_));
   if (!status_.ok()) return;
   Note(::dmsrt::DecodeAttention(p, b_->q_.get(), b_->k_pool_, b_->v_pool_, tables, lengths,
                                 b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
@@ -144,7 +144,7 @@ bool DeviceKvOps::ResizeDecodeTables(int32_t rows, int32_t cap) {
   if (per_layer > std::numeric_limits<int32_t>::max()) return false;  // scatter indices are int32
   // Growing waits for the stream before freeing the old tables; a failure leaves the step's
   // own tables as the way (PagedKvLayer stops asking).
-  if (!b_->decode_tables_.Reserve(static_cast<size_t>(per_layer) * b_->cfg_.n_layers, b_->stream_).ok()) {
+  if (!b_->decode_tables_.Reserve(static_cast<size_t>(per_layer) * b_->cfg_.n_layers, b_->wait_).ok()) {
     return false;
   }
   table_layer_ints_ = per_layer;

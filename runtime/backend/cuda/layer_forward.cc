@@ -1,7 +1,8 @@
 // One transformer layer of a CUDA backend step, over all the step's rows: (Variant B: adapter
 // norm, GEMM, threshold), RMSNorm, q/k/v GEMMs (+ biases), q/k norms, RoPE with the Variant-A
 // decisions and channel zeroing, the KV layer (runtime/kv/paged_kv.h through DeviceKvOps),
-// o_proj, residual, RMSNorm, one gate|up GEMM, SiLU-mul, down GEMM, residual.
+// o_proj, residual, RMSNorm, one gate|up GEMM, SiLU-mul, down GEMM, residual. Under tensor
+// parallelism o_proj and down_proj sum over the group before their residual adds.
 #include "kernels/dms.cuh"
 #include "kernels/elementwise.cuh"
 #include "kernels/kv_store.cuh"
@@ -57,6 +58,7 @@ absl::Status CudaBackend::AttentionInputs(const DeviceLayer& L, int64_t T, const
   rp.n_kv_heads = nkv_;
   rp.head_dim = hd_;
   rp.theta = cfg_.rope_theta;
+  rp.scaling = RopeParams(cfg_.rope_scaling);
   rp.decide = variant_a_;
   rp.alpha_scale = cfg_.dms.alpha_scale;
   rp.alpha_offset = cfg_.dms.initial_alpha_offset;
@@ -72,7 +74,7 @@ absl::Status CudaBackend::KvLayer(int32_t l, const StepRows& s, const uint8_t* b
   if (dms_bits_ && !defer_bits) {
     DMSRT_CUDA_OK(cudaMemcpyAsync(bits_pinned_, bits_l, static_cast<size_t>(s.count * nkv_),
                                   cudaMemcpyDeviceToHost, stream_));
-    DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
+    DMSRT_RETURN_IF_ERROR(WaitStream());
     host_bits = bits_pinned_;
   }
   DMSRT_RETURN_IF_ERROR(paged_.Run(*kv_, l, s.chunks, s.n_decode, host_bits, ops_, defer_bits));
@@ -81,15 +83,25 @@ absl::Status CudaBackend::KvLayer(int32_t l, const StepRows& s, const uint8_t* b
 
 absl::Status CudaBackend::AttentionOutputAndMlp(const DeviceLayer& L, int64_t T) {
   const int32_t rows = static_cast<int32_t>(T);
-  DMSRT_RETURN_IF_ERROR(Gemm(T, H_, QW_, attn_.get(), L.wo, tmp_.get(), GemmOut::kBf16, H_));
-  DMSRT_CUDA_OK(ResidualAdd(x_.get(), tmp_.get(), T * H_, stream_));
+  DMSRT_RETURN_IF_ERROR(RowParallelIntoResidual(T, QW_, attn_.get(), L.wo));
   DMSRT_CUDA_OK(RmsNorm(x_.get(), L.ffn_norm, rows, H_, cfg_.rms_eps, xn_.get(), stream_));
   DMSRT_RETURN_IF_ERROR(
       Gemm(T, 2ll * F_, H_, xn_.get(), L.gate_up, gu_.get(), GemmOut::kBf16, 2ll * F_));
   DMSRT_CUDA_OK(SiluMul(gu_.get(), gu_.get() + F_, rows, F_, 2 * F_, act_.get(), F_, stream_));
-  DMSRT_RETURN_IF_ERROR(Gemm(T, H_, F_, act_.get(), L.down, tmp_.get(), GemmOut::kBf16, H_));
-  DMSRT_CUDA_OK(ResidualAdd(x_.get(), tmp_.get(), T * H_, stream_));
-  return absl::OkStatus();
+  return RowParallelIntoResidual(T, F_, act_.get(), L.down);
+}
+
+absl::Status CudaBackend::RowParallelIntoResidual(int64_t T, int64_t k, const bf16* in,
+                                                  const bf16* w) {
+  if (shard_.tp == 1) {
+    DMSRT_RETURN_IF_ERROR(Gemm(T, H_, k, in, w, tmp_.get(), GemmOut::kBf16, H_));
+    DMSRT_CUDA_OK(ResidualAdd(x_.get(), tmp_.get(), T * H_, stream_));
+    return absl::OkStatus();
+  }
+  // This rank's columns give an fp32 partial sum; the group's sum is rounded to bf16 once, as
+  // the single-device GEMM rounds its output.
+  DMSRT_RETURN_IF_ERROR(Gemm(T, H_, k, in, w, partial_.get(), GemmOut::kF32, H_));
+  return ReduceIntoResidual(T);
 }
 
 }  // namespace cuda_backend

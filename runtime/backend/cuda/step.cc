@@ -12,7 +12,8 @@ namespace cuda_backend {
 absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
   if (n <= 0) return absl::OkStatus();
   DMSRT_RETURN_IF_ERROR(BindDevice());
-  DMSRT_RETURN_IF_ERROR(kv_->Reserve(seq, n));
+  // Under tensor parallelism every rank appends to its own heads, or none does.
+  DMSRT_RETURN_IF_ERROR(AgreeReservations(kv_->Reserve(seq, n)));
   // Bookkeeping only: the slots keep whatever values they hold.
   class Discard final : public KvSlotSink {
    public:
@@ -22,7 +23,10 @@ absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag
   std::vector<uint8_t> bits(static_cast<size_t>(n) * nkv_, 0);
   const int64_t pos0 = kv_->Length(seq);
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
-    if (dms_bits_) UncomputedDmsBits(l, nkv_, 0, pos0, n, dms_flag_rate, bits.data());
+    if (dms_bits_) {
+      UncomputedDmsBits(l, nkv_, static_cast<int32_t>(shard_.kv_heads.begin), pos0, n,
+                        dms_flag_rate, bits.data());
+    }
     if (!kv_->CommitRows(seq, l, n, 0, dms_bits_ ? bits.data() : nullptr, sink)) {
       return absl::InternalError(absl::StrCat("appending to KV sequence ", seq, " failed"));
     }
@@ -37,6 +41,7 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
   if (T == 0) return result;
   DMSRT_RETURN_IF_ERROR(BeginStep(batch, T));
   const StepRows s = PlanRows(batch, T);
+  DMSRT_ASSIGN_OR_RETURN(const LogitRows sel, PrepareOutputs(batch, s, result));
   DMSRT_ASSIGN_OR_RETURN(const int32_t* pos_d, EmbedTokens(s));
   const bool defer_bits = dms_bits_ && PagedKvLayer::CanDeferBits(*kv_, s.chunks, s.n_decode);
   for (int32_t l = 0; l < cfg_.n_layers; ++l) {
@@ -48,20 +53,25 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
                                   static_cast<size_t>(cfg_.n_layers * T * nkv_),
                                   cudaMemcpyDeviceToHost, stream_));
   }
-  DMSRT_RETURN_IF_ERROR(StepOutputs(batch, s, result));
+  DMSRT_RETURN_IF_ERROR(StepOutputs(batch, s, sel, result));
   if (defer_bits) DMSRT_RETURN_IF_ERROR(CommitDeferredBits(s));
   return result;
 }
 
 absl::Status CudaBackend::BeginStep(const std::vector<SeqChunk>& batch, int64_t rows) {
   DMSRT_RETURN_IF_ERROR(BindDevice());
+  absl::Status reserved;
   for (const SeqChunk& ch : batch) {
-    DMSRT_RETURN_IF_ERROR(kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
+    reserved = kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size()));
+    if (!reserved.ok()) break;
   }
-  DMSRT_RETURN_IF_ERROR(Grow(rows));
+  // Ranks evict different amounts, so one may be full while the others are not: agree before
+  // the first collective of the step, so every rank runs it or none does.
+  DMSRT_RETURN_IF_ERROR(AgreeReservations(reserved));
   // A step that failed part-way may have left work queued: the staging arena is reused only
   // once the stream is idle.
-  DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
+  DMSRT_RETURN_IF_ERROR(WaitStream());
+  DMSRT_RETURN_IF_ERROR(Grow(rows));
   stage_.Reset();
   ops_.ClearStatus();
   return absl::OkStatus();
@@ -103,13 +113,23 @@ absl::StatusOr<const int32_t*> CudaBackend::EmbedTokens(const StepRows& s) {
   // Small per-step inputs go up through the pinned staging arena (asynchronous copies).
   DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(s.ids) + Bytes(s.pos)));
   cudaError_t staged = cudaSuccess;
-  const auto* ids_d =
-      static_cast<const int32_t*>(stage_.Stage(s.ids.data(), Bytes(s.ids), stream_, &staged));
+  const int32_t* ids_d = nullptr;
+  if (shard_.tp == 1) {
+    ids_d = static_cast<const int32_t*>(stage_.Stage(s.ids.data(), Bytes(s.ids), stream_, &staged));
+  } else {
+    // Rows of this rank's vocabulary slice; the gather gives zero rows for the others' tokens.
+    auto* local = static_cast<int32_t*>(stage_.Claim(Bytes(s.ids)));
+    for (size_t i = 0; i < s.ids.size(); ++i) {
+      local[i] = static_cast<int32_t>(s.ids[i] - shard_.vocab.begin);
+    }
+    ids_d = static_cast<const int32_t*>(stage_.Send(local, Bytes(s.ids), stream_, &staged));
+  }
   const auto* pos_d =
       static_cast<const int32_t*>(stage_.Stage(s.pos.data(), Bytes(s.pos), stream_, &staged));
   DMSRT_CUDA_OK(staged);
-  DMSRT_CUDA_OK(EmbeddingGather(embed_, vocab_, H_, ids_d, static_cast<int32_t>(s.count), x_.get(),
+  DMSRT_CUDA_OK(EmbeddingGather(embed_, vrows_, H_, ids_d, static_cast<int32_t>(s.count), x_.get(),
                                 stream_));
+  if (shard_.tp > 1) DMSRT_RETURN_IF_ERROR(GatherEmbeddings(s.count));
   return pos_d;
 }
 

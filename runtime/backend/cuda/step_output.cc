@@ -1,5 +1,6 @@
 // The end of a CUDA backend step: the rows that need logits (returned, sampled or both) are
-// gathered, normed and put through the output GEMM; sampled rows are sampled on the device; the
+// gathered, normed and put through the output GEMM (under tensor parallelism each rank's
+// vocabulary slice, all-gathered into full rows); sampled rows are sampled on the device; the
 // sampled tokens and log-probabilities come back through pinned staging memory and the returned
 // logits in one copy per run of rows, so that the step waits for the device once, here.
 #include <vector>
@@ -38,26 +39,46 @@ LogitRows SelectLogitRows(const std::vector<SeqChunk>& batch, const StepRows& s,
     }
     if (ch.sample) sel.sample_idx[ci] = static_cast<int32_t>(sel.dev_rows.size()) - 1;
   }
+  sel.returned = result.row_chunk.size();
   return sel;
 }
 
 }  // namespace
 
+absl::StatusOr<LogitRows> CudaBackend::PrepareOutputs(const std::vector<SeqChunk>& batch,
+                                                      const StepRows& s, ForwardResult& result) {
+  LogitRows sel = SelectLogitRows(batch, s, result);
+  const int64_t R = static_cast<int64_t>(sel.dev_rows.size());
+  if (R == 0) return sel;
+  DMSRT_RETURN_IF_ERROR(final_.Reserve(R * H_, wait_));
+  if (leader()) DMSRT_RETURN_IF_ERROR(logits_.Reserve(R * vocab_, wait_));
+  if (shard_.tp > 1) {
+    const int64_t M = shard_.max_vocab_slice;
+    DMSRT_RETURN_IF_ERROR(logits_local_.Reserve(R * M, wait_));
+    DMSRT_RETURN_IF_ERROR(logits_all_.Reserve(shard_.tp * R * M, wait_));
+  }
+  return sel;
+}
+
 absl::Status CudaBackend::StepOutputs(const std::vector<SeqChunk>& batch, const StepRows& s,
-                                      ForwardResult& result) {
-  const LogitRows sel = SelectLogitRows(batch, s, result);
+                                      const LogitRows& sel, ForwardResult& result) {
   result.sampled.assign(batch.size(), -1);
   result.sampled_logprob.assign(batch.size(), 0.0f);
-  if (sel.dev_rows.empty()) {
-    DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
-  }
+  if (sel.dev_rows.empty()) return WaitStream();
   DMSRT_RETURN_IF_ERROR(ComputeLogits(sel.dev_rows, s.count));
+  if (!leader()) {
+    // The group's results are the leader's; this rank's share of the rows is in.
+    result.row_chunk.clear();
+    return WaitStream();
+  }
   int32_t* tokens = nullptr;
   float* lps = nullptr;
   DMSRT_RETURN_IF_ERROR(SampleOnDevice(batch, sel, &tokens, &lps));
+  // Copies into pageable memory wait for the stream: with a TP group, wait through the
+  // watchdog first.
+  if (shard_.tp > 1 && sel.returned > 0) DMSRT_RETURN_IF_ERROR(WaitStream());
   DMSRT_RETURN_IF_ERROR(CopyReturnedLogits(sel, result));
-  DMSRT_CUDA_OK(cudaStreamSynchronize(stream_));
+  DMSRT_RETURN_IF_ERROR(WaitStream());
   int32_t si = 0;
   for (size_t ci = 0; ci < batch.size(); ++ci) {
     if (sel.sample_idx[ci] < 0) continue;
@@ -70,8 +91,6 @@ absl::Status CudaBackend::StepOutputs(const std::vector<SeqChunk>& batch, const 
 
 absl::Status CudaBackend::ComputeLogits(const std::vector<int32_t>& dev_rows, int64_t step_rows) {
   const int64_t R = static_cast<int64_t>(dev_rows.size());
-  DMSRT_RETURN_IF_ERROR(final_.Reserve(R * H_, stream_));
-  DMSRT_RETURN_IF_ERROR(logits_.Reserve(R * vocab_, stream_));
   DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(dev_rows)));
   cudaError_t staged = cudaSuccess;
   const auto* rows_d =
@@ -82,9 +101,16 @@ absl::Status CudaBackend::ComputeLogits(const std::vector<int32_t>& dev_rows, in
                                 static_cast<int32_t>(R), final_.get(), stream_));
   DMSRT_CUDA_OK(RmsNorm(final_.get(), output_norm_, static_cast<int32_t>(R), H_, cfg_.rms_eps,
                         final_.get(), stream_));
-  DMSRT_RETURN_IF_ERROR(
-      Gemm(R, vocab_, H_, final_.get(), output_, logits_.get(), GemmOut::kF32, vocab_));
-  return absl::OkStatus();
+  if (shard_.tp == 1) {
+    return Gemm(R, vocab_, H_, final_.get(), output_, logits_.get(), GemmOut::kF32, vocab_);
+  }
+  // This rank's vocabulary columns (rows padded to the largest slice), then every rank's.
+  const int64_t M = shard_.max_vocab_slice;
+  if (vrows_ > 0) {
+    DMSRT_RETURN_IF_ERROR(
+        Gemm(R, vrows_, H_, final_.get(), output_, logits_local_.get(), GemmOut::kF32, M));
+  }
+  return GatherLogits(R);
 }
 
 absl::Status CudaBackend::SampleOnDevice(const std::vector<SeqChunk>& batch, const LogitRows& sel,
@@ -102,8 +128,8 @@ absl::Status CudaBackend::SampleOnDevice(const std::vector<SeqChunk>& batch, con
   if (S == 0) return absl::OkStatus();
   // Sampled tokens and log-probabilities come back into pinned staging memory, so that the
   // copies are asynchronous and the step waits once, at its end.
-  DMSRT_RETURN_IF_ERROR(tokens_.Reserve(S, stream_));
-  DMSRT_RETURN_IF_ERROR(logprobs_.Reserve(S, stream_));
+  DMSRT_RETURN_IF_ERROR(tokens_.Reserve(S, wait_));
+  DMSRT_RETURN_IF_ERROR(logprobs_.Reserve(S, wait_));
   DMSRT_RETURN_IF_ERROR(stage_.Reserve(Bytes(sp) + 2 * S * sizeof(int32_t) + 32));
   *tokens = static_cast<int32_t*>(stage_.Claim(S * sizeof(int32_t)));
   *logprobs = static_cast<float*>(stage_.Claim(S * sizeof(float)));
