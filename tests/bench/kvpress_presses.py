@@ -26,11 +26,13 @@ C / (context tokens kept), per layer (kvpress's presses here keep the same count
 and head).
 
 Rows are written in `dmsrt eval --json-out`'s format (policy "kvpress:NAME r=R", kind
-"kvpress:NAME", protocol "b", source "kvpress"), so `dmsrt eval --merge` joins them. With --bin
-the script also runs `dmsrt eval` protocol b at the same C and CRs (window, tova, h2o, forced with
-budgets set at C) and merges both into one table (--merged-json, --svg).
+"kvpress:NAME", protocol "b", source "kvpress"), so `dmsrt eval --merge` joins them. With
+--run-dmsrt the script also runs `dmsrt eval` protocol b at the same C and CRs (window, tova, h2o,
+forced with budgets set at C; dms with --dms-adapter) and merges both into one table
+(--merged-json, --svg).
 
-Exit status 77 (skip) with the reason when torch, transformers or kvpress is missing.
+Exit status 77 (skip) with the reason when torch, transformers or kvpress, the dmsrt binary or
+the model is missing.
 """
 import argparse
 import json
