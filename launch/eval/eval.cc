@@ -498,11 +498,27 @@ absl::StatusOr<EvalReport> Evaluate(const EvalOptions& o, const BackendFactory& 
 
 // ---- reports -------------------------------------------------------------------------------------
 
+std::string RowKind(const TextRow& t) {
+  return t.external_kind.empty() ? std::string(KvPolicyName(t.config.kind)) : t.external_kind;
+}
+
+namespace {
+
+// The dense kind of a row's implementation: "none", or "IMPL:none" for an external "IMPL:NAME".
+std::string DenseKindOf(const std::string& kind) {
+  const size_t colon = kind.find(':');
+  return colon == std::string::npos ? "none" : kind.substr(0, colon) + ":none";
+}
+
+bool IsDenseKind(const std::string& kind) { return DenseKindOf(kind) == kind; }
+
+}  // namespace
+
 nlohmann::json ReportJson(const EvalReport& r) {
   nlohmann::json rows = nlohmann::json::array();
   for (const TextRow& t : r.rows) {
     rows.push_back({{"policy", t.policy},
-                    {"kind", KvPolicyName(t.config.kind)},
+                    {"kind", RowKind(t)},
                     {"protocol", std::string(1, t.protocol)},
                     {"protocol_name", t.protocol == 'a' ? "streaming" : "compress-then-continue"},
                     {"frozen_continuation", t.frozen_continuation},
@@ -521,7 +537,10 @@ nlohmann::json ReportJson(const EvalReport& r) {
                     {"resident_tokens", t.resident_tokens},
                     {"logical_tokens", t.logical_tokens},
                     {"seconds", t.seconds},
-                    {"source", "dmsrt"}});
+                    {"source", t.source}});
+    for (const auto& [key, value] : t.extra.items()) {
+      if (!rows.back().contains(key)) rows.back()[key] = value;
+    }
   }
   nlohmann::json pk = nlohmann::json::array();
   for (const PasskeyRow& p : r.passkey) {
@@ -560,9 +579,15 @@ absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& repor
         t.policy = x.at("policy").get<std::string>();
         const std::string proto = x.at("protocol").get<std::string>();
         if (!seen_rows.insert({t.policy, proto}).second) continue;
-        auto kind = ParseKvPolicy(x.at("kind").get<std::string>());
-        if (!kind.ok()) return kind.status();
-        t.config.kind = *kind;
+        const std::string kind_name = x.at("kind").get<std::string>();
+        if (kind_name.find(':') != std::string::npos) {
+          t.external_kind = kind_name;  // another implementation's "IMPL:NAME"
+        } else {
+          auto kind = ParseKvPolicy(kind_name);
+          if (!kind.ok()) return kind.status();
+          t.config.kind = *kind;
+        }
+        t.source = x.value("source", std::string("dmsrt"));
         t.protocol = proto.empty() ? 'a' : proto[0];
         t.frozen_continuation = x.value("frozen_continuation", false);
         t.length = x.at("length").get<int64_t>();
@@ -580,6 +605,14 @@ absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& repor
         t.resident_tokens = x.value("resident_tokens", int64_t{0});
         t.logical_tokens = x.value("logical_tokens", int64_t{0});
         t.seconds = x.value("seconds", 0.0);
+        static const std::set<std::string> kKnown = {
+            "policy", "kind", "protocol", "protocol_name", "length", "context", "scored",
+            "perplexity", "mean_nll", "kl", "top1_agreement", "cr_length", "cache_cr",
+            "eviction_rate", "asymptotic_cr", "block_cr", "resident_tokens", "logical_tokens",
+            "seconds", "source"};
+        for (const auto& [key, value] : x.items()) {
+          if (!kKnown.count(key)) t.extra[key] = value;
+        }
         out.rows.push_back(std::move(t));
       }
       std::set<std::string> here;
@@ -613,13 +646,16 @@ std::string ReportTable(const EvalReport& r) {
       "token over the dense top-%d + remainder (dense mass outside the top-%d: %.4f)\n\n",
       r.text_label, static_cast<long long>(r.length), static_cast<long long>(r.length),
       static_cast<long long>(r.context), r.top_k, r.top_k, r.dense_tail_mass);
-  absl::StrAppend(&s, absl::StrFormat("%-22s %-2s %9s %7s %9s %9s %8s %7s\n", "policy", "p",
+  int w = 22;  // the policy column: as wide as the longest label
+  for (const TextRow& t : r.rows) w = std::max(w, static_cast<int>(t.policy.size()));
+  absl::StrAppend(&s, absl::StrFormat("%-*s %-2s %9s %7s %9s %9s %8s %7s\n", w, "policy", "p",
                                       "cache CR", "at", "ppl", "KL", "top1", "sec"));
   for (const TextRow& t : r.rows) {
-    const std::string proto =
-        t.protocol == 'b' && !t.frozen_continuation && t.config.kind != KvPolicyKind::kNone ? "b~"
-                                                                                            : std::string(1, t.protocol);
-    absl::StrAppend(&s, absl::StrFormat("%-22s %-2s %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f\n",
+    const bool streaming_b = t.protocol == 'b' && !t.frozen_continuation && t.external_kind.empty() &&
+                             t.config.kind != KvPolicyKind::kNone;
+    const std::string proto = streaming_b ? "b~" : std::string(1, t.protocol);
+    absl::StrAppend(&s, absl::StrFormat("%-*s %-2s %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f
+", w,
                                         t.policy, proto, t.cache_cr,
                                         static_cast<long long>(t.cr_length), t.perplexity, t.kl,
                                         t.top1_agreement, t.seconds));
@@ -659,39 +695,57 @@ std::string ReportTable(const EvalReport& r) {
 }
 
 std::string ReportSvg(const EvalReport& r) {
-  const TextRow* dense = nullptr;
-  for (const TextRow& t : r.rows) {
-    if (t.config.kind == KvPolicyKind::kNone && t.protocol == 'a') dense = &t;
-  }
+  // Series: one per policy kind in row order; dense kinds ("none", "IMPL:none") are the start
+  // points of their implementation's series, not series of their own.
   std::vector<std::string> kinds;
   for (const TextRow& t : r.rows) {
-    const std::string k = KvPolicyName(t.config.kind);
-    if (t.config.kind != KvPolicyKind::kNone &&
-        std::find(kinds.begin(), kinds.end(), k) == kinds.end()) {
+    const std::string k = RowKind(t);
+    if (!IsDenseKind(k) && std::find(kinds.begin(), kinds.end(), k) == kinds.end()) {
       kinds.push_back(k);
     }
   }
-  auto panel = [&](const std::string& title, const std::string& y_label, auto value) {
+  auto dense_for = [&](const std::string& kind, char protocol) -> const TextRow* {
+    const std::string dk = DenseKindOf(kind);
+    for (const TextRow& t : r.rows) {
+      if (t.protocol == protocol && RowKind(t) == dk) return &t;
+    }
+    return nullptr;
+  };
+  auto panel = [&](const std::string& title, const std::string& y_label, char protocol,
+                   auto value) {
     PlotPanel p;
     p.title = title;
-    p.x_label = absl::StrFormat("cache CR at L=%lld", static_cast<long long>(r.length));
+    p.x_label = absl::StrFormat("cache CR at %s=%lld", protocol == 'a' ? "L" : "C",
+                                static_cast<long long>(protocol == 'a' ? r.length : r.context));
     p.y_label = y_label;
     p.log2_x = true;
     for (const std::string& k : kinds) {
       PlotSeries s;
       s.name = k;
-      if (dense != nullptr) s.points.push_back({1.0, value(*dense)});
+      if (const TextRow* dense = dense_for(k, protocol)) s.points.push_back({1.0, value(*dense)});
       for (const TextRow& t : r.rows) {
-        if (t.protocol == 'a' && KvPolicyName(t.config.kind) == k) s.points.push_back({t.cache_cr, value(t)});
+        if (t.protocol == protocol && RowKind(t) == k) s.points.push_back({t.cache_cr, value(t)});
       }
-      p.series.push_back(std::move(s));
+      if (s.points.size() > 1 || (!s.points.empty() && protocol == 'a')) {
+        p.series.push_back(std::move(s));
+      }
     }
     return p;
   };
+  auto ppl = [](const TextRow& t) { return t.perplexity; };
+  auto kl = [](const TextRow& t) { return t.kl; };
+  auto top1 = [](const TextRow& t) { return t.top1_agreement; };
   std::vector<PlotPanel> panels = {
-      panel("perplexity (streaming)", "perplexity", [](const TextRow& t) { return t.perplexity; }),
-      panel("KL(dense || policy) per token", "nats", [](const TextRow& t) { return t.kl; }),
-      panel("top-1 agreement with dense", "fraction", [](const TextRow& t) { return t.top1_agreement; })};
+      panel("perplexity (streaming)", "perplexity", 'a', ppl),
+      panel("KL(dense || policy) per token", "nats", 'a', kl),
+      panel("top-1 agreement with dense", "fraction", 'a', top1)};
+  bool has_b = false;
+  for (const TextRow& t : r.rows) has_b |= t.protocol == 'b' && !IsDenseKind(RowKind(t));
+  if (has_b) {
+    panels.push_back(panel("perplexity (compress-then-continue)", "perplexity", 'b', ppl));
+    panels.push_back(panel("KL per token (compress-then-continue)", "nats", 'b', kl));
+    panels.push_back(panel("top-1 agreement (compress-then-continue)", "fraction", 'b', top1));
+  }
   if (!r.passkey.empty()) {
     int32_t longest = 0;
     for (const PasskeyRow& p : r.passkey) longest = std::max(longest, p.length);
@@ -706,7 +760,7 @@ std::string ReportSvg(const EvalReport& r) {
       if (q.length != longest) continue;
       std::string kind;
       for (const TextRow& t : r.rows) {
-        if (t.policy == q.policy) kind = KvPolicyName(t.config.kind);
+        if (t.policy == q.policy) kind = RowKind(t);
       }
       auto& c = by[kind][q.policy];
       c[0] += q.cache_cr, c[1] += q.correct, c[2] += 1;

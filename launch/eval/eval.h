@@ -86,6 +86,12 @@ struct EvalOptions {
 struct TextRow {
   std::string policy;  // label
   KvPolicyConfig config;
+  // Rows of another implementation read by MergeReports: its kind as written ("IMPL:NAME", e.g.
+  // "kvpress:snapkv"; config.kind is then kNone and means nothing), the source that wrote the
+  // row, and its fields that this struct has no member for (written back as they were).
+  std::string external_kind;
+  std::string source = "dmsrt";
+  nlohmann::json extra = nlohmann::json::object();
   char protocol = 'a';
   int64_t length = 0;   // tokens processed
   int64_t context = 0;  // protocol b: C
@@ -126,15 +132,21 @@ struct EvalReport {
 absl::StatusOr<EvalReport> Evaluate(const EvalOptions& options, const BackendFactory& factory);
 
 nlohmann::json ReportJson(const EvalReport& r);
+// The kind a row is plotted and grouped under: the policy kind's name ("window", "none"), or an
+// external row's "IMPL:NAME".
+std::string RowKind(const TextRow& t);
+
 // Reads reports written by ReportJson (several runs on the same text, e.g. one per target CR, or
-// rows of another implementation in the same format) into one: rows in file order, each
+// rows of another implementation in the same format, whose kind is "IMPL:NAME" with "IMPL:none"
+// its own dense reference) into one: rows in file order, each
 // (policy, protocol) row and each policy's passkey rows kept once. Text rows are taken only from
 // reports on the first report's text, length and context (a passkey-only run contributes its
 // passkey rows). INVALID_ARGUMENT for malformed input.
 absl::StatusOr<EvalReport> MergeReports(const std::vector<nlohmann::json>& reports);
 std::string ReportTable(const EvalReport& r);
-// Quality against cache CR (protocol a: perplexity, KL, top-1 agreement; passkey accuracy at the
-// longest probe length), one line per policy kind, each starting at the dense point (1x).
+// Quality against cache CR (protocol a: perplexity, KL, top-1 agreement at L; the same for
+// protocol b at C; passkey accuracy at the longest probe length), one line per policy kind, each
+// starting at its implementation's dense point (1x).
 std::string ReportSvg(const EvalReport& r);
 
 }  // namespace dmsrt

@@ -248,5 +248,45 @@ TEST(Eval, SvgEscapesAndDrawsEverySeries) {
   EXPECT_EQ(svg.find("nan"), std::string::npos);
 }
 
+
+// Rows of another implementation ("IMPL:NAME" kinds, e.g. kvpress's presses) merge beside
+// dmsrt's: kept with their kind, source and extra fields, tabled, and plotted on the protocol b
+// panels from their own dense row.
+TEST(Eval, MergesExternalRows) {
+  auto row = [](const std::string& policy, const std::string& kind, double cr,
+                const std::string& source) {
+    return nlohmann::json{{"policy", policy}, {"kind", kind}, {"protocol", "b"}, {"length", 96},
+                          {"context", 64}, {"scored", 31}, {"perplexity", 10.0},
+                          {"mean_nll", std::log(10.0)}, {"kl", 0.01}, {"top1_agreement", 0.9},
+                          {"cr_length", 64}, {"cache_cr", cr}, {"source", source}};
+  };
+  auto report = [](nlohmann::json rows) {
+    return nlohmann::json{{"text", "t.txt"}, {"length", 96}, {"context", 64}, {"top_k", 8},
+                          {"rows", rows}, {"passkey", nlohmann::json::array()}};
+  };
+  nlohmann::json ours = report({row("none", "none", 1, "dmsrt"), row("window w=28 s=4", "window", 2, "dmsrt")});
+  nlohmann::json press = row("kvpress:snapkv r=0.5", "kvpress:snapkv", 2, "kvpress");
+  press["settings"] = "window_size=64";
+  nlohmann::json theirs = report({row("kvpress:none", "kvpress:none", 1, "kvpress"), press});
+  auto m = MergeReports({ours, theirs});
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_EQ(m->rows.size(), 4u);
+  EXPECT_EQ(RowKind(m->rows[1]), "window");
+  EXPECT_EQ(RowKind(m->rows[3]), "kvpress:snapkv");
+  EXPECT_EQ(m->rows[3].source, "kvpress");
+  const nlohmann::json back = ReportJson(*m);
+  EXPECT_EQ(back["rows"][3]["kind"], "kvpress:snapkv");
+  EXPECT_EQ(back["rows"][3]["settings"], "window_size=64");
+  EXPECT_EQ(back["rows"][3]["source"], "kvpress");
+  EXPECT_NE(ReportTable(*m).find("kvpress:snapkv r=0.5"), std::string::npos);
+  const std::string svg = ReportSvg(*m);
+  EXPECT_NE(svg.find("compress-then-continue"), std::string::npos);
+  EXPECT_NE(svg.find(">kvpress:snapkv<"), std::string::npos);
+  EXPECT_EQ(svg.find(">kvpress:none<"), std::string::npos);  // a start point, not a series
+  // A kind without "IMPL:" must still be one of dmsrt's.
+  nlohmann::json bad = report({row("x", "snapkv", 2, "kvpress")});
+  EXPECT_FALSE(MergeReports({bad}).ok());
+}
+
 }  // namespace
 }  // namespace dmsrt
