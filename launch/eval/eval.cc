@@ -654,8 +654,7 @@ std::string ReportTable(const EvalReport& r) {
     const bool streaming_b = t.protocol == 'b' && !t.frozen_continuation && t.external_kind.empty() &&
                              t.config.kind != KvPolicyKind::kNone;
     const std::string proto = streaming_b ? "b~" : std::string(1, t.protocol);
-    absl::StrAppend(&s, absl::StrFormat("%-*s %-2s %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f
-", w,
+    absl::StrAppend(&s, absl::StrFormat("%-*s %-2s %8.2fx %7lld %9.3f %9.5f %8.4f %7.1f\n", w,
                                         t.policy, proto, t.cache_cr,
                                         static_cast<long long>(t.cr_length), t.perplexity, t.kl,
                                         t.top1_agreement, t.seconds));
