@@ -85,6 +85,7 @@ absl::Status Plan(const PlanCommandOptions& o) {
   in.max_running_threads = o.max_threads;
   in.search_steps = o.search_steps;
   in.fixed_replicas = o.replicas;
+  in.decode_spans = !o.step_by_step;
   DMSRT_ASSIGN_OR_RETURN(PlanResult r, RunPlan(in));
   const nlohmann::json j = PlanJson(in, r);
   if (!o.out.empty()) {
@@ -152,6 +153,9 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
   app.add_option("--replicas", o.replicas,
                  "no search: predict this many replicas of each deployment at --rate")
       ->transform(Integer(0));
+  app.add_flag("--step-by-step", o.step_by_step,
+               "simulate one engine step at a time instead of advancing runs of decode steps "
+               "between events as one (the same result, slower; for checking)");
   app.add_flag("--json", o.json, "print JSON instead of the table");
   app.add_option("--out", o.out, "also write the JSON here")->type_name("FILE");
   app.add_option("--svg", o.svg, "write the throughput-latency plot here")->type_name("FILE");

@@ -33,6 +33,7 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
   c.window = in.dms_window;
   c.prefill_chunk = in.prefill_chunk;
   c.max_running_threads = in.max_running_threads;
+  c.decode_spans = in.decode_spans;
   MemoryBreakdown& m = d->memory;
   if (in.datasheet) {
     DMSRT_ASSIGN_OR_RETURN(Profile p, DatasheetProfile(in.profile_spec, in.model, tp));
@@ -359,6 +360,7 @@ nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
           {"peak_kv_fraction", r.peak_kv_fraction},
           {"mean_decode_batch", r.mean_batch},
           {"steps", r.steps},
+          {"step_calls", r.step_calls},
           {"step_seconds",
            {{"fixed", r.seconds_fixed},
             {"decode_rows", r.seconds_rows},

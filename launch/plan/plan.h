@@ -45,6 +45,7 @@ struct PlanInputs {
   // predict a given deployment, e.g. before a real run with loadgen).
   int32_t fixed_replicas = 0;
   std::string model_path_for_command;  // for the printed launch command
+  bool decode_spans = true;            // false: one engine step at a time (same results, slower)
 };
 
 struct MemoryBreakdown {

@@ -215,6 +215,32 @@ class NullSink final : public KvSlotSink {
   void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
 };
 
+// Counts, during a CommitDecodeRun of one sequence, the slots resident after each token: what the
+// decode step of that token reads (SimBackend::Forward reads the head's length after the commit).
+class SpanSink final : public KvSlotSink {
+ public:
+  explicit SpanSink(int32_t block_tokens) : bt_(block_tokens) {}
+  // Tokens from position `first` on, the head holding `resident` slots before them; adds the
+  // count after token first + j to per_step[j].
+  void Start(int64_t first, int32_t resident, int64_t* per_step) {
+    first_ = first;
+    n_ = resident;
+    per_step_ = per_step;
+  }
+  void CopyBlock(int32_t, int32_t) override {}
+  void WriteSlot(int32_t, int32_t, int32_t, int32_t offset, int32_t pos,
+                 int32_t table_index) override {
+    n_ = std::max(n_, table_index * bt_ + offset + 1);  // an append takes slot n
+    per_step_[pos - first_] += n_;
+  }
+
+ private:
+  int32_t bt_;
+  int64_t first_ = 0;
+  int32_t n_ = 0;
+  int64_t* per_step_ = nullptr;
+};
+
 struct StepTally {
   int64_t steps = 0;
   int64_t decode_rows = 0;
@@ -225,10 +251,91 @@ class SimBackend final : public Backend {
  public:
   SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, SimClock* clock,
              const LengthDist* per_thread)
-      : kv_(std::move(index), &seqs_), costs_(costs), clock_(clock), per_thread_(per_thread) {}
+      : kv_(std::move(index), &seqs_),
+        costs_(costs),
+        clock_(clock),
+        per_thread_(per_thread),
+        span_sink_(kv_.geometry().block_tokens) {
+    // Per-thread lengths: the tokens 1 .. zero_hazard_ end no thread (their hazard is 0), so
+    // their steps can run in spans. Beyond, every step may end a thread and is run alone.
+    if (per_thread_ != nullptr) {
+      const int64_t cap = per_thread_->Max();
+      while (zero_hazard_ < cap && per_thread_->Hazard(zero_hazard_ + 1) == 0.0) ++zero_hazard_;
+    }
+  }
   const char* name() const override { return "sim"; }
   KvCache& kv() override { return kv_; }
   const StepTally& tally() const { return tally_; }
+  // Decode spans may hold only steps that start before `before` (the next arrival) and no later
+  // than `until` (the cut-off): what the event loop would run before it looks at anything else.
+  void SetSpanWindow(double before, double until) {
+    span_before_ = before;
+    span_until_ = until;
+  }
+
+  int64_t DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_steps,
+                          std::vector<float>* row) override {
+    KvIndex& index = kv_.index();
+    const int64_t rows = static_cast<int64_t>(seqs.size());
+    int64_t k = max_steps;
+    if (per_thread_ != nullptr) {
+      // At the span's step j the logits decide generated token seqs_[s].generated + j + 1.
+      for (SeqId s : seqs) k = std::min(k, zero_hazard_ - seqs_[s].generated - 1);
+      if (k < 2) return 0;
+    }
+    int64_t resident = 0;  // slots the rows read now
+    KvHeadView view;
+    for (SeqId s : seqs) {
+      index.HeadViews(s, 0, &view);
+      resident += view.length;
+    }
+    // Steps whose start is certainly inside the window: each row's resident slots grow by at
+    // most one per step, so this bounds each step's time from above; the clock arithmetic is
+    // the clock's own.
+    SimClock probe = *clock_;
+    int64_t m = 0;
+    while (m < k && probe.Seconds() < span_before_ && probe.Seconds() <= span_until_) {
+      ++m;
+      probe.AdvanceSeconds(costs_.Seconds(rows, resident + rows * m, 0));
+    }
+    k = m;
+    if (k < 2) return 0;
+    // The blocks. Reserve(k) bounds what the k steps take from above (appends counted exactly
+    // where the flags are known; a block several sequences share counts one copy for each,
+    // though its last writer keeps it), so when it succeeds every one of the k single steps'
+    // reservations does too. Halve until it succeeds.
+    while (k >= 2 && !ReserveAll(seqs, k)) k /= 2;
+    if (k < 2) {
+      ReserveAll(seqs, 0);
+      return 0;
+    }
+    row->assign({0.0f, -1e30f, -1e30f});  // continue (hazard 0)
+    return k;
+  }
+
+  absl::Status ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64_t steps) override {
+    if (steps == 0) {
+      ReserveAll(seqs, 0);
+      return absl::OkStatus();
+    }
+    KvIndex& index = kv_.index();
+    const int64_t rows = static_cast<int64_t>(seqs.size());
+    span_kv_.assign(static_cast<size_t>(steps), 0);
+    KvHeadView view;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const SeqId s = seqs[i];
+      index.HeadViews(s, 0, &view);
+      span_sink_.Start(index.Length(s), view.length, span_kv_.data());
+      if (!index.CommitDecodeRun(s, 0, static_cast<int32_t>(steps), static_cast<int32_t>(i),
+                                 span_sink_)) {
+        return absl::InternalError("the simulated KV index refused a decode run");
+      }
+      seqs_[s].generated += steps;
+    }
+    // The clock and the tally step by step, with Forward's arithmetic.
+    for (int64_t j = 0; j < steps; ++j) Account(rows, span_kv_[j], 0);
+    return absl::OkStatus();
+  }
 
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
     DMSRT_ASSIGN_OR_RETURN(const int64_t n_tokens, ValidateStep(batch, kSimVocab));
@@ -275,6 +382,13 @@ class SimBackend final : public Backend {
     }
     res.sampled.assign(batch.size(), -1);
     res.sampled_logprob.assign(batch.size(), 0.0f);
+    Account(decode_rows, kv_tokens, prefill_tokens);
+    return res;
+  }
+
+ private:
+  // One step's time on the clock and in the tally.
+  void Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) {
     const double secs = costs_.Seconds(decode_rows, kv_tokens, prefill_tokens);
     clock_->AdvanceSeconds(secs);
     ++tally_.steps;
@@ -285,10 +399,16 @@ class SimBackend final : public Backend {
     tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
     tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
     tally_.prefill += costs_.per_prefill_token * static_cast<double>(prefill_tokens);
-    return res;
   }
 
- private:
+  // Reserves `n` tokens for every sequence (0 gives reservations back); false when one fails.
+  bool ReserveAll(const std::vector<SeqId>& seqs, int64_t n) {
+    for (SeqId s : seqs) {
+      if (!kv_.Reserve(s, static_cast<int32_t>(n)).ok()) return false;
+    }
+    return true;
+  }
+
   std::unordered_map<SeqId, SeqTokens> seqs_;
   SimKv kv_;
   StepCosts costs_;
@@ -296,6 +416,10 @@ class SimBackend final : public Backend {
   const LengthDist* per_thread_;
   NullSink sink_;
   StepTally tally_;
+  int64_t zero_hazard_ = 0;
+  double span_before_ = 0.0, span_until_ = 0.0;
+  SpanSink span_sink_;
+  std::vector<int64_t> span_kv_;  // [steps] slots the span's steps read
 };
 
 struct SimJob {
@@ -307,6 +431,9 @@ struct SimJob {
   bool failed = false;
   std::map<int32_t, int32_t> open_on;  // replica -> threads not finished
 };
+
+// Steps one decode span may hold at most (spans end sooner at events anyway).
+constexpr int64_t kMaxSpan = 1 << 20;
 
 struct SimReplica {
   int32_t id = 0;
@@ -487,8 +614,10 @@ absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas
       ++next;
       continue;
     }
-    absl::StatusOr<bool> stepped = step_rep->engine->Step();
+    step_rep->backend->SetSpanWindow(t_arr, cutoff);
+    absl::StatusOr<int64_t> stepped = step_rep->engine->StepMany(cfg.decode_spans ? kMaxSpan : 1);
     if (!stepped.ok()) return stepped.status();
+    ++res.step_calls;
     const EngineStats s = step_rep->engine->Stats();
     res.peak_running_threads = std::max(res.peak_running_threads, s.peak_running_threads);
     if (s.kv_blocks_total > 0) {

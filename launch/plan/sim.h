@@ -69,6 +69,9 @@ struct SimReplicaConfig {
   StepCosts costs;
   int32_t prefill_chunk = 256;
   int32_t max_running_threads = 256;
+  // Advance runs of pure decode steps between events in bulk (Engine::StepMany), with the same
+  // result as stepping one by one; false steps one by one (for checking that).
+  bool decode_spans = true;
 };
 
 struct SimResult {
@@ -87,6 +90,7 @@ struct SimResult {
   double peak_kv_fraction = 0.0;    // blocks used / total, the largest over replicas
   double mean_batch = 0.0;          // decode rows per step
   int64_t steps = 0;
+  int64_t step_calls = 0;           // engine calls that ran them (fewer with decode spans)
   double busy_seconds = 0.0;        // summed over replicas
   double seconds_fixed = 0.0, seconds_rows = 0.0, seconds_kv = 0.0, seconds_prefill = 0.0;
   bool complete = true;             // every job finished before the cut-off

@@ -238,6 +238,91 @@ TEST(PlanSimTest, PinnedScenario_n4_lognormal_poisson) {
   EXPECT_EQ(a->steps, kPinnedSteps);
 }
 
+// Decode spans (Engine::StepMany: runs of pure decode steps advanced as one) against one step
+// at a time on the same scenario: every figure must be the same to the bit (same decisions in the
+// same order; the clock and the tallies advance step by step with the same arithmetic), with far
+// fewer engine calls where threads decode long between events.
+SimResult ExpectSpansChangeNothing(SimReplicaConfig c, int32_t replicas, const Workload& w,
+                                   double cutoff, double max_call_share) {
+  c.decode_spans = false;
+  absl::StatusOr<SimResult> one = Simulate(c, replicas, w, cutoff);
+  c.decode_spans = true;
+  absl::StatusOr<SimResult> span = Simulate(c, replicas, w, cutoff);
+  EXPECT_TRUE(one.ok() && span.ok()) << one.status() << span.status();
+  if (!one.ok() || !span.ok()) return SimResult{};
+  EXPECT_EQ(one->latency, span->latency);
+  EXPECT_EQ(one->first_thread, span->first_thread);
+  EXPECT_EQ(one->steps, span->steps);
+  EXPECT_EQ(one->preemptions, span->preemptions);
+  EXPECT_EQ(one->jobs_finished, span->jobs_finished);
+  EXPECT_EQ(one->jobs_failed, span->jobs_failed);
+  EXPECT_EQ(one->complete, span->complete);
+  EXPECT_EQ(one->peak_running_threads, span->peak_running_threads);
+  EXPECT_EQ(one->peak_kv_fraction, span->peak_kv_fraction);
+  EXPECT_EQ(one->sim_seconds, span->sim_seconds);
+  EXPECT_EQ(one->last_finish, span->last_finish);
+  EXPECT_EQ(one->busy_seconds, span->busy_seconds);
+  EXPECT_EQ(one->seconds_fixed, span->seconds_fixed);
+  EXPECT_EQ(one->seconds_rows, span->seconds_rows);
+  EXPECT_EQ(one->seconds_kv, span->seconds_kv);
+  EXPECT_EQ(one->seconds_prefill, span->seconds_prefill);
+  EXPECT_EQ(one->mean_batch, span->mean_batch);
+  EXPECT_EQ(one->jobs_per_hour, span->jobs_per_hour);
+  EXPECT_EQ(one->tokens_per_second, span->tokens_per_second);
+  EXPECT_EQ(one->step_calls, one->steps);
+  EXPECT_LE(span->step_calls, max_call_share * static_cast<double>(span->steps))
+      << span->step_calls << " calls for " << span->steps << " steps";
+  return *span;
+}
+
+Workload Stream(int32_t n, const char* prompt, const char* reasoning, int64_t jobs, double rate,
+                bool per_thread) {
+  Workload w;
+  w.n = n;
+  w.prompt = *ParseLengthDist(prompt, 512);
+  w.reasoning = *ParseLengthDist(reasoning, 1000);
+  w.per_thread_lengths = per_thread;
+  w.jobs = jobs;
+  w.jobs_per_hour = rate;
+  w.seed = 11;
+  return w;
+}
+
+// Dense, a pool of about six threads at full length, two replicas: preemption and recompute,
+// admission held back, placement over replicas.
+TEST(PlanSpanTest, SameAsSingleSteps_dense_tight_two_replicas) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  const Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 40, 2400, false);
+  const SimResult r = ExpectSpansChangeNothing(c, 2, w, 600, 0.5);
+  EXPECT_GT(r.preemptions, 0);
+  EXPECT_TRUE(r.complete);
+}
+
+// Forced eviction 7/8 after a 16-token window, one replica, a short cut-off: unfinished jobs.
+TEST(PlanSpanTest, SameAsSingleSteps_forced875_w16_cutoff) {
+  SimReplicaConfig c = TinyReplica(3 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.875;
+  c.window = 16;
+  const Workload w = Stream(8, "fixed:111", "uniform:300:900", 30, 3000, false);
+  const SimResult r = ExpectSpansChangeNothing(c, 1, w, 5, 0.5);
+  EXPECT_FALSE(r.complete);
+  EXPECT_GT(r.jobs_finished, 0);
+}
+
+// Per-thread lengths: the first 199 tokens cannot end a thread (spans), the rest can (single
+// steps).
+TEST(PlanSpanTest, SameAsSingleSteps_per_thread_uniform200_forced5) {
+  SimReplicaConfig c = TinyReplica(4 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.5;
+  c.window = 8;
+  const Workload w = Stream(4, "uniform:20:60", "uniform:200:260", 30, 2000, true);
+  const SimResult r = ExpectSpansChangeNothing(c, 1, w, 600, 0.8);
+  EXPECT_TRUE(r.complete);
+}
+
 PlanInputs TinyPlan() {
   PlanInputs in;
   in.model = Tiny();
