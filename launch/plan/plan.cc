@@ -122,12 +122,17 @@ double CapacityGuess(const PlanInputs& in, const SimReplicaConfig& c, const Depl
   return std::max(1e-3, tokens_per_s * 3600.0 / (in.workload.n * mean_gen));
 }
 
+// One simulation at `jobs_per_hour`. With `judge` it may stop as soon as the SLO is certainly
+// missed (the search and the sizing only need the verdict then).
 absl::StatusOr<SimResult> RunAt(const PlanInputs& in, const SimReplicaConfig& c, int32_t replicas,
-                                double jobs_per_hour) {
+                                double jobs_per_hour, bool judge) {
   Workload w = in.workload;
   w.jobs_per_hour = jobs_per_hour;
   w.arrivals.clear();
-  return Simulate(c, replicas, w, std::max(4.0 * in.slo_seconds, 60.0));
+  w.prompt_tokens.clear();
+  w.generated_tokens.clear();
+  SloStop stop{in.slo_percentile, in.slo_seconds};
+  return Simulate(c, replicas, w, std::max(4.0 * in.slo_seconds, 60.0), judge ? &stop : nullptr);
 }
 
 std::string Binding(const PlanInputs& in, const DeploymentPlan& d) {
@@ -181,7 +186,7 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
         if (!(in.target_jobs_per_hour > 0)) {
           return absl::InvalidArgumentError("a fixed replica count needs a target rate (--rate)");
         }
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, in.fixed_replicas, in.target_jobs_per_hour));
+        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, in.fixed_replicas, in.target_jobs_per_hour, false));
         d.replicas = in.fixed_replicas;
         d.gpus = d.replicas * tp;
         d.at_target = r;
@@ -209,9 +214,9 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
       SimResult best;
       bool have = false;
       for (int grow = 0; grow < 6; ++grow) {
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, hi));
+        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, hi, true));
         const bool ok = MeetsSlo(in, r);
-        d.search.push_back({hi, r.jobs_per_hour, SloLatency(in, r), ok});
+        d.search.push_back({hi, r.jobs_per_hour, SloLatency(in, r), ok, r.stopped_at_miss});
         if (!ok) break;
         lo = hi;
         best = r;
@@ -220,9 +225,9 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
       }
       for (int i = 0; i < in.search_steps; ++i) {
         const double mid = lo > 0 ? std::sqrt(lo * hi) : hi / 4.0;
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, mid));
+        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, mid, true));
         const bool ok = MeetsSlo(in, r);
-        d.search.push_back({mid, r.jobs_per_hour, SloLatency(in, r), ok});
+        d.search.push_back({mid, r.jobs_per_hour, SloLatency(in, r), ok, r.stopped_at_miss});
         if (ok) {
           lo = mid;
           best = r;
@@ -240,7 +245,7 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
       if (in.target_jobs_per_hour > 0 && have) {
         int32_t reps = static_cast<int32_t>(std::ceil(in.target_jobs_per_hour / lo));
         for (int attempt = 0; attempt < 3 && reps * tp <= devices; ++attempt) {
-          DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, reps, in.target_jobs_per_hour));
+          DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, reps, in.target_jobs_per_hour, true));
           d.replicas = reps;
           d.at_target = r;
           d.meets_target = MeetsSlo(in, r);
@@ -353,6 +358,7 @@ nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
           {"latency_p99_s", Num(Percentile(r.latency, 99))},
           {"first_thread_p50_s", Num(Percentile(r.first_thread, 50))},
           {"complete", r.complete},
+          {"stopped_at_miss", r.stopped_at_miss},
           {"jobs", r.jobs_submitted},
           {"jobs_failed", r.jobs_failed},
           {"preemptions", r.preemptions},
@@ -380,7 +386,8 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
       search.push_back({{"offered_jobs_per_hour", p.offered_jobs_per_hour},
                         {"sustained_jobs_per_hour", Num(p.sustained_jobs_per_hour)},
                         {"latency_slo_pct_s", Num(p.latency_slo_pct)},
-                        {"meets_slo", p.ok}});
+                        {"meets_slo", p.ok},
+                        {"stopped_at_miss", p.stopped}});
     }
     nlohmann::json j = {
         {"tp", d.tp},
@@ -530,7 +537,7 @@ std::string PlanSvg(const PlanInputs& in, const PlanResult& r) {
     PlotSeries s;
     s.name = absl::StrFormat("TP %d, eviction %.3f", d.tp, d.eviction_rate);
     for (const SearchPoint& sp : d.search) {
-      if (std::isfinite(sp.latency_slo_pct) && sp.sustained_jobs_per_hour > 0) {
+      if (!sp.stopped && std::isfinite(sp.latency_slo_pct) && sp.sustained_jobs_per_hour > 0) {
         s.points.emplace_back(sp.sustained_jobs_per_hour, sp.latency_slo_pct);
       }
     }

@@ -64,6 +64,7 @@ struct SearchPoint {
   double sustained_jobs_per_hour = 0.0;
   double latency_slo_pct = 0.0;      // the SLO percentile of job latency
   bool ok = false;
+  bool stopped = false;              // stopped once the miss was certain (figures partial)
 };
 
 struct DeploymentPlan {

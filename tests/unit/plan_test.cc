@@ -323,6 +323,31 @@ TEST(PlanSpanTest, SameAsSingleSteps_per_thread_uniform200_forced5) {
   EXPECT_TRUE(r.complete);
 }
 
+// With an SLO to judge, a run stops as soon as the miss is certain, and a run that meets the
+// SLO is not touched.
+TEST(PlanSimTest, StopsOnceTheSloIsCertainlyMissed_overloaded_n4) {
+  SimReplicaConfig c = TinyReplica(4 << 20);
+  c.costs = CpuLikeCosts();
+  const Workload w = Stream(4, "fixed:64", "uniform:200:400", 60, 20000, false);
+  absl::StatusOr<SimResult> full = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(full.ok()) << full.status();
+  const double p90 = Percentile(full->latency, 90);
+  ASSERT_GT(p90, 30.0) << "the scenario must be overloaded";
+  SloStop miss{90, 10.0};
+  absl::StatusOr<SimResult> early = Simulate(c, 1, w, 600, &miss);
+  ASSERT_TRUE(early.ok());
+  EXPECT_TRUE(early->stopped_at_miss);
+  EXPECT_FALSE(early->complete);
+  EXPECT_LT(early->steps, full->steps / 2);
+  EXPECT_GT(Percentile(early->latency, 90), miss.seconds);
+  SloStop met{90, 2 * Percentile(full->latency, 100)};
+  absl::StatusOr<SimResult> same = Simulate(c, 1, w, 600, &met);
+  ASSERT_TRUE(same.ok());
+  EXPECT_FALSE(same->stopped_at_miss);
+  EXPECT_EQ(same->latency, full->latency);
+  EXPECT_EQ(same->steps, full->steps);
+}
+
 PlanInputs TinyPlan() {
   PlanInputs in;
   in.model = Tiny();
