@@ -35,19 +35,34 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
   c.max_running_threads = in.max_running_threads;
   c.decode_spans = in.decode_spans;
   MemoryBreakdown& m = d->memory;
-  if (in.datasheet) {
-    DMSRT_ASSIGN_OR_RETURN(Profile p, DatasheetProfile(in.profile_spec, in.model, tp));
-    c.costs = p.costs;
-    m.device_bytes = p.device_memory_bytes;
-    m.weight_bytes = p.weight_bytes / tp;
+  // A GPU's pool: what the CUDA backend takes by default after bf16 weights and its context.
+  auto gpu_memory = [&](int64_t device_bytes, int64_t weight_bytes) {
+    m.device_bytes = device_bytes;
+    m.weight_bytes = weight_bytes / tp;
     m.kv_block_bytes = CudaKvBlockBytes(in.model.head_dim, in.block_tokens);
     const int64_t free = m.device_bytes - m.weight_bytes - kGpuContextBytes;
     m.kv_budget_bytes = DeviceKvBudgetBytes(free, m.device_bytes);
     m.reserved_bytes = m.device_bytes - m.weight_bytes - std::max<int64_t>(0, m.kv_budget_bytes);
+  };
+  if (in.datasheet) {
+    DMSRT_ASSIGN_OR_RETURN(Profile p, DatasheetProfile(in.profile_spec, in.model, tp));
+    c.costs = p.costs;
+    gpu_memory(p.device_memory_bytes, p.weight_bytes);
     d->runnable = tp == 1;
     if (tp > 1) {
       d->note = "GPU tensor parallelism is not runnable yet (planned from datasheet figures)";
     }
+  } else if (in.measured.backend == "cuda") {
+    if (tp > 1) {
+      return absl::InvalidArgumentError(
+          "a GPU profile file describes one GPU: plan it with --tp 1 (GPU tensor parallelism "
+          "is planned from the datasheets only)");
+    }
+    c.costs = in.measured.costs;
+    // The planned model's bf16 weights, as the CUDA backend holds them.
+    gpu_memory(in.measured.device_memory_bytes,
+               static_cast<int64_t>(2.0 * (MatrixParams(in.model) +
+                                           static_cast<double>(in.model.vocab) * in.model.hidden)));
   } else {
     c.costs = in.measured.costs;
     if (tp > 1) {
@@ -140,6 +155,7 @@ std::string Binding(const PlanInputs& in, const DeploymentPlan& d) {
   const SimResult& r = d.at_capacity;
   if (r.peak_kv_fraction >= 0.9 || r.preemptions > 0) return "memory";
   if (r.peak_running_threads >= in.max_running_threads) return "thread cap";
+  if (r.seconds_host > 0.25 * r.busy_seconds) return "host";
   const double bw = r.seconds_fixed + r.seconds_kv;
   const double fl = r.seconds_rows + r.seconds_prefill;
   return bw >= fl ? "bandwidth" : "compute";
@@ -295,7 +311,7 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the model and workload fit no deployment: ", out.deployments.front().fit_message));
   }
-  const char* unit = in.datasheet ? "GPU" : "CPU replica process";
+  const char* unit = in.gpu() ? "GPU" : "CPU replica process";
   if (out.winner >= 0) {
     const DeploymentPlan& w = out.deployments[out.winner];
     out.answer = absl::StrFormat(
@@ -371,7 +387,8 @@ nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
            {{"fixed", r.seconds_fixed},
             {"decode_rows", r.seconds_rows},
             {"kv_reads", r.seconds_kv},
-            {"prefill", r.seconds_prefill}}},
+            {"prefill", r.seconds_prefill},
+            {"host_beyond_device", r.seconds_host}}},
           {"simulated_seconds", r.sim_seconds},
           {"wall_seconds", r.wall_seconds}};
 }
@@ -418,7 +435,9 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
           {"per_kv_token_s", d.costs.per_kv_token},
           {"prefill_fixed_s", d.costs.prefill_fixed},
           {"per_prefill_token_s", d.costs.per_prefill_token},
-          {"allreduce_per_step_s", d.costs.allreduce_per_step}}},
+          {"allreduce_per_step_s", d.costs.allreduce_per_step},
+          {"host_fixed_s", d.costs.host_fixed},
+          {"host_per_decode_row_s", d.costs.host_per_decode_row}}},
         {"at_capacity", SimJson(in, d.at_capacity)},
         {"search", search}};
     if (in.target_jobs_per_hour > 0) j["at_target"] = SimJson(in, d.at_target);
@@ -430,7 +449,9 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
             {"note", "every figure below is derived from datasheet peaks: unmeasured"}};
   } else {
     prov = {{"profile", in.profile_spec},
-            {"measured", true},
+            {"measured", !in.measured.partly_derived},
+            {"partly_derived", in.measured.partly_derived},
+            {"backend", in.measured.backend},
             {"device", in.measured.device},
             {"profiled_model", in.measured.model},
             {"fit_max_rel_error", in.measured.fit_max_rel_error},
@@ -458,12 +479,16 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
 
 std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
   std::string o;
-  const bool ds = in.datasheet;
+  const bool ds = in.gpu();
+  const std::string summary = in.measured.provenance.is_object()
+                                  ? in.measured.provenance.value("summary", std::string())
+                                  : std::string();
   absl::StrAppendFormat(&o, "profile: %s (%s)\n", in.profile_spec,
-                        ds ? "datasheet peaks: every figure below is UNMEASURED"
-                           : absl::StrCat("measured on ", in.measured.device, ", step-model fit within ",
-                                          absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error))
-                                 .c_str());
+                        in.datasheet ? "datasheet peaks: every figure below is UNMEASURED"
+                                     : absl::StrCat(summary.empty() ? "measured on " : summary + "; ",
+                                                    in.measured.device, ", step-model fit within ",
+                                                    absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error))
+                                           .c_str());
   absl::StrAppendFormat(&o, "workload: best-of-%d, prompt %s, reasoning %s; SLO p%g <= %.0f s\n\n",
                         in.workload.n, in.workload.prompt.ToString(),
                         in.workload.reasoning.ToString(), in.slo_percentile, in.slo_seconds);
@@ -502,10 +527,10 @@ std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
     const double busy = std::max(1e-12, s.busy_seconds);
     absl::StrAppendFormat(
         &o, "  TP %d evict %.3f: %d steps, mean decode batch %.1f; weights %.0f%%, per-row %.0f%%, "
-            "KV reads %.0f%%, prefill %.0f%%; preemptions %d, peak KV %.0f%%\n",
+            "KV reads %.0f%%, prefill %.0f%%, host beyond device %.0f%%; preemptions %d, peak KV %.0f%%\n",
         d.tp, d.eviction_rate, s.steps, s.mean_batch, 100 * s.seconds_fixed / busy,
         100 * s.seconds_rows / busy, 100 * s.seconds_kv / busy, 100 * s.seconds_prefill / busy,
-        s.preemptions, 100 * s.peak_kv_fraction);
+        100 * s.seconds_host / busy, s.preemptions, 100 * s.peak_kv_fraction);
   }
   absl::StrAppendFormat(&o, "\nanswer: %s\n", r.answer);
   if (r.winner >= 0) {
@@ -545,7 +570,7 @@ std::string PlanSvg(const PlanInputs& in, const PlanResult& r) {
     if (!s.points.empty()) p.series.push_back(std::move(s));
   }
   return RenderSvg(absl::StrCat("dmsrt plan: ", in.model_name,
-                                in.datasheet ? " (datasheet, unmeasured)" : " (measured profile)"),
+                                in.datasheet ? " (datasheet, unmeasured)" : " (profile file)"),
                    {p});
 }
 

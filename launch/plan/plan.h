@@ -46,6 +46,8 @@ struct PlanInputs {
   int32_t fixed_replicas = 0;
   std::string model_path_for_command;  // for the printed launch command
   bool decode_spans = true;            // false: one engine step at a time (same results, slower)
+  // Whether the plan is for GPUs (a datasheet, or a profile of the CUDA backend).
+  bool gpu() const { return datasheet || measured.backend == "cuda"; }
 };
 
 struct MemoryBreakdown {

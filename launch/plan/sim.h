@@ -96,6 +96,7 @@ struct SimResult {
   int64_t step_calls = 0;           // engine calls that ran them (fewer with decode spans)
   double busy_seconds = 0.0;        // summed over replicas
   double seconds_fixed = 0.0, seconds_rows = 0.0, seconds_kv = 0.0, seconds_prefill = 0.0;
+  double seconds_host = 0.0;        // added by the host floor of host-bound steps
   bool complete = true;             // every job finished before the cut-off
   bool stopped_at_miss = false;     // stopped once the SLO was certainly missed (SloStop)
   double wall_seconds = 0.0;        // host time the simulation took

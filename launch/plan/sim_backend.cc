@@ -171,6 +171,7 @@ void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill
   tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
   tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
   tally_.prefill += costs_.per_prefill_token * static_cast<double>(prefill_tokens);
+  tally_.host += secs - costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);
 }
 
 bool SimBackend::ReserveAll(const std::vector<SeqId>& seqs, int64_t n) {

@@ -125,6 +125,7 @@ struct StepTally {
   int64_t steps = 0;
   int64_t decode_rows = 0;
   double busy = 0.0, fixed = 0.0, rows = 0.0, kv = 0.0, prefill = 0.0;
+  double host = 0.0;  // what host-bound steps took beyond the device's time
 };
 
 class SimBackend final : public Backend {

@@ -123,6 +123,39 @@ TEST(PlanProfileTest, MissingFieldIsNamed) {
             std::string::npos);
 }
 
+// A GPU profile: the host floor is fitted from its own points and a step takes the larger of
+// device and host time; it must say how large the device is.
+TEST(PlanProfileTest, GpuProfileHostFloorAndDeviceMemory) {
+  nlohmann::json j = {
+      {"schema_version", 2}, {"model", "qwen3-8b"}, {"weight_bytes", 1}, {"provenance", {}},
+      {"backend", "cuda"},
+      {"step_model",
+       // 5 ms + 10 us per row + 2 ns per KV token.
+       {{"decode", {{{"batch", 1}, {"kv_tokens", 4096}, {"seconds", 0.0050182}},
+                    {{"batch", 64}, {"kv_tokens", 262144}, {"seconds", 0.006164288}},
+                    {{"batch", 19}, {"kv_tokens", 155648}, {"seconds", 0.005501296}}}},
+        {"prefill", {{{"tokens", 256}, {"seconds", 0.01}}, {{"tokens", 2048}, {"seconds", 0.03}}}}}},
+      {"host_step", {{"decode", {{{"batch", 32}, {"seconds", 0.002}}, {{"batch", 256}, {"seconds", 0.016}}}}}}};
+  absl::StatusOr<Profile> p = ProfileFromJson(j, "gpu.json");
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("device_memory_bytes"), std::string::npos) << p.status();
+  j["device_memory_bytes"] = 80e9;
+  p = ProfileFromJson(j, "gpu.json");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->backend, "cuda");
+  EXPECT_EQ(p->device_memory_bytes, 80000000000);
+  EXPECT_NEAR(p->costs.host_per_decode_row, 0.014 / 224, 1e-12);
+  EXPECT_NEAR(p->costs.host_fixed, 0.002 - 32 * 0.014 / 224, 1e-12);
+  const StepCosts& c = p->costs;
+  // Small batch: the device binds; large batch: the host.
+  EXPECT_EQ(c.Seconds(1, 4096, 0), c.DeviceSeconds(1, 4096, 0));
+  EXPECT_GT(c.Seconds(256, 256 * 1000, 0), c.DeviceSeconds(256, 256 * 1000, 0));
+  EXPECT_NEAR(c.Seconds(256, 256 * 1000, 0), c.host_fixed + 256 * c.host_per_decode_row, 1e-12);
+  EXPECT_EQ(c.Seconds(0, 0, 256), c.DeviceSeconds(0, 0, 256)) << "prefill-only steps have no host floor";
+  j["backend"] = "tpu";
+  EXPECT_FALSE(ProfileFromJson(j, "gpu.json").ok());
+}
+
 TEST(PlanProfileTest, DatasheetIsUnmeasuredAndFromPeaks) {
   const ModelConfig q = *SyntheticConfig("qwen3-8b");
   absl::StatusOr<Profile> h100 = DatasheetProfile("h100-sxm", q, 1);
