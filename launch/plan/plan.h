@@ -45,6 +45,7 @@ struct PlanInputs {
   // predict a given deployment, e.g. before a real run with loadgen).
   int32_t fixed_replicas = 0;
   std::string model_path_for_command;  // for the printed launch command
+  std::string trace_path;              // the jobs come from this trace (--trace), if set
   bool decode_spans = true;            // false: one engine step at a time (same results, slower)
   // Whether the plan is for GPUs (a datasheet, or a profile of the CUDA backend).
   bool gpu() const { return datasheet || measured.backend == "cuda"; }

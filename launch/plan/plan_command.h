@@ -33,6 +33,7 @@ struct PlanCommandOptions {
   int32_t max_threads = 256;
   int32_t search_steps = 7;
   int32_t replicas = 0;
+  std::string trace;
   bool step_by_step = false;
   bool json = false;
   std::string out, svg;

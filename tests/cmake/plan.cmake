@@ -3,7 +3,7 @@
 # tests/unit/plan_test.cc.
 find_package(Python3 COMPONENTS Interpreter QUIET)
 if(Python3_Interpreter_FOUND)
-  foreach(case datasheet bad_profile negative_rate no_slo no_fit)
+  foreach(case datasheet bad_profile negative_rate no_slo no_fit trace)
     add_test(NAME plan_cli_${case}
              COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/plan/plan_cli_test.py
                      $<TARGET_FILE:dmsrt> ${case})

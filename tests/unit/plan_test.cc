@@ -10,6 +10,7 @@
 #include "launch/plan/plan.h"
 #include "launch/plan/profile.h"
 #include "launch/plan/sim.h"
+#include "launch/plan/trace.h"
 #include "runtime/kv/kv_sizing.h"
 #include "runtime/model/synthetic_model.h"
 
@@ -379,6 +380,48 @@ TEST(PlanSimTest, StopsOnceTheSloIsCertainlyMissed_overloaded_n4) {
   EXPECT_FALSE(same->stopped_at_miss);
   EXPECT_EQ(same->latency, full->latency);
   EXPECT_EQ(same->steps, full->steps);
+}
+
+TEST(PlanTraceTest, ParsesAndRefuses) {
+  absl::StatusOr<JobTrace> t = ParseJobTrace("# header\n0.5 19 111\n\n1.25 20 7  # c\n1.25 1 1\n", "t");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->arrivals, (std::vector<double>{0.5, 1.25, 1.25}));
+  EXPECT_EQ(t->prompt_tokens, (std::vector<int64_t>{19, 20, 1}));
+  EXPECT_EQ(t->generated_tokens, (std::vector<int64_t>{111, 7, 1}));
+  absl::StatusOr<JobTrace> times = ParseJobTrace("1\n2\n", "t");
+  ASSERT_TRUE(times.ok());
+  EXPECT_TRUE(times->prompt_tokens.empty());
+  for (const char* bad : {"", "# only\n", "2\n1\n", "1 2\n", "1 2 0\n", "-1 2 3\n", "x 2 3\n",
+                          "1 2 3\n2\n", "1 2 3 4\n", "nan 2 3\n"}) {
+    absl::StatusOr<JobTrace> b = ParseJobTrace(bad, "bad.trace");
+    EXPECT_FALSE(b.ok()) << "'" << bad << "'";
+    if (!b.ok()) EXPECT_NE(b.status().message().find("bad.trace"), std::string::npos);
+  }
+}
+
+// A trace of the very jobs the generator draws gives the same prediction as drawing them.
+TEST(PlanTraceTest, TraceOfTheDrawnJobsSimulatesAlike) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 25, 2400, false);
+  absl::StatusOr<SimResult> drawn = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(drawn.ok());
+  // The generator: arrivals, then prompt and generated length per job, from one stream.
+  std::mt19937_64 rng(w.seed);
+  std::exponential_distribution<double> gap(w.jobs_per_hour / 3600.0);
+  Workload t = w;
+  double at = 0.0;
+  for (int64_t i = 0; i < w.jobs; ++i) t.arrivals.push_back(at += gap(rng));
+  for (int64_t i = 0; i < w.jobs; ++i) {
+    t.prompt_tokens.push_back(w.prompt.Sample(rng));
+    t.generated_tokens.push_back(w.reasoning.Sample(rng));
+  }
+  absl::StatusOr<SimResult> traced = Simulate(c, 1, t, 600);
+  ASSERT_TRUE(traced.ok()) << traced.status();
+  EXPECT_EQ(traced->latency, drawn->latency);
+  EXPECT_EQ(traced->steps, drawn->steps);
+  t.generated_tokens.pop_back();
+  EXPECT_FALSE(Simulate(c, 1, t, 600).ok()) << "lengths must match the arrivals";
 }
 
 PlanInputs TinyPlan() {
