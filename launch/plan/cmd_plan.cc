@@ -159,7 +159,7 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
   AddByteSizeOption(app, "--kv-budget", &o.kv_budget_bytes,
                     "CPU profiles: KV bytes per rank (as serve --kv-budget)", "256MiB");
   app.add_option("--kv-block", o.kv_block, "KV block size in token slots")->transform(Integer(1, 4096));
-  app.add_option("--prefill-chunk", o.prefill_chunk, "prefill tokens per step")->transform(Integer(1));
+  app.add_option("--prefill-chunk", o.prefill_chunk, "prefill tokens per step (serve's --prefill-chunk)")->transform(Integer(1));
   app.add_option("--max-threads", o.max_threads, "resident threads per replica at most")
       ->transform(Integer(1));
   app.add_option("--search-steps", o.search_steps, "bisection rounds of the capacity search")

@@ -38,7 +38,7 @@ struct PlanInputs {
   double slo_seconds = 120.0;
   int64_t cpu_kv_budget_bytes = 256ll << 20;  // per rank, CPU profiles (as serve --kv-budget)
   int32_t block_tokens = 16;
-  int32_t prefill_chunk = 256;
+  int32_t prefill_chunk = 512;
   int32_t max_running_threads = 256;
   int32_t search_steps = 7;          // bisection rounds
   // > 0: no search; simulate this many replicas of each deployment at the target rate (to
