@@ -15,6 +15,7 @@
 #include "launch/commands.h"
 #include "launch/plan/plan.h"
 #include "launch/plan/plan_command.h"
+#include "launch/plan/trace.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
 #include "runtime/model/synthetic_model.h"
@@ -85,6 +86,20 @@ absl::Status Plan(const PlanCommandOptions& o) {
   in.max_running_threads = o.max_threads;
   in.search_steps = o.search_steps;
   in.fixed_replicas = o.replicas;
+  in.decode_spans = !o.step_by_step;
+  if (!o.trace.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(JobTrace t, ReadJobTrace(o.trace));
+    in.trace_path = o.trace;
+    in.workload.arrivals = std::move(t.arrivals);
+    in.workload.prompt_tokens = std::move(t.prompt_tokens);
+    in.workload.generated_tokens = std::move(t.generated_tokens);
+    in.workload.jobs = static_cast<int64_t>(in.workload.arrivals.size());
+    // The trace's own rate, for the report (its arrivals are what is simulated).
+    const double span = in.workload.arrivals.back();
+    if (in.target_jobs_per_hour <= 0 && span > 0) {
+      in.target_jobs_per_hour = static_cast<double>(in.workload.arrivals.size()) * 3600.0 / span;
+    }
+  }
   DMSRT_ASSIGN_OR_RETURN(PlanResult r, RunPlan(in));
   const nlohmann::json j = PlanJson(in, r);
   if (!o.out.empty()) {
@@ -144,7 +159,7 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
   AddByteSizeOption(app, "--kv-budget", &o.kv_budget_bytes,
                     "CPU profiles: KV bytes per rank (as serve --kv-budget)", "256MiB");
   app.add_option("--kv-block", o.kv_block, "KV block size in token slots")->transform(Integer(1, 4096));
-  app.add_option("--prefill-chunk", o.prefill_chunk, "prefill tokens per step")->transform(Integer(1));
+  app.add_option("--prefill-chunk", o.prefill_chunk, "prefill tokens per step (serve's --prefill-chunk)")->transform(Integer(1));
   app.add_option("--max-threads", o.max_threads, "resident threads per replica at most")
       ->transform(Integer(1));
   app.add_option("--search-steps", o.search_steps, "bisection rounds of the capacity search")
@@ -152,6 +167,13 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
   app.add_option("--replicas", o.replicas,
                  "no search: predict this many replicas of each deployment at --rate")
       ->transform(Integer(0));
+  app.add_option("--trace", o.trace,
+                 "with --replicas: simulate these jobs (lines 'ARRIVAL_S [PROMPT GENERATED]', as "
+                 "tests/bench/loadgen.py --write-trace writes them) instead of drawing them")
+      ->type_name("FILE");
+  app.add_flag("--step-by-step", o.step_by_step,
+               "simulate one engine step at a time instead of advancing runs of decode steps "
+               "between events as one (the same result, slower; for checking)");
   app.add_flag("--json", o.json, "print JSON instead of the table");
   app.add_option("--out", o.out, "also write the JSON here")->type_name("FILE");
   app.add_option("--svg", o.svg, "write the throughput-latency plot here")->type_name("FILE");

@@ -33,20 +33,36 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
   c.window = in.dms_window;
   c.prefill_chunk = in.prefill_chunk;
   c.max_running_threads = in.max_running_threads;
+  c.decode_spans = in.decode_spans;
   MemoryBreakdown& m = d->memory;
-  if (in.datasheet) {
-    DMSRT_ASSIGN_OR_RETURN(Profile p, DatasheetProfile(in.profile_spec, in.model, tp));
-    c.costs = p.costs;
-    m.device_bytes = p.device_memory_bytes;
-    m.weight_bytes = p.weight_bytes / tp;
+  // A GPU's pool: what the CUDA backend takes by default after bf16 weights and its context.
+  auto gpu_memory = [&](int64_t device_bytes, int64_t weight_bytes) {
+    m.device_bytes = device_bytes;
+    m.weight_bytes = weight_bytes / tp;
     m.kv_block_bytes = CudaKvBlockBytes(in.model.head_dim, in.block_tokens);
     const int64_t free = m.device_bytes - m.weight_bytes - kGpuContextBytes;
     m.kv_budget_bytes = DeviceKvBudgetBytes(free, m.device_bytes);
     m.reserved_bytes = m.device_bytes - m.weight_bytes - std::max<int64_t>(0, m.kv_budget_bytes);
+  };
+  if (in.datasheet) {
+    DMSRT_ASSIGN_OR_RETURN(Profile p, DatasheetProfile(in.profile_spec, in.model, tp));
+    c.costs = p.costs;
+    gpu_memory(p.device_memory_bytes, p.weight_bytes);
     d->runnable = tp == 1;
     if (tp > 1) {
       d->note = "GPU tensor parallelism is not runnable yet (planned from datasheet figures)";
     }
+  } else if (in.measured.backend == "cuda") {
+    if (tp > 1) {
+      return absl::InvalidArgumentError(
+          "a GPU profile file describes one GPU: plan it with --tp 1 (GPU tensor parallelism "
+          "is planned from the datasheets only)");
+    }
+    c.costs = in.measured.costs;
+    // The planned model's bf16 weights, as the CUDA backend holds them.
+    gpu_memory(in.measured.device_memory_bytes,
+               static_cast<int64_t>(2.0 * (MatrixParams(in.model) +
+                                           static_cast<double>(in.model.vocab) * in.model.hidden)));
   } else {
     c.costs = in.measured.costs;
     if (tp > 1) {
@@ -77,6 +93,16 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
   return c;
 }
 
+// The largest prompt and generated lengths a job of this workload can have.
+std::pair<int64_t, int64_t> LongestJob(const PlanInputs& in) {
+  const Workload& w = in.workload;
+  if (!w.prompt_tokens.empty()) {
+    return {*std::max_element(w.prompt_tokens.begin(), w.prompt_tokens.end()),
+            *std::max_element(w.generated_tokens.begin(), w.generated_tokens.end())};
+  }
+  return {w.prompt.Max(), w.reasoning.Max()};
+}
+
 // Whether the longest job this workload can draw fits one replica (the coordinator's rule).
 absl::Status CheckFits(const PlanInputs& in, const SimReplicaConfig& c, const DeploymentPlan& d) {
   if (d.memory.kv_budget_bytes <= 0) {
@@ -93,8 +119,9 @@ absl::Status CheckFits(const PlanInputs& in, const SimReplicaConfig& c, const De
   rc.kv_blocks_total = d.memory.kv_tokens / std::max(1, c.block_tokens) * rc.blocks_per_token_dense;
   rc.kv_block_bytes = d.memory.kv_block_bytes;
   AdmissionRequest ar;
-  ar.prompt_tokens = in.workload.prompt.Max();
-  ar.max_tokens = static_cast<int32_t>(in.workload.reasoning.Max());
+  const auto [prompt, generated] = LongestJob(in);
+  ar.prompt_tokens = prompt;
+  ar.max_tokens = static_cast<int32_t>(generated);
   ar.n = in.workload.n;
   ar.max_n = std::max(64, in.workload.n);
   return AdmitJob(ar, {rc}).status();
@@ -121,12 +148,14 @@ double CapacityGuess(const PlanInputs& in, const SimReplicaConfig& c, const Depl
   return std::max(1e-3, tokens_per_s * 3600.0 / (in.workload.n * mean_gen));
 }
 
+// One simulation at `jobs_per_hour`. With `judge` it may stop as soon as the SLO is certainly
+// missed (the search and the sizing only need the verdict then).
 absl::StatusOr<SimResult> RunAt(const PlanInputs& in, const SimReplicaConfig& c, int32_t replicas,
-                                double jobs_per_hour) {
+                                double jobs_per_hour, bool judge) {
   Workload w = in.workload;
-  w.jobs_per_hour = jobs_per_hour;
-  w.arrivals.clear();
-  return Simulate(c, replicas, w, std::max(4.0 * in.slo_seconds, 60.0));
+  if (w.arrivals.empty()) w.jobs_per_hour = jobs_per_hour;  // a trace keeps its own arrivals
+  SloStop stop{in.slo_percentile, in.slo_seconds};
+  return Simulate(c, replicas, w, std::max(4.0 * in.slo_seconds, 60.0), judge ? &stop : nullptr);
 }
 
 std::string Binding(const PlanInputs& in, const DeploymentPlan& d) {
@@ -134,28 +163,218 @@ std::string Binding(const PlanInputs& in, const DeploymentPlan& d) {
   const SimResult& r = d.at_capacity;
   if (r.peak_kv_fraction >= 0.9 || r.preemptions > 0) return "memory";
   if (r.peak_running_threads >= in.max_running_threads) return "thread cap";
+  if (r.seconds_host > 0.25 * r.busy_seconds) return "host";
   const double bw = r.seconds_fixed + r.seconds_kv;
   const double fl = r.seconds_rows + r.seconds_prefill;
   return bw >= fl ? "bandwidth" : "compute";
+}
+
+// Light load: a few jobs far apart give the latency floor.
+absl::StatusOr<double> UnloadedLatency(const PlanInputs& in, const SimReplicaConfig& c) {
+  Workload w = in.workload;
+  w.jobs = 8;
+  w.warmup_fraction = 0.0;
+  w.jobs_per_hour = 1e-3;
+  w.arrivals.clear();
+  w.prompt_tokens.clear();
+  w.generated_tokens.clear();
+  for (int i = 0; i < 8; ++i) w.arrivals.push_back(1.0 + i * 1e6);
+  DMSRT_ASSIGN_OR_RETURN(SimResult light, Simulate(c, 1, w, 1e7));
+  return SloLatency(in, light);
+}
+
+// Bisection on the offered rate for one replica: the highest rate whose run meets the SLO.
+absl::Status SearchCapacity(const PlanInputs& in, const SimReplicaConfig& c, DeploymentPlan* d,
+                            bool* have) {
+  double lo = 0.0, hi = CapacityGuess(in, c, *d) * 1.5;
+  SimResult best;
+  *have = false;
+  auto probe = [&](double rate) -> absl::StatusOr<bool> {
+    DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, rate, true));
+    const bool ok = MeetsSlo(in, r);
+    d->search.push_back({rate, r.jobs_per_hour, SloLatency(in, r), ok, r.stopped_at_miss});
+    if (ok) {
+      lo = rate;
+      best = std::move(r);
+      *have = true;
+    } else {
+      hi = rate;
+    }
+    return ok;
+  };
+  for (int grow = 0; grow < 6; ++grow) {
+    const double rate = hi;
+    DMSRT_ASSIGN_OR_RETURN(const bool ok, probe(rate));
+    if (!ok) break;
+    hi = 2.0 * rate;
+  }
+  for (int i = 0; i < in.search_steps; ++i) {
+    DMSRT_RETURN_IF_ERROR(probe(lo > 0 ? std::sqrt(lo * hi) : hi / 4.0).status());
+  }
+  if (*have) {
+    d->capacity_jobs_per_hour = lo;
+    d->at_capacity = std::move(best);
+  }
+  return absl::OkStatus();
+}
+
+// Sized for the target rate, checked by simulating the whole deployment.
+absl::Status SizeForTarget(const PlanInputs& in, const SimReplicaConfig& c, int32_t devices,
+                           DeploymentPlan* d) {
+  int32_t reps = static_cast<int32_t>(std::ceil(in.target_jobs_per_hour / d->capacity_jobs_per_hour));
+  for (int attempt = 0; attempt < 3 && reps * d->tp <= devices; ++attempt) {
+    DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, reps, in.target_jobs_per_hour, true));
+    d->replicas = reps;
+    d->at_target = std::move(r);
+    d->meets_target = MeetsSlo(in, d->at_target);
+    if (d->meets_target) break;
+    ++reps;
+  }
+  if (d->replicas == 0) d->replicas = reps;
+  return absl::OkStatus();
+}
+
+// One deployment (TP degree x eviction rate): memory, fit, then a prediction of the given
+// replica count, or the capacity search and the sizing for the target.
+absl::StatusOr<DeploymentPlan> PlanDeployment(const PlanInputs& in, int32_t tp, double rate,
+                                              int32_t devices) {
+  DeploymentPlan d;
+  d.tp = tp;
+  d.eviction_rate = rate;
+  DMSRT_ASSIGN_OR_RETURN(SimReplicaConfig c, ReplicaConfig(in, tp, rate, &d));
+  absl::Status fits = CheckFits(in, c, d);
+  if (!fits.ok()) {
+    d.fits = false;
+    d.fit_message = std::string(fits.message());
+    d.binding = "memory";
+    return d;
+  }
+  if (in.fixed_replicas > 0) {
+    DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, in.fixed_replicas, in.target_jobs_per_hour, false));
+    d.replicas = in.fixed_replicas;
+    d.gpus = d.replicas * tp;
+    d.at_target = r;
+    d.at_capacity = r;
+    d.meets_target = MeetsSlo(in, r);
+    d.capacity_jobs_per_hour = d.meets_target ? in.target_jobs_per_hour / d.replicas : 0.0;
+    d.binding = Binding(in, d);
+    d.gpu_hours_per_1000_jobs = r.jobs_per_hour > 0 ? d.gpus * 1000.0 / r.jobs_per_hour : 0.0;
+    return d;
+  }
+  DMSRT_ASSIGN_OR_RETURN(d.unloaded_latency, UnloadedLatency(in, c));
+  bool have = false;
+  DMSRT_RETURN_IF_ERROR(SearchCapacity(in, c, &d, &have));
+  d.binding = Binding(in, d);
+  if (in.target_jobs_per_hour > 0 && have) {
+    DMSRT_RETURN_IF_ERROR(SizeForTarget(in, c, devices, &d));
+  } else {
+    d.replicas = have ? std::max(1, devices / tp) : 0;
+  }
+  d.gpus = d.replicas * tp;
+  const double sustained = in.target_jobs_per_hour > 0 && d.meets_target
+                               ? in.target_jobs_per_hour
+                               : d.capacity_jobs_per_hour * d.replicas;
+  d.gpu_hours_per_1000_jobs = sustained > 0 ? d.gpus * 1000.0 / sustained : 0.0;
+  return d;
+}
+
+// The cheapest deployment that does the job: fewest GPUs; then runnable; then the most
+// capacity per GPU.
+int32_t ChooseWinner(const PlanInputs& in, const std::vector<DeploymentPlan>& deps) {
+  int32_t winner = -1;
+  for (size_t i = 0; i < deps.size(); ++i) {
+    const DeploymentPlan& d = deps[i];
+    const bool ok = in.target_jobs_per_hour > 0 ? d.meets_target : d.capacity_jobs_per_hour > 0;
+    if (!ok) continue;
+    if (winner < 0) {
+      winner = static_cast<int32_t>(i);
+      continue;
+    }
+    const DeploymentPlan& w = deps[winner];
+    if (d.gpus < w.gpus || (d.gpus == w.gpus && d.runnable && !w.runnable) ||
+        (d.gpus == w.gpus && d.runnable == w.runnable &&
+         d.capacity_jobs_per_hour / d.tp > w.capacity_jobs_per_hour / w.tp)) {
+      winner = static_cast<int32_t>(i);
+    }
+  }
+  return winner;
+}
+
+// One sentence: the winner, or the closest miss.
+std::string Answer(const PlanInputs& in, const PlanResult& out, int32_t devices) {
+  const char* unit = in.gpu() ? "GPU" : "CPU replica process";
+  if (out.winner >= 0) {
+    const DeploymentPlan& w = out.deployments[out.winner];
+    return absl::StrFormat(
+        "%d %s(s): %d replica(s) x TP %d, eviction rate %.3f, sustains %.1f jobs/h per replica "
+        "with p%g job latency %.1f s <= %.1f s%s",
+        w.gpus, unit, w.replicas, w.tp, w.eviction_rate, w.capacity_jobs_per_hour,
+        in.slo_percentile, SloLatency(in, in.target_jobs_per_hour > 0 ? w.at_target : w.at_capacity),
+        in.slo_seconds, w.runnable ? "" : " (not yet runnable: GPU TP)");
+  }
+  const DeploymentPlan* best = nullptr;
+  double best_lat = std::numeric_limits<double>::infinity();
+  for (const DeploymentPlan& d : out.deployments) {
+    for (const SearchPoint& p : d.search) {
+      if (p.latency_slo_pct < best_lat) {
+        best_lat = p.latency_slo_pct;
+        best = &d;
+      }
+    }
+    if (d.fits && d.unloaded_latency < best_lat) {
+      best_lat = d.unloaded_latency;
+      best = &d;
+    }
+  }
+  if (best != nullptr && in.target_jobs_per_hour > 0 && best->capacity_jobs_per_hour > 0) {
+    return absl::StrFormat(
+        "no deployment within %d %s(s) meets the SLO at %.1f jobs/h; the closest: TP %d at "
+        "eviction rate %.3f sustains %.1f jobs/h per replica, %d replica(s) would be needed",
+        devices, unit, in.target_jobs_per_hour, best->tp, best->eviction_rate,
+        best->capacity_jobs_per_hour,
+        static_cast<int>(std::ceil(in.target_jobs_per_hour / best->capacity_jobs_per_hour)));
+  }
+  if (best != nullptr) {
+    return absl::StrFormat(
+        "no deployment meets p%g <= %.1f s; the closest miss: TP %d at eviction rate %.3f with "
+        "p%g %.1f s even at light load",
+        in.slo_percentile, in.slo_seconds, best->tp, best->eviction_rate, in.slo_percentile,
+        best_lat);
+  }
+  return "no deployment meets the SLO";
+}
+
+absl::Status CheckInputs(const PlanInputs& in) {
+  if (!(in.slo_seconds > 0)) return absl::InvalidArgumentError("the SLO must be > 0 seconds");
+  if (in.target_jobs_per_hour < 0) {
+    return absl::InvalidArgumentError("the target rate must be >= 0 jobs/h");
+  }
+  if (in.nodes * in.gpus_per_node < 1) return absl::InvalidArgumentError("nodes x GPUs must be >= 1");
+  if (in.fixed_replicas > 0 && !(in.target_jobs_per_hour > 0) && in.workload.arrivals.empty()) {
+    return absl::InvalidArgumentError("a fixed replica count needs a target rate (--rate) or a trace");
+  }
+  if (!in.workload.arrivals.empty() && in.fixed_replicas < 1) {
+    return absl::InvalidArgumentError(
+        "a trace (--trace) predicts a given deployment: add --replicas N (the capacity search "
+        "varies the arrival rate, which a trace fixes)");
+  }
+  const int64_t ctx = in.model.max_positions;
+  const auto [prompt, generated] = LongestJob(in);
+  if (ctx > 0 && prompt + generated > ctx) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the longest job (%d prompt + %d generated tokens) exceeds the model context of %d "
+        "tokens: lower the distributions' max or shorten the trace's jobs",
+        prompt, generated, ctx));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
   const auto wall0 = std::chrono::steady_clock::now();
-  if (!(in.slo_seconds > 0)) return absl::InvalidArgumentError("the SLO must be > 0 seconds");
-  if (in.target_jobs_per_hour < 0) {
-    return absl::InvalidArgumentError("the target rate must be >= 0 jobs/h");
-  }
+  DMSRT_RETURN_IF_ERROR(CheckInputs(in));
   const int32_t devices = in.nodes * in.gpus_per_node;
-  if (devices < 1) return absl::InvalidArgumentError("nodes x GPUs must be >= 1");
-  const int64_t ctx = in.model.max_positions;
-  if (ctx > 0 && in.workload.prompt.Max() + in.workload.reasoning.Max() > ctx) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the longest job (%d prompt + %d generated tokens) exceeds the model context of %d "
-        "tokens: lower the distributions' max",
-        in.workload.prompt.Max(), in.workload.reasoning.Max(), ctx));
-  }
   PlanResult out;
   for (int32_t tp : in.tp_options) {
     if (tp < 1 || in.model.n_kv_heads % tp != 0) {
@@ -164,97 +383,7 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
     }
     if (tp > devices) continue;
     for (double rate : in.eviction_rates) {
-      DeploymentPlan d;
-      d.tp = tp;
-      d.eviction_rate = rate;
-      DMSRT_ASSIGN_OR_RETURN(SimReplicaConfig c, ReplicaConfig(in, tp, rate, &d));
-      absl::Status fits = CheckFits(in, c, d);
-      if (!fits.ok()) {
-        d.fits = false;
-        d.fit_message = std::string(fits.message());
-        d.binding = "memory";
-        out.deployments.push_back(std::move(d));
-        continue;
-      }
-      if (in.fixed_replicas > 0) {
-        if (!(in.target_jobs_per_hour > 0)) {
-          return absl::InvalidArgumentError("a fixed replica count needs a target rate (--rate)");
-        }
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, in.fixed_replicas, in.target_jobs_per_hour));
-        d.replicas = in.fixed_replicas;
-        d.gpus = d.replicas * tp;
-        d.at_target = r;
-        d.at_capacity = r;
-        d.meets_target = MeetsSlo(in, r);
-        d.capacity_jobs_per_hour = d.meets_target ? in.target_jobs_per_hour / d.replicas : 0.0;
-        d.binding = Binding(in, d);
-        d.gpu_hours_per_1000_jobs = r.jobs_per_hour > 0 ? d.gpus * 1000.0 / r.jobs_per_hour : 0.0;
-        out.deployments.push_back(std::move(d));
-        continue;
-      }
-      // Light load: a few jobs far apart give the latency floor.
-      {
-        Workload w = in.workload;
-        w.jobs = 8;
-        w.warmup_fraction = 0.0;
-        w.jobs_per_hour = 1e-3;
-        w.arrivals.clear();
-        for (int i = 0; i < 8; ++i) w.arrivals.push_back(1.0 + i * 1e6);
-        DMSRT_ASSIGN_OR_RETURN(SimResult light, Simulate(c, 1, w, 1e7));
-        d.unloaded_latency = SloLatency(in, light);
-      }
-      // Bisection on the offered rate for one replica.
-      double lo = 0.0, hi = CapacityGuess(in, c, d) * 1.5;
-      SimResult best;
-      bool have = false;
-      for (int grow = 0; grow < 6; ++grow) {
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, hi));
-        const bool ok = MeetsSlo(in, r);
-        d.search.push_back({hi, r.jobs_per_hour, SloLatency(in, r), ok});
-        if (!ok) break;
-        lo = hi;
-        best = r;
-        have = true;
-        hi *= 2.0;
-      }
-      for (int i = 0; i < in.search_steps; ++i) {
-        const double mid = lo > 0 ? std::sqrt(lo * hi) : hi / 4.0;
-        DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, 1, mid));
-        const bool ok = MeetsSlo(in, r);
-        d.search.push_back({mid, r.jobs_per_hour, SloLatency(in, r), ok});
-        if (ok) {
-          lo = mid;
-          best = r;
-          have = true;
-        } else {
-          hi = mid;
-        }
-      }
-      if (have) {
-        d.capacity_jobs_per_hour = lo;
-        d.at_capacity = best;
-      }
-      d.binding = Binding(in, d);
-      // Sized for the target rate, checked by simulating the whole deployment.
-      if (in.target_jobs_per_hour > 0 && have) {
-        int32_t reps = static_cast<int32_t>(std::ceil(in.target_jobs_per_hour / lo));
-        for (int attempt = 0; attempt < 3 && reps * tp <= devices; ++attempt) {
-          DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, reps, in.target_jobs_per_hour));
-          d.replicas = reps;
-          d.at_target = r;
-          d.meets_target = MeetsSlo(in, r);
-          if (d.meets_target) break;
-          ++reps;
-        }
-        if (d.replicas == 0) d.replicas = reps;
-      } else {
-        d.replicas = have ? std::max(1, devices / tp) : 0;
-      }
-      d.gpus = d.replicas * tp;
-      const double sustained = in.target_jobs_per_hour > 0 && d.meets_target
-                                   ? in.target_jobs_per_hour
-                                   : d.capacity_jobs_per_hour * d.replicas;
-      d.gpu_hours_per_1000_jobs = sustained > 0 ? d.gpus * 1000.0 / sustained : 0.0;
+      DMSRT_ASSIGN_OR_RETURN(DeploymentPlan d, PlanDeployment(in, tp, rate, devices));
       out.deployments.push_back(std::move(d));
     }
   }
@@ -268,276 +397,16 @@ absl::StatusOr<PlanResult> RunPlan(const PlanInputs& in) {
                      return a.capacity_jobs_per_hour * a.replicas > b.capacity_jobs_per_hour * b.replicas;
                    });
   bool any_fits = false;
-  for (size_t i = 0; i < out.deployments.size(); ++i) {
-    const DeploymentPlan& d = out.deployments[i];
-    any_fits |= d.fits;
-    const bool ok = in.target_jobs_per_hour > 0 ? d.meets_target : d.capacity_jobs_per_hour > 0;
-    if (!ok) continue;
-    if (out.winner < 0) {
-      out.winner = static_cast<int32_t>(i);
-      continue;
-    }
-    const DeploymentPlan& w = out.deployments[out.winner];
-    // Cheapest: fewest GPUs; then runnable; then the most capacity per GPU.
-    if (d.gpus < w.gpus || (d.gpus == w.gpus && d.runnable && !w.runnable) ||
-        (d.gpus == w.gpus && d.runnable == w.runnable &&
-         d.capacity_jobs_per_hour / d.tp > w.capacity_jobs_per_hour / w.tp)) {
-      out.winner = static_cast<int32_t>(i);
-    }
-  }
+  for (const DeploymentPlan& d : out.deployments) any_fits |= d.fits;
   if (!any_fits) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the model and workload fit no deployment: ", out.deployments.front().fit_message));
   }
-  const char* unit = in.datasheet ? "GPU" : "CPU replica process";
-  if (out.winner >= 0) {
-    const DeploymentPlan& w = out.deployments[out.winner];
-    out.answer = absl::StrFormat(
-        "%d %s(s): %d replica(s) x TP %d, eviction rate %.3f, sustains %.1f jobs/h per replica "
-        "with p%g job latency %.1f s <= %.1f s%s",
-        w.gpus, unit, w.replicas, w.tp, w.eviction_rate, w.capacity_jobs_per_hour,
-        in.slo_percentile, SloLatency(in, in.target_jobs_per_hour > 0 ? w.at_target : w.at_capacity),
-        in.slo_seconds, w.runnable ? "" : " (not yet runnable: GPU TP)");
-  } else {
-    // The closest miss.
-    const DeploymentPlan* best = nullptr;
-    double best_lat = std::numeric_limits<double>::infinity();
-    for (const DeploymentPlan& d : out.deployments) {
-      for (const SearchPoint& p : d.search) {
-        if (p.latency_slo_pct < best_lat) {
-          best_lat = p.latency_slo_pct;
-          best = &d;
-        }
-      }
-      if (d.fits && d.unloaded_latency < best_lat) {
-        best_lat = d.unloaded_latency;
-        best = &d;
-      }
-    }
-    if (best != nullptr && in.target_jobs_per_hour > 0 && best->capacity_jobs_per_hour > 0) {
-      out.answer = absl::StrFormat(
-          "no deployment within %d %s(s) meets the SLO at %.1f jobs/h; the closest: TP %d at "
-          "eviction rate %.3f sustains %.1f jobs/h per replica, %d replica(s) would be needed",
-          devices, unit, in.target_jobs_per_hour, best->tp, best->eviction_rate,
-          best->capacity_jobs_per_hour,
-          static_cast<int>(std::ceil(in.target_jobs_per_hour / best->capacity_jobs_per_hour)));
-    } else if (best != nullptr) {
-      out.answer = absl::StrFormat(
-          "no deployment meets p%g <= %.1f s; the closest miss: TP %d at eviction rate %.3f with "
-          "p%g %.1f s even at light load",
-          in.slo_percentile, in.slo_seconds, best->tp, best->eviction_rate, in.slo_percentile,
-          best_lat);
-    } else {
-      out.answer = "no deployment meets the SLO";
-    }
-  }
+  out.winner = ChooseWinner(in, out.deployments);
+  out.answer = Answer(in, out, devices);
   out.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
   return out;
-}
-
-namespace {
-
-nlohmann::json Num(double v) {
-  if (!std::isfinite(v)) return nullptr;
-  return v;
-}
-
-nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
-  return {{"jobs_per_hour", Num(r.jobs_per_hour)},
-          {"threads_per_second", Num(r.threads_per_second)},
-          {"tokens_per_second", Num(r.tokens_per_second)},
-          {"latency_p50_s", Num(Percentile(r.latency, 50))},
-          {"latency_p90_s", Num(Percentile(r.latency, 90))},
-          {"latency_p99_s", Num(Percentile(r.latency, 99))},
-          {"first_thread_p50_s", Num(Percentile(r.first_thread, 50))},
-          {"complete", r.complete},
-          {"jobs", r.jobs_submitted},
-          {"jobs_failed", r.jobs_failed},
-          {"preemptions", r.preemptions},
-          {"peak_running_threads", r.peak_running_threads},
-          {"peak_kv_fraction", r.peak_kv_fraction},
-          {"mean_decode_batch", r.mean_batch},
-          {"steps", r.steps},
-          {"step_seconds",
-           {{"fixed", r.seconds_fixed},
-            {"decode_rows", r.seconds_rows},
-            {"kv_reads", r.seconds_kv},
-            {"prefill", r.seconds_prefill}}},
-          {"simulated_seconds", r.sim_seconds},
-          {"wall_seconds", r.wall_seconds}};
-}
-
-}  // namespace
-
-nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
-  nlohmann::json deps = nlohmann::json::array();
-  for (const DeploymentPlan& d : r.deployments) {
-    nlohmann::json search = nlohmann::json::array();
-    for (const SearchPoint& p : d.search) {
-      search.push_back({{"offered_jobs_per_hour", p.offered_jobs_per_hour},
-                        {"sustained_jobs_per_hour", Num(p.sustained_jobs_per_hour)},
-                        {"latency_slo_pct_s", Num(p.latency_slo_pct)},
-                        {"meets_slo", p.ok}});
-    }
-    nlohmann::json j = {
-        {"tp", d.tp},
-        {"eviction_rate", d.eviction_rate},
-        {"runnable", d.runnable},
-        {"note", d.note},
-        {"fits", d.fits},
-        {"fit_message", d.fit_message},
-        {"replicas", d.replicas},
-        {"gpus", d.gpus},
-        {"capacity_jobs_per_hour_per_replica", d.capacity_jobs_per_hour},
-        {"unloaded_latency_s", Num(d.unloaded_latency)},
-        {"binding", d.binding},
-        {"meets_target", d.meets_target},
-        {"gpu_hours_per_1000_jobs", d.gpu_hours_per_1000_jobs},
-        {"memory",
-         {{"device_bytes", d.memory.device_bytes},
-          {"weight_bytes_per_gpu", d.memory.weight_bytes},
-          {"reserved_bytes", d.memory.reserved_bytes},
-          {"kv_budget_bytes_per_rank", d.memory.kv_budget_bytes},
-          {"kv_block_bytes", d.memory.kv_block_bytes},
-          {"kv_tokens_per_replica", d.memory.kv_tokens},
-          {"thread_resident_tokens_at_mean_length", d.memory.thread_tokens_full},
-          {"threads_fit", d.memory.threads_fit}}},
-        {"step_model",
-         {{"fixed_s", d.costs.fixed},
-          {"per_decode_row_s", d.costs.per_decode_row},
-          {"per_kv_token_s", d.costs.per_kv_token},
-          {"prefill_fixed_s", d.costs.prefill_fixed},
-          {"per_prefill_token_s", d.costs.per_prefill_token},
-          {"allreduce_per_step_s", d.costs.allreduce_per_step}}},
-        {"at_capacity", SimJson(in, d.at_capacity)},
-        {"search", search}};
-    if (in.target_jobs_per_hour > 0) j["at_target"] = SimJson(in, d.at_target);
-    deps.push_back(j);
-  }
-  nlohmann::json prov;
-  if (in.datasheet) {
-    prov = {{"profile", in.profile_spec}, {"measured", false},
-            {"note", "every figure below is derived from datasheet peaks: unmeasured"}};
-  } else {
-    prov = {{"profile", in.profile_spec},
-            {"measured", true},
-            {"device", in.measured.device},
-            {"profiled_model", in.measured.model},
-            {"fit_max_rel_error", in.measured.fit_max_rel_error},
-            {"bench_provenance", in.measured.provenance}};
-  }
-  nlohmann::json j = {
-      {"schema_version", 1},
-      {"model", in.model_name},
-      {"provenance", prov},
-      {"devices", in.nodes * in.gpus_per_node},
-      {"workload",
-       {{"n", in.workload.n},
-        {"prompt", in.workload.prompt.ToString()},
-        {"reasoning", in.workload.reasoning.ToString()},
-        {"per_thread_lengths", in.workload.per_thread_lengths},
-        {"jobs_per_simulation", in.workload.jobs},
-        {"target_jobs_per_hour", in.target_jobs_per_hour}}},
-      {"slo", {{"percentile", in.slo_percentile}, {"seconds", in.slo_seconds}}},
-      {"deployments", deps},
-      {"winner", r.winner},
-      {"answer", r.answer},
-      {"wall_seconds", r.wall_seconds}};
-  return j;
-}
-
-std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
-  std::string o;
-  const bool ds = in.datasheet;
-  absl::StrAppendFormat(&o, "profile: %s (%s)\n", in.profile_spec,
-                        ds ? "datasheet peaks: every figure below is UNMEASURED"
-                           : absl::StrCat("measured on ", in.measured.device, ", step-model fit within ",
-                                          absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error))
-                                 .c_str());
-  absl::StrAppendFormat(&o, "workload: best-of-%d, prompt %s, reasoning %s; SLO p%g <= %.0f s\n\n",
-                        in.workload.n, in.workload.prompt.ToString(),
-                        in.workload.reasoning.ToString(), in.slo_percentile, in.slo_seconds);
-  absl::StrAppendFormat(&o, "%-5s %-4s %-6s %-8s %-8s %-10s %-8s %-8s %-8s %-10s %-11s %s\n",
-                        ds ? "GPUs" : "procs", "TP", "evict", "threads", "jobs/h", "jobs/h/rep",
-                        "p50 s", "p90 s", "p99 s", ds ? "GPU-h/1k" : "proc-h/1k", "binding", "note");
-  for (const DeploymentPlan& d : r.deployments) {
-    const SimResult& s = in.target_jobs_per_hour > 0 && d.replicas > 0 ? d.at_target : d.at_capacity;
-    const double jobs_h = in.target_jobs_per_hour > 0 ? s.jobs_per_hour : d.capacity_jobs_per_hour * d.replicas;
-    if (!d.fits) {
-      absl::StrAppendFormat(&o, "%-5s %-4d %-6.3f does not fit: %s\n", "-", d.tp, d.eviction_rate,
-                            d.fit_message);
-      continue;
-    }
-    absl::StrAppendFormat(&o, "%-5d %-4d %-6.3f %-8d %-8.1f %-10.1f %-8.1f %-8.1f %-8.1f %-10.2f %-11s %s%s\n",
-                          d.gpus, d.tp, d.eviction_rate, s.peak_running_threads, jobs_h,
-                          d.capacity_jobs_per_hour, Percentile(s.latency, 50),
-                          Percentile(s.latency, 90), Percentile(s.latency, 99),
-                          d.gpu_hours_per_1000_jobs, d.binding,
-                          in.target_jobs_per_hour > 0 ? (d.meets_target ? "meets target" : "misses target") : "",
-                          d.note.empty() ? "" : absl::StrCat("; ", d.note));
-  }
-  absl::StrAppend(&o, "\nmemory per deployment (per rank):\n");
-  for (const DeploymentPlan& d : r.deployments) {
-    absl::StrAppendFormat(
-        &o, "  TP %d evict %.3f: device %s, weights %s, reserved %s, KV pool %s (%d tokens/replica); "
-            "a thread at mean length holds %.0f tokens: %.1f threads fit\n",
-        d.tp, d.eviction_rate, d.memory.device_bytes > 0 ? HumanBytes(d.memory.device_bytes) : "-",
-        HumanBytes(d.memory.weight_bytes), HumanBytes(d.memory.reserved_bytes),
-        HumanBytes(d.memory.kv_budget_bytes), d.memory.kv_tokens, d.memory.thread_tokens_full,
-        d.memory.threads_fit);
-  }
-  absl::StrAppend(&o, "\nstep time at capacity (share of busy time):\n");
-  for (const DeploymentPlan& d : r.deployments) {
-    const SimResult& s = d.at_capacity;
-    const double busy = std::max(1e-12, s.busy_seconds);
-    absl::StrAppendFormat(
-        &o, "  TP %d evict %.3f: %d steps, mean decode batch %.1f; weights %.0f%%, per-row %.0f%%, "
-            "KV reads %.0f%%, prefill %.0f%%; preemptions %d, peak KV %.0f%%\n",
-        d.tp, d.eviction_rate, s.steps, s.mean_batch, 100 * s.seconds_fixed / busy,
-        100 * s.seconds_rows / busy, 100 * s.seconds_kv / busy, 100 * s.seconds_prefill / busy,
-        s.preemptions, 100 * s.peak_kv_fraction);
-  }
-  absl::StrAppendFormat(&o, "\nanswer: %s\n", r.answer);
-  if (r.winner >= 0) {
-    const DeploymentPlan& w = r.deployments[r.winner];
-    if (w.runnable) {
-      std::string policy = w.eviction_rate > 0
-                               ? absl::StrFormat(" --kv-policy dms  # measured eviction rate %.3f (or --kv-policy forced --dms-force-rate %.3f on a model without DMS)",
-                                                 w.eviction_rate, w.eviction_rate)
-                               : "";
-      absl::StrAppendFormat(&o, "launch: mpirun -np %d build/bin/dmsrt serve --model %s --tp %d --backend %s%s%s\n",
-                            w.replicas * w.tp, in.model_path_for_command, w.tp,
-                            ds ? "cuda" : "cpu",
-                            ds ? "" : absl::StrCat(" --kv-budget ", in.cpu_kv_budget_bytes).c_str(),
-                            policy);
-    } else {
-      absl::StrAppend(&o, "launch: none printed: GPU tensor parallelism is not runnable yet\n");
-    }
-  }
-  absl::StrAppendFormat(&o, "planned in %.1f s\n", r.wall_seconds);
-  return o;
-}
-
-std::string PlanSvg(const PlanInputs& in, const PlanResult& r) {
-  PlotPanel p;
-  p.title = absl::StrFormat("one replica: sustained jobs/h against p%g job latency", in.slo_percentile);
-  p.x_label = "sustained jobs/h per replica";
-  p.y_label = absl::StrFormat("p%g job latency (s)", in.slo_percentile);
-  for (const DeploymentPlan& d : r.deployments) {
-    PlotSeries s;
-    s.name = absl::StrFormat("TP %d, eviction %.3f", d.tp, d.eviction_rate);
-    for (const SearchPoint& sp : d.search) {
-      if (std::isfinite(sp.latency_slo_pct) && sp.sustained_jobs_per_hour > 0) {
-        s.points.emplace_back(sp.sustained_jobs_per_hour, sp.latency_slo_pct);
-      }
-    }
-    std::sort(s.points.begin(), s.points.end());
-    if (!s.points.empty()) p.series.push_back(std::move(s));
-  }
-  return RenderSvg(absl::StrCat("dmsrt plan: ", in.model_name,
-                                in.datasheet ? " (datasheet, unmeasured)" : " (measured profile)"),
-                   {p});
 }
 
 }  // namespace dmsrt

@@ -38,13 +38,17 @@ struct PlanInputs {
   double slo_seconds = 120.0;
   int64_t cpu_kv_budget_bytes = 256ll << 20;  // per rank, CPU profiles (as serve --kv-budget)
   int32_t block_tokens = 16;
-  int32_t prefill_chunk = 256;
+  int32_t prefill_chunk = 512;
   int32_t max_running_threads = 256;
   int32_t search_steps = 7;          // bisection rounds
   // > 0: no search; simulate this many replicas of each deployment at the target rate (to
   // predict a given deployment, e.g. before a real run with loadgen).
   int32_t fixed_replicas = 0;
   std::string model_path_for_command;  // for the printed launch command
+  std::string trace_path;              // the jobs come from this trace (--trace), if set
+  bool decode_spans = true;            // false: one engine step at a time (same results, slower)
+  // Whether the plan is for GPUs (a datasheet, or a profile of the CUDA backend).
+  bool gpu() const { return datasheet || measured.backend == "cuda"; }
 };
 
 struct MemoryBreakdown {
@@ -63,6 +67,7 @@ struct SearchPoint {
   double sustained_jobs_per_hour = 0.0;
   double latency_slo_pct = 0.0;      // the SLO percentile of job latency
   bool ok = false;
+  bool stopped = false;              // stopped once the miss was certain (figures partial)
 };
 
 struct DeploymentPlan {

@@ -29,10 +29,12 @@ struct PlanCommandOptions {
   int64_t seed = 1;
   int64_t kv_budget_bytes = 256ll << 20;
   int32_t kv_block = 16;
-  int32_t prefill_chunk = 256;
+  int32_t prefill_chunk = 512;
   int32_t max_threads = 256;
   int32_t search_steps = 7;
   int32_t replicas = 0;
+  std::string trace;
+  bool step_by_step = false;
   bool json = false;
   std::string out, svg;
 };

@@ -11,13 +11,20 @@
 
 namespace dmsrt {
 
-double StepCosts::Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const {
+double StepCosts::DeviceSeconds(int64_t decode_rows, int64_t kv_tokens,
+                                int64_t prefill_tokens) const {
   if (decode_rows == 0 && prefill_tokens == 0) return 0.0;
   double s = decode_rows > 0 ? fixed + allreduce_per_step : prefill_fixed;
   s += per_decode_row * static_cast<double>(decode_rows);
   s += per_kv_token * static_cast<double>(kv_tokens);
   s += per_prefill_token * static_cast<double>(prefill_tokens);
   return s;
+}
+
+double StepCosts::Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const {
+  const double device = DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);
+  if (decode_rows == 0 || (host_fixed <= 0.0 && host_per_decode_row <= 0.0)) return device;
+  return std::max(device, host_fixed + host_per_decode_row * static_cast<double>(decode_rows));
 }
 
 double MatrixParams(const ModelConfig& c) {
@@ -143,6 +150,25 @@ void FitStepCosts(const std::vector<DecodePoint>& decode, const std::vector<Pref
   if (max_rel_error != nullptr) *max_rel_error = worst;
 }
 
+double FitHostCosts(const std::vector<DecodePoint>& host, StepCosts* costs) {
+  if (host.empty()) return 0.0;
+  std::vector<std::vector<double>> rows;
+  std::vector<double> y;
+  for (const DecodePoint& p : host) {
+    rows.push_back({1.0, static_cast<double>(p.batch)});
+    y.push_back(p.seconds);
+  }
+  const std::vector<double> c = NonNegativeFit(rows, y, 2);
+  costs->host_fixed = c[0];
+  costs->host_per_decode_row = c[1];
+  double worst = 0.0;
+  for (const DecodePoint& p : host) {
+    const double f = c[0] + c[1] * static_cast<double>(p.batch);
+    worst = std::max(worst, std::fabs(f - p.seconds) / p.seconds);
+  }
+  return worst;
+}
+
 namespace {
 
 absl::Status Missing(const std::string& name, const std::string& field) {
@@ -180,6 +206,7 @@ absl::StatusOr<Profile> ProfileFromJson(const nlohmann::json& j, const std::stri
   p.provenance = j["provenance"];
   p.grid = sm;
   p.memory_bandwidth = j.value("copy_bandwidth_gb_per_s", 0.0) * 1e9;
+  if (!p.provenance.is_object()) p.provenance = nlohmann::json::object();
   const std::string cpu = p.provenance.value("cpu_model", std::string("unknown CPU"));
   p.device = absl::StrCat(j.value("backend", std::string("cpu")), ": ", cpu, ", ",
                           j.value("threads", 0), " threads");
@@ -209,6 +236,39 @@ absl::StatusOr<Profile> ProfileFromJson(const nlohmann::json& j, const std::stri
     }
   }
   FitStepCosts(dec, pre, &p.costs, &p.fit_max_rel_error);
+  p.backend = j.value("backend", std::string("cpu"));
+  p.partly_derived = j.value("partly_derived", false);
+  if (p.backend != "cpu" && p.backend != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("profile ", name, ": backend '", p.backend,
+                                                   "' is neither cpu nor cuda"));
+  }
+  if (p.backend == "cuda") {
+    // A GPU profile sizes memory like the CUDA backend: it must say how large the device is.
+    if (!j.contains("device_memory_bytes") || !j["device_memory_bytes"].is_number() ||
+        j["device_memory_bytes"].get<double>() <= 0) {
+      return Missing(name, "device_memory_bytes");
+    }
+    p.device_memory_bytes = j["device_memory_bytes"].get<int64_t>();
+    p.device = absl::StrCat("cuda: ", j.value("device", std::string("unnamed GPU")));
+  }
+  if (j.contains("host_step")) {
+    std::vector<DecodePoint> host;
+    try {
+      for (const auto& e : j["host_step"].at("decode")) {
+        host.push_back({e.at("batch").get<int64_t>(), e.value("kv_tokens", int64_t{0}),
+                        e.at("seconds").get<double>()});
+      }
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile ", name, ": host_step.decode needs points with batch and seconds: ", e.what()));
+    }
+    for (const DecodePoint& d : host) {
+      if (!(d.seconds > 0) || d.batch < 1) {
+        return absl::InvalidArgumentError(absl::StrCat("profile ", name, ": a host_step point has a non-positive time or batch"));
+      }
+    }
+    p.fit_max_rel_error = std::max(p.fit_max_rel_error, FitHostCosts(host, &p.costs));
+  }
   return p;
 }
 

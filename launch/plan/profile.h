@@ -31,12 +31,20 @@ struct StepCosts {
   double prefill_fixed = 0.0;      // seconds per step with only prefill tokens
   double per_prefill_token = 0.0;  // seconds per prefill token
   double allreduce_per_step = 0.0; // TP > 1: seconds of all-reduce per decode step
+  // Host floor of a step with decode rows (a GPU backend: the host's bookkeeping and enqueueing
+  // overlap the device's work, so a step takes the larger of the two). 0: none.
+  double host_fixed = 0.0;
+  double host_per_decode_row = 0.0;
   double Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const;
+  // The device part alone (Seconds without the host floor).
+  double DeviceSeconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const;
 };
 
 struct Profile {
   std::string name;        // file name or datasheet name
   bool measured = false;   // false: datasheet (every derived figure is unmeasured)
+  std::string backend = "cpu";  // "cpu" or "cuda": how the planner sizes memory
+  bool partly_derived = false;  // a file whose figures are not all measured (its provenance says which)
   std::string device;      // "cpu: <model>, N threads" or "NVIDIA H100 SXM (datasheet)"
   std::string model;       // the model the profile was measured on ("" for datasheets)
   int64_t weight_bytes = 0;    // of the measured model
@@ -82,6 +90,9 @@ struct PrefillPoint {
 };
 void FitStepCosts(const std::vector<DecodePoint>& decode, const std::vector<PrefillPoint>& prefill,
                   StepCosts* costs, double* max_rel_error);
+// Fits the host floor (host_fixed + host_per_decode_row x batch, both >= 0) to host-side step
+// times (kv_tokens ignored). Returns the worst relative error.
+double FitHostCosts(const std::vector<DecodePoint>& host, StepCosts* costs);
 
 // Parameters per token of `c` (matrix weights used once per token), for FLOP counts.
 double MatrixParams(const ModelConfig& c);

@@ -18,7 +18,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/engine/clock.h"
 #include "runtime/engine/engine.h"
-#include "runtime/tokenizer/tokenizer.h"
+#include "launch/plan/sim_backend.h"
 
 namespace dmsrt {
 
@@ -134,179 +134,28 @@ double Percentile(std::vector<double> v, double pct) {
   return v[i];
 }
 
-// ---- the simulated backend ----------------------------------------------------------------------
+// ---- the event loop ---------------------------------------------------------------------------
 
 namespace {
 
-// Token ids of the simulated vocabulary.
-constexpr int32_t kContinue = 0;  // a generated token
-constexpr int32_t kEos = 1;
-constexpr int32_t kPromptToken = 2;
-constexpr int32_t kSimVocab = 3;
-
-class SimTokenizer final : public Tokenizer {
- public:
-  std::vector<int32_t> Encode(std::string_view text, bool, bool) const override {
-    return std::vector<int32_t>(text.size(), kPromptToken);
-  }
-  std::string Decode(absl::Span<const int32_t> ids) const override {
-    std::string s;
-    for (int32_t id : ids) s += TokenBytes(id);
-    return s;
-  }
-  // Generated tokens decode to nothing, so per-thread text stays empty (cheap).
-  std::string TokenBytes(int32_t) const override { return ""; }
-  bool IsEndOfGeneration(int32_t id) const override { return id == kEos; }
-  int32_t vocab_size() const override { return kSimVocab; }
-};
-
-// What the backend knows of a sequence: prompt and generated tokens it holds (to know which
-// token number the next logits decide).
-struct SeqTokens {
-  int64_t prompt = 0;
-  int64_t generated = 0;
-};
-
-// The real KV index, with Create/Fork/Free seen on the way so the backend can follow sequences.
-class SimKv final : public KvCache {
- public:
-  SimKv(std::unique_ptr<KvIndex> index, std::unordered_map<SeqId, SeqTokens>* seqs)
-      : index_(std::move(index)), seqs_(seqs) {}
-  KvIndex& index() { return *index_; }
-  const KvGeometry& geometry() const override { return index_->geometry(); }
-  const KvPolicyConfig& policy() const override { return index_->policy(); }
-  absl::StatusOr<SeqId> Create() override {
-    DMSRT_ASSIGN_OR_RETURN(SeqId s, index_->Create());
-    (*seqs_)[s] = SeqTokens{};
-    return s;
-  }
-  absl::StatusOr<SeqId> Fork(SeqId parent) override {
-    DMSRT_ASSIGN_OR_RETURN(SeqId s, index_->Fork(parent));
-    (*seqs_)[s] = (*seqs_)[parent];
-    return s;
-  }
-  absl::Status Free(SeqId seq) override {
-    seqs_->erase(seq);
-    return index_->Free(seq);
-  }
-  int64_t Length(SeqId seq) const override { return index_->Length(seq); }
-  absl::Status Reserve(SeqId seq, int32_t n) override { return index_->Reserve(seq, n); }
-  void AttendAndAppend(SeqId seq, int32_t layer, int32_t n, const float* q, const float* k,
-                       const float* v, const uint8_t* evict, float* out) override {
-    index_->AttendAndAppend(seq, layer, n, q, k, v, evict, out);
-  }
-  int64_t total_blocks() const override { return index_->total_blocks(); }
-  int64_t free_blocks() const override { return index_->free_blocks(); }
-  int64_t block_bytes() const override { return index_->block_bytes(); }
-  KvFigures Figures() const override { return index_->Figures(); }
-  KvFigures Figures(SeqId seq) const override { return index_->Figures(seq); }
-  std::vector<int32_t> ResidentPositions(SeqId seq, int32_t layer, int32_t head) const override {
-    return index_->ResidentPositions(seq, layer, head);
-  }
-
- private:
-  std::unique_ptr<KvIndex> index_;
-  std::unordered_map<SeqId, SeqTokens>* seqs_;
-};
-
-class NullSink final : public KvSlotSink {
- public:
-  void CopyBlock(int32_t, int32_t) override {}
-  void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
-};
-
-struct StepTally {
-  int64_t steps = 0;
-  int64_t decode_rows = 0;
-  double busy = 0.0, fixed = 0.0, rows = 0.0, kv = 0.0, prefill = 0.0;
-};
-
-class SimBackend final : public Backend {
- public:
-  SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, SimClock* clock,
-             const LengthDist* per_thread)
-      : kv_(std::move(index), &seqs_), costs_(costs), clock_(clock), per_thread_(per_thread) {}
-  const char* name() const override { return "sim"; }
-  KvCache& kv() override { return kv_; }
-  const StepTally& tally() const { return tally_; }
-
-  absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
-    DMSRT_ASSIGN_OR_RETURN(const int64_t n_tokens, ValidateStep(batch, kSimVocab));
-    (void)n_tokens;
-    for (const SeqChunk& ch : batch) {
-      DMSRT_RETURN_IF_ERROR(kv_.Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
-    }
-    KvIndex& index = kv_.index();
-    int64_t decode_rows = 0, kv_tokens = 0, prefill_tokens = 0;
-    ForwardResult res;
-    res.vocab = kSimVocab;
-    int32_t row = 0;
-    KvHeadView view;
-    for (size_t ci = 0; ci < batch.size(); ++ci) {
-      const SeqChunk& ch = batch[ci];
-      const int32_t n = static_cast<int32_t>(ch.tokens.size());
-      SeqTokens& st = seqs_[ch.seq];
-      for (int32_t t : ch.tokens) {
-        if (t == kPromptToken) {
-          ++st.prompt;
-        } else {
-          ++st.generated;
-        }
-      }
-      if (!index.CommitRows(ch.seq, 0, n, row, nullptr, sink_)) {
-        return absl::InternalError("the simulated KV index refused a commit");
-      }
-      row += n;
-      if (n == 1 && ch.tokens[0] != kPromptToken) {
-        ++decode_rows;
-        index.HeadViews(ch.seq, 0, &view);
-        kv_tokens += view.length;
-      } else {
-        prefill_tokens += n;
-      }
-      if (ch.logits != SeqChunk::Logits::kNone) {
-        // The next token is generated token number st.generated + 1.
-        const double h = per_thread_ != nullptr ? per_thread_->Hazard(st.generated + 1) : 0.0;
-        const float cont = h >= 1.0 ? -1e30f : static_cast<float>(std::log1p(-h));
-        const float eos = h <= 0.0 ? -1e30f : static_cast<float>(std::log(h));
-        res.logits.insert(res.logits.end(), {cont, eos, -1e30f});
-        res.row_chunk.push_back(static_cast<int32_t>(ci));
-      }
-    }
-    res.sampled.assign(batch.size(), -1);
-    res.sampled_logprob.assign(batch.size(), 0.0f);
-    const double secs = costs_.Seconds(decode_rows, kv_tokens, prefill_tokens);
-    clock_->AdvanceSeconds(secs);
-    ++tally_.steps;
-    tally_.decode_rows += decode_rows;
-    tally_.busy += secs;
-    if (decode_rows > 0) tally_.fixed += costs_.fixed + costs_.allreduce_per_step;
-    if (decode_rows == 0 && prefill_tokens > 0) tally_.prefill += costs_.prefill_fixed;
-    tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
-    tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
-    tally_.prefill += costs_.per_prefill_token * static_cast<double>(prefill_tokens);
-    return res;
-  }
-
- private:
-  std::unordered_map<SeqId, SeqTokens> seqs_;
-  SimKv kv_;
-  StepCosts costs_;
-  SimClock* clock_;
-  const LengthDist* per_thread_;
-  NullSink sink_;
-  StepTally tally_;
-};
+using plan_internal::kPromptToken;
+using plan_internal::kSimVocab;
+using plan_internal::SimBackend;
+using plan_internal::SimTokenizer;
+using plan_internal::StepTally;
 
 struct SimJob {
   double arrival = 0.0;
+  int64_t prompt = 0, generated = 0;  // tokens (generated: max_tokens of the job)
   int32_t n = 0;
   int32_t finished = 0;
   double first_thread = -1.0;
   double done = -1.0;
   bool failed = false;
-  std::map<int32_t, int32_t> open_on;  // replica -> threads not finished
 };
+
+// Steps one decode span may hold at most (spans end sooner at events anyway).
+constexpr int64_t kMaxSpan = 1 << 20;
 
 struct SimReplica {
   int32_t id = 0;
@@ -316,188 +165,263 @@ struct SimReplica {
   ReplicaCapacity capacity;
 };
 
-}  // namespace
+Clock::TimePoint AtSeconds(double t) {
+  return Clock::TimePoint(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(t)));
+}
 
-absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas,
-                                   const Workload& w, double cutoff_after_last_arrival) {
-  const auto wall0 = std::chrono::steady_clock::now();
-  if (replicas < 1) return absl::InvalidArgumentError("replicas must be >= 1");
-  if (w.n < 1) return absl::InvalidArgumentError("n must be >= 1");
-  if (w.jobs < 1) return absl::InvalidArgumentError("jobs must be >= 1");
-  if (w.arrivals.empty() && !(w.jobs_per_hour > 0)) {
-    return absl::InvalidArgumentError("the arrival rate must be > 0 jobs/h");
-  }
-  const ModelConfig& mc = cfg.model;
-  const int64_t kv_heads_rank = mc.n_kv_heads / std::max(1, cfg.tp);
+class Simulation {
+ public:
+  Simulation(const SimReplicaConfig& cfg, const Workload& w, const SloStop* stop)
+      : cfg_(cfg), w_(w), stop_(stop) {}
+  absl::Status Build(int32_t replicas);
+  absl::Status DrawJobs();
+  absl::StatusOr<SimResult> Run(double cutoff_after_last_arrival);
+
+ private:
+  absl::Status Arrive(double t);
+  absl::Status StepReplica(SimReplica* rep, double t_arr, double cutoff);
+  EventSink SinkFor(int64_t job, SimReplica* rep);
+  bool MissIsCertain(double now);
+  void Summarise();
+
+  const SimReplicaConfig& cfg_;
+  const Workload& w_;
+  const SloStop* stop_;
+  Model model_;
+  SimTokenizer tok_;
+  std::vector<std::unique_ptr<SimReplica>> reps_;
+  std::vector<SimJob> jobs_;
+  int64_t warm_ = 0;
+  int64_t next_ = 0;
+  int64_t finished_jobs_ = 0, threads_done_ = 0, failed_jobs_ = 0;
+  int64_t decided_ = 0, late_ = 0;  // MissIsCertain: jobs before decided_ judged, late_ of them
+  SimResult res_;
+};
+
+absl::Status Simulation::Build(int32_t replicas) {
+  const ModelConfig& mc = cfg_.model;
+  const int64_t kv_heads_rank = mc.n_kv_heads / std::max(1, cfg_.tp);
   const int64_t row_blocks = static_cast<int64_t>(mc.n_layers) * kv_heads_rank;
-  if (row_blocks < 1 || cfg.kv_block_bytes < 1) return absl::InvalidArgumentError("bad KV geometry");
+  if (row_blocks < 1 || cfg_.kv_block_bytes < 1) return absl::InvalidArgumentError("bad KV geometry");
   // The real pool per rank, in rows of n_layers x local KV heads blocks; a replica's leader
   // counts tp ranks' pools in its own unit (every rank's heads), i.e. the same rows.
-  const int64_t rank_blocks = cfg.kv_budget_bytes / cfg.kv_block_bytes;
-  const int64_t rows = rank_blocks / row_blocks;
+  const int64_t rows = cfg_.kv_budget_bytes / cfg_.kv_block_bytes / row_blocks;
   if (rows < 1) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the KV budget of %d bytes per rank holds no block row (%d blocks of %d bytes)",
-        cfg.kv_budget_bytes, row_blocks, cfg.kv_block_bytes));
+        cfg_.kv_budget_bytes, row_blocks, cfg_.kv_block_bytes));
   }
   KvGeometry geo;
   geo.n_layers = 1;
   geo.n_kv_heads = 1;
   geo.n_heads = 1;
   geo.head_dim = mc.head_dim;
-  geo.block_tokens = cfg.block_tokens;
+  geo.block_tokens = cfg_.block_tokens;
   KvPolicyConfig policy;
-  if (cfg.eviction_rate > 0) {
+  if (cfg_.eviction_rate > 0) {
     policy.kind = KvPolicyKind::kForced;
-    policy.force_rate = cfg.eviction_rate;
-    policy.window = std::max(1, cfg.window);
+    policy.force_rate = cfg_.eviction_rate;
+    policy.window = std::max(1, cfg_.window);
     policy.seed = 7;
   }
   // The simulated model: the real shapes and context, a three-token vocabulary.
-  Model model;
-  model.config = mc;
-  model.config.vocab = kSimVocab;
-  SimTokenizer tok;
-  const LengthDist* per_thread = w.per_thread_lengths ? &w.reasoning : nullptr;
-
-  std::vector<std::unique_ptr<SimReplica>> reps;
+  model_.config = mc;
+  model_.config.vocab = kSimVocab;
+  const LengthDist* per_thread = w_.per_thread_lengths ? &w_.reasoning : nullptr;
   for (int32_t r = 0; r < replicas; ++r) {
     auto rep = std::make_unique<SimReplica>();
     rep->id = r;
-    const int64_t row_bytes = cfg.kv_block_bytes * row_blocks;
+    const int64_t row_bytes = cfg_.kv_block_bytes * row_blocks;
     DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvIndex> index,
                            MakeKvIndex(geo, policy, rows * row_bytes, row_bytes));
-    rep->backend = std::make_unique<SimBackend>(std::move(index), cfg.costs, &rep->clock, per_thread);
+    rep->backend = std::make_unique<SimBackend>(std::move(index), cfg_.costs, &rep->clock, per_thread);
     EngineOptions eo;
-    eo.prefill_chunk = cfg.prefill_chunk;
-    eo.max_running_threads = cfg.max_running_threads;
+    eo.prefill_chunk = cfg_.prefill_chunk;
+    eo.max_running_threads = cfg_.max_running_threads;
     eo.clock = &rep->clock;
-    rep->engine = std::make_unique<Engine>(*rep->backend, tok, model, eo);
+    rep->engine = std::make_unique<Engine>(*rep->backend, tok_, model_, eo);
     ReplicaCapacity& c = rep->capacity;
     c.id = r;
-    c.kv_policy = cfg.eviction_rate > 0 ? "forced" : "none";
-    c.kv_window = cfg.eviction_rate > 0 ? std::max(1, cfg.window) : 0;
-    c.kv_force_rate = cfg.eviction_rate;
-    c.kv_block_tokens = cfg.block_tokens;
+    c.kv_policy = cfg_.eviction_rate > 0 ? "forced" : "none";
+    c.kv_window = cfg_.eviction_rate > 0 ? std::max(1, cfg_.window) : 0;
+    c.kv_force_rate = cfg_.eviction_rate;
+    c.kv_block_tokens = cfg_.block_tokens;
     c.blocks_per_token_dense = static_cast<int64_t>(mc.n_layers) * mc.n_kv_heads;
     c.kv_blocks_total = rows * c.blocks_per_token_dense;
-    c.kv_block_bytes = cfg.kv_block_bytes;
-    reps.push_back(std::move(rep));
+    c.kv_block_bytes = cfg_.kv_block_bytes;
+    reps_.push_back(std::move(rep));
   }
+  return absl::OkStatus();
+}
 
-  // Arrivals and lengths, drawn up front from one seeded stream.
-  std::mt19937_64 rng(w.seed);
-  std::vector<double> arrivals = w.arrivals;
+// Arrivals and lengths: the trace's, or drawn up front from one seeded stream.
+absl::Status Simulation::DrawJobs() {
+  std::mt19937_64 rng(w_.seed);
+  std::vector<double> arrivals = w_.arrivals;
   if (arrivals.empty()) {
-    std::exponential_distribution<double> gap(w.jobs_per_hour / 3600.0);
+    std::exponential_distribution<double> gap(w_.jobs_per_hour / 3600.0);
     double t = 0.0;
-    for (int64_t i = 0; i < w.jobs; ++i) {
+    for (int64_t i = 0; i < w_.jobs; ++i) {
       t += gap(rng);
       arrivals.push_back(t);
     }
   }
-  const int64_t n_jobs = static_cast<int64_t>(arrivals.size());
-  std::vector<int64_t> prompt_len(n_jobs), gen_len(n_jobs);
-  for (int64_t i = 0; i < n_jobs; ++i) {
-    prompt_len[i] = w.prompt.Sample(rng);
-    gen_len[i] = w.reasoning.Sample(rng);
+  const size_t n = arrivals.size();
+  const bool given = !w_.prompt_tokens.empty();
+  if (given && (w_.prompt_tokens.size() != n || w_.generated_tokens.size() != n)) {
+    return absl::InvalidArgumentError("a trace needs a prompt and a generated length per job");
   }
-  std::vector<SimJob> jobs(n_jobs);
-  const int64_t warm = static_cast<int64_t>(std::floor(w.warmup_fraction * n_jobs));
+  jobs_.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (i > 0 && arrivals[i] < arrivals[i - 1]) {
+      return absl::InvalidArgumentError("trace arrival times must not decrease");
+    }
+    jobs_[i].arrival = arrivals[i];
+    jobs_[i].prompt = given ? w_.prompt_tokens[i] : w_.prompt.Sample(rng);
+    jobs_[i].generated = given ? w_.generated_tokens[i] : w_.reasoning.Sample(rng);
+    if (jobs_[i].prompt < 1 || jobs_[i].generated < 1) {
+      return absl::InvalidArgumentError("every job needs at least one prompt and one generated token");
+    }
+  }
+  warm_ = static_cast<int64_t>(std::floor(w_.warmup_fraction * static_cast<double>(n)));
+  return absl::OkStatus();
+}
 
-  SimResult res;
-  res.jobs_submitted = n_jobs;
-  res.first_arrival = arrivals.front();
-  res.last_arrival = arrivals.back();
-  const double cutoff = arrivals.back() + cutoff_after_last_arrival;
-  int64_t next = 0;
-  int64_t finished_jobs = 0;
-  int64_t threads_done = 0;
-
-  auto sink_for = [&](int64_t job_index, SimReplica* rep) {
-    return [&, job_index, rep](const EngineEvent& ev) {
-      SimJob& j = jobs[job_index];
-      const double now = rep->clock.Seconds();
-      if (ev.kind == EngineEvent::Kind::kThreadFinished) {
-        ++j.finished;
-        ++threads_done;
-        if (ev.reason == FinishReason::kPreemptedFailed || ev.reason == FinishReason::kError) {
-          j.failed = true;
-        }
-        if (j.first_thread < 0) j.first_thread = now;
-        if (rep->capacity.assigned_open > 0) --rep->capacity.assigned_open;
-        if (j.finished == j.n) {
-          j.done = now;
-          ++finished_jobs;
-          res.last_finish = std::max(res.last_finish, now);
-        }
-      }
-    };
+EventSink Simulation::SinkFor(int64_t job, SimReplica* rep) {
+  return [this, job, rep](const EngineEvent& ev) {
+    if (ev.kind != EngineEvent::Kind::kThreadFinished) return;
+    SimJob& j = jobs_[job];
+    const double now = rep->clock.Seconds();
+    ++j.finished;
+    ++threads_done_;
+    if ((ev.reason == FinishReason::kPreemptedFailed || ev.reason == FinishReason::kError) &&
+        !j.failed) {
+      j.failed = true;
+      ++failed_jobs_;
+    }
+    if (j.first_thread < 0) j.first_thread = now;
+    if (rep->capacity.assigned_open > 0) --rep->capacity.assigned_open;
+    if (j.finished == j.n) {
+      j.done = now;
+      ++finished_jobs_;
+      res_.last_finish = std::max(res_.last_finish, now);
+    }
   };
+}
 
+// The coordinator admits job next_ and places its threads (launch/admission.h).
+absl::Status Simulation::Arrive(double t) {
+  SimJob& j = jobs_[next_];
+  std::vector<ReplicaCapacity> alive;
+  for (auto& r : reps_) alive.push_back(r->capacity);
+  AdmissionRequest ar;
+  ar.prompt_tokens = j.prompt;
+  ar.max_tokens = static_cast<int32_t>(w_.per_thread_lengths ? w_.reasoning.Max() : j.generated);
+  ar.n = w_.n;
+  ar.max_n = std::max(64, w_.n);
+  DMSRT_ASSIGN_OR_RETURN(j.n, AdmitJob(ar, alive));
+  std::vector<int32_t> idx(j.n);
+  for (int32_t i = 0; i < j.n; ++i) idx[i] = i;
+  const std::map<int32_t, std::vector<int32_t>> plan = PlaceThreads(idx, alive);
+  for (auto& [rid, threads] : plan) {
+    SimReplica* rep = reps_[rid].get();
+    rep->capacity.assigned_open += static_cast<int64_t>(threads.size());
+    rep->clock.AdvanceTo(AtSeconds(t));
+    EngineJobSpec spec;
+    spec.prompt.assign(static_cast<size_t>(j.prompt), kPromptToken);
+    spec.thread_indices = threads;
+    spec.sampling.temperature = 1.0f;
+    spec.sampling.seed = w_.seed * 1000003ull + static_cast<uint64_t>(next_) * 7919ull;
+    spec.max_tokens = ar.max_tokens;
+    spec.ignore_eos = !w_.per_thread_lengths;
+    DMSRT_RETURN_IF_ERROR(rep->engine->Submit(std::move(spec), SinkFor(next_, rep)).status());
+  }
+  ++next_;
+  return absl::OkStatus();
+}
+
+absl::Status Simulation::StepReplica(SimReplica* rep, double t_arr, double cutoff) {
+  rep->backend->SetSpanWindow(t_arr, cutoff);
+  DMSRT_RETURN_IF_ERROR(rep->engine->StepMany(cfg_.decode_spans ? kMaxSpan : 1).status());
+  ++res_.step_calls;
+  const EngineStats s = rep->engine->Stats();
+  res_.peak_running_threads = std::max(res_.peak_running_threads, s.peak_running_threads);
+  if (s.kv_blocks_total > 0) {
+    res_.peak_kv_fraction = std::max(
+        res_.peak_kv_fraction, static_cast<double>(s.peak_kv_blocks_used) / s.kv_blocks_total);
+  }
+  return absl::OkStatus();
+}
+
+// Whether the SLO is already missed whatever happens next: a failed job, or more measured jobs
+// over the SLO (finished late, or still running past it at `now`) than the percentile allows.
+// Jobs are judged in arrival order; one still running within the SLO stops the scan, which can
+// only delay the verdict.
+bool Simulation::MissIsCertain(double now) {
+  if (stop_ == nullptr) return false;
+  if (failed_jobs_ > 0) return true;
+  const int64_t n = static_cast<int64_t>(jobs_.size());
+  const int64_t measured = n - warm_;
+  const int64_t need = static_cast<int64_t>(
+      std::ceil(stop_->percentile / 100.0 * static_cast<double>(measured)));
+  const int64_t allowed = measured - std::clamp<int64_t>(need, 1, measured);
+  decided_ = std::max(decided_, warm_);
+  while (decided_ < n && decided_ < next_) {
+    const SimJob& j = jobs_[decided_];
+    if (j.done >= 0) {
+      late_ += j.done - j.arrival > stop_->seconds ? 1 : 0;
+    } else if (now - j.arrival > stop_->seconds) {
+      ++late_;
+    } else {
+      break;
+    }
+    ++decided_;
+  }
+  return failed_jobs_ > 0 || late_ > allowed;
+}
+
+absl::StatusOr<SimResult> Simulation::Run(double cutoff_after_last_arrival) {
+  const int64_t n_jobs = static_cast<int64_t>(jobs_.size());
+  res_.jobs_submitted = n_jobs;
+  res_.first_arrival = jobs_.front().arrival;
+  res_.last_arrival = jobs_.back().arrival;
+  const double cutoff = res_.last_arrival + cutoff_after_last_arrival;
+  const double inf = std::numeric_limits<double>::infinity();
   for (;;) {
     // The earliest event: an arrival, or the next step of a replica with work.
     SimReplica* step_rep = nullptr;
-    double t_step = std::numeric_limits<double>::infinity();
-    for (auto& r : reps) {
-      if (r->engine->Idle()) continue;
-      if (r->clock.Seconds() < t_step) {
+    double t_step = inf;
+    for (auto& r : reps_) {
+      if (!r->engine->Idle() && r->clock.Seconds() < t_step) {
         t_step = r->clock.Seconds();
         step_rep = r.get();
       }
     }
-    const double t_arr = next < n_jobs ? arrivals[next] : std::numeric_limits<double>::infinity();
-    if (step_rep == nullptr && next >= n_jobs) break;  // all done
+    const double t_arr = next_ < n_jobs ? jobs_[next_].arrival : inf;
+    if (step_rep == nullptr && next_ >= n_jobs) break;  // all done
     if (std::min(t_arr, t_step) > cutoff) {
-      res.complete = false;
+      res_.complete = false;
+      break;
+    }
+    if (MissIsCertain(std::min(t_arr, t_step))) {
+      res_.complete = false;
+      res_.stopped_at_miss = true;
       break;
     }
     if (t_arr <= t_step) {
-      // The coordinator admits the job and places its threads (launch/admission.h).
-      SimJob& j = jobs[next];
-      j.arrival = t_arr;
-      std::vector<ReplicaCapacity> alive;
-      for (auto& r : reps) alive.push_back(r->capacity);
-      AdmissionRequest ar;
-      ar.prompt_tokens = prompt_len[next];
-      ar.max_tokens = static_cast<int32_t>(w.per_thread_lengths ? w.reasoning.Max() : gen_len[next]);
-      ar.n = w.n;
-      ar.max_n = std::max(64, w.n);
-      absl::StatusOr<int32_t> n = AdmitJob(ar, alive);
-      if (!n.ok()) return n.status();
-      j.n = *n;
-      std::vector<int32_t> idx(j.n);
-      for (int32_t i = 0; i < j.n; ++i) idx[i] = i;
-      const std::map<int32_t, std::vector<int32_t>> plan = PlaceThreads(idx, alive);
-      for (auto& [rid, threads] : plan) {
-        SimReplica* rep = reps[rid].get();
-        rep->capacity.assigned_open += static_cast<int64_t>(threads.size());
-        rep->clock.AdvanceTo(Clock::TimePoint(std::chrono::duration_cast<std::chrono::nanoseconds>(
-            std::chrono::duration<double>(t_arr))));
-        EngineJobSpec spec;
-        spec.prompt.assign(static_cast<size_t>(prompt_len[next]), kPromptToken);
-        spec.thread_indices = threads;
-        spec.sampling.temperature = 1.0f;
-        spec.sampling.seed = w.seed * 1000003ull + static_cast<uint64_t>(next) * 7919ull;
-        spec.max_tokens = ar.max_tokens;
-        spec.ignore_eos = !w.per_thread_lengths;
-        absl::StatusOr<JobId> id = rep->engine->Submit(std::move(spec), sink_for(next, rep));
-        if (!id.ok()) return id.status();
-      }
-      ++next;
-      continue;
-    }
-    absl::StatusOr<bool> stepped = step_rep->engine->Step();
-    if (!stepped.ok()) return stepped.status();
-    const EngineStats s = step_rep->engine->Stats();
-    res.peak_running_threads = std::max(res.peak_running_threads, s.peak_running_threads);
-    if (s.kv_blocks_total > 0) {
-      res.peak_kv_fraction = std::max(
-          res.peak_kv_fraction, static_cast<double>(s.peak_kv_blocks_used) / s.kv_blocks_total);
+      DMSRT_RETURN_IF_ERROR(Arrive(t_arr));
+    } else {
+      DMSRT_RETURN_IF_ERROR(StepReplica(step_rep, t_arr, cutoff));
     }
   }
+  Summarise();
+  return res_;
+}
 
-  for (auto& r : reps) {
+void Simulation::Summarise() {
+  SimResult& res = res_;
+  for (auto& r : reps_) {
     const StepTally& t = r->backend->tally();
     res.steps += t.steps;
     res.busy_seconds += t.busy;
@@ -505,19 +429,21 @@ absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas
     res.seconds_rows += t.rows;
     res.seconds_kv += t.kv;
     res.seconds_prefill += t.prefill;
+    res.seconds_host += t.host;
     res.mean_batch += static_cast<double>(t.decode_rows);
     res.preemptions += r->engine->Stats().preemptions;
     res.sim_seconds = std::max(res.sim_seconds, r->clock.Seconds());
   }
   res.mean_batch = res.steps > 0 ? res.mean_batch / static_cast<double>(res.steps) : 0.0;
-  res.jobs_finished = finished_jobs;
+  res.jobs_finished = finished_jobs_;
   const double inf = std::numeric_limits<double>::infinity();
+  const int64_t n_jobs = static_cast<int64_t>(jobs_.size());
   double measured_end = 0.0;
   int64_t measured_done = 0;
   for (int64_t i = 0; i < n_jobs; ++i) {
-    const SimJob& j = jobs[i];
+    const SimJob& j = jobs_[i];
     if (j.failed) ++res.jobs_failed;
-    if (i < warm) continue;
+    if (i < warm_) continue;
     if (j.done >= 0) {
       res.latency.push_back(j.done - j.arrival);
       measured_end = std::max(measured_end, j.done);
@@ -527,17 +453,35 @@ absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas
     }
     res.first_thread.push_back(j.first_thread >= 0 ? j.first_thread - j.arrival : inf);
   }
-  const double start = warm < n_jobs ? arrivals[warm] : arrivals.front();
+  const double start = warm_ < n_jobs ? jobs_[warm_].arrival : jobs_.front().arrival;
   const double span = measured_end - start;
   if (span > 0 && measured_done > 0) {
     res.jobs_per_hour = static_cast<double>(measured_done) * 3600.0 / span;
   }
   if (res.sim_seconds > 0) {
-    res.threads_per_second = static_cast<double>(threads_done) / (res.sim_seconds - res.first_arrival);
+    res.threads_per_second = static_cast<double>(threads_done_) / (res.sim_seconds - res.first_arrival);
     int64_t gen = 0;
-    for (auto& r : reps) gen += r->engine->Stats().generation_tokens_total;
+    for (auto& r : reps_) gen += r->engine->Stats().generation_tokens_total;
     res.tokens_per_second = static_cast<double>(gen) / (res.sim_seconds - res.first_arrival);
   }
+}
+
+}  // namespace
+
+absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas,
+                                   const Workload& w, double cutoff_after_last_arrival,
+                                   const SloStop* stop) {
+  const auto wall0 = std::chrono::steady_clock::now();
+  if (replicas < 1) return absl::InvalidArgumentError("replicas must be >= 1");
+  if (w.n < 1) return absl::InvalidArgumentError("n must be >= 1");
+  if (w.jobs < 1 && w.arrivals.empty()) return absl::InvalidArgumentError("jobs must be >= 1");
+  if (w.arrivals.empty() && !(w.jobs_per_hour > 0)) {
+    return absl::InvalidArgumentError("the arrival rate must be > 0 jobs/h");
+  }
+  Simulation sim(cfg, w, stop);
+  DMSRT_RETURN_IF_ERROR(sim.Build(replicas));
+  DMSRT_RETURN_IF_ERROR(sim.DrawJobs());
+  DMSRT_ASSIGN_OR_RETURN(SimResult res, sim.Run(cutoff_after_last_arrival));
   res.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
   return res;

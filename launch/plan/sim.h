@@ -46,6 +46,9 @@ absl::StatusOr<LengthDist> ParseLengthDist(const std::string& s, int64_t max);
 struct Workload {
   double jobs_per_hour = 60.0;    // Poisson arrivals (ignored when `arrivals` is set)
   std::vector<double> arrivals;   // trace: arrival times in seconds (sorted), optional
+  // Trace lengths per job (launch/plan/trace.h), one per arrival; empty: drawn from `prompt`
+  // and `reasoning`.
+  std::vector<int64_t> prompt_tokens, generated_tokens;
   int32_t n = 16;                 // threads per job (best-of-N)
   LengthDist prompt;              // prompt tokens per job
   LengthDist reasoning;           // generated tokens
@@ -69,6 +72,9 @@ struct SimReplicaConfig {
   StepCosts costs;
   int32_t prefill_chunk = 256;
   int32_t max_running_threads = 256;
+  // Advance runs of pure decode steps between events in bulk (Engine::StepMany), with the same
+  // result as stepping one by one; false steps one by one (for checking that).
+  bool decode_spans = true;
 };
 
 struct SimResult {
@@ -87,19 +93,31 @@ struct SimResult {
   double peak_kv_fraction = 0.0;    // blocks used / total, the largest over replicas
   double mean_batch = 0.0;          // decode rows per step
   int64_t steps = 0;
+  int64_t step_calls = 0;           // engine calls that ran them (fewer with decode spans)
   double busy_seconds = 0.0;        // summed over replicas
   double seconds_fixed = 0.0, seconds_rows = 0.0, seconds_kv = 0.0, seconds_prefill = 0.0;
+  double seconds_host = 0.0;        // added by the host floor of host-bound steps
   bool complete = true;             // every job finished before the cut-off
+  bool stopped_at_miss = false;     // stopped once the SLO was certainly missed (SloStop)
   double wall_seconds = 0.0;        // host time the simulation took
 };
 
 // Percentile (0..100) of `v` by nearest rank; +inf entries count as the largest.
 double Percentile(std::vector<double> v, double pct);
 
+// A job-latency SLO at which a simulation may stop as soon as it is certainly missed (a job
+// failed, or more measured jobs are over `seconds` than percentile `percentile` allows).
+struct SloStop {
+  double percentile = 90.0;
+  double seconds = 0.0;
+};
+
 // Simulates `replicas` identical replicas under `w`. The run stops when every job has finished,
 // or `cutoff_after_last_arrival` seconds after the last arrival (unfinished jobs then count
-// with infinite latency and `complete` is false).
+// with infinite latency and `complete` is false), or, given `stop`, as soon as that SLO is
+// certainly missed (`stopped_at_miss`; the figures then cover the run so far).
 absl::StatusOr<SimResult> Simulate(const SimReplicaConfig& cfg, int32_t replicas,
-                                   const Workload& w, double cutoff_after_last_arrival);
+                                   const Workload& w, double cutoff_after_last_arrival,
+                                   const SloStop* stop = nullptr);
 
 }  // namespace dmsrt

@@ -87,6 +87,24 @@ class Backend {
   virtual absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate);
   // Device memory this process holds (0 for host backends).
   virtual int64_t DeviceBytesInUse() const { return 0; }
+
+  // Decode spans (optional; the capacity planner's simulated backend, launch/plan/sim.cc). A span
+  // is `steps` consecutive decode steps of the same one-token chunks, one per sequence of `seqs`
+  // in that order, run as one call. DecodeSpanLimit says how many such steps (at most
+  // `max_steps`) the backend can run as one and the logits row [vocab] it gives every chunk of
+  // every one of them: 0 when it cannot (the default). It may hold KV reservations for them, so
+  // it must be followed by ForwardDecodeSpan(seqs, steps) with steps <= that limit (0 gives
+  // them back). ForwardDecodeSpan leaves the sequences and the KV pool as `steps` calls of
+  // Forward with those chunks would (KvIndex::CommitDecodeRun), each returning `row` for every
+  // chunk.
+  virtual int64_t DecodeSpanLimit(const std::vector<SeqId>& /*seqs*/, int64_t /*max_steps*/,
+                                  std::vector<float>* /*row*/) {
+    return 0;
+  }
+  virtual absl::Status ForwardDecodeSpan(const std::vector<SeqId>& /*seqs*/, int64_t steps) {
+    if (steps == 0) return absl::OkStatus();
+    return absl::UnimplementedError("this backend does not run decode spans");
+  }
 };
 
 // The model's RoPE scaling as the kernels take it (kernels/reference/rope_freq.h).

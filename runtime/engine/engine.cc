@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "parallel/status_macros.h"
 
 namespace dmsrt {
 
@@ -407,10 +408,19 @@ void Engine::FailEverything(const absl::Status& status, Outbox& out) {
 }
 
 absl::StatusOr<bool> Engine::Step() {
+  DMSRT_ASSIGN_OR_RETURN(const int64_t n, StepMany(1));
+  return n > 0;
+}
+
+absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
   const Clock::TimePoint t0 = clock_.Now();
   DrainInbox();
   Outbox out;
   Admit(out);
+  if (max_steps > 1 && out.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(const int64_t k, DecodeSpan(max_steps, t0));
+    if (k > 0) return k;
+  }
   const int64_t gen_before = generation_tokens_total_;
   bool did_work = false;
 
@@ -444,7 +454,78 @@ absl::StatusOr<bool> Engine::Step() {
   const double secs =
       std::chrono::duration<double>(clock_.Now() - t0).count();
   UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
-  return did_work;
+  return did_work ? 1 : 0;
+}
+
+absl::StatusOr<int64_t> Engine::DecodeSpan(int64_t max_steps, Clock::TimePoint t0) {
+  if (resident_.empty()) return 0;
+  int64_t limit = max_steps;
+  span_seqs_.clear();
+  for (const Resident& r : resident_) {
+    if (r.thread == nullptr || !r.job->spec.stop.empty()) return 0;
+    const Thread& t = *r.thread;
+    if (static_cast<int64_t>(t.tokens.size()) - t.kv_len != 1) return 0;
+    // The step that samples token max_tokens ends the thread: it is not part of a span.
+    limit = std::min<int64_t>(limit, r.job->spec.max_tokens - t.generated - 1);
+    span_seqs_.push_back(t.seq);
+  }
+  if (limit < 2) return 0;
+  int64_t k = backend_.DecodeSpanLimit(span_seqs_, limit, &span_row_);
+  const int32_t vocab = static_cast<int32_t>(span_row_.size());
+  bool ok = k >= 2 && k <= limit && vocab > 0;
+  span_tokens_.clear();
+  for (size_t i = 0; ok && i < resident_.size(); ++i) {
+    const Resident& r = resident_[i];
+    int32_t tok = -1;
+    ok = r.thread->sampler->Certain(span_row_.data(), vocab, &tok) &&
+         (r.job->spec.ignore_eos || !tok_.IsEndOfGeneration(tok));
+    span_tokens_.push_back(tok);
+  }
+  if (!ok) {
+    if (k > 0) DMSRT_RETURN_IF_ERROR(backend_.ForwardDecodeSpan(span_seqs_, 0));
+    return 0;
+  }
+  const int64_t gen_before = generation_tokens_total_;
+  Outbox out;
+  absl::Status st = backend_.ForwardDecodeSpan(span_seqs_, k);
+  if (!st.ok()) {
+    FailEverything(st, out);
+    Emit(out);
+    return st;
+  }
+  UpdatePeaks();  // blocks in use only grow during a span: its last step holds the most
+  for (size_t i = 0; i < resident_.size(); ++i) {
+    Job& job = *resident_[i].job;
+    Thread& t = *resident_[i].thread;
+    const int32_t tok = span_tokens_[i];
+    float lp = 0.0f;
+    t.sampler->Sample(span_row_.data(), vocab, &lp);  // the row's log-probability, one draw
+    t.sampler->Skip(k - 1);
+    EngineEvent ev;
+    ev.kind = EngineEvent::Kind::kTokens;
+    ev.job = job.id;
+    ev.thread_index = t.index;
+    // A token with no bytes adds no text and leaves the decoder's pending tail as it is.
+    const bool silent = tok_.TokenBytes(tok).empty();
+    t.tokens.insert(t.tokens.end(), static_cast<size_t>(k), tok);
+    for (int64_t j = 0; j < k; ++j) {
+      t.logprob_sum += lp;
+      if (!silent) ev.text += t.stop->Push(t.decoder->Push(tok));
+    }
+    t.text += ev.text;
+    t.generated += k;
+    t.kv_len += k;
+    job.generated_total += k;
+    generation_tokens_total_ += k;
+    ev.token_ids.assign(static_cast<size_t>(k), tok);
+    ev.logprobs.assign(static_cast<size_t>(k), lp);
+    out.emplace_back(job.sink, std::move(ev));
+  }
+  Emit(out);
+  steps_ += k;
+  const double secs = std::chrono::duration<double>(clock_.Now() - t0).count();
+  UpdateStats(secs, generation_tokens_total_ - gen_before);
+  return k;
 }
 
 void Engine::BuildBatch(std::vector<SeqChunk>* batch, std::vector<Resident>* owners) const {

@@ -157,6 +157,17 @@ class Engine {
 
   // Runs one scheduling step. Returns false when there was nothing to do.
   absl::StatusOr<bool> Step();
+  // Runs one scheduling step, or up to `max_steps` steps as one when the backend runs decode
+  // spans (Backend::DecodeSpanLimit) and the next steps can only be decode steps of the same
+  // threads: every resident sequence is a started thread with one token to feed, whatever
+  // waits cannot be admitted before a thread ends (admission is checked first, as in Step, and
+  // free blocks only shrink while nothing ends), no thread reaches max_tokens, none has stop
+  // strings, and every thread's sampler picks the same token from the backend's row whatever
+  // its draw (Sampler::Certain; EOS only under ignore_eos). The state afterwards is the one
+  // that many Step() calls give, except that a span's tokens reach the sink as one kTokens event
+  // per thread and the tokens/s window counts the span as one entry. Returns the steps run (0:
+  // nothing to do). For simulations (launch/plan/); a backend without spans steps once.
+  absl::StatusOr<int64_t> StepMany(int64_t max_steps);
   // True when no job is queued, running or pending in the inbox.
   bool Idle() const;
 
@@ -220,6 +231,9 @@ class Engine {
   // from `logits`, and frees the root.
   void ForkRoot(Job& job, const float* logits, int32_t vocab, Outbox& out);
   void DropFinishedJobs();
+  // StepMany's span: the steps run as one (0: declined, run a normal step). `t0` is the clock at
+  // the start of the call.
+  absl::StatusOr<int64_t> DecodeSpan(int64_t max_steps, Clock::TimePoint t0);
 
   Backend& backend_;
   const Clock& clock_;
@@ -250,6 +264,9 @@ class Engine {
   int64_t peak_running_threads_ = 0;
   int64_t peak_kv_blocks_used_ = 0;
   std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, tokens) of recent steps
+  std::vector<SeqId> span_seqs_;   // DecodeSpan scratch
+  std::vector<float> span_row_;
+  std::vector<int32_t> span_tokens_;
 
   std::thread worker_;
   std::atomic<bool> running_{false};

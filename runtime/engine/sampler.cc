@@ -190,4 +190,38 @@ int32_t Sampler::Sample(const float* logits, int32_t vocab, float* logprob, int3
   return chosen;
 }
 
+bool Sampler::Certain(const float* logits, int32_t vocab, int32_t* token) const {
+  if (vocab <= 0) return false;
+  if (params_.temperature <= 0.0f) {
+    *token = Argmax(logits, vocab);
+    return true;
+  }
+  // The same arithmetic as Sample: float logits over the temperature, exp relative to the max.
+  const float inv_t = 1.0f / params_.temperature;
+  float mx = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int32_t i = 0; i < vocab; ++i) {
+    if (std::isnan(logits[i])) continue;
+    any = true;
+    mx = std::max(mx, logits[i] * inv_t);
+  }
+  if (!any) return false;  // Sample takes the argmax without a draw: not the case Skip counts
+  if (!std::isfinite(mx)) return false;
+  int32_t live = -1;
+  for (int32_t i = 0; i < vocab; ++i) {
+    if (std::isnan(logits[i])) continue;
+    const float l = logits[i] * inv_t;
+    if (std::exp(l - mx) == 0.0f) continue;
+    if (live >= 0) return false;
+    live = i;
+  }
+  if (live < 0) return false;
+  *token = live;
+  return true;
+}
+
+void Sampler::Skip(int64_t calls) {
+  if (params_.temperature > 0.0f && calls > 0) rng_.discard(static_cast<unsigned long long>(calls));
+}
+
 }  // namespace dmsrt

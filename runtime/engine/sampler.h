@@ -41,6 +41,15 @@ class Sampler {
   // nothing and leaves *top empty.
   int32_t Sample(const float* logits, int32_t vocab, float* logprob = nullptr, int32_t top_n = 0,
                  std::vector<TokenLogprob>* top = nullptr);
+  // Whether Sample(logits, vocab) returns the same token whatever its random draw: greedy, or
+  // one token holding all of the probability (every other one's exp(logit - max) is exactly 0).
+  // Then `*token` is that token. Filters only remove candidates, and the certain one is the
+  // largest, so they cannot change it.
+  bool Certain(const float* logits, int32_t vocab, int32_t* token) const;
+  // Advances the random state as `calls` calls of Sample on a row with at least one finite logit
+  // would: one draw each unless greedy. With Certain(), `calls` samples of a certain row are
+  // Skip(calls) and the certain token `calls` times.
+  void Skip(int64_t calls);
 
  private:
   SamplingParams params_;

@@ -12,6 +12,7 @@ StopMatcher::StopMatcher(std::vector<std::string> stops) {
 
 std::string StopMatcher::Push(const std::string& piece) {
   if (matched_) return "";
+  if (stops_.empty()) return piece;  // nothing is ever held back
   held_ += piece;
   // Earliest complete stop string wins.
   size_t best = std::string::npos;

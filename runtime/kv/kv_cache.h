@@ -193,6 +193,15 @@ class KvIndex : public KvCache {
   // misuse.
   virtual bool CommitRows(SeqId seq, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
                           KvSlotSink& sink) = 0;
+  // `n` decode tokens of `seq` in `layer`, committed as `n` one-token CommitRows would be (the
+  // same slots, flags, resident counts, figures and reads; block ids may differ when other
+  // sequences commit in between in those steps), with every write reported at step row `row`.
+  // Requires a successful Reserve(seq, n). Policies whose bits are fixed in advance only (none,
+  // forced, window): under dms the model decides each token's bit, so it returns false (and
+  // marks the sequence inconsistent). Used to advance simulated decode steps in bulk
+  // (launch/plan/sim.cc).
+  virtual bool CommitDecodeRun(SeqId seq, int32_t layer, int32_t n, int32_t row,
+                               KvSlotSink& sink) = 0;
   // Deferred decision bits (policy dms with a delay window w >= 1). The bit d[t] of a decode
   // token only sets flag(t-1), and the first thing to read that flag is the next token's commit
   // (docs/dms-semantics.md §4 step 1 reads flag(t-w-1); w >= 1). So a backend that computes the

@@ -368,7 +368,7 @@ const uint8_t* KvStore::StepBits(const Sequence& s, const HeadState* heads, int3
 // CommitRows and CommitDecodeDeferred. A deferred commit runs as one with model bits and
 // evict == nullptr (d[t] = 0: flag(t-1) is left alone) and leaves the layer awaiting its bits.
 bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
-                          bool defer, KvSlotSink& sink) {
+                          bool defer, KvSlotSink& sink, bool decode_run) {
   if (n <= 0) return true;
   auto it = seqs_.find(id);
   if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return false;
@@ -377,22 +377,27 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
   HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
   const bool defer_ok = !defer || (model_bits_ && ring_ && w_ >= 1 && n == 1);
   if (!index_only_ || victim_ || !defer_ok || s.broken || heads[0].logical != P ||
-      !ResolveDeferred(s, layer)) {
+      (decode_run && model_bits_) || !ResolveDeferred(s, layer)) {
     s.broken = true;
     return false;
   }
   const int32_t nkv = geo_.n_kv_heads;
   const uint8_t* bits = StepBits(s, heads, layer, P, n, evict, nullptr);
-  if (n > 1) CountPrefillReads(heads, n, P, bits);
+  if (n > 1 && !decode_run) CountPrefillReads(heads, n, P, bits);
   sink_ = &sink;
   for (int32_t j = 0; j < nkv && !s.broken; ++j) {
     for (int32_t i = 0; i < n; ++i) {
-      if (!Commit(s, heads[j], P + i, BitAt(bits, nkv, i, j), nullptr, nullptr, row0 + i, j)) {
+      if (!Commit(s, heads[j], P + i, BitAt(bits, nkv, i, j), nullptr, nullptr,
+                  decode_run ? row0 : row0 + i, j)) {
         s.broken = true;
         break;
       }
+      if (decode_run) {  // what one decode step reads: every slot resident after its commit
+        heads[j].kv_reads += heads[j].n;
+        heads[j].dense_reads += P + i + 1;
+      }
     }
-    if (n == 1 && !s.broken) {
+    if (n == 1 && !decode_run && !s.broken) {
       heads[j].kv_reads += heads[j].n;
       heads[j].dense_reads += P + 1;
     }

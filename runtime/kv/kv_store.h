@@ -159,6 +159,9 @@ class KvStore final : public KvIndex {
                   KvSlotSink& sink) override {
     return CommitChunk(id, layer, n, row0, evict, /*defer=*/false, sink);
   }
+  bool CommitDecodeRun(SeqId id, int32_t layer, int32_t n, int32_t row, KvSlotSink& sink) override {
+    return CommitChunk(id, layer, n, row, nullptr, /*defer=*/false, sink, /*decode_run=*/true);
+  }
   bool CommitDecodeDeferred(SeqId id, int32_t layer, int32_t row, KvSlotSink& sink) override {
     return CommitChunk(id, layer, 1, row, nullptr, /*defer=*/true, sink);
   }
@@ -181,8 +184,9 @@ class KvStore final : public KvIndex {
   using Scratch = kv_store_internal::Scratch;
 
   // ---- bookkeeping (kv_store.cc) ----
+  // decode_run: the n tokens are n decode steps of one row (CommitDecodeRun), not a chunk.
   bool CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, const uint8_t* evict,
-                   bool defer, KvSlotSink& sink);
+                   bool defer, KvSlotSink& sink, bool decode_run = false);
   void CountPrefillReads(HeadState* heads, int32_t n, int64_t P, const uint8_t* bits);
   // The decision bits d[P + i] [n, n_kv_heads] of a commit into bits_, or nullptr when the
   // policy has none (every bit 0).

@@ -2,7 +2,9 @@
 // with d[t] = 1 drawn at `force_rate` from a seeded hash of (layer, global KV head, t): the same
 // bits on every rank and every backend, and after a preemption, so recomputing a sequence
 // rebuilds the same cache. Figures under it are labelled synthetic.
+#include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/reference/random_hash.h"
@@ -13,7 +15,22 @@ namespace {
 
 class ForcedPolicy final : public KvPolicy {
  public:
-  using KvPolicy::KvPolicy;
+  ForcedPolicy(const KvPolicyConfig& config, const KvGeometry& geometry)
+      : KvPolicy(config, geometry) {
+    // The hash of (seed, layer, head) does not depend on t: computed once per head.
+    using kernels::SplitMix64;
+    const int32_t nkv = geometry.n_kv_heads;
+    head_keys_.resize(static_cast<size_t>(std::max(0, geometry.n_layers)) * std::max(0, nkv));
+    for (int32_t l = 0; l < geometry.n_layers; ++l) {
+      for (int32_t j = 0; j < nkv; ++j) {
+        uint64_t x = SplitMix64(config.seed);
+        x = SplitMix64(x ^ (static_cast<uint64_t>(l) + 1) * 0xD6E8FEB86659FD93ull);
+        x = SplitMix64(x ^ (static_cast<uint64_t>(geometry.kv_head_offset + j) + 1) *
+                               0xA0761D6478BD642Full);
+        head_keys_[static_cast<size_t>(l) * nkv + j] = x;
+      }
+    }
+  }
   KvSlotReuse reuse() const override { return KvSlotReuse::kFlagged; }
   int32_t delay_window() const override { return config().window; }
 
@@ -38,15 +55,13 @@ class ForcedPolicy final : public KvPolicy {
  private:
   // d[t] of local KV head j.
   uint8_t Bit(int32_t layer, int32_t j, int64_t t) const {
-    using kernels::SplitMix64;
-    uint64_t x = SplitMix64(config().seed);
-    x = SplitMix64(x ^ (static_cast<uint64_t>(layer) + 1) * 0xD6E8FEB86659FD93ull);
-    x = SplitMix64(x ^ (static_cast<uint64_t>(geometry().kv_head_offset + j) + 1) *
-                           0xA0761D6478BD642Full);
-    x = SplitMix64(x ^ static_cast<uint64_t>(t));
+    const uint64_t x = kernels::SplitMix64(
+        head_keys_[static_cast<size_t>(layer) * geometry().n_kv_heads + j] ^ static_cast<uint64_t>(t));
     const double u = static_cast<double>(x >> 11) * (1.0 / 9007199254740992.0);
     return u < config().force_rate ? 1 : 0;
   }
+
+  std::vector<uint64_t> head_keys_;  // [n_layers * n_kv_heads]
 };
 
 absl::Status Validate(const KvPolicyConfig& config) {

@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Best-of-N load against a running `dmsrt serve` (its OpenAI-compatible HTTP door,
---http-listen): jobs arrive as a Poisson process (--rate jobs/h) or from a trace file (one arrival
-time in seconds per line), each a streamed /v1/completions request with n threads, a prompt of a
-drawn length and max_tokens of a drawn length with EOS ignored (so the lengths are the ones
-drawn, on any model). Reports, as JSON: sustained jobs/h and threads/s over the measured jobs
-(after a warm-up share), job latency p50/p90/p99 and time to the first finished thread.
+--http-listen): jobs arrive as a Poisson process (--rate jobs/h) or from a trace file, each a
+streamed /v1/completions request with n threads, a prompt of a drawn length and max_tokens of a
+drawn length with EOS ignored (so the lengths are the ones drawn, on any model). Reports, as
+JSON: sustained jobs/h and threads/s over the measured jobs (after a warm-up share), job latency
+p50/p90/p99 and time to the first finished thread.
 
     python3 tests/bench/loadgen.py --url http://127.0.0.1:8080 --rate 60 --jobs 100 --n 4 \
         --prompt fixed:64 --reasoning uniform:64:192 --json out.json
+
+Traces (the jobs `dmsrt plan --trace` simulates; format in launch/plan/trace.h): one job per
+line, "ARRIVAL_SECONDS PROMPT_TOKENS GENERATED_TOKENS" ('#' comments). --write-trace FILE writes
+the jobs this run submits (with --dry-run: writes them and exits, no server needed); --trace FILE
+submits a trace's jobs (lines of an arrival time alone draw their lengths here, with --seed).
+The same trace given to `dmsrt plan --replicas R --trace FILE` predicts this run.
 
 Length forms are those of `dmsrt plan`: fixed:N, uniform:A:B, lognormal:MEDIAN:SIGMA (clipped to
 --max-prompt / --max-tokens). The prompt is built from a word that the default model's tokenizer
@@ -92,11 +98,66 @@ def run_job(url, job, n, t0, word, timeout):
         job.error = repr(e)
 
 
+def read_trace(path):
+    """(arrival, prompt, generated) per job; prompt and generated are None where a line has only
+    the arrival time. Same rules as launch/plan/trace.cc."""
+    out = []
+    with open(path) as f:
+        for no, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) not in (1, 3):
+                raise SystemExit(f"loadgen: trace {path} line {no}: expected ARRIVAL_SECONDS [PROMPT GENERATED]")
+            t = float(fields[0])
+            if t < 0 or (out and t < out[-1][0]):
+                raise SystemExit(f"loadgen: trace {path} line {no}: arrival times must be >= 0 and not decrease")
+            lengths = (int(fields[1]), int(fields[2])) if len(fields) == 3 else (None, None)
+            if lengths[0] is not None and min(lengths) < 1:
+                raise SystemExit(f"loadgen: trace {path} line {no}: lengths must be >= 1")
+            if out and (lengths[0] is None) != (out[-1][1] is None):
+                raise SystemExit(f"loadgen: trace {path} line {no}: either every job has its lengths or none has")
+            out.append((t, *lengths))
+    if not out:
+        raise SystemExit(f"loadgen: trace {path} has no job")
+    return out
+
+
+def make_jobs(a):
+    """The jobs of this run: Poisson arrivals at --rate, or the trace's; lengths drawn from
+    --prompt/--reasoning (one seeded stream, arrivals first) unless the trace has them."""
+    rng = random.Random(a.seed)
+    pd, rd = parse_dist(a.prompt, a.max_prompt), parse_dist(a.reasoning, a.max_tokens)
+    if a.trace:
+        rows = read_trace(a.trace)
+    else:
+        t, rows = 0.0, []
+        for _ in range(a.jobs):
+            t += rng.expovariate(a.rate / 3600.0)
+            rows.append((t, None, None))
+    jobs = []
+    for i, (t, p, g) in enumerate(rows):
+        if p is None:
+            p, g = pd(rng), rd(rng)
+        jobs.append(Job(i, t, p, g))
+    return jobs
+
+
+def write_trace(path, jobs, a):
+    with open(path, "w") as f:
+        f.write(f"# dmsrt job trace: arrival_s prompt_tokens generated_tokens (n {a.n}; written by "
+                f"tests/bench/loadgen.py, seed {a.seed})\n")
+        for j in jobs:
+            f.write(f"{j.arrival:.6f} {j.prompt_len} {j.gen_len}\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", required=True, help="the serve's HTTP door, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--url", help="the serve's HTTP door, e.g. http://127.0.0.1:8080 (required unless --dry-run)")
     ap.add_argument("--rate", type=float, default=60.0, help="Poisson arrivals, jobs per hour")
-    ap.add_argument("--trace", help="file of arrival times (seconds), one per line, instead of --rate")
+    ap.add_argument("--trace", help="a job trace (launch/plan/trace.h) instead of --rate")
+    ap.add_argument("--write-trace", help="write the jobs this run submits as a trace")
+    ap.add_argument("--dry-run", action="store_true", help="with --write-trace: write it and exit")
     ap.add_argument("--jobs", type=int, default=100)
     ap.add_argument("--n", type=int, default=4, help="threads per job (best-of-N)")
     ap.add_argument("--prompt", default="fixed:64")
@@ -111,17 +172,16 @@ def main():
     a = ap.parse_args()
     if a.rate <= 0 and not a.trace:
         raise SystemExit("loadgen: --rate must be > 0 jobs/h")
-    rng = random.Random(a.seed)
-    pd, rd = parse_dist(a.prompt, a.max_prompt), parse_dist(a.reasoning, a.max_tokens)
-    if a.trace:
-        with open(a.trace) as f:
-            arrivals = [float(x) for x in f.read().split()]
-    else:
-        t, arrivals = 0.0, []
-        for _ in range(a.jobs):
-            t += rng.expovariate(a.rate / 3600.0)
-            arrivals.append(t)
-    jobs = [Job(i, t, pd(rng), rd(rng)) for i, t in enumerate(arrivals)]
+    if a.dry_run and not a.write_trace:
+        raise SystemExit("loadgen: --dry-run writes a trace: give --write-trace FILE")
+    if not a.dry_run and not a.url:
+        raise SystemExit("loadgen: --url is required (unless --dry-run)")
+    jobs = make_jobs(a)
+    if a.write_trace:
+        write_trace(a.write_trace, jobs, a)
+        if a.dry_run:
+            print(json.dumps({"trace": a.write_trace, "jobs": len(jobs)}))
+            return 0
     t0 = time.monotonic()
     threads = []
     for j in jobs:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """`dmsrt plan` on the command line: a datasheet run whose JSON has the promised fields, and clear
 errors (a message, a non-zero exit, no crash) for a profile missing a field, a negative rate, an
-SLO no deployment meets (an answer with the closest miss) and a model that fits nowhere. One case
+SLO no deployment meets (an answer with the closest miss) and a model that fits nowhere; a job
+trace written by tests/bench/loadgen.py simulated by --trace (and a bad trace refused). One case
 per ctest (label unit), seconds each:
 
-    plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit
+    plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit | trace
 """
 import json
 import os
@@ -73,6 +74,32 @@ def main():
                                                   {"tokens": 256, "seconds": 0.2}]}}, open(p, "w"))
             rc, so, se = run(bin_, "--profile", p, "--kv-budget", "1MiB")
             expect_error(rc, se, "fit no deployment")
+        elif case == "trace":
+            # The shared job stream: loadgen writes the jobs it would submit, plan simulates them.
+            trace = os.path.join(tmp, "jobs.trace")
+            lg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "loadgen.py")
+            subprocess.run([sys.executable, lg, "--rate", "3000", "--jobs", "24", "--n", "4",
+                            "--prompt", "uniform:100:300", "--reasoning", "uniform:256:768",
+                            "--max-tokens", "1024", "--write-trace", trace, "--dry-run"], check=True,
+                           capture_output=True)
+            rows = [l.split() for l in open(trace) if l.strip() and not l.startswith("#")]
+            assert len(rows) == 24 and all(len(r) == 3 for r in rows), rows
+            out = os.path.join(tmp, "plan.json")
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--replicas", "1", "--evict", "0",
+                             "--trace", trace, "--out", out)
+            assert rc in (0, 1), f"rc {rc}\n{se}"
+            j = json.load(open(out))
+            at = j["deployments"][0]["at_target"]
+            assert at["jobs"] == 24, at
+            # The rate reported is the trace's own.
+            want = 24 * 3600 / float(rows[-1][0])
+            assert abs(j["workload"]["target_jobs_per_hour"] - want) < 1e-6 * want, j["workload"]
+            bad = os.path.join(tmp, "bad.trace")
+            open(bad, "w").write("1 10 10\n0.5 10 10\n")
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--replicas", "1", "--trace", bad)
+            expect_error(rc, se, "line 2")
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--trace", trace)
+            expect_error(rc, se, "--replicas")
         else:
             raise SystemExit(f"unknown case {case}")
     print(f"{case}: ok")

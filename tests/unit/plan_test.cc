@@ -10,6 +10,7 @@
 #include "launch/plan/plan.h"
 #include "launch/plan/profile.h"
 #include "launch/plan/sim.h"
+#include "launch/plan/trace.h"
 #include "runtime/kv/kv_sizing.h"
 #include "runtime/model/synthetic_model.h"
 
@@ -121,6 +122,39 @@ TEST(PlanProfileTest, MissingFieldIsNamed) {
   j["schema_version"] = 1;
   EXPECT_NE(ProfileFromJson(j, "x.json").status().message().find("schema_version 1"),
             std::string::npos);
+}
+
+// A GPU profile: the host floor is fitted from its own points and a step takes the larger of
+// device and host time; it must say how large the device is.
+TEST(PlanProfileTest, GpuProfileHostFloorAndDeviceMemory) {
+  nlohmann::json j = {
+      {"schema_version", 2}, {"model", "qwen3-8b"}, {"weight_bytes", 1}, {"provenance", {}},
+      {"backend", "cuda"},
+      {"step_model",
+       // 5 ms + 10 us per row + 2 ns per KV token.
+       {{"decode", {{{"batch", 1}, {"kv_tokens", 4096}, {"seconds", 0.0050182}},
+                    {{"batch", 64}, {"kv_tokens", 262144}, {"seconds", 0.006164288}},
+                    {{"batch", 19}, {"kv_tokens", 155648}, {"seconds", 0.005501296}}}},
+        {"prefill", {{{"tokens", 256}, {"seconds", 0.01}}, {{"tokens", 2048}, {"seconds", 0.03}}}}}},
+      {"host_step", {{"decode", {{{"batch", 32}, {"seconds", 0.002}}, {{"batch", 256}, {"seconds", 0.016}}}}}}};
+  absl::StatusOr<Profile> p = ProfileFromJson(j, "gpu.json");
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("device_memory_bytes"), std::string::npos) << p.status();
+  j["device_memory_bytes"] = 80e9;
+  p = ProfileFromJson(j, "gpu.json");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->backend, "cuda");
+  EXPECT_EQ(p->device_memory_bytes, 80000000000);
+  EXPECT_NEAR(p->costs.host_per_decode_row, 0.014 / 224, 1e-12);
+  EXPECT_NEAR(p->costs.host_fixed, 0.002 - 32 * 0.014 / 224, 1e-12);
+  const StepCosts& c = p->costs;
+  // Small batch: the device binds; large batch: the host.
+  EXPECT_EQ(c.Seconds(1, 4096, 0), c.DeviceSeconds(1, 4096, 0));
+  EXPECT_GT(c.Seconds(256, 256 * 1000, 0), c.DeviceSeconds(256, 256 * 1000, 0));
+  EXPECT_NEAR(c.Seconds(256, 256 * 1000, 0), c.host_fixed + 256 * c.host_per_decode_row, 1e-12);
+  EXPECT_EQ(c.Seconds(0, 0, 256), c.DeviceSeconds(0, 0, 256)) << "prefill-only steps have no host floor";
+  j["backend"] = "tpu";
+  EXPECT_FALSE(ProfileFromJson(j, "gpu.json").ok());
 }
 
 TEST(PlanProfileTest, DatasheetIsUnmeasuredAndFromPeaks) {
@@ -236,6 +270,158 @@ TEST(PlanSimTest, PinnedScenario_n4_lognormal_poisson) {
   EXPECT_NEAR(p50, kPinnedP50, 1e-6) << "p50 " << p50 << " p90 " << p90 << " steps " << a->steps;
   EXPECT_NEAR(p90, kPinnedP90, 1e-6) << "p50 " << p50 << " p90 " << p90 << " steps " << a->steps;
   EXPECT_EQ(a->steps, kPinnedSteps);
+}
+
+// Decode spans (Engine::StepMany: runs of pure decode steps advanced as one) against one step
+// at a time on the same scenario: every figure must be the same to the bit (same decisions in the
+// same order; the clock and the tallies advance step by step with the same arithmetic), with far
+// fewer engine calls where threads decode long between events.
+SimResult ExpectSpansChangeNothing(SimReplicaConfig c, int32_t replicas, const Workload& w,
+                                   double cutoff, double max_call_share) {
+  c.decode_spans = false;
+  absl::StatusOr<SimResult> one = Simulate(c, replicas, w, cutoff);
+  c.decode_spans = true;
+  absl::StatusOr<SimResult> span = Simulate(c, replicas, w, cutoff);
+  EXPECT_TRUE(one.ok() && span.ok()) << one.status() << span.status();
+  if (!one.ok() || !span.ok()) return SimResult{};
+  EXPECT_EQ(one->latency, span->latency);
+  EXPECT_EQ(one->first_thread, span->first_thread);
+  EXPECT_EQ(one->steps, span->steps);
+  EXPECT_EQ(one->preemptions, span->preemptions);
+  EXPECT_EQ(one->jobs_finished, span->jobs_finished);
+  EXPECT_EQ(one->jobs_failed, span->jobs_failed);
+  EXPECT_EQ(one->complete, span->complete);
+  EXPECT_EQ(one->peak_running_threads, span->peak_running_threads);
+  EXPECT_EQ(one->peak_kv_fraction, span->peak_kv_fraction);
+  EXPECT_EQ(one->sim_seconds, span->sim_seconds);
+  EXPECT_EQ(one->last_finish, span->last_finish);
+  EXPECT_EQ(one->busy_seconds, span->busy_seconds);
+  EXPECT_EQ(one->seconds_fixed, span->seconds_fixed);
+  EXPECT_EQ(one->seconds_rows, span->seconds_rows);
+  EXPECT_EQ(one->seconds_kv, span->seconds_kv);
+  EXPECT_EQ(one->seconds_prefill, span->seconds_prefill);
+  EXPECT_EQ(one->mean_batch, span->mean_batch);
+  EXPECT_EQ(one->jobs_per_hour, span->jobs_per_hour);
+  EXPECT_EQ(one->tokens_per_second, span->tokens_per_second);
+  EXPECT_EQ(one->step_calls, one->steps);
+  EXPECT_LE(span->step_calls, max_call_share * static_cast<double>(span->steps))
+      << span->step_calls << " calls for " << span->steps << " steps";
+  return *span;
+}
+
+Workload Stream(int32_t n, const char* prompt, const char* reasoning, int64_t jobs, double rate,
+                bool per_thread) {
+  Workload w;
+  w.n = n;
+  w.prompt = *ParseLengthDist(prompt, 512);
+  w.reasoning = *ParseLengthDist(reasoning, 1000);
+  w.per_thread_lengths = per_thread;
+  w.jobs = jobs;
+  w.jobs_per_hour = rate;
+  w.seed = 11;
+  return w;
+}
+
+// Dense, a pool of about six threads at full length, two replicas: preemption and recompute,
+// admission held back, placement over replicas.
+TEST(PlanSpanTest, SameAsSingleSteps_dense_tight_two_replicas) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  const Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 40, 2400, false);
+  const SimResult r = ExpectSpansChangeNothing(c, 2, w, 600, 0.5);
+  EXPECT_GT(r.preemptions, 0);
+  EXPECT_TRUE(r.complete);
+}
+
+// Forced eviction 7/8 after a 16-token window, one replica, a short cut-off: unfinished jobs.
+TEST(PlanSpanTest, SameAsSingleSteps_forced875_w16_cutoff) {
+  SimReplicaConfig c = TinyReplica(3 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.875;
+  c.window = 16;
+  const Workload w = Stream(8, "fixed:111", "uniform:300:900", 30, 3000, false);
+  const SimResult r = ExpectSpansChangeNothing(c, 1, w, 5, 0.5);
+  EXPECT_FALSE(r.complete);
+  EXPECT_GT(r.jobs_finished, 0);
+}
+
+// Per-thread lengths: the first 199 tokens cannot end a thread (spans), the rest can (single
+// steps).
+TEST(PlanSpanTest, SameAsSingleSteps_per_thread_uniform200_forced5) {
+  SimReplicaConfig c = TinyReplica(4 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.5;
+  c.window = 8;
+  const Workload w = Stream(4, "uniform:20:60", "uniform:200:260", 30, 2000, true);
+  const SimResult r = ExpectSpansChangeNothing(c, 1, w, 600, 0.8);
+  EXPECT_TRUE(r.complete);
+}
+
+// With an SLO to judge, a run stops as soon as the miss is certain, and a run that meets the
+// SLO is not touched.
+TEST(PlanSimTest, StopsOnceTheSloIsCertainlyMissed_overloaded_n4) {
+  SimReplicaConfig c = TinyReplica(4 << 20);
+  c.costs = CpuLikeCosts();
+  const Workload w = Stream(4, "fixed:64", "uniform:200:400", 60, 20000, false);
+  absl::StatusOr<SimResult> full = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(full.ok()) << full.status();
+  const double p90 = Percentile(full->latency, 90);
+  ASSERT_GT(p90, 30.0) << "the scenario must be overloaded";
+  SloStop miss{90, 10.0};
+  absl::StatusOr<SimResult> early = Simulate(c, 1, w, 600, &miss);
+  ASSERT_TRUE(early.ok());
+  EXPECT_TRUE(early->stopped_at_miss);
+  EXPECT_FALSE(early->complete);
+  EXPECT_LT(early->steps, full->steps / 2);
+  EXPECT_GT(Percentile(early->latency, 90), miss.seconds);
+  SloStop met{90, 2 * Percentile(full->latency, 100)};
+  absl::StatusOr<SimResult> same = Simulate(c, 1, w, 600, &met);
+  ASSERT_TRUE(same.ok());
+  EXPECT_FALSE(same->stopped_at_miss);
+  EXPECT_EQ(same->latency, full->latency);
+  EXPECT_EQ(same->steps, full->steps);
+}
+
+TEST(PlanTraceTest, ParsesAndRefuses) {
+  absl::StatusOr<JobTrace> t = ParseJobTrace("# header\n0.5 19 111\n\n1.25 20 7  # c\n1.25 1 1\n", "t");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->arrivals, (std::vector<double>{0.5, 1.25, 1.25}));
+  EXPECT_EQ(t->prompt_tokens, (std::vector<int64_t>{19, 20, 1}));
+  EXPECT_EQ(t->generated_tokens, (std::vector<int64_t>{111, 7, 1}));
+  absl::StatusOr<JobTrace> times = ParseJobTrace("1\n2\n", "t");
+  ASSERT_TRUE(times.ok());
+  EXPECT_TRUE(times->prompt_tokens.empty());
+  for (const char* bad : {"", "# only\n", "2\n1\n", "1 2\n", "1 2 0\n", "-1 2 3\n", "x 2 3\n",
+                          "1 2 3\n2\n", "1 2 3 4\n", "nan 2 3\n"}) {
+    absl::StatusOr<JobTrace> b = ParseJobTrace(bad, "bad.trace");
+    EXPECT_FALSE(b.ok()) << "'" << bad << "'";
+    if (!b.ok()) EXPECT_NE(b.status().message().find("bad.trace"), std::string::npos);
+  }
+}
+
+// A trace of the very jobs the generator draws gives the same prediction as drawing them.
+TEST(PlanTraceTest, TraceOfTheDrawnJobsSimulatesAlike) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 25, 2400, false);
+  absl::StatusOr<SimResult> drawn = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(drawn.ok());
+  // The generator: arrivals, then prompt and generated length per job, from one stream.
+  std::mt19937_64 rng(w.seed);
+  std::exponential_distribution<double> gap(w.jobs_per_hour / 3600.0);
+  Workload t = w;
+  double at = 0.0;
+  for (int64_t i = 0; i < w.jobs; ++i) t.arrivals.push_back(at += gap(rng));
+  for (int64_t i = 0; i < w.jobs; ++i) {
+    t.prompt_tokens.push_back(w.prompt.Sample(rng));
+    t.generated_tokens.push_back(w.reasoning.Sample(rng));
+  }
+  absl::StatusOr<SimResult> traced = Simulate(c, 1, t, 600);
+  ASSERT_TRUE(traced.ok()) << traced.status();
+  EXPECT_EQ(traced->latency, drawn->latency);
+  EXPECT_EQ(traced->steps, drawn->steps);
+  t.generated_tokens.pop_back();
+  EXPECT_FALSE(Simulate(c, 1, t, 600).ok()) << "lengths must match the arrivals";
 }
 
 PlanInputs TinyPlan() {

@@ -1,0 +1,62 @@
+// Job traces (see trace.h).
+#include "launch/plan/trace.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace dmsrt {
+
+absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::string& name) {
+  JobTrace t;
+  int64_t line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_no;
+    const size_t hash = line.find('#');
+    if (hash != absl::string_view::npos) line = line.substr(0, hash);
+    std::vector<absl::string_view> f = absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
+    if (f.empty()) continue;
+    auto bad = [&](const std::string& what) {
+      return absl::InvalidArgumentError(absl::StrCat("trace ", name, " line ", line_no, ": ", what,
+                                                     " (expected ARRIVAL_SECONDS [PROMPT_TOKENS GENERATED_TOKENS])"));
+    };
+    if (f.size() != 1 && f.size() != 3) return bad(absl::StrCat(f.size(), " fields"));
+    double at = 0.0;
+    if (!absl::SimpleAtod(f[0], &at) || !std::isfinite(at) || at < 0) {
+      return bad(absl::StrCat("arrival '", f[0], "' is not a time >= 0"));
+    }
+    if (!t.arrivals.empty() && at < t.arrivals.back()) return bad("arrival times must not decrease");
+    const bool lengths = f.size() == 3;
+    if (!t.arrivals.empty() && lengths != !t.prompt_tokens.empty()) {
+      return bad("either every job has its two lengths or none has");
+    }
+    t.arrivals.push_back(at);
+    if (!lengths) continue;
+    int64_t prompt = 0, generated = 0;
+    if (!absl::SimpleAtoi(f[1], &prompt) || prompt < 1 || !absl::SimpleAtoi(f[2], &generated) ||
+        generated < 1) {
+      return bad("lengths must be whole numbers >= 1");
+    }
+    t.prompt_tokens.push_back(prompt);
+    t.generated_tokens.push_back(generated);
+  }
+  if (t.arrivals.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("trace ", name, " has no job"));
+  }
+  return t;
+}
+
+absl::StatusOr<JobTrace> ReadJobTrace(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read trace ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ParseJobTrace(ss.str(), path);
+}
+
+}  // namespace dmsrt

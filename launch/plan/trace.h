@@ -1,0 +1,30 @@
+// Job traces shared by `dmsrt plan --trace` and the load generator (tests/bench/loadgen.py
+// --trace / --write-trace), so that a prediction and a real run see the same jobs.
+//
+// Format: text, one job per line, in arrival order:
+//     ARRIVAL_SECONDS [PROMPT_TOKENS GENERATED_TOKENS]
+// separated by blanks; '#' starts a comment; blank lines are skipped. Arrival times are seconds
+// from the start of the run and never decrease. Either every job carries its two lengths or none
+// does (then the planner draws them from --prompt/--reasoning with --seed, as loadgen draws them
+// from its own generator: different lengths, which is why loadgen writes them).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace dmsrt {
+
+struct JobTrace {
+  std::vector<double> arrivals;            // seconds, non-decreasing
+  std::vector<int64_t> prompt_tokens;      // empty, or one per job (>= 1)
+  std::vector<int64_t> generated_tokens;   // empty, or one per job (>= 1): max_tokens, EOS ignored
+};
+
+// Parses a trace; errors name the line and what is wrong.
+absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::string& name);
+absl::StatusOr<JobTrace> ReadJobTrace(const std::string& path);
+
+}  // namespace dmsrt

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""`dmsrt plan` against real runs: for each scenario (threads per job N, eviction rate, prompt and
+reasoning lengths, arrival rate) the script writes one job trace (tests/bench/loadgen.py
+--write-trace), predicts it with `dmsrt plan --replicas 1 --trace` on a CPU profile measured here
+(`dmsrt bench --out`), then runs a real `dmsrt serve` (CPU, the same KV budget and policy: `none`,
+or `forced` at the scenario's rate) and replays the same trace with loadgen, --runs times, a fresh
+serve each time. It prints predicted against measured sustained jobs/h and job latency
+p50/p90/p99: the mean of the runs, their spread (min..max) and the error of the prediction against
+the mean, with the verdicts throughput within 10 % and p90 within 20 %. Exit 0 unless something
+failed to run (the verdicts are reported, not enforced; --check enforces them).
+
+The arrival rate of a scenario is `load` x the capacity the planner finds for it (an SLO of 3x its
+unloaded p90), so the scenarios load this machine alike whatever its speed; a scenario may give a
+rate in jobs/h instead.
+
+    python3 tests/bench/plan_validation.py --binary build/bin/dmsrt --runs 3 --json out.json
+    python3 tests/bench/plan_validation.py --smoke          # one tiny scenario, one run (CI)
+
+Writes its files (profile, traces, plans, loadgen reports, serve logs) under --workdir.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+LOADGEN = os.path.join(HERE, "loadgen.py")
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# name, N, eviction rate (0: dense), DMS window, prompt, reasoning, KV budget, load (x capacity)
+SCENARIOS = [
+    dict(name="n4_dense", n=4, evict=0.0, prompt="fixed:32", reasoning="uniform:16:48", kv="128MiB", load=0.6),
+    dict(name="n4_forced875", n=4, evict=0.875, window=16, prompt="fixed:32", reasoning="uniform:32:96",
+         kv="128MiB", load=0.6),
+    dict(name="n8_dense", n=8, evict=0.0, prompt="uniform:16:64", reasoning="uniform:64:128", kv="128MiB", load=0.7),
+    dict(name="n8_forced5", n=8, evict=0.5, window=16, prompt="uniform:16:64", reasoning="uniform:64:128",
+         kv="128MiB", load=0.7),
+    dict(name="n2_long_prompt", n=2, evict=0.0, prompt="fixed:384", reasoning="fixed:32", kv="128MiB", load=0.6),
+    dict(name="n16_forced875_tight", n=16, evict=0.875, window=16, prompt="fixed:64", reasoning="uniform:96:160",
+         kv="48MiB", load=0.8),
+    dict(name="n4_dense_overload", n=4, evict=0.0, prompt="fixed:32", reasoning="uniform:16:48", kv="128MiB",
+         load=1.3),
+]
+SMOKE = [dict(name="smoke_n2_dense", n=2, evict=0.0, prompt="fixed:16", reasoning="fixed:12", kv="64MiB",
+              rate=1200.0)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(cmd, **kw):
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return p.returncode, p.stdout, p.stderr
+
+
+def policy_args(sc, for_plan):
+    if sc["evict"] <= 0:
+        return ["--evict", "0"] if for_plan else ["--kv-policy", "none"]
+    if for_plan:
+        return ["--evict", str(sc["evict"]), "--dms-window", str(sc["window"])]
+    return ["--kv-policy", "forced", "--dms-force-rate", str(sc["evict"]), "--dms-window", str(sc["window"])]
+
+
+def plan(a, sc, extra):
+    cmd = [a.binary, "plan", "--model", MODEL, "--profile", a.profile, "--gpus", "1", "--tp", "1",
+           "--n", str(sc["n"]), "--prompt", sc["prompt"], "--reasoning", sc["reasoning"],
+           "--kv-budget", sc["kv"], "--json", *policy_args(sc, True), *extra]
+    rc, out, err = sh(cmd)
+    if rc not in (0, 1) or not out.strip():
+        raise RuntimeError(f"plan failed (rc {rc}): {' '.join(cmd)}\n{err}")
+    return json.loads(out), " ".join(cmd)
+
+
+def scenario_rate(a, sc):
+    """Jobs/h for the scenario: given, or load x the planner's capacity at 3x unloaded p90."""
+    if "rate" in sc:
+        return sc["rate"], None
+    j, _ = plan(a, sc, ["--slo", "p90=100000", "--jobs", "40", "--search-steps", "1"])
+    unloaded = j["deployments"][0]["unloaded_latency_s"]
+    slo = 3.0 * unloaded
+    j, _ = plan(a, sc, ["--slo", f"p90={slo:.3f}", "--jobs", "60", "--search-steps", "5"])
+    cap = j["deployments"][0]["capacity_jobs_per_hour_per_replica"]
+    if not cap:
+        raise RuntimeError(f"{sc['name']}: the planner found no capacity at p90 <= {slo:.2f} s")
+    return sc["load"] * cap, {"unloaded_p90_s": unloaded, "slo_s": slo, "capacity_jobs_per_hour": cap}
+
+
+class Serve:
+    """One `dmsrt serve` (its own coordinator) with the scenario's KV budget and policy."""
+
+    def __init__(self, a, sc, log_path):
+        self.http = free_port()
+        self.metrics = free_port()
+        self.log = open(log_path, "w")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+        self.cmd = [a.binary, "serve", "--model", MODEL, "--threads", str(a.threads), "--kv-budget", sc["kv"],
+                    "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{self.http}",
+                    "--metrics-port", str(self.metrics), *policy_args(sc, False)]
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}; log {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=2) as r:
+                    for line in r.read().decode().splitlines():
+                        if line.startswith("dmsrt:replicas_ready") and float(line.split()[-1]) >= 1:
+                            return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"serve not ready after {timeout} s; log {self.log.name}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def measure(a, sc, trace, run_dir, i):
+    srv = Serve(a, sc, os.path.join(run_dir, f"serve_{i}.log"))
+    try:
+        srv.wait_ready()
+        out = os.path.join(run_dir, f"loadgen_{i}.json")
+        rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
+                         "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
+        if rc != 0 or not os.path.exists(out):
+            raise RuntimeError(f"loadgen failed (rc {rc}): {se[-2000:]}")
+        return json.load(open(out))
+    finally:
+        srv.stop()
+
+
+def err(pred, meas):
+    if pred is None or meas is None or meas == 0:
+        return None
+    return 100.0 * (pred - meas) / meas
+
+
+def run_scenario(a, sc):
+    d = os.path.join(a.workdir, sc["name"])
+    os.makedirs(d, exist_ok=True)
+    rate, cap = scenario_rate(a, sc)
+    trace = os.path.join(d, "jobs.trace")
+    jobs = a.jobs or sc.get("jobs", 50)
+    rc, so, se = sh([sys.executable, LOADGEN, "--rate", f"{rate:.6f}", "--jobs", str(jobs), "--n", str(sc["n"]),
+                     "--prompt", sc["prompt"], "--reasoning", sc["reasoning"], "--seed", str(a.seed),
+                     "--write-trace", trace, "--dry-run"])
+    if rc != 0:
+        raise RuntimeError(f"loadgen --dry-run failed: {se}")
+    pj, plan_cmd = plan(a, sc, ["--replicas", "1", "--trace", trace, "--slo", "p90=100000", "--out",
+                                os.path.join(d, "plan.json")])
+    at = pj["deployments"][0]["at_target"]
+    pred = {"jobs_per_hour": at["jobs_per_hour"], "p50": at["latency_p50_s"], "p90": at["latency_p90_s"],
+            "p99": at["latency_p99_s"], "preemptions": at["preemptions"], "complete": at["complete"]}
+    runs = [measure(a, sc, trace, d, i) for i in range(a.runs)]
+    meas = {}
+    for key, field in (("jobs_per_hour", "jobs_per_hour"), ("p50", "latency_p50_s"), ("p90", "latency_p90_s"),
+                       ("p99", "latency_p99_s")):
+        vals = [r[field] for r in runs if r.get(field) is not None]
+        meas[key] = {"mean": statistics.fmean(vals) if vals else None, "min": min(vals) if vals else None,
+                     "max": max(vals) if vals else None, "runs": vals}
+    failed = sum(r.get("failed_count", 0) for r in runs)
+    errors = {k: err(pred[k], meas[k]["mean"]) for k in ("jobs_per_hour", "p50", "p90", "p99")}
+    verdict = {"throughput_within_10pct": errors["jobs_per_hour"] is not None and abs(errors["jobs_per_hour"]) <= 10,
+               "p90_within_20pct": errors["p90"] is not None and abs(errors["p90"]) <= 20}
+    return {"scenario": sc, "rate_jobs_per_hour": rate, "capacity": cap, "jobs": jobs, "trace": trace,
+            "plan_command": plan_cmd, "predicted": pred, "measured": meas, "errors_pct": errors,
+            "failed_jobs": failed, "verdict": verdict}
+
+
+def fmt(v, w=7, p=1):
+    return f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+
+def table(results):
+    lines = ["scenario              rate/h | jobs/h pred  meas (min..max)        err% | "
+             "p50 pred  meas   err% | p90 pred  meas (min..max)       err% | p99 pred  meas   err% | "
+             "thr<=10% p90<=20%"]
+    for r in results:
+        p, m, e = r["predicted"], r["measured"], r["errors_pct"]
+        lines.append(
+            f"{r['scenario']['name']:20} {fmt(r['rate_jobs_per_hour'], 7, 0)} | {fmt(p['jobs_per_hour'])} "
+            f"{fmt(m['jobs_per_hour']['mean'])} ({fmt(m['jobs_per_hour']['min'], 6)}..{fmt(m['jobs_per_hour']['max'], 6)}) "
+            f"{fmt(e['jobs_per_hour'], 6)} | {fmt(p['p50'], 6, 2)} {fmt(m['p50']['mean'], 6, 2)} {fmt(e['p50'], 6)} | "
+            f"{fmt(p['p90'], 6, 2)} {fmt(m['p90']['mean'], 6, 2)} ({fmt(m['p90']['min'], 5, 2)}..{fmt(m['p90']['max'], 5, 2)}) "
+            f"{fmt(e['p90'], 6)} | {fmt(p['p99'], 6, 2)} {fmt(m['p99']['mean'], 6, 2)} {fmt(e['p99'], 6)} | "
+            f"{'yes' if r['verdict']['throughput_within_10pct'] else 'NO':>8} "
+            f"{'yes' if r['verdict']['p90_within_20pct'] else 'NO':>8}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", default=os.path.join(ROOT, "build", "bin", "dmsrt"))
+    ap.add_argument("--profile", help="a CPU profile (dmsrt bench --out); default: measure one here")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of bench and serve")
+    ap.add_argument("--runs", type=int, default=3, help="real runs per scenario")
+    ap.add_argument("--jobs", type=int, default=0, help="jobs per scenario (default: the scenario's, 50)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--smoke", action="store_true", help="one tiny scenario, one run, 6 jobs")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a verdict fails")
+    ap.add_argument("--workdir", help="where files go (default: a temporary directory, kept)")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    if not os.path.exists(MODEL):
+        print(f"plan_validation: SKIP: no default model at {MODEL} (launch/setup.sh fetches it)")
+        return 0
+    a.workdir = a.workdir or tempfile.mkdtemp(prefix="dmsrt_plan_validation_")
+    os.makedirs(a.workdir, exist_ok=True)
+    scenarios = SMOKE if a.smoke else SCENARIOS
+    if a.smoke:
+        a.runs, a.jobs = 1, a.jobs or 6
+    if a.only:
+        names = set(a.only.split(","))
+        scenarios = [s for s in scenarios if s["name"] in names]
+    if not a.profile:
+        a.profile = os.path.join(a.workdir, "cpu_profile.json")
+        grid = (["--prefill", "32", "--decode", "8", "--reps", "1", "--grid-batch", "1,4", "--grid-context", "64",
+                 "--grid-chunk", "16,64"] if a.smoke else ["--prefill", "64", "--decode", "16", "--reps", "3"])
+        rc, so, se = sh([a.binary, "bench", "--model", MODEL, "--threads", str(a.threads), "--kv-policy", "none",
+                         *grid, "--out", a.profile])
+        if rc != 0:
+            print(f"plan_validation: dmsrt bench failed:\n{se}", file=sys.stderr)
+            return 1
+    print(f"plan_validation: profile {a.profile}, {a.runs} run(s) per scenario, files in {a.workdir}", flush=True)
+    results = []
+    for sc in scenarios:
+        t0 = time.monotonic()
+        r = run_scenario(a, sc)
+        r["wall_s"] = time.monotonic() - t0
+        results.append(r)
+        print(f"{sc['name']}: {r['wall_s']:.0f} s", flush=True)
+    print(table(results))
+    ok = all(r["verdict"]["throughput_within_10pct"] and r["verdict"]["p90_within_20pct"] for r in results)
+    failed = sum(r["failed_jobs"] for r in results)
+    print(f"verdicts: {sum(r['verdict']['throughput_within_10pct'] for r in results)}/{len(results)} throughput "
+          f"within 10 %, {sum(r['verdict']['p90_within_20pct'] for r in results)}/{len(results)} p90 within 20 %; "
+          f"{failed} failed job(s)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"profile": a.profile, "threads": a.threads, "runs": a.runs, "results": results}, f, indent=2)
+    for r in results:
+        for k in ("jobs_per_hour", "p50", "p90", "p99"):
+            if r["predicted"][k] is None or r["measured"][k]["mean"] is None:
+                print(f"plan_validation: {r['scenario']['name']}: no {k} figure", file=sys.stderr)
+                return 1
+    if failed:
+        return 1
+    return 1 if (a.check and not ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
