@@ -107,8 +107,20 @@ inline __m256i FoldQ4Rows(const __m256i* wq, __m256i xv) {
 // multiply-add. The offset term m * s of the four rows is one 4-lane multiply-add per token.
 // The integer sums are exact, so a row's result depends only on its own blocks: a tile of fewer
 // rows repeats its first row in the unused lanes and computes the same values bit for bit.
-// Decode streams every weight from memory once, so rows are prefetched a few blocks ahead.
-constexpr int64_t kPrefetchBlocksAvx2 = 8;
+// Decode streams every weight from memory once. A tile's rows are short (a row of 576 weights
+// is 18 blocks), so prefetching along each row reaches only a few hundred bytes past the tile:
+// instead each block step prefetches its share of the tile kPrefetchTilesAvx2 tiles ahead (the
+// tiles of a chunk are consecutive rows, so that is the memory the chunk reads next).
+constexpr int64_t kPrefetchTilesAvx2 = 2;
+
+// The block step b of a tile of R rows (row_bytes apart) starting at w: prefetches bytes
+// [b, b + 1) x R x block_bytes of the tile kPrefetchTilesAvx2 tiles further on.
+inline void PrefetchTileAhead(const uint8_t* w, int R, int64_t row_bytes, int64_t b,
+                              int64_t block_bytes) {
+  const int64_t step = R * block_bytes;
+  const char* p = reinterpret_cast<const char*>(w + kPrefetchTilesAvx2 * R * row_bytes + b * step);
+  for (int64_t off = 0; off < step; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
 
 template <int R, int T, bool kQ4_1>
 void TileQ4(const TileArgs& a) {
@@ -123,14 +135,11 @@ void TileQ4(const TileArgs& a) {
   }
   constexpr int64_t kBlockBytes = kQ4_1 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   for (int64_t b = 0; b < a.nb; ++b) {
+    PrefetchTileAhead(a.w, R, a.row_bytes, b, kBlockBytes);
     __m256i wq[4];
     uint32_t head[4];  // Q4_1: d | m << 16 (fp16); Q4_0: d
     for (int r = 0; r < 4; ++r) {
       const uint8_t* blk = rows[r] + b * kBlockBytes;
-      if (r < R) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocksAvx2 * kBlockBytes),
-                     _MM_HINT_T0);
-      }
       if (kQ4_1) {
         std::memcpy(&head[r], blk, 4);
         wq[r] = UnpackNibbles(reinterpret_cast<const BlockQ4_1*>(blk)->qs);
@@ -180,14 +189,11 @@ void TileQ8_0(const TileArgs& a) {
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   constexpr int64_t kBlockBytes = sizeof(BlockQ8_0);
   for (int64_t b = 0; b < a.nb; ++b) {
+    PrefetchTileAhead(a.w, R, a.row_bytes, b, kBlockBytes);
     __m256i wq[4], wabs[4];
     uint16_t head[4];
     for (int r = 0; r < 4; ++r) {
       const uint8_t* blk = rows[r] + b * kBlockBytes;
-      if (r < R) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocksAvx2 * kBlockBytes),
-                     _MM_HINT_T0);
-      }
       std::memcpy(&head[r], blk, 2);
       wq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
       wabs[r] = _mm256_sign_epi8(wq[r], wq[r]);
