@@ -186,7 +186,7 @@ void TopK(const float* row, int32_t n, int32_t k, std::vector<int32_t>& out) {
 
 // Scores the rows of one forward result (positions at .. at+rows-1) into `out`: the negative
 // log-likelihood of the next token, and with `make_ref` the dense top-k reference, or with `ref`
-// the KL and top-1 agreement against it. Adds the dense tail mass to *tail_sum.
+// the KL and top-1 agreement against it. With `make_ref`, adds the dense tail mass to *tail_sum.
 void ScoreRows(const ForwardResult& fr, const std::vector<int32_t>& tokens, int64_t at,
                int64_t rows, DenseRef* make_ref, const DenseRef* ref, PassOut& out,
                std::vector<int32_t>& top, double* tail_sum) {
@@ -262,7 +262,7 @@ absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>
   const auto t0 = Clock::now();
   DMSRT_ASSIGN_OR_RETURN(SeqId seq, backend.kv().Create());
   std::vector<int32_t> top;
-  double tail_sum = 0, unused_tail = 0;
+  double tail_sum = 0;
   absl::Status st;
   std::optional<SeqId> frozen;
   // Tokens [from, to) of `s` in chunks, scored into `dst`.
@@ -296,12 +296,14 @@ absl::StatusOr<PassOut> RunTextPass(Backend& backend, const std::vector<int32_t>
   st = run(seq, 0, L, make_ref, out, &tail_sum);
   out.at_end = backend.kv().Figures(seq);
   absl::Status freed = backend.kv().Free(seq);
-  if (st.ok() && frozen.has_value()) {
-    out.b = std::make_unique<PassOut>();
-    out.b->nll = out.nll;
-    out.b->kl = out.kl;
-    out.b->agree = out.agree;
-    st = run(*frozen, context, L, nullptr, *out.b, &unused_tail);
+  if (frozen.has_value()) {  // freed whether or not the streaming pass got to the end
+    if (st.ok()) {
+      out.b = std::make_unique<PassOut>();
+      out.b->nll = out.nll;
+      out.b->kl = out.kl;
+      out.b->agree = out.agree;
+      st = run(*frozen, context, L, nullptr, *out.b, nullptr);  // no reference made: no tail
+    }
     const absl::Status fb = backend.kv().Free(*frozen);
     if (st.ok()) st = fb;
   }
