@@ -31,6 +31,7 @@
 #include "launch/provenance.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
+#include "runtime/engine/sampler.h"
 #include "runtime/engine/tp_replica.h"
 
 namespace dmsrt {
@@ -39,11 +40,42 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Stat {
-  double median = 0, min = 0, max = 0;
+  double median = 0, min = 0, max = 0, mean = 0;
 };
 Stat Summarise(std::vector<double> v) {
   std::sort(v.begin(), v.end());
-  return {v[v.size() / 2], v.front(), v.back()};
+  double sum = 0;
+  for (double x : v) sum += x;
+  return {v[v.size() / 2], v.front(), v.back(), sum / static_cast<double>(v.size())};
+}
+
+// A grid point's times: the median and the spread, and the mean, which the planner fits (it adds
+// step times up, and a sum follows the mean).
+nlohmann::json TimesJson(const std::vector<double>& times) {
+  const Stat s = Summarise(times);
+  return {{"seconds", s.median}, {"mean", s.mean}, {"min", s.min}, {"max", s.max}};
+}
+
+// The temperature the sampling cost is timed at: the engine's path for best-of-N threads
+// (temperature > 0, no top-k/top-p, with the chosen token's log-probability).
+constexpr double kGridSampleTemperature = 0.7;
+
+// Host seconds of one engine sampling call on a real row of logits, mean of `calls`.
+nlohmann::json SamplingCost(const ForwardResult& fr, int64_t calls) {
+  SamplingParams params;
+  params.temperature = static_cast<float>(kGridSampleTemperature);
+  params.seed = 7;
+  Sampler sampler(params);
+  float logprob = 0.0f;
+  int64_t sink = 0;
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < calls; ++i) sink += sampler.Sample(fr.logits.data(), fr.vocab, &logprob);
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  return {{"row_seconds", secs / static_cast<double>(calls)},
+          {"temperature", kGridSampleTemperature},
+          {"vocab", fr.vocab},
+          {"calls", calls},
+          {"checksum", sink}};
 }
 
 // (read + write) bytes per second of a parallel memcpy of `bytes`, best of several runs.
@@ -91,6 +123,7 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
     return t;
   };
   nlohmann::json decode = nlohmann::json::array(), prefill = nlohmann::json::array();
+  nlohmann::json sampling;
   for (int32_t b : batches) {
     for (int32_t ctx_len : contexts) {
       std::vector<SeqId> seqs;
@@ -124,15 +157,15 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
           break;
         }
         if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        if (sampling.is_null() && !fr->logits.empty()) sampling = SamplingCost(*fr, 200);
       }
       if (fill.ok()) {
         for (SeqId s : seqs) resident += kv.Figures(s).resident_tokens;
-        decode.push_back({{"batch", b},
-                          {"context", ctx_len},
-                          {"kv_tokens", static_cast<int64_t>(resident / heads)},
-                          {"seconds", Summarise(times).median},
-                          {"min", Summarise(times).min},
-                          {"max", Summarise(times).max}});
+        nlohmann::json point = {{"batch", b},
+                                {"context", ctx_len},
+                                {"kv_tokens", static_cast<int64_t>(resident / heads)}};
+        point.update(TimesJson(times));
+        decode.push_back(point);
       } else {
         skipped->push_back(absl::StrCat("decode batch ", b, " x context ", ctx_len, ": ",
                                         fill.message()));
@@ -155,15 +188,15 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
       DMSRT_RETURN_IF_ERROR(kv.Free(*s));
     }
     if (st.ok()) {
-      prefill.push_back({{"tokens", c},
-                         {"seconds", Summarise(times).median},
-                         {"min", Summarise(times).min},
-                         {"max", Summarise(times).max}});
+      nlohmann::json point = {{"tokens", c}};
+      point.update(TimesJson(times));
+      prefill.push_back(point);
     } else {
       skipped->push_back(absl::StrCat("prefill chunk ", c, ": ", st.message()));
     }
   }
   nlohmann::json out = {{"decode", decode}, {"prefill", prefill}};
+  if (!sampling.is_null()) out["sampling"] = sampling;
   return absl::StatusOr<nlohmann::json>(absl::in_place, std::move(out));
 }
 
@@ -267,9 +300,9 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
     std::vector<DecodePoint> dec;
     std::vector<PrefillPoint> pre;
     for (const auto& e : grid["decode"]) {
-      dec.push_back({e["batch"].get<int64_t>(), e["kv_tokens"].get<int64_t>(), e["seconds"].get<double>()});
+      dec.push_back({e["batch"].get<int64_t>(), e["kv_tokens"].get<int64_t>(), e["mean"].get<double>()});
     }
-    for (const auto& e : grid["prefill"]) pre.push_back({e["tokens"].get<int64_t>(), e["seconds"].get<double>()});
+    for (const auto& e : grid["prefill"]) pre.push_back({e["tokens"].get<int64_t>(), e["mean"].get<double>()});
     StepCosts costs;
     double worst = 0;
     FitStepCosts(dec, pre, &costs, &worst);
@@ -278,6 +311,7 @@ absl::Status Bench(const BenchOptions& o, ProcessArgs& args, TpSession* tp) {
                    {"per_kv_token_s", costs.per_kv_token},
                    {"prefill_fixed_s", costs.prefill_fixed},
                    {"per_prefill_token_s", costs.per_prefill_token},
+                   {"per_sampled_row_s", grid.contains("sampling") ? grid["sampling"]["row_seconds"].get<double>() : 0.0},
                    {"max_rel_error", worst}};
     grid["skipped"] = skipped;
     j["step_model"] = grid;

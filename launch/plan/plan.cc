@@ -142,7 +142,8 @@ double CapacityGuess(const PlanInputs& in, const SimReplicaConfig& c, const Depl
   const double threads =
       std::max(1.0, std::min<double>(in.max_running_threads, d.memory.threads_fit));
   const double step = c.costs.Seconds(static_cast<int64_t>(threads),
-                                      static_cast<int64_t>(threads * d.memory.thread_tokens_full / 2), 0);
+                                      static_cast<int64_t>(threads * d.memory.thread_tokens_full / 2), 0,
+                                      static_cast<int64_t>(threads));
   if (step <= 0) return 1.0;
   const double tokens_per_s = threads / step;
   return std::max(1e-3, tokens_per_s * 3600.0 / (in.workload.n * mean_gen));
@@ -163,7 +164,7 @@ std::string Binding(const PlanInputs& in, const DeploymentPlan& d) {
   const SimResult& r = d.at_capacity;
   if (r.peak_kv_fraction >= 0.9 || r.preemptions > 0) return "memory";
   if (r.peak_running_threads >= in.max_running_threads) return "thread cap";
-  if (r.seconds_host > 0.25 * r.busy_seconds) return "host";
+  if (r.seconds_host + r.seconds_sampling > 0.25 * r.busy_seconds) return "host";
   const double bw = r.seconds_fixed + r.seconds_kv;
   const double fl = r.seconds_rows + r.seconds_prefill;
   return bw >= fl ? "bandwidth" : "compute";

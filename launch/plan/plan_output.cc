@@ -41,7 +41,8 @@ nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
             {"decode_rows", r.seconds_rows},
             {"kv_reads", r.seconds_kv},
             {"prefill", r.seconds_prefill},
-            {"host_beyond_device", r.seconds_host}}},
+            {"host_beyond_device", r.seconds_host},
+            {"sampling", r.seconds_sampling}}},
           {"simulated_seconds", r.sim_seconds},
           {"wall_seconds", r.wall_seconds}};
 }
@@ -90,7 +91,8 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
           {"per_prefill_token_s", d.costs.per_prefill_token},
           {"allreduce_per_step_s", d.costs.allreduce_per_step},
           {"host_fixed_s", d.costs.host_fixed},
-          {"host_per_decode_row_s", d.costs.host_per_decode_row}}},
+          {"host_per_decode_row_s", d.costs.host_per_decode_row},
+          {"per_sampled_row_s", d.costs.per_sampled_row}}},
         {"at_capacity", SimJson(in, d.at_capacity)},
         {"search", search}};
     if (in.target_jobs_per_hour > 0) j["at_target"] = SimJson(in, d.at_target);
@@ -187,10 +189,12 @@ std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
     const double busy = std::max(1e-12, s.busy_seconds);
     absl::StrAppendFormat(
         &o, "  TP %d evict %.3f: %d steps, mean decode batch %.1f; weights %.0f%%, per-row %.0f%%, "
-            "KV reads %.0f%%, prefill %.0f%%, host beyond device %.0f%%; preemptions %d, peak KV %.0f%%\n",
+            "KV reads %.0f%%, prefill %.0f%%, host beyond device %.0f%%, sampling %.0f%%; preemptions %d, "
+            "peak KV %.0f%%\n",
         d.tp, d.eviction_rate, s.steps, s.mean_batch, 100 * s.seconds_fixed / busy,
         100 * s.seconds_rows / busy, 100 * s.seconds_kv / busy, 100 * s.seconds_prefill / busy,
-        100 * s.seconds_host / busy, s.preemptions, 100 * s.peak_kv_fraction);
+        100 * s.seconds_host / busy, 100 * s.seconds_sampling / busy, s.preemptions,
+        100 * s.peak_kv_fraction);
   }
   absl::StrAppendFormat(&o, "\nanswer: %s\n", r.answer);
   if (r.winner >= 0) {

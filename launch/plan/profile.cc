@@ -21,10 +21,13 @@ double StepCosts::DeviceSeconds(int64_t decode_rows, int64_t kv_tokens,
   return s;
 }
 
-double StepCosts::Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const {
-  const double device = DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);
-  if (decode_rows == 0 || (host_fixed <= 0.0 && host_per_decode_row <= 0.0)) return device;
-  return std::max(device, host_fixed + host_per_decode_row * static_cast<double>(decode_rows));
+double StepCosts::Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
+                          int64_t sampled_rows) const {
+  double s = DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);
+  if (decode_rows > 0 && (host_fixed > 0.0 || host_per_decode_row > 0.0)) {
+    s = std::max(s, host_fixed + host_per_decode_row * static_cast<double>(decode_rows));
+  }
+  return s + per_sampled_row * static_cast<double>(sampled_rows);
 }
 
 double MatrixParams(const ModelConfig& c) {
@@ -128,7 +131,7 @@ void FitStepCosts(const std::vector<DecodePoint>& decode, const std::vector<Pref
     costs->per_decode_row = c[1];
     costs->per_kv_token = c[2];
     for (const DecodePoint& p : decode) {
-      const double f = costs->Seconds(p.batch, p.kv_tokens, 0);
+      const double f = costs->DeviceSeconds(p.batch, p.kv_tokens, 0);
       worst = std::max(worst, std::fabs(f - p.seconds) / p.seconds);
     }
   }
@@ -143,7 +146,7 @@ void FitStepCosts(const std::vector<DecodePoint>& decode, const std::vector<Pref
     costs->prefill_fixed = c[0];
     costs->per_prefill_token = c[1];
     for (const PrefillPoint& p : prefill) {
-      const double f = costs->Seconds(0, 0, p.tokens);
+      const double f = costs->DeviceSeconds(0, 0, p.tokens);
       worst = std::max(worst, std::fabs(f - p.seconds) / p.seconds);
     }
   }
@@ -213,12 +216,14 @@ absl::StatusOr<Profile> ProfileFromJson(const nlohmann::json& j, const std::stri
   std::vector<DecodePoint> dec;
   std::vector<PrefillPoint> pre;
   try {
+    // A point's mean where the profile has one: the planner adds step times up, and a sum
+    // follows the mean, not the median (older profiles have only the median, "seconds").
     for (const auto& e : sm["decode"]) {
       dec.push_back({e.at("batch").get<int64_t>(), e.at("kv_tokens").get<int64_t>(),
-                     e.at("seconds").get<double>()});
+                     e.value("mean", e.at("seconds").get<double>())});
     }
     for (const auto& e : sm["prefill"]) {
-      pre.push_back({e.at("tokens").get<int64_t>(), e.at("seconds").get<double>()});
+      pre.push_back({e.at("tokens").get<int64_t>(), e.value("mean", e.at("seconds").get<double>())});
     }
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -236,6 +241,15 @@ absl::StatusOr<Profile> ProfileFromJson(const nlohmann::json& j, const std::stri
     }
   }
   FitStepCosts(dec, pre, &p.costs, &p.fit_max_rel_error);
+  if (sm.contains("sampling")) {
+    const nlohmann::json& s = sm["sampling"];
+    if (!s.is_object() || !s.contains("row_seconds") || !s["row_seconds"].is_number() ||
+        s["row_seconds"].get<double>() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile ", name, ": step_model.sampling needs row_seconds >= 0 (dmsrt bench --out writes it)"));
+    }
+    p.costs.per_sampled_row = s["row_seconds"].get<double>();
+  }
   p.backend = j.value("backend", std::string("cpu"));
   p.partly_derived = j.value("partly_derived", false);
   if (p.backend != "cpu" && p.backend != "cuda") {

@@ -5,8 +5,11 @@
 // The step model is linear in what a step does:
 //   step seconds = fixed + per_decode_row * decode rows + per_kv_token * resident KV tokens the
 //                  decode rows read + per_prefill_token * prefill tokens
+//                  + per_sampled_row * rows whose logits the engine samples
 // with `fixed` the cost of reading the weights once (decode) or prefill_fixed when the step has
-// no decode row. A measured profile fits these four numbers to its grid by least squares and
+// no decode row. Sampling runs on the engine's thread after the forward pass returns (the next
+// step's tokens depend on it), so it adds to the step on every backend; a measured profile times
+// it apart from the forward pass (`step_model.sampling`), a datasheet profile leaves it 0. A measured profile fits these four numbers to its grid by least squares and
 // keeps the grid and the fit's largest relative error; a datasheet profile computes them from
 // peak figures and is marked unmeasured, as is every figure derived from it.
 #pragma once
@@ -35,8 +38,12 @@ struct StepCosts {
   // overlap the device's work, so a step takes the larger of the two). 0: none.
   double host_fixed = 0.0;
   double host_per_decode_row = 0.0;
-  double Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const;
-  // The device part alone (Seconds without the host floor).
+  // Host seconds per sampled row (temperature sampling over the vocabulary with the chosen
+  // token's log-probability, as the engine does): serial after the forward pass.
+  double per_sampled_row = 0.0;
+  double Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
+                 int64_t sampled_rows) const;
+  // The forward pass alone (Seconds without the host floor and without sampling).
   double DeviceSeconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const;
 };
 

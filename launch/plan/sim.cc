@@ -430,6 +430,7 @@ void Simulation::Summarise() {
     res.seconds_kv += t.kv;
     res.seconds_prefill += t.prefill;
     res.seconds_host += t.host;
+    res.seconds_sampling += t.sampling;
     res.mean_batch += static_cast<double>(t.decode_rows);
     res.preemptions += r->engine->Stats().preemptions;
     res.sim_seconds = std::max(res.sim_seconds, r->clock.Seconds());

@@ -97,6 +97,7 @@ struct SimResult {
   double busy_seconds = 0.0;        // summed over replicas
   double seconds_fixed = 0.0, seconds_rows = 0.0, seconds_kv = 0.0, seconds_prefill = 0.0;
   double seconds_host = 0.0;        // added by the host floor of host-bound steps
+  double seconds_sampling = 0.0;    // the engine's sampling after the forward passes
   bool complete = true;             // every job finished before the cut-off
   bool stopped_at_miss = false;     // stopped once the SLO was certainly missed (SloStop)
   double wall_seconds = 0.0;        // host time the simulation took

@@ -54,7 +54,7 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
     DMSRT_RETURN_IF_ERROR(kv_.Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size())));
   }
   KvIndex& index = kv_.index();
-  int64_t decode_rows = 0, kv_tokens = 0, prefill_tokens = 0;
+  int64_t decode_rows = 0, kv_tokens = 0, prefill_tokens = 0, sampled_rows = 0;
   ForwardResult res;
   res.vocab = kSimVocab;
   int32_t row = 0;
@@ -88,11 +88,12 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
       const float eos = h <= 0.0 ? -1e30f : static_cast<float>(std::log(h));
       res.logits.insert(res.logits.end(), {cont, eos, -1e30f});
       res.row_chunk.push_back(static_cast<int32_t>(ci));
+      ++sampled_rows;  // a prompt's last row forks its job's threads: counted once, not n times
     }
   }
   res.sampled.assign(batch.size(), -1);
   res.sampled_logprob.assign(batch.size(), 0.0f);
-  Account(decode_rows, kv_tokens, prefill_tokens);
+  Account(decode_rows, kv_tokens, prefill_tokens, sampled_rows);
   return res;
 }
 
@@ -119,7 +120,7 @@ int64_t SimBackend::DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_
   int64_t m = 0;
   while (m < k && probe.Seconds() < span_before_ && probe.Seconds() <= span_until_) {
     ++m;
-    probe.AdvanceSeconds(costs_.Seconds(rows, resident + rows * m, 0));
+    probe.AdvanceSeconds(costs_.Seconds(rows, resident + rows * m, 0, rows));
   }
   k = m;
   if (k < 2) return 0;
@@ -156,12 +157,14 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
     seqs_[s].generated += steps;
   }
   // The clock and the tally step by step, with Forward's arithmetic.
-  for (int64_t j = 0; j < steps; ++j) Account(rows, span_kv_[j], 0);
+  for (int64_t j = 0; j < steps; ++j) Account(rows, span_kv_[j], 0, rows);
   return absl::OkStatus();
 }
 
-void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) {
-  const double secs = costs_.Seconds(decode_rows, kv_tokens, prefill_tokens);
+void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
+                         int64_t sampled_rows) {
+  const double secs = costs_.Seconds(decode_rows, kv_tokens, prefill_tokens, sampled_rows);
+  const double sampling = costs_.per_sampled_row * static_cast<double>(sampled_rows);
   clock_->AdvanceSeconds(secs);
   ++tally_.steps;
   tally_.decode_rows += decode_rows;
@@ -171,7 +174,8 @@ void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill
   tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
   tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
   tally_.prefill += costs_.per_prefill_token * static_cast<double>(prefill_tokens);
-  tally_.host += secs - costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);
+  tally_.sampling += sampling;
+  tally_.host += std::max(0.0, secs - sampling - costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens));
 }
 
 bool SimBackend::ReserveAll(const std::vector<SeqId>& seqs, int64_t n) {

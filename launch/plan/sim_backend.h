@@ -126,6 +126,7 @@ struct StepTally {
   int64_t decode_rows = 0;
   double busy = 0.0, fixed = 0.0, rows = 0.0, kv = 0.0, prefill = 0.0;
   double host = 0.0;  // what host-bound steps took beyond the device's time
+  double sampling = 0.0;  // the engine's sampling after each forward pass
 };
 
 class SimBackend final : public Backend {
@@ -151,7 +152,7 @@ class SimBackend final : public Backend {
 
  private:
   // One step's time on the clock and in the tally.
-  void Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens);
+  void Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens, int64_t sampled_rows);
   // Reserves `n` tokens for every sequence (0 gives reservations back); false when one fails.
   bool ReserveAll(const std::vector<SeqId>& seqs, int64_t n);
 

@@ -40,12 +40,12 @@ SCENARIOS = [
     dict(name="n4_dense", n=4, evict=0.0, prompt="fixed:32", reasoning="uniform:16:48", kv="128MiB", load=0.6),
     dict(name="n4_forced875", n=4, evict=0.875, window=16, prompt="fixed:32", reasoning="uniform:32:96",
          kv="128MiB", load=0.6),
-    dict(name="n8_dense", n=8, evict=0.0, prompt="uniform:16:64", reasoning="uniform:64:128", kv="128MiB", load=0.7),
-    dict(name="n8_forced5", n=8, evict=0.5, window=16, prompt="uniform:16:64", reasoning="uniform:64:128",
+    dict(name="n8_dense", n=8, evict=0.0, prompt="uniform:16:64", reasoning="uniform:16:48", kv="128MiB", load=0.7),
+    dict(name="n8_forced5", n=8, evict=0.5, window=16, prompt="uniform:16:64", reasoning="uniform:16:48",
          kv="128MiB", load=0.7),
-    dict(name="n2_long_prompt", n=2, evict=0.0, prompt="fixed:384", reasoning="fixed:32", kv="128MiB", load=0.6),
-    dict(name="n16_forced875_tight", n=16, evict=0.875, window=16, prompt="fixed:64", reasoning="uniform:96:160",
-         kv="48MiB", load=0.8),
+    dict(name="n2_long_prompt", n=2, evict=0.0, prompt="fixed:384", reasoning="fixed:16", kv="128MiB", rate=1200.0),
+    dict(name="n16_forced875_tight", n=16, evict=0.875, window=16, prompt="fixed:32", reasoning="uniform:24:48",
+         kv="16MiB", load=0.8, jobs=40),
     dict(name="n4_dense_overload", n=4, evict=0.0, prompt="fixed:32", reasoning="uniform:16:48", kv="128MiB",
          load=1.3),
 ]
@@ -237,7 +237,7 @@ def main():
     if not a.profile:
         a.profile = os.path.join(a.workdir, "cpu_profile.json")
         grid = (["--prefill", "32", "--decode", "8", "--reps", "1", "--grid-batch", "1,4", "--grid-context", "64",
-                 "--grid-chunk", "16,64"] if a.smoke else ["--prefill", "64", "--decode", "16", "--reps", "3"])
+                 "--grid-chunk", "16,64"] if a.smoke else ["--prefill", "64", "--decode", "16", "--reps", "10"])
         rc, so, se = sh([a.binary, "bench", "--model", MODEL, "--threads", str(a.threads), "--kv-policy", "none",
                          *grid, "--out", a.profile])
         if rc != 0:

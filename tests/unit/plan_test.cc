@@ -95,10 +95,10 @@ TEST(PlanProfileTest, FitRecoversTheStepModel) {
   truth.per_prefill_token = 3e-4;
   std::vector<DecodePoint> dec;
   for (int64_t b : {1, 4, 19}) {
-    for (int64_t ctx : {64, 1111}) dec.push_back({b, b * ctx, truth.Seconds(b, b * ctx, 0)});
+    for (int64_t ctx : {64, 1111}) dec.push_back({b, b * ctx, truth.Seconds(b, b * ctx, 0, 0)});
   }
   std::vector<PrefillPoint> pre;
-  for (int64_t c : {16, 111, 256}) pre.push_back({c, truth.Seconds(0, 0, c)});
+  for (int64_t c : {16, 111, 256}) pre.push_back({c, truth.Seconds(0, 0, c, 0)});
   StepCosts fit;
   double err = 1;
   FitStepCosts(dec, pre, &fit, &err);
@@ -149,12 +149,39 @@ TEST(PlanProfileTest, GpuProfileHostFloorAndDeviceMemory) {
   EXPECT_NEAR(p->costs.host_fixed, 0.002 - 32 * 0.014 / 224, 1e-12);
   const StepCosts& c = p->costs;
   // Small batch: the device binds; large batch: the host.
-  EXPECT_EQ(c.Seconds(1, 4096, 0), c.DeviceSeconds(1, 4096, 0));
-  EXPECT_GT(c.Seconds(256, 256 * 1000, 0), c.DeviceSeconds(256, 256 * 1000, 0));
-  EXPECT_NEAR(c.Seconds(256, 256 * 1000, 0), c.host_fixed + 256 * c.host_per_decode_row, 1e-12);
-  EXPECT_EQ(c.Seconds(0, 0, 256), c.DeviceSeconds(0, 0, 256)) << "prefill-only steps have no host floor";
+  EXPECT_EQ(c.Seconds(1, 4096, 0, 0), c.DeviceSeconds(1, 4096, 0));
+  EXPECT_GT(c.Seconds(256, 256 * 1000, 0, 0), c.DeviceSeconds(256, 256 * 1000, 0));
+  EXPECT_NEAR(c.Seconds(256, 256 * 1000, 0, 0), c.host_fixed + 256 * c.host_per_decode_row, 1e-12);
+  EXPECT_EQ(c.Seconds(0, 0, 256, 0), c.DeviceSeconds(0, 0, 256)) << "prefill-only steps have no host floor";
   j["backend"] = "tpu";
   EXPECT_FALSE(ProfileFromJson(j, "gpu.json").ok());
+}
+
+// The engine samples on its own thread after the forward pass: a profile's sampling cost adds to
+// every step per sampled row, beyond the host floor; the fit uses a point's mean where it has one.
+TEST(PlanProfileTest, SamplingAddsPerSampledRowAndMeansAreFitted) {
+  nlohmann::json j = {
+      {"schema_version", 2}, {"model", "m"}, {"weight_bytes", 1}, {"provenance", {}},
+      {"step_model",
+       // means: 10 ms + 1 ms per row + 1 us per KV token; the medians say otherwise.
+       {{"decode", {{{"batch", 1}, {"kv_tokens", 64}, {"seconds", 0.001}, {"mean", 0.011064}},
+                    {{"batch", 4}, {"kv_tokens", 1000}, {"seconds", 0.002}, {"mean", 0.015}},
+                    {{"batch", 4}, {"kv_tokens", 4000}, {"seconds", 0.002}, {"mean", 0.018}},
+                    {{"batch", 16}, {"kv_tokens", 256}, {"seconds", 0.003}, {"mean", 0.026256}}}},
+        {"prefill", {{{"tokens", 16}, {"seconds", 0.01}}, {{"tokens", 64}, {"seconds", 0.04}}}},
+        {"sampling", {{"row_seconds", 0.0008}, {"temperature", 0.7}}}}}};
+  absl::StatusOr<Profile> p = ProfileFromJson(j, "s.json");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const StepCosts& c = p->costs;
+  EXPECT_NEAR(c.DeviceSeconds(4, 1000, 0), 0.015, 1e-9) << "fitted to the means";
+  EXPECT_EQ(c.per_sampled_row, 0.0008);
+  EXPECT_NEAR(c.Seconds(4, 1000, 0, 4), 0.015 + 4 * 0.0008, 1e-9);
+  EXPECT_NEAR(c.Seconds(0, 0, 64, 1), c.DeviceSeconds(0, 0, 64) + 0.0008, 1e-12);
+  EXPECT_EQ(c.Seconds(4, 256, 0, 0), c.DeviceSeconds(4, 256, 0));
+  j["step_model"]["sampling"] = {{"temperature", 0.7}};
+  p = ProfileFromJson(j, "s.json");
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("row_seconds"), std::string::npos) << p.status();
 }
 
 TEST(PlanProfileTest, DatasheetIsUnmeasuredAndFromPeaks) {
