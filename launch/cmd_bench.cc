@@ -149,7 +149,17 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
       int64_t resident = 0;
       for (int64_t rep = 0; rep < reps + 1 && fill.ok(); ++rep) {
         std::vector<SeqChunk> batch;
-        for (SeqId s : seqs) batch.push_back(MakeChunk(s, random_tokens(1), SeqChunk::Logits::kLast));
+        for (SeqId s : seqs) {
+          SeqChunk c = MakeChunk(s, random_tokens(1), SeqChunk::Logits::kLast);
+          if (backend.samples_on_device()) {  // as the engine asks it: the token, not the row
+            c.logits = SeqChunk::Logits::kNone;
+            c.sample = true;
+            c.sampling.temperature = static_cast<float>(kGridSampleTemperature);
+            c.sampling.seed = 7;
+            c.sampling.counter = static_cast<uint64_t>(rep);
+          }
+          batch.push_back(std::move(c));
+        }
         const auto t0 = Clock::now();
         absl::StatusOr<ForwardResult> fr = backend.Forward(batch);
         if (!fr.ok()) {
@@ -157,7 +167,12 @@ absl::StatusOr<nlohmann::json> StepGrid(Backend& backend, const Model& model, in
           break;
         }
         if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-        if (sampling.is_null() && !fr->logits.empty()) sampling = SamplingCost(*fr, 200);
+        if (sampling.is_null() && backend.samples_on_device()) {
+          // The device samples inside the timed steps; the engine adds nothing on the host.
+          sampling = {{"row_seconds", 0.0}, {"on_device", true}, {"temperature", kGridSampleTemperature}};
+        } else if (sampling.is_null() && !fr->logits.empty()) {
+          sampling = SamplingCost(*fr, 200);
+        }
       }
       if (fill.ok()) {
         for (SeqId s : seqs) resident += kv.Figures(s).resident_tokens;

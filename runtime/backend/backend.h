@@ -87,6 +87,11 @@ class Backend {
   virtual absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate);
   // Device memory this process holds (0 for host backends).
   virtual int64_t DeviceBytesInUse() const { return 0; }
+  // Whether SeqChunk::sample runs where the logits are, on a device: then the engine asks for
+  // the sampled token instead of the logits row (a row of a 150K vocabulary is 600 KB to copy and
+  // a millisecond of host time to sample, per thread per step). Host backends sample the host
+  // rows (SampleOnHost) and say false: the engine samples those itself.
+  virtual bool samples_on_device() const { return false; }
 
   // Decode spans (optional; the capacity planner's simulated backend, launch/plan/sim.cc). A span
   // is `steps` consecutive decode steps of the same one-token chunks, one per sequence of `seqs`

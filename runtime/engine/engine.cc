@@ -554,6 +554,19 @@ void Engine::BuildBatch(std::vector<SeqChunk>* batch, std::vector<Resident>* own
     }
     c.tokens.assign(src->begin() + have, src->begin() + have + take);
     c.logits = (have + take == total) ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone;
+    if (c.logits == SeqChunk::Logits::kLast && r.thread != nullptr && SamplesOnBackend(*r.job)) {
+      // The backend samples the thread's next token where the logits are (the fork of a
+      // prompt, which samples every thread from one row, stays on the host).
+      const SamplingParams& sp = r.thread->sampler->params();
+      c.logits = SeqChunk::Logits::kNone;
+      c.sample = true;
+      c.sampling.temperature = sp.temperature;
+      c.sampling.top_k = sp.top_k;
+      c.sampling.top_p = sp.top_p;
+      c.sampling.min_p = sp.min_p;
+      c.sampling.seed = sp.seed;
+      c.sampling.counter = static_cast<uint64_t>(total);  // the position of the token drawn
+    }
     batch->push_back(std::move(c));
     owners->push_back(r);
   }
@@ -601,23 +614,38 @@ void Engine::RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Res
   }
 }
 
+bool Engine::SamplesOnBackend(const Job& job) const {
+  // A listing of the top log-probabilities needs the whole row on the host.
+  return backend_.samples_on_device() && job.spec.top_logprobs == 0;
+}
+
 void Engine::SampleReturned(const ForwardResult& res, const std::vector<Resident>& owners,
                             Outbox& out) {
+  // Per chunk, in chunk order: the token the backend sampled, or the last logits row returned.
+  std::vector<int64_t> row_of(owners.size(), -1);
   for (size_t row = 0; row < res.row_chunk.size(); ++row) {
     const int32_t ci = res.row_chunk[row];
-    if (ci < 0 || ci >= static_cast<int32_t>(owners.size())) continue;
-    const float* logits = res.logits.data() + row * static_cast<size_t>(res.vocab);
+    if (ci >= 0 && ci < static_cast<int32_t>(owners.size())) row_of[ci] = static_cast<int64_t>(row);
+  }
+  for (size_t ci = 0; ci < owners.size(); ++ci) {
+    const bool sampled = ci < res.sampled.size() && res.sampled[ci] >= 0 && owners[ci].thread != nullptr;
+    if (!sampled && row_of[ci] < 0) continue;
+    const float* logits = sampled ? nullptr : res.logits.data() + row_of[ci] * static_cast<int64_t>(res.vocab);
     Resident r = owners[ci];
     Job& job = *r.job;
     if (job.done) continue;
     if (r.thread == nullptr) {
       ForkRoot(job, logits, res.vocab, out);
-    } else {
-      Thread& t = *r.thread;
-      if (t.finished) continue;
-      SampleInto(job, t, logits, res.vocab, out);
-      MaybeFinishJob(job, out);
+      continue;
     }
+    Thread& t = *r.thread;
+    if (t.finished) continue;
+    if (sampled) {
+      HandleToken(job, t, res.sampled[ci], res.sampled_logprob[ci], {}, out);
+    } else {
+      SampleInto(job, t, logits, res.vocab, out);
+    }
+    MaybeFinishJob(job, out);
   }
 }
 

@@ -224,7 +224,12 @@ class Engine {
   void MakeRoom(const absl::Status& status, Outbox& out);
   // Every chunk of the batch was fed: advances its sequence's length.
   void RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners);
-  // Samples where logits came back: a thread's next token, or a finished root's fork.
+  // Whether the backend samples the job's decode rows itself (Backend::samples_on_device): the
+  // counter-based draws of kernels/reference/sampling_ref.h, seeded by the thread's seed and
+  // the position drawn. Otherwise the thread's Sampler draws on the host from the logits row.
+  bool SamplesOnBackend(const Job& job) const;
+  // Takes each chunk's next token: the one the backend sampled, or one drawn here from the
+  // logits row that came back (a thread's next token, or a finished root's fork).
   void SampleReturned(const ForwardResult& res, const std::vector<Resident>& owners,
                       Outbox& out);
   // The root is complete: forks every unfinished thread from it, samples each one's first token

@@ -50,6 +50,7 @@ class Sampler {
   // would: one draw each unless greedy. With Certain(), `calls` samples of a certain row are
   // Skip(calls) and the certain token `calls` times.
   void Skip(int64_t calls);
+  const SamplingParams& params() const { return params_; }
 
  private:
   SamplingParams params_;

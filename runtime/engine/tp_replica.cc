@@ -277,6 +277,7 @@ class TpLeaderBackend final : public Backend {
   const KvGeometry& group_geometry() const { return group_geometry_; }
 
   const char* name() const override { return local_->name(); }
+  bool samples_on_device() const override { return local_->samples_on_device(); }
 
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
     DMSRT_RETURN_IF_ERROR(Send(EncodeForward(batch)));

@@ -104,7 +104,8 @@ class KvCache {
   // the tokens flagged before but still inside their delay window (or a victim policy's pick)
   // stay resident for good, so what was resident at this length is kept and every later token
   // adds to it. Forks of a frozen sequence are frozen. Without eviction it changes nothing.
-  // UNIMPLEMENTED where the cache cannot do it (the index of a device backend).
+  // UNIMPLEMENTED where the cache cannot do it (a tensor-parallel group, whose ranks each hold
+  // an index of their own heads).
   virtual absl::Status FreezeEviction(SeqId seq) {
     return absl::UnimplementedError(
         absl::StrCat("this KV cache cannot freeze the eviction of sequence ", seq));
@@ -233,6 +234,10 @@ class KvIndex : public KvCache {
   // would flag one is ignored, also by callers that read the step's bits themselves (the
   // in-chunk visibility of PagedKvLayer).
   virtual int32_t protected_prefix() const = 0;
+  // The first position of `seq` whose token may still be flagged: protected_prefix(), or never
+  // (INT64_MAX) once the sequence is frozen (FreezeEviction) or unknown. Callers that read a
+  // step's bits themselves ignore a bit that would flag an earlier token.
+  virtual int64_t FirstFlaggable(SeqId seq) const = 0;
   // The flagged tokens of (seq, layer, head) that are still resident before the next chunk, as
   // (pool slot index = block * block_tokens + offset, last visible query position = pos + w).
   // `boundary_bit` is d[Length(seq)], the first bit of the next chunk: it flags the last token.

@@ -100,11 +100,6 @@ absl::Status KvStore::FreezeEviction(SeqId id) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) return NoSuchSequence(id);
   Sequence& s = *it->second;
-  if (index_only_) {
-    return absl::UnimplementedError(
-        "FreezeEviction runs on the CPU KV store only: a device backend's kernels read the step's "
-        "decision bits themselves");
-  }
   if (s.broken || !ResolveDeferred(s)) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot freeze sequence ", id, ": its cache is inconsistent"));
@@ -309,6 +304,12 @@ void KvStore::HeadViews(SeqId id, int32_t layer, KvHeadView* out) const {
     const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + j];
     out[j] = KvHeadView{h.blocks.data(), static_cast<int32_t>(h.blocks.size()), h.n};
   }
+}
+
+int64_t KvStore::FirstFlaggable(SeqId id) const {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || it->second->frozen) return std::numeric_limits<int64_t>::max();
+  return policy_->protected_prefix();
 }
 
 void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,

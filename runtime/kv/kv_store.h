@@ -175,6 +175,7 @@ class KvStore final : public KvIndex {
   bool model_bits() const override { return model_bits_; }
   int32_t delay_window() const override { return ring_ ? w_ : -1; }
   int32_t protected_prefix() const override { return policy_->protected_prefix(); }
+  int64_t FirstFlaggable(SeqId id) const override;
   void FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,
                     std::vector<std::pair<int32_t, int32_t>>* out) const override;
 

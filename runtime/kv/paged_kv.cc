@@ -54,11 +54,12 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   if (model_bits && bits == nullptr && !defer_bits) {
     return absl::InternalError("KV policy dms needs the model's decision bits");
   }
-  // d[t] of KV head j for the token at `row` (position t); a bit that would flag a protected
-  // (sink) token t - 1 is 0, as the index's own commits make it.
-  const int32_t protected_prefix = kv.protected_prefix();
-  auto bit = [&](int32_t row, int32_t j, int64_t t) -> bool {
-    if (model_bits) return t - 1 >= protected_prefix && bits[static_cast<int64_t>(row) * nkv + j] != 0;
+  // d[t] of KV head j for the token at `row` (position t) of a sequence whose first flaggable
+  // token is `first`: a bit that would flag a protected (sink) token t - 1, or any token of a
+  // frozen sequence, is 0, as the index's own commits make it.
+  auto bit = [&](int32_t row, int32_t j, int64_t t, int64_t first) -> bool {
+    if (t - 1 < first) return false;
+    if (model_bits) return bits[static_cast<int64_t>(row) * nkv + j] != 0;
     return kv.PolicyBit(layer, j, t) == 1;
   };
   constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
@@ -76,15 +77,16 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
     lengths_.assign(nkv, 0);
     last_vis_new_.assign(static_cast<size_t>(c.n) * nkv, kNever);
     flagged_.clear();
+    const int64_t first = kv.FirstFlaggable(c.seq);
     for (int32_t j = 0; j < nkv; ++j) {
       const KvHeadView& v = views_[j];
       std::copy(v.blocks, v.blocks + v.n_blocks, table_.begin() + static_cast<int64_t>(j) * max_blocks);
       lengths_[j] = v.length;
       if (w < 0) continue;
-      kv.FlaggedSlots(c.seq, layer, j, P > 0 && bit(c.row0, j, P) ? 1 : 0, &head_flagged_);
+      kv.FlaggedSlots(c.seq, layer, j, P > 0 && bit(c.row0, j, P, first) ? 1 : 0, &head_flagged_);
       flagged_.insert(flagged_.end(), head_flagged_.begin(), head_flagged_.end());
       for (int32_t i = 0; i + 1 < c.n; ++i) {  // flag(P+i) = d[P+i+1]
-        if (bit(c.row0 + i + 1, j, P + i + 1)) {
+        if (bit(c.row0 + i + 1, j, P + i + 1, first)) {
           last_vis_new_[static_cast<size_t>(i) * nkv + j] = static_cast<int32_t>(P + i + w);
         }
       }

@@ -48,8 +48,8 @@ def test_greedy_threads_agree(cuda_replica):
     check_best_of(res, 3)
     texts = [t["text"] for t in res["threads"]]
     assert texts[0] and texts.count(texts[0]) == 3, texts
-    # The engine samples on the host from the logits rows the backend returns, so the CUDA
-    # backend gives the same log-probability listings as the CPU one.
+    # A job that asks for a listing gets logits rows back and samples on the host (other jobs
+    # sample on the device), so the CUDA backend gives the same listings as the CPU one.
     assert check_top_logprobs(res["token_events"], 5, greedy=True) == 30
 
 

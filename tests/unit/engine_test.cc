@@ -417,6 +417,101 @@ TEST_F(EngineTest, PeaksCountTheLastStepBeforeBlocksAreFreed) {
   EXPECT_LE(s.peak_kv_blocks_used, 4 * DenseBlocks(*backend, 38));
 }
 
+// A backend that samples where the logits are (Backend::samples_on_device, the CUDA backend) gets
+// every decode row of a job as a sampled chunk: no logits row comes back to the host, the draw is
+// the counter-based one seeded by the thread's seed and the position drawn, and the engine
+// streams the backend's tokens and log-probabilities. The fork of the prompt, and a job that asks
+// for top log-probabilities, keep host rows. Here a wrapper around the CPU backend says it
+// samples on the device; the CPU backend samples such chunks with the same reference rule.
+TEST_F(EngineTest, DeviceSamplingBackendDrawsDecodeRows) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  struct Draw {
+    uint64_t seed, counter;
+    int32_t token;
+    float logprob;
+    int64_t position;
+  };
+  struct DeviceSampling : Backend {
+    Backend& inner;
+    std::vector<Draw> draws;
+    int64_t host_rows = 0, sampled_with_logits = 0;
+    explicit DeviceSampling(Backend& b) : inner(b) {}
+    const char* name() const override { return "device-sampling"; }
+    bool samples_on_device() const override { return true; }
+    absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
+      std::vector<int64_t> pos;
+      for (const SeqChunk& c : batch) pos.push_back(inner.kv().Length(c.seq) + static_cast<int64_t>(c.tokens.size()));
+      absl::StatusOr<ForwardResult> r = inner.Forward(batch);
+      if (!r.ok()) return r;
+      for (size_t ci = 0; ci < batch.size(); ++ci) {
+        if (batch[ci].sample) {
+          if (batch[ci].logits != SeqChunk::Logits::kNone) ++sampled_with_logits;
+          draws.push_back({batch[ci].sampling.seed, batch[ci].sampling.counter, r->sampled[ci],
+                           r->sampled_logprob[ci], pos[ci]});
+        } else if (batch[ci].logits != SeqChunk::Logits::kNone) {
+          ++host_rows;
+        }
+      }
+      // What a device backend returns: no row for a chunk that was only sampled.
+      ForwardResult out;
+      out.vocab = r->vocab;
+      out.sampled = r->sampled;
+      out.sampled_logprob = r->sampled_logprob;
+      for (size_t row = 0; row < r->row_chunk.size(); ++row) {
+        const int32_t ci = r->row_chunk[row];
+        if (batch[ci].logits == SeqChunk::Logits::kNone) continue;
+        out.row_chunk.push_back(ci);
+        out.logits.insert(out.logits.end(), r->logits.begin() + row * r->vocab,
+                          r->logits.begin() + (row + 1) * r->vocab);
+      }
+      return out;
+    }
+    KvCache& kv() override { return inner.kv(); }
+  };
+  auto run = [&](int32_t top_logprobs, DeviceSampling& dev) {
+    Engine engine(dev, *tok_, *model_, EngineOptions{});
+    auto mu = std::make_shared<std::mutex>();
+    auto out = std::make_shared<JobOut>();
+    EngineJobSpec spec = Spec({0, 1}, 7, 40);
+    spec.top_logprobs = top_logprobs;
+    SubmitTo(engine, std::move(spec), out, mu);
+    RunUntilIdle(engine);
+    EXPECT_TRUE(out->finished);
+    return *out;
+  };
+  DeviceSampling dev(*backend);
+  const JobOut a = run(0, dev);
+  EXPECT_EQ(dev.sampled_with_logits, 0);
+  EXPECT_EQ(dev.host_rows, 1) << "only the prompt's last row comes back (the fork)";
+  ASSERT_EQ(dev.draws.size(), 2u * 6u) << "every token after the first of each thread";
+  std::map<uint64_t, std::vector<Draw>> by_seed;
+  for (const Draw& d : dev.draws) by_seed[d.seed].push_back(d);
+  ASSERT_EQ(by_seed.size(), 2u);
+  for (int32_t idx : {0, 1}) {
+    const std::vector<Draw>& ds = by_seed[40 + idx];  // the thread's seed: the job's + its index
+    const ThreadOut& t = a.threads.at(idx);
+    ASSERT_EQ(t.tokens.size(), 7u);
+    ASSERT_EQ(ds.size(), 6u);
+    for (size_t i = 0; i < ds.size(); ++i) {
+      EXPECT_EQ(ds[i].counter, static_cast<uint64_t>(19 + 1 + i)) << "the position drawn";
+      EXPECT_EQ(static_cast<int64_t>(ds[i].counter), ds[i].position);
+      EXPECT_EQ(t.tokens[i + 1], ds[i].token);
+      EXPECT_EQ(t.logprobs[i + 1], ds[i].logprob);
+    }
+  }
+  // The draws depend only on (seed, position): the same job again gives the same threads.
+  DeviceSampling again(*backend);
+  const JobOut b = run(0, again);
+  for (int32_t idx : {0, 1}) EXPECT_EQ(a.threads.at(idx).tokens, b.threads.at(idx).tokens);
+  // A listing of top log-probabilities needs the rows: such a job samples on the host.
+  DeviceSampling listed(*backend);
+  const JobOut c = run(3, listed);
+  EXPECT_TRUE(listed.draws.empty());
+  EXPECT_EQ(listed.host_rows, 1 + 2 * 6);
+  for (int32_t idx : {0, 1}) EXPECT_EQ(c.threads.at(idx).top.size(), 7u);
+}
+
 // The engine reads time only through EngineOptions::clock: with a simulated clock that moves
 // 0.25 s per forward step, tokens/s is exactly tokens / (steps x 0.25 s), and Stats() keeps it
 // until the simulated clock is 2 s past the last step.

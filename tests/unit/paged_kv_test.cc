@@ -322,6 +322,12 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   create(3, 4);
   step({{1, 1}, {3, 6}, {2, 1}});
   for (int i = 0; i < 6; ++i) step({{1, 1}, {2, 1}, {3, 1}});
+  // Compress, then continue (FreezeEviction): sequence 3 stops evicting from here, and so does
+  // its fork; on the index path a step's bits no longer flag its tokens, in a chunk either.
+  ASSERT_TRUE(cpu.FreezeEviction(seqs[3].cpu).ok());
+  ASSERT_TRUE(idx.FreezeEviction(seqs[3].idx).ok());
+  EXPECT_EQ(idx.FirstFlaggable(seqs[3].idx), std::numeric_limits<int64_t>::max());
+  EXPECT_EQ(idx.FirstFlaggable(seqs[1].idx), pol.kind == KvPolicyKind::kDms ? pol.dms_sinks : 0);
   fork(3, 5, 5);  // right after a decode-only step: its bits are given, not yet in the ring
   step({{5, 1}, {3, 1}});
   ASSERT_TRUE(cpu.Free(seqs[0].cpu).ok());

@@ -320,6 +320,7 @@ class CudaBackend final : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
+  bool samples_on_device() const override { return true; }
   absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override;
   KvCache& kv() override { return *kv_; }
   absl::Status AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) override;
