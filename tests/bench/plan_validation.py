@@ -110,6 +110,17 @@ class Serve:
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
+    def metric(self, name):
+        """One value of serve's /metrics (Prometheus text), or None."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(name + " "):
+                        return float(line.split()[-1])
+        except OSError:
+            return None
+        return None
+
     def wait_ready(self, timeout=180):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -145,7 +156,10 @@ def measure(a, sc, trace, run_dir, i):
                          "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
         if rc != 0 or not os.path.exists(out):
             raise RuntimeError(f"loadgen failed (rc {rc}): {se[-2000:]}")
-        return json.load(open(out))
+        report = json.load(open(out))
+        time.sleep(1.0)  # the replica's last heartbeat (every 250 ms) carries its final figures
+        report["preemptions"] = srv.metric("dmsrt:num_preemptions_total")
+        return report
     finally:
         srv.stop()
 
@@ -180,6 +194,7 @@ def run_scenario(a, sc):
         meas[key] = {"mean": statistics.fmean(vals) if vals else None, "min": min(vals) if vals else None,
                      "max": max(vals) if vals else None, "runs": vals}
     failed = sum(r.get("failed_count", 0) for r in runs)
+    meas["preemptions"] = [r.get("preemptions") for r in runs]
     errors = {k: err(pred[k], meas[k]["mean"]) for k in ("jobs_per_hour", "p50", "p90", "p99")}
     verdict = {"throughput_within_10pct": errors["jobs_per_hour"] is not None and abs(errors["jobs_per_hour"]) <= 10,
                "p90_within_20pct": errors["p90"] is not None and abs(errors["p90"]) <= 20}
@@ -195,7 +210,7 @@ def fmt(v, w=7, p=1):
 def table(results):
     lines = ["scenario              rate/h | jobs/h pred  meas (min..max)        err% | "
              "p50 pred  meas   err% | p90 pred  meas (min..max)       err% | p99 pred  meas   err% | "
-             "thr<=10% p90<=20%"]
+             "thr<=10% p90<=20% | preemptions pred / meas"]
     for r in results:
         p, m, e = r["predicted"], r["measured"], r["errors_pct"]
         lines.append(
@@ -205,7 +220,8 @@ def table(results):
             f"{fmt(p['p90'], 6, 2)} {fmt(m['p90']['mean'], 6, 2)} ({fmt(m['p90']['min'], 5, 2)}..{fmt(m['p90']['max'], 5, 2)}) "
             f"{fmt(e['p90'], 6)} | {fmt(p['p99'], 6, 2)} {fmt(m['p99']['mean'], 6, 2)} {fmt(e['p99'], 6)} | "
             f"{'yes' if r['verdict']['throughput_within_10pct'] else 'NO':>8} "
-            f"{'yes' if r['verdict']['p90_within_20pct'] else 'NO':>8}")
+            f"{'yes' if r['verdict']['p90_within_20pct'] else 'NO':>8} | preemptions "
+            f"{p['preemptions']} / {','.join('-' if x is None else str(int(x)) for x in m['preemptions'])}")
     return "\n".join(lines)
 
 
