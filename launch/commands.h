@@ -56,7 +56,7 @@ struct BenchOptions {
   // The step-time grid of the profile (schema 2) that `dmsrt plan` reads.
   std::vector<int32_t> grid_batch = {1, 4, 16};
   std::vector<int32_t> grid_context = {64, 1024};
-  std::vector<int32_t> grid_chunk = {16, 64, 256};
+  std::vector<int32_t> grid_chunk = {16, 64, 256, 512};  // 512: serve's default prefill chunk
   bool no_grid = false;
 };
 void SetupBench(CLI::App& app, BenchOptions& o);

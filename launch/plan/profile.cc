@@ -11,13 +11,28 @@
 
 namespace dmsrt {
 
+double StepCosts::PrefillSeconds(int64_t tokens, bool with_decode) const {
+  if (tokens <= 0) return 0.0;
+  const double t = static_cast<double>(tokens);
+  const auto& c = prefill_curve;
+  if (c.empty()) return (with_decode ? 0.0 : prefill_fixed) + per_prefill_token * t;
+  // Below the smallest point: that point's cost per token.
+  if (c.size() == 1 || tokens <= c[0].first) return c[0].second * t / static_cast<double>(c[0].first);
+  // The segment that holds t, or the last one beyond the grid.
+  size_t i = 1;
+  while (i + 1 < c.size() && c[i].first < tokens) ++i;
+  const double x0 = static_cast<double>(c[i - 1].first), x1 = static_cast<double>(c[i].first);
+  const double slope = (c[i].second - c[i - 1].second) / (x1 - x0);
+  return std::max(0.0, c[i - 1].second + slope * (t - x0));
+}
+
 double StepCosts::DeviceSeconds(int64_t decode_rows, int64_t kv_tokens,
                                 int64_t prefill_tokens) const {
   if (decode_rows == 0 && prefill_tokens == 0) return 0.0;
-  double s = decode_rows > 0 ? fixed + allreduce_per_step : prefill_fixed;
+  double s = decode_rows > 0 ? fixed + allreduce_per_step : 0.0;
   s += per_decode_row * static_cast<double>(decode_rows);
   s += per_kv_token * static_cast<double>(kv_tokens);
-  s += per_prefill_token * static_cast<double>(prefill_tokens);
+  s += PrefillSeconds(prefill_tokens, decode_rows > 0);
   return s;
 }
 
@@ -241,6 +256,20 @@ absl::StatusOr<Profile> ProfileFromJson(const nlohmann::json& j, const std::stri
     }
   }
   FitStepCosts(dec, pre, &p.costs, &p.fit_max_rel_error);
+  // Prefill steps are read off the measured points (exact there); the fit's error is then the
+  // decode points'.
+  if (!pre.empty()) {
+    std::sort(pre.begin(), pre.end(), [](const PrefillPoint& a, const PrefillPoint& b) { return a.tokens < b.tokens; });
+    for (const PrefillPoint& q : pre) {
+      if (!p.costs.prefill_curve.empty() && p.costs.prefill_curve.back().first == q.tokens) continue;
+      p.costs.prefill_curve.emplace_back(q.tokens, q.seconds);
+    }
+    p.fit_max_rel_error = 0.0;
+    for (const DecodePoint& d : dec) {
+      p.fit_max_rel_error = std::max(
+          p.fit_max_rel_error, std::fabs(p.costs.DeviceSeconds(d.batch, d.kv_tokens, 0) - d.seconds) / d.seconds);
+    }
+  }
   if (sm.contains("sampling")) {
     const nlohmann::json& s = sm["sampling"];
     if (!s.is_object() || !s.contains("row_seconds") || !s["row_seconds"].is_number() ||

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -41,6 +42,16 @@ struct StepCosts {
   // Host seconds per sampled row (temperature sampling over the vocabulary with the chosen
   // token's log-probability, as the engine does): serial after the forward pass.
   double per_sampled_row = 0.0;
+  // A measured profile's prefill steps as measured, (tokens, seconds) by tokens: when not empty,
+  // a step's prefill part is read off this curve (linear between points, the end segments'
+  // slopes beyond) instead of prefill_fixed + per_prefill_token x tokens. On a CPU the cost per
+  // token is not constant across chunk sizes (here 1.9 ms at 16 tokens, 3.1 ms at 256), and
+  // one line through the grid was 25 % off at the prompt lengths that matter.
+  std::vector<std::pair<int64_t, double>> prefill_curve;
+  // The prefill part of a step of `tokens` prefill tokens; `with_decode`: the step also has
+  // decode rows, whose fixed cost already reads the weights (the linear model's prefill_fixed
+  // is then not added; the curve's intercept is).
+  double PrefillSeconds(int64_t tokens, bool with_decode) const;
   double Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
                  int64_t sampled_rows) const;
   // The forward pass alone (Seconds without the host floor and without sampling).

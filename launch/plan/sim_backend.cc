@@ -170,10 +170,9 @@ void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill
   tally_.decode_rows += decode_rows;
   tally_.busy += secs;
   if (decode_rows > 0) tally_.fixed += costs_.fixed + costs_.allreduce_per_step;
-  if (decode_rows == 0 && prefill_tokens > 0) tally_.prefill += costs_.prefill_fixed;
   tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
   tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
-  tally_.prefill += costs_.per_prefill_token * static_cast<double>(prefill_tokens);
+  tally_.prefill += costs_.PrefillSeconds(prefill_tokens, decode_rows > 0);
   tally_.sampling += sampling;
   tally_.host += std::max(0.0, secs - sampling - costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens));
 }

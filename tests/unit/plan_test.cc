@@ -184,6 +184,32 @@ TEST(PlanProfileTest, SamplingAddsPerSampledRowAndMeansAreFitted) {
   EXPECT_NE(p.status().message().find("row_seconds"), std::string::npos) << p.status();
 }
 
+// A measured profile's prefill steps are read off its grid points: exact at the points, linear
+// between them, the smallest point's cost per token below it, the last segment's slope above.
+TEST(PlanProfileTest, PrefillFollowsTheMeasuredPoints) {
+  nlohmann::json j = {
+      {"schema_version", 2}, {"model", "m"}, {"weight_bytes", 1}, {"provenance", {}},
+      {"step_model",
+       {{"decode", {{{"batch", 1}, {"kv_tokens", 64}, {"seconds", 0.01}},
+                    {{"batch", 4}, {"kv_tokens", 1000}, {"seconds", 0.02}},
+                    {{"batch", 16}, {"kv_tokens", 256}, {"seconds", 0.05}}}},
+        // 2 ms per token at 16, 2.5 at 64, 3 at 256: no one line goes through these.
+        {"prefill", {{{"tokens", 256}, {"seconds", 0.768}}, {{"tokens", 16}, {"seconds", 0.032}},
+                     {{"tokens", 64}, {"seconds", 0.16}}}}}}};
+  absl::StatusOr<Profile> p = ProfileFromJson(j, "p.json");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const StepCosts& c = p->costs;
+  ASSERT_EQ(c.prefill_curve.size(), 3u);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 16), 0.032, 1e-12);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 64), 0.16, 1e-12);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 256), 0.768, 1e-12);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 160), 0.16 + 96 * (0.608 / 192), 1e-12);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 8), 0.016, 1e-12);
+  EXPECT_NEAR(c.DeviceSeconds(0, 0, 384), 0.768 + 128 * (0.608 / 192), 1e-12);
+  // A step with decode rows adds the prefill tokens' time off the same curve.
+  EXPECT_NEAR(c.DeviceSeconds(4, 1000, 64), c.DeviceSeconds(4, 1000, 0) + 0.16, 1e-12);
+}
+
 TEST(PlanProfileTest, DatasheetIsUnmeasuredAndFromPeaks) {
   const ModelConfig q = *SyntheticConfig("qwen3-8b");
   absl::StatusOr<Profile> h100 = DatasheetProfile("h100-sxm", q, 1);
