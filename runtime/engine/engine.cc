@@ -557,15 +557,9 @@ void Engine::BuildBatch(std::vector<SeqChunk>* batch, std::vector<Resident>* own
     if (c.logits == SeqChunk::Logits::kLast && r.thread != nullptr && SamplesOnBackend(*r.job)) {
       // The backend samples the thread's next token where the logits are (the fork of a
       // prompt, which samples every thread from one row, stays on the host).
-      const SamplingParams& sp = r.thread->sampler->params();
       c.logits = SeqChunk::Logits::kNone;
-      c.sample = true;
-      c.sampling.temperature = sp.temperature;
-      c.sampling.top_k = sp.top_k;
-      c.sampling.top_p = sp.top_p;
-      c.sampling.min_p = sp.min_p;
-      c.sampling.seed = sp.seed;
-      c.sampling.counter = static_cast<uint64_t>(total);  // the position of the token drawn
+      c.sample = true;  // the counter is the position of the token drawn
+      c.sampling = CounterSampling(r.thread->sampler->params(), static_cast<uint64_t>(total));
     }
     batch->push_back(std::move(c));
     owners->push_back(r);

@@ -90,6 +90,17 @@ void FillTop(const float* logits, int32_t vocab, int32_t n, const LogNormalizer&
 
 }  // namespace
 
+kernels::SamplingRowParams CounterSampling(const SamplingParams& p, uint64_t counter) {
+  kernels::SamplingRowParams r;
+  r.temperature = p.temperature;
+  r.top_k = p.top_k;
+  r.top_p = p.top_p;
+  r.min_p = p.min_p;
+  r.seed = p.seed;
+  r.counter = counter;
+  return r;
+}
+
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
 
 void TopLogprobs(const float* logits, int32_t vocab, int32_t n, std::vector<TokenLogprob>* out) {

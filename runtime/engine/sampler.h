@@ -8,6 +8,8 @@
 #include <random>
 #include <vector>
 
+#include "kernels/reference/sampling_ref.h"
+
 namespace dmsrt {
 
 // Log-probability listings carry at most this many alternatives per token (OpenAI's limit).
@@ -26,6 +28,10 @@ struct SamplingParams {
   float min_p = 0.0f;        // 0 = off; keeps tokens with p >= min_p * p_max
   uint64_t seed = 0;
 };
+
+// The same settings as the counter-based draw of a backend (SeqChunk::sample,
+// kernels/reference/sampling_ref.h) for the token at position `counter`.
+kernels::SamplingRowParams CounterSampling(const SamplingParams& p, uint64_t counter);
 
 class Sampler {
  public:

@@ -230,13 +230,10 @@ class KvIndex : public KvCache {
   virtual bool model_bits() const = 0;
   // The delay window w of the flag-driven policies (window: window - 1), or -1 for none.
   virtual int32_t delay_window() const = 0;
-  // Tokens 0 .. protected_prefix()-1 are never flagged (policy dms with sink tokens): a bit that
-  // would flag one is ignored, also by callers that read the step's bits themselves (the
-  // in-chunk visibility of PagedKvLayer).
-  virtual int32_t protected_prefix() const = 0;
-  // The first position of `seq` whose token may still be flagged: protected_prefix(), or never
-  // (INT64_MAX) once the sequence is frozen (FreezeEviction) or unknown. Callers that read a
-  // step's bits themselves ignore a bit that would flag an earlier token.
+  // The first position of `seq` whose token may still be flagged: the policy's sink count
+  // (policy dms with sink tokens; 0 otherwise), or never (INT64_MAX) once the sequence is frozen
+  // (FreezeEviction) or unknown. A bit that would flag an earlier token is ignored, also by
+  // callers that read the step's bits themselves (the in-chunk visibility of PagedKvLayer).
   virtual int64_t FirstFlaggable(SeqId seq) const = 0;
   // The flagged tokens of (seq, layer, head) that are still resident before the next chunk, as
   // (pool slot index = block * block_tokens + offset, last visible query position = pos + w).

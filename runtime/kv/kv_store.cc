@@ -308,8 +308,7 @@ void KvStore::HeadViews(SeqId id, int32_t layer, KvHeadView* out) const {
 
 int64_t KvStore::FirstFlaggable(SeqId id) const {
   auto it = seqs_.find(id);
-  if (it == seqs_.end() || it->second->frozen) return std::numeric_limits<int64_t>::max();
-  return policy_->protected_prefix();
+  return it == seqs_.end() ? std::numeric_limits<int64_t>::max() : FirstFlaggable(*it->second);
 }
 
 void KvStore::FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,

@@ -174,7 +174,6 @@ class KvStore final : public KvIndex {
   }
   bool model_bits() const override { return model_bits_; }
   int32_t delay_window() const override { return ring_ ? w_ : -1; }
-  int32_t protected_prefix() const override { return policy_->protected_prefix(); }
   int64_t FirstFlaggable(SeqId id) const override;
   void FlaggedSlots(SeqId id, int32_t layer, int32_t head, uint8_t boundary_bit,
                     std::vector<std::pair<int32_t, int32_t>>* out) const override;
@@ -194,10 +193,12 @@ class KvStore final : public KvIndex {
   // `heads` are the layer's heads of the sequence (for the key of token P-1, k_prev).
   const uint8_t* StepBits(const Sequence& s, const HeadState* heads, int32_t layer, int64_t P,
                           int32_t n, const uint8_t* evict, const float* k);
-  // Whether token k of `s` may still be flagged (not a protected sink, not frozen).
-  bool MayFlag(const Sequence& s, int64_t k) const {
-    return !s.frozen && k >= policy_->protected_prefix();
+  // The first token of `s` that may still be flagged (after the protected sinks; never once
+  // frozen), and whether token k may.
+  int64_t FirstFlaggable(const Sequence& s) const {
+    return s.frozen ? std::numeric_limits<int64_t>::max() : policy_->protected_prefix();
   }
+  bool MayFlag(const Sequence& s, int64_t k) const { return k >= FirstFlaggable(s); }
   static uint8_t BitAt(const uint8_t* bits, int32_t nkv, int32_t i, int32_t j) {
     return bits != nullptr ? bits[static_cast<int64_t>(i) * nkv + j] : 0;
   }
