@@ -9,8 +9,11 @@
 //
 // Policies: --kv-policy (with --kv-window/--kv-sinks/--kv-tokens/--dms-force-rate/--dms-window)
 // evaluates that one policy; --policies takes specs as in ParsePolicySpec ("window:w=1020,s=4",
-// "tova:t=1024", "h2o:t=512", "forced:r=0.9,w=64", "dms"); otherwise the grid of PolicyGrid for
-// --target-cr at the text's length. The dense reference always runs first.
+// "tova:t=1024", "h2o:t=512", "forced:r=0.9,w=64", "threshold:rate=0.9,w=64", "dms"); otherwise
+// the grid of PolicyGrid for --target-cr at the text's length (with threshold rows on the CPU
+// backend). A threshold given as a rate is calibrated on --calibration (default: the corpus's
+// calibration part). The dense reference always runs first.
+// --write-passkey-prompts FILE writes the probe's prompts for another implementation and exits.
 // Without --file/--text the held-out corpus tests/data/eval/heldout.txt is used.
 #include <algorithm>
 #include <cstdio>
@@ -28,12 +31,55 @@
 #include "launch/commands.h"
 #include "launch/eval/eval.h"
 #include "launch/run_options.h"
+#include "launch/threshold_calibration.h"
 #include "parallel/status_macros.h"
 
 namespace dmsrt {
 namespace {
 
 constexpr const char* kDefaultCorpus = "tests/data/eval/heldout.txt";
+constexpr const char* kDefaultCalibration = "tests/data/eval/calibration.txt";
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Sets the threshold of every policy given as a rate ("threshold:rate=R"): the R-quantile of the
+// key-norm scores of the calibration text (--calibration, else the corpus's calibration part,
+// never the held-out text), printed on stderr.
+absl::Status ResolveThresholdRates(const EvalCommandOptions& args, const RunContext& ctx,
+                                   std::vector<EvalPolicy>& policies) {
+  std::optional<std::string> text;
+  std::string source;
+  for (EvalPolicy& p : policies) {
+    if (!p.threshold_pending) continue;
+    if (!text) {
+      source = args.calibration;
+      if (source.empty()) {
+        std::optional<std::string> found = FindBesideSourceTree(kDefaultCalibration);
+        if (!found) {
+          return absl::NotFoundError(absl::StrCat("the calibration text ", kDefaultCalibration,
+                                                  " was not found; pass --calibration F"));
+        }
+        source = *found;
+      }
+      DMSRT_ASSIGN_OR_RETURN(text, ReadFile(source));
+    }
+    BackendOptions bo = ctx.backend_options;
+    bo.kv_policy = p.config;
+    DMSRT_ASSIGN_OR_RETURN(ThresholdCalibration cal,
+                           CalibrateThreshold(*ctx.model, *ctx.tokenizer, bo, p.threshold_rate, *text));
+    ResolveThresholdRate(&p, cal.threshold);
+    std::fprintf(stderr, "dmsrt eval: %s (quantile of %lld key-norm scores over %lld tokens of %s)\n",
+                 p.label.c_str(), static_cast<long long>(cal.scores),
+                 static_cast<long long>(cal.tokens), source.c_str());
+  }
+  return absl::OkStatus();
+}
 
 // The default corpus next to the source tree the binary was built from, else ./tests/data/...
 absl::StatusOr<std::string> DefaultCorpusPath() {
@@ -132,6 +178,14 @@ absl::Status Eval(const EvalCommandOptions& args) {
     return Output(flags, merged);
   }
   DMSRT_ASSIGN_OR_RETURN(RunContext ctx, LoadRunContext(args.run));
+  if (!args.write_passkey_prompts.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(std::vector<PasskeyPrompt> prompts,
+                           MakePasskeyPrompts(*ctx.tokenizer, flags.passkey));
+    std::ofstream out(args.write_passkey_prompts);
+    if (!out) return absl::InvalidArgumentError(absl::StrCat("cannot write ", args.write_passkey_prompts));
+    out << PasskeyPromptsJson(flags.passkey, prompts).dump() << "\n";
+    return absl::OkStatus();
+  }
 
   std::string text = flags.text, label = "--text";
   std::vector<int32_t> ids;
@@ -149,11 +203,7 @@ absl::Status Eval(const EvalCommandOptions& args) {
     if (path.empty()) {
       DMSRT_ASSIGN_OR_RETURN(path, DefaultCorpusPath());
     }
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    text = ss.str();
+    DMSRT_ASSIGN_OR_RETURN(text, ReadFile(path));
     label = std::filesystem::path(path).filename().string();
   }
   if (flags.token_ids.empty()) ids = ctx.tokenizer->Encode(text, /*parse_special=*/false, flags.add_bos);
@@ -186,8 +236,11 @@ absl::Status Eval(const EvalCommandOptions& args) {
       o.policies.push_back(std::move(p));
     }
   } else {
-    o.policies = PolicyGrid(flags.target_crs, static_cast<int64_t>(o.tokens.size()), flags.forced_window);
+    // The key-norm scorer needs the keys, which only the CPU store sees.
+    o.policies = PolicyGrid(flags.target_crs, static_cast<int64_t>(o.tokens.size()),
+                            flags.forced_window, /*threshold=*/ctx.backend == "cpu");
   }
+  DMSRT_RETURN_IF_ERROR(ResolveThresholdRates(args, ctx, o.policies));
   // Rows of learned decisions name the adapter that made them, so merged reports keep them apart.
   for (EvalPolicy& p : o.policies) {
     if (p.config.kind == KvPolicyKind::kDms && !ctx.dms_adapter.empty()) {
@@ -246,6 +299,12 @@ void SetupEval(CLI::App& app, EvalCommandOptions& o) {
   app.add_option("--svg", o.svg, "write the plot (quality against cache CR) here")->type_name("FILE");
   app.add_option("--merge", o.merge, "combine these reports instead of running a model")
       ->type_name("A.json,B.json");
+  app.add_option("--calibration", o.calibration,
+                 "calibration text of threshold rate specs (default: tests/data/eval/calibration.txt)")
+      ->type_name("FILE");
+  app.add_option("--write-passkey-prompts", o.write_passkey_prompts,
+                 "write the passkey probe's prompts (token ids, keys) as JSON here and run nothing")
+      ->type_name("FILE");
   app.add_flag("--quiet", o.quiet, "no progress lines on stderr");
   app.add_flag("--add-bos", o.add_bos, "put the BOS token before the text");
   AddRunOptions(app, &o.run);

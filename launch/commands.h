@@ -101,6 +101,8 @@ struct EvalCommandOptions {
   int64_t passkey_seed = 1;
   bool no_passkey = false, json = false, quiet = false, add_bos = false;
   std::string json_out, svg, merge;
+  std::string calibration;             // threshold rate specs: calibration text (default: the corpus's)
+  std::string write_passkey_prompts;   // write the probe prompts here and run nothing
 };
 void SetupEval(CLI::App& app, EvalCommandOptions& o);
 int RunEval(const EvalCommandOptions& o, ProcessArgs& args);

@@ -31,8 +31,25 @@ std::string PolicyLabel(const KvPolicyConfig& p) {
     case KvPolicyKind::kWindow: return absl::StrFormat("window w=%d s=%d", p.window, p.sinks);
     case KvPolicyKind::kTova: return absl::StrFormat("tova t=%d", p.budget_tokens);
     case KvPolicyKind::kH2o: return absl::StrFormat("h2o t=%d", p.budget_tokens);
+    case KvPolicyKind::kThreshold:
+      return absl::StrCat(absl::StrFormat("threshold t=%.4g w=%d", p.threshold, p.window),
+                          p.threshold_shift != 0 ? absl::StrFormat(" shift=%d", p.threshold_shift)
+                                                 : std::string());
   }
   return "?";
+}
+
+namespace {
+// A threshold policy given as a rate, before its threshold is known.
+std::string ThresholdRateLabel(const EvalPolicy& p) {
+  return absl::StrFormat("threshold rate=%.3g w=%d", p.threshold_rate, p.config.window);
+}
+}  // namespace
+
+void ResolveThresholdRate(EvalPolicy* p, double threshold) {
+  p->config.threshold = threshold;
+  p->threshold_pending = false;
+  p->label = absl::StrCat(PolicyLabel(p->config), absl::StrFormat(" rate=%.3g", p->threshold_rate));
 }
 
 absl::StatusOr<EvalPolicy> ParsePolicySpec(const std::string& spec, int32_t dms_window) {
@@ -91,20 +108,36 @@ absl::StatusOr<EvalPolicy> ParsePolicySpec(const std::string& spec, int32_t dms_
         return absl::InvalidArgumentError(absl::StrCat("policy '", spec, "': needs t >= 2"));
       }
       break;
+    case KvPolicyKind::kThreshold: {
+      c.window = static_cast<int32_t>(take("w", 64));
+      c.threshold_shift = static_cast<int32_t>(take("shift", 0));
+      const bool has_t = kv.count("t") > 0, has_rate = kv.count("rate") > 0;
+      c.threshold = take("t", 0);
+      out.threshold_rate = take("rate", -1);
+      out.threshold_pending = has_rate;
+      if (has_t == has_rate || c.window < 1 || (c.threshold_shift != 0 && c.threshold_shift != 1) ||
+          (has_rate && !(out.threshold_rate >= 0 && out.threshold_rate <= 1))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "policy '", spec, "': threshold needs one of t=SCORE and rate=R (R in [0, 1]), w >= 1 "
+            "and shift 0 or 1"));
+      }
+      break;
+    }
   }
   for (const auto& [name, v] : kv) {
     if (!allowed.count(name)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "policy '", spec, "': unknown setting '", name,
-          "' (window: w, s; tova/h2o: t; forced: r, w, seed; none/dms: nothing)"));
+          "' (window: w, s; tova/h2o: t; forced: r, w, seed; threshold: t or rate, w, shift; "
+          "none/dms: nothing)"));
     }
   }
-  out.label = PolicyLabel(c);
+  out.label = out.threshold_rate >= 0 ? ThresholdRateLabel(out) : PolicyLabel(c);
   return out;
 }
 
 std::vector<EvalPolicy> PolicyGrid(const std::vector<double>& target_crs, int64_t length,
-                                   int32_t forced_window) {
+                                   int32_t forced_window, bool threshold) {
   std::vector<EvalPolicy> out;
   auto add = [&](KvPolicyConfig c) { out.push_back({PolicyLabel(c), c}); };
   for (double cr : target_crs) {
@@ -130,6 +163,15 @@ std::vector<EvalPolicy> PolicyGrid(const std::vector<double>& target_crs, int64_
       const double r = 1.0 - static_cast<double>(keep - forced_window) / (length - forced_window);
       f.force_rate = std::round(r * 1000) / 1000;
       add(f);
+      if (threshold) {
+        EvalPolicy th;
+        th.config.kind = KvPolicyKind::kThreshold;
+        th.config.window = forced_window;
+        th.threshold_rate = f.force_rate;
+        th.threshold_pending = true;
+        th.label = ThresholdRateLabel(th);
+        out.push_back(th);
+      }
     }
   }
   return out;
@@ -398,6 +440,35 @@ absl::StatusOr<PasskeyRow> RunPasskey(Backend& backend, const Tokenizer& tok,
 
 }  // namespace
 
+absl::StatusOr<std::vector<PasskeyPrompt>> MakePasskeyPrompts(const Tokenizer& tok,
+                                                              const PasskeyOptions& o) {
+  std::vector<PasskeyPrompt> prompts;
+  for (int32_t len : o.lengths) {
+    for (double d : o.depths) {
+      DMSRT_ASSIGN_OR_RETURN(PasskeyPrompt p,
+                             MakePasskeyPrompt(tok, len, d, PasskeyKey(o.seed, len, d, o.digits)));
+      prompts.push_back(std::move(p));
+    }
+  }
+  return prompts;
+}
+
+nlohmann::json PasskeyPromptsJson(const PasskeyOptions& o,
+                                  const std::vector<PasskeyPrompt>& prompts) {
+  nlohmann::json list = nlohmann::json::array();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const PasskeyPrompt& p = prompts[i];
+    list.push_back({{"length", p.tokens.size()},
+                    {"depth", o.depths[i % o.depths.size()]},
+                    {"key", p.key},
+                    {"needle_token", p.needle_token},
+                    {"question_token", p.question_token},
+                    {"tokens", p.tokens}});
+  }
+  return {{"max_new_tokens", o.max_new_tokens}, {"digits", o.digits}, {"seed", o.seed},
+          {"prompts", list}};
+}
+
 absl::StatusOr<EvalReport> Evaluate(const EvalOptions& o, const BackendFactory& factory) {
   const int64_t L = static_cast<int64_t>(o.tokens.size());
   if (L < 2) {
@@ -423,6 +494,12 @@ absl::StatusOr<EvalReport> Evaluate(const EvalOptions& o, const BackendFactory& 
     }
   }
   if (o.prefill_chunk < 1) return absl::InvalidArgumentError("prefill chunk must be >= 1");
+  for (const EvalPolicy& p : o.policies) {
+    if (p.threshold_pending) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "policy '", p.label, "': its threshold was not calibrated (ResolveThresholdRate)"));
+    }
+  }
   if (o.top_k < 1) return absl::InvalidArgumentError("top-k must be >= 1");
   int64_t C = o.context;
   if (C == 0) {
@@ -438,13 +515,8 @@ absl::StatusOr<EvalReport> Evaluate(const EvalOptions& o, const BackendFactory& 
     return absl::InvalidArgumentError("the passkey probe needs the model's tokenizer");
   }
   std::vector<PasskeyPrompt> prompts;
-  for (int32_t len : o.passkey.lengths) {
-    for (double d : o.passkey.depths) {
-      DMSRT_ASSIGN_OR_RETURN(
-          PasskeyPrompt p, MakePasskeyPrompt(*o.tokenizer, len, d,
-                                             PasskeyKey(o.passkey.seed, len, d, o.passkey.digits)));
-      prompts.push_back(std::move(p));
-    }
+  if (!o.passkey.lengths.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(prompts, MakePasskeyPrompts(*o.tokenizer, o.passkey));
   }
 
   EvalReport rep;

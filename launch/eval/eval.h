@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/status/statusor.h"
+#include "launch/eval/probes.h"
 #include "runtime/backend/backend.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -42,19 +43,31 @@ namespace dmsrt {
 struct EvalPolicy {
   std::string label;  // e.g. "window w=1020 s=4"
   KvPolicyConfig config;
+  // threshold given as a rate ("threshold:rate=0.9,w=64"): config.threshold is still to be set
+  // to the rate-quantile of a calibration text's scores (ResolveThresholdRate) before the policy
+  // runs; -1 otherwise.
+  double threshold_rate = -1;
+  bool threshold_pending = false;  // a rate not yet resolved: Evaluate refuses to run it
 };
 
 // One policy from a spec: "none", "dms", "window:w=1020,s=4", "tova:t=1024", "h2o:t=1024",
-// "forced:r=0.875,w=64[,seed=0]". `dms_window` is the model's own window (policy dms).
+// "forced:r=0.875,w=64[,seed=0]", "threshold:t=-17,w=64[,shift=0]" or
+// "threshold:rate=0.9,w=64[,shift=0]". `dms_window` is the model's own window (policy dms).
 absl::StatusOr<EvalPolicy> ParsePolicySpec(const std::string& spec, int32_t dms_window);
+// Sets a rate-given threshold policy's threshold (the rate-quantile of a calibration text's
+// scores) and its label ("threshold t=-16.87 w=64 rate=0.889").
+void ResolveThresholdRate(EvalPolicy* p, double threshold);
 // The label of a policy config, in the spec's terms.
 std::string PolicyLabel(const KvPolicyConfig& p);
 
 // The standard grid: for each target cache CR at `length` tokens, one setting each of window
 // (4 sinks), tova, h2o and forced (window `forced_window`; rate chosen so that
-// w + (L - w)(1 - r) = L / CR). Settings whose CR cannot be reached are left out.
+// w + (L - w)(1 - r) = L / CR), and with `threshold` a threshold (key-norm) row with the same
+// window whose threshold flags the same rate r of a calibration text (threshold_rate, resolved
+// by the caller; its cache CR on the evaluated text is measured, not set). Settings whose CR
+// cannot be reached are left out.
 std::vector<EvalPolicy> PolicyGrid(const std::vector<double>& target_crs, int64_t length,
-                                   int32_t forced_window);
+                                   int32_t forced_window, bool threshold = false);
 
 // Builds a backend whose KV store runs `policy` (everything else as the caller configured).
 using BackendFactory =
@@ -67,6 +80,13 @@ struct PasskeyOptions {
   int32_t max_new_tokens = 10;
   uint64_t seed = 1;
 };
+
+// The probe prompts of `o`, lengths outer, depths inner (the order of Evaluate's passkey rows).
+absl::StatusOr<std::vector<PasskeyPrompt>> MakePasskeyPrompts(const Tokenizer& tok,
+                                                              const PasskeyOptions& o);
+// The prompts as JSON (token ids, key, needle and question positions), for another
+// implementation to run the same probe: {"max_new_tokens", "digits", "seed", "prompts": [...]}.
+nlohmann::json PasskeyPromptsJson(const PasskeyOptions& o, const std::vector<PasskeyPrompt>& prompts);
 
 struct EvalOptions {
   std::vector<int32_t> tokens;  // held-out token ids (L = tokens.size(), >= 2)

@@ -70,6 +70,7 @@ absl::StatusOr<PasskeyPrompt> MakePasskeyPrompt(const Tokenizer& tok, int32_t le
     p.tokens.insert(p.tokens.end(), filler.begin(), filler.begin() + take);
     left -= take;
   }
+  p.question_token = static_cast<int32_t>(p.tokens.size());
   p.tokens.insert(p.tokens.end(), question.begin(), question.end());
   return p;
 }

@@ -25,7 +25,8 @@ namespace dmsrt {
 struct PasskeyPrompt {
   std::vector<int32_t> tokens;
   std::string key;
-  int32_t needle_token = 0;  // index of the needle's first token
+  int32_t needle_token = 0;    // index of the needle's first token
+  int32_t question_token = 0;  // index of the question's first token (the haystack ends before it)
 };
 
 // A key of `digits` decimal digits (first digit nonzero), a deterministic function of its inputs.

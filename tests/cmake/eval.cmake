@@ -4,7 +4,7 @@
 # on a synthetic model by tests/unit/eval_test.cc.
 find_package(Python3 COMPONENTS Interpreter QUIET)
 if(Python3_Interpreter_FOUND)
-  foreach(case corrupt_model empty_corpus too_long tiny_run)
+  foreach(case corrupt_model empty_corpus too_long tiny_run threshold_rate passkey_prompts)
     add_test(NAME eval_cli_${case}
              COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/eval/eval_cli_test.py
                      $<TARGET_FILE:dmsrt> ${case})

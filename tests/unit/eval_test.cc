@@ -188,6 +188,13 @@ TEST(Eval, RefusesWhatItCannotRun) {
   o = BaseOptions(*t.model, 96);
   o.passkey.lengths = {256};  // no tokenizer
   EXPECT_EQ(Evaluate(o, t.factory).status().code(), absl::StatusCode::kInvalidArgument);
+  o = BaseOptions(*t.model, 96);
+  auto pending = ParsePolicySpec("threshold:rate=0.5,w=8", 0);  // never calibrated
+  ASSERT_TRUE(pending.ok());
+  o.policies = {*pending};
+  r = Evaluate(o, t.factory);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("not calibrated"), std::string::npos);
 }
 
 TEST(Eval, PolicySpecsAndGrid) {
@@ -209,6 +216,37 @@ TEST(Eval, PolicySpecsAndGrid) {
   EXPECT_EQ(grid[10].config.budget_tokens, 512);
   // forced at 8x: 64 + 4032 (1 - r) ~ 512
   EXPECT_NEAR(64 + 4032 * (1 - grid[11].config.force_rate), 512, 4);
+  for (const EvalPolicy& p : grid) EXPECT_NE(p.config.kind, KvPolicyKind::kThreshold);
+
+  // Threshold: a fixed score, or a rate still to be calibrated.
+  auto t = ParsePolicySpec("threshold:t=-16.5,w=32", 0);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->config.kind, KvPolicyKind::kThreshold);
+  EXPECT_DOUBLE_EQ(t->config.threshold, -16.5);
+  EXPECT_EQ(t->config.window, 32);
+  EXPECT_FALSE(t->threshold_pending);
+  EXPECT_EQ(t->label, "threshold t=-16.5 w=32");
+  auto tr = ParsePolicySpec("threshold:rate=0.75,w=64,shift=1", 0);
+  ASSERT_TRUE(tr.ok()) << tr.status();
+  EXPECT_TRUE(tr->threshold_pending);
+  EXPECT_DOUBLE_EQ(tr->threshold_rate, 0.75);
+  EXPECT_EQ(tr->config.threshold_shift, 1);
+  EXPECT_EQ(tr->label, "threshold rate=0.75 w=64");
+  ResolveThresholdRate(&*tr, -17.25);
+  EXPECT_FALSE(tr->threshold_pending);
+  EXPECT_DOUBLE_EQ(tr->config.threshold, -17.25);
+  EXPECT_EQ(tr->label, "threshold t=-17.25 w=64 shift=1 rate=0.75");
+  for (const char* bad : {"threshold", "threshold:t=-1,rate=0.5", "threshold:rate=1.5",
+                          "threshold:t=-1,w=0", "threshold:t=-1,shift=2", "threshold:t=-1,s=4"}) {
+    EXPECT_EQ(ParsePolicySpec(bad, 0).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  auto with_t = PolicyGrid({2, 4, 8}, 4096, 64, /*threshold=*/true);
+  ASSERT_EQ(with_t.size(), 15u);
+  const EvalPolicy& th8 = with_t.back();
+  EXPECT_EQ(th8.config.kind, KvPolicyKind::kThreshold);
+  EXPECT_TRUE(th8.threshold_pending);
+  EXPECT_EQ(th8.config.window, 64);
+  EXPECT_DOUBLE_EQ(th8.threshold_rate, with_t[with_t.size() - 2].config.force_rate);
 }
 
 TEST(Eval, PasskeyPrompt) {
