@@ -750,12 +750,14 @@ std::string ReportTable(const EvalReport& r) {
       c.cr += p.cache_cr;
       lengths.insert(p.length);
     }
+    int pw = 22;
+    for (const std::string& pol : order) pw = std::max<int>(pw, static_cast<int>(pol.size()));
     absl::StrAppend(&s, "\npasskey retrieval (greedy; correct/trials over depths, cache CR after the prompt)\n");
-    absl::StrAppend(&s, absl::StrFormat("%-22s", "policy"));
+    absl::StrAppend(&s, absl::StrFormat("%-*s", pw, "policy"));
     for (int32_t len : lengths) absl::StrAppend(&s, absl::StrFormat(" %18s", absl::StrCat("L=", len)));
     absl::StrAppend(&s, "\n");
     for (const std::string& pol : order) {
-      absl::StrAppend(&s, absl::StrFormat("%-22s", pol));
+      absl::StrAppend(&s, absl::StrFormat("%-*s", pw, pol));
       for (int32_t len : lengths) {
         const Cell& c = cells[pol][len];
         absl::StrAppend(&s, absl::StrFormat(" %8s @ %6.2fx", absl::StrCat(c.correct, "/", c.trials),

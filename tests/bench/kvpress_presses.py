@@ -31,6 +31,19 @@ Rows are written in `dmsrt eval --json-out`'s format (policy "kvpress:NAME r=R",
 forced with budgets set at C; dms with --dms-adapter) and merges both into one table
 (--merged-json, --svg).
 
+Budgets: with --budget-at context (the default) every setting keeps C / CR tokens per head, so
+the cache CR at C is the target; with --budget-at length it keeps L / CR (the budgets of `dmsrt
+eval`'s own grid, whose protocol a rows are then at the target CR at L), and the presses keep
+the same count out of C (compression_ratio = 1 - keep / C).
+
+Passkey (--passkey-lengths): the probe of `dmsrt eval` (its prompts, written by `dmsrt eval
+--write-passkey-prompts`: the same token ids and keys) run under each press as kvpress's
+pipeline runs a context and a question: the haystack (everything before the question) is the
+context, compressed once by the press to the setting's budget (the same tokens per head as the
+dmsrt policy keeps: compression_ratio = 1 - keep / context, no press where the context fits),
+then the question and a greedy answer of at most max_new_tokens run over the compressed cache.
+Correct when the decoded answer contains the key.
+
 Exit status 77 (skip) with the reason when torch, transformers or kvpress, the dmsrt binary or
 the model is missing.
 """
@@ -80,6 +93,77 @@ def dmsrt_ids(bin_path, model, path):
     return json.loads(p.stdout)["ids"]
 
 
+def passkey_prompts(a):
+    """dmsrt eval's passkey prompts (token ids, keys, where the question starts)."""
+    path = a.json_out + ".prompts.json"
+    p = subprocess.run([a.bin, "eval", "--model", a.model, "--passkey-lengths", a.passkey_lengths,
+                        "--passkey-depths", a.passkey_depths, "--write-passkey-prompts", path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"dmsrt eval --write-passkey-prompts failed: {p.stderr}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_passkey(torch, model, prompts, make, policy, keep):
+    """Greedy answers under `make(compression_ratio)` (None: dense) with `keep` context tokens
+    per head; rows without the decoded answer (decode_answers fills it)."""
+    import transformers
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    t0 = time.time()
+    for pr in prompts["prompts"]:
+        toks, q = pr["tokens"], pr["question_token"]
+        ratio = 0.0 if make is None or keep >= q else round(1 - keep / q, 6)
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            ctx = torch.tensor([toks[:q]])
+            if ratio > 0:
+                with make(ratio)(model):
+                    model.model(input_ids=ctx, past_key_values=cache)
+            else:
+                model.model(input_ids=ctx, past_key_values=cache)
+            kept = min(cache.get_seq_length(l) for l in range(len(cache)))
+            pos = len(toks)
+            logits = model(input_ids=torch.tensor([toks[q:]]), past_key_values=cache,
+                           position_ids=torch.arange(q, pos).unsqueeze(0)).logits[0, -1]
+            answer = []
+            for _ in range(prompts["max_new_tokens"]):
+                nxt = int(logits.argmax())
+                if nxt in eos:
+                    break
+                answer.append(nxt)
+                logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                               position_ids=torch.tensor([[pos]])).logits[0, -1]
+                pos += 1
+        out.append({"policy": policy, "length": pr["length"], "depth": pr["depth"],
+                    "key": pr["key"], "answer_ids": answer,
+                    "cache_cr": pr["length"] / (kept + len(toks) - q)})
+    print(f"{policy:<34} passkey: {len(out)} trials in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+def decode_answers(a, rows):
+    """Decodes every answer with dmsrt's tokenizer (one call) and marks the correct ones."""
+    if not rows:
+        return []
+    path = a.json_out + ".answers.jsonl"
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r["answer_ids"]) + "\n")
+    p = subprocess.run([a.bin, "tokenize", "--model", a.model, "--decode-jsonl", path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"dmsrt tokenize --decode-jsonl failed: {p.stderr}")
+    texts = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert len(texts) == len(rows), (len(texts), len(rows))
+    for r, t in zip(rows, texts):
+        r["answer"] = t
+        r["correct"] = r["key"] in t
+    return rows
+
+
 def default_context(L):
     c = L * 7 // 8
     if c >= PREFILL_CHUNK:
@@ -87,15 +171,19 @@ def default_context(L):
     return max(1, c)
 
 
-def dmsrt_policies(C, crs, forced_window):
-    """dmsrt policy specs whose cache CR at C is each target (budgets set at C, not at L)."""
+def dmsrt_policies(base, crs, forced_window, threshold):
+    """dmsrt policy specs whose cache CR at `base` tokens is each target (C or L: --budget-at).
+    forced and threshold: delay window `forced_window`, rate r with w + (base - w)(1 - r) = keep
+    (threshold: the rate on the calibration text; its CR here is measured)."""
     specs = []
     for cr in crs:
-        keep = round(C / cr)
+        keep = round(base / cr)
         specs += [f"window:w={keep - 4},s=4", f"tova:t={keep}", f"h2o:t={keep}"]
         if keep > forced_window:
-            r = 1 - (keep - forced_window) / (C - forced_window)
-            specs.append(f"forced:r={round(r, 3)},w={forced_window}")
+            r = round(1 - (keep - forced_window) / (base - forced_window), 3)
+            specs.append(f"forced:r={r},w={forced_window}")
+            if threshold:
+                specs.append(f"threshold:rate={r},w={forced_window}")
     return specs
 
 
@@ -111,7 +199,14 @@ def main():
     ap.add_argument("--presses", default=",".join(PRESSES))
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--forced-window", type=int, default=16)
+    ap.add_argument("--forced-window", type=int, default=16,
+                    help="delay window of dmsrt's forced and threshold rows")
+    ap.add_argument("--budget-at", choices=["context", "length"], default="context",
+                    help="keep C / CR or L / CR tokens per head")
+    ap.add_argument("--no-threshold", action="store_true", help="no dmsrt threshold rows")
+    ap.add_argument("--passkey-lengths", default="",
+                    help="passkey prompt lengths (e.g. 1024,2048,4096; empty: no passkey)")
+    ap.add_argument("--passkey-depths", default="0.1,0.5,0.9")
     ap.add_argument("--json-out", required=True, help="the kvpress rows (dmsrt eval's format)")
     ap.add_argument("--run-dmsrt", metavar="JSON",
                     help="also run `dmsrt eval` protocol b at the same C and CRs, report here")
@@ -149,6 +244,8 @@ def main():
     assert 1 <= C < L - 1, (C, L)
     crs = [float(x) for x in a.target_cr.split(",")]
     label = os.path.basename(a.file)
+    base = C if a.budget_at == "context" else L
+    prompts = passkey_prompts(a) if a.passkey_lengths else None
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(a.model)), gguf_file=os.path.basename(a.model),
@@ -206,16 +303,23 @@ def main():
     rows = [row("kvpress:none", "kvpress:none", "dense float32", dense, kept, dense_s, 0.0)]
     print(f"kvpress dense: L={L} C={C} scored={n} ppl {rows[0]['perplexity']:.3f} "
           f"({dense_s:.1f} s)", flush=True)
+    passkey = []
+    if prompts:
+        passkey += run_passkey(torch, model, prompts, None, "kvpress:none", 0)
     for name in a.presses.split(","):
         for cr in crs:
-            ratio = round(1 - 1 / cr, 6)
+            keep = round(base / cr)
+            ratio = round(1 - keep / C, 6)
             press, settings = make_press(kvpress, name, ratio)
             logp, kept, s = run(press)
-            r = row(f"kvpress:{press_kind(name)} r={ratio:g}", f"kvpress:{press_kind(name)}",
-                    settings, logp, kept, s, ratio)
+            policy = f"kvpress:{press_kind(name)} r={ratio:.3f}"
+            r = row(policy, f"kvpress:{press_kind(name)}", settings, logp, kept, s, ratio)
             rows.append(r)
             print(f"{r['policy']:<34} CR {r['cache_cr']:.2f}x ppl {r['perplexity']:.3f} "
                   f"KL {r['kl']:.5f} top1 {r['top1_agreement']:.4f} ({s:.1f} s)", flush=True)
+            if prompts:
+                passkey += run_passkey(torch, model, prompts,
+                                       lambda rr: make_press(kvpress, name, rr)[0], policy, keep)
 
     report = {"text": label, "length": L, "context": C, "top_k": k,
               "kl_definition": "top-k + remainder bucket (lower bound of the full KL)",
@@ -223,17 +327,21 @@ def main():
               "implementation": f"kvpress {getattr(kvpress, '__version__', '?')}, transformers "
                                 f"{transformers.__version__}, torch {torch.__version__}, float32",
               "scored_predictions": "continuation positions C..L-2 (tokens C+1..L-1)",
-              "rows": rows, "passkey": []}
+              "rows": rows, "passkey": decode_answers(a, passkey)}
     with open(a.json_out, "w") as f:
         json.dump(report, f, indent=1)
 
     if a.run_dmsrt:
-        specs = dmsrt_policies(C, crs, a.forced_window)
+        specs = dmsrt_policies(base, crs, a.forced_window, not a.no_threshold)
         if a.dms_adapter:
             specs.append("dms")
         cmd = [a.bin, "eval", "--model", a.model, "--file", a.file, "--max-tokens", str(L),
-               "--context", str(C), "--top-k", str(k), "--no-passkey", "--quiet",
+               "--context", str(C), "--top-k", str(k), "--threads", str(a.threads),
                "--policies", ";".join(specs), "--json-out", a.run_dmsrt]
+        if a.passkey_lengths:
+            cmd += ["--passkey-lengths", a.passkey_lengths, "--passkey-depths", a.passkey_depths]
+        else:
+            cmd += ["--no-passkey"]
         if a.dms_adapter:
             cmd += ["--dms-adapter", a.dms_adapter]
         print(" ".join(cmd), flush=True)
