@@ -16,6 +16,13 @@ rate in jobs/h instead.
     python3 tests/bench/plan_validation.py --binary build/bin/dmsrt --runs 3 --json out.json
     python3 tests/bench/plan_validation.py --smoke          # one tiny scenario, one run (CI)
 
+With --profile-each-run the script also measures a fresh profile just before every real run and
+predicts that run from it (the trace and its rate stay those of the first profile): the
+prediction of a scenario is then the mean of its runs' predictions. This VM's speed drifts by up
+to a third within an hour, so a profile taken once at the start can be off by more than the
+planner's own error by the time a scenario runs; the JSON keeps both predictions (from the
+first profile and from the runs' own).
+
 Writes its files (profile, traces, plans, loadgen reports, serve logs) under --workdir.
 """
 import argparse
@@ -72,8 +79,25 @@ def policy_args(sc, for_plan):
     return ["--kv-policy", "forced", "--dms-force-rate", str(sc["evict"]), "--dms-window", str(sc["window"])]
 
 
-def plan(a, sc, extra):
-    cmd = [a.binary, "plan", "--model", MODEL, "--profile", a.profile, "--gpus", "1", "--tp", "1",
+def measure_profile(a, path):
+    """`dmsrt bench` on this machine now: the CPU profile the planner reads."""
+    grid = (["--prefill", "32", "--decode", "8", "--reps", "1", "--grid-batch", "1,4", "--grid-context", "64",
+             "--grid-chunk", "16,64"] if a.smoke else ["--prefill", "64", "--decode", "16", "--reps", "10"])
+    rc, so, se = sh([a.binary, "bench", "--model", MODEL, "--threads", str(a.threads), "--kv-policy", "none",
+                     *grid, "--out", path])
+    if rc != 0:
+        raise RuntimeError(f"dmsrt bench failed:\n{se}")
+    return path
+
+
+def predicted(pj):
+    at = pj["deployments"][0]["at_target"]
+    return {"jobs_per_hour": at["jobs_per_hour"], "p50": at["latency_p50_s"], "p90": at["latency_p90_s"],
+            "p99": at["latency_p99_s"], "preemptions": at["preemptions"], "complete": at["complete"]}
+
+
+def plan(a, sc, extra, profile=None):
+    cmd = [a.binary, "plan", "--model", MODEL, "--profile", profile or a.profile, "--gpus", "1", "--tp", "1",
            "--n", str(sc["n"]), "--prompt", sc["prompt"], "--reasoning", sc["reasoning"],
            "--kv-budget", sc["kv"], "--json", *policy_args(sc, True), *extra]
     rc, out, err = sh(cmd)
@@ -181,12 +205,20 @@ def run_scenario(a, sc):
                      "--write-trace", trace, "--dry-run"])
     if rc != 0:
         raise RuntimeError(f"loadgen --dry-run failed: {se}")
-    pj, plan_cmd = plan(a, sc, ["--replicas", "1", "--trace", trace, "--slo", "p90=100000", "--out",
-                                os.path.join(d, "plan.json")])
-    at = pj["deployments"][0]["at_target"]
-    pred = {"jobs_per_hour": at["jobs_per_hour"], "p50": at["latency_p50_s"], "p90": at["latency_p90_s"],
-            "p99": at["latency_p99_s"], "preemptions": at["preemptions"], "complete": at["complete"]}
-    runs = [measure(a, sc, trace, d, i) for i in range(a.runs)]
+    trace_plan = ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"]
+    pj, plan_cmd = plan(a, sc, [*trace_plan, "--out", os.path.join(d, "plan.json")])
+    pred = first_pred = predicted(pj)
+    runs, run_preds = [], []
+    for i in range(a.runs):
+        if a.profile_each_run:
+            prof = measure_profile(a, os.path.join(d, f"profile_{i}.json"))
+            pj_i, _ = plan(a, sc, [*trace_plan, "--out", os.path.join(d, f"plan_{i}.json")], profile=prof)
+            run_preds.append(predicted(pj_i))
+        runs.append(measure(a, sc, trace, d, i))
+    if run_preds:
+        pred = {k: statistics.fmean(p[k] for p in run_preds) if all(p[k] is not None for p in run_preds) else None
+                for k in ("jobs_per_hour", "p50", "p90", "p99", "preemptions")}
+        pred["complete"] = all(p["complete"] for p in run_preds)
     meas = {}
     for key, field in (("jobs_per_hour", "jobs_per_hour"), ("p50", "latency_p50_s"), ("p90", "latency_p90_s"),
                        ("p99", "latency_p99_s")):
@@ -199,7 +231,10 @@ def run_scenario(a, sc):
     verdict = {"throughput_within_10pct": errors["jobs_per_hour"] is not None and abs(errors["jobs_per_hour"]) <= 10,
                "p90_within_20pct": errors["p90"] is not None and abs(errors["p90"]) <= 20}
     return {"scenario": sc, "rate_jobs_per_hour": rate, "capacity": cap, "jobs": jobs, "trace": trace,
-            "plan_command": plan_cmd, "predicted": pred, "measured": meas, "errors_pct": errors,
+            "plan_command": plan_cmd, "predicted": pred, "predicted_first_profile": first_pred,
+            "errors_pct_first_profile": {k: err(first_pred[k], meas[k]["mean"])
+                                         for k in ("jobs_per_hour", "p50", "p90", "p99")},
+            "predicted_per_run": run_preds, "measured": meas, "errors_pct": errors,
             "failed_jobs": failed, "verdict": verdict}
 
 
@@ -238,6 +273,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="exit 1 when a verdict fails")
     ap.add_argument("--workdir", help="where files go (default: a temporary directory, kept)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile-each-run", action="store_true",
+                    help="measure a profile before every real run and predict the run from it")
     a = ap.parse_args()
     if not os.path.exists(MODEL):
         print(f"plan_validation: SKIP: no default model at {MODEL} (launch/setup.sh fetches it)")
@@ -251,13 +288,10 @@ def main():
         names = set(a.only.split(","))
         scenarios = [s for s in scenarios if s["name"] in names]
     if not a.profile:
-        a.profile = os.path.join(a.workdir, "cpu_profile.json")
-        grid = (["--prefill", "32", "--decode", "8", "--reps", "1", "--grid-batch", "1,4", "--grid-context", "64",
-                 "--grid-chunk", "16,64"] if a.smoke else ["--prefill", "64", "--decode", "16", "--reps", "10"])
-        rc, so, se = sh([a.binary, "bench", "--model", MODEL, "--threads", str(a.threads), "--kv-policy", "none",
-                         *grid, "--out", a.profile])
-        if rc != 0:
-            print(f"plan_validation: dmsrt bench failed:\n{se}", file=sys.stderr)
+        try:
+            a.profile = measure_profile(a, os.path.join(a.workdir, "cpu_profile.json"))
+        except RuntimeError as e:
+            print(f"plan_validation: {e}", file=sys.stderr)
             return 1
     print(f"plan_validation: profile {a.profile}, {a.runs} run(s) per scenario, files in {a.workdir}", flush=True)
     results = []
@@ -275,7 +309,8 @@ def main():
           f"{failed} failed job(s)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"profile": a.profile, "threads": a.threads, "runs": a.runs, "results": results}, f, indent=2)
+            json.dump({"profile": a.profile, "profile_each_run": a.profile_each_run, "threads": a.threads,
+                       "runs": a.runs, "results": results}, f, indent=2)
     for r in results:
         for k in ("jobs_per_hour", "p50", "p90", "p99"):
             if r["predicted"][k] is None or r["measured"][k]["mean"] is None:
