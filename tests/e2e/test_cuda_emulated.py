@@ -3,14 +3,22 @@ linked with the device emulator (tests/cuda_emulator/), so the backend runs unde
 scheduler (a shared prompt forked into best-of-N threads, batched decode steps, device sampling,
 eviction, cancellation) on machines without a GPU; and a tensor-parallel replica of two emulated
 GPUs (`mpirun -np 2 serve --backend cuda --tp 2`, NCCL over MPI) with forks, eviction,
-preemption and cancellation. Skipped when that binary was not built (no CUDA headers)."""
+preemption and cancellation; and the production layout of TP groups, one `mpirun` per group
+under a standalone coordinator, where a group that loses a rank is marked lost and its threads
+run again on the other group. Skipped when that binary was not built (no CUDA headers)."""
 
 import os
+import signal
 import subprocess
+import threading
+import time
+import urllib.request
 
 import pytest
 
-from conftest import SRC, Server, check_best_of, check_top_logprobs, standalone_replica, wait_idle
+from conftest import (SRC, Proc, Server, check_best_of, check_top_logprobs, free_port, standalone_replica,
+                      wait_idle)
+from test_tp_serve import children
 
 EMU_BIN = os.environ.get("DMSRT_EMU_BIN", "")
 
@@ -169,3 +177,79 @@ def test_two_replicas_of_tp2_on_four_devices(stubs_dir, tiny_kv4):
     finally:
         client.close()
         srv.stop()
+
+
+def test_lost_tp_group_threads_rerun_on_another_group(stubs_dir, tiny_kv4):
+    """One `mpirun -np 2 serve --backend cuda --tp 2 --coordinator A` per TP group under a
+    standalone `coordinator` (a failed rank ends its own mpirun world, never the other group's).
+    A follower rank of the second group is killed (SIGKILL) while both groups run threads of one
+    job: the group goes down, the coordinator marks it lost and runs its threads again on the
+    first group, and the job is answered in full."""
+    import grpc
+    from dmsrt_client import DmsrtClient
+    addr = f"127.0.0.1:{free_port()}"
+    mport = free_port()
+    coord = Proc(["coordinator", "--model", tiny_kv4, "--listen", addr, "--metrics-port", str(mport)])
+    groups = [Server(np=2, kv_budget="1MiB", model=tiny_kv4, binary=EMU_BIN,
+                     env={"DMSRT_CUDA_EMULATOR_DEVICES": "2"},
+                     extra=["--backend", "cuda", "--tp", "2", "--tp-timeout", "10",
+                            "--coordinator", addr]) for _ in range(2)]
+    client = DmsrtClient(addr, stubs_dir=stubs_dir)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                cs = client.cluster()
+                if len([r for r in cs.replicas if r.state == "ready"]) == 2:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.time() < deadline, coord.text() + "".join(g.log_text() for g in groups)
+            for g in groups:
+                assert g.proc.poll() is None, g.log_text()
+            time.sleep(0.5)
+        assert all(r.tp == 2 for r in cs.replicas), cs
+        result = {}
+
+        def run():
+            try:
+                result["res"] = client.run_job(prompt="hello world", n=4, max_tokens=400, seed=3,
+                                               temperature=0.8, ignore_eos=True, timeout=600)
+            except grpc.RpcError as e:
+                result["err"] = (e.code(), e.details())
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 120
+        both = False
+        while time.time() < deadline and not both:
+            both = sum(1 for r in client.cluster().replicas if r.running_threads > 0) == 2
+            time.sleep(0.05)
+        assert both, "the job never ran on both groups"
+        # The second group's ranks are mpirun's children; its follower is the later-started one.
+        ranks = sorted(children(groups[1].proc.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        assert groups[1].proc.wait(timeout=60) != 0, groups[1].log_text()
+        t.join(timeout=600)
+        assert not t.is_alive()
+        assert "res" in result, (result, coord.text())
+        res = result["res"]
+        check_best_of(res, 4)
+        for th in res["threads"]:
+            assert th["reason"] == "LENGTH" and th["tokens"] == 400, th
+        cs = client.cluster()
+        assert sorted(r.state for r in cs.replicas) == ["lost", "ready"], cs
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        reassigned = [l for l in body.splitlines() if l.startswith("dmsrt:threads_reassigned_total ")]
+        assert reassigned and float(reassigned[0].split()[1]) >= 1, body
+        assert "dmsrt:replicas_lost 1" in body, body
+        # The surviving group keeps serving.
+        res2 = client.run_job(prompt="hello", n=2, max_tokens=6, seed=1, ignore_eos=True, timeout=120)
+        assert all(th["tokens"] == 6 for th in res2["threads"]), res2
+        assert coord.proc.poll() is None
+    finally:
+        client.close()
+        for g in groups:
+            g.stop()
+        coord.stop()
