@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "launch/threshold_calibration.h"
+#include "runtime/kv/policy_threshold.h"
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
 #include "runtime/engine/tp_replica.h"
@@ -76,8 +77,8 @@ void AddRunOptions(CLI::App& app, RunOptions* o) {
                  "eviction, for measurement; default 0.875)")
       ->transform(Number(0.0, 1.0));
   app.add_option("--dms-window", o->dms_window,
-                 "forced, threshold: tokens an evicted token stays visible (default: the "
-                 "model's DMS window, else 512)")
+                 "forced, threshold: tokens an evicted token stays visible (default: forced, the "
+                 "model's DMS window, else 512; threshold, 256)")
       ->transform(Integer(1));
   app.add_option("--threshold", o->threshold,
                  "threshold: flag a token whose key-norm score (minus the L2 norm of its key "
@@ -213,7 +214,7 @@ absl::StatusOr<RunContext> LoadRunContext(const RunOptions& o) {
         return absl::InvalidArgumentError(
             "--kv-policy threshold needs one of --threshold X or --threshold-rate R");
       }
-      pol.window = o.dms_window.value_or(dms.enabled ? dms.window : 512);
+      pol.window = o.dms_window.value_or(kThresholdDefaultWindow);
       pol.threshold_shift = o.threshold_shift;
       if (o.threshold) {
         pol.threshold = *o.threshold;

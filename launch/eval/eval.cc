@@ -16,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "launch/eval/probes.h"
 #include "launch/eval/svg_plot.h"
+#include "runtime/kv/policy_threshold.h"
 #include "parallel/status_macros.h"
 
 namespace dmsrt {
@@ -109,7 +110,7 @@ absl::StatusOr<EvalPolicy> ParsePolicySpec(const std::string& spec, int32_t dms_
       }
       break;
     case KvPolicyKind::kThreshold: {
-      c.window = static_cast<int32_t>(take("w", 64));
+      c.window = static_cast<int32_t>(take("w", kThresholdDefaultWindow));
       c.threshold_shift = static_cast<int32_t>(take("shift", 0));
       const bool has_t = kv.count("t") > 0, has_rate = kv.count("rate") > 0;
       c.threshold = take("t", 0);

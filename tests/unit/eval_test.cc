@@ -10,6 +10,7 @@
 #include "launch/eval/probes.h"
 #include "launch/eval/svg_plot.h"
 #include "launch/run_options.h"
+#include "runtime/kv/policy_threshold.h"
 #include "runtime/model/model.h"
 #include "runtime/model/synthetic_model.h"
 
@@ -236,6 +237,10 @@ TEST(Eval, PolicySpecsAndGrid) {
   EXPECT_FALSE(tr->threshold_pending);
   EXPECT_DOUBLE_EQ(tr->config.threshold, -17.25);
   EXPECT_EQ(tr->label, "threshold t=-17.25 w=64 shift=1 rate=0.75");
+  auto td = ParsePolicySpec("threshold:t=-15", 0);  // the measured default window
+  ASSERT_TRUE(td.ok()) << td.status();
+  EXPECT_EQ(td->config.window, kThresholdDefaultWindow);
+  EXPECT_EQ(kThresholdDefaultWindow, 256);
   for (const char* bad : {"threshold", "threshold:t=-1,rate=0.5", "threshold:rate=1.5",
                           "threshold:t=-1,w=0", "threshold:t=-1,shift=2", "threshold:t=-1,s=4"}) {
     EXPECT_EQ(ParsePolicySpec(bad, 0).status().code(), absl::StatusCode::kInvalidArgument) << bad;
