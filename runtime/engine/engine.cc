@@ -254,7 +254,7 @@ void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob,
   t.tokens.push_back(token);
   ++t.generated;
   ++job.generated_total;
-  ++generation_tokens_total_;
+  ++counters_.generation_tokens_total;
   t.logprob_sum += logprob;
   const bool eos = !job.spec.ignore_eos && tok_.IsEndOfGeneration(token);
   std::string delta;
@@ -285,7 +285,7 @@ void Engine::HandleToken(Job& job, Thread& t, int32_t token, float logprob,
 
 void Engine::Preempt(const Resident& r) {
   KvCache& kv = backend_.kv();
-  ++preemptions_;
+  ++counters_.preemptions;
   resident_.erase(std::remove_if(resident_.begin(), resident_.end(),
                                  [&](const Resident& x) {
                                    return x.job == r.job && x.thread == r.thread;
@@ -421,7 +421,7 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
     DMSRT_ASSIGN_OR_RETURN(const int64_t k, DecodeSpan(max_steps, t0));
     if (k > 0) return k;
   }
-  const int64_t gen_before = generation_tokens_total_;
+  const int64_t gen_before = counters_.generation_tokens_total;
   bool did_work = false;
 
   // Build the batch; on RESOURCE_EXHAUSTED preempt the newest resident sequence and retry.
@@ -450,10 +450,10 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
   }
   Emit(out);
   DropFinishedJobs();
-  if (did_work) ++steps_;
+  if (did_work) ++counters_.steps;
   const double secs =
       std::chrono::duration<double>(clock_.Now() - t0).count();
-  UpdateStats(did_work ? secs : 0.0, generation_tokens_total_ - gen_before);
+  UpdateStats(did_work ? secs : 0.0, counters_.generation_tokens_total - gen_before);
   return did_work ? 1 : 0;
 }
 
@@ -485,7 +485,7 @@ absl::StatusOr<int64_t> Engine::DecodeSpan(int64_t max_steps, Clock::TimePoint t
     if (k > 0) DMSRT_RETURN_IF_ERROR(backend_.ForwardDecodeSpan(span_seqs_, 0));
     return 0;
   }
-  const int64_t gen_before = generation_tokens_total_;
+  const int64_t gen_before = counters_.generation_tokens_total;
   Outbox out;
   absl::Status st = backend_.ForwardDecodeSpan(span_seqs_, k);
   if (!st.ok()) {
@@ -516,15 +516,15 @@ absl::StatusOr<int64_t> Engine::DecodeSpan(int64_t max_steps, Clock::TimePoint t
     t.generated += k;
     t.kv_len += k;
     job.generated_total += k;
-    generation_tokens_total_ += k;
+    counters_.generation_tokens_total += k;
     ev.token_ids.assign(static_cast<size_t>(k), tok);
     ev.logprobs.assign(static_cast<size_t>(k), lp);
     out.emplace_back(job.sink, std::move(ev));
   }
   Emit(out);
-  steps_ += k;
+  counters_.steps += k;
   const double secs = std::chrono::duration<double>(clock_.Now() - t0).count();
-  UpdateStats(secs, generation_tokens_total_ - gen_before);
+  UpdateStats(secs, counters_.generation_tokens_total - gen_before);
   return k;
 }
 
@@ -600,7 +600,7 @@ void Engine::RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Res
     if (r.thread == nullptr) {
       r.job->root_len += n;
       if (r.job->root_len == static_cast<int64_t>(r.job->spec.prompt.size())) {
-        prompt_tokens_total_ += r.job->root_len;
+        counters_.prompt_tokens_total += r.job->root_len;
       }
     } else {
       r.thread->kv_len += n;
@@ -686,68 +686,25 @@ void Engine::UpdatePeaks() {
   const KvCache& kv = backend_.kv();
   int64_t threads = 0;
   for (const Resident& r : resident_) threads += r.thread ? 1 : 0;
-  peak_running_threads_ = std::max(peak_running_threads_, threads);
-  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, kv.total_blocks() - kv.free_blocks());
+  counters_.NotePeaks(threads, kv.total_blocks() - kv.free_blocks());
 }
 
 void Engine::UpdateStats(double step_seconds, int64_t generated_this_step) {
-  if (step_seconds > 0.0) {
-    rate_window_.emplace_back(step_seconds, generated_this_step);
-    while (rate_window_.size() > 32) rate_window_.pop_front();
-  }
+  counters_.RecordStep(step_seconds, generated_this_step);
   EngineStats s;
-  KvCache& kv = backend_.kv();
-  const KvGeometry& g = kv.geometry();
-  for (const Resident& r : resident_) {
+  // A resident root counts all its unfinished threads as waiting: they fork from it later.
+  auto count = [&s](const Resident& r, int64_t* slot) {
     if (r.thread) {
-      ++s.running_threads;
+      ++*slot;
     } else {
       for (auto& t : r.job->threads) s.waiting_threads += t->finished ? 0 : 1;
     }
-  }
-  for (const Resident& r : waiting_) {
-    if (r.thread) {
-      ++s.waiting_threads;
-    } else {
-      for (auto& t : r.job->threads) s.waiting_threads += t->finished ? 0 : 1;
-    }
-  }
-  for (auto& [id, job] : jobs_) {
-    if (job->forked) {
-      ++s.running_jobs;
-    } else {
-      ++s.waiting_jobs;
-    }
-  }
-  s.kv_blocks_total = kv.total_blocks();
-  s.kv_blocks_free = kv.free_blocks();
-  s.kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
-  s.kv_block_bytes = kv.block_bytes();
-  s.kv_block_tokens = g.block_tokens;
-  s.blocks_per_token_dense = static_cast<int64_t>(g.n_layers) * g.n_kv_heads;
-  if (!resident_.empty()) {
-    KvFigures f = kv.Figures();
-    s.logical_tokens = f.logical_tokens;
-    s.resident_tokens = f.resident_tokens;
-    s.flagged_tokens = f.flagged_tokens;
-    s.cache_cr = f.resident_tokens > 0 ? f.cache_cr() : 1.0;
-    s.eviction_rate = f.logical_tokens > 0 ? f.eviction_rate() : 0.0;
-  }
-  double secs = 0.0;
-  int64_t toks = 0;
-  for (auto& [sec, n] : rate_window_) {
-    secs += sec;
-    toks += n;
-  }
-  s.tokens_per_second = secs > 0.0 ? static_cast<double>(toks) / secs : 0.0;
-  s.preemptions = preemptions_;
-  s.prompt_tokens_total = prompt_tokens_total_;
-  s.generation_tokens_total = generation_tokens_total_;
-  s.steps = steps_;
-  peak_running_threads_ = std::max(peak_running_threads_, s.running_threads);
-  peak_kv_blocks_used_ = std::max(peak_kv_blocks_used_, s.kv_blocks_used);
-  s.peak_running_threads = peak_running_threads_;
-  s.peak_kv_blocks_used = peak_kv_blocks_used_;
+  };
+  for (const Resident& r : resident_) count(r, &s.running_threads);
+  for (const Resident& r : waiting_) count(r, &s.waiting_threads);
+  for (auto& [id, job] : jobs_) ++(job->forked ? s.running_jobs : s.waiting_jobs);
+  FillKvStats(backend_.kv(), !resident_.empty(), &s);
+  counters_.Fill(&s);
   absl::MutexLock lock(&mu_);
   stats_ = s;
   busy_ = !jobs_.empty();

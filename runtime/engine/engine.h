@@ -39,9 +39,10 @@
 #include "absl/time/time.h"
 #include "runtime/backend/backend.h"
 #include "runtime/engine/clock.h"
-#include "runtime/model/model.h"
+#include "runtime/engine/engine_stats.h"
 #include "runtime/engine/sampler.h"
 #include "runtime/engine/stop_matcher.h"
+#include "runtime/model/model.h"
 #include "runtime/tokenizer/tokenizer.h"
 
 namespace dmsrt {
@@ -110,33 +111,6 @@ struct EngineOptions {
   // The capacity planner passes a simulated clock that its backend advances by each step's
   // predicted duration. Must outlive the engine.
   const Clock* clock = nullptr;
-};
-
-struct EngineStats {
-  int64_t running_threads = 0;   // resident (hold KV)
-  int64_t waiting_threads = 0;   // admitted later (new, or preempted for recompute)
-  int64_t running_jobs = 0;
-  int64_t waiting_jobs = 0;
-  int64_t kv_blocks_total = 0;
-  int64_t kv_blocks_free = 0;
-  int64_t kv_blocks_used = 0;
-  int64_t kv_block_bytes = 0;
-  int32_t kv_block_tokens = 0;
-  int64_t blocks_per_token_dense = 0;  // n_layers * n_kv_heads (blocks per block_tokens tokens)
-  int64_t logical_tokens = 0;
-  int64_t resident_tokens = 0;
-  int64_t flagged_tokens = 0;
-  double cache_cr = 1.0;
-  double eviction_rate = 0.0;
-  double tokens_per_second = 0.0;  // generated tokens per second over the last steps (0 when idle 2 s)
-  int64_t preemptions = 0;
-  int64_t prompt_tokens_total = 0;
-  int64_t generation_tokens_total = 0;
-  int64_t steps = 0;
-  // Highest values since the engine started, sampled at every forward step (so the blocks a step
-  // filled are counted before finished threads free them).
-  int64_t peak_running_threads = 0;
-  int64_t peak_kv_blocks_used = 0;
 };
 
 class Engine {
@@ -262,13 +236,7 @@ class Engine {
   std::deque<Resident> waiting_;    // wants a sequence, in admission order (preempted first)
   std::vector<Resident> resident_;  // holds a sequence, oldest first
   int64_t admit_counter_ = 0;
-  int64_t preemptions_ = 0;
-  int64_t prompt_tokens_total_ = 0;
-  int64_t generation_tokens_total_ = 0;
-  int64_t steps_ = 0;
-  int64_t peak_running_threads_ = 0;
-  int64_t peak_kv_blocks_used_ = 0;
-  std::deque<std::pair<double, int64_t>> rate_window_;  // (seconds, tokens) of recent steps
+  EngineCounters counters_;
   std::vector<SeqId> span_seqs_;   // DecodeSpan scratch
   std::vector<float> span_row_;
   std::vector<int32_t> span_tokens_;
