@@ -227,6 +227,28 @@ def client(server, stubs_dir):
     c.close()
 
 
+def wait_replicas_ready(client, count, procs, timeout=180):
+    """Polls the coordinator until `count` replicas are ready and returns the cluster status.
+    `procs` (Proc or Server objects) must stay up meanwhile; a failure shows their logs."""
+    import grpc
+
+    def logs():
+        return "".join(p.text() if hasattr(p, "text") else p.log_text() for p in procs)
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            cs = client.cluster()
+            if len([r for r in cs.replicas if r.state == "ready"]) == count:
+                return cs
+        except grpc.RpcError:
+            pass
+        assert time.time() < deadline, f"not {count} replicas ready after {timeout} s\n" + logs()
+        for p in procs:
+            assert p.proc.poll() is None, logs()
+        time.sleep(0.5)
+
+
 def wait_idle(client, timeout=30):
     """Waits until no KV block is in use and no thread runs or waits on any live replica."""
     deadline = time.time() + timeout

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import (SRC, Proc, Server, check_best_of, check_top_logprobs, free_port, standalone_replica,
-                      wait_idle)
+                      wait_idle, wait_replicas_ready)
 from test_tp_serve import children
 
 EMU_BIN = os.environ.get("DMSRT_EMU_BIN", "")
@@ -196,18 +196,7 @@ def test_lost_tp_group_threads_rerun_on_another_group(stubs_dir, tiny_kv4):
                             "--coordinator", addr]) for _ in range(2)]
     client = DmsrtClient(addr, stubs_dir=stubs_dir)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                cs = client.cluster()
-                if len([r for r in cs.replicas if r.state == "ready"]) == 2:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.time() < deadline, coord.text() + "".join(g.log_text() for g in groups)
-            for g in groups:
-                assert g.proc.poll() is None, g.log_text()
-            time.sleep(0.5)
+        cs = wait_replicas_ready(client, 2, [coord] + groups)
         assert all(r.tp == 2 for r in cs.replicas), cs
         result = {}
 

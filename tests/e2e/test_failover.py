@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import BIN, MODEL, Proc, free_port
+from conftest import BIN, MODEL, Proc, free_port, wait_replicas_ready
 
 TOKEN = "e2e-secret"
 
@@ -29,18 +29,7 @@ def cluster(stubs_dir):
                   "--threads", "1", "--kv-budget", "64MiB"]) for _ in range(2)]
     client = DmsrtClient(addr, auth_token=TOKEN, stubs_dir=stubs_dir)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                cs = client.cluster()
-                if len([r for r in cs.replicas if r.state == "ready"]) == 2:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.time() < deadline, coord.text() + "".join(r.text() for r in reps)
-            for p in [coord] + reps:
-                assert p.proc.poll() is None, p.text()
-            time.sleep(0.5)
+        wait_replicas_ready(client, 2, [coord] + reps)
         yield addr, client, coord, reps
     finally:
         client.close()
