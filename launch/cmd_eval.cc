@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -30,6 +31,7 @@
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/eval/eval.h"
+#include "launch/eval/report.h"
 #include "launch/run_options.h"
 #include "launch/threshold_calibration.h"
 #include "parallel/status_macros.h"
@@ -50,11 +52,12 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 
 // Sets the threshold of every policy given as a rate ("threshold:rate=R"): the R-quantile of the
 // key-norm scores of the calibration text (--calibration, else the corpus's calibration part,
-// never the held-out text), printed on stderr.
+// never the held-out text), printed on stderr. The scores are collected once per shift.
 absl::Status ResolveThresholdRates(const EvalCommandOptions& args, const RunContext& ctx,
                                    std::vector<EvalPolicy>& policies) {
   std::optional<std::string> text;
   std::string source;
+  std::map<int32_t, CalibrationScores> by_shift;
   for (EvalPolicy& p : policies) {
     if (!p.threshold_pending) continue;
     if (!text) {
@@ -69,10 +72,15 @@ absl::Status ResolveThresholdRates(const EvalCommandOptions& args, const RunCont
       }
       DMSRT_ASSIGN_OR_RETURN(text, ReadFile(source));
     }
-    BackendOptions bo = ctx.backend_options;
-    bo.kv_policy = p.config;
-    DMSRT_ASSIGN_OR_RETURN(ThresholdCalibration cal,
-                           CalibrateThreshold(*ctx.model, *ctx.tokenizer, bo, p.threshold_rate, *text));
+    auto it = by_shift.find(p.config.threshold_shift);
+    if (it == by_shift.end()) {
+      BackendOptions bo = ctx.backend_options;
+      bo.kv_policy = p.config;
+      DMSRT_ASSIGN_OR_RETURN(CalibrationScores scores,
+                             CollectCalibrationScores(*ctx.model, *ctx.tokenizer, bo, *text));
+      it = by_shift.emplace(p.config.threshold_shift, std::move(scores)).first;
+    }
+    DMSRT_ASSIGN_OR_RETURN(ThresholdCalibration cal, ThresholdAtRate(it->second, p.threshold_rate));
     ResolveThresholdRate(&p, cal.threshold);
     std::fprintf(stderr, "dmsrt eval: %s (quantile of %lld key-norm scores over %lld tokens of %s)\n",
                  p.label.c_str(), static_cast<long long>(cal.scores),

@@ -48,13 +48,10 @@ const char* DefaultCalibrationText() {
          "not perish from the earth.\n";
 }
 
-absl::StatusOr<ThresholdCalibration> CalibrateThreshold(const Model& model,
-                                                        const Tokenizer& tokenizer,
-                                                        const BackendOptions& options,
-                                                        double rate, const std::string& text) {
-  if (!(rate >= 0.0 && rate <= 1.0)) {
-    return absl::InvalidArgumentError(absl::StrCat("--threshold-rate must be in [0, 1] (got ", rate, ")"));
-  }
+absl::StatusOr<CalibrationScores> CollectCalibrationScores(const Model& model,
+                                                           const Tokenizer& tokenizer,
+                                                           const BackendOptions& options,
+                                                           const std::string& text) {
   const std::vector<int32_t> ids = tokenizer.Encode(text, /*parse_special=*/false, /*add_bos=*/true);
   if (ids.size() < 2) return absl::InvalidArgumentError("the calibration text has under 2 tokens");
   BackendOptions bo = options;
@@ -75,15 +72,26 @@ absl::StatusOr<ThresholdCalibration> CalibrateThreshold(const Model& model,
     (void)fr;
   }
   DMSRT_RETURN_IF_ERROR(backend->kv().Free(seq));
-  std::vector<float>& s = collector.scores;
-  if (s.empty()) return absl::InternalError("threshold calibration observed no scores");
-  ThresholdCalibration c;
+  if (collector.scores.empty()) return absl::InternalError("threshold calibration observed no scores");
+  CalibrationScores c;
   c.tokens = static_cast<int64_t>(ids.size());
+  c.sorted = std::move(collector.scores);
+  std::sort(c.sorted.begin(), c.sorted.end());
+  return c;
+}
+
+absl::StatusOr<ThresholdCalibration> ThresholdAtRate(const CalibrationScores& scores, double rate) {
+  if (!(rate >= 0.0 && rate <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--threshold-rate must be in [0, 1] (got ", rate, ")"));
+  }
+  const std::vector<float>& s = scores.sorted;
+  if (s.empty()) return absl::InvalidArgumentError("no calibration scores");
+  ThresholdCalibration c;
+  c.tokens = scores.tokens;
   c.scores = static_cast<int64_t>(s.size());
   // The share `rate` of scores lies strictly below the threshold: the midpoint between the
   // k-th and (k+1)-th smallest, k = round(rate * count).
   const size_t k = static_cast<size_t>(std::llround(rate * static_cast<double>(s.size())));
-  std::sort(s.begin(), s.end());
   if (k == 0) {
     c.threshold = std::nextafter(static_cast<double>(s.front()), -INFINITY);
   } else if (k >= s.size()) {
@@ -92,6 +100,18 @@ absl::StatusOr<ThresholdCalibration> CalibrateThreshold(const Model& model,
     c.threshold = 0.5 * (static_cast<double>(s[k - 1]) + static_cast<double>(s[k]));
   }
   return c;
+}
+
+absl::StatusOr<ThresholdCalibration> CalibrateThreshold(const Model& model,
+                                                        const Tokenizer& tokenizer,
+                                                        const BackendOptions& options,
+                                                        double rate, const std::string& text) {
+  if (!(rate >= 0.0 && rate <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--threshold-rate must be in [0, 1] (got ", rate, ")"));
+  }
+  DMSRT_ASSIGN_OR_RETURN(CalibrationScores scores,
+                         CollectCalibrationScores(model, tokenizer, options, text));
+  return ThresholdAtRate(scores, rate);
 }
 
 }  // namespace dmsrt

@@ -11,8 +11,10 @@
 namespace dmsrt {
 
 namespace {
+// Distinct enough for one plot of dmsrt's policies beside another implementation's (12 series).
 constexpr const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-                                   "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+                                   "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+                                   "#000000", "#aec7e8", "#98df8a", "#ffbb78"};
 constexpr double kPanelW = 360, kPanelH = 280, kMarginL = 64, kMarginR = 16, kMarginT = 34,
                  kMarginB = 46, kLegendH = 30;
 

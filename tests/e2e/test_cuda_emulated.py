@@ -220,6 +220,9 @@ def test_lost_tp_group_threads_rerun_on_another_group(stubs_dir, tiny_kv4):
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         assert groups[1].proc.wait(timeout=60) != 0, groups[1].log_text()
+        # mpirun names the rank and the cause; the coordinator logs the loss and the re-run.
+        assert "process rank 1" in groups[1].log_text() and "signal 9" in groups[1].log_text(), \
+            groups[1].log_text()
         t.join(timeout=600)
         assert not t.is_alive()
         assert "res" in result, (result, coord.text())
@@ -233,6 +236,8 @@ def test_lost_tp_group_threads_rerun_on_another_group(stubs_dir, tiny_kv4):
         reassigned = [l for l in body.splitlines() if l.startswith("dmsrt:threads_reassigned_total ")]
         assert reassigned and float(reassigned[0].split()[1]) >= 1, body
         assert "dmsrt:replicas_lost 1" in body, body
+        log = coord.text()
+        assert "event=replica_lost replica=" in log and "event=threads_rerun " in log, log
         # The surviving group keeps serving.
         res2 = client.run_job(prompt="hello", n=2, max_tokens=6, seed=1, ignore_eos=True, timeout=120)
         assert all(th["tokens"] == 6 for th in res2["threads"]), res2

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "launch/eval/eval.h"
+#include "launch/eval/report.h"
 #include "launch/eval/probes.h"
 #include "launch/eval/svg_plot.h"
 #include "launch/run_options.h"
