@@ -1,6 +1,7 @@
 // Attention references: one query row at a time, scores materialised, softmax in double.
 #include "kernels/reference/attention_ref.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -57,6 +58,37 @@ void DecodeAttentionRef(int32_t batch, int32_t n_heads, int32_t n_kv_heads, int3
         const size_t row = (static_cast<size_t>(b) * n_heads + h) * head_dim;
         AttendRow(q + row, keys, values, head_dim, scale, out + row);
       }
+    }
+  }
+}
+
+void DecodeSlotWeightsRef(int32_t batch, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim,
+                          int32_t block_tokens, int32_t max_blocks_per_head, float scale,
+                          const float* q, const float* k_pool, const int32_t* block_tables,
+                          const int32_t* lengths, float* out, int32_t ld) {
+  const int32_t g = n_heads / n_kv_heads;
+  for (int32_t b = 0; b < batch; ++b) {
+    for (int32_t j = 0; j < n_kv_heads; ++j) {
+      const int32_t* table = block_tables + (static_cast<size_t>(b) * n_kv_heads + j) * max_blocks_per_head;
+      const int32_t len = lengths[b * n_kv_heads + j];
+      std::vector<double> w(len, 0.0), s(len);
+      for (int32_t h = j * g; h < (j + 1) * g; ++h) {
+        const float* qh = q + (static_cast<size_t>(b) * n_heads + h) * head_dim;
+        double mx = -INFINITY;
+        for (int32_t t = 0; t < len; ++t) {
+          const float* k = k_pool + (static_cast<size_t>(table[t / block_tokens]) * block_tokens +
+                                     t % block_tokens) * head_dim;
+          double acc = 0;
+          for (int32_t i = 0; i < head_dim; ++i) acc += static_cast<double>(qh[i]) * k[i];
+          s[t] = acc * scale;
+          mx = std::max(mx, s[t]);
+        }
+        double sum = 0;
+        for (int32_t t = 0; t < len; ++t) sum += std::exp(s[t] - mx);
+        for (int32_t t = 0; t < len; ++t) w[t] += std::exp(s[t] - mx) / sum;
+      }
+      float* o = out + (static_cast<size_t>(b) * n_kv_heads + j) * ld;
+      for (int32_t t = 0; t < std::min(len, ld); ++t) o[t] = static_cast<float>(w[t] / g);
     }
   }
 }

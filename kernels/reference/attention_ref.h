@@ -15,6 +15,13 @@ void DecodeAttentionRef(int32_t batch, int32_t n_heads, int32_t n_kv_heads, int3
                         const float* q, const float* k_pool, const float* v_pool,
                         const int32_t* block_tables, const int32_t* lengths, float* out);
 
+// Decode attention weights per slot (kernels/slot_weights.cuh): out [batch, n_kv, ld], for each
+// (b, j) the mean over the group's query heads of the softmax weight of slot s < min(len, ld).
+void DecodeSlotWeightsRef(int32_t batch, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim,
+                          int32_t block_tokens, int32_t max_blocks_per_head, float scale,
+                          const float* q, const float* k_pool, const int32_t* block_tables,
+                          const int32_t* lengths, float* out, int32_t ld);
+
 // Prefill with DMS visibility (key visible iff k_pos <= q_pos <= last_visible(k)):
 // q [n, n_heads, D], k_new/v_new [n, n_kv, D], last_vis_new [n, n_kv],
 // pools as above plus pos_pool/last_vis_pool [num_blocks, block_tokens],

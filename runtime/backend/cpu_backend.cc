@@ -499,6 +499,11 @@ absl::Status CpuBackend::AttentionBlock(int32_t l, const std::vector<SeqChunk>& 
   }
   if (dms_variant_a_) {
     DmsDecideVariantA(cfg_.dms, static_cast<int32_t>(N), n_heads_, n_kv_, head_dim_, q, bits_a);
+    // One decision per layer comes from global KV head 0's query channel, which rank 0 holds:
+    // its bits (head 0's, copied to every local head) are every rank's.
+    if (comm_ != nullptr && cfg_.dms.alpha_per_layer) {
+      DMSRT_RETURN_IF_ERROR(comm_->host()->Broadcast(bits_a, N * n_kv_, 0));
+    }
   }
   kn::RopeNeox(q, N, n_heads_, hd, rope_dim_, QW, cos_sin_.data());
   kn::RopeNeox(k, N, n_kv_, hd, rope_dim_, KW, cos_sin_.data());

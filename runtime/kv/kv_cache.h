@@ -215,6 +215,18 @@ class KvIndex : public KvCache {
   // its next Reserve (FAILED_PRECONDITION) and must be freed.
   virtual bool CommitDecodeDeferred(SeqId seq, int32_t layer, int32_t row, KvSlotSink& sink) = 0;
   virtual absl::Status SetDeferredBits(SeqId seq, const uint8_t* bits, int64_t layer_stride) = 0;
+  // Victim policies (tova, h2o; victim_weights() true). The index picks the slot each head's next
+  // token overwrites from the attention weights of the head's last query, which a backend whose
+  // attention runs elsewhere hands over: such a sequence commits one token per step (CommitRows
+  // with n == 1, every layer), and after the step SetVictimWeights(seq, w, layer_stride,
+  // head_stride) gives the weights of layer l, head j at w + l * layer_stride + j * head_stride:
+  // one per resident slot in the order of the head's view (slot s at entry s / block_tokens of
+  // HeadViews' table), each the mean over the head's query heads of the softmax weight the slot
+  // got (kernels/slot_weights.cuh). Until they arrive the sequence cannot commit again, Reserve
+  // or Fork (FAILED_PRECONDITION). A frozen sequence (FreezeEviction) needs none.
+  virtual bool victim_weights() const = 0;
+  virtual absl::Status SetVictimWeights(SeqId seq, const float* w, int64_t layer_stride,
+                                        int64_t head_stride) = 0;
   // The views of every KV head of (seq, layer): out[0 .. n_kv_heads). Empty views for an unknown
   // sequence or layer. Valid until the sequence changes.
   virtual void HeadViews(SeqId seq, int32_t layer, KvHeadView* out) const = 0;
@@ -243,8 +255,9 @@ class KvIndex : public KvCache {
 };
 
 // An index over `budget_bytes / block_bytes` blocks of `block_bytes` each (what one block of
-// one head costs in the caller's storage). Policies none, dms, forced and window (tova and h2o
-// choose victims by attention weights, which this index never sees).
+// one head costs in the caller's storage). Every policy but threshold (which scores the keys,
+// and the index never sees them); tova and h2o take their attention weights through
+// SetVictimWeights.
 absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& geometry,
                                                      const KvPolicyConfig& policy,
                                                      int64_t budget_bytes, int64_t block_bytes);

@@ -77,7 +77,7 @@ absl::StatusOr<SeqId> KvStore::Fork(SeqId parent) {
   auto it = seqs_.find(parent);
   if (it == seqs_.end()) return NoSuchSequence(parent);
   Sequence& p = *it->second;
-  if (p.broken || !ResolveDeferred(p)) {
+  if (p.broken || !ResolveDeferred(p) || p.awaiting_weights > 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot fork sequence ", parent, ": its cache is inconsistent"));
   }
@@ -104,6 +104,7 @@ absl::Status KvStore::FreezeEviction(SeqId id) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot freeze sequence ", id, ": its cache is inconsistent"));
   }
+  s.awaiting_weights = 0;  // a frozen sequence picks no more victims
   for (HeadState& h : s.heads) {
     h.victim = -1;
     if (!ring_) continue;
@@ -153,6 +154,11 @@ absl::Status KvStore::Reserve(SeqId id, int32_t n_new) {
   if (AwaitingBits(s)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "sequence ", id, " is inconsistent (the decision bits of its last decode step were "
+        "never supplied); free it and recompute"));
+  }
+  if (s.awaiting_weights > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", id, " is inconsistent (the attention weights of its last decode step were "
         "never supplied); free it and recompute"));
   }
   int64_t need = 0;
@@ -271,6 +277,37 @@ absl::Status KvStore::SetDeferredBits(SeqId id, const uint8_t* bits, int64_t lay
   return absl::OkStatus();
 }
 
+absl::Status KvStore::SetVictimWeights(SeqId id, const float* w, int64_t layer_stride,
+                                       int64_t head_stride) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return NoSuchSequence(id);
+  Sequence& s = *it->second;
+  if (!victim_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "SetVictimWeights: KV policy ", KvPolicyName(pol_.kind), " takes no attention weights"));
+  }
+  if (s.frozen) return absl::OkStatus();
+  if (s.awaiting_weights != geo_.n_layers) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "SetVictimWeights: sequence ", id, " has no decode step whose every layer awaits them"));
+  }
+  KvVictimInputs in;
+  in.group = 1;  // the weights are the group's mean already
+  for (int32_t l = 0; l < geo_.n_layers; ++l) {
+    for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
+      HeadState& h = s.heads[static_cast<size_t>(l) * geo_.n_kv_heads + j];
+      in.probs = w + l * layer_stride + j * head_stride;
+      in.m = h.n;
+      in.pos = h.pos.data();
+      in.score = slot_scores_ ? h.score.data() : nullptr;
+      in.t = h.logical - 1;
+      h.victim = policy_->PickVictim(in);
+    }
+  }
+  s.awaiting_weights = 0;
+  return absl::OkStatus();
+}
+
 void KvStore::PrefetchCommit(SeqId id, int32_t layer) const {
   auto it = seqs_.find(id);
   if (it == seqs_.end() || layer < 0 || layer >= geo_.n_layers) return;
@@ -376,7 +413,10 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
   const int64_t P = s.length;
   HeadState* heads = &s.heads[static_cast<size_t>(layer) * geo_.n_kv_heads];
   const bool defer_ok = !defer || (model_bits_ && ring_ && w_ >= 1 && n == 1);
-  if (!index_only_ || victim_ || !defer_ok || s.broken || heads[0].logical != P ||
+  // Victim policies: one token, and the weights of the layer's previous one given.
+  const bool victim_ok =
+      !victim_ || (n == 1 && !decode_run && !defer && (s.frozen || layer == s.awaiting_weights));
+  if (!index_only_ || !victim_ok || !defer_ok || s.broken || heads[0].logical != P ||
       (decode_run && model_bits_) || !ResolveDeferred(s, layer)) {
     s.broken = true;
     return false;
@@ -404,6 +444,7 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
   }
   sink_ = nullptr;
   if (s.broken) return false;
+  if (victim_ && !s.frozen) ++s.awaiting_weights;
   EndLayer(s, layer, P + n, defer);
   if (defer) {
     if (s.deferred_state.empty()) {

@@ -12,6 +12,8 @@
 //             token that pushes it out of the ring takes its slot.
 //   kVictim   at most budget_tokens slots per head; once full, after attending, the slot the
 //             policy picks from the attention weights is the one the next token overwrites.
+//             On an index the weights come from the caller after each one-token step
+//             (SetVictimWeights), and the same policy code picks the victim.
 //
 // Prefill. kAppend and kFlagged are exact for any chunk size (§5): every query of the chunk
 // attends first (old resident slots with the §3 rule, the first token's bit flagging the
@@ -118,6 +120,9 @@ struct Sequence {
   std::vector<uint8_t> deferred_state;  // [n_layers]; empty until the first deferred commit
   std::vector<uint8_t> deferred_bits;   // [n_layers * n_kv_heads]: d[t] of the last token
   int32_t deferred_layers = 0;          // layers not in kDeferNone
+  // Victim policies on an index: the layers committed since the last SetVictimWeights (a
+  // commit of every layer per step, so 0 or n_layers between steps).
+  int32_t awaiting_weights = 0;
   int64_t length = 0;            // tokens committed in every layer
   int64_t reserved = 0;          // blocks promised to this sequence by Reserve, not yet taken
   bool broken = false;           // AttendAndAppend was misused; see Reserve
@@ -166,6 +171,9 @@ class KvStore final : public KvIndex {
     return CommitChunk(id, layer, 1, row, nullptr, /*defer=*/true, sink);
   }
   absl::Status SetDeferredBits(SeqId id, const uint8_t* bits, int64_t layer_stride) override;
+  bool victim_weights() const override { return victim_; }
+  absl::Status SetVictimWeights(SeqId id, const float* w, int64_t layer_stride,
+                                int64_t head_stride) override;
   void PrefetchCommit(SeqId id, int32_t layer) const override;
   void HeadViews(SeqId id, int32_t layer, KvHeadView* out) const override;
   int PolicyBit(int32_t layer, int32_t head, int64_t t) const override {

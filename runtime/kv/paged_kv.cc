@@ -54,6 +54,12 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   if (model_bits && bits == nullptr && !defer_bits) {
     return absl::InternalError("KV policy dms needs the model's decision bits");
   }
+  const bool victim = kv.victim_weights();
+  if (victim && n_decode != static_cast<int32_t>(chunks.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV policy ", KvPolicyName(kv.policy().kind), " picks the slot of each token from the "
+        "previous token's attention weights: a step takes one token per sequence"));
+  }
   // d[t] of KV head j for the token at `row` (position t) of a sequence whose first flaggable
   // token is `first`: a bit that would flag a protected (sink) token t - 1, or any token of a
   // frozen sequence, is 0, as the index's own commits make it.
@@ -148,6 +154,7 @@ absl::Status PagedKvLayer::Run(KvIndex& kv, int32_t layer, const std::vector<Pag
   if (n_decode > 0 && !DecodeWithResidentTables(kv, layer, chunks, n_decode, ops)) {
     DecodeWithStepTables(kv, layer, chunks, n_decode, ops);
   }
+  if (victim && n_decode > 0) ops.DecodeSlotWeights(layer);
   return absl::OkStatus();
 }
 

@@ -15,7 +15,10 @@
 //   1. each prefill chunk (n > 1): SetLastVisible, PrefillAttention over the slots before the
 //      commit plus the chunk itself, ResetLastVisible;
 //   2. every chunk commits (KvIndex::CommitRows): CopyBlocks (copy-on-write), then WriteSlots;
-//   3. the decode rows attend over the slots after the commit (DecodeAttention).
+//   3. the decode rows attend over the slots after the commit (DecodeAttention);
+//   4. under a victim policy (tova, h2o: KvIndex::victim_weights), the decode rows' attention
+//      weights per slot (DecodeSlotWeights), which the caller hands to the index after the step
+//      (KvIndex::SetVictimWeights). Such a step has one-token chunks only.
 // Decode chunks (one token) must come first in the step's rows: rows 0 .. n_decode-1.
 //
 // Decode tables. Where the ops keep them between steps (ResizeDecodeTables), every decode
@@ -93,6 +96,11 @@ class PagedKvOps {
   // attends rows 0 .. batch-1, batch row b reading table row table_rows[b] (lengths
   // [batch, n_kv]).
   virtual bool ResizeDecodeTables(int32_t /*rows*/, int32_t /*cap*/) { return false; }
+  // Victim policies: the attention weights of the decode rows of the layer's last
+  // DecodeAttention or DecodeAttentionRows call, per resident slot in table order and averaged
+  // over each KV head's query heads (kernels/slot_weights.cuh), kept by the implementation for
+  // `layer` until the caller gives them to KvIndex::SetVictimWeights.
+  virtual void DecodeSlotWeights(int32_t layer) = 0;
   virtual void DecodeAttentionRows(int32_t /*layer*/,
                                    const std::vector<std::pair<int32_t, int32_t>>& /*entries*/,
                                    int32_t /*batch*/, const std::vector<int32_t>& /*table_rows*/,

@@ -68,8 +68,9 @@ class KvPolicy {
   const KvGeometry& geometry() const { return geo_; }
 
   virtual KvSlotReuse reuse() const = 0;
-  // OK when a store that never sees attention weights nor K/V rows (KvIndex, for backends whose
-  // rows live elsewhere) can run the policy; otherwise why not.
+  // OK when a store that never sees K/V rows (KvIndex, for backends whose rows live elsewhere;
+  // it sees attention weights only as KvIndex::SetVictimWeights hands them over) can run the
+  // policy; otherwise why not.
   virtual absl::Status IndexSupport() const { return absl::OkStatus(); }
   // Whether the decision bits come from the model (the step's `evict`), so nothing about them
   // is known before the step.
@@ -128,8 +129,5 @@ const KvPolicyEntry* FindKvPolicy(KvPolicyKind kind);
 // Validates `config` (its kind registered, its fields) and builds the policy.
 absl::StatusOr<std::unique_ptr<KvPolicy>> MakeKvPolicy(const KvPolicyConfig& config,
                                                        const KvGeometry& geometry);
-
-// Shared by the victim policies (tova, h2o): they cannot run on an index.
-absl::Status VictimPolicyIndexSupport(const char* name);
 
 }  // namespace dmsrt

@@ -14,7 +14,6 @@ class H2oPolicy final : public KvPolicy {
  public:
   using KvPolicy::KvPolicy;
   KvSlotReuse reuse() const override { return KvSlotReuse::kVictim; }
-  absl::Status IndexSupport() const override { return VictimPolicyIndexSupport("h2o"); }
   int32_t budget_tokens() const override { return config().budget_tokens; }
   bool slot_scores() const override { return true; }
 

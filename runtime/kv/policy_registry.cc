@@ -72,10 +72,4 @@ void KvPolicy::Decisions(int32_t /*layer*/, int64_t /*t0*/, int32_t n,
   std::fill_n(out, static_cast<int64_t>(n) * geo_.n_kv_heads, uint8_t{0});
 }
 
-absl::Status VictimPolicyIndexSupport(const char* name) {
-  return absl::InvalidArgumentError(absl::StrCat(
-      "KV policy ", name, " picks victims by attention weights and runs on the CPU backend only; "
-      "use none, dms, forced or window"));
-}
-
 }  // namespace dmsrt

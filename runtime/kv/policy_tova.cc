@@ -13,7 +13,6 @@ class TovaPolicy final : public KvPolicy {
  public:
   using KvPolicy::KvPolicy;
   KvSlotReuse reuse() const override { return KvSlotReuse::kVictim; }
-  absl::Status IndexSupport() const override { return VictimPolicyIndexSupport("tova"); }
   int32_t budget_tokens() const override { return config().budget_tokens; }
 
   int32_t PickVictim(const KvVictimInputs& in) const override {

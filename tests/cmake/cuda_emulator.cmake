@@ -89,6 +89,17 @@ if(DMSRT_HAVE_CUDA)
   set_tests_properties(cuda_emulated_generate PROPERTIES LABELS unit TIMEOUT 300
                        PASS_REGULAR_EXPRESSION "\\[cuda\\] prompt 37 tokens, generated [1-6] tokens"
                        FAIL_REGULAR_EXPRESSION "${emu_fail}")
+  # tova on the device: the attention weights per slot come back each step and the index picks
+  # the victims; the 37-token prompt runs token by token. The CPU backend answers the same text
+  # with the same figures (2160 resident of 3780 logical tokens at 24 per head).
+  add_test(NAME cuda_emulated_generate_tova
+           COMMAND dmsrt_cuda_emulated generate --backend cuda
+                   --model ${PROJECT_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf
+                   --chat "What is the capital of France?" --max-tokens 6 --kv-policy tova
+                   --kv-tokens 24)
+  set_tests_properties(cuda_emulated_generate_tova PROPERTIES LABELS unit TIMEOUT 300
+                       PASS_REGULAR_EXPRESSION "Paris.*\\[cuda\\] prompt 37 tokens, generated 6 tokens.*KV \\[tova\\]: [0-9.]+ KiB held, 2160 resident / 3780 logical"
+                       FAIL_REGULAR_EXPRESSION "${emu_fail}")
   # Host-only mode at full size: a Qwen3-8B-shaped model on an emulated 80 GB device, the host
   # time of a decode step next to the device floor (tests/bench/host_step_bench.py), and a decode
   # step that waits for the device once under every policy (dms included: its bits are deferred).

@@ -45,8 +45,13 @@ if(Python3_Interpreter_FOUND)
            COMMAND ${Python3_EXECUTABLE} ${DMSRT_TP_MAKE} --out ${DMSRT_TP_MODELS}/qwen3_dmsB_kv4
                    --arch qwen3 --format hf --heads 8 --kv-heads 4 --head-dim 16 --seed 4
                    --dms-window 4 --dms-variant B ${tiny_common})
+  # One decision per layer, from global KV head 0 (rank 0's): every rank takes rank 0's bits.
+  add_test(NAME tp_make_models_dmsA_layer
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TP_MAKE} --out ${DMSRT_TP_MODELS}/llama_dmsAL_kv4
+                   --arch llama --format hf --heads 8 --kv-heads 4 --seed 5 --dms-window 4
+                   --dms-variant A --dms-per layer ${tiny_common})
   set_tests_properties(tp_make_models tp_make_models_qwen3 tp_make_models_dmsA tp_make_models_dmsB
-                       PROPERTIES LABELS mpi TIMEOUT 60 FIXTURES_SETUP tp_models)
+                       tp_make_models_dmsA_layer PROPERTIES LABELS mpi TIMEOUT 60 FIXTURES_SETUP tp_models)
 endif()
 
 # ---- the backend test (gtest with its own main; every rank runs it) ------------------------------

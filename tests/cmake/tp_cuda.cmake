@@ -54,6 +54,10 @@ if(Python3_Interpreter_FOUND)
            COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/qwen2_dmsB_kv4
                    --arch qwen2 --format hf --heads 8 --kv-heads 4 --ffn 192 --seed 15
                    --dms-window 4 --dms-variant B ${tpc_common})
+  add_test(NAME tp_cuda_make_models_dmsA_layer
+           COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/llama_dmsAL_kv4
+                   --arch llama --format hf --heads 8 --kv-heads 4 --ffn 192 --seed 14
+                   --dms-window 4 --dms-variant A --dms-per layer ${tpc_common})
   # Llama-3.1's RoPE scaling with a short original context, so that most channels are scaled.
   add_test(NAME tp_cuda_make_models_rope3
            COMMAND ${Python3_EXECUTABLE} ${DMSRT_TPC_MAKE} --out ${DMSRT_TPC_MODELS}/llama_rope3_kv4
@@ -61,6 +65,7 @@ if(Python3_Interpreter_FOUND)
                    --rope-scaling llama3 --rope-factor 8 --rope-orig-ctx 64 ${tpc_common})
   set_tests_properties(tp_cuda_make_models_llama tp_cuda_make_models_qwen3 tp_cuda_make_models_dmsA
                        tp_cuda_make_models_dmsB tp_cuda_make_models_rope3
+                       tp_cuda_make_models_dmsA_layer
                        PROPERTIES LABELS mpi TIMEOUT 60 FIXTURES_SETUP tp_cuda_models)
 endif()
 

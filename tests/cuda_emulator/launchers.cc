@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "kernels/reference/random_hash.h"
 #include "kernels/reference/sampling_ref.h"
 #include "kernels/sampling.cuh"
+#include "kernels/slot_weights.cuh"
 #include "tests/cuda_emulator/emulator.h"
 
 namespace dmsrt {
@@ -427,22 +429,21 @@ cudaError_t FillRandomBf16(bf16* dst, int64_t n, uint64_t seed, float scale, cud
 
 // ---- attention ---------------------------------------------------------------------------------
 
-cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const bf16* k_pool,
-                            const bf16* v_pool, const int32_t* block_tables,
-                            const int32_t* lengths, bf16* out, void* workspace,
-                            size_t workspace_bytes, int32_t num_sms, cudaStream_t stream) {
-  static const char* kName = "DecodeAttention";
-  if (const cudaError_t e = Begin(stream, kName)) return e;
+namespace {
+
+// What DecodeAttention and DecodeSlotWeights check at the launch: the shape, and that q, the
+// tables (or table rows) and the lengths are device memory of the size the contract implies.
+cudaError_t CheckDecodeLaunch(const DecodeAttentionParams& p, const char* name, const bf16* q,
+                              const int32_t* block_tables, const int32_t* lengths) {
   if (p.batch <= 0 || p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 ||
       p.n_heads / p.n_kv_heads > 8 || p.block_tokens <= 0 || p.max_blocks_per_head <= 0 ||
       p.max_length < 0 || p.max_length > p.block_tokens * p.max_blocks_per_head ||
       (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)) {
     return cudaErrorInvalidValue;
   }
-  const size_t ws = DecodeAttentionWorkspaceSize(p, num_sms);
-  if (workspace_bytes < ws) return cudaErrorInvalidValue;
   const size_t qn = static_cast<size_t>(p.batch) * p.n_heads * p.head_dim;
   const size_t heads = static_cast<size_t>(p.batch) * p.n_kv_heads;
+  const char* kName = name;
   EMU_CHECK(q, qn * sizeof(bf16), "q");
   if (p.table_rows == nullptr) {
     EMU_CHECK(block_tables, heads * p.max_blocks_per_head * sizeof(int32_t), "block_tables");
@@ -450,53 +451,105 @@ cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const
     EMU_CHECK(p.table_rows, p.batch * sizeof(int32_t), "table_rows");
   }
   EMU_CHECK(lengths, heads * sizeof(int32_t), "lengths");
+  return cudaSuccess;
+}
+
+// When the work runs: every length within [0, max_length], and the q rows and compacted pools
+// of the batch's heads (row b's tables gathered from table row table_rows[b] when rows are
+// indirect). Faults and returns false on a bad index.
+bool DecodeOperands(const DecodeAttentionParams& p, const char* name, const bf16* q,
+                    const bf16* k_pool, const bf16* v_pool, const int32_t* block_tables,
+                    const int32_t* lengths, std::vector<float>* qf,
+                    std::unique_ptr<CompactPools>* pools) {
+  const size_t heads = static_cast<size_t>(p.batch) * p.n_kv_heads;
+  for (size_t h = 0; h < heads; ++h) {
+    if (lengths[h] < 0 || lengths[h] > p.max_length) {
+      emu::Fault(cudaErrorIllegalAddress,
+                 std::string(name) + ": length " + std::to_string(lengths[h]) + " of head " +
+                     std::to_string(h) + " is outside [0, max_length = " +
+                     std::to_string(p.max_length) + "] (the split plan would drop keys)");
+      return false;
+    }
+  }
+  const size_t row_ints = static_cast<size_t>(p.n_kv_heads) * p.max_blocks_per_head;
+  std::vector<int32_t> gathered;
+  const int32_t* tables = block_tables;
+  if (p.table_rows != nullptr) {
+    gathered.resize(p.batch * row_ints);
+    for (int32_t b = 0; b < p.batch; ++b) {
+      const int32_t r = p.table_rows[b];
+      const int32_t* src = block_tables + static_cast<size_t>(r) * row_ints;
+      if (r < 0 || !emu::Inside(src, row_ints * sizeof(int32_t), emu::MemoryKind::kDevice)) {
+        emu::Fault(cudaErrorIllegalAddress, std::string(name) + ": table row " +
+                                                std::to_string(r) + " of batch row " +
+                                                std::to_string(b) + " is outside block_tables");
+        return false;
+      }
+      std::copy(src, src + row_ints, gathered.begin() + b * row_ints);
+    }
+    tables = gathered.data();
+  }
+  const int64_t blocks = PoolBlocks(p.block_tokens, p.head_dim, k_pool, v_pool, nullptr, nullptr);
+  *pools = std::make_unique<CompactPools>(tables, lengths, static_cast<int32_t>(heads),
+                                          p.max_blocks_per_head, p.block_tokens, p.head_dim,
+                                          k_pool, v_pool, nullptr, nullptr, blocks);
+  if (!(*pools)->ok) {
+    emu::Fault(cudaErrorIllegalAddress, std::string(name) + ": " + (*pools)->error);
+    return false;
+  }
+  *qf = ToFloat(q, static_cast<size_t>(p.batch) * p.n_heads * p.head_dim);
+  return true;
+}
+
+}  // namespace
+
+cudaError_t DecodeAttention(const DecodeAttentionParams& p, const bf16* q, const bf16* k_pool,
+                            const bf16* v_pool, const int32_t* block_tables,
+                            const int32_t* lengths, bf16* out, void* workspace,
+                            size_t workspace_bytes, int32_t num_sms, cudaStream_t stream) {
+  static const char* kName = "DecodeAttention";
+  if (const cudaError_t e = Begin(stream, kName)) return e;
+  if (const cudaError_t e = CheckDecodeLaunch(p, kName, q, block_tables, lengths)) return e;
+  const size_t ws = DecodeAttentionWorkspaceSize(p, num_sms);
+  if (workspace_bytes < ws) return cudaErrorInvalidValue;
+  const size_t qn = static_cast<size_t>(p.batch) * p.n_heads * p.head_dim;
   EMU_CHECK(out, qn * sizeof(bf16), "out");
   EMU_CHECK(workspace, ws, "workspace");
   for (auto [ptr, a] : {std::pair<const void*, const char*>{q, "q"}, {k_pool, "k_pool"}, {v_pool, "v_pool"}}) {
     if (const cudaError_t e = Aligned16(ptr, kName, a)) return e;
   }
   emu::Enqueue(stream, [=] {
-    for (size_t h = 0; h < heads; ++h) {
-      if (lengths[h] < 0 || lengths[h] > p.max_length) {
-        emu::Fault(cudaErrorIllegalAddress,
-                   "DecodeAttention: length " + std::to_string(lengths[h]) + " of head " +
-                       std::to_string(h) + " is outside [0, max_length = " +
-                       std::to_string(p.max_length) + "] (the split plan would drop keys)");
-        return;
-      }
-    }
-    // Row b's tables, gathered from table row table_rows[b] when rows are indirect.
-    const size_t row_ints = static_cast<size_t>(p.n_kv_heads) * p.max_blocks_per_head;
-    std::vector<int32_t> gathered;
-    const int32_t* tables = block_tables;
-    if (p.table_rows != nullptr) {
-      gathered.resize(p.batch * row_ints);
-      for (int32_t b = 0; b < p.batch; ++b) {
-        const int32_t r = p.table_rows[b];
-        const int32_t* src = block_tables + static_cast<size_t>(r) * row_ints;
-        if (r < 0 || !emu::Inside(src, row_ints * sizeof(int32_t), emu::MemoryKind::kDevice)) {
-          emu::Fault(cudaErrorIllegalAddress, "DecodeAttention: table row " + std::to_string(r) +
-                                                  " of batch row " + std::to_string(b) +
-                                                  " is outside block_tables");
-          return;
-        }
-        std::copy(src, src + row_ints, gathered.begin() + b * row_ints);
-      }
-      tables = gathered.data();
-    }
-    const int64_t blocks = PoolBlocks(p.block_tokens, p.head_dim, k_pool, v_pool, nullptr, nullptr);
-    CompactPools c(tables, lengths, static_cast<int32_t>(heads), p.max_blocks_per_head,
-                   p.block_tokens, p.head_dim, k_pool, v_pool, nullptr, nullptr, blocks);
-    if (!c.ok) {
-      emu::Fault(cudaErrorIllegalAddress, "DecodeAttention: " + c.error);
-      return;
-    }
-    const std::vector<float> qf = ToFloat(q, qn);
+    std::vector<float> qf;
+    std::unique_ptr<CompactPools> c;
+    if (!DecodeOperands(p, kName, q, k_pool, v_pool, block_tables, lengths, &qf, &c)) return;
     std::vector<float> of(qn);
     kernels::DecodeAttentionRef(p.batch, p.n_heads, p.n_kv_heads, p.head_dim, p.block_tokens,
-                                p.max_blocks_per_head, p.scale, qf.data(), c.k.data(), c.v.data(),
-                                c.tables.data(), lengths, of.data());
+                                p.max_blocks_per_head, p.scale, qf.data(), c->k.data(), c->v.data(),
+                                c->tables.data(), lengths, of.data());
     ToBf16(of.data(), qn, out);
+  });
+  return cudaSuccess;
+}
+
+cudaError_t DecodeSlotWeights(const DecodeAttentionParams& p, const bf16* q, const bf16* k_pool,
+                              const int32_t* block_tables, const int32_t* lengths, float* out,
+                              int32_t ld, cudaStream_t stream) {
+  static const char* kName = "DecodeSlotWeights";
+  if (const cudaError_t e = Begin(stream, kName)) return e;
+  if (ld <= 0) return cudaErrorInvalidValue;
+  if (const cudaError_t e = CheckDecodeLaunch(p, kName, q, block_tables, lengths)) return e;
+  const size_t heads = static_cast<size_t>(p.batch) * p.n_kv_heads;
+  EMU_CHECK(out, heads * ld * sizeof(float), "out");
+  for (auto [ptr, a] : {std::pair<const void*, const char*>{q, "q"}, {k_pool, "k_pool"}}) {
+    if (const cudaError_t e = Aligned16(ptr, kName, a)) return e;
+  }
+  emu::Enqueue(stream, [=] {
+    std::vector<float> qf;
+    std::unique_ptr<CompactPools> c;
+    if (!DecodeOperands(p, kName, q, k_pool, k_pool, block_tables, lengths, &qf, &c)) return;
+    kernels::DecodeSlotWeightsRef(p.batch, p.n_heads, p.n_kv_heads, p.head_dim, p.block_tokens,
+                                  p.max_blocks_per_head, p.scale, qf.data(), c->k.data(),
+                                  c->tables.data(), lengths, out, ld);
   });
   return cudaSuccess;
 }

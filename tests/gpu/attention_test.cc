@@ -1,4 +1,5 @@
-// Decode and prefill attention kernels against their C++ references, on awkward shapes:
+// Decode and prefill attention kernels (and the decode weights per slot of the victim policies)
+// against their C++ references, on awkward shapes:
 // lengths 1, 19, 111, exactly on a block boundary and one past, ragged lengths across heads
 // (one head empty), shuffled block tables, forced multi-split and the automatic split.
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include "kernels/decode_attention.cuh"
 #include "kernels/prefill_attention.cuh"
 #include "kernels/reference/attention_ref.h"
+#include "kernels/slot_weights.cuh"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace dmsrt {
@@ -119,6 +121,29 @@ TEST_P(DecodeAttention, MatchesReference) {
                                           Bf(dout), ws.get(), ws.size(), sms, nullptr));
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   ExpectClose(gpu_test::Bf16ToFloat(dout.Download()), want);
+
+  // The same launch's weights per slot (kernels/slot_weights.cuh), with ld below the longest
+  // head: the slots past ld stay unwritten.
+  const int32_t ld = std::max(1, c.len - 3);
+  std::vector<float> want_w(static_cast<size_t>(heads_total) * ld, 0.f);
+  kernels::DecodeSlotWeightsRef(c.batch, c.heads, c.kv, c.dim, c.block, max_blocks, p.scale,
+                                qf.data(), kf.data(), tables.data(), lengths.data(), want_w.data(),
+                                ld);
+  DeviceBuffer<float> dw(want_w.size());
+  dw.Poison(gpu_test::kPoisonFloat);
+  ASSERT_CUDA_OK(::dmsrt::DecodeSlotWeights(p, Bf(dq), Bf(dk), dtab.get(), dlen.get(), dw.get(),
+                                            ld, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> got_w = dw.Download();
+  for (size_t i = 0; i < got_w.size(); ++i) {
+    const bool written = static_cast<int32_t>(i % ld) < lengths[i / ld];
+    if (!written) {
+      ASSERT_TRUE(std::isnan(got_w[i])) << "slot " << i % ld << " of head " << i / ld;
+    } else {
+      ASSERT_NEAR(got_w[i], want_w[i], 2e-3 + 0.02 * want_w[i]) << "slot " << i % ld
+                                                                << " of head " << i / ld;
+    }
+  }
 }
 
 std::vector<DecodeCase> DecodeCases() {

@@ -8,8 +8,8 @@
 //     resident positions for the same global heads (eviction is local and bit-identical);
 //   * the leader's free-block figure is tp x the minimum over the ranks (group units).
 // Models: llama (HF) and qwen3 (GGUF, q/k norms) with 4 and 8 KV heads, policies none, forced DMS
-// and the model's own DMS decisions (Variant A and Variant B). Also: a TP degree that does not
-// divide the KV heads is refused with the shard plan's message.
+// and the model's own DMS decisions (Variant A per head and per layer, and Variant B). Also: a
+// TP degree that does not divide the KV heads is refused with the shard plan's message.
 //
 // Tiny models are written by tests/fixtures/make_tiny_model.py into $DMSRT_TP_MODELS (tp.cmake
 // runs it as a fixture). Without mpirun every test skips with the reason.
@@ -266,7 +266,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"llama_hf_kv4", "", "none"}, Case{"llama_hf_kv4", "", "forced"},
                       Case{"qwen3_gguf_kv8", "model.gguf", "none"},
                       Case{"qwen3_gguf_kv8", "model.gguf", "forced"},
-                      Case{"llama_dmsA_kv4", "", "dms"}, Case{"qwen3_dmsB_kv4", "", "dms"}),
+                      Case{"llama_dmsA_kv4", "", "dms"}, Case{"qwen3_dmsB_kv4", "", "dms"},
+                      Case{"llama_dmsAL_kv4", "", "dms"}),
     [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
 
 // A full KV cache on any rank fails the step on every rank alike (RESOURCE_EXHAUSTED at the

@@ -15,9 +15,10 @@
 //     same as the CPU's for policies whose decisions do not come from activations);
 //   * the leader's group figures are the single-device figures, head by head.
 // Models (tests/cmake/tp_cuda.cmake writes them): llama (HF) with 4 KV heads and qwen3 (GGUF,
-// q/k norms, an odd vocabulary) with 8, policies none and forced; DMS Variant A (llama) and
+// q/k norms, an odd vocabulary) with 8, policies none, forced and tova; DMS Variant A (llama, one
+// decision per head, and one per layer from global KV head 0, broadcast from rank 0) and
 // Variant B (qwen2, Q/K/V biases) with 4 KV heads, policy dms; llama with Llama-3.1's RoPE
-// frequency scaling, policy forced. Also: a full pool on one rank
+// frequency scaling, policy forced; llama under h2o. Also: a full pool on one rank
 // fails the step on every rank; a degree that does not divide the KV heads and a host
 // communicator are refused. Without mpirun every test skips with the reason. The same source is
 // built against the real CUDA runtime and NCCL (tp_cuda_backend_gpu_np*, label gpu_tp, run by
@@ -182,7 +183,7 @@ std::vector<float> Flatten(const Script& s) {
 struct Case {
   std::string model;   // directory under $DMSRT_TP_CUDA_MODELS
   std::string file;    // file inside it ("" = the directory is an HF model)
-  std::string policy;  // none | forced | dms
+  std::string policy;  // none | forced | dms | tova | h2o
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.model << "/" << c.policy; }
@@ -200,8 +201,17 @@ BackendOptions Options(const Case& tc, const Model& model) {
   } else if (tc.policy == "dms") {
     o.kv_policy.kind = KvPolicyKind::kDms;
     o.kv_policy.window = model.config.dms.window;
+  } else if (tc.policy == "tova" || tc.policy == "h2o") {
+    o.kv_policy.kind = tc.policy == "tova" ? KvPolicyKind::kTova : KvPolicyKind::kH2o;
+    o.kv_policy.budget_tokens = 10;
   }
   return o;
+}
+
+// Whether the policy's decisions follow the model's activations (bf16 on the device, fp32 on the
+// CPU), so that a near-tie may go the other way on the CPU backend.
+bool BitsFromActivations(const Case& tc) {
+  return tc.policy == "dms" || tc.policy == "tova" || tc.policy == "h2o";
 }
 
 class TpCudaBackendTest : public ::testing::TestWithParam<Case> {};
@@ -277,7 +287,9 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
     const double rel_one = RelError(Flatten(got), Flatten(want));
     const double rel_cpu = RelError(Flatten(got), Flatten(on_cpu));
     EXPECT_LT(rel_one, 1e-2) << "logits against the single-device CUDA backend";
-    EXPECT_LT(rel_cpu, 0.03) << "logits against the CPU backend";
+    // Where decisions follow bf16 activations, a near-tie may evict another token than the
+    // CPU does and the logits part from there; the resident sets are compared below.
+    if (!BitsFromActivations(tc)) EXPECT_LT(rel_cpu, 0.03) << "logits against the CPU backend";
     const Agreement a_one = GreedyAgreement(got, want, cfg.vocab, 0.05);
     const Agreement a_cpu = GreedyAgreement(got, on_cpu, cfg.vocab, 0.25);
     EXPECT_EQ(a_one.agree, a_one.decisive) << "greedy choice differs from the single device";
@@ -297,7 +309,7 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
   }
 
   // Residents per (layer, local head): the single device's for the same global head, bit for
-  // bit; the CPU's too, unless the decisions come from bf16 activations (policy dms).
+  // bit; the CPU's too, unless the decisions come from bf16 activations (dms, tova, h2o).
   const KvCache& tkv = rank == 0 ? leader->kv() : (*shard)->kv();
   int64_t compared = 0, evicted = 0, cpu_differ = 0;
   for (SeqId seq : want.live) {
@@ -321,6 +333,16 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
   }
   if (tc.policy == "dms") {
     EXPECT_LE(cpu_differ, 1) << "resident sets against the CPU backend";
+  } else if (BitsFromActivations(tc)) {
+    // A victim picked at a near-tie changes every later choice of that head. Over the group:
+    int64_t mine[2] = {cpu_differ, compared}, all[2] = {0, 0};
+    ASSERT_TRUE(comm->host()->AllReduce(mine, all, 2, ReduceOp::kSum).ok());
+    EXPECT_LE(all[0], all[1] / 4) << "resident sets against the CPU backend";
+    if (rank == 0) {
+      std::printf("[tp %d] %s: resident sets differ from the CPU's in %lld of %lld heads\n", tp,
+                  tc.policy.c_str(), static_cast<long long>(all[0]),
+                  static_cast<long long>(all[1]));
+    }
   } else {
     EXPECT_EQ(cpu_differ, 0) << "resident sets against the CPU backend";
   }
@@ -332,7 +354,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"llama_kv4", "", "none"}, Case{"llama_kv4", "", "forced"},
                       Case{"qwen3_kv8", "model.gguf", "none"},
                       Case{"qwen3_kv8", "model.gguf", "forced"}, Case{"llama_dmsA_kv4", "", "dms"},
-                      Case{"qwen2_dmsB_kv4", "", "dms"}, Case{"llama_rope3_kv4", "", "forced"}),
+                      Case{"qwen2_dmsB_kv4", "", "dms"}, Case{"llama_rope3_kv4", "", "forced"},
+                      Case{"llama_dmsAL_kv4", "", "dms"},
+                      Case{"llama_kv4", "", "h2o"}, Case{"qwen3_kv8", "model.gguf", "tova"}),
     [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
 
 // Each rank drives the device of its local rank, and so does its communicator.

@@ -30,8 +30,8 @@ TEST(KvPolicyRegistry, UnknownNamesListTheRegisteredOnes) {
 }
 
 TEST(KvPolicyRegistry, IndexSupportFollowsTheMechanism) {
-  // An index never sees attention weights nor keys: exactly the victim policies and threshold
-  // (which scores keys) are refused.
+  // An index never sees the keys: exactly threshold (which scores them) is refused. The victim
+  // policies take their attention weights through KvIndex::SetVictimWeights.
   for (const KvPolicyEntry* e : KvPolicies()) {
     KvPolicyConfig c;
     c.kind = e->kind;
@@ -39,8 +39,7 @@ TEST(KvPolicyRegistry, IndexSupportFollowsTheMechanism) {
     c.budget_tokens = 8;
     auto p = MakeKvPolicy(c, kvpolicytest::Geo(2));
     ASSERT_TRUE(p.ok()) << e->name << ": " << p.status();
-    const bool needs_rows =
-        (*p)->reuse() == KvSlotReuse::kVictim || e->kind == KvPolicyKind::kThreshold;
+    const bool needs_rows = e->kind == KvPolicyKind::kThreshold;
     EXPECT_EQ((*p)->IndexSupport().ok(), !needs_rows) << e->name;
   }
 }

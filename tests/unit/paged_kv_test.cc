@@ -97,6 +97,21 @@ class HostOps final : public PagedKvOps {
     for (int32_t i = 0; i < batch * g_.n_kv_heads; ++i) EXPECT_LE(lengths[i], max_length);
     kernels::DecodeAttentionRef(batch, g_.n_heads, g_.n_kv_heads, g_.head_dim, g_.block_tokens,
                                 max_blocks, Scale(), q, k_.data(), v_.data(), tables, lengths, out);
+    Remember(batch, tables, max_blocks, lengths);
+  }
+
+  // Victim policies: the weights of every layer of the step, [layers][batch, n_kv, slot_ld]
+  // (what the CUDA backend brings back), from the last decode call's tables.
+  int32_t slot_ld = 0;
+  std::vector<float> weights;
+  void DecodeSlotWeights(int32_t layer) override {
+    ASSERT_GT(slot_ld, 0);
+    const size_t layer_floats = static_cast<size_t>(last_batch_) * g_.n_kv_heads * slot_ld;
+    weights.resize(std::max(weights.size(), (layer + 1) * layer_floats), std::nanf(""));
+    kernels::DecodeSlotWeightsRef(last_batch_, g_.n_heads, g_.n_kv_heads, g_.head_dim,
+                                  g_.block_tokens, last_max_blocks_, Scale(), q, k_.data(),
+                                  last_tables_.data(), last_lengths_.data(),
+                                  weights.data() + layer * layer_floats, slot_ld);
   }
 
   // Resident tables, when `resident` is set: per layer [rows, n_kv, cap], garbage after a resize
@@ -149,6 +164,7 @@ class HostOps final : public PagedKvOps {
     }
     kernels::DecodeAttentionRef(batch, g_.n_heads, nkv, g_.head_dim, bt, cap_, Scale(), q,
                                 k_.data(), v_.data(), dense.data(), lengths.data(), out);
+    Remember(batch, dense.data(), cap_, lengths.data());
   }
 
  private:
@@ -159,6 +175,15 @@ class HostOps final : public PagedKvOps {
     for (const T& e : v) EXPECT_TRUE(seen.insert(key(e)).second) << what << " " << key(e) << " twice in one call";
   }
   float Scale() const { return 1.0f / std::sqrt(static_cast<float>(g_.head_dim)); }
+  void Remember(int32_t batch, const int32_t* tables, int32_t max_blocks, const int32_t* lengths) {
+    const size_t heads = static_cast<size_t>(batch) * g_.n_kv_heads;
+    last_batch_ = batch;
+    last_max_blocks_ = max_blocks;
+    last_tables_.assign(tables, tables + heads * max_blocks);
+    last_lengths_.assign(lengths, lengths + heads);
+  }
+  int32_t last_batch_ = 0, last_max_blocks_ = 0;
+  std::vector<int32_t> last_tables_, last_lengths_;
   int32_t rows_ = 0, cap_ = 0;
   std::vector<std::vector<int32_t>> tables_;
   KvGeometry g_;
@@ -520,12 +545,126 @@ TEST(PagedKvIndex, DeferredBitsMisuse) {
   EXPECT_TRUE(idx.Fork(s).ok());
 }
 
-TEST(PagedKvIndex, RefusesAttentionScoredPoliciesAndStorageCalls) {
+// tova and h2o on an index: one token per step, the attention weights per slot handed over after
+// each step (KvIndex::SetVictimWeights, as the CUDA backend does), against the CPU store that
+// computes them itself. Forks that share blocks, a frozen sequence and a freed one.
+class PagedKvVictimTest : public ::testing::TestWithParam<KvPolicyKind> {};
+
+TEST_P(PagedKvVictimTest, MatchesCpuStoreTokenByToken) {
+  const KvGeometry geo = Geo(/*layers=*/2, /*nkv=*/2, /*nh=*/4, /*hd=*/8, /*block=*/4);
+  KvPolicyConfig pol;
+  pol.kind = GetParam();
+  pol.budget_tokens = 7;
+  const int64_t block_bytes = 2 * 4 * 8 * sizeof(float);
+  auto cpu_or = MakeCpuKvCache(geo, pol, 200 * block_bytes);
+  auto idx_or = MakeKvIndex(geo, pol, 200 * block_bytes, block_bytes);
+  ASSERT_TRUE(cpu_or.ok() && idx_or.ok()) << idx_or.status();
+  KvCache& cpu = **cpu_or;
+  KvIndex& idx = **idx_or;
+  ASSERT_TRUE(idx.victim_weights());
+  HostOps ops(geo, idx.total_blocks());
+  ops.slot_ld = pol.budget_tokens;
+  PagedKvLayer runner;
+  const int32_t kT = 40;
+  std::map<int, Stream> streams;
+  for (int s = 0; s < 4; ++s) {
+    streams[s] = MakeStream(kT, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, 50 + s, 0);
+  }
+  struct Seq { SeqId cpu, idx; int stream; };
+  std::map<int, Seq> seqs;
+  const int64_t qw = static_cast<int64_t>(geo.n_heads) * geo.head_dim;
+  const int64_t kw = static_cast<int64_t>(geo.n_kv_heads) * geo.head_dim;
+  int64_t victims_taken = 0;
+  auto step = [&](const std::vector<int>& live) {
+    const int32_t rows = static_cast<int32_t>(live.size());
+    std::vector<PagedChunk> chunks;
+    std::vector<int64_t> pos;
+    for (int32_t r = 0; r < rows; ++r) {
+      const Seq& s = seqs.at(live[r]);
+      ASSERT_TRUE(cpu.Reserve(s.cpu, 1).ok());
+      ASSERT_TRUE(idx.Reserve(s.idx, 1).ok());
+      chunks.push_back(PagedChunk{s.idx, r, 1});
+      pos.push_back(idx.Length(s.idx));
+    }
+    for (int32_t l = 0; l < geo.n_layers; ++l) {
+      std::vector<float> q(rows * qw), k(rows * kw), v(rows * kw), out_ref(rows * qw),
+          out(rows * qw, std::nanf(""));
+      for (int32_t r = 0; r < rows; ++r) {
+        const Stream& st = streams[seqs.at(live[r]).stream];
+        const int32_t t = static_cast<int32_t>(pos[r]) % kT;
+        std::copy_n(st.qt(l, t), qw, q.begin() + r * qw);
+        std::copy_n(st.kt(l, t), kw, k.begin() + r * kw);
+        std::copy_n(st.vt(l, t), kw, v.begin() + r * kw);
+        cpu.AttendAndAppend(seqs.at(live[r]).cpu, l, 1, &q[r * qw], &k[r * kw], &v[r * kw],
+                            nullptr, &out_ref[r * qw]);
+      }
+      ops.q = q.data();
+      ops.k = k.data();
+      ops.v = v.data();
+      ops.out = out.data();
+      ASSERT_TRUE(runner.Run(idx, l, chunks, rows, nullptr, ops).ok());
+      for (int64_t i = 0; i < rows * qw; ++i) {
+        ASSERT_NEAR(out[i], out_ref[i], 1e-4 * (1 + std::fabs(out_ref[i]))) << "layer " << l;
+      }
+    }
+    // Before the weights: nothing more can be committed, reserved or forked.
+    EXPECT_EQ(idx.Reserve(chunks[0].seq, 1).code(), absl::StatusCode::kFailedPrecondition);
+    const int64_t layer_floats = static_cast<int64_t>(rows) * geo.n_kv_heads * ops.slot_ld;
+    for (int32_t r = 0; r < rows; ++r) {
+      ASSERT_TRUE(idx.SetVictimWeights(chunks[r].seq,
+                                       ops.weights.data() + r * geo.n_kv_heads * ops.slot_ld,
+                                       layer_floats, ops.slot_ld).ok());
+    }
+    EXPECT_EQ(idx.SetVictimWeights(chunks[0].seq, ops.weights.data(), layer_floats, ops.slot_ld)
+                  .code(),
+              absl::StatusCode::kFailedPrecondition)
+        << "weights given twice";
+    for (auto& [ls, s] : seqs) {
+      for (int32_t l = 0; l < geo.n_layers; ++l) {
+        for (int32_t j = 0; j < geo.n_kv_heads; ++j) {
+          const auto resident = idx.ResidentPositions(s.idx, l, j);
+          ASSERT_EQ(cpu.ResidentPositions(s.cpu, l, j), resident)
+              << "seq " << ls << " layer " << l << " head " << j;
+          victims_taken += static_cast<int64_t>(resident.size()) < idx.Length(s.idx);
+        }
+      }
+    }
+  };
+  seqs[0] = Seq{*cpu.Create(), *idx.Create(), 0};
+  for (int i = 0; i < 10; ++i) ASSERT_NO_FATAL_FAILURE(step({0}));
+  seqs[1] = Seq{*cpu.Fork(seqs[0].cpu), *idx.Fork(seqs[0].idx), 1};
+  seqs[2] = Seq{*cpu.Fork(seqs[0].cpu), *idx.Fork(seqs[0].idx), 2};
+  seqs[3] = Seq{*cpu.Create(), *idx.Create(), 3};
+  for (int i = 0; i < 8; ++i) ASSERT_NO_FATAL_FAILURE(step({0, 1, 2, 3}));
+  ASSERT_TRUE(cpu.FreezeEviction(seqs[2].cpu).ok());
+  ASSERT_TRUE(idx.FreezeEviction(seqs[2].idx).ok());
+  ASSERT_TRUE(cpu.Free(seqs[1].cpu).ok());
+  ASSERT_TRUE(idx.Free(seqs[1].idx).ok());
+  seqs.erase(1);
+  for (int i = 0; i < 6; ++i) ASSERT_NO_FATAL_FAILURE(step({3, 2, 0}));
+  EXPECT_GT(victims_taken, 0) << "no head ever evicted";
+  EXPECT_EQ(idx.ResidentPositions(seqs[2].idx, 0, 0).size(), 7u + 6u)
+      << "a frozen sequence keeps every new token";
+  EXPECT_EQ(cpu.total_blocks() - cpu.free_blocks(), idx.total_blocks() - idx.free_blocks());
+
+  // A chunk of more than one token cannot run: its slots depend on weights not yet computed.
+  ASSERT_TRUE(idx.Reserve(seqs[0].idx, 2).ok());
+  const absl::Status chunk =
+      runner.Run(idx, 0, {PagedChunk{seqs[0].idx, 0, 2}}, 0, nullptr, ops);
+  EXPECT_EQ(chunk.code(), absl::StatusCode::kInvalidArgument) << chunk;
+  EXPECT_NE(chunk.message().find("one token per sequence"), std::string::npos) << chunk;
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, PagedKvVictimTest,
+                         ::testing::Values(KvPolicyKind::kTova, KvPolicyKind::kH2o),
+                         [](const auto& info) { return std::string(KvPolicyName(info.param)); });
+
+TEST(PagedKvIndex, RefusesKeyScoredPoliciesAndStorageCalls) {
   const KvGeometry geo = Geo(1, 1, 2, 8, 4);
-  KvPolicyConfig tova;
-  tova.kind = KvPolicyKind::kTova;
-  tova.budget_tokens = 4;
-  auto bad = MakeKvIndex(geo, tova, 1 << 20, 256);
+  KvPolicyConfig threshold;
+  threshold.kind = KvPolicyKind::kThreshold;
+  threshold.window = 4;
+  auto bad = MakeKvIndex(geo, threshold, 1 << 20, 256);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("CPU backend only"), std::string::npos) << bad.status();
   EXPECT_FALSE(MakeKvIndex(geo, {}, 100, 256).ok());  // smaller than a block

@@ -138,6 +138,8 @@ absl::Status CudaBackend::AllocateKvPools() {
     }
   }
   DMSRT_ASSIGN_OR_RETURN(kv_, MakeKvIndex(geo, policy, budget, block_bytes));
+  victim_ = kv_->victim_weights();
+  victim_ld_ = victim_ ? policy.budget_tokens : 0;
   const int64_t blocks = kv_->total_blocks();
   const int64_t slots = blocks * bt;
   auto alloc_raw = [&](void** p, size_t bytes) -> absl::Status {

@@ -19,7 +19,10 @@
 // bits come back with the step's results, in one copy, and the host hands them to the index
 // after the step. A step with a prefill chunk needs each layer's bits before that layer's slots
 // are written (the chunk's own visibility and slot reuse depend on them), so it waits for them
-// once per layer.
+// once per layer. Under tova and h2o each decode layer also computes the attention weight of
+// every resident slot (kernels/slot_weights.cuh); they come back with the step's results and the
+// index picks the victims from them (KvIndex::SetVictimWeights), and a chunk of several tokens
+// runs as one-token steps.
 //
 // Tensor parallelism (BackendOptions::comm an NcclComm of tp > 1 ranks, one device each): the
 // rank holds the shard of parallel/shard_plan.h that the CPU backend holds, in bf16 on its
@@ -71,6 +74,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/decode_attention.cuh"
 #include "kernels/gemm.cuh"
 #include "parallel/shard_plan.h"
 #include "parallel/status_macros.h"
@@ -234,6 +238,8 @@ class DeviceKvOps final : public PagedKvOps {
   void DecodeAttentionRows(int32_t layer, const std::vector<std::pair<int32_t, int32_t>>& entries,
                            int32_t batch, const std::vector<int32_t>& table_rows,
                            const std::vector<int32_t>& lengths, int32_t max_length) override;
+  // Into CudaBackend::victim_w_ at `layer`'s slice ([layers][rows, n_kv, ld]).
+  void DecodeSlotWeights(int32_t layer) override;
   absl::Status status() const { return status_; }
   void ClearStatus() { status_ = absl::OkStatus(); }
 
@@ -258,6 +264,13 @@ class DeviceKvOps final : public PagedKvOps {
   size_t decode_index_n_ = 0;
   int64_t table_layer_ints_ = 0;  // resident tables: rows * n_kv * cap per layer
   int32_t table_cap_ = 0;
+  // The last decode attention launch (device pointers), which DecodeSlotWeights reads again.
+  struct DecodeLaunch {
+    int32_t batch = 0, max_blocks = 0, max_length = 0;
+    const int32_t *tables = nullptr, *table_rows = nullptr, *lengths = nullptr;
+  } last_decode_;
+  // DecodeAttention's parameters for a launch over `d`.
+  DecodeAttentionParams DecodeParams(const DecodeLaunch& d) const;
   // The decode attention launch over `tables` (device) and `lengths` (device).
   void LaunchDecode(int32_t batch, const int32_t* tables, int32_t max_blocks,
                     const int32_t* table_rows, const int32_t* lengths, int32_t max_length);
@@ -367,6 +380,9 @@ class CudaBackend final : public Backend {
   absl::Status ReduceIntoResidual(int64_t T);
   // Every rank's embedding rows of the step (zero rows for other ranks' tokens) summed into x.
   absl::Status GatherEmbeddings(int64_t T);
+  // Rank 0's `n` decision bits (device memory) into every rank's `bits` (DMS Variant A with one
+  // decision per layer, from global KV head 0).
+  absl::Status BroadcastBits(uint8_t* bits, int64_t n);
   // Every rank's vocabulary slice of the R rows (from logits_local_); on the leader, the full
   // rows [R, vocab] in logits_.
   absl::Status GatherLogits(int64_t R);
@@ -397,14 +413,24 @@ class CudaBackend final : public Backend {
   absl::StatusOr<bf16*> Alloc(int64_t elems);
 
   // ---- the step (step.cc) ----
+  // One step of `rows` rows; `reserve` (empty: each chunk's length) the tokens to reserve for
+  // each chunk.
+  absl::StatusOr<ForwardResult> ForwardStep(const std::vector<SeqChunk>& batch, int64_t rows,
+                                            const std::vector<int32_t>& reserve);
+  // Victim policies (tova, h2o): a step with chunks longer than one token runs as one-token
+  // steps, the first reserving every chunk whole.
+  absl::StatusOr<ForwardResult> ForwardTokenByToken(const std::vector<SeqChunk>& batch);
   // Reserves KV room for the batch (agreed over the TP group), grows the activations, and waits
   // for the stream so that the staging arena can be reused.
-  absl::Status BeginStep(const std::vector<SeqChunk>& batch, int64_t rows);
+  absl::Status BeginStep(const std::vector<SeqChunk>& batch, int64_t rows,
+                         const std::vector<int32_t>& reserve);
   StepRows PlanRows(const std::vector<SeqChunk>& batch, int64_t rows) const;
   // Stages token ids and positions, gathers the embeddings into x; the positions on the device.
   absl::StatusOr<const int32_t*> EmbedTokens(const StepRows& s);
   // Hands the decode rows' deferred decision bits (back with the step's results) to the index.
   absl::Status CommitDeferredBits(const StepRows& s);
+  // Victim policies: every layer's attention weights per slot back to the host, to the index.
+  absl::Status CommitVictimWeights(const StepRows& s);
 
   // ---- one layer (layer_forward.cc) ----
   absl::Status ForwardLayer(int32_t l, const StepRows& s, const int32_t* pos_d, bool defer_bits);
@@ -451,6 +477,13 @@ class CudaBackend final : public Backend {
   int32_t num_sms_ = 0;
   std::vector<void*> allocations_;
   bool dms_bits_ = false, variant_a_ = false, variant_b_ = false;
+  // Victim policies (tova, h2o): the index takes each step's attention weights per slot,
+  // [layers][rows, n_kv, victim_ld_] in victim_w_ (victim_ld_ = the policy's budget, the most
+  // slots a head that still evicts holds).
+  bool victim_ = false;
+  int32_t victim_ld_ = 0;
+  DeviceArray<float> victim_w_;
+  std::vector<float> victim_host_;
   // H_ and hd_ are the model's; nh_, nkv_, QW_, KW_ and F_ this rank's share. vocab_ is the
   // model's vocabulary (logits rows are full), vrows_ this rank's rows of embed_ and output_.
   int32_t H_ = 0, QW_ = 0, KW_ = 0, F_ = 0, hd_ = 0, nkv_ = 0, nh_ = 0, vocab_ = 0, vrows_ = 0;

@@ -7,6 +7,7 @@
 #include "kernels/decode_attention.cuh"
 #include "kernels/kv_store.cuh"
 #include "kernels/prefill_attention.cuh"
+#include "kernels/slot_weights.cuh"
 #include "runtime/backend/cuda/cuda_backend.h"
 
 namespace dmsrt {
@@ -99,19 +100,25 @@ int32_t* DeviceKvOps::DecodeIndexBuffer(size_t n) {
   return decode_index_;
 }
 
-void DeviceKvOps::LaunchDecode(int32_t batch, const int32_t* tables, int32_t max_blocks,
-                               const int32_t* table_rows, const int32_t* lengths,
-                               int32_t max_length) {
+DecodeAttentionParams DeviceKvOps::DecodeParams(const DecodeLaunch& d) const {
   DecodeAttentionParams p;
-  p.batch = batch;
+  p.batch = d.batch;
   p.n_heads = b_->nh_;
   p.n_kv_heads = b_->nkv_;
   p.head_dim = b_->hd_;
   p.block_tokens = b_->kv_->geometry().block_tokens;
-  p.max_blocks_per_head = max_blocks;
-  p.max_length = std::max(max_length, 1);
+  p.max_blocks_per_head = d.max_blocks;
+  p.max_length = std::max(d.max_length, 1);
   p.scale = 1.0f / std::sqrt(static_cast<float>(b_->hd_));
-  p.table_rows = table_rows;
+  p.table_rows = d.table_rows;
+  return p;
+}
+
+void DeviceKvOps::LaunchDecode(int32_t batch, const int32_t* tables, int32_t max_blocks,
+                               const int32_t* table_rows, const int32_t* lengths,
+                               int32_t max_length) {
+  last_decode_ = DecodeLaunch{batch, max_blocks, max_length, tables, table_rows, lengths};
+  const DecodeAttentionParams p = DecodeParams(last_decode_);
   const size_t ws = DecodeAttentionWorkspaceSize(p, b_->num_sms_);
   Note(b_->workspace_.Reserve(std::max<size_t>(ws, 1), b_->wait_));
   if (!status_.ok()) return;
@@ -119,6 +126,21 @@ void DeviceKvOps::LaunchDecode(int32_t batch, const int32_t* tables, int32_t max
                                 b_->attn_.get(), b_->workspace_.get(), b_->workspace_.size(),
                                 b_->num_sms_, b_->stream_),
        "DecodeAttention");
+}
+
+void DeviceKvOps::DecodeSlotWeights(int32_t layer) {
+  if (!status_.ok()) return;
+  const DecodeLaunch& d = last_decode_;
+  const int64_t layer_floats = static_cast<int64_t>(d.batch) * b_->nkv_ * b_->victim_ld_;
+  if (d.tables == nullptr || b_->victim_ld_ <= 0 ||
+      static_cast<size_t>((layer + 1) * layer_floats) > b_->victim_w_.size()) {
+    Note(absl::InternalError("slot weights asked for without a decode launch or room for them"));
+    return;
+  }
+  Note(::dmsrt::DecodeSlotWeights(DecodeParams(d), b_->q_.get(), b_->k_pool_, d.tables, d.lengths,
+                                  b_->victim_w_.get() + layer * layer_floats, b_->victim_ld_,
+                                  b_->stream_),
+       "DecodeSlotWeights");
 }
 
 void DeviceKvOps::DecodeAttention(int32_t batch, const int32_t* tables, int32_t max_blocks,

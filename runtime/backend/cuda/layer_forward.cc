@@ -65,6 +65,11 @@ absl::Status CudaBackend::AttentionInputs(const DeviceLayer& L, int64_t T, const
   rp.alpha_per_layer = cfg_.dms.alpha_per_layer;
   DMSRT_CUDA_OK(RopeDmsVariantA(rp, pos_d, q_.get(), k_.get(), variant_a_ ? bits_l : nullptr,
                                 stream_));
+  // One decision per layer comes from global KV head 0's query channel, which rank 0 holds: its
+  // bits (head 0's, copied to every local head) are every rank's, broadcast on the stream.
+  if (variant_a_ && cfg_.dms.alpha_per_layer && shard_.tp > 1) {
+    DMSRT_RETURN_IF_ERROR(BroadcastBits(bits_l, T * nkv_));
+  }
   return absl::OkStatus();
 }
 

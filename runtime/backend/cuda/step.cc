@@ -1,6 +1,9 @@
 // The CUDA backend's step (Forward): the batch's rows in decode-first order, the step's inputs
 // staged up, embeddings, every layer (layer_forward.cc), the results (step_output.cc), and the
-// decision bits a decode-only step brings back with them. Also AppendUncomputed.
+// decision bits a decode-only step brings back with them (policy dms) or the attention weights
+// per slot (policies tova and h2o, whose steps take one token per sequence). Also
+// AppendUncomputed.
+#include <algorithm>
 #include <vector>
 
 #include "kernels/elementwise.cuh"
@@ -11,6 +14,11 @@ namespace cuda_backend {
 
 absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag_rate) {
   if (n <= 0) return absl::OkStatus();
+  if (victim_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "KV policy ", KvPolicyName(options_.kv_policy.kind), " picks victims by attention "
+        "weights, so tokens cannot be appended without running the model"));
+  }
   DMSRT_RETURN_IF_ERROR(BindDevice());
   // Under tensor parallelism every rank appends to its own heads, or none does.
   DMSRT_RETURN_IF_ERROR(AgreeReservations(kv_->Reserve(seq, n)));
@@ -35,11 +43,73 @@ absl::Status CudaBackend::AppendUncomputed(SeqId seq, int32_t n, double dms_flag
 }
 
 absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& batch) {
+  DMSRT_ASSIGN_OR_RETURN(const int64_t T, ValidateStep(batch, vocab_));
+  if (victim_ && T > static_cast<int64_t>(batch.size())) return ForwardTokenByToken(batch);
+  return ForwardStep(batch, T, {});
+}
+
+// The CPU store, too, runs a victim policy's chunk token by token (commit, attend, pick the next
+// victim). Reserving every chunk whole in the first step makes a full pool fail the call before
+// anything is committed; the later steps need no more than that bound.
+absl::StatusOr<ForwardResult> CudaBackend::ForwardTokenByToken(const std::vector<SeqChunk>& batch) {
+  size_t longest = 0;
+  for (const SeqChunk& ch : batch) longest = std::max(longest, ch.tokens.size());
   ForwardResult result;
   result.vocab = vocab_;
-  DMSRT_ASSIGN_OR_RETURN(const int64_t T, ValidateStep(batch, vocab_));
+  result.sampled.assign(batch.size(), -1);
+  result.sampled_logprob.assign(batch.size(), 0.0f);
+  std::vector<std::vector<float>> rows(batch.size());  // each chunk's returned logits rows
+  std::vector<SeqChunk> sub;
+  std::vector<size_t> from;
+  std::vector<int32_t> reserve;
+  for (size_t i = 0; i < longest; ++i) {
+    sub.clear();
+    from.clear();
+    reserve.clear();
+    for (size_t ci = 0; ci < batch.size(); ++ci) {
+      const SeqChunk& ch = batch[ci];
+      const size_t n = ch.tokens.size();
+      if (i >= n) continue;
+      const bool last = i + 1 == n;
+      SeqChunk c = MakeChunk(ch.seq, {ch.tokens[i]}, SeqChunk::Logits::kNone);
+      if (ch.logits == SeqChunk::Logits::kAll || (last && ch.logits == SeqChunk::Logits::kLast)) {
+        c.logits = SeqChunk::Logits::kLast;
+      }
+      c.sample = last && ch.sample;
+      c.sampling = ch.sampling;
+      sub.push_back(std::move(c));
+      from.push_back(ci);
+      reserve.push_back(static_cast<int32_t>(i == 0 ? n : 1));
+    }
+    DMSRT_ASSIGN_OR_RETURN(ForwardResult r,
+                           ForwardStep(sub, static_cast<int64_t>(sub.size()), reserve));
+    for (size_t k = 0; k < r.row_chunk.size(); ++k) {
+      const auto row = r.logits.begin() + static_cast<int64_t>(k) * vocab_;
+      std::vector<float>& dst = rows[from[r.row_chunk[k]]];
+      dst.insert(dst.end(), row, row + vocab_);
+    }
+    for (size_t k = 0; k < sub.size(); ++k) {
+      if (!sub[k].sample) continue;
+      result.sampled[from[k]] = r.sampled[k];
+      result.sampled_logprob[from[k]] = r.sampled_logprob[k];
+    }
+  }
+  for (size_t ci = 0; ci < batch.size(); ++ci) {
+    result.logits.insert(result.logits.end(), rows[ci].begin(), rows[ci].end());
+    for (size_t k = 0; k < rows[ci].size() / vocab_; ++k) {
+      result.row_chunk.push_back(static_cast<int32_t>(ci));
+    }
+  }
+  return result;
+}
+
+absl::StatusOr<ForwardResult> CudaBackend::ForwardStep(const std::vector<SeqChunk>& batch,
+                                                       int64_t T,
+                                                       const std::vector<int32_t>& reserve) {
+  ForwardResult result;
+  result.vocab = vocab_;
   if (T == 0) return result;
-  DMSRT_RETURN_IF_ERROR(BeginStep(batch, T));
+  DMSRT_RETURN_IF_ERROR(BeginStep(batch, T, reserve));
   const StepRows s = PlanRows(batch, T);
   DMSRT_ASSIGN_OR_RETURN(const LogitRows sel, PrepareOutputs(batch, s, result));
   DMSRT_ASSIGN_OR_RETURN(const int32_t* pos_d, EmbedTokens(s));
@@ -55,14 +125,17 @@ absl::StatusOr<ForwardResult> CudaBackend::Forward(const std::vector<SeqChunk>& 
   }
   DMSRT_RETURN_IF_ERROR(StepOutputs(batch, s, sel, result));
   if (defer_bits) DMSRT_RETURN_IF_ERROR(CommitDeferredBits(s));
+  if (victim_) DMSRT_RETURN_IF_ERROR(CommitVictimWeights(s));
   return result;
 }
 
-absl::Status CudaBackend::BeginStep(const std::vector<SeqChunk>& batch, int64_t rows) {
+absl::Status CudaBackend::BeginStep(const std::vector<SeqChunk>& batch, int64_t rows,
+                                    const std::vector<int32_t>& reserve) {
   DMSRT_RETURN_IF_ERROR(BindDevice());
   absl::Status reserved;
-  for (const SeqChunk& ch : batch) {
-    reserved = kv_->Reserve(ch.seq, static_cast<int32_t>(ch.tokens.size()));
+  for (size_t ci = 0; ci < batch.size(); ++ci) {
+    const int32_t n = reserve.empty() ? static_cast<int32_t>(batch[ci].tokens.size()) : reserve[ci];
+    reserved = kv_->Reserve(batch[ci].seq, n);
     if (!reserved.ok()) break;
   }
   // Ranks evict different amounts, so one may be full while the others are not: agree before
@@ -72,6 +145,10 @@ absl::Status CudaBackend::BeginStep(const std::vector<SeqChunk>& batch, int64_t 
   // once the stream is idle.
   DMSRT_RETURN_IF_ERROR(WaitStream());
   DMSRT_RETURN_IF_ERROR(Grow(rows));
+  if (victim_) {
+    DMSRT_RETURN_IF_ERROR(victim_w_.Reserve(
+        static_cast<size_t>(cfg_.n_layers) * rows * nkv_ * victim_ld_, wait_));
+  }
   stage_.Reset();
   ops_.ClearStatus();
   return absl::OkStatus();
@@ -138,6 +215,22 @@ absl::Status CudaBackend::CommitDeferredBits(const StepRows& s) {
   for (int32_t b = 0; b < s.n_decode; ++b) {
     DMSRT_RETURN_IF_ERROR(kv_->SetDeferredBits(
         s.chunks[b].seq, bits_pinned_ + static_cast<int64_t>(b) * nkv_, bits_layer));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CommitVictimWeights(const StepRows& s) {
+  // StepOutputs waited for the stream: the copy finds the weights written.
+  const int64_t layer_floats = s.count * nkv_ * victim_ld_;
+  victim_host_.resize(static_cast<size_t>(cfg_.n_layers * layer_floats));
+  DMSRT_CUDA_OK(cudaMemcpyAsync(victim_host_.data(), victim_w_.get(),
+                                victim_host_.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                stream_));
+  DMSRT_RETURN_IF_ERROR(WaitStream());
+  for (int32_t b = 0; b < s.n_decode; ++b) {
+    DMSRT_RETURN_IF_ERROR(kv_->SetVictimWeights(
+        s.chunks[b].seq, victim_host_.data() + static_cast<int64_t>(b) * nkv_ * victim_ld_,
+        layer_floats, victim_ld_));
   }
   return absl::OkStatus();
 }

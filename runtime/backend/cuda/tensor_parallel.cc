@@ -44,11 +44,6 @@ absl::Status CudaBackend::PlanShard() {
           "tensor parallelism on the CUDA backend needs a hidden size that is a multiple of 4 "
           "(the embedding rows travel as 64-bit words); this model has ", c.hidden));
     }
-    if (c.dms.enabled && !c.dms.separate_alpha && c.dms.alpha_per_layer) {
-      return absl::UnimplementedError(
-          "DMS Variant A with one decision per layer takes KV head 0's query channel, which only "
-          "one rank holds; run this model with --tp 1");
-    }
     const ModelDims dims{c.n_heads, c.n_kv_heads, c.head_dim, c.hidden, c.ffn, c.vocab};
     ShardOptions so;
     // The CPU backend's plan: the FFN split in whole blocks of down_proj when it is quantized.
@@ -123,6 +118,10 @@ absl::Status CudaBackend::GatherEmbeddings(int64_t T) {
   // hidden % 4 == 0 (PlanShard) makes T * H bf16 values a whole number of words.
   auto* words = reinterpret_cast<int64_t*>(x_.get());
   return options_.comm->AllReduce(words, words, T * H_ / 4, ReduceOp::kSum);
+}
+
+absl::Status CudaBackend::BroadcastBits(uint8_t* bits, int64_t n) {
+  return options_.comm->Broadcast(bits, n, /*root=*/0);
 }
 
 absl::Status CudaBackend::GatherLogits(int64_t R) {
