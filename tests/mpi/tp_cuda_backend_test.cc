@@ -289,7 +289,9 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
     EXPECT_LT(rel_one, 1e-2) << "logits against the single-device CUDA backend";
     // Where decisions follow bf16 activations, a near-tie may evict another token than the
     // CPU does and the logits part from there; the resident sets are compared below.
-    if (!BitsFromActivations(tc)) EXPECT_LT(rel_cpu, 0.03) << "logits against the CPU backend";
+    if (!BitsFromActivations(tc)) {
+      EXPECT_LT(rel_cpu, 0.03) << "logits against the CPU backend";
+    }
     const Agreement a_one = GreedyAgreement(got, want, cfg.vocab, 0.05);
     const Agreement a_cpu = GreedyAgreement(got, on_cpu, cfg.vocab, 0.25);
     EXPECT_EQ(a_one.agree, a_one.decisive) << "greedy choice differs from the single device";
