@@ -28,6 +28,7 @@
 #include "parallel/comm.h"
 #include "parallel/comm_factory.h"
 #include "parallel/world.h"
+#include "tests/mpi/tp_test_util.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/model.h"
 #include "runtime/engine/tp_replica.h"
@@ -35,91 +36,19 @@
 namespace dmsrt {
 namespace {
 
-ParallelContext* g_par = nullptr;
+using tptest::ApplyPolicy;
+using tptest::Argmax;
+using tptest::Case;
+using tptest::g_par;
+using tptest::RunScript;
+using tptest::Script;
+
+// The CPU backend's run of the script: 14 steps, the parent freed before step 9.
+constexpr tptest::ScriptShape kShape{14, 9, false};
 
 std::string ModelDir(const std::string& name) {
-  const char* root = std::getenv("DMSRT_TP_MODELS");
-  return std::string(root ? root : "tp_models") + "/" + name;
+  return tptest::ModelDir("DMSRT_TP_MODELS", "tp_models", name);
 }
-
-int32_t Argmax(const float* x, int32_t n) {
-  return static_cast<int32_t>(std::max_element(x, x + n) - x);
-}
-
-// The scripted workload. Tokens come from `choose` (greedy on the single-rank run, replayed on the
-// TP run so both see the same inputs). Every step's logits rows are appended to `logits`.
-struct Script {
-  std::vector<int32_t> chosen;          // tokens picked after each step, in order
-  std::vector<std::vector<float>> logits;
-  std::vector<SeqId> live;               // sequences alive at the end
-};
-
-absl::Status RunScript(Backend& b, const std::vector<int32_t>* replay, Script* out) {
-  KvCache& kv = b.kv();
-  size_t next_choice = 0;
-  auto choose = [&](const float* row, int32_t vocab, int32_t bump) {
-    int32_t t = (Argmax(row, vocab) + bump) % vocab;
-    if (replay != nullptr) t = (*replay)[next_choice++];
-    out->chosen.push_back(t);
-    return t;
-  };
-  std::vector<int32_t> prompt;
-  for (int i = 0; i < 21; ++i) prompt.push_back((i * 37 + 11) % 150 + 3);
-
-  absl::StatusOr<SeqId> a = kv.Create();
-  if (!a.ok()) return a.status();
-  SeqChunk c1 = MakeChunk(*a, std::vector<int32_t>(prompt.begin(), prompt.begin() + 13),
-              SeqChunk::Logits::kAll);
-  absl::StatusOr<ForwardResult> r = b.Forward({c1});
-  if (!r.ok()) return r.status();
-  out->logits.push_back(r->logits);
-  SeqChunk c2 = MakeChunk(*a, std::vector<int32_t>(prompt.begin() + 13, prompt.end()), SeqChunk::Logits::kLast);
-  r = b.Forward({c2});
-  if (!r.ok()) return r.status();
-  out->logits.push_back(r->logits);
-  const int32_t vocab = r->vocab;
-  int32_t ta = choose(r->logits.data(), vocab, 0);
-  int32_t tb = choose(r->logits.data(), vocab, 1);  // the fork takes another branch
-
-  absl::StatusOr<SeqId> bseq = kv.Fork(*a);
-  if (!bseq.ok()) return bseq.status();
-  bool a_live = true;
-  for (int step = 0; step < 14; ++step) {
-    if (step == 9) {  // free the parent; the fork keeps its shared blocks
-      absl::Status s = kv.Free(*a);
-      if (!s.ok()) return s;
-      a_live = false;
-    }
-    std::vector<SeqChunk> batch;
-    if (a_live) batch.push_back(MakeChunk(*a, {ta}, SeqChunk::Logits::kLast));
-    // Every third step the fork takes a 3-token chunk (mixed prefill and decode in one batch).
-    if (step % 3 == 1) {
-      batch.push_back(MakeChunk(*bseq, {tb, static_cast<int32_t>((tb + 5) % vocab), 7},
-                                SeqChunk::Logits::kAll));
-    } else {
-      batch.push_back(MakeChunk(*bseq, {tb}, SeqChunk::Logits::kLast));
-    }
-    r = b.Forward(batch);
-    if (!r.ok()) return r.status();
-    out->logits.push_back(r->logits);
-    size_t row = 0;
-    if (a_live) ta = choose(r->logits.data() + row++ * vocab, vocab, 0);
-    row = r->row_chunk.size() - 1;  // the fork's last row
-    tb = choose(r->logits.data() + row * vocab, vocab, 0);
-  }
-  absl::Status s = kv.Reserve(*bseq, 4);
-  if (!s.ok()) return s;
-  out->live = {*bseq};
-  return absl::OkStatus();
-}
-
-struct Case {
-  std::string model;   // directory under $DMSRT_TP_MODELS
-  std::string file;    // file inside it ("" = the directory is an HF model)
-  std::string policy;  // none | forced | dms
-};
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.model << "/" << c.policy; }
 
 class TpBackendTest : public ::testing::TestWithParam<Case> {};
 
@@ -140,22 +69,16 @@ TEST_P(TpBackendTest, MatchesSingleRank) {
   opts.threads = 1;
   opts.kv_budget_bytes = 4 << 20;
   opts.kv_block_tokens = 4;
-  if (tc.policy == "forced") {
-    opts.kv_policy.kind = KvPolicyKind::kForced;
-    opts.kv_policy.force_rate = 0.75;
-    opts.kv_policy.window = 4;
-    opts.kv_policy.seed = 7;
-  } else if (tc.policy == "dms") {
+  if (tc.policy == "dms") {
     ASSERT_TRUE((*model)->config.dms.enabled) << tc.model << " has no DMS fields";
-    opts.kv_policy.kind = KvPolicyKind::kDms;
-    opts.kv_policy.window = (*model)->config.dms.window;
   }
+  ApplyPolicy(tc, **model, &opts);
 
   // Single-rank reference on every rank (deterministic, so identical everywhere).
   absl::StatusOr<std::unique_ptr<Backend>> ref = MakeCpuBackend(**model, opts);
   ASSERT_TRUE(ref.ok()) << ref.status();
   Script want;
-  absl::Status s = RunScript(**ref, nullptr, &want);
+  absl::Status s = RunScript(**ref, kShape, nullptr, &want);
   ASSERT_TRUE(s.ok()) << s;
 
   BackendOptions topts = opts;
@@ -173,7 +96,7 @@ TEST_P(TpBackendTest, MatchesSingleRank) {
     absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
     ASSERT_TRUE(l.ok()) << l.status();
     leader = std::move(*l);
-    s = RunScript(*leader, &want.chosen, &got);
+    s = RunScript(*leader, kShape, &want.chosen, &got);
     ASSERT_TRUE(s.ok()) << s;
     // The leader's view of the cache is the group's: geometry and figures of every head.
     EXPECT_EQ(leader->kv().geometry().n_kv_heads, (*model)->config.n_kv_heads);
@@ -256,7 +179,9 @@ TEST_P(TpBackendTest, MatchesSingleRank) {
       }
     }
   }
-  if (tc.policy != "none") EXPECT_GT(evicted, 0) << "the policy evicted nothing";
+  if (tc.policy != "none") {
+    EXPECT_GT(evicted, 0) << "the policy evicted nothing";
+  }
   EXPECT_GT(compared, 0);
   ASSERT_TRUE(comm->Barrier().ok());
 }
@@ -268,10 +193,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"qwen3_gguf_kv8", "model.gguf", "forced"},
                       Case{"llama_dmsA_kv4", "", "dms"}, Case{"qwen3_dmsB_kv4", "", "dms"},
                       Case{"llama_dmsAL_kv4", "", "dms"}),
-    [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
+    tptest::CaseName);
 
-// A full KV cache on any rank fails the step on every rank alike (RESOURCE_EXHAUSTED at the
-// leader, the followers keep following), and the group goes on after a sequence is freed.
+// A full KV cache on any rank fails the step on every rank alike (tptest::ExpectFullPoolFails-
+// Everywhere).
 TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
   if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
   Communicator* comm = g_par->tp_comm.get();
@@ -286,43 +211,7 @@ TEST(TpBackendCapacity, FullCacheFailsTheStepEverywhere) {
   opts.kv_policy.force_rate = 0.5;
   opts.kv_policy.window = 2;
   opts.comm = comm;
-  absl::StatusOr<std::unique_ptr<Backend>> shard = MakeCpuBackend(**model, opts);
-  ASSERT_TRUE(shard.ok()) << shard.status();
-  if (comm->rank() != 0) {
-    absl::Status s = RunTpFollower(**shard, comm);
-    ASSERT_TRUE(s.ok()) << s;
-    ASSERT_TRUE(comm->Barrier().ok());
-    return;
-  }
-  absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
-  ASSERT_TRUE(l.ok()) << l.status();
-  Backend& b = **l;
-  absl::StatusOr<SeqId> seq = b.kv().Create();
-  ASSERT_TRUE(seq.ok()) << seq.status();
-  absl::Status last;
-  int steps = 0;
-  for (; steps < 2000; ++steps) {
-    absl::StatusOr<ForwardResult> r =
-        b.Forward({MakeChunk(*seq, {static_cast<int32_t>(3 + steps % 100)},
-                            SeqChunk::Logits::kLast)});
-    if (!r.ok()) {
-      last = r.status();
-      break;
-    }
-  }
-  EXPECT_TRUE(absl::IsResourceExhausted(last)) << last;
-  EXPECT_GT(steps, 0);
-  const int64_t full_free = b.kv().free_blocks();
-  ASSERT_TRUE(b.kv().Free(*seq).ok());
-  EXPECT_GT(b.kv().free_blocks(), full_free);
-  seq = b.kv().Create();
-  ASSERT_TRUE(seq.ok()) << seq.status();
-  absl::StatusOr<ForwardResult> r = b.Forward({MakeChunk(*seq, {5, 6, 7}, SeqChunk::Logits::kLast)});
-  EXPECT_TRUE(r.ok()) << r.status();
-  std::printf("[tp %d] cache full after %d decode steps: %s\n", comm->size(), steps,
-              std::string(last.message()).c_str());
-  ASSERT_TRUE(ShutdownTpFollowers(b).ok());
-  ASSERT_TRUE(comm->Barrier().ok());
+  tptest::ExpectFullPoolFailsEverywhere(**model, opts, MakeCpuBackend);
 }
 
 // An idle leader keeps its followers inside the communicator's watchdog with keepalive plans:
@@ -406,19 +295,7 @@ TEST(TpBackendRefusal, DegreeMustDivideKvHeads) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  std::unique_ptr<dmsrt::ParallelContext> par;
-  if (dmsrt::InsideMpirun()) {
-    dmsrt::ParallelOptions opts;
-    opts.timeout = absl::Seconds(120);
-    absl::StatusOr<dmsrt::ParallelContext> p = dmsrt::InitParallel(&argc, &argv, opts);
-    if (!p.ok()) {
-      std::fprintf(stderr, "InitParallel: %s\n", p.status().ToString().c_str());
-      return 1;
-    }
-    par = std::make_unique<dmsrt::ParallelContext>(std::move(*p));
-    dmsrt::g_par = par.get();
-  }
-  const int rc = RUN_ALL_TESTS();
-  dmsrt::g_par = nullptr;
-  return rc;
+  dmsrt::ParallelOptions opts;
+  opts.timeout = absl::Seconds(120);
+  return dmsrt::tptest::RunTpTests(&argc, &argv, opts);
 }

@@ -42,169 +42,35 @@
 #include "runtime/backend/backend.h"
 #include "runtime/engine/tp_replica.h"
 #include "runtime/model/model.h"
+#include "tests/mpi/tp_test_util.h"
 
 namespace dmsrt {
 namespace {
 
-ParallelContext* g_par = nullptr;
+using tptest::Agreement;
+using tptest::ApplyPolicy;
+using tptest::Case;
+using tptest::Flatten;
+using tptest::g_par;
+using tptest::GreedyAgreement;
+using tptest::RelError;
+using tptest::RunScript;
+using tptest::Script;
+
+// The CUDA backend's run of the script: 10 steps, the parent freed before step 7, the fork's
+// tokens sampled on the device.
+constexpr tptest::ScriptShape kShape{10, 7, true};
 
 std::string ModelDir(const std::string& name) {
-  const char* root = std::getenv("DMSRT_TP_CUDA_MODELS");
-  return std::string(root ? root : "tp_cuda_models") + "/" + name;
+  return tptest::ModelDir("DMSRT_TP_CUDA_MODELS", "tp_cuda_models", name);
 }
-
-int32_t Argmax(const float* x, int32_t n) {
-  return static_cast<int32_t>(std::max_element(x, x + n) - x);
-}
-
-double Margin(const float* row, int32_t n) {
-  float a = -INFINITY, b = -INFINITY;
-  for (int32_t i = 0; i < n; ++i) {
-    if (row[i] > a) {
-      b = a;
-      a = row[i];
-    } else if (row[i] > b) {
-      b = row[i];
-    }
-  }
-  return a - b;
-}
-
-double RelError(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
-// The scripted workload. Tokens come from each step's greedy choice (argmax of the returned row)
-// or, with `replay`, from the list, so that every backend sees the same inputs.
-struct Script {
-  std::vector<int32_t> chosen;             // tokens fed after each choice, in order
-  std::vector<std::vector<float>> logits;  // every step's returned rows
-  std::vector<SeqId> live;                 // sequences alive at the end
-  int sampled = 0, sampled_wrong = 0;      // device samples, and those not their row's argmax
-};
-
-absl::Status RunScript(Backend& b, const std::vector<int32_t>* replay, Script* out) {
-  KvCache& kv = b.kv();
-  size_t next = 0;
-  auto choose = [&](const float* row, int32_t vocab, int32_t bump) {
-    int32_t t = (Argmax(row, vocab) + bump) % vocab;
-    if (replay != nullptr) t = (*replay)[next++];
-    out->chosen.push_back(t);
-    return t;
-  };
-  auto forward = [&](const std::vector<SeqChunk>& batch) -> absl::StatusOr<ForwardResult> {
-    absl::StatusOr<ForwardResult> r = b.Forward(batch);
-    if (!r.ok()) return r.status();
-    out->logits.push_back(r->logits);
-    // A sampled chunk's token (greedy on the device) is the argmax of its returned last row.
-    for (size_t row = 0; row < r->row_chunk.size(); ++row) {
-      const size_t ci = static_cast<size_t>(r->row_chunk[row]);
-      const bool last = row + 1 == r->row_chunk.size() || r->row_chunk[row + 1] != r->row_chunk[row];
-      if (!batch[ci].sample || !last) continue;
-      ++out->sampled;
-      const int32_t want = Argmax(r->logits.data() + row * r->vocab, r->vocab);
-      out->sampled_wrong += r->sampled[ci] != want;
-    }
-    return r;
-  };
-  std::vector<int32_t> prompt;
-  for (int i = 0; i < 21; ++i) prompt.push_back((i * 37 + 11) % 150 + 3);
-
-  absl::StatusOr<SeqId> a = kv.Create();
-  if (!a.ok()) return a.status();
-  absl::StatusOr<ForwardResult> r = forward(
-      {MakeChunk(*a, std::vector<int32_t>(prompt.begin(), prompt.begin() + 13), SeqChunk::Logits::kAll)});
-  if (!r.ok()) return r.status();
-  r = forward({MakeChunk(*a, std::vector<int32_t>(prompt.begin() + 13, prompt.end()))});
-  if (!r.ok()) return r.status();
-  const int32_t vocab = r->vocab;
-  int32_t ta = choose(r->logits.data(), vocab, 0);
-  int32_t tb = choose(r->logits.data(), vocab, 1);  // the fork takes another branch
-
-  absl::StatusOr<SeqId> bseq = kv.Fork(*a);
-  if (!bseq.ok()) return bseq.status();
-  bool a_live = true;
-  for (int step = 0; step < 10; ++step) {
-    if (step == 7) {  // free the parent; the fork keeps its shared blocks
-      absl::Status s = kv.Free(*a);
-      if (!s.ok()) return s;
-      a_live = false;
-    }
-    std::vector<SeqChunk> batch;
-    if (a_live) batch.push_back(MakeChunk(*a, {ta}));
-    // Every third step the fork takes a 3-token chunk (prefill next to decode in one step).
-    SeqChunk fc = step % 3 == 1 ? MakeChunk(*bseq, {tb, (tb + 5) % vocab, 7}, SeqChunk::Logits::kAll)
-                                : MakeChunk(*bseq, {tb});
-    fc.sample = true;
-    batch.push_back(std::move(fc));
-    r = forward(batch);
-    if (!r.ok()) return r.status();
-    if (a_live) ta = choose(r->logits.data(), vocab, 0);
-    const size_t row = r->row_chunk.size() - 1;  // the fork's last row
-    tb = choose(r->logits.data() + row * vocab, vocab, 0);
-  }
-  absl::Status s = kv.Reserve(*bseq, 4);
-  if (!s.ok()) return s;
-  out->live = {*bseq};
-  return absl::OkStatus();
-}
-
-// Rows whose choice the reference makes at a margin of at least `min_margin`, and how many of
-// them the other run's argmax agrees on.
-struct Agreement {
-  int decisive = 0, agree = 0;
-};
-Agreement GreedyAgreement(const Script& got, const Script& ref, int32_t vocab, double min_margin) {
-  Agreement a;
-  for (size_t i = 0; i < ref.logits.size(); ++i) {
-    const size_t rows = ref.logits[i].size() / vocab;
-    for (size_t row = 0; row < rows; ++row) {
-      const float* want = ref.logits[i].data() + row * vocab;
-      if (Margin(want, vocab) < min_margin) continue;
-      ++a.decisive;
-      a.agree += Argmax(got.logits[i].data() + row * vocab, vocab) == Argmax(want, vocab);
-    }
-  }
-  return a;
-}
-
-std::vector<float> Flatten(const Script& s) {
-  std::vector<float> all;
-  for (const auto& step : s.logits) all.insert(all.end(), step.begin(), step.end());
-  return all;
-}
-
-struct Case {
-  std::string model;   // directory under $DMSRT_TP_CUDA_MODELS
-  std::string file;    // file inside it ("" = the directory is an HF model)
-  std::string policy;  // none | forced | dms | tova | h2o
-};
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.model << "/" << c.policy; }
 
 BackendOptions Options(const Case& tc, const Model& model) {
   BackendOptions o;
   o.threads = 1;
   o.kv_budget_bytes = 2 << 20;
   o.kv_block_tokens = 4;
-  if (tc.policy == "forced") {
-    o.kv_policy.kind = KvPolicyKind::kForced;
-    o.kv_policy.force_rate = 0.75;
-    o.kv_policy.window = 4;
-    o.kv_policy.seed = 7;
-  } else if (tc.policy == "dms") {
-    o.kv_policy.kind = KvPolicyKind::kDms;
-    o.kv_policy.window = model.config.dms.window;
-  } else if (tc.policy == "tova" || tc.policy == "h2o") {
-    o.kv_policy.kind = tc.policy == "tova" ? KvPolicyKind::kTova : KvPolicyKind::kH2o;
-    o.kv_policy.budget_tokens = 10;
-  }
+  ApplyPolicy(tc, model, &o);
   return o;
 }
 
@@ -238,12 +104,12 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
   absl::StatusOr<std::unique_ptr<Backend>> one = MakeCudaBackend(**model, opts);
   ASSERT_TRUE(one.ok()) << one.status();
   Script want;
-  absl::Status s = RunScript(**one, nullptr, &want);
+  absl::Status s = RunScript(**one, kShape, nullptr, &want);
   ASSERT_TRUE(s.ok()) << s;
   absl::StatusOr<std::unique_ptr<Backend>> cpu = MakeCpuBackend(**model, opts);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   Script on_cpu;
-  s = RunScript(**cpu, &want.chosen, &on_cpu);
+  s = RunScript(**cpu, kShape, &want.chosen, &on_cpu);
   ASSERT_TRUE(s.ok()) << s;
 
   BackendOptions topts = opts;
@@ -261,7 +127,7 @@ TEST_P(TpCudaBackendTest, MatchesSingleDevice) {
     ASSERT_TRUE(l.ok()) << l.status();
     leader = std::move(*l);
     Script got;
-    s = RunScript(*leader, &want.chosen, &got);
+    s = RunScript(*leader, kShape, &want.chosen, &got);
     ASSERT_TRUE(s.ok()) << s;
     for (SeqId seq : want.live) {
       const KvFigures gf = leader->kv().Figures(seq);
@@ -359,7 +225,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"qwen2_dmsB_kv4", "", "dms"}, Case{"llama_rope3_kv4", "", "forced"},
                       Case{"llama_dmsAL_kv4", "", "dms"},
                       Case{"llama_kv4", "", "h2o"}, Case{"qwen3_kv8", "model.gguf", "tova"}),
-    [](const ::testing::TestParamInfo<Case>& i) { return i.param.model + "_" + i.param.policy; });
+    tptest::CaseName);
 
 // Each rank drives the device of its local rank, and so does its communicator.
 TEST(TpCudaDevices, EachRankTakesTheDeviceOfItsLocalRank) {
@@ -374,8 +240,8 @@ TEST(TpCudaDevices, EachRankTakesTheDeviceOfItsLocalRank) {
   EXPECT_EQ(g_par->world.device(), *env.local_rank % devices);
 }
 
-// A full KV pool on any rank fails the step on every rank alike (RESOURCE_EXHAUSTED at the
-// leader, the followers keep following), and the group goes on after a sequence is freed.
+// A full KV pool on any rank fails the step on every rank alike (tptest::ExpectFullPoolFails-
+// Everywhere).
 TEST(TpCudaCapacity, FullPoolFailsTheStepEverywhere) {
   if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
   Communicator* comm = g_par->tp_comm.get();
@@ -389,42 +255,7 @@ TEST(TpCudaCapacity, FullPoolFailsTheStepEverywhere) {
   opts.kv_policy.force_rate = 0.5;
   opts.kv_policy.window = 2;
   opts.comm = comm;
-  absl::StatusOr<std::unique_ptr<Backend>> shard = MakeCudaBackend(**model, opts);
-  ASSERT_TRUE(shard.ok()) << shard.status();
-  if (comm->rank() != 0) {
-    absl::Status s = RunTpFollower(**shard, comm);
-    ASSERT_TRUE(s.ok()) << s;
-    ASSERT_TRUE(comm->Barrier().ok());
-    return;
-  }
-  absl::StatusOr<std::unique_ptr<Backend>> l = MakeTpLeaderBackend(std::move(*shard), comm);
-  ASSERT_TRUE(l.ok()) << l.status();
-  Backend& b = **l;
-  absl::StatusOr<SeqId> seq = b.kv().Create();
-  ASSERT_TRUE(seq.ok()) << seq.status();
-  absl::Status last;
-  int steps = 0;
-  for (; steps < 2000; ++steps) {
-    absl::StatusOr<ForwardResult> r =
-        b.Forward({MakeChunk(*seq, {static_cast<int32_t>(3 + steps % 100)})});
-    if (!r.ok()) {
-      last = r.status();
-      break;
-    }
-  }
-  EXPECT_TRUE(absl::IsResourceExhausted(last)) << last;
-  EXPECT_GT(steps, 0);
-  const int64_t full_free = b.kv().free_blocks();
-  ASSERT_TRUE(b.kv().Free(*seq).ok());
-  EXPECT_GT(b.kv().free_blocks(), full_free);
-  seq = b.kv().Create();
-  ASSERT_TRUE(seq.ok()) << seq.status();
-  absl::StatusOr<ForwardResult> r = b.Forward({MakeChunk(*seq, {5, 6, 7})});
-  EXPECT_TRUE(r.ok()) << r.status();
-  std::printf("[tp %d] pool full after %d decode steps: %s\n", comm->size(), steps,
-              std::string(last.message()).c_str());
-  ASSERT_TRUE(ShutdownTpFollowers(b).ok());
-  ASSERT_TRUE(comm->Barrier().ok());
+  tptest::ExpectFullPoolFailsEverywhere(**model, opts, MakeCudaBackend);
 }
 
 // A degree that does not divide the KV heads, and a host communicator, are refused.
@@ -467,7 +298,6 @@ TEST(TpCudaRefusal, DegreeAndCommunicator) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  std::unique_ptr<dmsrt::ParallelContext> par;
   // One device per rank on one node (the emulated build: DMSRT_CUDA_EMULATOR_DEVICES), else every
   // test skips: the same decision on every rank, before any of them starts MPI.
   int devices = 0;
@@ -478,19 +308,8 @@ int main(int argc, char** argv) {
                 devices, dmsrt::ReadLauncherEnv().world_size.value_or(1));
     return 0;
   }
-  if (dmsrt::InsideMpirun()) {
-    dmsrt::ParallelOptions opts;
-    opts.gpu = true;  // the TP communicator: NCCL on the device of the local rank
-    opts.timeout = absl::Seconds(120);
-    absl::StatusOr<dmsrt::ParallelContext> p = dmsrt::InitParallel(&argc, &argv, opts);
-    if (!p.ok()) {
-      std::fprintf(stderr, "InitParallel: %s\n", p.status().ToString().c_str());
-      return 1;
-    }
-    par = std::make_unique<dmsrt::ParallelContext>(std::move(*p));
-    dmsrt::g_par = par.get();
-  }
-  const int rc = RUN_ALL_TESTS();
-  dmsrt::g_par = nullptr;
-  return rc;
+  dmsrt::ParallelOptions opts;
+  opts.gpu = true;  // the TP communicator: NCCL on the device of the local rank
+  opts.timeout = absl::Seconds(120);
+  return dmsrt::tptest::RunTpTests(&argc, &argv, opts);
 }
