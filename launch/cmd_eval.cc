@@ -35,20 +35,13 @@
 #include "launch/run_options.h"
 #include "launch/threshold_calibration.h"
 #include "parallel/status_macros.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 namespace {
 
 constexpr const char* kDefaultCorpus = "tests/data/eval/heldout.txt";
 constexpr const char* kDefaultCalibration = "tests/data/eval/calibration.txt";
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // Sets the threshold of every policy given as a rate ("threshold:rate=R"): the R-quantile of the
 // key-norm scores of the calibration text (--calibration, else the corpus's calibration part,
@@ -70,7 +63,7 @@ absl::Status ResolveThresholdRates(const EvalCommandOptions& args, const RunCont
         }
         source = *found;
       }
-      DMSRT_ASSIGN_OR_RETURN(text, ReadFile(source));
+      DMSRT_ASSIGN_OR_RETURN(text, ReadWholeFile(source));
     }
     auto it = by_shift.find(p.config.threshold_shift);
     if (it == by_shift.end()) {
@@ -211,7 +204,7 @@ absl::Status Eval(const EvalCommandOptions& args) {
     if (path.empty()) {
       DMSRT_ASSIGN_OR_RETURN(path, DefaultCorpusPath());
     }
-    DMSRT_ASSIGN_OR_RETURN(text, ReadFile(path));
+    DMSRT_ASSIGN_OR_RETURN(text, ReadWholeFile(path));
     label = std::filesystem::path(path).filename().string();
   }
   if (flags.token_ids.empty()) ids = ctx.tokenizer->Encode(text, /*parse_special=*/false, flags.add_bos);

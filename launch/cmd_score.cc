@@ -7,9 +7,7 @@
 // tokens 0..i.
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include <CLI/CLI.hpp>
 
@@ -22,6 +20,7 @@
 #include "launch/figures.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 namespace {
@@ -41,11 +40,9 @@ absl::Status Score(const ScoreOptions& o, ProcessArgs& args, TpSession* tp) {
   } else {
     std::string text = o.text;
     if (!o.file.empty()) {
-      std::ifstream in(o.file, std::ios::binary);
-      if (!in) return absl::NotFoundError(absl::StrCat("cannot read --file ", o.file));
-      std::stringstream ss;
-      ss << in.rdbuf();
-      text = ss.str();
+      absl::StatusOr<std::string> file = ReadWholeFile(o.file);
+      if (!file.ok()) return absl::NotFoundError(absl::StrCat("--file: ", file.status().message()));
+      text = std::move(*file);
     }
     ids = ctx.tokenizer->Encode(text, /*parse_special=*/true, o.add_bos);
   }

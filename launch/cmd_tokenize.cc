@@ -20,6 +20,7 @@
 #include "runtime/model/model.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "runtime/model/tokenizer_json.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 namespace {
@@ -37,11 +38,9 @@ bool ReadAll(const std::string& path, std::string* out) {
     *out = ss.str();
     return true;
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return false;
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  *out = ss.str();
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return false;
+  *out = std::move(*text);
   return true;
 }
 

@@ -6,9 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
 #include <CLI/CLI.hpp>
 
@@ -19,6 +17,7 @@
 #include "parallel/status_macros.h"
 #include "parallel/world.h"
 #include "runtime/engine/tp_replica.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 
@@ -222,14 +221,12 @@ absl::StatusOr<RunContext> LoadRunContext(const RunOptions& o) {
       }
       std::string text = DefaultCalibrationText();
       if (!o.threshold_calibration.empty()) {
-        std::ifstream in(o.threshold_calibration, std::ios::binary);
-        if (!in) {
+        absl::StatusOr<std::string> file = ReadWholeFile(o.threshold_calibration);
+        if (!file.ok()) {
           return absl::NotFoundError(
-              absl::StrCat("cannot read --threshold-calibration ", o.threshold_calibration));
+              absl::StrCat("--threshold-calibration: ", file.status().message()));
         }
-        std::stringstream ss;
-        ss << in.rdbuf();
-        text = ss.str();
+        text = std::move(*file);
       }
       DMSRT_ASSIGN_OR_RETURN(
           ThresholdCalibration cal,

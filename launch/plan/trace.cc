@@ -2,13 +2,12 @@
 #include "launch/plan/trace.h"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 
@@ -52,11 +51,9 @@ absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::strin
 }
 
 absl::StatusOr<JobTrace> ReadJobTrace(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read trace ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ParseJobTrace(ss.str(), path);
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("trace: ", text.status().message()));
+  return ParseJobTrace(*text, path);
 }
 
 }  // namespace dmsrt

@@ -23,9 +23,7 @@
 
 #include <atomic>
 #include <csignal>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 #include <thread>
 
 #include <CLI/CLI.hpp>
@@ -44,6 +42,7 @@
 #include "parallel/world.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/tp_replica.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 
@@ -51,14 +50,6 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // Server credentials from --tls-cert/--tls-key (both or neither).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCreds(const ServiceOptions& o) {
@@ -70,8 +61,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCreds(const Servi
   if (cert.empty()) return grpc::InsecureServerCredentials();
   grpc::SslServerCredentialsOptions opts;
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  DMSRT_ASSIGN_OR_RETURN(pair.cert_chain, ReadFile(cert));
-  DMSRT_ASSIGN_OR_RETURN(pair.private_key, ReadFile(key));
+  DMSRT_ASSIGN_OR_RETURN(pair.cert_chain, ReadWholeFile(cert));
+  DMSRT_ASSIGN_OR_RETURN(pair.private_key, ReadWholeFile(key));
   opts.pem_key_cert_pairs.push_back(pair);
   return grpc::SslServerCredentials(opts);
 }
@@ -82,7 +73,7 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientCreds(const Serv
   const std::string ca = so.tls_ca.empty() ? so.tls_cert : so.tls_ca;
   if (ca.empty()) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions o;
-  DMSRT_ASSIGN_OR_RETURN(o.pem_root_certs, ReadFile(ca));
+  DMSRT_ASSIGN_OR_RETURN(o.pem_root_certs, ReadWholeFile(ca));
   return grpc::SslCredentials(o);
 }
 

@@ -13,10 +13,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <mutex>
-#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -26,6 +24,7 @@
 #include "dmsrt/v1/dmsrt.grpc.pb.h"
 #include "launch/service_commands.h"
 #include "parallel/status_macros.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 
@@ -155,11 +154,13 @@ int RunSubmit(const SubmitOptions& o, ProcessArgs&) {
   req->set_stream_tokens(tty);
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (!o.tls_ca.empty()) {
-    std::ifstream f(o.tls_ca);
-    std::stringstream ss;
-    ss << f.rdbuf();
+    absl::StatusOr<std::string> ca = ReadWholeFile(o.tls_ca);
+    if (!ca.ok()) {
+      std::cerr << "dmsrt submit: --tls-ca: " << ca.status().message() << "\n";
+      return 2;
+    }
     grpc::SslCredentialsOptions o;
-    o.pem_root_certs = ss.str();
+    o.pem_root_certs = std::move(*ca);
     creds = grpc::SslCredentials(o);
   }
   const std::string& address = o.address;

@@ -5,9 +5,7 @@
 // `dms_separate_alpha`, `dms_alpha_per`, `dms_paged_attention_block_size`, `dms_cr`, and Variant-B
 // tensors `model.layers.{i}.self_attn.dms_proj_alpha{,_norm}.weight` (+ `dms_proj_alpha.bias`).
 #include <cmath>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -16,6 +14,7 @@
 #include "runtime/model/safetensors.h"
 #include "runtime/model/tensor_names.h"
 #include "runtime/model/tokenizer_json.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 namespace loader {
@@ -101,13 +100,11 @@ absl::StatusOr<Arch> HfArch(const Json& j, const std::string& file) {
 // ---- config.json -----------------------------------------------------------------------------
 
 absl::StatusOr<Json> ReadConfigJson(const std::string& dir, const std::string& cfg_path) {
-  std::ifstream in(cfg_path);
-  if (!in) {
+  absl::StatusOr<std::string> text = ReadWholeFile(cfg_path);
+  if (!text.ok()) {
     return absl::NotFoundError(absl::StrCat(dir, ": not a model directory (no config.json)"));
   }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  Json j = Json::parse(ss.str(), nullptr, false);
+  Json j = Json::parse(*text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(cfg_path, ": not a JSON object"));
   }

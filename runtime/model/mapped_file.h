@@ -15,6 +15,10 @@
 
 namespace dmsrt {
 
+// The whole of a (small, text) file as a string: NOT_FOUND "cannot read PATH: reason" when it
+// cannot be opened or read.
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
+
 class MappedFile {
  public:
   // Opens and maps `path` read-only. Errors name the file and the failing system call.

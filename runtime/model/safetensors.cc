@@ -6,13 +6,12 @@
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "parallel/status_macros.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 
@@ -62,14 +61,6 @@ bool ParseDType(const std::string& s, DType* t) {
     return true;
   }
   return false;
-}
-
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 bool FileExists(const std::string& p) {

@@ -9,12 +9,11 @@
 // chat template, BOS/EOS and add_bos; generation_config.json (optional) extra EOS ids.
 #include "runtime/model/tokenizer_json.h"
 
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/model/mapped_file.h"
 
 namespace dmsrt {
 namespace {
@@ -29,11 +28,9 @@ constexpr char kQwen2Pattern[] =
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 bool ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return false;
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  *out = ss.str();
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return false;
+  *out = std::move(*text);
   return true;
 }
 
