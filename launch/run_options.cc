@@ -290,6 +290,10 @@ absl::StatusOr<TpSession> StartTp(const TpOptions& o, const char* command,
   DMSRT_ASSIGN_OR_RETURN(ParallelContext par, InitParallel(&args.argc, &args.argv, opts));
   session.par = std::make_unique<ParallelContext>(std::move(par));
   session.tp = session.par->world.tp();
+  const std::string span = TpSpanNote(session.par->world, session.par->tp_hosts);
+  if (!span.empty() && session.par->world.leader()) {
+    std::fprintf(stderr, "dmsrt %s: %s\n", command, span.c_str());
+  }
   return session;
 }
 

@@ -4,9 +4,15 @@
 // complete MpiRuntime type in builds without MPI.
 #include "parallel/comm_factory.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
 #include <cstdio>
+#include <cstring>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 #include "parallel/status_macros.h"
 
@@ -73,6 +79,44 @@ int ParallelContext::Fail(const absl::Status& status) {
     std::fprintf(stderr, "dmsrt: rank %d failed: %s\n", world.rank(), reason.c_str());
   }
   return 1;
+}
+
+namespace {
+
+// Every TP rank's host name, in tp_rank order (collective over the group's host communicator).
+absl::StatusOr<std::vector<std::string>> GatherHosts(Communicator& tp_host) {
+  constexpr int64_t kLen = 256;
+  char mine[kLen] = {};
+  if (gethostname(mine, kLen - 1) != 0) std::snprintf(mine, kLen, "unknown");
+  std::vector<char> all(static_cast<size_t>(kLen) * tp_host.size());
+  DMSRT_RETURN_IF_ERROR(tp_host.AllGatherBytes(mine, kLen, all.data()));
+  std::vector<std::string> hosts;
+  for (int r = 0; r < tp_host.size(); ++r) {
+    const char* h = all.data() + static_cast<size_t>(r) * kLen;
+    hosts.emplace_back(h, strnlen(h, kLen));
+  }
+  return hosts;
+}
+
+}  // namespace
+
+std::vector<std::string> DistinctHosts(const std::vector<std::string>& hosts) {
+  std::vector<std::string> out;
+  for (const std::string& h : hosts) {
+    if (std::find(out.begin(), out.end(), h) == out.end()) out.push_back(h);
+  }
+  return out;
+}
+
+std::string TpSpanNote(const World& world, const std::vector<std::string>& tp_hosts) {
+  const std::vector<std::string> nodes = DistinctHosts(tp_hosts);
+  if (nodes.size() <= 1) return "";
+  return absl::StrFormat(
+      "tensor-parallel group %d (world ranks %d..%d) spans %d nodes (%s): its collectives (two "
+      "all-reduces per layer, the logits gather) cross the network every step; a group inside "
+      "one node keeps them on NVLink",
+      world.replica(), world.GroupMember(0), world.GroupMember(world.tp() - 1), nodes.size(),
+      absl::StrJoin(nodes, ", "));
 }
 
 absl::StatusOr<ParallelContext> InitParallel(int* argc, char*** argv,
@@ -142,6 +186,7 @@ absl::StatusOr<ParallelContext> InitParallel(int* argc, char*** argv,
   // TP communicator: host split, then NCCL on top when asked.
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> tp_host,
                          MakeTpComm(*ctx.world_comm, ctx.world));
+  DMSRT_ASSIGN_OR_RETURN(ctx.tp_hosts, GatherHosts(*tp_host));
   if (kind == CommKind::kNccl) {
 #ifdef DMSRT_HAVE_NCCL
     NcclCommOptions nopts;

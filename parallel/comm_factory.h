@@ -25,7 +25,9 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -59,6 +61,7 @@ struct ParallelContext {
   CommKind kind = CommKind::kLocal;   // the kind of tp_comm
   std::unique_ptr<Communicator> world_comm;  // host memory, all ranks
   std::unique_ptr<Communicator> tp_comm;     // this replica's ranks, tp_rank order
+  std::vector<std::string> tp_hosts;         // the host name of each of them, tp_rank order
 
   ParallelContext() = default;
   ParallelContext(ParallelContext&&) = default;
@@ -69,6 +72,12 @@ struct ParallelContext {
   // (MPI_Abort stops the job); single-rank it prints the failure line and returns 1.
   int Fail(const absl::Status& status);
 };
+
+// The distinct hosts of a TP group's ranks (`hosts` in tp_rank order), in first-seen order.
+std::vector<std::string> DistinctHosts(const std::vector<std::string>& hosts);
+// For a TP group whose ranks are on more than one node: the line that says its collectives cross
+// the network (a group inside a node uses NVLink or shared memory); "" otherwise.
+std::string TpSpanNote(const World& world, const std::vector<std::string>& tp_hosts);
 
 // Collective over all ranks of the job when under mpirun. Safe to call once per process.
 absl::StatusOr<ParallelContext> InitParallel(int* argc, char*** argv,

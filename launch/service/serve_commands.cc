@@ -305,6 +305,8 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
   }
   if (group != nullptr) {
     DMSRT_ASSIGN_OR_RETURN(backend, MakeTpLeaderBackend(std::move(backend), group));
+    const std::string span = TpSpanNote(world, par.tp_hosts);
+    if (!span.empty()) std::cout << "replica " << world.replica() << ": " << span << std::endl;
   }
 
   EngineOptions eo;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include "absl/time/clock.h"
 
@@ -260,6 +261,16 @@ TEST(TpBackendKeepalive, PingsKeepIdleFollowersWithinTheTimeout) {
   }
   comm->set_timeout(saved);
   ASSERT_TRUE(comm->Barrier().ok());
+}
+
+// Every rank knows the host of each rank of its group (all one node here, so nothing to say).
+TEST(TpBackendHosts, EveryRankKnowsItsGroupsHosts) {
+  if (g_par == nullptr) GTEST_SKIP() << "not under mpirun";
+  ASSERT_EQ(static_cast<int>(g_par->tp_hosts.size()), g_par->world.tp());
+  char host[256] = {};
+  ASSERT_EQ(gethostname(host, sizeof(host) - 1), 0);
+  for (const std::string& h : g_par->tp_hosts) EXPECT_EQ(h, host);
+  EXPECT_EQ(TpSpanNote(g_par->world, g_par->tp_hosts), "");
 }
 
 TEST(TpBackendRefusal, DegreeMustDivideKvHeads) {

@@ -1,6 +1,8 @@
 // World (rank topology), launcher detection and LocalComm: no MPI needed.
 #include "parallel/world.h"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -259,9 +261,25 @@ TEST(CommFactory, SingleProcessGetsLocalCommunicators) {
   EXPECT_EQ(par->world, World());
   EXPECT_STREQ(par->tp_comm->kind(), "local");
   EXPECT_STREQ(par->world_comm->kind(), "local");
+  char host[256] = {};
+  ASSERT_EQ(gethostname(host, sizeof(host) - 1), 0);
+  EXPECT_EQ(par->tp_hosts, std::vector<std::string>{host});
+  EXPECT_EQ(TpSpanNote(par->world, par->tp_hosts), "");
   // tp 2 cannot run in one process.
   opts.tp = 2;
   EXPECT_FALSE(InitParallel(&argc, &argv, opts).ok());
+}
+
+// A TP group over two nodes says so, naming the group, its ranks and the nodes; one inside a
+// node says nothing.
+TEST(CommFactory, SpanNoteNamesTheNodes) {
+  const World w = *World::Make(8, 4, 5);  // replica 1: world ranks 4..7
+  EXPECT_EQ(TpSpanNote(w, {"dgx1", "dgx1", "dgx1", "dgx1"}), "");
+  const std::string note = TpSpanNote(w, {"dgx1", "dgx1", "dgx2", "dgx2"});
+  EXPECT_NE(note.find("group 1 (world ranks 4..7) spans 2 nodes (dgx1, dgx2)"), std::string::npos)
+      << note;
+  EXPECT_NE(note.find("cross the network"), std::string::npos) << note;
+  EXPECT_EQ(DistinctHosts({"b", "a", "b", "c"}), (std::vector<std::string>{"b", "a", "c"}));
 }
 
 TEST(CommFactory, ParsesKinds) {
