@@ -66,6 +66,11 @@ absl::Status Plan(const PlanCommandOptions& o) {
   in.datasheet = ds;
   if (!ds) {
     DMSRT_ASSIGN_OR_RETURN(in.measured, LoadProfile(o.profile));
+    in.measured.costs.ScaleAll(o.step_scale);
+    in.step_scale = o.step_scale;
+  } else if (o.step_scale != 1.0) {
+    return absl::InvalidArgumentError(
+        "--step-scale scales a measured profile; a datasheet profile has no measured step times");
   }
   in.nodes = o.nodes;
   in.gpus_per_node = o.gpus;
@@ -127,6 +132,10 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
   app.add_option("--model", o.model,
                  "model file or directory, or a synthetic model name (qwen3-8b, ...) for its shapes")
       ->type_name("PATH|NAME");
+  app.add_option("--step-scale", o.step_scale,
+                 "multiply every step time of the measured profile by this (a measured overhead of "
+                 "the serving process over bench's engine alone; marked in the provenance)")
+      ->check(CLI::Range(0.1, 10.0));
   app.add_option("--profile", o.profile,
                  "(required) a profile written by `dmsrt bench --out`, or a datasheet: h100-sxm, h200")
       ->type_name("FILE|NAME");

@@ -68,12 +68,7 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
     if (tp > 1) {
       // CPU tensor parallelism: each rank computes 1/tp of the model; the all-reduces are not
       // in the profile (unmeasured).
-      c.costs.fixed /= tp;
-      c.costs.per_decode_row /= tp;
-      c.costs.per_kv_token /= tp;
-      c.costs.prefill_fixed /= tp;
-      c.costs.per_prefill_token /= tp;
-      for (auto& point : c.costs.prefill_curve) point.second /= tp;
+      c.costs.ScaleForward(1.0 / tp);
       d->note = "TP step time scaled from the TP=1 profile (all-reduce unmeasured)";
     }
     m.kv_block_bytes = CpuKvBlockBytes(in.model.head_dim, in.block_tokens);

@@ -47,6 +47,9 @@ struct PlanInputs {
   std::string model_path_for_command;  // for the printed launch command
   std::string trace_path;              // the jobs come from this trace (--trace), if set
   bool decode_spans = true;            // false: one engine step at a time (same results, slower)
+  // Every step time of a measured profile times this (plan --step-scale): a measured overhead
+  // of the serving process over `dmsrt bench`, whose engine runs alone.
+  double step_scale = 1.0;
   // Whether the plan is for GPUs (a datasheet, or a profile of the CUDA backend).
   bool gpu() const { return datasheet || measured.backend == "cuda"; }
 };

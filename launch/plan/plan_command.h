@@ -12,6 +12,7 @@ namespace dmsrt {
 struct PlanCommandOptions {
   std::string model;
   std::string profile;
+  double step_scale = 1.0;
   int32_t nodes = 1;
   int32_t gpus = 8;
   std::vector<int32_t> tp = {1};

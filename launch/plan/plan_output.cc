@@ -110,6 +110,7 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
             {"device", in.measured.device},
             {"profiled_model", in.measured.model},
             {"fit_max_rel_error", in.measured.fit_max_rel_error},
+            {"step_scale", in.step_scale},
             {"bench_provenance", in.measured.provenance}};
   }
   nlohmann::json j = {
@@ -143,7 +144,10 @@ std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
                         in.datasheet ? "datasheet peaks: every figure below is UNMEASURED"
                                      : absl::StrCat(summary.empty() ? "measured on " : summary + "; ",
                                                     in.measured.device, ", step-model fit within ",
-                                                    absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error))
+                                                    absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error),
+                                                    in.step_scale != 1.0
+                                                        ? absl::StrFormat(", step times x %.3f (--step-scale)", in.step_scale)
+                                                        : std::string())
                                            .c_str());
   if (in.trace_path.empty()) {
     absl::StrAppendFormat(&o, "workload: best-of-%d, prompt %s, reasoning %s; SLO p%g <= %.0f s\n\n",

@@ -36,6 +36,23 @@ double StepCosts::DeviceSeconds(int64_t decode_rows, int64_t kv_tokens,
   return s;
 }
 
+void StepCosts::ScaleForward(double f) {
+  fixed *= f;
+  per_decode_row *= f;
+  per_kv_token *= f;
+  prefill_fixed *= f;
+  per_prefill_token *= f;
+  for (auto& point : prefill_curve) point.second *= f;
+}
+
+void StepCosts::ScaleAll(double f) {
+  ScaleForward(f);
+  allreduce_per_step *= f;
+  host_fixed *= f;
+  host_per_decode_row *= f;
+  per_sampled_row *= f;
+}
+
 double StepCosts::Seconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
                           int64_t sampled_rows) const {
   double s = DeviceSeconds(decode_rows, kv_tokens, prefill_tokens);

@@ -56,6 +56,10 @@ struct StepCosts {
                  int64_t sampled_rows) const;
   // The forward pass alone (Seconds without the host floor and without sampling).
   double DeviceSeconds(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens) const;
+  // The forward pass's terms (fixed, per row, per KV token, prefill and its curve) times f.
+  void ScaleForward(double f);
+  // Every term times f: the forward pass, the all-reduce, the host floor and sampling.
+  void ScaleAll(double f);
 };
 
 struct Profile {

@@ -171,10 +171,47 @@ class Serve:
         self.log.close()
 
 
-def measure(a, sc, trace, run_dir, i):
+def loadgen_trace(sc, trace, rate, jobs, seed):
+    rc, so, se = sh([sys.executable, LOADGEN, "--rate", f"{rate:.6f}", "--jobs", str(jobs), "--n", str(sc["n"]),
+                     "--prompt", sc["prompt"], "--reasoning", sc["reasoning"], "--seed", str(seed),
+                     "--write-trace", trace, "--dry-run"])
+    if rc != 0:
+        raise RuntimeError(f"loadgen --dry-run failed: {se}")
+
+
+def serve_overhead(a, sc, srv, run_dir, i, profile):
+    """Serve's step time over bench's, measured on a few jobs with little queueing before the run.
+
+    A calibration trace of CALIB_JOBS jobs of the scenario's shape, spaced at about 3x the
+    unloaded latency the fresh profile predicts, runs through the same serve; the plan predicts
+    the same trace from the profile. Their mean latencies' ratio is the factor the run is then
+    predicted with (plan --step-scale): it holds what bench does not see (the coordinator, the
+    HTTP door and the load generator on the same cores, the serve process's own work)."""
+    j, _ = plan(a, sc, ["--slo", "p90=100000", "--jobs", "10", "--search-steps", "1"], profile=profile)
+    unloaded = j["deployments"][0]["unloaded_latency_s"]
+    trace = os.path.join(run_dir, f"calibration_{i}.trace")
+    loadgen_trace(sc, trace, 3600.0 / (3.0 * unloaded), CALIB_JOBS, a.seed + 1000 + i)
+    out = os.path.join(run_dir, f"calibration_{i}.json")
+    rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
+                     "--n", str(sc["n"]), "--json", out, "--timeout", "3600", "--warmup", "0"])
+    if rc != 0 or not os.path.exists(out):
+        raise RuntimeError(f"calibration loadgen failed (rc {rc}): {se[-2000:]}")
+    measured = json.load(open(out))
+    pj, _ = plan(a, sc, ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"], profile=profile)
+    pred = pj["deployments"][0]["at_target"]
+    m, p = measured.get("latency_p50_s"), pred.get("latency_p50_s")
+    factor = m / p if m and p else 1.0
+    return {"factor": factor, "measured_p50_s": m, "predicted_p50_s": p, "trace": trace}
+
+
+CALIB_JOBS = 5
+
+
+def measure(a, sc, trace, run_dir, i, profile=None):
     srv = Serve(a, sc, os.path.join(run_dir, f"serve_{i}.log"))
     try:
         srv.wait_ready()
+        calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
         out = os.path.join(run_dir, f"loadgen_{i}.json")
         rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
                          "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
@@ -183,6 +220,7 @@ def measure(a, sc, trace, run_dir, i):
         report = json.load(open(out))
         time.sleep(1.0)  # the replica's last heartbeat (every 250 ms) carries its final figures
         report["preemptions"] = srv.metric("dmsrt:num_preemptions_total")
+        report["calibration"] = calibration
         return report
     finally:
         srv.stop()
@@ -200,21 +238,23 @@ def run_scenario(a, sc):
     rate, cap = scenario_rate(a, sc)
     trace = os.path.join(d, "jobs.trace")
     jobs = a.jobs or sc.get("jobs", 50)
-    rc, so, se = sh([sys.executable, LOADGEN, "--rate", f"{rate:.6f}", "--jobs", str(jobs), "--n", str(sc["n"]),
-                     "--prompt", sc["prompt"], "--reasoning", sc["reasoning"], "--seed", str(a.seed),
-                     "--write-trace", trace, "--dry-run"])
-    if rc != 0:
-        raise RuntimeError(f"loadgen --dry-run failed: {se}")
+    loadgen_trace(sc, trace, rate, jobs, a.seed)
     trace_plan = ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"]
     pj, plan_cmd = plan(a, sc, [*trace_plan, "--out", os.path.join(d, "plan.json")])
     pred = first_pred = predicted(pj)
     runs, run_preds = [], []
     for i in range(a.runs):
+        prof = None
         if a.profile_each_run:
             prof = measure_profile(a, os.path.join(d, f"profile_{i}.json"))
-            pj_i, _ = plan(a, sc, [*trace_plan, "--out", os.path.join(d, f"plan_{i}.json")], profile=prof)
+        run = measure(a, sc, trace, d, i, prof or a.profile)
+        runs.append(run)
+        if a.profile_each_run:
+            # From what was measured before the run only: its profile, and the calibration jobs.
+            scale = ["--step-scale", f"{run['calibration']['factor']:.4f}"] if a.serve_overhead else []
+            pj_i, _ = plan(a, sc, [*trace_plan, *scale, "--out", os.path.join(d, f"plan_{i}.json")],
+                           profile=prof)
             run_preds.append(predicted(pj_i))
-        runs.append(measure(a, sc, trace, d, i))
     if run_preds:
         pred = {k: statistics.fmean(p[k] for p in run_preds) if all(p[k] is not None for p in run_preds) else None
                 for k in ("jobs_per_hour", "p50", "p90", "p99", "preemptions")}
@@ -234,7 +274,8 @@ def run_scenario(a, sc):
             "plan_command": plan_cmd, "predicted": pred, "predicted_first_profile": first_pred,
             "errors_pct_first_profile": {k: err(first_pred[k], meas[k]["mean"])
                                          for k in ("jobs_per_hour", "p50", "p90", "p99")},
-            "predicted_per_run": run_preds, "measured": meas, "errors_pct": errors,
+            "predicted_per_run": run_preds, "serve_overhead_per_run": [r.get("calibration") for r in runs],
+            "measured": meas, "errors_pct": errors,
             "failed_jobs": failed, "verdict": verdict}
 
 
@@ -275,7 +316,13 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile-each-run", action="store_true",
                     help="measure a profile before every real run and predict the run from it")
+    ap.add_argument("--serve-overhead", action="store_true",
+                    help="with --profile-each-run: before each run, time a few isolated jobs through "
+                         "the same serve against the plan's prediction of them, and predict the run "
+                         "with that ratio (plan --step-scale)")
     a = ap.parse_args()
+    if a.serve_overhead and not a.profile_each_run:
+        ap.error("--serve-overhead needs --profile-each-run")
     if not os.path.exists(MODEL):
         print(f"plan_validation: SKIP: no default model at {MODEL} (launch/setup.sh fetches it)")
         return 0
@@ -309,7 +356,8 @@ def main():
           f"{failed} failed job(s)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"profile": a.profile, "profile_each_run": a.profile_each_run, "threads": a.threads,
+            json.dump({"profile": a.profile, "profile_each_run": a.profile_each_run,
+                       "serve_overhead": a.serve_overhead, "threads": a.threads,
                        "runs": a.runs, "results": results}, f, indent=2)
     for r in results:
         for k in ("jobs_per_hour", "p50", "p90", "p99"):
