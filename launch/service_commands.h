@@ -33,6 +33,7 @@ struct ServeOptions {
   TpOptions tp{/*tp=*/1};
   ServiceOptions service;
   std::string coordinator;  // HOST:PORT; empty: rank 0 hosts one on --listen
+  std::string step_log;     // FILE: one CSV line per engine step (EngineOptions::on_step)
 };
 void SetupServe(CLI::App& app, ServeOptions& o);
 int RunServe(const ServeOptions& o, ProcessArgs& args);

@@ -22,7 +22,10 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <atomic>
+#include <cerrno>
 #include <csignal>
+#include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <thread>
 
@@ -325,6 +328,22 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
       g_stop = true;
     };
   }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> step_log(nullptr, &std::fclose);
+  if (!o.step_log.empty()) {
+    step_log.reset(std::fopen(o.step_log.c_str(), "a"));
+    if (step_log == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--step-log ", o.step_log, ": ", std::strerror(errno)));
+    }
+    std::FILE* f = step_log.get();
+    std::fprintf(f, "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n");
+    eo.on_step = [f](const StepShape& s, double seconds) {
+      std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%.6f\n", static_cast<long long>(s.decode_rows),
+                   static_cast<long long>(s.prefill_tokens), static_cast<long long>(s.kv_tokens),
+                   static_cast<long long>(s.sampled_rows), static_cast<long long>(s.retries),
+                   seconds);
+    };
+  }
   Engine engine(*backend, *rc.tokenizer, *rc.model, eo);
 
   const KvCache& kv = backend->kv();  // for a TP leader: the group's figures (tp_replica.h)
@@ -397,6 +416,11 @@ void SetupServe(CLI::App& app, ServeOptions& o) {
   app.add_option("--coordinator", o.coordinator,
                  "HOST:PORT of a coordinator to join instead of hosting one on rank 0")
       ->type_name("ADDRESS");
+  app.add_option("--step-log", o.step_log,
+                 "append one CSV line per engine step (decode rows, prefill tokens, KV tokens, "
+                 "sampled rows, retries, seconds) to FILE, to compare with a profile "
+                 "(tests/bench/step_log.py)")
+      ->type_name("FILE");
   AddServiceOptions(app, &o.service);
   AddRunOptions(app, &o.run);
   AddTpOptions(app, &o.tp,

@@ -423,6 +423,7 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
   }
   const int64_t gen_before = counters_.generation_tokens_total;
   bool did_work = false;
+  StepShape shape;
 
   // Build the batch; on RESOURCE_EXHAUSTED preempt the newest resident sequence and retry.
   while (!resident_.empty()) {
@@ -430,6 +431,7 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
     std::vector<Resident> owners;
     BuildBatch(&batch, &owners);
     if (batch.empty()) break;
+    if (options_.on_step) shape = Shape(batch, owners, shape.retries);
 
     absl::StatusOr<ForwardResult> fr = backend_.Forward(batch);
     if (!fr.ok()) {
@@ -440,6 +442,7 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
       }
       MakeRoom(fr.status(), out);
       did_work = true;
+      ++shape.retries;
       continue;
     }
     did_work = true;
@@ -454,7 +457,25 @@ absl::StatusOr<int64_t> Engine::StepMany(int64_t max_steps) {
   const double secs =
       std::chrono::duration<double>(clock_.Now() - t0).count();
   UpdateStats(did_work ? secs : 0.0, counters_.generation_tokens_total - gen_before);
+  if (did_work && options_.on_step) options_.on_step(shape, secs);
   return did_work ? 1 : 0;
+}
+
+StepShape Engine::Shape(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners,
+                        int64_t retries) const {
+  StepShape s;
+  s.retries = retries;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+    if (n == 1) {
+      ++s.decode_rows;
+      s.kv_tokens += owners[i].thread != nullptr ? owners[i].thread->kv_len : owners[i].job->root_len;
+    } else {
+      s.prefill_tokens += n;
+    }
+    s.sampled_rows += batch[i].sample || batch[i].logits != SeqChunk::Logits::kNone ? 1 : 0;
+  }
+  return s;
 }
 
 absl::StatusOr<int64_t> Engine::DecodeSpan(int64_t max_steps, Clock::TimePoint t0) {

@@ -92,6 +92,16 @@ struct EngineEvent {
 
 using EventSink = std::function<void(const EngineEvent&)>;
 
+// One engine step as it ran (EngineOptions::on_step): what it computed, for comparing a real
+// run's steps with the capacity planner's step-time model (tests/bench/step_log.py).
+struct StepShape {
+  int64_t decode_rows = 0;     // one-token chunks
+  int64_t prefill_tokens = 0;  // tokens of the longer chunks
+  int64_t kv_tokens = 0;       // the decode rows' sequence lengths before the step
+  int64_t sampled_rows = 0;    // rows whose logits were asked for (sampled)
+  int64_t retries = 0;         // batches refused for a full KV cache (a preemption each) first
+};
+
 struct EngineOptions {
   int32_t prefill_chunk = 256;        // prefill tokens per step (over all prefilling sequences)
   int32_t max_running_threads = 256;  // resident threads at most
@@ -111,6 +121,9 @@ struct EngineOptions {
   // The capacity planner passes a simulated clock that its backend advances by each step's
   // predicted duration. Must outlive the engine.
   const Clock* clock = nullptr;
+  // Called on the stepping thread after every step that ran, with its shape and its seconds
+  // (admission, the forward pass, sampling and the events, as the planner's step time counts).
+  std::function<void(const StepShape&, double seconds)> on_step;
 };
 
 class Engine {
@@ -196,6 +209,9 @@ class Engine {
   // The step did not fit in the KV budget (`status`): preempts the newest resident sequence, or
   // fails it when it is the only one.
   void MakeRoom(const absl::Status& status, Outbox& out);
+  // What a step of `batch` computes (EngineOptions::on_step).
+  StepShape Shape(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners,
+                  int64_t retries) const;
   // Every chunk of the batch was fed: advances its sequence's length.
   void RecordFed(const std::vector<SeqChunk>& batch, const std::vector<Resident>& owners);
   // Whether the backend samples the job's decode rows itself (Backend::samples_on_device): the

@@ -123,7 +123,7 @@ def scenario_rate(a, sc):
 class Serve:
     """One `dmsrt serve` (its own coordinator) with the scenario's KV budget and policy."""
 
-    def __init__(self, a, sc, log_path):
+    def __init__(self, a, sc, log_path, step_log=None):
         self.http = free_port()
         self.metrics = free_port()
         self.log = open(log_path, "w")
@@ -131,6 +131,8 @@ class Serve:
         self.cmd = [a.binary, "serve", "--model", MODEL, "--threads", str(a.threads), "--kv-budget", sc["kv"],
                     "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{self.http}",
                     "--metrics-port", str(self.metrics), *policy_args(sc, False)]
+        if step_log:
+            self.cmd += ["--step-log", step_log]
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
@@ -208,7 +210,8 @@ CALIB_JOBS = 5
 
 
 def measure(a, sc, trace, run_dir, i, profile=None):
-    srv = Serve(a, sc, os.path.join(run_dir, f"serve_{i}.log"))
+    srv = Serve(a, sc, os.path.join(run_dir, f"serve_{i}.log"),
+                os.path.join(run_dir, f"steps_{i}.csv") if a.step_log else None)
     try:
         srv.wait_ready()
         calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
@@ -316,6 +319,9 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile-each-run", action="store_true",
                     help="measure a profile before every real run and predict the run from it")
+    ap.add_argument("--step-log", action="store_true",
+                    help="serve logs every engine step (steps_<run>.csv beside its log) for "
+                         "tests/bench/step_log.py")
     ap.add_argument("--serve-overhead", action="store_true",
                     help="with --profile-each-run: before each run, time a few isolated jobs through "
                          "the same serve against the plan's prediction of them, and predict the run "

@@ -552,6 +552,51 @@ TEST_F(EngineTest, InjectedClockTimesSteps) {
   EXPECT_TRUE(out->finished);
 }
 
+// on_step gets every step's shape and duration: the prompt's prefill, then one decode row per
+// thread reading that thread's sequence so far (serve --step-log; tests/bench/step_log.py).
+TEST_F(EngineTest, StepHookReportsEachStepsShape) {
+  auto backend = MakeBackend(8 << 20);
+  ASSERT_NE(backend, nullptr);
+  SimClock clock;
+  struct TimedBackend : Backend {
+    Backend& inner;
+    SimClock& clock;
+    TimedBackend(Backend& b, SimClock& c) : inner(b), clock(c) {}
+    const char* name() const override { return "timed"; }
+    absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
+      clock.AdvanceSeconds(0.25);
+      return inner.Forward(batch);
+    }
+    KvCache& kv() override { return inner.kv(); }
+  } timed(*backend, clock);
+  std::vector<std::pair<StepShape, double>> steps;
+  EngineOptions o;
+  o.clock = &clock;
+  o.on_step = [&steps](const StepShape& s, double seconds) { steps.emplace_back(s, seconds); };
+  Engine engine(timed, *tok_, *model_, o);
+  auto mu = std::make_shared<std::mutex>();
+  auto out = std::make_shared<JobOut>();
+  SubmitTo(engine, Spec({0, 1}, 6, 3), out, mu);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(engine.Step().ok());
+  // Two threads of a 19-token prompt.
+  ASSERT_EQ(steps.size(), 3u);
+  EXPECT_EQ(steps[0].first.decode_rows, 0);
+  EXPECT_EQ(steps[0].first.prefill_tokens, 19);
+  EXPECT_EQ(steps[0].first.sampled_rows, 1);
+  for (int i = 1; i < 3; ++i) {
+    EXPECT_EQ(steps[i].first.decode_rows, 2) << "step " << i;
+    EXPECT_EQ(steps[i].first.prefill_tokens, 0) << "step " << i;
+    EXPECT_EQ(steps[i].first.kv_tokens, 2 * (18 + i)) << "step " << i;
+    EXPECT_EQ(steps[i].first.sampled_rows, 2) << "step " << i;
+  }
+  for (const auto& [shape, seconds] : steps) {
+    EXPECT_EQ(shape.retries, 0);
+    EXPECT_DOUBLE_EQ(seconds, 0.25);
+  }
+  RunUntilIdle(engine);
+  EXPECT_TRUE(out->finished);
+}
+
 // With on_idle set, the stepping thread calls it while there is no work; its errors, like step
 // errors other than a full cache, go to on_failure.
 TEST_F(EngineTest, IdleHookRunsWhileIdleAndReportsFailures) {
