@@ -515,21 +515,22 @@ TEST_F(EngineTest, DeviceSamplingBackendDrawsDecodeRows) {
 // The engine reads time only through EngineOptions::clock: with a simulated clock that moves
 // 0.25 s per forward step, tokens/s is exactly tokens / (steps x 0.25 s), and Stats() keeps it
 // until the simulated clock is 2 s past the last step.
+// A backend wrapper that advances a simulated clock by 0.25 s per forward pass.
+struct TimedBackend : Backend {
+  Backend& inner;
+  SimClock& clock;
+  TimedBackend(Backend& b, SimClock& c) : inner(b), clock(c) {}
+  const char* name() const override { return "timed"; }
+  absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
+    clock.AdvanceSeconds(0.25);
+    return inner.Forward(batch);
+  }
+  KvCache& kv() override { return inner.kv(); }
+};
+
 TEST_F(EngineTest, InjectedClockTimesSteps) {
   auto backend = MakeBackend(8 << 20);
   ASSERT_NE(backend, nullptr);
-  // A backend wrapper that advances the clock by 0.25 s per forward pass.
-  struct TimedBackend : Backend {
-    Backend& inner;
-    SimClock& clock;
-    TimedBackend(Backend& b, SimClock& c) : inner(b), clock(c) {}
-    const char* name() const override { return "timed"; }
-    absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
-      clock.AdvanceSeconds(0.25);
-      return inner.Forward(batch);
-    }
-    KvCache& kv() override { return inner.kv(); }
-  };
   SimClock clock;
   TimedBackend timed(*backend, clock);
   EngineOptions o;
@@ -558,17 +559,7 @@ TEST_F(EngineTest, StepHookReportsEachStepsShape) {
   auto backend = MakeBackend(8 << 20);
   ASSERT_NE(backend, nullptr);
   SimClock clock;
-  struct TimedBackend : Backend {
-    Backend& inner;
-    SimClock& clock;
-    TimedBackend(Backend& b, SimClock& c) : inner(b), clock(c) {}
-    const char* name() const override { return "timed"; }
-    absl::StatusOr<ForwardResult> Forward(const std::vector<SeqChunk>& batch) override {
-      clock.AdvanceSeconds(0.25);
-      return inner.Forward(batch);
-    }
-    KvCache& kv() override { return inner.kv(); }
-  } timed(*backend, clock);
+  TimedBackend timed(*backend, clock);
   std::vector<std::pair<StepShape, double>> steps;
   EngineOptions o;
   o.clock = &clock;
