@@ -80,10 +80,19 @@ absl::StatusOr<CalibrationScores> CollectCalibrationScores(const Model& model,
   return c;
 }
 
-absl::StatusOr<ThresholdCalibration> ThresholdAtRate(const CalibrationScores& scores, double rate) {
+namespace {
+
+absl::Status CheckRate(double rate) {
   if (!(rate >= 0.0 && rate <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("--threshold-rate must be in [0, 1] (got ", rate, ")"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ThresholdCalibration> ThresholdAtRate(const CalibrationScores& scores, double rate) {
+  DMSRT_RETURN_IF_ERROR(CheckRate(rate));
   const std::vector<float>& s = scores.sorted;
   if (s.empty()) return absl::InvalidArgumentError("no calibration scores");
   ThresholdCalibration c;
@@ -106,9 +115,7 @@ absl::StatusOr<ThresholdCalibration> CalibrateThreshold(const Model& model,
                                                         const Tokenizer& tokenizer,
                                                         const BackendOptions& options,
                                                         double rate, const std::string& text) {
-  if (!(rate >= 0.0 && rate <= 1.0)) {
-    return absl::InvalidArgumentError(absl::StrCat("--threshold-rate must be in [0, 1] (got ", rate, ")"));
-  }
+  DMSRT_RETURN_IF_ERROR(CheckRate(rate));  // before the model runs
   DMSRT_ASSIGN_OR_RETURN(CalibrationScores scores,
                          CollectCalibrationScores(model, tokenizer, options, text));
   return ThresholdAtRate(scores, rate);

@@ -123,6 +123,8 @@ struct EngineOptions {
   const Clock* clock = nullptr;
   // Called on the stepping thread after every step that ran, with its shape and its seconds
   // (admission, the forward pass, sampling and the events, as the planner's step time counts).
+  // Not called for decode spans (Backend::DecodeSpanLimit), which only the planner's simulated
+  // backend runs.
   std::function<void(const StepShape&, double seconds)> on_step;
 };
 

@@ -291,17 +291,11 @@ absl::Status KvStore::SetVictimWeights(SeqId id, const float* w, int64_t layer_s
     return absl::FailedPreconditionError(absl::StrCat(
         "SetVictimWeights: sequence ", id, " has no decode step whose every layer awaits them"));
   }
-  KvVictimInputs in;
-  in.group = 1;  // the weights are the group's mean already
   for (int32_t l = 0; l < geo_.n_layers; ++l) {
     for (int32_t j = 0; j < geo_.n_kv_heads; ++j) {
       HeadState& h = s.heads[static_cast<size_t>(l) * geo_.n_kv_heads + j];
-      in.probs = w + l * layer_stride + j * head_stride;
-      in.m = h.n;
-      in.pos = h.pos.data();
-      in.score = slot_scores_ ? h.score.data() : nullptr;
-      in.t = h.logical - 1;
-      h.victim = policy_->PickVictim(in);
+      // One row per head: the weights are the group's mean already.
+      PickVictim(h, w + l * layer_stride + j * head_stride, /*group=*/1, h.logical - 1);
     }
   }
   s.awaiting_weights = 0;

@@ -242,7 +242,9 @@ class KvStore final : public KvIndex {
   void AttendRows(Scratch& sc, const float* qg, int32_t m, float* outg) const;
   void EnsureKeyScratch(Scratch& sc, size_t m) const;
   void GatherAllSlots(Scratch& sc, const HeadState& h) const;
-  void PickVictim(const Scratch& sc, HeadState& h, int64_t t) const;
+  // The policy's pick for the slot the next token of `h` overwrites, from the weights `probs`
+  // [group, h.n] of the query of token t (the CPU attention's, or the caller's on an index).
+  void PickVictim(HeadState& h, const float* probs, int32_t group, int64_t t) const;
   template <typename Fn>
   void ForEachHead(int64_t madds, const Fn& fn);
   void Poison(float* out, int32_t n);

@@ -111,7 +111,7 @@ void KvStore::AttendVictim(Sequence& s, HeadState* heads, int32_t n, const float
       AttendRows(sc, q + qoff, h.n, out + qoff);
       h.kv_reads += h.n;
       h.dense_reads += t + 1;
-      if (!s.frozen) PickVictim(sc, h, t);
+      if (!s.frozen) PickVictim(h, sc.probs.data(), group_, t);
     }
   }
 }
@@ -281,10 +281,10 @@ void KvStore::GatherAllSlots(Scratch& sc, const HeadState& h) const {
 }
 
 // kVictim: after the query of token t attended over all slots, the policy picks the next victim.
-void KvStore::PickVictim(const Scratch& sc, HeadState& h, int64_t t) const {
+void KvStore::PickVictim(HeadState& h, const float* probs, int32_t group, int64_t t) const {
   KvVictimInputs in;
-  in.probs = sc.probs.data();
-  in.group = group_;
+  in.probs = probs;
+  in.group = group;
   in.m = h.n;
   in.pos = h.pos.data();
   in.score = slot_scores_ ? h.score.data() : nullptr;

@@ -9,7 +9,6 @@
 // chat template, BOS/EOS and add_bos; generation_config.json (optional) extra EOS ids.
 #include "runtime/model/tokenizer_json.h"
 
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"

@@ -62,22 +62,8 @@ std::vector<int32_t> Prompt(int32_t n, int32_t vocab) {
   return t;
 }
 
-double Margin(const float* row, int32_t vocab) {
-  float a = -INFINITY, b = -INFINITY;
-  for (int32_t i = 0; i < vocab; ++i) {
-    if (row[i] > a) {
-      b = a;
-      a = row[i];
-    } else if (row[i] > b) {
-      b = row[i];
-    }
-  }
-  return a - b;
-}
-
-int32_t Argmax(const float* row, int32_t vocab) {
-  return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-}
+using logits_test::Argmax;
+using logits_test::Margin;
 
 ForwardResult Step(Backend& b, std::vector<SeqChunk> batch) {
   auto r = b.Forward(batch);

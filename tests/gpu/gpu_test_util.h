@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/reference/quant.h"
+#include "tests/logits_test_util.h"
 
 namespace dmsrt {
 namespace gpu_test {
@@ -118,19 +119,7 @@ inline std::vector<float> Bf16ToFloat(const std::vector<uint16_t>& v) {
   return out;
 }
 
-// ||got - want|| / ||want||; +inf if any value is NaN/inf (poison left behind) or ref is zero.
-inline double RelError(const std::vector<float>& got, const std::vector<float>& want) {
-  if (got.size() != want.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  if (den == 0) return num == 0 ? 0 : INFINITY;
-  return std::sqrt(num / den);
-}
+using logits_test::RelError;  // tests/logits_test_util.h
 
 // Largest |got - want| / (atol + rtol * |want|); <= 1 passes. NaN gives +inf.
 inline double WorstScaledError(const std::vector<float>& got, const std::vector<float>& want,

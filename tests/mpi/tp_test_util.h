@@ -25,6 +25,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/engine/tp_replica.h"
 #include "runtime/model/model.h"
+#include "tests/logits_test_util.h"
 
 namespace dmsrt {
 namespace tptest {
@@ -39,33 +40,9 @@ inline std::string ModelDir(const char* env, const char* fallback, const std::st
   return std::string(root ? root : fallback) + "/" + name;
 }
 
-inline int32_t Argmax(const float* x, int32_t n) {
-  return static_cast<int32_t>(std::max_element(x, x + n) - x);
-}
-
-// Top-1 minus top-2 of a logits row.
-inline double Margin(const float* row, int32_t n) {
-  float a = -INFINITY, b = -INFINITY;
-  for (int32_t i = 0; i < n; ++i) {
-    if (row[i] > a) {
-      b = a;
-      a = row[i];
-    } else if (row[i] > b) {
-      b = row[i];
-    }
-  }
-  return a - b;
-}
-
-inline double RelError(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
+using logits_test::Argmax;    // tests/logits_test_util.h
+using logits_test::Margin;
+using logits_test::RelError;
 
 // A model under one KV policy.
 struct Case {
