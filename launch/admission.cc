@@ -61,19 +61,26 @@ absl::StatusOr<int32_t> AdmitJob(const AdmissionRequest& req,
   if (n == 0) {
     // Budget mode: the prompt once, then as many threads as the budget holds. Each thread's
     // resident set at its full length is estimated with the policy's eviction rate (the
-    // configured rate for forced, the observed or calibrated one for dms), so a compressing policy buys more
-    // threads in the same bytes. Without eviction the prompt's full blocks stay shared by all
-    // threads (a fork copies only the last, partial block). With eviction a thread writes its
-    // new tokens into the slots of evicted ones, prompt tokens included, and each such write
-    // into a shared block copies it: in the long run every thread holds its whole resident set
-    // itself, so nothing of the prompt is counted as shared. The extra block per (layer, head)
-    // covers the partly filled last block of each head.
+    // configured rate for forced, the observed or calibrated one for dms), so a compressing
+    // policy buys more threads in the same bytes. Without eviction the prompt's full blocks stay
+    // shared by all threads (a fork copies only the last, partial block). With eviction:
+    //  - dead slots (the CPU store): the prompt's resident blocks stay shared (a prompt token
+    //    leaving a thread's view leaves a dead slot), so the prompt counts once at its resident
+    //    size and a thread holds the resident part of its own tokens;
+    //  - otherwise a thread writes its new tokens into the slots of evicted ones, prompt tokens
+    //    included, and each such write into a shared block copies it: in the long run every
+    //    thread holds its whole resident set itself, so nothing of the prompt is shared.
+    // The extra block per (layer, head) covers the partly filled last block of each head.
     const double bb = static_cast<double>(bi.kv_block_bytes);
-    const double prompt_bytes = std::ceil(prompt / bt) * per_tok_blocks * bb;
     const double resident_full = ExpectedResident(bi, full_len);
     const bool evicts = resident_full < full_len;
+    const bool shares = evicts && bi.dead_slots;
+    const double prompt_bytes =
+        (shares ? std::ceil(ExpectedResident(bi, prompt) / bt) + 1 : std::ceil(prompt / bt)) *
+        per_tok_blocks * bb;
     const double shared_tokens = evicts ? 0.0 : std::floor(prompt / bt) * bt;
-    const double own_tokens = std::max(1.0, resident_full - shared_tokens);
+    const double own_tokens =
+        std::max(1.0, shares ? ExpectedResident(bi, req.max_tokens) : resident_full - shared_tokens);
     const double per_thread_bytes = (std::ceil(own_tokens / bt) + 1) * per_tok_blocks * bb;
     const double avail = static_cast<double>(req.kv_budget_bytes) - prompt_bytes;
     const int64_t fit = avail > 0 ? static_cast<int64_t>(avail / per_thread_bytes) : 0;

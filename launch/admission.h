@@ -28,6 +28,7 @@ struct ReplicaCapacity {
   int64_t blocks_per_token_dense = 0;  // blocks per kv_block_tokens tokens (layers x KV heads)
   int64_t kv_block_bytes = 0;
   double eviction_rate = 0.0;          // policy dms: observed, else the adapter's calibrated rate
+  bool dead_slots = false;             // KvCache::dead_slots: threads keep sharing the prompt
   int64_t assigned_open = 0;           // threads assigned and not finished
 };
 

@@ -73,6 +73,7 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
     }
     m.kv_block_bytes = CpuKvBlockBytes(in.model.head_dim, in.block_tokens);
     m.kv_budget_bytes = in.cpu_kv_budget_bytes;
+    c.dead_slots = true;  // the CPU store's (runtime/kv/kv_store.h)
     m.weight_bytes = in.measured.weight_bytes;
     d->runnable = true;
   }

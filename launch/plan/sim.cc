@@ -234,7 +234,7 @@ absl::Status Simulation::Build(int32_t replicas) {
     rep->id = r;
     const int64_t row_bytes = cfg_.kv_block_bytes * row_blocks;
     DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvIndex> index,
-                           MakeKvIndex(geo, policy, rows * row_bytes, row_bytes));
+                           MakeKvIndex(geo, policy, rows * row_bytes, row_bytes, cfg_.dead_slots));
     rep->backend = std::make_unique<SimBackend>(std::move(index), cfg_.costs, &rep->clock, per_thread);
     EngineOptions eo;
     eo.prefill_chunk = cfg_.prefill_chunk;
@@ -246,6 +246,7 @@ absl::Status Simulation::Build(int32_t replicas) {
     c.kv_policy = cfg_.eviction_rate > 0 ? "forced" : "none";
     c.kv_window = cfg_.eviction_rate > 0 ? std::max(1, cfg_.window) : 0;
     c.kv_force_rate = cfg_.eviction_rate;
+    c.dead_slots = cfg_.dead_slots;
     c.kv_block_tokens = cfg_.block_tokens;
     c.blocks_per_token_dense = static_cast<int64_t>(mc.n_layers) * mc.n_kv_heads;
     c.kv_blocks_total = rows * c.blocks_per_token_dense;

@@ -69,6 +69,9 @@ struct SimReplicaConfig {
   int32_t block_tokens = 16;
   double eviction_rate = 0.0;      // 0: dense; otherwise the forced rule at this rate
   int32_t window = 0;              // DMS delay window (eviction_rate > 0)
+  // The backend's store leaves evicted slots of shared blocks dead instead of copying the block
+  // (the CPU store; runtime/kv/kv_store.h); false: the CUDA backend's copy-on-write.
+  bool dead_slots = false;
   StepCosts costs;
   int32_t prefill_chunk = 256;
   int32_t max_running_threads = 256;

@@ -77,7 +77,7 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
     if (n == 1 && ch.tokens[0] != kPromptToken) {
       ++decode_rows;
       index.HeadViews(ch.seq, 0, &view);
-      kv_tokens += view.length;
+      kv_tokens += view.live;
     } else {
       prefill_tokens += n;
     }
@@ -111,7 +111,7 @@ int64_t SimBackend::DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_
   KvHeadView view;
   for (SeqId s : seqs) {
     index.HeadViews(s, 0, &view);
-    resident += view.length;
+    resident += view.live;
   }
   // Steps whose start is certainly inside the window: each row's resident slots grow by at
   // most one per step, so this bounds each step's time from above; the clock arithmetic is
@@ -149,7 +149,7 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqId s = seqs[i];
     index.HeadViews(s, 0, &view);
-    span_sink_.Start(index.Length(s), view.length, span_kv_.data());
+    span_sink_.Start(index.Length(s), view, span_kv_.data());
     if (!index.CommitDecodeRun(s, 0, static_cast<int32_t>(steps), static_cast<int32_t>(i),
                                span_sink_)) {
       return absl::InternalError("the simulated KV index refused a decode run");

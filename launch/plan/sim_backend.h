@@ -99,24 +99,27 @@ class NullSink final : public KvSlotSink {
 class SpanSink final : public KvSlotSink {
  public:
   explicit SpanSink(int32_t block_tokens) : bt_(block_tokens) {}
-  // Tokens from position `first` on, the head holding `resident` slots before them; adds the
-  // count after token first + j to per_step[j].
-  void Start(int64_t first, int32_t resident, int64_t* per_step) {
+  // Tokens from position `first` on, the head holding `view`'s slots before them; adds the
+  // resident count after token first + j to per_step[j].
+  void Start(int64_t first, const KvHeadView& view, int64_t* per_step) {
     first_ = first;
-    n_ = resident;
+    n_ = view.length;
+    dead_ = view.length - view.live;
     per_step_ = per_step;
   }
   void CopyBlock(int32_t, int32_t) override {}
   void WriteSlot(int32_t, int32_t, int32_t, int32_t offset, int32_t pos,
                  int32_t table_index) override {
     n_ = std::max(n_, table_index * bt_ + offset + 1);  // an append takes slot n
-    per_step_[pos - first_] += n_;
+    per_step_[pos - first_] += n_ - dead_;
   }
+  void DeadSlot(int32_t) override { ++dead_; }
 
  private:
   int32_t bt_;
   int64_t first_ = 0;
   int32_t n_ = 0;
+  int32_t dead_ = 0;
   int64_t* per_step_ = nullptr;
 };
 

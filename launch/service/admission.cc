@@ -40,6 +40,7 @@ ReplicaCapacity CapacityOf(int32_t id, const v1::ReplicaInfo& info, const v1::Re
   c.kv_block_tokens = info.kv_block_tokens();
   c.blocks_per_token_dense = info.blocks_per_token_dense();
   c.kv_block_bytes = info.kv_block_bytes();
+  c.dead_slots = info.kv_dead_slots();
   // dms: the rate the replica observes over the threads it holds; while it holds none (a fresh
   // or idle replica reports 0), the rate its adapter was calibrated at.
   c.eviction_rate = stats.logical_tokens() > 0 ? stats.eviction_rate()

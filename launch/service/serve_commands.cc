@@ -359,6 +359,7 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
   info.set_kv_policy(KvPolicyName(kv.policy().kind));
   info.set_kv_window(kv.policy().window);
   info.set_kv_force_rate(kv.policy().force_rate);
+  info.set_kv_dead_slots(kv.dead_slots());
   if (kv.policy().kind == KvPolicyKind::kDms) {
     info.set_dms_expected_eviction_rate(rc.model->config.dms.expected_eviction_rate);
   }

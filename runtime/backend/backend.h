@@ -57,6 +57,9 @@ struct BackendOptions {
   KvPolicyConfig kv_policy;
   int64_t kv_budget_bytes = 256ll << 20;
   int32_t kv_block_tokens = 16;
+  // CPU: evicted slots of shared blocks are left dead instead of copied (KvCache::dead_slots).
+  // false gives the CUDA backend's copy-on-write layout, for tests that compare the two.
+  bool kv_dead_slots = true;
   // CUDA device; -1 = the launcher's local rank modulo the visible devices (0 outside mpirun or
   // srun), so the ranks of a node spread over its GPUs.
   int32_t device = -1;

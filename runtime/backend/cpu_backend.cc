@@ -362,7 +362,7 @@ absl::Status CpuBackend::Init() {
   KvPolicyConfig policy = options_.kv_policy;
   if (policy.kind == KvPolicyKind::kDms && policy.window <= 0) policy.window = c.dms.window;
   if (policy.kind == KvPolicyKind::kDms) policy.dms_sinks = c.dms.sink_tokens;
-  DMSRT_ASSIGN_OR_RETURN(kv_, MakeCpuKvCache(geo, policy, options_.kv_budget_bytes));
+  DMSRT_ASSIGN_OR_RETURN(kv_, MakeCpuKvCache(geo, policy, options_.kv_budget_bytes, options_.kv_dead_slots));
   pool_ = std::make_unique<kn::ThreadPool>(options_.threads);
   kv_->SetThreadPool(pool_.get());  // attention of different KV heads runs on the same workers
   return absl::OkStatus();

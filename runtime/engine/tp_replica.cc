@@ -218,6 +218,7 @@ class TpKvFacade final : public KvCache {
   explicit TpKvFacade(TpLeaderBackend* owner) : owner_(owner) {}
   const KvGeometry& geometry() const override;
   const KvPolicyConfig& policy() const override;
+  bool dead_slots() const override;
   absl::StatusOr<SeqId> Create() override;
   absl::StatusOr<SeqId> Fork(SeqId parent) override;
   absl::Status Free(SeqId seq) override;
@@ -366,6 +367,7 @@ class TpLeaderBackend final : public Backend {
 
 const KvGeometry& TpKvFacade::geometry() const { return owner_->group_geometry(); }
 const KvPolicyConfig& TpKvFacade::policy() const { return owner_->local().kv().policy(); }
+bool TpKvFacade::dead_slots() const { return owner_->local().kv().dead_slots(); }
 
 absl::StatusOr<SeqId> TpKvFacade::Create() {
   // The id this cache will give next is not known before creating, so the leader creates first

@@ -56,7 +56,8 @@ absl::Status CheckBlockCount(int64_t budget_bytes, int64_t total_blocks) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& g, const KvPolicyConfig& p,
-                                                     int64_t budget_bytes, int64_t block_bytes) {
+                                                     int64_t budget_bytes, int64_t block_bytes,
+                                                     bool dead_slots) {
   DMSRT_RETURN_IF_ERROR(ValidateGeometry(g));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvPolicy> policy, MakeKvPolicy(p, g));
   DMSRT_RETURN_IF_ERROR(policy->IndexSupport());
@@ -68,12 +69,12 @@ absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& g, const 
   const int64_t total_blocks = budget_bytes / block_bytes;
   DMSRT_RETURN_IF_ERROR(CheckBlockCount(budget_bytes, total_blocks));
   return std::unique_ptr<KvIndex>(
-      std::make_unique<KvStore>(g, p, std::move(policy), total_blocks, block_bytes));
+      std::make_unique<KvStore>(g, p, std::move(policy), total_blocks, block_bytes, dead_slots));
 }
 
 absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
                                                         const KvPolicyConfig& p,
-                                                        int64_t budget_bytes) {
+                                                        int64_t budget_bytes, bool dead_slots) {
   DMSRT_RETURN_IF_ERROR(ValidateGeometry(g));
   DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvPolicy> policy, MakeKvPolicy(p, g));
   const int64_t block_bytes = CpuKvBlockBytes(g.head_dim, g.block_tokens);
@@ -85,7 +86,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& g,
   }
   const int64_t total_blocks = budget_bytes / block_bytes;
   DMSRT_RETURN_IF_ERROR(CheckBlockCount(budget_bytes, total_blocks));
-  auto cache = std::make_unique<KvStore>(g, p, std::move(policy), total_blocks);
+  auto cache = std::make_unique<KvStore>(g, p, std::move(policy), total_blocks,
+                                         /*index_block_bytes=*/0, dead_slots);
   if (!cache->pool_ok()) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "could not allocate the KV pool of %d bytes; lower --kv-budget", total_blocks * block_bytes));

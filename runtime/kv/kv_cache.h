@@ -94,6 +94,10 @@ class KvCache {
 
   virtual const KvGeometry& geometry() const = 0;
   virtual const KvPolicyConfig& policy() const = 0;
+  // Whether a token leaving a block other sequences share leaves its slot dead instead of
+  // copying the block (runtime/kv/kv_store.h), so forked threads keep sharing their prompt under
+  // eviction: what budget-mode admission counts as shared.
+  virtual bool dead_slots() const { return false; }
 
   // Sequences. Fork shares every block of `parent` (reference counted); a block is copied the
   // first time a sequence writes into a shared one. Free returns unshared blocks at once.
@@ -149,7 +153,8 @@ class KvCache {
   virtual KvFigures Figures() const = 0;
   virtual KvFigures Figures(SeqId seq) const = 0;
 
-  // Debug/test access: absolute positions resident in (seq, layer, head), in slot order.
+  // Debug/test access: absolute positions resident in (seq, layer, head), ascending (slot order
+  // is the store's own business: forks with dead slots place tokens differently).
   virtual std::vector<int32_t> ResidentPositions(SeqId seq, int32_t layer,
                                                  int32_t head) const = 0;
 };
@@ -176,12 +181,16 @@ class KvSlotSink {
   // replaces one), so a caller can mirror the tables from the writes alone.
   virtual void WriteSlot(int32_t row, int32_t head, int32_t block, int32_t offset, int32_t pos,
                          int32_t table_index) = 0;
+  // Index with dead slots only: the token leaving KV head `head` left its slot dead (its block
+  // is shared), just before the write of the token that pushed it out.
+  virtual void DeadSlot(int32_t /*head*/) {}
 };
 
 struct KvHeadView {
   const int32_t* blocks = nullptr;  // block table: slot s is in blocks[s / block_tokens]
   int32_t n_blocks = 0;
-  int32_t length = 0;               // resident slots
+  int32_t length = 0;               // slots: kernels read blocks for slots 0..length-1
+  int32_t live = 0;                 // resident slots: length less the dead ones (kv_store.h)
 };
 
 class KvIndex : public KvCache {
@@ -257,14 +266,20 @@ class KvIndex : public KvCache {
 // An index over `budget_bytes / block_bytes` blocks of `block_bytes` each (what one block of
 // one head costs in the caller's storage). Every policy but threshold (which scores the keys,
 // and the index never sees them); tova and h2o take their attention weights through
-// SetVictimWeights.
+// SetVictimWeights. `dead_slots`: a token leaving a block other sequences share leaves its
+// slot dead (KvHeadView::live counts the rest) instead of copying the block; only for readers
+// that skip dead slots (runtime/kv/kv_store.h).
 absl::StatusOr<std::unique_ptr<KvIndex>> MakeKvIndex(const KvGeometry& geometry,
                                                      const KvPolicyConfig& policy,
-                                                     int64_t budget_bytes, int64_t block_bytes);
+                                                     int64_t budget_bytes, int64_t block_bytes,
+                                                     bool dead_slots = false);
 
-// CPU implementation (float32 slots). `budget_bytes` bounds the pool; the pool is allocated once.
+// CPU implementation (float32 slots), by default with dead slots (runtime/kv/kv_store.h):
+// forked threads keep sharing their prompt's blocks under eviction. `budget_bytes` bounds the pool; the pool is
+// allocated once.
 absl::StatusOr<std::unique_ptr<KvCache>> MakeCpuKvCache(const KvGeometry& geometry,
                                                         const KvPolicyConfig& policy,
-                                                        int64_t budget_bytes);
+                                                        int64_t budget_bytes,
+                                                        bool dead_slots = true);
 
 }  // namespace dmsrt

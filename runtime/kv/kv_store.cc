@@ -23,7 +23,7 @@ using kv_store_internal::RingFlagged;
 using kv_store_internal::RingSlot;
 
 KvStore::KvStore(const KvGeometry& g, const KvPolicyConfig& p, std::unique_ptr<KvPolicy> policy,
-                 int64_t total_blocks, int64_t index_block_bytes)
+                 int64_t total_blocks, int64_t index_block_bytes, bool dead_slots)
     : geo_(g),
       pol_(p),
       policy_(std::move(policy)),
@@ -35,6 +35,7 @@ KvStore::KvStore(const KvGeometry& g, const KvPolicyConfig& p, std::unique_ptr<K
   reuse_ = policy_->reuse();
   ring_ = reuse_ == KvSlotReuse::kFlagged;
   victim_ = reuse_ == KvSlotReuse::kVictim;
+  dead_slots_ = dead_slots && ring_;
   model_bits_ = policy_->model_bits();
   slot_scores_ = policy_->slot_scores();
   budget_ = policy_->budget_tokens();
@@ -217,7 +218,13 @@ std::vector<int32_t> KvStore::ResidentPositions(SeqId id, int32_t layer, int32_t
     return {};
   }
   const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + head];
-  return std::vector<int32_t>(h.pos.begin(), h.pos.begin() + h.n);
+  std::vector<int32_t> out;
+  out.reserve(static_cast<size_t>(Resident(h)));
+  for (int32_t sl = 0; sl < h.n; ++sl) {
+    if (h.pos[sl] != kv_store_internal::kDeadSlot) out.push_back(h.pos[sl]);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 KvFigures KvStore::EmptyFigures() const {
@@ -235,13 +242,13 @@ void KvStore::AddFigures(const Sequence& s, KvFigures& f) const {
       const int64_t flagged = h.flagged + PendingFlag(s, l, j, h.logical - 2);
       for (KvHeadFigures* t : {&f.per_layer[l], &f.per_head[idx]}) {
         t->logical += h.logical;
-        t->resident += h.n;
+        t->resident += Resident(h);
         t->flagged += flagged;
         t->kv_reads += h.kv_reads;
         t->dense_reads += h.dense_reads;
       }
       f.logical_tokens += h.logical;
-      f.resident_tokens += h.n;
+      f.resident_tokens += Resident(h);
       f.flagged_tokens += flagged;
       f.kv_reads += h.kv_reads;
       f.dense_reads += h.dense_reads;
@@ -333,7 +340,7 @@ void KvStore::HeadViews(SeqId id, int32_t layer, KvHeadView* out) const {
       continue;
     }
     const HeadState& h = it->second->heads[static_cast<size_t>(layer) * geo_.n_kv_heads + j];
-    out[j] = KvHeadView{h.blocks.data(), static_cast<int32_t>(h.blocks.size()), h.n};
+    out[j] = KvHeadView{h.blocks.data(), static_cast<int32_t>(h.blocks.size()), h.n, Resident(h)};
   }
 }
 
@@ -427,12 +434,12 @@ bool KvStore::CommitChunk(SeqId id, int32_t layer, int32_t n, int32_t row0, cons
         break;
       }
       if (decode_run) {  // what one decode step reads: every slot resident after its commit
-        heads[j].kv_reads += heads[j].n;
+        heads[j].kv_reads += Resident(heads[j]);
         heads[j].dense_reads += P + i + 1;
       }
     }
     if (n == 1 && !decode_run && !s.broken) {
-      heads[j].kv_reads += heads[j].n;
+      heads[j].kv_reads += Resident(heads[j]);
       heads[j].dense_reads += P + 1;
     }
   }
@@ -458,7 +465,7 @@ void KvStore::CountPrefillReads(HeadState* heads, int32_t n, int64_t P, const ui
   for (int32_t j = 0; j < nkv; ++j) {
     HeadState& h = heads[j];
     int64_t reads = 0;
-    for (int32_t i = 0; i < n; ++i) reads += static_cast<int64_t>(h.n) + i + 1;
+    for (int32_t i = 0; i < n; ++i) reads += static_cast<int64_t>(Resident(h)) + i + 1;
     if (ring_) {
       // A flagged key k is hidden from the queries after k + w.
       const int64_t last_q = P + n - 1;
@@ -591,8 +598,16 @@ int64_t KvStore::RingAppends(const HeadState& h, int32_t layer, int32_t j, int64
     const int32_t slot = RingSlot(h.ring[kk % R]);
     const int f =
         kk <= ring_known_to ? RingFlagged(h.ring[kk % R]) : policy_->KnownFlag(layer, j, kk);
-    if (f != 0) cow_scratch_.push_back(h.blocks[slot / bt]);  // recycled (maybe)
-    if (f != 1) ++appends;                                    // appended (maybe)
+    const int32_t b = h.blocks[slot / bt];
+    // Left dead instead of recycled: decided from the block's counts, which an earlier leaver
+    // of a chunk may change, so a chunk counts both outcomes.
+    bool dies = false, recycles = true;
+    if (dead_slots_ && pool_->refcount(b) > 1) {
+      dies = n_new > 1 || LeavesDead(h, slot);
+      recycles = n_new > 1 || !dies;
+    }
+    if (f != 0 && recycles) cow_scratch_.push_back(b);  // recycled (maybe)
+    if (f != 1 || dies) ++appends;                      // appended (maybe)
   }
   // kk >= P: a token of this step leaves; its slot is private by then, so only whether it is
   // recycled matters. Counted exactly where the policy fixes the flags.
@@ -622,6 +637,29 @@ int32_t KvStore::AppendSlot(Sequence& s, HeadState& h) {
   h.pos.push_back(0);
   if (slot_scores_) h.score.push_back(0.0f);
   return h.n++;
+}
+
+// Dead slots: whether the token leaving `slot` leaves it dead rather than copy its block. Only
+// in a shared block, and only while most of the block stays resident for this sequence: sharing
+// a block of which it keeps little would cost it more appended slots than the copy's free ones
+// (a windowed fork keeps just the sinks of its prompt).
+bool KvStore::LeavesDead(const HeadState& h, int32_t slot) const {
+  if (!dead_slots_) return false;
+  const int32_t bt = geo_.block_tokens;
+  const int32_t e = slot / bt;
+  if (pool_->refcount(h.blocks[e]) <= 1) return false;
+  const int32_t slots = std::min(bt, h.n - e * bt);
+  const int32_t dead = static_cast<size_t>(e) < h.dead_in_block.size() ? h.dead_in_block[e] : 0;
+  return 2 * (slots - dead - 1) > bt;  // resident after it leaves: more than half the block
+}
+
+// Dead slots: the token in `slot` (of a shared block) left and the block stays as it is.
+void KvStore::KillSlot(HeadState& h, int32_t slot, int32_t head) {
+  h.pos[slot] = kv_store_internal::kDeadSlot;
+  ++h.dead;
+  if (h.dead_in_block.size() < h.blocks.size()) h.dead_in_block.resize(h.blocks.size(), 0);
+  ++h.dead_in_block[slot / geo_.block_tokens];
+  if (sink_ != nullptr) sink_->DeadSlot(head);
 }
 
 // Writes K/V of one token into `slot`, copying a shared block first.
@@ -665,6 +703,10 @@ bool KvStore::Commit(Sequence& s, HeadState& h, int64_t t, uint8_t d, const floa
     if (leaving >= 0) {
       const int32_t old = h.ring[leaving % R];
       if (RingFlagged(old)) slot = RingSlot(old);
+      if (slot >= 0 && LeavesDead(h, slot)) {
+        KillSlot(h, slot, head);  // the shared block is kept, not copied
+        slot = -1;
+      }
     }
     if (slot < 0) slot = AppendSlot(s, h);
     if (slot < 0) return false;

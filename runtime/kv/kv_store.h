@@ -9,7 +9,9 @@
 //   kAppend   every token appends; visibility k <= q.
 //   kFlagged  docs/dms-semantics.md §4 exactly: flag(t-1) = d[t], the bits of a whole commit
 //             asked of the policy at once; a flagged token leaves after w more tokens and the
-//             token that pushes it out of the ring takes its slot.
+//             token that pushes it out of the ring takes its slot. With dead slots (the CPU
+//             store; see below) a leaving token whose block other sequences share leaves its
+//             slot dead instead, and the new token appends.
 //   kVictim   at most budget_tokens slots per head; once full, after attending, the slot the
 //             policy picks from the attention weights is the one the next token overwrites.
 //             On an index the weights come from the caller after each one-token step
@@ -31,6 +33,17 @@
 // and released when the step's last layer is done. A step that would exceed its promise
 // (AttendAndAppend without Reserve) writes NaN and marks the sequence inconsistent instead of
 // taking blocks promised to others.
+//
+// Dead slots. A best-of-N job forks its threads from one prefilled prompt, whose blocks they
+// share. Recycling the slot of an evicted prompt token would copy its whole block into the
+// thread, and since ring recycling scatters a prompt's last tokens over all its blocks, every
+// thread would soon hold a private copy of the whole resident prompt. With `dead_slots` the
+// slot is left as it is, marked dead in this sequence's metadata (pos = kDeadSlot); readers skip
+// dead slots (the CPU attention here; KvHeadView::live). Only while more than half of the block
+// stays resident for the sequence (LeavesDead): a block it keeps little of is copied as before,
+// whose free slots then take its next tokens (a windowed fork keeps only its prompt's sinks).
+// Only an option because the CUDA decode kernels read every slot below the length: an index
+// for them is made without it.
 //
 // Attention (CPU store only) is kernels/cpu/paged_attention.h over row pointers into the pool.
 // No heap allocation in steady state: scratch buffers are members (one set, or one per head
@@ -66,7 +79,9 @@ struct HeadState {
   // token t+1 arrives. A flag matters only while its token is in the ring: a flagged token
   // leaves (its slot recycled) as it drops out, so every older resident token is unflagged.
   std::vector<int32_t> ring;
-  int32_t n = 0;                // resident slots (never decreases)
+  int32_t n = 0;                // slots (never decreases): resident ones and `dead` ones
+  int32_t dead = 0;             // slots whose token left but whose shared block was kept
+  std::vector<uint16_t> dead_in_block;  // dead slots per block-table entry (grown on the first)
   int32_t victim = -1;          // kVictim: slot the next token overwrites
   int64_t logical = 0;          // L: tokens seen
   int64_t flagged = 0;
@@ -75,6 +90,9 @@ struct HeadState {
 };
 
 enum : uint8_t { kDeferNone = 0, kDeferAwaiting = 1, kDeferKnown = 2 };
+
+// HeadState::pos of a dead slot (see KvStore: dead slots).
+constexpr int32_t kDeadSlot = -1;
 
 constexpr int32_t RingEntry(int32_t slot, bool flagged) { return slot * 2 + (flagged ? 1 : 0); }
 constexpr int32_t RingSlot(int32_t entry) { return entry >> 1; }
@@ -134,14 +152,15 @@ struct Sequence {
 class KvStore final : public KvIndex {
  public:
   // index_block_bytes > 0: index only (no storage; see KvIndex). `policy` must have been made
-  // from `p` (MakeKvPolicy).
+  // from `p` (MakeKvPolicy). `dead_slots`: see above.
   KvStore(const KvGeometry& g, const KvPolicyConfig& p, std::unique_ptr<KvPolicy> policy,
-          int64_t total_blocks, int64_t index_block_bytes = 0);
+          int64_t total_blocks, int64_t index_block_bytes = 0, bool dead_slots = false);
 
   void SetThreadPool(kernels::ThreadPool* pool) override;
   bool pool_ok() const { return pool_->ok(); }
   const KvGeometry& geometry() const override { return geo_; }
   const KvPolicyConfig& policy() const override { return pol_; }
+  bool dead_slots() const override { return dead_slots_; }
 
   absl::StatusOr<SeqId> Create() override;
   absl::StatusOr<SeqId> Fork(SeqId parent) override;
@@ -225,6 +244,8 @@ class KvStore final : public KvIndex {
                       bool flag_pending);
   int32_t TakeBlock(Sequence& s);
   int32_t AppendSlot(Sequence& s, HeadState& h);
+  bool LeavesDead(const HeadState& h, int32_t slot) const;
+  void KillSlot(HeadState& h, int32_t slot, int32_t head);
   bool WriteSlot(Sequence& s, HeadState& h, int32_t slot, const float* krow, const float* vrow,
                  int32_t row, int32_t head, int64_t pos);
   bool Commit(Sequence& s, HeadState& h, int64_t t, uint8_t d, const float* krow,
@@ -241,7 +262,9 @@ class KvStore final : public KvIndex {
                    const float* v, const uint8_t* bits, float* out);
   void AttendRows(Scratch& sc, const float* qg, int32_t m, float* outg) const;
   void EnsureKeyScratch(Scratch& sc, size_t m) const;
+  // Points the scratch rows at the head's resident slots (every slot but the dead ones).
   void GatherAllSlots(Scratch& sc, const HeadState& h) const;
+  static int32_t Resident(const HeadState& h) { return h.n - h.dead; }
   // The policy's pick for the slot the next token of `h` overwrites, from the weights `probs`
   // [group, h.n] of the query of token t (the CPU attention's, or the caller's on an index).
   void PickVictim(HeadState& h, const float* probs, int32_t group, int64_t t) const;
@@ -261,6 +284,7 @@ class KvStore final : public KvIndex {
   KvSlotReuse reuse_ = KvSlotReuse::kAppend;
   bool ring_ = false;          // reuse_ == kFlagged
   bool victim_ = false;        // reuse_ == kVictim
+  bool dead_slots_ = false;    // see above
   bool model_bits_ = false;
   bool slot_scores_ = false;
   int32_t budget_ = 0;         // kVictim: slots per head

@@ -108,8 +108,8 @@ void KvStore::AttendVictim(Sequence& s, HeadState* heads, int32_t n, const float
         break;
       }
       GatherAllSlots(sc, h);
-      AttendRows(sc, q + qoff, h.n, out + qoff);
-      h.kv_reads += h.n;
+      AttendRows(sc, q + qoff, Resident(h), out + qoff);
+      h.kv_reads += Resident(h);
       h.dense_reads += t + 1;
       if (!s.frozen) PickVictim(h, sc.probs.data(), group_, t);
     }
@@ -117,7 +117,7 @@ void KvStore::AttendVictim(Sequence& s, HeadState* heads, int32_t n, const float
 }
 
 // Decode (§4): bookkeeping for every head first (it allocates, so it stays on this thread), then
-// attention over slots 0..n-1 = R(t). A head with more than kDecodeKeyChunk slots is split into
+// attention over the resident slots = R(t). A head with more than kDecodeKeyChunk slots is split into
 // chunks of that many keys whose partial softmaxes are combined afterwards, so that one long
 // head's keys can be shared between workers; the chunking depends on the slot count alone, so the
 // result is the same for every thread count.
@@ -134,11 +134,11 @@ void KvStore::AttendDecode(Sequence& s, HeadState* heads, const float* q, const 
       s.broken = true;
       return;
     }
-    work += heads[j].n;
+    work += Resident(heads[j]);
   }
   decode_units_.clear();
   for (int32_t j = 0; j < nkv; ++j) {
-    const int32_t chunks = (heads[j].n + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
+    const int32_t chunks = (Resident(heads[j]) + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
     for (int32_t c = 0; c < chunks; ++c) decode_units_.push_back({j, c, chunks});
   }
   auto scratch_for = [&](int32_t j) -> Scratch& {
@@ -146,8 +146,10 @@ void KvStore::AttendDecode(Sequence& s, HeadState* heads, const float* q, const 
   };
   auto prepare = [&](int32_t j) {
     Scratch& sc = scratch_for(j);
-    const int32_t m = heads[j].n;
+    const int32_t m = Resident(heads[j]);
     EnsureKeyScratch(sc, static_cast<size_t>(m));
+    // With dead slots the resident rows are not a slot range: gathered here, once.
+    if (heads[j].dead > 0) GatherAllSlots(sc, heads[j]);
     if (sc.probs.size() < static_cast<size_t>(g) * m) sc.probs.resize(static_cast<size_t>(g) * m);
     const size_t parts = static_cast<size_t>((m + kDecodeKeyChunk - 1) / kDecodeKeyChunk) *
                          kernels::KeyChunkFloats(g, hd);
@@ -157,26 +159,29 @@ void KvStore::AttendDecode(Sequence& s, HeadState* heads, const float* q, const 
     Scratch& sc = scratch_for(u.head);
     const HeadState& h = heads[u.head];
     const int64_t qoff = static_cast<int64_t>(u.head) * g * hd;
+    const int32_t m = Resident(h);
     if (u.chunks == 1) {
-      GatherAllSlots(sc, h);
-      AttendRows(sc, q + qoff, h.n, out + qoff);
+      if (h.dead == 0) GatherAllSlots(sc, h);
+      AttendRows(sc, q + qoff, m, out + qoff);
       return;
     }
     const int32_t c0 = u.chunk * kDecodeKeyChunk;
-    const int32_t c1 = std::min(h.n, c0 + kDecodeKeyChunk);
-    kernels::GatherSlotRange(rows_, h.blocks.data(), c0, c1, sc.kp.data(), sc.vp.data());
+    const int32_t c1 = std::min(m, c0 + kDecodeKeyChunk);
+    if (h.dead == 0) {
+      kernels::GatherSlotRange(rows_, h.blocks.data(), c0, c1, sc.kp.data(), sc.vp.data());
+    }
     kernels::AttendKeyChunk(q + qoff, g, hd, scale_, sc.kp.data() + c0, sc.vp.data() + c0, c1 - c0,
-                            sc.probs.data() + c0, h.n,
+                            sc.probs.data() + c0, m,
                             sc.parts.data() + u.chunk * kernels::KeyChunkFloats(g, hd));
   };
   auto finish = [&](int32_t j) {
     HeadState& h = heads[j];
-    const int32_t chunks = (h.n + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
+    const int32_t chunks = (Resident(h) + kDecodeKeyChunk - 1) / kDecodeKeyChunk;
     if (chunks > 1) {
       kernels::CombineKeyChunks(scratch_for(j).parts.data(), chunks, g, hd,
                                 out + static_cast<int64_t>(j) * g * hd);
     }
-    h.kv_reads += h.n;
+    h.kv_reads += Resident(h);
     h.dense_reads += P + 1;
   };
   const int64_t n_units = static_cast<int64_t>(decode_units_.size());
@@ -209,7 +214,7 @@ void KvStore::AttendChunk(Sequence& s, HeadState* heads, int32_t n, const float*
   const int64_t kstride = static_cast<int64_t>(nkv) * hd;           // per token in k/v
   const int64_t P = s.length;
   int64_t work = 0;
-  for (int32_t j = 0; j < nkv; ++j) work += (heads[j].n + n) * static_cast<int64_t>(n);
+  for (int32_t j = 0; j < nkv; ++j) work += (Resident(heads[j]) + n) * static_cast<int64_t>(n);
   ForEachHead(work * g * hd, [&](int32_t j, Scratch& sc) {
     HeadState& h = heads[j];
     // Flags inside the chunk: flag(P+c) = d[P+c+1]; the last one is still 0.
@@ -223,6 +228,7 @@ void KvStore::AttendChunk(Sequence& s, HeadState* heads, int32_t n, const float*
       int32_t m = 0;
       for (int32_t sl = 0; sl < n_old; ++sl) {
         const int64_t kpos = h.pos[sl];
+        if (kpos == kv_store_internal::kDeadSlot) continue;
         // Only the ring's tokens can be flagged and still resident.
         const bool flagged =
             kpos == P - 1 ? first_bit != 0
@@ -274,10 +280,20 @@ void KvStore::EnsureKeyScratch(Scratch& sc, size_t m) const {
   }
 }
 
-// Points the scratch key/value pointers at slots 0..n-1 of a head.
 void KvStore::GatherAllSlots(Scratch& sc, const HeadState& h) const {
   EnsureKeyScratch(sc, static_cast<size_t>(h.n));
-  kernels::GatherSlotRows(rows_, h.blocks.data(), h.n, sc.kp.data(), sc.vp.data());
+  if (h.dead == 0) {
+    kernels::GatherSlotRows(rows_, h.blocks.data(), h.n, sc.kp.data(), sc.vp.data());
+    return;
+  }
+  const int32_t bt = geo_.block_tokens;
+  int32_t m = 0;
+  for (int32_t sl = 0; sl < h.n; ++sl) {
+    if (h.pos[sl] == kv_store_internal::kDeadSlot) continue;
+    sc.kp[m] = rows_.key(h.blocks[sl / bt], sl % bt);
+    sc.vp[m] = rows_.value(h.blocks[sl / bt], sl % bt);
+    ++m;
+  }
 }
 
 // kVictim: after the query of token t attended over all slots, the policy picks the next victim.

@@ -47,6 +47,7 @@ Pair Make(const std::string& name, KvPolicyConfig policy, bool dms_model = false
   o.kv_policy = policy;
   o.kv_block_tokens = 16;
   o.kv_budget_bytes = 64ll << 20;
+  o.kv_dead_slots = false;  // the CPU store in the CUDA backend's layout: blocks compare 1:1
   auto cpu = MakeCpuBackend(*p.host, o);
   EXPECT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = MakeCudaBackend(*p.device, o);
@@ -394,6 +395,7 @@ TEST(CudaBackendDefaultModel, LogitsAndGreedyTokensMatchCpu) {
   o.threads = 2;
   o.kv_block_tokens = 16;
   o.kv_budget_bytes = 32ll << 20;
+  o.kv_dead_slots = false;  // the CUDA backend's copy-on-write layout
   auto cpu = MakeCpuBackend(**model, o);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = MakeCudaBackend(**model, o);
@@ -457,6 +459,7 @@ TEST_P(CudaBackendFileModelTest, LogitsAndDecisionsMatchCpu) {
   o.threads = 2;
   o.kv_block_tokens = 16;
   o.kv_budget_bytes = 32ll << 20;
+  o.kv_dead_slots = false;  // the CUDA backend's copy-on-write layout
   o.kv_policy.kind = KvPolicyKind::kDms;
   auto cpu = MakeCpuBackend(**model, o);
   ASSERT_TRUE(cpu.ok()) << cpu.status();

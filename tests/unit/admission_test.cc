@@ -83,6 +83,32 @@ TEST(AdmissionTest, BudgetModeCountsThreadsAndEvictionBuysMore) {
   EXPECT_EQ(*AdmitJob(req, {Replica(0, 1 << 20, "forced", 0.75)}), 5);
 }
 
+// A replica whose store leaves dead slots (the CPU store) keeps the prompt shared under eviction:
+// the prompt counts once at its resident size and a thread holds only its own resident tokens.
+TEST(AdmissionTest, BudgetModeWithDeadSlotsCountsThePromptOnce) {
+  AdmissionRequest req;
+  req.prompt_tokens = 496;
+  req.max_tokens = 240;
+  req.n = 0;
+  req.max_n = 64;
+  ReplicaCapacity cow = Replica(0, 1 << 20, "forced", 0.75);
+  ReplicaCapacity dead = cow;
+  dead.dead_slots = true;
+  const int64_t bb = cow.kv_block_bytes * cow.blocks_per_token_dense;  // one block row
+  req.kv_budget_bytes = 200 * bb;
+  // Copy-on-write: prompt 31 rows; a thread's whole resident set, 16 + 0.25 * 720 = 196 tokens:
+  // 13 + 1 rows. (200 - 31) / 14 = 12.
+  EXPECT_EQ(*AdmitJob(req, {cow}), 12);
+  // Dead slots: the prompt's resident 16 + 0.25 * 480 = 136 tokens: 9 + 1 rows, once; a thread's
+  // own 16 + 0.25 * 224 = 72 tokens: 5 + 1 rows. (200 - 10) / 6 = 31.
+  EXPECT_EQ(*AdmitJob(req, {dead}), 31);
+  // Without eviction nothing changes.
+  ReplicaCapacity dense = Replica(0, 1 << 20);
+  const int32_t n_dense = *AdmitJob(req, {dense});
+  dense.dead_slots = true;
+  EXPECT_EQ(*AdmitJob(req, {dense}), n_dense);
+}
+
 TEST(AdmissionTest, ExpectedResidentFollowsThePolicy) {
   EXPECT_DOUBLE_EQ(ExpectedResident("none", 16, 0, 0, 100), 100);
   EXPECT_DOUBLE_EQ(ExpectedResident("forced", 16, 0.5, 0.9, 116), 16 + 50);

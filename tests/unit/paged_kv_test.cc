@@ -220,7 +220,9 @@ TEST_P(PagedKvTest, MatchesCpuStoreThroughForksAndMixedSteps) {
   const KvPolicyConfig pol = GetParam().policy;
   const int64_t cpu_block_bytes = 2 * 4 * 8 * sizeof(float);
   const int64_t budget = 400 * cpu_block_bytes;
-  auto cpu_or = MakeCpuKvCache(geo, pol, budget);
+  // The CPU store in the layout of the index it checks (no dead slots: the reference kernels read
+  // every slot below the length, as the CUDA ones do).
+  auto cpu_or = MakeCpuKvCache(geo, pol, budget, /*dead_slots=*/false);
   ASSERT_TRUE(cpu_or.ok()) << cpu_or.status();
   auto idx_or = MakeKvIndex(geo, pol, budget, cpu_block_bytes);
   ASSERT_TRUE(idx_or.ok()) << idx_or.status();
@@ -556,7 +558,7 @@ TEST_P(PagedKvVictimTest, MatchesCpuStoreTokenByToken) {
   pol.kind = GetParam();
   pol.budget_tokens = 7;
   const int64_t block_bytes = 2 * 4 * 8 * sizeof(float);
-  auto cpu_or = MakeCpuKvCache(geo, pol, 200 * block_bytes);
+  auto cpu_or = MakeCpuKvCache(geo, pol, 200 * block_bytes, /*dead_slots=*/false);
   auto idx_or = MakeKvIndex(geo, pol, 200 * block_bytes, block_bytes);
   ASSERT_TRUE(cpu_or.ok() && idx_or.ok()) << idx_or.status();
   KvCache& cpu = **cpu_or;
