@@ -24,7 +24,7 @@ bootstrap over questions (10,000 resamples), and an exact two-sided McNemar test
 questions where the two votes disagree.
 
     python3 tests/bench/bestofn_equal_memory.py                        # all questions (tens of minutes)
-    python3 tests/bench/bestofn_equal_memory.py --questions 1 --check-admitted-ratio 2   # CI
+    python3 tests/bench/bestofn_equal_memory.py --questions 1 --check-admitted-ratio 3   # CI
 
 Prompts are chat conversations: the few-shot turns of tests/data/bestofn/prompt.json, then the
 question. The answer is what the coordinator extracts (the last \\boxed{}, else the last number),

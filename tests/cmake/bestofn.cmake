@@ -26,7 +26,7 @@ if(DMSRT_HAVE_GRPC AND DMSRT_PYTHON AND TARGET dmsrt AND
     endif()
     add_test(NAME bestofn_equal_memory_small
              COMMAND ${DMSRT_PYTHON} ${PROJECT_SOURCE_DIR}/tests/bench/bestofn_equal_memory.py
-                     ${dmsrt_bestofn_args} --questions 1 --check-admitted-ratio 2
+                     ${dmsrt_bestofn_args} --questions 1 --check-admitted-ratio 3
                      --json-out ${PROJECT_BINARY_DIR}/bestofn_equal_memory_small.json)
     set_tests_properties(bestofn_equal_memory_small PROPERTIES
       LABELS e2e TIMEOUT 300 RUN_SERIAL TRUE ENVIRONMENT "DMSRT_BIN=$<TARGET_FILE:dmsrt>")
