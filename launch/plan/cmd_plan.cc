@@ -15,6 +15,7 @@
 #include "launch/commands.h"
 #include "launch/plan/plan.h"
 #include "launch/plan/plan_command.h"
+#include "launch/plan/step_check.h"
 #include "launch/plan/trace.h"
 #include "launch/run_options.h"
 #include "parallel/status_macros.h"
@@ -46,12 +47,37 @@ absl::StatusOr<ModelConfig> PlanModel(const std::string& name) {
   return (*m)->config;
 }
 
+absl::Status WriteText(const std::string& path, const char* flag, const std::string& text) {
+  std::ofstream f(path);
+  if (!f || !(f << text)) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot write ", flag, " ", path));
+  }
+  return absl::OkStatus();
+}
+
+// --check-steps: a real run's logged steps against the profile's prediction.
+absl::Status CheckStepLogs(const PlanCommandOptions& o) {
+  for (const std::string& n : DatasheetNames()) {
+    if (n == o.profile) {
+      return absl::InvalidArgumentError(
+          "--check-steps compares a real run's steps with a measured profile, not a datasheet");
+    }
+  }
+  DMSRT_ASSIGN_OR_RETURN(Profile p, LoadProfile(o.profile));
+  p.costs.ScaleAll(o.step_scale);
+  DMSRT_ASSIGN_OR_RETURN(StepCheck c, CheckSteps(p.costs, o.check_steps));
+  if (!o.out.empty()) DMSRT_RETURN_IF_ERROR(WriteText(o.out, "--out", StepCheckJson(c).dump(2) + "\n"));
+  std::cout << (o.json ? StepCheckJson(c).dump() + "\n" : StepCheckTable(c)) << std::flush;
+  return absl::OkStatus();
+}
+
 absl::Status Plan(const PlanCommandOptions& o) {
   if (o.profile.empty()) {
     return absl::InvalidArgumentError(
         "--profile is required: a profile written by `dmsrt bench --out FILE`, or a datasheet "
         "name (h100-sxm, h200)");
   }
+  if (!o.check_steps.empty()) return CheckStepLogs(o);
   PlanInputs in;
   std::string model_name = o.model;
   if (model_name.empty()) {
@@ -107,16 +133,8 @@ absl::Status Plan(const PlanCommandOptions& o) {
   }
   DMSRT_ASSIGN_OR_RETURN(PlanResult r, RunPlan(in));
   const nlohmann::json j = PlanJson(in, r);
-  if (!o.out.empty()) {
-    std::ofstream f(o.out);
-    if (!f) return absl::InvalidArgumentError(absl::StrCat("cannot write --out ", o.out));
-    f << j.dump(2) << "\n";
-  }
-  if (!o.svg.empty()) {
-    std::ofstream f(o.svg);
-    if (!f) return absl::InvalidArgumentError(absl::StrCat("cannot write --svg ", o.svg));
-    f << PlanSvg(in, r);
-  }
+  if (!o.out.empty()) DMSRT_RETURN_IF_ERROR(WriteText(o.out, "--out", j.dump(2) + "\n"));
+  if (!o.svg.empty()) DMSRT_RETURN_IF_ERROR(WriteText(o.svg, "--svg", PlanSvg(in, r)));
   if (o.json) {
     std::cout << j.dump() << std::endl;
   } else {
@@ -180,6 +198,12 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
                  "with --replicas: simulate these jobs (lines 'ARRIVAL_S [PROMPT GENERATED]', as "
                  "tests/bench/loadgen.py --write-trace writes them) instead of drawing them")
       ->type_name("FILE");
+  app.add_option("--check-steps", o.check_steps,
+                 "plan nothing: predict each step these `serve --step-log` files logged from the "
+                 "profile (times --step-scale) and print measured against predicted time by kind "
+                 "of step")
+      ->type_name("FILE...")
+      ->check(CLI::ExistingFile);
   app.add_flag("--step-by-step", o.step_by_step,
                "simulate one engine step at a time instead of advancing runs of decode steps "
                "between events as one (the same result, slower; for checking)");

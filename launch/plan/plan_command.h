@@ -35,6 +35,7 @@ struct PlanCommandOptions {
   int32_t search_steps = 7;
   int32_t replicas = 0;
   std::string trace;
+  std::vector<std::string> check_steps;  // serve --step-log files: check them, plan nothing
   bool step_by_step = false;
   bool json = false;
   std::string out, svg;

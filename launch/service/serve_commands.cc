@@ -420,7 +420,7 @@ void SetupServe(CLI::App& app, ServeOptions& o) {
   app.add_option("--step-log", o.step_log,
                  "append one CSV line per engine step (decode rows, prefill tokens, KV tokens, "
                  "sampled rows, retries, seconds) to FILE, to compare with a profile "
-                 "(tests/bench/step_log.py)")
+                 "(`dmsrt plan --check-steps`)")
       ->type_name("FILE");
   AddServiceOptions(app, &o.service);
   AddRunOptions(app, &o.run);

@@ -469,7 +469,10 @@ StepShape Engine::Shape(const std::vector<SeqChunk>& batch, const std::vector<Re
     const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
     if (n == 1) {
       ++s.decode_rows;
-      s.kv_tokens += owners[i].thread != nullptr ? owners[i].thread->kv_len : owners[i].job->root_len;
+      // What the row's attention reads: its resident slots (per KV head) and its new token.
+      const KvFigures f = backend_.kv().Figures(batch[i].seq);
+      const int64_t heads = std::max<int64_t>(1, static_cast<int64_t>(f.per_head.size()));
+      s.kv_tokens += f.resident_tokens / heads + 1;
     } else {
       s.prefill_tokens += n;
     }

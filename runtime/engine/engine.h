@@ -93,11 +93,14 @@ struct EngineEvent {
 using EventSink = std::function<void(const EngineEvent&)>;
 
 // One engine step as it ran (EngineOptions::on_step): what it computed, for comparing a real
-// run's steps with the capacity planner's step-time model (tests/bench/step_log.py).
+// run's steps with the capacity planner's step-time model (`dmsrt plan --check-steps`).
 struct StepShape {
   int64_t decode_rows = 0;     // one-token chunks
   int64_t prefill_tokens = 0;  // tokens of the longer chunks
-  int64_t kv_tokens = 0;       // the decode rows' sequence lengths before the step
+  // The KV tokens the decode rows read: each row's resident tokens per KV head before the step
+  // (KvFigures, averaged over heads) plus its new token; under eviction the token leaving in
+  // the step makes this one more than the attention reads.
+  int64_t kv_tokens = 0;
   int64_t sampled_rows = 0;    // rows whose logits were asked for (sampled)
   int64_t retries = 0;         // batches refused for a full KV cache (a preemption each) first
 };

@@ -599,12 +599,13 @@ int64_t KvStore::RingAppends(const HeadState& h, int32_t layer, int32_t j, int64
     const int f =
         kk <= ring_known_to ? RingFlagged(h.ring[kk % R]) : policy_->KnownFlag(layer, j, kk);
     const int32_t b = h.blocks[slot / bt];
-    // Left dead instead of recycled: decided from the block's counts, which an earlier leaver
-    // of a chunk may change, so a chunk counts both outcomes.
+    // Left dead instead of recycled (LeavesDead, from the block's counts and the ring, which an
+    // earlier leaver of a chunk may change, or a pending flag hides): one token decides as its
+    // commit will, a chunk counts both outcomes.
     bool dies = false, recycles = true;
     if (dead_slots_ && pool_->refcount(b) > 1) {
-      dies = n_new > 1 || LeavesDead(h, slot);
-      recycles = n_new > 1 || !dies;
+      dies = n_new > 1 || flag_pending || LeavesDead(h, slot, t);
+      recycles = n_new > 1 || flag_pending || !dies;
     }
     if (f != 0 && recycles) cow_scratch_.push_back(b);  // recycled (maybe)
     if (f != 1 || dies) ++appends;                      // appended (maybe)
@@ -639,18 +640,27 @@ int32_t KvStore::AppendSlot(Sequence& s, HeadState& h) {
   return h.n++;
 }
 
-// Dead slots: whether the token leaving `slot` leaves it dead rather than copy its block. Only
-// in a shared block, and only while most of the block stays resident for this sequence: sharing
-// a block of which it keeps little would cost it more appended slots than the copy's free ones
-// (a windowed fork keeps just the sinks of its prompt).
-bool KvStore::LeavesDead(const HeadState& h, int32_t slot) const {
+// Dead slots: whether the token leaving `slot` as token t arrives leaves it dead rather than
+// copy its block. Only in a shared block, and only while more than half of the block stays
+// resident for this sequence once it and the flagged tokens behind it in the ring (which leave
+// within w tokens) have left: sharing a block of which it keeps little would cost it more
+// appended slots than the copy's free ones (a windowed fork keeps just its prompt's sinks; a
+// short prompt's ring may sit in one block). Reads the ring up to token t-2: the flag of t-1 is
+// set by t's own bit, which Reserve does not know yet.
+bool KvStore::LeavesDead(const HeadState& h, int32_t slot, int64_t t) const {
   if (!dead_slots_) return false;
   const int32_t bt = geo_.block_tokens;
   const int32_t e = slot / bt;
   if (pool_->refcount(h.blocks[e]) <= 1) return false;
+  const int64_t R = static_cast<int64_t>(h.ring.size());
+  int32_t leaving = 1;
+  for (int64_t k = std::max<int64_t>(0, t - w_); k <= t - 2; ++k) {
+    const int32_t entry = h.ring[k % R];
+    leaving += RingFlagged(entry) && RingSlot(entry) / bt == e;
+  }
   const int32_t slots = std::min(bt, h.n - e * bt);
   const int32_t dead = static_cast<size_t>(e) < h.dead_in_block.size() ? h.dead_in_block[e] : 0;
-  return 2 * (slots - dead - 1) > bt;  // resident after it leaves: more than half the block
+  return 2 * (slots - dead - leaving) > bt;
 }
 
 // Dead slots: the token in `slot` (of a shared block) left and the block stays as it is.
@@ -703,7 +713,7 @@ bool KvStore::Commit(Sequence& s, HeadState& h, int64_t t, uint8_t d, const floa
     if (leaving >= 0) {
       const int32_t old = h.ring[leaving % R];
       if (RingFlagged(old)) slot = RingSlot(old);
-      if (slot >= 0 && LeavesDead(h, slot)) {
+      if (slot >= 0 && LeavesDead(h, slot, t)) {
         KillSlot(h, slot, head);  // the shared block is kept, not copied
         slot = -1;
       }

@@ -40,8 +40,8 @@
 // thread would soon hold a private copy of the whole resident prompt. With `dead_slots` the
 // slot is left as it is, marked dead in this sequence's metadata (pos = kDeadSlot); readers skip
 // dead slots (the CPU attention here; KvHeadView::live). Only while more than half of the block
-// stays resident for the sequence (LeavesDead): a block it keeps little of is copied as before,
-// whose free slots then take its next tokens (a windowed fork keeps only its prompt's sinks).
+// stays resident for the sequence once its flagged ring tokens there have left (LeavesDead): a
+// block it keeps little of is copied as before, whose free slots then take its next tokens.
 // Only an option because the CUDA decode kernels read every slot below the length: an index
 // for them is made without it.
 //
@@ -244,7 +244,7 @@ class KvStore final : public KvIndex {
                       bool flag_pending);
   int32_t TakeBlock(Sequence& s);
   int32_t AppendSlot(Sequence& s, HeadState& h);
-  bool LeavesDead(const HeadState& h, int32_t slot) const;
+  bool LeavesDead(const HeadState& h, int32_t slot, int64_t t) const;
   void KillSlot(HeadState& h, int32_t slot, int32_t head);
   bool WriteSlot(Sequence& s, HeadState& h, int32_t slot, const float* krow, const float* vrow,
                  int32_t row, int32_t head, int64_t pos);

@@ -321,7 +321,7 @@ def main():
                     help="measure a profile before every real run and predict the run from it")
     ap.add_argument("--step-log", action="store_true",
                     help="serve logs every engine step (steps_<run>.csv beside its log) for "
-                         "tests/bench/step_log.py")
+                         "`dmsrt plan --profile P --check-steps`")
     ap.add_argument("--serve-overhead", action="store_true",
                     help="with --profile-each-run: before each run, time a few isolated jobs through "
                          "the same serve against the plan's prediction of them, and predict the run "

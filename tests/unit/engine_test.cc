@@ -554,7 +554,8 @@ TEST_F(EngineTest, InjectedClockTimesSteps) {
 }
 
 // on_step gets every step's shape and duration: the prompt's prefill, then one decode row per
-// thread reading that thread's sequence so far (serve --step-log; tests/bench/step_log.py).
+// thread reading that thread's resident tokens and its new one (serve --step-log; plan
+// --check-steps).
 TEST_F(EngineTest, StepHookReportsEachStepsShape) {
   auto backend = MakeBackend(8 << 20);
   ASSERT_NE(backend, nullptr);
@@ -577,7 +578,7 @@ TEST_F(EngineTest, StepHookReportsEachStepsShape) {
   for (int i = 1; i < 3; ++i) {
     EXPECT_EQ(steps[i].first.decode_rows, 2) << "step " << i;
     EXPECT_EQ(steps[i].first.prefill_tokens, 0) << "step " << i;
-    EXPECT_EQ(steps[i].first.kv_tokens, 2 * (18 + i)) << "step " << i;
+    EXPECT_EQ(steps[i].first.kv_tokens, 2 * (19 + i)) << "step " << i;  // dense: all resident
     EXPECT_EQ(steps[i].first.sampled_rows, 2) << "step " << i;
   }
   for (const auto& [shape, seconds] : steps) {

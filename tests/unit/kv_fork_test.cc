@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <random>
 #include <string>
 #include <vector>
@@ -155,26 +156,24 @@ INSTANTIATE_TEST_SUITE_P(
                           std::get<1>(info.param) ? "_dead_slots" : "_cow");
     });
 
-// The best-of-N shape: many forks of a long prompt under eviction. Each fork's first w+1 tokens
-// push the prompt's last tokens out of its ring, and ring recycling has scattered those over
-// every block of the prompt: with copy-on-write each fork ends up copying nearly all of them;
-// with dead slots the prompt stays shared and a fork holds little more than its own tokens.
-// The same resident sets either way; an index with dead slots (the planner's) keeps exactly
-// the CPU store's books.
-TEST(ForkDeadSlots, ForksKeepThePromptShared_forced08_w8_block16) {
-  const int32_t layers = 2, nkv = 2, nh = 4, hd = 8, block = 16, prompt = 160, steps = 40;
-  const int32_t forks = 8;
+// The best-of-N shape: many forks of a prompt under forced eviction, in three stores: the CPU
+// store with dead slots, the same with copy-on-write, and an index with dead slots (the
+// planner's). The same outputs (to summation order) and resident sets in all, and the index
+// keeps exactly the CPU store's books. Returns the blocks held by the two CPU stores at the end.
+std::pair<int64_t, int64_t> ForkBlocks(int32_t prompt, int32_t steps, int32_t forks, int32_t window,
+                                       double rate, int64_t* prompt_blocks) {
+  const int32_t layers = 2, nkv = 2, nh = 4, hd = 8, block = 16;
   KvPolicyConfig pol;
   pol.kind = KvPolicyKind::kForced;
-  pol.window = 8;
-  pol.force_rate = 0.8;
+  pol.window = window;
+  pol.force_rate = rate;
   pol.seed = 3;
   const KvGeometry geo = Geo(layers, nkv, nh, hd, block);
   auto dead = MakeCpuKvCache(geo, pol, 16 << 20, /*dead_slots=*/true);
   auto cow = MakeCpuKvCache(geo, pol, 16 << 20, /*dead_slots=*/false);
   const int64_t row_bytes = 256;
   auto index = MakeKvIndex(geo, pol, 4096 * row_bytes, row_bytes, /*dead_slots=*/true);
-  ASSERT_TRUE(dead.ok() && cow.ok() && index.ok());
+  EXPECT_TRUE(dead.ok() && cow.ok() && index.ok());
   KvCache& D = **dead;
   KvCache& C = **cow;
   KvIndex& X = **index;
@@ -183,15 +182,15 @@ TEST(ForkDeadSlots, ForksKeepThePromptShared_forced08_w8_block16) {
     void WriteSlot(int32_t, int32_t, int32_t, int32_t, int32_t, int32_t) override {}
   } sink;
   auto feed_index = [&](SeqId id, int32_t n) {
-    ASSERT_TRUE(X.Reserve(id, n).ok());
-    for (int32_t l = 0; l < layers; ++l) ASSERT_TRUE(X.CommitRows(id, l, n, 0, nullptr, sink));
+    EXPECT_TRUE(X.Reserve(id, n).ok());
+    for (int32_t l = 0; l < layers; ++l) EXPECT_TRUE(X.CommitRows(id, l, n, 0, nullptr, sink));
   };
   Stream root = MakeStream(prompt + steps, layers, nh, nkv, hd, 41, 0.5);
   const SeqId rd = *D.Create(), rc = *C.Create(), rx = *X.Create();
-  ASSERT_TRUE(FeedChunk(D, rd, root, 0, prompt, false).ok());
-  ASSERT_TRUE(FeedChunk(C, rc, root, 0, prompt, false).ok());
+  EXPECT_TRUE(FeedChunk(D, rd, root, 0, prompt, false).ok());
+  EXPECT_TRUE(FeedChunk(C, rc, root, 0, prompt, false).ok());
   feed_index(rx, prompt);
-  const int64_t prompt_blocks = D.total_blocks() - D.free_blocks();
+  *prompt_blocks = D.total_blocks() - D.free_blocks();
   std::vector<SeqId> fd, fc, fx;
   std::vector<Stream> streams;
   for (int32_t f = 0; f < forks; ++f) {
@@ -203,37 +202,54 @@ TEST(ForkDeadSlots, ForksKeepThePromptShared_forced08_w8_block16) {
   for (int32_t t = prompt; t < prompt + steps; ++t) {
     for (int32_t f = 0; f < forks; ++f) {
       std::vector<std::vector<float>> a, b;
-      ASSERT_TRUE(FeedChunk(D, fd[f], streams[f], t, 1, false, &a).ok());
-      ASSERT_TRUE(FeedChunk(C, fc[f], streams[f], t, 1, false, &b).ok());
+      EXPECT_TRUE(FeedChunk(D, fd[f], streams[f], t, 1, false, &a).ok());
+      EXPECT_TRUE(FeedChunk(C, fc[f], streams[f], t, 1, false, &b).ok());
       feed_index(fx[f], 1);
       for (int32_t l = 0; l < layers; ++l) {
         for (size_t i = 0; i < a[l].size(); ++i) {
-          ASSERT_NEAR(a[l][i], b[l][i], 1e-5 * (1 + std::fabs(b[l][i]))) << "fork " << f << " at " << t;
+          EXPECT_NEAR(a[l][i], b[l][i], 1e-5 * (1 + std::fabs(b[l][i]))) << "fork " << f << " at " << t;
         }
         for (int32_t j = 0; j < nkv; ++j) {
-          ASSERT_EQ(D.ResidentPositions(fd[f], l, j), C.ResidentPositions(fc[f], l, j));
-          ASSERT_EQ(D.ResidentPositions(fd[f], l, j), X.ResidentPositions(fx[f], l, j));
+          EXPECT_EQ(D.ResidentPositions(fd[f], l, j), C.ResidentPositions(fc[f], l, j));
+          EXPECT_EQ(D.ResidentPositions(fd[f], l, j), X.ResidentPositions(fx[f], l, j));
         }
       }
     }
   }
-  const int64_t held_dead = D.total_blocks() - D.free_blocks();
-  const int64_t held_cow = C.total_blocks() - C.free_blocks();
-  std::printf("prompt %lld blocks; %d forks of %d tokens hold %lld blocks with dead slots, %lld "
-              "with copy-on-write\n", static_cast<long long>(prompt_blocks), forks, steps,
-              static_cast<long long>(held_dead), static_cast<long long>(held_cow));
-  // Each fork holds its own tokens (its window and a fifth of the rest, in blocks of 16 per
-  // head: 2), not the prompt's 3 blocks per head as well (copy-on-write: about 2.75 here).
-  const int64_t own = layers * nkv * ((pol.window + 1 + steps / 5 + block - 1) / block);
-  EXPECT_LE(held_dead, prompt_blocks + forks * own);
-  EXPECT_GT(held_cow, prompt_blocks + forks * own);
   EXPECT_EQ(X.Figures().blocks_held, D.Figures().blocks_held);
   EXPECT_EQ(X.Figures().resident_tokens, D.Figures().resident_tokens);
   EXPECT_EQ(X.Figures().kv_reads, D.Figures().kv_reads);
   EXPECT_EQ(D.Figures().resident_tokens, C.Figures().resident_tokens);
-  for (SeqId f : fd) ASSERT_TRUE(D.Free(f).ok());
-  ASSERT_TRUE(D.Free(rd).ok());
+  const std::pair<int64_t, int64_t> held{D.total_blocks() - D.free_blocks(),
+                                         C.total_blocks() - C.free_blocks()};
+  std::printf("prompt %d tokens, %lld blocks; %d forks of %d tokens hold %lld blocks with dead "
+              "slots, %lld with copy-on-write\n", prompt, static_cast<long long>(*prompt_blocks),
+              forks, steps, static_cast<long long>(held.first), static_cast<long long>(held.second));
+  for (SeqId f : fd) EXPECT_TRUE(D.Free(f).ok());
+  EXPECT_TRUE(D.Free(rd).ok());
   EXPECT_EQ(D.free_blocks(), D.total_blocks());
+  return held;
+}
+
+// A long prompt: each fork's first w+1 tokens push the prompt's last tokens out of its ring, and
+// ring recycling has scattered those over every block of the prompt, so with copy-on-write each
+// fork ends up copying nearly all of them; with dead slots the prompt stays shared and a fork
+// holds little more than its own tokens (its window and a fifth of the rest: 2 blocks per head,
+// where copy-on-write adds most of the prompt's 3).
+TEST(ForkDeadSlots, ForksKeepALongPromptShared_forced08_w8_prompt160) {
+  int64_t prompt_blocks = 0;
+  const auto [dead, cow] = ForkBlocks(160, 40, 8, 8, 0.8, &prompt_blocks);
+  const int64_t own = 2 * 2 * ((8 + 1 + 40 / 5 + 15) / 16);
+  EXPECT_LE(dead, prompt_blocks + 8 * own);
+  EXPECT_GT(cow, prompt_blocks + 8 * own);
+}
+
+// A short prompt whose ring sits mostly in one block: dead slots there would be followed by a
+// copy anyway, so the fork copies at once and holds no more than with copy-on-write.
+TEST(ForkDeadSlots, ShortPromptCostsNoMoreThanCopies_forced0875_w16_prompt64) {
+  int64_t prompt_blocks = 0;
+  const auto [dead, cow] = ForkBlocks(64, 48, 16, 16, 0.875, &prompt_blocks);
+  EXPECT_LE(dead, cow);
 }
 
 // Reserve counts copy-on-write copies: with the pool exactly full, a fork that must copy a shared

@@ -5,11 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <random>
 
 #include "launch/plan/plan.h"
 #include "launch/plan/profile.h"
 #include "launch/plan/sim.h"
+#include "launch/plan/step_check.h"
 #include "launch/plan/trace.h"
 #include "runtime/kv/kv_sizing.h"
 #include "runtime/model/synthetic_model.h"
@@ -226,6 +229,51 @@ TEST(PlanProfileTest, DatasheetIsUnmeasuredAndFromPeaks) {
 
 // One job alone on flat 10 ms steps: step 1 prefills the prompt and samples every thread's first
 // token, steps 2..10 the other nine: 100 ms, and the first thread finishes with the job.
+// `dmsrt plan --check-steps`: each logged step predicted with StepCosts::Seconds and summed by
+// kind; headers repeated by a later serve and a torn last line are skipped, a bad line is named.
+TEST(PlanStepCheckTest, SumsMeasuredAndPredictedByKind) {
+  StepCosts c;
+  c.fixed = 0.01;
+  c.per_decode_row = 0.001;
+  c.per_kv_token = 1e-6;
+  c.prefill_fixed = 0.02;
+  c.per_prefill_token = 0.0001;
+  c.per_sampled_row = 0.0005;
+  const std::string path = ::testing::TempDir() + "/steps.csv";
+  {
+    std::ofstream f(path);
+    f << "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n"
+      << "3,0,300,3,0,0.020\n"
+      << "12,0,1200,12,0,0.040\n"
+      << "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n"
+      << "0,64,0,1,0,0.030\n"
+      << "2,16,200,2,1,0.025\n"
+      << "5,0,5";  // still being written
+  }
+  absl::StatusOr<StepCheck> r = CheckSteps(c, {path});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->groups.size(), 4u);
+  EXPECT_EQ(r->groups[0].kind, "decode 1-4");
+  EXPECT_EQ(r->groups[1].kind, "decode 9-16");
+  EXPECT_EQ(r->groups[2].kind, "prefill only");
+  EXPECT_EQ(r->groups[3].kind, "mixed");
+  EXPECT_DOUBLE_EQ(r->groups[0].predicted_s, c.Seconds(3, 300, 0, 3));
+  EXPECT_DOUBLE_EQ(r->groups[3].predicted_s, c.Seconds(2, 200, 16, 2));
+  EXPECT_EQ(r->all.steps, 4);
+  EXPECT_NEAR(r->all.measured_s, 0.115, 1e-12);
+  EXPECT_NE(StepCheckTable(*r).find("prefill only"), std::string::npos);
+  EXPECT_EQ(StepCheckJson(*r)["groups"]["mixed"]["steps"], 1);
+  {
+    std::ofstream f(path);
+    f << "3,0,300,3,0,0.020\nthree,0,300,3,0,0.020\n1,0,10,1,0,0.01\n";
+  }
+  r = CheckSteps(c, {path});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("steps.csv:2"), std::string::npos) << r.status();
+  EXPECT_FALSE(CheckSteps(c, {path + ".missing"}).ok());
+  std::remove(path.c_str());
+}
+
 TEST(PlanSimTest, LoneJobTakesItsStepsExactly_n4_prompt32_gen10) {
   absl::StatusOr<SimResult> r = Simulate(TinyReplica(64 << 20), 1, OneShape(4, 32, 10, 1, 1), 1e6);
   ASSERT_TRUE(r.ok()) << r.status();

@@ -1,0 +1,42 @@
+// A real run's engine steps against the planner's step-time model: `dmsrt plan --profile P
+// --check-steps LOG...` reads the CSV lines `dmsrt serve --step-log` writes (decode rows, prefill
+// tokens, the decode rows' KV tokens, sampled rows, retries, seconds), predicts each step with
+// the profile's StepCosts::Seconds (what the simulator advances its clock by) and sums measured
+// and predicted time by kind of step, so that the terms the model gets wrong show up.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/statusor.h"
+#include "launch/plan/profile.h"
+
+namespace dmsrt {
+
+struct StepGroup {
+  std::string kind;  // "decode 1-4" .. "decode >32", "prefill only", "mixed"
+  int64_t steps = 0;
+  double measured_s = 0.0;
+  double predicted_s = 0.0;
+};
+
+struct StepCheck {
+  std::vector<StepGroup> groups;  // in the order above; kinds without steps left out
+  StepGroup all;
+};
+
+// The kind of a step with `decode_rows` decode rows and `prefill_tokens` prefill tokens.
+std::string StepKind(int64_t decode_rows, int64_t prefill_tokens);
+
+// Reads the logs (a header line, repeated by later serves appending to the same file, and a
+// last line still being written are skipped); an unreadable file or a malformed line is an
+// error naming the file and line.
+absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<std::string>& logs);
+
+std::string StepCheckTable(const StepCheck& c);
+nlohmann::json StepCheckJson(const StepCheck& c);
+
+}  // namespace dmsrt
