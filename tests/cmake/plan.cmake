@@ -1,9 +1,9 @@
 # `dmsrt plan` on the command line (tests/plan/plan_cli_test.py, label unit, seconds each): a
-# datasheet run and its JSON, and clear errors for bad input. The planner itself is tested by
-# tests/unit/plan_test.cc.
+# datasheet run and its JSON, clear errors for bad input, a step log checked against a profile.
+# The planner itself is tested by tests/unit/plan_test.cc.
 find_package(Python3 COMPONENTS Interpreter QUIET)
 if(Python3_Interpreter_FOUND)
-  foreach(case datasheet bad_profile negative_rate no_slo no_fit trace)
+  foreach(case datasheet bad_profile negative_rate no_slo no_fit trace check_steps)
     add_test(NAME plan_cli_${case}
              COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/plan/plan_cli_test.py
                      $<TARGET_FILE:dmsrt> ${case})

@@ -2,10 +2,12 @@
 """`dmsrt plan` on the command line: a datasheet run whose JSON has the promised fields, and clear
 errors (a message, a non-zero exit, no crash) for a profile missing a field, a negative rate, an
 SLO no deployment meets (an answer with the closest miss) and a model that fits nowhere; a job
-trace written by tests/bench/loadgen.py simulated by --trace (and a bad trace refused). One case
-per ctest (label unit), seconds each:
+trace written by tests/bench/loadgen.py simulated by --trace (and a bad trace refused); a serve
+step log checked against a profile by --check-steps. One case per ctest (label unit), seconds
+each:
 
-    plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit | trace
+    plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit |
+                                      trace | check_steps
 """
 import json
 import os
@@ -28,6 +30,19 @@ def expect_error(rc, err, needle, code=1):
     assert rc == code, f"exit code {rc}, wanted {code}\n{err}"
     assert err.startswith("dmsrt plan"), f"no clear message: {err!r}"
     assert needle in err, f"{needle!r} not in {err!r}"
+
+
+def cpu_profile(tmp):
+    """A small measured (CPU) profile."""
+    p = os.path.join(tmp, "cpu.json")
+    json.dump({"schema_version": 2, "model": "m.gguf", "weight_bytes": 100 << 20,
+               "provenance": {"cpu_model": "test"},
+               "step_model": {"decode": [{"batch": 1, "kv_tokens": 64, "seconds": 0.02},
+                                         {"batch": 4, "kv_tokens": 4096, "seconds": 0.03},
+                                         {"batch": 16, "kv_tokens": 1024, "seconds": 0.05}],
+                              "prefill": [{"tokens": 16, "seconds": 0.03},
+                                          {"tokens": 256, "seconds": 0.2}]}}, open(p, "w"))
+    return p
 
 
 def main():
@@ -64,16 +79,24 @@ def main():
             expect_error(rc, se, "closest miss")
         elif case == "no_fit":
             # A measured (CPU) profile and a KV budget far below one thread's need.
-            p = os.path.join(tmp, "cpu.json")
-            json.dump({"schema_version": 2, "model": "m.gguf", "weight_bytes": 100 << 20,
-                       "provenance": {"cpu_model": "test"},
-                       "step_model": {"decode": [{"batch": 1, "kv_tokens": 64, "seconds": 0.02},
-                                                 {"batch": 4, "kv_tokens": 4096, "seconds": 0.03},
-                                                 {"batch": 16, "kv_tokens": 1024, "seconds": 0.05}],
-                                      "prefill": [{"tokens": 16, "seconds": 0.03},
-                                                  {"tokens": 256, "seconds": 0.2}]}}, open(p, "w"))
+            p = cpu_profile(tmp)
             rc, so, se = run(bin_, "--profile", p, "--kv-budget", "1MiB")
             expect_error(rc, se, "fit no deployment")
+        elif case == "check_steps":
+            # Steps as `serve --step-log` writes them, against the measured profile.
+            p, log = cpu_profile(tmp), os.path.join(tmp, "steps.csv")
+            open(log, "w").write("decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n"
+                                 "4,0,400,4,0,0.031\n0,256,0,1,0,0.21\n")
+            rc, so, se = run(bin_, "--profile", p, "--check-steps", log, "--json")
+            assert rc == 0, f"rc {rc}\n{se}"
+            j = json.loads(so)
+            assert j["all"]["steps"] == 2 and set(j["groups"]) == {"decode 1-4", "prefill only"}, j
+            assert abs(j["all"]["measured_s"] - 0.241) < 1e-9 and j["all"]["predicted_s"] > 0, j
+            rc, so, se = run(bin_, "--profile", "h100-sxm", "--check-steps", log)
+            expect_error(rc, se, "datasheet")
+            open(log, "a").write("x,0,0,0,0,0.1\n4,0,400,4,0,0.031\n")
+            rc, so, se = run(bin_, "--profile", p, "--check-steps", log)
+            expect_error(rc, se, "steps.csv:4")
         elif case == "trace":
             # The shared job stream: loadgen writes the jobs it would submit, plan simulates them.
             trace = os.path.join(tmp, "jobs.trace")
