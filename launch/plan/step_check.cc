@@ -3,7 +3,6 @@
 
 #include <array>
 #include <fstream>
-#include <map>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -13,23 +12,23 @@
 namespace dmsrt {
 namespace {
 
+// The kinds of step, in the table's order; KindIndex picks one.
 constexpr std::array<const char*, 7> kKinds = {"decode 1-4",  "decode 5-8",   "decode 9-16",
                                                "decode 17-32", "decode >32", "prefill only",
                                                "mixed"};
 
-}  // namespace
-
-std::string StepKind(int64_t decode_rows, int64_t prefill_tokens) {
-  if (prefill_tokens > 0) return decode_rows == 0 ? "prefill only" : "mixed";
-  if (decode_rows <= 4) return "decode 1-4";
-  if (decode_rows <= 8) return "decode 5-8";
-  if (decode_rows <= 16) return "decode 9-16";
-  if (decode_rows <= 32) return "decode 17-32";
-  return "decode >32";
+size_t KindIndex(int64_t decode_rows, int64_t prefill_tokens) {
+  if (prefill_tokens > 0) return decode_rows == 0 ? 5 : 6;
+  const int64_t top[] = {4, 8, 16, 32};
+  size_t i = 0;
+  while (i < 4 && decode_rows > top[i]) ++i;
+  return i;
 }
 
+}  // namespace
+
 absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<std::string>& logs) {
-  std::map<std::string, StepGroup> by_kind;
+  std::array<StepGroup, kKinds.size()> by_kind;
   for (const std::string& path : logs) {
     std::ifstream f(path);
     if (!f) return absl::NotFoundError(absl::StrCat("cannot read step log ", path));
@@ -50,7 +49,7 @@ absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<s
             path, ":", no, ": expected decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,"
             "seconds as `dmsrt serve --step-log` writes them, got '", line, "'"));
       }
-      StepGroup& g = by_kind[StepKind(n[0], n[1])];
+      StepGroup& g = by_kind[KindIndex(n[0], n[1])];
       ++g.steps;
       g.measured_s += seconds;
       g.predicted_s += costs.Seconds(n[0], n[2], n[1], n[3]);
@@ -58,14 +57,14 @@ absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<s
   }
   StepCheck c;
   c.all.kind = "all";
-  for (const char* k : kKinds) {
-    auto it = by_kind.find(k);
-    if (it == by_kind.end()) continue;
-    it->second.kind = k;
-    c.all.steps += it->second.steps;
-    c.all.measured_s += it->second.measured_s;
-    c.all.predicted_s += it->second.predicted_s;
-    c.groups.push_back(it->second);
+  for (size_t k = 0; k < kKinds.size(); ++k) {
+    StepGroup& g = by_kind[k];
+    if (g.steps == 0) continue;
+    g.kind = kKinds[k];
+    c.all.steps += g.steps;
+    c.all.measured_s += g.measured_s;
+    c.all.predicted_s += g.predicted_s;
+    c.groups.push_back(g);
   }
   if (c.all.steps == 0) {
     return absl::InvalidArgumentError("no steps in the step logs (serve --step-log FILE writes them)");

@@ -28,9 +28,6 @@ struct StepCheck {
   StepGroup all;
 };
 
-// The kind of a step with `decode_rows` decode rows and `prefill_tokens` prefill tokens.
-std::string StepKind(int64_t decode_rows, int64_t prefill_tokens);
-
 // Reads the logs (a header line, repeated by later serves appending to the same file, and a
 // last line still being written are skipped); an unreadable file or a malformed line is an
 // error naming the file and line.

@@ -604,8 +604,10 @@ int64_t KvStore::RingAppends(const HeadState& h, int32_t layer, int32_t j, int64
     // commit will, a chunk counts both outcomes.
     bool dies = false, recycles = true;
     if (dead_slots_ && pool_->refcount(b) > 1) {
-      dies = n_new > 1 || flag_pending || LeavesDead(h, slot, t);
-      recycles = n_new > 1 || flag_pending || !dies;
+      const bool decided = n_new == 1 && !flag_pending;
+      const bool dead = decided && LeavesDead(h, slot, t);
+      dies = !decided || dead;
+      recycles = !decided || !dead;
     }
     if (f != 0 && recycles) cow_scratch_.push_back(b);  // recycled (maybe)
     if (f != 1 || dies) ++appends;                      // appended (maybe)
