@@ -487,6 +487,7 @@ grpc::Status Coordinator::GetClusterStatus(grpc::ServerContext* ctx,
     rs->set_dms_expected_eviction_rate(r->info.dms_expected_eviction_rate());
     rs->set_peak_running_threads(r->stats.peak_running_threads());
     rs->set_last_heartbeat_age_seconds(SecondsSince(r->last_heartbeat));
+    rs->set_stats_age_seconds(SecondsSince(r->stats_at));
     v1::RankStatus* k = rs->add_ranks();
     k->set_rank(0);
     k->set_kv_blocks_total(r->stats.kv_blocks_total());
@@ -540,6 +541,7 @@ grpc::Status Coordinator::Connect(
     rep->stats.set_kv_blocks_total(rep->info.kv_blocks_total());
     rep->stats.set_kv_blocks_free(rep->info.kv_blocks_total());
     rep->last_heartbeat = Clock::now();
+    rep->stats_at = rep->last_heartbeat;
     {
       absl::MutexLock wl(&rep->write_mu);
       rep->stream = stream;
@@ -560,6 +562,7 @@ grpc::Status Coordinator::Connect(
       switch (m.msg_case()) {
         case v1::ReplicaMessage::kHeartbeat:
           rep->stats = m.heartbeat();
+          rep->stats_at = rep->last_heartbeat;
           break;
         case v1::ReplicaMessage::kProgress:
           OnProgress(rep->id, m.progress(), &out);

@@ -91,6 +91,7 @@ class Coordinator final : public v1::JobService::Service,
     v1::ReplicaStats stats;
     bool alive = true;
     std::chrono::steady_clock::time_point last_heartbeat;
+    std::chrono::steady_clock::time_point stats_at;  // when `stats` arrived
     int64_t assigned_open = 0;  // threads assigned and not finished
     // The stream; valid while `open` (guarded by write_mu).
     absl::Mutex write_mu;

@@ -249,13 +249,22 @@ def wait_replicas_ready(client, count, procs, timeout=180):
         time.sleep(0.5)
 
 
-def wait_idle(client, timeout=30):
-    """Waits until no KV block is in use and no thread runs or waits on any live replica."""
+def wait_idle(client, timeout=30, after=None):
+    """Waits until no KV block is in use and no thread runs or waits on any live replica.
+
+    The coordinator reports each replica's figures from its last heartbeat (one every 250 ms). A
+    job shorter than that can start and finish between two heartbeats, and the idle status seen
+    then is the one from before the job. With `after` (a time.time() taken when the job was
+    answered), only a status whose every live replica's heartbeat arrived later counts, so the
+    engine figures returned (preemptions, peaks, blocks used) include the job's."""
     deadline = time.time() + timeout
     cs = None
     while time.time() < deadline:
+        asked = time.time()
         cs = client.cluster()
-        if cs.kv_blocks_used == 0 and cs.running_threads == 0 and cs.queued_threads == 0:
+        fresh = after is None or all(asked - r.stats_age_seconds > after
+                                     for r in cs.replicas if r.state == "ready")
+        if fresh and cs.kv_blocks_used == 0 and cs.running_threads == 0 and cs.queued_threads == 0:
             return cs
         time.sleep(0.2)
-    raise AssertionError(f"cluster not idle after {timeout}s: {cs}")
+    raise AssertionError(f"cluster not idle after {timeout}s (heartbeats after {after}): {cs}")

@@ -64,7 +64,7 @@ def test_greedy_threads_agree(cuda_replica):
 def test_cancel_frees_device_blocks(cuda_replica):
     job = cuda_replica.submit(prompt="Count slowly:", n=3, max_tokens=400, seed=5, ignore_eos=True)
     cuda_replica.cancel(job.job_id)
-    cs = wait_idle(cuda_replica, timeout=120)
+    cs = wait_idle(cuda_replica, timeout=120, after=time.time())
     assert cs.kv_blocks_used == 0
 
 
@@ -139,10 +139,11 @@ def test_tp2_preempts_and_recomputes_under_a_tight_budget(tp2_cuda):
     # tokens (dense while it is prefilled: 5 blocks per head) fits.
     res = client.run_job(prompt="hello world", n=6, max_tokens=68, seed=7, ignore_eos=True,
                          temperature=0.8, timeout=600)
+    answered = time.time()
     assert len(res["threads"]) == 6, res
     for t in res["threads"]:
         assert t["reason"] == "LENGTH" and t["tokens"] == 68, t
-    cs = wait_idle(client, timeout=60)  # a heartbeat after the job: its figures are in
+    cs = wait_idle(client, timeout=60, after=answered)  # a heartbeat after the job: its figures
     assert cs.replicas[0].preemptions > before, "the budget was meant to force preemption"
     assert cs.replicas[0].peak_running_threads >= 2
 
@@ -151,7 +152,7 @@ def test_tp2_cancel_frees_every_ranks_blocks(tp2_cuda):
     _, client = tp2_cuda
     job = client.submit(prompt="Count slowly:", n=4, max_tokens=140, seed=5, ignore_eos=True)
     client.cancel(job.job_id)
-    cs = wait_idle(client, timeout=120)
+    cs = wait_idle(client, timeout=120, after=time.time())
     assert cs.kv_blocks_used == 0
 
 

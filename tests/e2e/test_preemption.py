@@ -3,10 +3,12 @@ under memory pressure, yet every thread's text equals the run on the roomy 2-rep
 i samples with seed + i, and a resumed thread keeps its sampler), and a job whose single thread
 cannot fit is refused up front with RESOURCE_EXHAUSTED."""
 
+import time
+
 import grpc
 import pytest
 
-from conftest import standalone_replica
+from conftest import standalone_replica, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def test_preempted_threads_match_roomy_run(tight, client):
     kw = dict(prompt="Count to ten:", n=4, max_tokens=64, temperature=0.8, seed=21, ignore_eos=True,
               timeout=300)
     got = tight.run_job(**kw)
-    cs = tight.cluster()
+    cs = wait_idle(tight, timeout=60, after=time.time())  # a heartbeat after the job
     assert cs.replicas[0].preemptions > 0, "the 8 MiB budget was meant to force preemption"
     ref = client.run_job(**kw)
     assert len(got["threads"]) == len(ref["threads"]) == 4

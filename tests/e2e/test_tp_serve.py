@@ -92,11 +92,9 @@ def test_submit_best_of_4(tp3):
     check_best_of(res, 4)
     assert {t["replica"] for t in res["threads"]} == {0}
     assert res["usage"]["generated_tokens"] == sum(t["tokens"] for t in res["threads"])
-    time.sleep(0.6)  # a heartbeat with the engine's figures after the job
-    r = client.cluster().replicas[0]
+    r = wait_idle(client, after=time.time()).replicas[0]  # a heartbeat after the job
     assert r.peak_running_threads == 4, r
     assert 0 < r.ranks[0].peak_kv_blocks_used <= r.ranks[0].kv_blocks_total, r
-    wait_idle(client)
 
 
 def test_greedy_answer_is_well_formed(tp3):
