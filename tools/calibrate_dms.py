@@ -86,6 +86,11 @@ def parse_args(argv):
     p.add_argument("--chunk", type=int, default=1024, help="tokens per dense calibration run")
     p.add_argument("--ridge", type=float, nargs="+", default=[1, 10, 100, 1000, 10000],
                    help="ridge strengths tried (chosen on the held-out tenth)")
+    p.add_argument("--floor-quantile", type=float, default=0.0,
+                   help="raise every target below this quantile of all targets (over layers and "
+                        "heads) to it before the fit: the least squares then spend their fit on "
+                        "ordering the tokens that compete for the kept share, not on how little "
+                        "attention the many evicted ones get (0: off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--report", default=None, help="also write the fit report here (JSON)")
@@ -365,6 +370,8 @@ def main(argv):
     args = parse_args(argv)
     if not all(0.0 < r < 1.0 for r in args.rate):
         raise SystemExit("--rate must be in (0, 1)")
+    if not 0.0 <= args.floor_quantile < 1.0:
+        raise SystemExit("--floor-quantile must be in [0, 1)")
     if len(args.rate) > 1 and "{rate}" not in args.out:
         raise SystemExit("several --rate values need {rate} in --out")
     texts = args.text or default_texts()
@@ -404,6 +411,9 @@ def main(argv):
     X = [x[decided] for x in X]
     Y = [y[decided] for y in Y]
     valid, chunk_id = valid[decided], chunk_id[decided]
+    if args.floor_quantile > 0:
+        floor = float(np.quantile(np.concatenate([y[valid].ravel() for y in Y]), args.floor_quantile))
+        Y = [np.maximum(y, floor) for y in Y]
     params, report = fit(args, X, Y, valid, chunk_id)
     all_rates, out_template = args.rate, args.out
     for target_rate in all_rates:
@@ -425,7 +435,7 @@ def write_one(args, X, params, report, ln_w, texts_sha, texts, n_tokens, t0, t1)
     mean_rec = float(np.mean([np.mean(r["recall_at_keep"]) for r in report]))
     summary = {
         "out": args.out, "target": args.target, "budget": args.budget, "window": args.window,
-        "sinks": args.sinks, "rate_target": args.rate, "rate_on_calibration": rate,
+        "sinks": args.sinks, "floor_quantile": args.floor_quantile, "rate_target": args.rate, "rate_on_calibration": rate,
         "calibration_tokens": n_tokens, "calibration_sha256": texts_sha,
         "dense_runs_s": round(t1 - t0, 1), "fit_s": round(time.time() - t1, 1),
         "mean_r2_heldout_tenth": mean_r2, "mean_recall_at_keep_heldout_tenth": mean_rec,
