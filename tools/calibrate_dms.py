@@ -14,6 +14,11 @@ Targets (`--target`):
           exactly the attention a DMS flag takes away: a flagged token stays visible to the next
           w queries and to none after (§3), so a token whose attention beyond the window is small
           is a token whose eviction costs little.
+  future-mean  the log of the mean attention weight the token receives from the queries more
+          than `--window` tokens after it, averaged over the query heads of its group: the
+          attention mass it would take away from each of them (H2O's accumulated attention,
+          per query so that tokens near a run's end, with fewer later queries, are not
+          penalised), where `future` asks for the single largest weight.
   kvzip   the KVzap baseline (Jegou et al., arXiv 2601.07891): the KVzip+ score, i.e. the largest
           attention weight a token receives while the model reconstructs the context (context,
           a "repeat the previous context" instruction, the context again), times the norm of the
@@ -69,7 +74,7 @@ def parse_args(argv):
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration text files (default: tests/data/eval/calibration.txt and "
                         "tests/data/calib/*.txt); never the held-out text")
-    p.add_argument("--target", choices=["future", "kvzip"], default="future")
+    p.add_argument("--target", choices=["future", "future-mean", "kvzip"], default="future")
     p.add_argument("--window", type=int, default=32, help="DMS delay window w (dms_window_size)")
     p.add_argument("--delay-window", type=int, default=None,
                    help="the window written to the file (dms_window_size) when it differs from "
@@ -150,11 +155,15 @@ class Collector:
             a = out[1][0].detach()  # [heads, L, L]
             L = a.shape[-1]
             w = self.args.window
-            if self.args.target == "future":
+            if self.args.target.startswith("future"):
                 q = torch.arange(L).view(L, 1)
                 k = torch.arange(L).view(1, L)
                 a = a.masked_fill((q - k) <= w, 0.0)
-                m = a.amax(dim=1)  # [heads, L]: best query beyond the window, per key
+                if self.args.target == "future":
+                    m = a.amax(dim=1)  # [heads, L]: best query beyond the window, per key
+                else:
+                    n_q = (L - 1 - w - torch.arange(L)).clamp(min=1).to(a.dtype)
+                    m = a.sum(dim=1) / n_q  # [heads, L]: mean over the queries beyond the window
             else:
                 c, q0 = self.ctx_len, self.query_from
                 a = a[:, q0:, :c]  # reconstruction queries x context keys
@@ -170,7 +179,10 @@ class Collector:
                     norms.append(torch.linalg.norm(v[:, j, :] @ wo_h.T, dim=-1))
                 a = a * torch.stack(norms).view(self.n_heads, 1, c)
                 m = a.amax(dim=1)  # [heads, c]
-            m = m.view(self.n_kv, self.group, -1).amax(dim=1)
+            if self.args.target == "future-mean":
+                m = m.view(self.n_kv, self.group, -1).mean(dim=1)
+            else:
+                m = m.view(self.n_kv, self.group, -1).amax(dim=1)
             self.target[i] = torch.log(m + 1e-6).float().numpy()
         return hook
 
@@ -219,13 +231,13 @@ def collect(args, torch, tok, model, texts):
     t0 = time.time()
     for ci, ids in enumerate(runs):
         L = len(ids)
-        seq = ids if args.target == "future" else ids + repeat + ids
+        seq = ids if args.target != "kvzip" else ids + repeat + ids
         col.ctx_len, col.query_from = L, L + len(repeat)
         with torch.no_grad():
             model(input_ids=torch.tensor([seq]), use_cache=False)
         # Row k is token k's decision, made from the input of token k+1: rows 0..L-2.
         for i in range(col.n_layers):
-            if args.target == "future":
+            if args.target != "kvzip":
                 x = rmsnorm(col.resid[i][1:L], eps)
             else:
                 x = rmsnorm(col.resid[i][1:L], eps) * ln_w[i]
@@ -234,7 +246,7 @@ def collect(args, torch, tok, model, texts):
             targs[i].append(t.astype(np.float32))
         k = np.arange(L - 1)
         v = np.ones(L - 1, dtype=bool)
-        if args.target == "future":
+        if args.target != "kvzip":
             v = k + args.window + 1 <= L - 1  # some query lies beyond the window
         valid.append(v)
         chunk_id.append(np.full(L - 1, ci))
@@ -318,7 +330,7 @@ def write_adapter(args, params, taus, ln_w, rate, texts_sha, extra):
     tensors = {}
     for i, ((W, c), tau) in enumerate(zip(params, taus)):
         pre = f"model.layers.{i}.self_attn."
-        g = np.ones_like(ln_w[i]) if args.target == "future" else ln_w[i]
+        g = np.ones_like(ln_w[i]) if args.target != "kvzip" else ln_w[i]
         # Features were rmsnorm(x) * g with g folded in; the runtime applies g itself.
         tensors[pre + "dms_proj_alpha_norm.weight"] = torch.tensor(np.ascontiguousarray(g), dtype=torch.float32)
         tensors[pre + "dms_proj_alpha.weight"] = torch.tensor(np.ascontiguousarray(-W), dtype=torch.float32)
@@ -354,7 +366,7 @@ def check_written(args, X, params, taus):
         pre = f"model.layers.{i}.self_attn."
         g = t[pre + "dms_proj_alpha_norm.weight"]
         # kvzip features already include g (the input_layernorm weight); future ones use g = 1.
-        n = x * g if args.target == "future" else x
+        n = x * g if args.target != "kvzip" else x
         logit = ALPHA_SCALE * (n @ t[pre + "dms_proj_alpha.weight"].T + t[pre + "dms_proj_alpha.bias"]) - ALPHA_OFFSET
         want = (x @ W.T + c) < tau
         got = logit > 0
