@@ -18,7 +18,8 @@ Targets (`--target`):
           than `--window` tokens after it, averaged over the query heads of its group: the
           attention mass it would take away from each of them (H2O's accumulated attention,
           per query so that tokens near a run's end, with fewer later queries, are not
-          penalised), where `future` asks for the single largest weight.
+          penalised), where `future` asks for the single largest weight. On the held-out
+          text it gives a higher KL than `future` at every window tried (docs/quality.md).
   kvzip   the KVzap baseline (Jegou et al., arXiv 2601.07891): the KVzip+ score, i.e. the largest
           attention weight a token receives while the model reconstructs the context (context,
           a "repeat the previous context" instruction, the context again), times the norm of the
