@@ -394,7 +394,8 @@ def main(argv):
             raise SystemExit(f"calibrate_dms: {t} is the held-out text; calibrate on other text")
     h = hashlib.sha256()
     for t in texts:
-        h.update(open(t, "rb").read())
+        with open(t, "rb") as f:
+            h.update(f.read())
     t0 = time.time()
     key = f"{h.hexdigest()}:{args.target}:{args.window}:{args.chunk}"
     if args.cache and os.path.exists(args.cache):

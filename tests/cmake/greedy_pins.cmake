@@ -19,3 +19,13 @@ if(Python3_Interpreter_FOUND)
            ${PROJECT_SOURCE_DIR}/tests/regression/adapter_rate.py --dmsrt $<TARGET_FILE:dmsrt>)
   set_tests_properties(adapter_rate PROPERTIES LABELS unit TIMEOUT 300)
 endif()
+
+# tools/calibrate_dms.py from a cached (synthetic) set of dense runs to the adapter file: the fit,
+# the thresholds, the writer and the runtime's formula on what it wrote
+# (tests/regression/calibrate_tool_test.py; needs numpy, torch and safetensors, which
+# launch/setup.sh --test-deps installs). Label unit: a few seconds.
+if(Python3_Interpreter_FOUND)
+  add_test(NAME calibrate_tool COMMAND ${Python3_EXECUTABLE}
+           ${PROJECT_SOURCE_DIR}/tests/regression/calibrate_tool_test.py)
+  set_tests_properties(calibrate_tool PROPERTIES LABELS unit TIMEOUT 300)
+endif()
