@@ -106,6 +106,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def attention_target(args):
+    """Whether the target is attention from beyond the window (`future`, `future-mean`): plain
+    RMS-normalised features, rows valid only where some query lies beyond the window."""
+    return args.target != "kvzip"
+
+
+def runtime_flags(tensors, layer, n):
+    """The runtime's decisions from an adapter file's tensors for normalised feature rows `n`
+    (rmsnorm(x) * g): flagged where 100 * (W . n + b) - 5 > 0."""
+    pre = f"model.layers.{layer}.self_attn."
+    logit = ALPHA_SCALE * (n @ tensors[pre + "dms_proj_alpha.weight"].T +
+                           tensors[pre + "dms_proj_alpha.bias"]) - ALPHA_OFFSET
+    return logit > 0
+
+
 def rmsnorm(x, eps):
     return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps)
 
@@ -156,7 +171,7 @@ class Collector:
             a = out[1][0].detach()  # [heads, L, L]
             L = a.shape[-1]
             w = self.args.window
-            if self.args.target.startswith("future"):
+            if attention_target(self.args):
                 q = torch.arange(L).view(L, 1)
                 k = torch.arange(L).view(1, L)
                 a = a.masked_fill((q - k) <= w, 0.0)
@@ -232,13 +247,13 @@ def collect(args, torch, tok, model, texts):
     t0 = time.time()
     for ci, ids in enumerate(runs):
         L = len(ids)
-        seq = ids if args.target != "kvzip" else ids + repeat + ids
+        seq = ids if attention_target(args) else ids + repeat + ids
         col.ctx_len, col.query_from = L, L + len(repeat)
         with torch.no_grad():
             model(input_ids=torch.tensor([seq]), use_cache=False)
         # Row k is token k's decision, made from the input of token k+1: rows 0..L-2.
         for i in range(col.n_layers):
-            if args.target != "kvzip":
+            if attention_target(args):
                 x = rmsnorm(col.resid[i][1:L], eps)
             else:
                 x = rmsnorm(col.resid[i][1:L], eps) * ln_w[i]
@@ -247,7 +262,7 @@ def collect(args, torch, tok, model, texts):
             targs[i].append(t.astype(np.float32))
         k = np.arange(L - 1)
         v = np.ones(L - 1, dtype=bool)
-        if args.target != "kvzip":
+        if attention_target(args):
             v = k + args.window + 1 <= L - 1  # some query lies beyond the window
         valid.append(v)
         chunk_id.append(np.full(L - 1, ci))
@@ -331,7 +346,7 @@ def write_adapter(args, params, taus, ln_w, rate, texts_sha, extra):
     tensors = {}
     for i, ((W, c), tau) in enumerate(zip(params, taus)):
         pre = f"model.layers.{i}.self_attn."
-        g = np.ones_like(ln_w[i]) if args.target != "kvzip" else ln_w[i]
+        g = np.ones_like(ln_w[i]) if attention_target(args) else ln_w[i]
         # Features were rmsnorm(x) * g with g folded in; the runtime applies g itself.
         tensors[pre + "dms_proj_alpha_norm.weight"] = torch.tensor(np.ascontiguousarray(g), dtype=torch.float32)
         tensors[pre + "dms_proj_alpha.weight"] = torch.tensor(np.ascontiguousarray(-W), dtype=torch.float32)
@@ -364,13 +379,10 @@ def check_written(args, X, params, taus):
     mism = 0
     total = 0
     for i, (x, (W, c), tau) in enumerate(zip(X, params, taus)):
-        pre = f"model.layers.{i}.self_attn."
-        g = t[pre + "dms_proj_alpha_norm.weight"]
+        g = t[f"model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"]
         # kvzip features already include g (the input_layernorm weight); future ones use g = 1.
-        n = x * g if args.target != "kvzip" else x
-        logit = ALPHA_SCALE * (n @ t[pre + "dms_proj_alpha.weight"].T + t[pre + "dms_proj_alpha.bias"]) - ALPHA_OFFSET
+        got = runtime_flags(t, i, x * g if attention_target(args) else x)
         want = (x @ W.T + c) < tau
-        got = logit > 0
         # Rows at the threshold itself may round either way in float32.
         near = np.abs(x @ W.T + c - tau) < 1e-4
         mism += int(((want != got) & ~near).sum())
@@ -449,7 +461,8 @@ def write_one(args, X, params, report, ln_w, texts_sha, texts, n_tokens, t0, t1)
     mean_rec = float(np.mean([np.mean(r["recall_at_keep"]) for r in report]))
     summary = {
         "out": args.out, "target": args.target, "budget": args.budget, "window": args.window,
-        "sinks": args.sinks, "floor_quantile": args.floor_quantile, "rate_target": args.rate, "rate_on_calibration": rate,
+        "sinks": args.sinks, "floor_quantile": args.floor_quantile, "rate_target": args.rate,
+        "rate_on_calibration": rate,
         "calibration_tokens": n_tokens, "calibration_sha256": texts_sha,
         "dense_runs_s": round(t1 - t0, 1), "fit_s": round(time.time() - t1, 1),
         "mean_r2_heldout_tenth": mean_r2, "mean_recall_at_keep_heldout_tenth": mean_rec,

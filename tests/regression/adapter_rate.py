@@ -12,6 +12,7 @@ threshold, the window) moves the rate out of the band.
 """
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -20,13 +21,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class Case:
-    """One committed adapter: the tokens of the held-out text it is run on, and its eviction rate
-    and cache CR measured there when it was committed (adapters/README.md); the bands allow for
-    the SIMD paths' different summation orders."""
-
-    def __init__(self, name, default, tokens, rate, cr):
-        self.name, self.default, self.tokens, self.rate, self.cr = name, default, tokens, rate, cr
+# One committed adapter: whether the default model finds it without a flag, the tokens of the
+# held-out text it is run on, and its eviction rate and cache CR measured there when it was
+# committed (adapters/README.md); the bands allow for the SIMD paths' different summation orders.
+Case = collections.namedtuple("Case", "name default tokens rate cr")
 
 
 RATE_BAND, CR_BAND = 0.03, 0.05  # absolute, relative

@@ -57,11 +57,8 @@ def make_cache(tmp, texts, seed=0):
 
 def runtime_flags(tensors, layer, x):
     """The runtime's decision for feature rows x (rmsnorm already applied, as the cache holds)."""
-    pre = f"model.layers.{layer}.self_attn."
-    n = x * tensors[pre + "dms_proj_alpha_norm.weight"]
-    logit = calibrate_dms.ALPHA_SCALE * (n @ tensors[pre + "dms_proj_alpha.weight"].T +
-                                         tensors[pre + "dms_proj_alpha.bias"]) - calibrate_dms.ALPHA_OFFSET
-    return logit > 0
+    g = tensors[f"model.layers.{layer}.self_attn.dms_proj_alpha_norm.weight"]
+    return calibrate_dms.runtime_flags(tensors, layer, x * g)
 
 
 class CalibrateToolTest(unittest.TestCase):
