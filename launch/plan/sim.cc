@@ -157,6 +157,46 @@ struct SimJob {
 // Steps one decode span may hold at most (spans end sooner at events anyway).
 constexpr int64_t kMaxSpan = 1 << 20;
 
+// A thread's blocks should grow in steps of at most this share of its footprint (see SimHeads).
+constexpr double kHeadGrain = 1.0 / 32;
+
+// Mean tokens a thread holds at its end (prompt and generated): the trace's or the
+// distributions'.
+double MeanThreadTokens(const Workload& w) {
+  if (w.prompt_tokens.empty()) return w.prompt.Mean() + w.reasoning.Mean();
+  double sum = 0.0;
+  for (size_t i = 0; i < w.prompt_tokens.size(); ++i) {
+    sum += static_cast<double>(w.prompt_tokens[i] + w.generated_tokens[i]);
+  }
+  return sum / static_cast<double>(w.prompt_tokens.size());
+}
+
+// Simulated KV heads for a rank whose row holds `row_blocks` (layer, KV head) pairs. Under the
+// forced rule each has its own flags, so a thread's blocks grow head by head as in the real
+// store instead of a whole row at once, in steps of 1 / (heads x its blocks per head) of its
+// footprint; each head costs its share of every step's KV bookkeeping. So: 1 where every head
+// holds the same slots (no eviction, or all of it); otherwise the smallest divisor of the row
+// (a simulated block then stands for a whole number of real ones) that makes that step at most
+// kHeadGrain for a thread of the workload's mean length, or the largest one up to `max_heads`.
+// Short threads in a tight pool need many (a best-of-16 fork of 70-token threads); threads of
+// thousands of tokens need one.
+int64_t SimHeads(int64_t row_blocks, const SimReplicaConfig& cfg, const Workload& w) {
+  const double rate = cfg.eviction_rate;
+  if (rate <= 0.0 || rate >= 1.0) return 1;
+  const double tokens = MeanThreadTokens(w);
+  const double window = std::min<double>(tokens, std::max(1, cfg.window));
+  const double resident = window + (1.0 - rate) * (tokens - window);
+  const double blocks = std::max(1.0, resident / std::max(1, cfg.block_tokens));
+  const int64_t want = static_cast<int64_t>(std::ceil(1.0 / (kHeadGrain * blocks)));
+  int64_t best = 1;
+  for (int64_t h = 2; h <= std::min<int64_t>(cfg.max_sim_heads, row_blocks); ++h) {
+    if (row_blocks % h != 0) continue;
+    best = h;
+    if (h >= want) break;
+  }
+  return want <= 1 ? 1 : best;
+}
+
 struct SimReplica {
   int32_t id = 0;
   SimClock clock;
@@ -204,18 +244,22 @@ absl::Status Simulation::Build(int32_t replicas) {
   const int64_t kv_heads_rank = mc.n_kv_heads / std::max(1, cfg_.tp);
   const int64_t row_blocks = static_cast<int64_t>(mc.n_layers) * kv_heads_rank;
   if (row_blocks < 1 || cfg_.kv_block_bytes < 1) return absl::InvalidArgumentError("bad KV geometry");
-  // The real pool per rank, in rows of n_layers x local KV heads blocks; a replica's leader
-  // counts tp ranks' pools in its own unit (every rank's heads), i.e. the same rows.
-  const int64_t rows = cfg_.kv_budget_bytes / cfg_.kv_block_bytes / row_blocks;
-  if (rows < 1) {
+  // The simulated heads (SimHeads), each simulated block standing for `per_block` real blocks of
+  // the rank (a share of its row of n_layers x local KV heads blocks).
+  const int64_t heads = SimHeads(row_blocks, cfg_, w_);
+  const int64_t per_block = row_blocks / heads;
+  // The real pool per rank in those units; a replica's leader counts tp ranks' pools in its own
+  // unit (every rank's heads), i.e. the same number of simulated blocks.
+  const int64_t pool = cfg_.kv_budget_bytes / cfg_.kv_block_bytes / per_block;
+  if (pool < heads) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the KV budget of %d bytes per rank holds no block row (%d blocks of %d bytes)",
         cfg_.kv_budget_bytes, row_blocks, cfg_.kv_block_bytes));
   }
   KvGeometry geo;
   geo.n_layers = 1;
-  geo.n_kv_heads = 1;
-  geo.n_heads = 1;
+  geo.n_kv_heads = static_cast<int32_t>(heads);
+  geo.n_heads = static_cast<int32_t>(heads);
   geo.head_dim = mc.head_dim;
   geo.block_tokens = cfg_.block_tokens;
   KvPolicyConfig policy;
@@ -232,9 +276,9 @@ absl::Status Simulation::Build(int32_t replicas) {
   for (int32_t r = 0; r < replicas; ++r) {
     auto rep = std::make_unique<SimReplica>();
     rep->id = r;
-    const int64_t row_bytes = cfg_.kv_block_bytes * row_blocks;
+    const int64_t unit_bytes = cfg_.kv_block_bytes * per_block;
     DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvIndex> index,
-                           MakeKvIndex(geo, policy, rows * row_bytes, row_bytes, cfg_.dead_slots));
+                           MakeKvIndex(geo, policy, pool * unit_bytes, unit_bytes, cfg_.dead_slots));
     rep->backend = std::make_unique<SimBackend>(std::move(index), cfg_.costs, &rep->clock, per_thread);
     EngineOptions eo;
     eo.prefill_chunk = cfg_.prefill_chunk;
@@ -249,7 +293,7 @@ absl::Status Simulation::Build(int32_t replicas) {
     c.dead_slots = cfg_.dead_slots;
     c.kv_block_tokens = cfg_.block_tokens;
     c.blocks_per_token_dense = static_cast<int64_t>(mc.n_layers) * mc.n_kv_heads;
-    c.kv_blocks_total = rows * c.blocks_per_token_dense;
+    c.kv_blocks_total = pool * (c.blocks_per_token_dense / heads);
     c.kv_block_bytes = cfg_.kv_block_bytes;
     reps_.push_back(std::move(rep));
   }

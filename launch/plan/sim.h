@@ -8,10 +8,17 @@
 // forward pass: the backend returns logits that continue or end a thread and advances the
 // replica's clock by the profile's step time for what the step held.
 //
-// Simplification (documented in docs/planning.md): the KV index has one representative layer
-// and KV head, whose blocks stand for a row of n_layers x n_kv_heads real blocks; the pool is
-// the real pool divided by that row. Eviction under the forced rule is hashed per head, so the
-// real pool's average is what one head shows.
+// Simplification (documented in docs/planning.md): the KV index has one simulated layer whose H
+// KV heads stand for the rank's n_layers x local KV heads (layer, head) pairs; each simulated
+// block stands for that count / H real blocks, and the pool is the real pool in those units.
+// Eviction under the forced rule is hashed per head, so each simulated head's flags differ as
+// the real heads' do, and a thread's blocks grow in steps of 1/H of a row, as the real store's
+// do head by head. H is 1 without eviction (every head holds the same slots) and otherwise a
+// divisor of the pair count, up to 16 (SimReplicaConfig::max_sim_heads), large enough that a
+// thread of the workload's mean length grows in steps of at most 1/32 of its blocks (sim.cc's
+// SimHeads): short threads need many, long ones one. One head (a whole row at once) preempted
+// one thread more per best-of-16 fork than serve in the validation scenario n16_forced875_tight;
+// 9 heads or more match serve's count.
 //
 // Deterministic: the same inputs give the same result.
 #pragma once
@@ -78,6 +85,9 @@ struct SimReplicaConfig {
   // Advance runs of pure decode steps between events in bulk (Engine::StepMany), with the same
   // result as stepping one by one; false steps one by one (for checking that).
   bool decode_spans = true;
+  // KV heads the simulated index keeps at most under the forced rule (sim.cc's SimHeads); the
+  // rank's n_layers x local KV heads allows every (layer, head) pair (slower; for checking).
+  int32_t max_sim_heads = 16;
 };
 
 struct SimResult {

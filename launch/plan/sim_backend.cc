@@ -58,7 +58,7 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
   ForwardResult res;
   res.vocab = kSimVocab;
   int32_t row = 0;
-  KvHeadView view;
+  const int32_t heads = index.geometry().n_kv_heads;
   for (size_t ci = 0; ci < batch.size(); ++ci) {
     const SeqChunk& ch = batch[ci];
     const int32_t n = static_cast<int32_t>(ch.tokens.size());
@@ -76,8 +76,7 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
     row += n;
     if (n == 1 && ch.tokens[0] != kPromptToken) {
       ++decode_rows;
-      index.HeadViews(ch.seq, 0, &view);
-      kv_tokens += view.live;
+      kv_tokens += LiveSlots(ch.seq);
     } else {
       prefill_tokens += n;
     }
@@ -93,8 +92,17 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
   }
   res.sampled.assign(batch.size(), -1);
   res.sampled_logprob.assign(batch.size(), 0.0f);
-  Account(decode_rows, kv_tokens, prefill_tokens, sampled_rows);
+  Account(decode_rows, kv_tokens / heads, prefill_tokens, sampled_rows);
   return res;
+}
+
+int64_t SimBackend::LiveSlots(SeqId seq) {
+  KvIndex& index = kv_.index();
+  views_.resize(static_cast<size_t>(index.geometry().n_kv_heads));
+  index.HeadViews(seq, 0, views_.data());
+  int64_t live = 0;
+  for (const KvHeadView& v : views_) live += v.live;
+  return live;
 }
 
 int64_t SimBackend::DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_steps,
@@ -107,12 +115,9 @@ int64_t SimBackend::DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_
     for (SeqId s : seqs) k = std::min(k, zero_hazard_ - seqs_[s].generated - 1);
     if (k < 2) return 0;
   }
-  int64_t resident = 0;  // slots the rows read now
-  KvHeadView view;
-  for (SeqId s : seqs) {
-    index.HeadViews(s, 0, &view);
-    resident += view.live;
-  }
+  int64_t resident = 0;  // slots the rows read now, per head
+  for (SeqId s : seqs) resident += LiveSlots(s);
+  resident /= index.geometry().n_kv_heads;
   // Steps whose start is certainly inside the window: each row's resident slots grow by at
   // most one per step, so this bounds each step's time from above; the clock arithmetic is
   // the clock's own.
@@ -145,11 +150,12 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
   KvIndex& index = kv_.index();
   const int64_t rows = static_cast<int64_t>(seqs.size());
   span_kv_.assign(static_cast<size_t>(steps), 0);
-  KvHeadView view;
+  const int32_t heads = index.geometry().n_kv_heads;
+  views_.resize(static_cast<size_t>(heads));
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqId s = seqs[i];
-    index.HeadViews(s, 0, &view);
-    span_sink_.Start(index.Length(s), view, span_kv_.data());
+    index.HeadViews(s, 0, views_.data());
+    span_sink_.Start(index.Length(s), views_, span_kv_.data());
     if (!index.CommitDecodeRun(s, 0, static_cast<int32_t>(steps), static_cast<int32_t>(i),
                                span_sink_)) {
       return absl::InternalError("the simulated KV index refused a decode run");
@@ -157,7 +163,7 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
     seqs_[s].generated += steps;
   }
   // The clock and the tally step by step, with Forward's arithmetic.
-  for (int64_t j = 0; j < steps; ++j) Account(rows, span_kv_[j], 0, rows);
+  for (int64_t j = 0; j < steps; ++j) Account(rows, span_kv_[j] / heads, 0, rows);
   return absl::OkStatus();
 }
 

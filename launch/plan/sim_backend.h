@@ -5,7 +5,8 @@
 // The simulated model has the planned model's shapes and a three-token vocabulary: a prompt
 // token, "continue" and EOS. The logits of a row continue the thread, or, with per-thread
 // lengths, end it with the length distribution's hazard at that token. The KV index has one
-// representative layer and KV head (sim.h explains why that stands for the real pool).
+// simulated layer whose KV heads stand for all the rank's (layer, KV head) pairs (sim.h explains
+// why that stands for the real pool); a decode row reads the heads' mean resident count.
 //
 // Decode spans (Backend::DecodeSpanLimit / ForwardDecodeSpan): a run of pure decode steps
 // between events is committed as one KvIndex::CommitDecodeRun per sequence, and the clock and
@@ -99,27 +100,32 @@ class NullSink final : public KvSlotSink {
 class SpanSink final : public KvSlotSink {
  public:
   explicit SpanSink(int32_t block_tokens) : bt_(block_tokens) {}
-  // Tokens from position `first` on, the head holding `view`'s slots before them; adds the
-  // resident count after token first + j to per_step[j].
-  void Start(int64_t first, const KvHeadView& view, int64_t* per_step) {
+  // Tokens from position `first` on, the heads holding `views`' slots before them; adds the
+  // resident count of every head after token first + j to per_step[j].
+  void Start(int64_t first, const std::vector<KvHeadView>& views, int64_t* per_step) {
     first_ = first;
-    n_ = view.length;
-    dead_ = view.length - view.live;
+    n_.resize(views.size());
+    dead_.resize(views.size());
+    for (size_t h = 0; h < views.size(); ++h) {
+      n_[h] = views[h].length;
+      dead_[h] = views[h].length - views[h].live;
+    }
     per_step_ = per_step;
   }
   void CopyBlock(int32_t, int32_t) override {}
-  void WriteSlot(int32_t, int32_t, int32_t, int32_t offset, int32_t pos,
+  void WriteSlot(int32_t, int32_t head, int32_t, int32_t offset, int32_t pos,
                  int32_t table_index) override {
-    n_ = std::max(n_, table_index * bt_ + offset + 1);  // an append takes slot n
-    per_step_[pos - first_] += n_ - dead_;
+    int32_t& n = n_[static_cast<size_t>(head)];
+    n = std::max(n, table_index * bt_ + offset + 1);  // an append takes slot n
+    per_step_[pos - first_] += n - dead_[static_cast<size_t>(head)];
   }
-  void DeadSlot(int32_t) override { ++dead_; }
+  void DeadSlot(int32_t head) override { ++dead_[static_cast<size_t>(head)]; }
 
  private:
   int32_t bt_;
   int64_t first_ = 0;
-  int32_t n_ = 0;
-  int32_t dead_ = 0;
+  std::vector<int32_t> n_;     // per head: slots in use
+  std::vector<int32_t> dead_;  // per head: dead slots among them
   int64_t* per_step_ = nullptr;
 };
 
@@ -158,6 +164,8 @@ class SimBackend final : public Backend {
   void Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens, int64_t sampled_rows);
   // Reserves `n` tokens for every sequence (0 gives reservations back); false when one fails.
   bool ReserveAll(const std::vector<SeqId>& seqs, int64_t n);
+  // Resident slots of `seq` summed over the simulated heads (a decode row reads their mean).
+  int64_t LiveSlots(SeqId seq);
 
   std::unordered_map<SeqId, SeqTokens> seqs_;
   SimKv kv_;
@@ -169,7 +177,8 @@ class SimBackend final : public Backend {
   int64_t zero_hazard_ = 0;  // per-thread lengths: tokens 1 .. this one end no thread
   double span_before_ = 0.0, span_until_ = 0.0;
   SpanSink span_sink_;
-  std::vector<int64_t> span_kv_;  // [steps] slots the span's steps read
+  std::vector<int64_t> span_kv_;  // [steps] slots the span's steps read, summed over heads
+  std::vector<KvHeadView> views_;  // HeadViews scratch, one per simulated head
 };
 
 }  // namespace plan_internal
