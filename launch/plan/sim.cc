@@ -163,12 +163,12 @@ constexpr double kHeadGrain = 1.0 / 32;
 // Mean tokens a thread holds at its end (prompt and generated): the trace's or the
 // distributions'.
 double MeanThreadTokens(const Workload& w) {
-  if (w.prompt_tokens.empty()) return w.prompt.Mean() + w.reasoning.Mean();
+  // DrawJobs refuses lengths that are not one pair per job; here only the pairs count.
+  const size_t n = std::min(w.prompt_tokens.size(), w.generated_tokens.size());
+  if (n == 0) return w.prompt.Mean() + w.reasoning.Mean();
   double sum = 0.0;
-  for (size_t i = 0; i < w.prompt_tokens.size(); ++i) {
-    sum += static_cast<double>(w.prompt_tokens[i] + w.generated_tokens[i]);
-  }
-  return sum / static_cast<double>(w.prompt_tokens.size());
+  for (size_t i = 0; i < n; ++i) sum += static_cast<double>(w.prompt_tokens[i] + w.generated_tokens[i]);
+  return sum / static_cast<double>(n);
 }
 
 // Simulated KV heads for a rank whose row holds `row_blocks` (layer, KV head) pairs. Under the
