@@ -528,7 +528,9 @@ TEST(PlanTraceTest, ParsesAndRefuses) {
                           "1 2 3\n2\n", "1 2 3 4\n", "nan 2 3\n"}) {
     absl::StatusOr<JobTrace> b = ParseJobTrace(bad, "bad.trace");
     EXPECT_FALSE(b.ok()) << "'" << bad << "'";
-    if (!b.ok()) EXPECT_NE(b.status().message().find("bad.trace"), std::string::npos);
+    if (!b.ok()) {
+      EXPECT_NE(b.status().message().find("bad.trace"), std::string::npos);
+    }
   }
 }
 
