@@ -215,6 +215,11 @@ def measure(a, sc, trace, run_dir, i, profile=None):
     try:
         srv.wait_ready()
         calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
+        # The counter is serve's total: the calibration jobs' preemptions are not the run's.
+        before = 0.0
+        if calibration is not None:
+            time.sleep(1.0)  # the calibration's figures arrive with the next heartbeat
+            before = srv.metric("dmsrt:num_preemptions_total") or 0.0
         out = os.path.join(run_dir, f"loadgen_{i}.json")
         rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
                          "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
@@ -222,7 +227,8 @@ def measure(a, sc, trace, run_dir, i, profile=None):
             raise RuntimeError(f"loadgen failed (rc {rc}): {se[-2000:]}")
         report = json.load(open(out))
         time.sleep(1.0)  # the replica's last heartbeat (every 250 ms) carries its final figures
-        report["preemptions"] = srv.metric("dmsrt:num_preemptions_total")
+        total = srv.metric("dmsrt:num_preemptions_total")
+        report["preemptions"] = None if total is None else total - before
         report["calibration"] = calibration
         return report
     finally:
