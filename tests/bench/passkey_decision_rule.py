@@ -3,14 +3,15 @@ runtime's rule (a token is flagged when its decision logit > 0) against a rank r
 unless its logit is among the lowest --keep share of the last --M logits of its KV head, so that
 a low-scoring haystack is evicted no harder than prose). Test-only; not used by the runtime.
 
-The prompt, key and question are `dmsrt eval`'s passkey probe (launch/eval/probes.cc, seed 1
-as in docs/quality.md); greedy decoding over a full KV cache with the eviction applied as an
-attention mask (token k hidden from queries more than w tokens later when flagged), the flags
-computed from the adapter's logits as runtime/backend/dms_decisions.cc computes them. The zero
+The prompts are `dmsrt eval`'s passkey probe, token for token (`dmsrt eval
+--write-passkey-prompts`, read as kvpress_presses.py reads them); greedy decoding over a full
+KV cache with the eviction applied as an attention mask (token k hidden from queries more than
+w tokens later when flagged), the flags computed from the adapter's logits as runtime/backend/dms_decisions.cc computes them. The zero
 rule reproduces the runtime's cache CR on the 4096-token probe (8.38x for the w = 480 adapter).
 About 4 to 6 minutes per prompt on 1 to 2 cores.
 
-    python3 tests/bench/passkey_decision_rule.py --rule rank --window 256 --keep 0.07 --depths 0.1,0.5
+    python3 tests/bench/passkey_decision_rule.py --rule rank --window 256 --keep 0.07 \\
+        --passkey-depths 0.1,0.5
 """
 import argparse
 import json
@@ -25,31 +26,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import retrofit_dms as R  # noqa: E402
 
-INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
-         "memorize it. I will quiz you about the pass key.")
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "\nWhat is the pass key? The pass key is"
-M64 = (1 << 64) - 1
-
-
-def mix(x):  # splitmix64, as probes.cc
-    x = (x + 0x9E3779B97F4A7C15) & M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-def passkey_key(seed, length, depth, digits=5):
-    """probes.cc's PasskeyKey."""
-    h = mix(seed ^ mix(length ^ mix(round(depth * 1e6))))
-    key = ""
-    for i in range(digits):
-        h = mix(h)
-        d = h % 10
-        if i == 0 and d == 0:
-            d = 1 + (h >> 8) % 9
-        key += str(d)
-    return key
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvpress_presses import passkey_prompts  # noqa: E402
 
 
 def main():
@@ -61,9 +39,11 @@ def main():
     ap.add_argument("--keep", type=float, default=0.0085, help="rank: share of tokens kept")
     ap.add_argument("--M", type=int, default=512, help="rank: tokens the share is taken over")
     ap.add_argument("--window", type=int, default=0, help="delay window (0: the adapter's)")
-    ap.add_argument("--depths", default="0.1,0.5,0.9")
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--seed", type=int, default=1, help="key seed (dmsrt eval's)")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin", "dmsrt"))
+    ap.add_argument("--passkey-lengths", default="4096")
+    ap.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    ap.add_argument("--json-out", default="/tmp/passkey_decision_rule.json",
+                    help="results; the prompts are written beside it")
     ap.add_argument("--max-new", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -130,30 +110,10 @@ def main():
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
 
-    def enc(s):
-        return tok.encode(s, add_special_tokens=False)
-
-    def prompt(length, depth, key):
-        intro, filler, q = enc(INTRO), enc(FILLER), enc(QUESTION)
-        needle = enc(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        hay = length - len(intro) - len(needle) - len(q)
-        unit = len(filler)
-        before = min(hay // unit, round(depth * hay / unit))
-        t = list(intro) + filler * before
-        nt = len(t)
-        t += needle
-        left = hay - before * unit
-        while left > 0:
-            take = min(left, unit)
-            t += filler[:take]
-            left -= take
-        return t + q, nt
-
     res = []
-    for depth in [float(x) for x in a.depths.split(",")]:
-        key = passkey_key(a.seed, a.length, depth)
-        ids, needle_at = prompt(a.length, depth, key)
-        assert len(ids) == a.length, len(ids)
+    key_offset = len(tok.encode(" The pass key is", add_special_tokens=False))
+    for p in passkey_prompts(a)["prompts"]:
+        ids, key, depth = p["tokens"], p["key"], p["depth"]
         logits.clear()
         stats.update(flagged=0, total=0)
         t0 = time.time()
@@ -169,17 +129,21 @@ def main():
                 nxt = int(out.logits[0, -1].argmax())
         ans = tok.decode(gen)
         # needle kept: heads (of L x n_kv) that keep the first key digit token of the needle
-        key_tok = needle_at + len(enc(" The pass key is"))
+        key_tok = p["needle_token"] + key_offset
         kept = sum(int(not flags_of(logits[i])[key_tok, h]) for i in range(L)
                    for h in range(cfg.num_key_value_heads))
         rate = stats["flagged"] / max(1, stats["total"])
-        cr = a.length / (W + 1 + (1 - rate) * (a.length - W - 1))
-        r = {"depth": depth, "key": key, "answer": ans, "correct": key in ans, "rate": rate,
+        n = len(ids)
+        cr = n / (W + 1 + (1 - rate) * (n - W - 1))
+        r = {"length": n, "depth": depth, "key": key, "answer": ans, "correct": key in ans, "rate": rate,
              "cr_est": cr, "heads_keeping_key": kept, "seconds": time.time() - t0}
         print(json.dumps(r), flush=True)
         res.append(r)
-    print(json.dumps({"rule": a.rule, "keep": a.keep, "M": a.M, "window": W,
-                      "correct": sum(r["correct"] for r in res), "of": len(res)}))
+    summary = {"rule": a.rule, "keep": a.keep, "M": a.M, "window": W,
+               "correct": sum(r["correct"] for r in res), "of": len(res)}
+    print(json.dumps(summary))
+    with open(a.json_out, "w") as f:
+        json.dump({**summary, "passkey": res}, f, indent=1)
 
 
 if __name__ == "__main__":
