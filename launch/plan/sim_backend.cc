@@ -38,7 +38,8 @@ SimBackend::SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, S
       costs_(costs),
       clock_(clock),
       per_thread_(per_thread),
-      span_sink_(kv_.geometry().block_tokens) {
+      span_sink_(kv_.geometry().block_tokens),
+      views_(static_cast<size_t>(kv_.geometry().n_kv_heads)) {
   // Per-thread lengths: the tokens 1 .. zero_hazard_ end no thread (their hazard is 0), so
   // their steps can run in spans. Beyond, every step may end a thread and is run alone.
   if (per_thread_ != nullptr) {
@@ -96,12 +97,14 @@ absl::StatusOr<ForwardResult> SimBackend::Forward(const std::vector<SeqChunk>& b
   return res;
 }
 
+const std::vector<KvHeadView>& SimBackend::Views(SeqId seq) {
+  kv_.index().HeadViews(seq, 0, views_.data());
+  return views_;
+}
+
 int64_t SimBackend::LiveSlots(SeqId seq) {
-  KvIndex& index = kv_.index();
-  views_.resize(static_cast<size_t>(index.geometry().n_kv_heads));
-  index.HeadViews(seq, 0, views_.data());
   int64_t live = 0;
-  for (const KvHeadView& v : views_) live += v.live;
+  for (const KvHeadView& v : Views(seq)) live += v.live;
   return live;
 }
 
@@ -151,11 +154,9 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
   const int64_t rows = static_cast<int64_t>(seqs.size());
   span_kv_.assign(static_cast<size_t>(steps), 0);
   const int32_t heads = index.geometry().n_kv_heads;
-  views_.resize(static_cast<size_t>(heads));
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqId s = seqs[i];
-    index.HeadViews(s, 0, views_.data());
-    span_sink_.Start(index.Length(s), views_, span_kv_.data());
+    span_sink_.Start(index.Length(s), Views(s), span_kv_.data());
     if (!index.CommitDecodeRun(s, 0, static_cast<int32_t>(steps), static_cast<int32_t>(i),
                                span_sink_)) {
       return absl::InternalError("the simulated KV index refused a decode run");

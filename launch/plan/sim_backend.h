@@ -164,6 +164,8 @@ class SimBackend final : public Backend {
   void Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens, int64_t sampled_rows);
   // Reserves `n` tokens for every sequence (0 gives reservations back); false when one fails.
   bool ReserveAll(const std::vector<SeqId>& seqs, int64_t n);
+  // The simulated heads' views of `seq` (in views_, valid until the next call).
+  const std::vector<KvHeadView>& Views(SeqId seq);
   // Resident slots of `seq` summed over the simulated heads (a decode row reads their mean).
   int64_t LiveSlots(SeqId seq);
 
@@ -178,7 +180,7 @@ class SimBackend final : public Backend {
   double span_before_ = 0.0, span_until_ = 0.0;
   SpanSink span_sink_;
   std::vector<int64_t> span_kv_;  // [steps] slots the span's steps read, summed over heads
-  std::vector<KvHeadView> views_;  // HeadViews scratch, one per simulated head
+  std::vector<KvHeadView> views_;  // Views' scratch, one per simulated head
 };
 
 }  // namespace plan_internal
