@@ -147,6 +147,11 @@ class Serve:
             return None
         return None
 
+    def settled_metric(self, name):
+        """A metric after the replica's next heartbeat (every 250 ms) has carried its figures."""
+        time.sleep(1.0)
+        return self.metric(name)
+
     def wait_ready(self, timeout=180):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -216,18 +221,14 @@ def measure(a, sc, trace, run_dir, i, profile=None):
         srv.wait_ready()
         calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
         # The counter is serve's total: the calibration jobs' preemptions are not the run's.
-        before = 0.0
-        if calibration is not None:
-            time.sleep(1.0)  # the calibration's figures arrive with the next heartbeat
-            before = srv.metric("dmsrt:num_preemptions_total") or 0.0
+        before = (srv.settled_metric("dmsrt:num_preemptions_total") or 0.0) if calibration else 0.0
         out = os.path.join(run_dir, f"loadgen_{i}.json")
         rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
                          "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
         if rc != 0 or not os.path.exists(out):
             raise RuntimeError(f"loadgen failed (rc {rc}): {se[-2000:]}")
         report = json.load(open(out))
-        time.sleep(1.0)  # the replica's last heartbeat (every 250 ms) carries its final figures
-        total = srv.metric("dmsrt:num_preemptions_total")
+        total = srv.settled_metric("dmsrt:num_preemptions_total")
         report["preemptions"] = None if total is None else total - before
         report["calibration"] = calibration
         return report
