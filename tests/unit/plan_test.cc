@@ -343,36 +343,6 @@ constexpr double kPinnedP50 = 4.770223767928691;
 constexpr double kPinnedP90 = 7.9695947705506711;
 constexpr int64_t kPinnedSteps = 4727;
 
-// One best-of-16 job forking in a tight pool under the forced rule, with the default model's KV
-// shapes (30 layers x 3 KV heads, CPU blocks of 16 tokens with dead slots, 16 MiB): `dmsrt serve`
-// preempted 5 of its threads (a one-job trace, prompt 32, 48 tokens, --dms-force-rate 0.875
-// --dms-window 16, measured 2026-12-07). Right after the fork each thread's ring leaves the
-// shared prompt block, and the real store copies it head by head, in the (layer, head) pairs
-// whose leaving token is flagged; one simulated head needs the whole row at once and preempted 6.
-TEST(PlanSimTest, ForkPreemptsAsServeWithHeadsOfTheirOwn) {
-  SimReplicaConfig c = TinyReplica(16 << 20);
-  c.model.n_layers = 30;
-  c.model.n_kv_heads = 3;
-  c.model.n_heads = 9;
-  c.model.head_dim = 64;
-  c.kv_block_bytes = CpuKvBlockBytes(64, 16);
-  c.dead_slots = true;
-  c.eviction_rate = 0.875;
-  c.window = 16;
-  c.prefill_chunk = 512;
-  const Workload w = OneShape(16, 32, 48, 1, 3600);
-  auto preemptions = [&](int32_t max_heads) -> int64_t {
-    c.max_sim_heads = max_heads;
-    absl::StatusOr<SimResult> r = Simulate(c, 1, w, 600);
-    EXPECT_TRUE(r.ok()) << r.status();
-    EXPECT_TRUE(r.ok() && r->complete);
-    return r.ok() ? r->preemptions : -1;
-  };
-  EXPECT_EQ(preemptions(16), 5);  // the default: 15 heads, each for 6 (layer, head) pairs
-  EXPECT_EQ(preemptions(90), 5);  // as many as the grain asks for: 30
-  EXPECT_EQ(preemptions(1), 6);   // a whole row at once
-}
-
 // A fixed scenario's prediction, pinned: per-thread lognormal lengths, Poisson arrivals. A
 // change of these numbers means the scheduler, admission, the KV index or the simulator changed
 // behaviour; check why before updating them.
@@ -403,6 +373,36 @@ TEST(PlanSimTest, PinnedScenario_n4_lognormal_poisson) {
   EXPECT_NEAR(p50, kPinnedP50, 1e-6) << "p50 " << p50 << " p90 " << p90 << " steps " << a->steps;
   EXPECT_NEAR(p90, kPinnedP90, 1e-6) << "p50 " << p50 << " p90 " << p90 << " steps " << a->steps;
   EXPECT_EQ(a->steps, kPinnedSteps);
+}
+
+// One best-of-16 job forking in a tight pool under the forced rule, with the default model's KV
+// shapes (30 layers x 3 KV heads, CPU blocks of 16 tokens with dead slots, 16 MiB): `dmsrt serve`
+// preempted 5 of its threads (a one-job trace, prompt 32, 48 tokens, --dms-force-rate 0.875
+// --dms-window 16, measured 2026-12-07). Right after the fork each thread's ring leaves the
+// shared prompt block, and the real store copies it head by head, in the (layer, head) pairs
+// whose leaving token is flagged; one simulated head needs the whole row at once and preempted 6.
+TEST(PlanSimTest, ForkPreemptsAsServeWithHeadsOfTheirOwn) {
+  SimReplicaConfig c = TinyReplica(16 << 20);
+  c.model.n_layers = 30;
+  c.model.n_kv_heads = 3;
+  c.model.n_heads = 9;
+  c.model.head_dim = 64;
+  c.kv_block_bytes = CpuKvBlockBytes(64, 16);
+  c.dead_slots = true;
+  c.eviction_rate = 0.875;
+  c.window = 16;
+  c.prefill_chunk = 512;
+  const Workload w = OneShape(16, 32, 48, 1, 3600);
+  auto preemptions = [&](int32_t max_heads) -> int64_t {
+    c.max_sim_heads = max_heads;
+    absl::StatusOr<SimResult> r = Simulate(c, 1, w, 600);
+    EXPECT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r.ok() && r->complete);
+    return r.ok() ? r->preemptions : -1;
+  };
+  EXPECT_EQ(preemptions(16), 5);  // the default: 15 heads, each for 6 (layer, head) pairs
+  EXPECT_EQ(preemptions(90), 5);  // as many as the grain asks for: 30
+  EXPECT_EQ(preemptions(1), 6);   // a whole row at once
 }
 
 // Decode spans (Engine::StepMany: runs of pure decode steps advanced as one) against one step
