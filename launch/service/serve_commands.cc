@@ -342,6 +342,7 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
                    static_cast<long long>(s.prefill_tokens), static_cast<long long>(s.kv_tokens),
                    static_cast<long long>(s.sampled_rows), static_cast<long long>(s.retries),
                    seconds);
+      std::fflush(f);  // whole lines on disk: a reader may take the steps so far mid-run
     };
   }
   Engine engine(*backend, *rc.tokenizer, *rc.model, eo);

@@ -124,6 +124,7 @@ class Serve:
     """One `dmsrt serve` (its own coordinator) with the scenario's KV budget and policy."""
 
     def __init__(self, a, sc, log_path, step_log=None):
+        self.step_log = step_log
         self.http = free_port()
         self.metrics = free_port()
         self.log = open(log_path, "w")
@@ -187,36 +188,55 @@ def loadgen_trace(sc, trace, rate, jobs, seed):
 
 
 def serve_overhead(a, sc, srv, run_dir, i, profile):
-    """Serve's step time over bench's, measured on a few jobs with little queueing before the run.
+    """Serve's step time over the profile's, measured on a few jobs with little queueing before the run.
 
-    A calibration trace of CALIB_JOBS jobs of the scenario's shape, spaced at about 3x the
-    unloaded latency the fresh profile predicts, runs through the same serve; the plan predicts
-    the same trace from the profile. Their mean latencies' ratio is the factor the run is then
-    predicted with (plan --step-scale): it holds what bench does not see (the coordinator, the
-    HTTP door and the load generator on the same cores, the serve process's own work)."""
+    A calibration trace of CALIB_JOBS jobs of the scenario's shape, arriving at a rate of one per
+    CALIB_SPACING x the unloaded latency the fresh profile predicts, runs through the same serve
+    with its step log on. `dmsrt plan --check-steps` predicts each of those steps from the
+    profile; the ratio of the measured to the predicted step seconds is the factor the run is
+    then predicted with (plan --step-scale). It holds what bench does not see (the coordinator,
+    the HTTP door and the load generator on the same cores, the serve process's own work, and
+    the drift of this machine's speed since the profile). The ratio of the jobs' measured to
+    predicted p50, the factor of earlier validation runs, is kept beside it: on five jobs it
+    spread from 0.97 to 2.85 where the steps' ratio of the same runs spread from 1.01 to 1.56."""
     j, _ = plan(a, sc, ["--slo", "p90=100000", "--jobs", "10", "--search-steps", "1"], profile=profile)
     unloaded = j["deployments"][0]["unloaded_latency_s"]
     trace = os.path.join(run_dir, f"calibration_{i}.trace")
-    loadgen_trace(sc, trace, 3600.0 / (3.0 * unloaded), CALIB_JOBS, a.seed + 1000 + i)
+    loadgen_trace(sc, trace, 3600.0 / (CALIB_SPACING * unloaded), CALIB_JOBS, a.seed + 1000 + i)
     out = os.path.join(run_dir, f"calibration_{i}.json")
     rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
                      "--n", str(sc["n"]), "--json", out, "--timeout", "3600", "--warmup", "0"])
     if rc != 0 or not os.path.exists(out):
         raise RuntimeError(f"calibration loadgen failed (rc {rc}): {se[-2000:]}")
     measured = json.load(open(out))
+    time.sleep(1.0)  # the last step's line (serve flushes each one)
+    with open(srv.step_log) as f:
+        lines = [ln for ln in f.read().split("\n") if ln]
+    steps = os.path.join(run_dir, f"calibration_steps_{i}.csv")
+    with open(steps, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    rc, so, se = sh([a.binary, "plan", "--profile", profile, "--check-steps", steps, "--json"])
+    if rc != 0:
+        raise RuntimeError(f"plan --check-steps failed (rc {rc}): {se}")
+    check = json.loads(so)["all"]
+    if not check["steps"] or check["predicted_s"] <= 0:
+        raise RuntimeError(f"no calibration steps in {steps}")
     pj, _ = plan(a, sc, ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"], profile=profile)
     pred = pj["deployments"][0]["at_target"]
     m, p = measured.get("latency_p50_s"), pred.get("latency_p50_s")
-    factor = m / p if m and p else 1.0
-    return {"factor": factor, "measured_p50_s": m, "predicted_p50_s": p, "trace": trace}
+    return {"factor": check["measured_s"] / check["predicted_s"], "steps": check["steps"],
+            "step_log_lines": len(lines) - 1, "measured_step_s": check["measured_s"],
+            "predicted_step_s": check["predicted_s"], "job_p50_factor": m / p if m and p else None,
+            "measured_p50_s": m, "predicted_p50_s": p, "trace": trace}
 
 
-CALIB_JOBS = 5
+CALIB_JOBS = 10
+CALIB_SPACING = 1.5
 
 
 def measure(a, sc, trace, run_dir, i, profile=None):
     srv = Serve(a, sc, os.path.join(run_dir, f"serve_{i}.log"),
-                os.path.join(run_dir, f"steps_{i}.csv") if a.step_log else None)
+                os.path.join(run_dir, f"steps_{i}.csv") if a.step_log or a.serve_overhead else None)
     try:
         srv.wait_ready()
         calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
@@ -330,9 +350,10 @@ def main():
                     help="serve logs every engine step (steps_<run>.csv beside its log) for "
                          "`dmsrt plan --profile P --check-steps`")
     ap.add_argument("--serve-overhead", action="store_true",
-                    help="with --profile-each-run: before each run, time a few isolated jobs through "
-                         "the same serve against the plan's prediction of them, and predict the run "
-                         "with that ratio (plan --step-scale)")
+                    help="with --profile-each-run: before each run, run a few jobs through the same "
+                         "serve with its step log on, compare their steps with the profile's "
+                         "prediction (plan --check-steps), and predict the run with that ratio "
+                         "(plan --step-scale)")
     a = ap.parse_args()
     if a.serve_overhead and not a.profile_each_run:
         ap.error("--serve-overhead needs --profile-each-run")
