@@ -16,12 +16,12 @@ rate in jobs/h instead.
     python3 tests/bench/plan_validation.py --binary build/bin/dmsrt --runs 3 --json out.json
     python3 tests/bench/plan_validation.py --smoke          # one tiny scenario, one run (CI)
 
-With --profile-each-run the script also measures a fresh profile just before every real run and
-predicts that run from it (the trace and its rate stay those of the first profile): the
-prediction of a scenario is then the mean of its runs' predictions. This VM's speed drifts by up
-to a third within an hour, so a profile taken once at the start can be off by more than the
-planner's own error by the time a scenario runs; the JSON keeps both predictions (from the
-first profile and from the runs' own).
+With --profile-each-run the script measures a profile just before each scenario, which sets
+its rate, trace and first prediction, and a fresh one just before every real run, which predicts
+that run: the prediction of a scenario is then the mean of its runs' predictions. This VM's
+speed drifts by up to 1.7x within an hour, so a profile taken once at the start can be off by
+more than the planner's own error by the time a scenario runs; the JSON keeps both predictions
+(from the scenario's profile and from the runs' own).
 
 Writes its files (profile, traces, plans, loadgen reports, serve logs) under --workdir.
 """
@@ -106,14 +106,14 @@ def plan(a, sc, extra, profile=None):
     return json.loads(out), " ".join(cmd)
 
 
-def scenario_rate(a, sc):
+def scenario_rate(a, sc, profile):
     """Jobs/h for the scenario: given, or load x the planner's capacity at 3x unloaded p90."""
     if "rate" in sc:
         return sc["rate"], None
-    j, _ = plan(a, sc, ["--slo", "p90=100000", "--jobs", "40", "--search-steps", "1"])
+    j, _ = plan(a, sc, ["--slo", "p90=100000", "--jobs", "40", "--search-steps", "1"], profile=profile)
     unloaded = j["deployments"][0]["unloaded_latency_s"]
     slo = 3.0 * unloaded
-    j, _ = plan(a, sc, ["--slo", f"p90={slo:.3f}", "--jobs", "60", "--search-steps", "5"])
+    j, _ = plan(a, sc, ["--slo", f"p90={slo:.3f}", "--jobs", "60", "--search-steps", "5"], profile=profile)
     cap = j["deployments"][0]["capacity_jobs_per_hour_per_replica"]
     if not cap:
         raise RuntimeError(f"{sc['name']}: the planner found no capacity at p90 <= {slo:.2f} s")
@@ -265,12 +265,17 @@ def err(pred, meas):
 def run_scenario(a, sc):
     d = os.path.join(a.workdir, sc["name"])
     os.makedirs(d, exist_ok=True)
-    rate, cap = scenario_rate(a, sc)
+    # With --profile-each-run the scenario's rate (and its first prediction) comes from a profile
+    # measured just before the scenario, not from the one at the start of the whole run: this
+    # machine's speed drifts by up to 1.7x within an hour, and a rate set from a fast moment's
+    # profile puts the later scenarios near saturation.
+    rate_profile = measure_profile(a, os.path.join(d, "profile_rate.json")) if a.profile_each_run else a.profile
+    rate, cap = scenario_rate(a, sc, rate_profile)
     trace = os.path.join(d, "jobs.trace")
     jobs = a.jobs or sc.get("jobs", 50)
     loadgen_trace(sc, trace, rate, jobs, a.seed)
     trace_plan = ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"]
-    pj, plan_cmd = plan(a, sc, [*trace_plan, "--out", os.path.join(d, "plan.json")])
+    pj, plan_cmd = plan(a, sc, [*trace_plan, "--out", os.path.join(d, "plan.json")], profile=rate_profile)
     pred = first_pred = predicted(pj)
     runs, run_preds = [], []
     for i in range(a.runs):
@@ -300,7 +305,7 @@ def run_scenario(a, sc):
     errors = {k: err(pred[k], meas[k]["mean"]) for k in ("jobs_per_hour", "p50", "p90", "p99")}
     verdict = {"throughput_within_10pct": errors["jobs_per_hour"] is not None and abs(errors["jobs_per_hour"]) <= 10,
                "p90_within_20pct": errors["p90"] is not None and abs(errors["p90"]) <= 20}
-    return {"scenario": sc, "rate_jobs_per_hour": rate, "capacity": cap, "jobs": jobs, "trace": trace,
+    return {"scenario": sc, "rate_jobs_per_hour": rate, "capacity": cap, "rate_profile": rate_profile, "jobs": jobs, "trace": trace,
             "plan_command": plan_cmd, "predicted": pred, "predicted_first_profile": first_pred,
             "errors_pct_first_profile": {k: err(first_pred[k], meas[k]["mean"])
                                          for k in ("jobs_per_hour", "p50", "p90", "p99")},
