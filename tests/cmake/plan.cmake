@@ -16,9 +16,11 @@ endif()
 # the start and replayed on a real `dmsrt serve` with loadgen (the same job trace).
 # plan_validation_smoke (label bench, about 20-40 s): one tiny scenario, one run; checks the
 # mechanics (both sides run, every figure is there, no job fails), not the accuracy.
-# plan_validation_full (label bench_full, 30-60 minutes on 2 cores): seven scenarios, 3 runs
+# plan_validation_full (label bench_full, about 90 minutes on 2 cores): seven scenarios, 3 runs
 # each, the table of predicted against measured jobs/h and p50/p90/p99 with the verdicts
-# (throughput within 10 %, p90 within 20 %). Run it with
+# (throughput within 10 %, p90 within 20 %), by the method of docs/planning.md: a profile
+# before each scenario and each run, and the serving overhead from calibration jobs' steps.
+# Run it with
 #   ctest --test-dir build -R plan_validation_full -V
 if(DMSRT_HAVE_GRPC AND Python3_Interpreter_FOUND AND TARGET dmsrt AND
    EXISTS ${PROJECT_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
@@ -31,6 +33,7 @@ if(DMSRT_HAVE_GRPC AND Python3_Interpreter_FOUND AND TARGET dmsrt AND
   add_test(NAME plan_validation_full
            COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/bench/plan_validation.py
                    --binary $<TARGET_FILE:dmsrt> --runs 3
+                   --profile-each-run --serve-overhead --step-log
                    --workdir ${PROJECT_BINARY_DIR}/plan_validation_full
                    --json ${PROJECT_BINARY_DIR}/plan_validation_full.json)
   set_tests_properties(plan_validation_full PROPERTIES LABELS bench_full TIMEOUT 7200 RUN_SERIAL TRUE)
