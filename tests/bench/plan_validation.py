@@ -28,6 +28,7 @@ Writes its files (profile, traces, plans, loadgen reports, serve logs) under --w
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -148,9 +149,14 @@ class Serve:
             return None
         return None
 
-    def settled_metric(self, name):
-        """A metric after the replica's next heartbeat (every 250 ms) has carried its figures."""
+    @staticmethod
+    def settle():
+        """Waits for the replica's next heartbeat (every 250 ms) to carry its figures."""
         time.sleep(1.0)
+
+    def settled_metric(self, name):
+        """A metric after the replica's next heartbeat has carried its figures."""
+        self.settle()
         return self.metric(name)
 
     def wait_ready(self, timeout=180):
@@ -209,12 +215,11 @@ def serve_overhead(a, sc, srv, run_dir, i, profile):
     if rc != 0 or not os.path.exists(out):
         raise RuntimeError(f"calibration loadgen failed (rc {rc}): {se[-2000:]}")
     measured = json.load(open(out))
-    time.sleep(1.0)  # the last step's line (serve flushes each one)
-    with open(srv.step_log) as f:
-        lines = [ln for ln in f.read().split("\n") if ln]
+    srv.settle()  # the last step's line (serve flushes each one) and the last heartbeat
     steps = os.path.join(run_dir, f"calibration_steps_{i}.csv")
-    with open(steps, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    shutil.copyfile(srv.step_log, steps)
+    with open(steps) as f:
+        lines = [ln for ln in f.read().split("\n") if ln]
     rc, so, se = sh([a.binary, "plan", "--profile", profile, "--check-steps", steps, "--json"])
     if rc != 0:
         raise RuntimeError(f"plan --check-steps failed (rc {rc}): {se}")
@@ -241,7 +246,8 @@ def measure(a, sc, trace, run_dir, i, profile=None):
         srv.wait_ready()
         calibration = serve_overhead(a, sc, srv, run_dir, i, profile) if a.serve_overhead else None
         # The counter is serve's total: the calibration jobs' preemptions are not the run's.
-        before = (srv.settled_metric("dmsrt:num_preemptions_total") or 0.0) if calibration else 0.0
+        # serve_overhead has already waited for the last heartbeat before reading the step log.
+        before = (srv.metric("dmsrt:num_preemptions_total") or 0.0) if calibration else 0.0
         out = os.path.join(run_dir, f"loadgen_{i}.json")
         rc, so, se = sh([sys.executable, LOADGEN, "--url", f"http://127.0.0.1:{srv.http}", "--trace", trace,
                          "--n", str(sc["n"]), "--json", out, "--timeout", "3600"])
