@@ -20,6 +20,10 @@ Targets (`--target`):
           per query so that tokens near a run's end, with fewer later queries, are not
           penalised), where `future` asks for the single largest weight. On the held-out
           text it gives a higher KL than `future` at every window tried (docs/quality.md).
+  future-v  `future` weighted by what the token's value adds to the layer's output: the largest
+          attention weight from beyond the window times || W_o[:, head] v_k ||, the norm of the
+          token's value through the query head's slice of the output projection. A token that
+          is attended to but whose value is small changes the output little when it goes.
   kvzip   the KVzap baseline (Jegou et al., arXiv 2601.07891): the KVzip+ score, i.e. the largest
           attention weight a token receives while the model reconstructs the context (context,
           a "repeat the previous context" instruction, the context again), times the norm of the
@@ -75,7 +79,7 @@ def parse_args(argv):
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration text files (default: tests/data/eval/calibration.txt and "
                         "tests/data/calib/*.txt); never the held-out text")
-    p.add_argument("--target", choices=["future", "future-mean", "kvzip"], default="future")
+    p.add_argument("--target", choices=["future", "future-mean", "future-v", "kvzip"], default="future")
     p.add_argument("--window", type=int, default=32, help="DMS delay window w (dms_window_size)")
     p.add_argument("--delay-window", type=int, default=None,
                    help="the window written to the file (dms_window_size) when it differs from "
@@ -107,8 +111,9 @@ def parse_args(argv):
 
 
 def attention_target(args):
-    """Whether the target is attention from beyond the window (`future`, `future-mean`): plain
-    RMS-normalised features, rows valid only where some query lies beyond the window."""
+    """Whether the target is attention from beyond the window (`future`, `future-mean`,
+    `future-v`): plain RMS-normalised features, rows valid only where some query lies beyond
+    the window."""
     return args.target != "kvzip"
 
 
@@ -175,25 +180,19 @@ class Collector:
                 q = torch.arange(L).view(L, 1)
                 k = torch.arange(L).view(1, L)
                 a = a.masked_fill((q - k) <= w, 0.0)
-                if self.args.target == "future":
-                    m = a.amax(dim=1)  # [heads, L]: best query beyond the window, per key
-                else:
+                if self.args.target == "future-mean":
                     n_q = (L - 1 - w - torch.arange(L)).clamp(min=1).to(a.dtype)
                     m = a.sum(dim=1) / n_q  # [heads, L]: mean over the queries beyond the window
+                else:
+                    m = a.amax(dim=1)  # [heads, L]: best query beyond the window, per key
+                if self.args.target == "future-v":
+                    m = m * self._out_norms(module, i, L)
             else:
                 c, q0 = self.ctx_len, self.query_from
                 a = a[:, q0:, :c]  # reconstruction queries x context keys
                 hq = torch.linalg.norm(h[0, q0:], dim=-1)  # [Q]
                 a = a / hq.view(1, -1, 1)
-                # || W_o[:, head] v_k || for each query head's KV head
-                wo = module.o_proj.weight.detach()  # [hidden, heads*hd]
-                v = self.values[i][:c].view(c, self.n_kv, self.head_dim)
-                norms = []
-                for hh in range(self.n_heads):
-                    j = hh // self.group
-                    wo_h = wo[:, hh * self.head_dim:(hh + 1) * self.head_dim]
-                    norms.append(torch.linalg.norm(v[:, j, :] @ wo_h.T, dim=-1))
-                a = a * torch.stack(norms).view(self.n_heads, 1, c)
+                a = a * self._out_norms(module, i, c).view(self.n_heads, 1, c)
                 m = a.amax(dim=1)  # [heads, c]
             if self.args.target == "future-mean":
                 m = m.view(self.n_kv, self.group, -1).mean(dim=1)
@@ -201,6 +200,19 @@ class Collector:
                 m = m.view(self.n_kv, self.group, -1).amax(dim=1)
             self.target[i] = torch.log(m + 1e-6).float().numpy()
         return hook
+
+    def _out_norms(self, module, i, c):
+        """|| W_o[:, head] v_k || for the first c tokens, per query head (its KV head's value
+        through that query head's slice of the output projection): [heads, c]."""
+        torch = self.torch
+        wo = module.o_proj.weight.detach()  # [hidden, heads*hd]
+        v = self.values[i][:c].view(c, self.n_kv, self.head_dim)
+        norms = []
+        for hh in range(self.n_heads):
+            j = hh // self.group
+            wo_h = wo[:, hh * self.head_dim:(hh + 1) * self.head_dim]
+            norms.append(torch.linalg.norm(v[:, j, :] @ wo_h.T, dim=-1))
+        return torch.stack(norms)
 
     def close(self):
         for h in self.handles:
