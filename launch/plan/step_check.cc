@@ -39,15 +39,16 @@ absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<s
       if (line.empty() || line.rfind("decode_rows", 0) == 0) continue;  // a header
       std::vector<std::string> v = absl::StrSplit(line, ',');
       std::array<int64_t, 5> n{};
-      double seconds = 0;
-      bool ok = v.size() == 6;
+      double seconds = 0, end_s = 0;
+      bool ok = v.size() == 6 || v.size() == 7;  // logs before end_s have 6 columns
       for (size_t i = 0; ok && i < n.size(); ++i) ok = absl::SimpleAtoi(v[i], &n[i]) && n[i] >= 0;
       ok = ok && absl::SimpleAtod(v[5], &seconds) && seconds >= 0;
+      ok = ok && (v.size() == 6 || (absl::SimpleAtod(v[6], &end_s) && end_s >= 0));
       if (!ok) {
         if (f.peek() == EOF) break;  // the last line, still being written
         return absl::InvalidArgumentError(absl::StrCat(
             path, ":", no, ": expected decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,"
-            "seconds as `dmsrt serve --step-log` writes them, got '", line, "'"));
+            "seconds[,end_s] as `dmsrt serve --step-log` writes them, got '", line, "'"));
       }
       StepGroup& g = by_kind[KindIndex(n[0], n[1])];
       ++g.steps;

@@ -1,6 +1,7 @@
 // A real run's engine steps against the planner's step-time model: `dmsrt plan --profile P
 // --check-steps LOG...` reads the CSV lines `dmsrt serve --step-log` writes (decode rows, prefill
-// tokens, the decode rows' KV tokens, sampled rows, retries, seconds), predicts each step with
+// tokens, the decode rows' KV tokens, sampled rows, retries, seconds; newer logs add end_s, when
+// the step ended, which the check validates and leaves to timeline tools), predicts each step with
 // the profile's StepCosts::Seconds (what the simulator advances its clock by) and sums measured
 // and predicted time by kind of step, so that the terms the model gets wrong show up.
 #pragma once

@@ -22,6 +22,7 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -336,12 +337,17 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
           absl::StrCat("--step-log ", o.step_log, ": ", std::strerror(errno)));
     }
     std::FILE* f = step_log.get();
-    std::fprintf(f, "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n");
-    eo.on_step = [f](const StepShape& s, double seconds) {
-      std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%.6f\n", static_cast<long long>(s.decode_rows),
-                   static_cast<long long>(s.prefill_tokens), static_cast<long long>(s.kv_tokens),
-                   static_cast<long long>(s.sampled_rows), static_cast<long long>(s.retries),
-                   seconds);
+    std::fprintf(f, "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n");
+    // end_s: when the step ended, in seconds since this header; with `seconds` it places every
+    // step on serve's timeline, so the time between steps (idle or not) can be read off too.
+    const auto opened = std::chrono::steady_clock::now();
+    eo.on_step = [f, opened](const StepShape& s, double seconds) {
+      const double end_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - opened).count();
+      std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%.6f,%.6f\n",
+                   static_cast<long long>(s.decode_rows), static_cast<long long>(s.prefill_tokens),
+                   static_cast<long long>(s.kv_tokens), static_cast<long long>(s.sampled_rows),
+                   static_cast<long long>(s.retries), seconds, end_s);
       std::fflush(f);  // whole lines on disk: a reader may take the steps so far mid-run
     };
   }
@@ -420,7 +426,8 @@ void SetupServe(CLI::App& app, ServeOptions& o) {
       ->type_name("ADDRESS");
   app.add_option("--step-log", o.step_log,
                  "append one CSV line per engine step (decode rows, prefill tokens, KV tokens, "
-                 "sampled rows, retries, seconds) to FILE, to compare with a profile "
+                 "sampled rows, retries, seconds, and when it ended in seconds since the log opened) to "
+                 "FILE, to compare with a profile "
                  "(`dmsrt plan --check-steps`)")
       ->type_name("FILE");
   AddServiceOptions(app, &o.service);

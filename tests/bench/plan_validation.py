@@ -134,6 +134,8 @@ class Serve:
                     "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{self.http}",
                     "--metrics-port", str(self.metrics), *policy_args(sc, False)]
         if step_log:
+            if os.path.exists(step_log):
+                os.remove(step_log)  # serve appends: a rerun in the same --workdir starts afresh
             self.cmd += ["--step-log", step_log]
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -245,9 +245,9 @@ TEST(PlanStepCheckTest, SumsMeasuredAndPredictedByKind) {
     f << "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n"
       << "3,0,300,3,0,0.020\n"
       << "12,0,1200,12,0,0.040\n"
-      << "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds\n"
-      << "0,64,0,1,0,0.030\n"
-      << "2,16,200,2,1,0.025\n"
+      << "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n"
+      << "0,64,0,1,0,0.030,0.031\n"
+      << "2,16,200,2,1,0.025,0.070\n"
       << "5,0,5";  // still being written
   }
   absl::StatusOr<StepCheck> r = CheckSteps(c, {path});
@@ -266,6 +266,13 @@ TEST(PlanStepCheckTest, SumsMeasuredAndPredictedByKind) {
   {
     std::ofstream f(path);
     f << "3,0,300,3,0,0.020\nthree,0,300,3,0,0.020\n1,0,10,1,0,0.01\n";
+  }
+  r = CheckSteps(c, {path});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("steps.csv:2"), std::string::npos) << r.status();
+  {
+    std::ofstream f(path);
+    f << "3,0,300,3,0,0.020,0.5\n1,0,10,1,0,0.01,later\n1,0,10,1,0,0.01,0.6\n";
   }
   r = CheckSteps(c, {path});
   ASSERT_FALSE(r.ok());
