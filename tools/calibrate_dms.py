@@ -255,6 +255,10 @@ def collect(args, torch, tok, model, texts):
     for path in texts:
         ids = tok(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
         runs += chunks_of(ids, args.chunk, args.window)
+    if not runs:
+        raise SystemExit(f"calibrate_dms: no calibration run is longer than 4 x --window "
+                         f"({4 * args.window} tokens) with --chunk {args.chunk}: use a longer "
+                         f"--chunk, longer texts or a shorter --window")
     repeat = tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
     t0 = time.time()
     for ci, ids in enumerate(runs):
