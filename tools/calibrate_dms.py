@@ -79,7 +79,8 @@ def parse_args(argv):
     p.add_argument("--text", nargs="+", default=None,
                    help="calibration text files (default: tests/data/eval/calibration.txt and "
                         "tests/data/calib/*.txt); never the held-out text")
-    p.add_argument("--target", choices=["future", "future-mean", "future-v", "kvzip"], default="future")
+    p.add_argument("--target", choices=["future", "future-mean", "future-v", "kvzip"],
+                   default="future")
     p.add_argument("--window", type=int, default=32, help="DMS delay window w (dms_window_size)")
     p.add_argument("--delay-window", type=int, default=None,
                    help="the window written to the file (dms_window_size) when it differs from "

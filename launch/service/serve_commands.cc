@@ -22,8 +22,8 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <atomic>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -426,9 +426,8 @@ void SetupServe(CLI::App& app, ServeOptions& o) {
       ->type_name("ADDRESS");
   app.add_option("--step-log", o.step_log,
                  "append one CSV line per engine step (decode rows, prefill tokens, KV tokens, "
-                 "sampled rows, retries, seconds, and when it ended in seconds since the log opened) to "
-                 "FILE, to compare with a profile "
-                 "(`dmsrt plan --check-steps`)")
+                 "sampled rows, retries, seconds, and when it ended in seconds since the log "
+                 "opened) to FILE, to compare with a profile (`dmsrt plan --check-steps`)")
       ->type_name("FILE");
   AddServiceOptions(app, &o.service);
   AddRunOptions(app, &o.run);
