@@ -118,6 +118,10 @@ absl::Status Plan(const PlanCommandOptions& o) {
   in.search_steps = o.search_steps;
   in.fixed_replicas = o.replicas;
   in.decode_spans = !o.step_by_step;
+  in.step_log_path = o.step_log;
+  if (!o.step_scale_trace.empty()) {
+    DMSRT_ASSIGN_OR_RETURN(in.speed, ReadSpeedTrace(o.step_scale_trace));
+  }
   if (!o.trace.empty()) {
     DMSRT_ASSIGN_OR_RETURN(JobTrace t, ReadJobTrace(o.trace));
     in.trace_path = o.trace;
@@ -154,6 +158,12 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
                  "multiply every step time of the measured profile by this (a measured overhead of "
                  "the serving process over bench's engine alone; marked in the provenance)")
       ->check(CLI::Range(0.1, 10.0));
+  app.add_option("--step-scale-trace", o.step_scale_trace,
+                 "with --replicas and --trace: also multiply each step's time by the factor of "
+                 "this file at the step's start (lines 'FROM_SECONDS FACTOR' on the trace's "
+                 "clock): a replay of a run whose machine changed speed during it")
+      ->type_name("FILE")
+      ->check(CLI::ExistingFile);
   app.add_option("--profile", o.profile,
                  "(required) a profile written by `dmsrt bench --out`, or a datasheet: h100-sxm, h200")
       ->type_name("FILE|NAME");
@@ -204,6 +214,11 @@ void SetupPlan(CLI::App& app, PlanCommandOptions& o) {
                  "of step")
       ->type_name("FILE...")
       ->check(CLI::ExistingFile);
+  app.add_option("--step-log", o.step_log,
+                 "with --replicas (one --tp, one --evict): write every simulated step here in the "
+                 "columns `serve --step-log` writes, end_s on the simulated clock from the "
+                 "trace's 0, to lay the prediction's timeline beside a real run's")
+      ->type_name("FILE");
   app.add_flag("--step-by-step", o.step_by_step,
                "simulate one engine step at a time instead of advancing runs of decode steps "
                "between events as one (the same result, slower; for checking)");

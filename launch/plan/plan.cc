@@ -3,8 +3,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <limits>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -12,6 +16,7 @@
 #include "launch/admission.h"
 #include "launch/eval/svg_plot.h"
 #include "launch/figures.h"
+#include "launch/plan/step_check.h"
 #include "parallel/status_macros.h"
 #include "runtime/kv/kv_sizing.h"
 
@@ -34,6 +39,7 @@ absl::StatusOr<SimReplicaConfig> ReplicaConfig(const PlanInputs& in, int32_t tp,
   c.prefill_chunk = in.prefill_chunk;
   c.max_running_threads = in.max_running_threads;
   c.decode_spans = in.decode_spans;
+  c.speed = in.speed;
   MemoryBreakdown& m = d->memory;
   // A GPU's pool: what the CUDA backend takes by default after bf16 weights and its context.
   auto gpu_memory = [&](int64_t device_bytes, int64_t weight_bytes) {
@@ -248,6 +254,19 @@ absl::StatusOr<DeploymentPlan> PlanDeployment(const PlanInputs& in, int32_t tp, 
     return d;
   }
   if (in.fixed_replicas > 0) {
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> log(nullptr, &std::fclose);
+    if (!in.step_log_path.empty()) {
+      log.reset(std::fopen(in.step_log_path.c_str(), "w"));
+      if (log == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--step-log ", in.step_log_path, ": ", std::strerror(errno)));
+      }
+      std::FILE* f = log.get();
+      std::fputs(kStepLogHeader, f);
+      c.on_step = [f](int32_t, const StepShape& s, double seconds, double end_s) {
+        WriteStepLogLine(f, s, seconds, end_s);
+      };
+    }
     DMSRT_ASSIGN_OR_RETURN(SimResult r, RunAt(in, c, in.fixed_replicas, in.target_jobs_per_hour, false));
     d.replicas = in.fixed_replicas;
     d.gpus = d.replicas * tp;
@@ -350,6 +369,16 @@ absl::Status CheckInputs(const PlanInputs& in) {
   if (in.nodes * in.gpus_per_node < 1) return absl::InvalidArgumentError("nodes x GPUs must be >= 1");
   if (in.fixed_replicas > 0 && !(in.target_jobs_per_hour > 0) && in.workload.arrivals.empty()) {
     return absl::InvalidArgumentError("a fixed replica count needs a target rate (--rate) or a trace");
+  }
+  if (!in.speed.empty() && in.fixed_replicas < 1) {
+    return absl::InvalidArgumentError(
+        "--step-scale-trace replays a given deployment: add --replicas N and a --trace");
+  }
+  if (!in.step_log_path.empty() &&
+      (in.fixed_replicas < 1 || in.tp_options.size() != 1 || in.eviction_rates.size() != 1)) {
+    return absl::InvalidArgumentError(
+        "--step-log writes the steps of one predicted deployment: give --replicas N, one --tp "
+        "and one --evict");
   }
   if (!in.workload.arrivals.empty() && in.fixed_replicas < 1) {
     return absl::InvalidArgumentError(

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "launch/plan/profile.h"
 #include "launch/plan/sim.h"
+#include "launch/plan/trace.h"
 #include "runtime/model/model.h"
 
 namespace dmsrt {
@@ -47,6 +48,12 @@ struct PlanInputs {
   std::string model_path_for_command;  // for the printed launch command
   std::string trace_path;              // the jobs come from this trace (--trace), if set
   bool decode_spans = true;            // false: one engine step at a time (same results, slower)
+  // With fixed_replicas: write every simulated step of the run at the target rate here, in the
+  // columns `serve --step-log` writes (end_s on the simulated clock, from the first arrival's 0).
+  std::string step_log_path;
+  // With fixed_replicas: step times also times this trace's factor at each step (plan
+  // --step-scale-trace; see trace.h).
+  SpeedTrace speed;
   // Every step time of a measured profile times this (plan --step-scale): a measured overhead
   // of the serving process over `dmsrt bench`, whose engine runs alone.
   double step_scale = 1.0;

@@ -13,6 +13,7 @@ struct PlanCommandOptions {
   std::string model;
   std::string profile;
   double step_scale = 1.0;
+  std::string step_scale_trace;  // FILE: step times by time (trace.h's SpeedTrace)
   int32_t nodes = 1;
   int32_t gpus = 8;
   std::vector<int32_t> tp = {1};
@@ -37,6 +38,7 @@ struct PlanCommandOptions {
   std::string trace;
   std::vector<std::string> check_steps;  // serve --step-log files: check them, plan nothing
   bool step_by_step = false;
+  std::string step_log;  // with --replicas: the simulated steps, as serve --step-log writes them
   bool json = false;
   std::string out, svg;
 };

@@ -19,7 +19,7 @@ nlohmann::json Num(double v) {
 }
 
 nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
-  return {{"jobs_per_hour", Num(r.jobs_per_hour)},
+  nlohmann::json j = {{"jobs_per_hour", Num(r.jobs_per_hour)},
           {"threads_per_second", Num(r.threads_per_second)},
           {"tokens_per_second", Num(r.tokens_per_second)},
           {"latency_p50_s", Num(Percentile(r.latency, 50))},
@@ -45,6 +45,13 @@ nlohmann::json SimJson(const PlanInputs& in, const SimResult& r) {
             {"sampling", r.seconds_sampling}}},
           {"simulated_seconds", r.sim_seconds},
           {"wall_seconds", r.wall_seconds}};
+  if (!in.trace_path.empty()) {
+    // Job by job, for laying beside a load generator's own records of the same trace.
+    nlohmann::json done = nlohmann::json::array();
+    for (double t : r.job_done) done.push_back(t >= 0 ? Num(t) : nullptr);
+    j["job_done_s"] = std::move(done);
+  }
+  return j;
 }
 
 }  // namespace
@@ -113,6 +120,10 @@ nlohmann::json PlanJson(const PlanInputs& in, const PlanResult& r) {
             {"step_scale", in.step_scale},
             {"bench_provenance", in.measured.provenance}};
   }
+  if (!in.speed.empty()) {
+    // A replay at a given machine speed over time: not a prediction made before the run.
+    prov["step_scale_trace"] = {{"from_s", in.speed.from}, {"factor", in.speed.factor}};
+  }
   nlohmann::json j = {
       {"schema_version", 1},
       {"model", in.model_name},
@@ -147,7 +158,11 @@ std::string PlanTable(const PlanInputs& in, const PlanResult& r) {
                                                     absl::StrFormat("%.0f%%", 100 * in.measured.fit_max_rel_error),
                                                     in.step_scale != 1.0
                                                         ? absl::StrFormat(", step times x %.3f (--step-scale)", in.step_scale)
-                                                        : std::string())
+                                                        : std::string(),
+                                                    in.speed.empty()
+                                                        ? std::string()
+                                                        : absl::StrFormat(", and by time x %d factors (--step-scale-trace)",
+                                                                          in.speed.from.size()))
                                            .c_str());
   if (in.trace_path.empty()) {
     absl::StrAppendFormat(&o, "workload: best-of-%d, prompt %s, reasoning %s; SLO p%g <= %.0f s\n\n",

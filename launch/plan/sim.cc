@@ -279,11 +279,18 @@ absl::Status Simulation::Build(int32_t replicas) {
     const int64_t unit_bytes = cfg_.kv_block_bytes * per_block;
     DMSRT_ASSIGN_OR_RETURN(std::unique_ptr<KvIndex> index,
                            MakeKvIndex(geo, policy, pool * unit_bytes, unit_bytes, cfg_.dead_slots));
-    rep->backend = std::make_unique<SimBackend>(std::move(index), cfg_.costs, &rep->clock, per_thread);
+    rep->backend = std::make_unique<SimBackend>(std::move(index), cfg_.costs, &rep->clock, per_thread,
+                                                cfg_.speed.empty() ? nullptr : &cfg_.speed);
     EngineOptions eo;
     eo.prefill_chunk = cfg_.prefill_chunk;
     eo.max_running_threads = cfg_.max_running_threads;
     eo.clock = &rep->clock;
+    if (cfg_.on_step) {
+      const SimClock* clock = &rep->clock;
+      eo.on_step = [this, r, clock](const StepShape& shape, double seconds) {
+        cfg_.on_step(r, shape, seconds, clock->Seconds());
+      };
+    }
     rep->engine = std::make_unique<Engine>(*rep->backend, tok_, model_, eo);
     ReplicaCapacity& c = rep->capacity;
     c.id = r;
@@ -388,7 +395,7 @@ absl::Status Simulation::Arrive(double t) {
 
 absl::Status Simulation::StepReplica(SimReplica* rep, double t_arr, double cutoff) {
   rep->backend->SetSpanWindow(t_arr, cutoff);
-  DMSRT_RETURN_IF_ERROR(rep->engine->StepMany(cfg_.decode_spans ? kMaxSpan : 1).status());
+  DMSRT_RETURN_IF_ERROR(rep->engine->StepMany(cfg_.decode_spans && !cfg_.on_step && cfg_.speed.empty() ? kMaxSpan : 1).status());
   ++res_.step_calls;
   const EngineStats s = rep->engine->Stats();
   res_.peak_running_threads = std::max(res_.peak_running_threads, s.peak_running_threads);
@@ -489,6 +496,7 @@ void Simulation::Summarise() {
   for (int64_t i = 0; i < n_jobs; ++i) {
     const SimJob& j = jobs_[i];
     if (j.failed) ++res.jobs_failed;
+    res.job_done.push_back(j.done);
     if (i < warm_) continue;
     if (j.done >= 0) {
       res.latency.push_back(j.done - j.arrival);

@@ -24,12 +24,15 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "launch/plan/profile.h"
+#include "launch/plan/trace.h"
+#include "runtime/engine/engine.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/model.h"
 
@@ -88,6 +91,14 @@ struct SimReplicaConfig {
   // KV heads the simulated index keeps at most under the forced rule (sim.cc's SimHeads); the
   // rank's n_layers x local KV heads allows every (layer, head) pair (slower; for checking).
   int32_t max_sim_heads = 16;
+  // When set, called after every simulated engine step with the replica, what the step held,
+  // its seconds and when it ended on the simulated clock (the columns `serve --step-log`
+  // writes, so a prediction's timeline can be laid beside a real run's). Decode spans are then
+  // not used: every step is one call.
+  std::function<void(int32_t replica, const StepShape&, double seconds, double end_s)> on_step;
+  // Not empty: every step's time times the trace's factor at its start (a replay of a run whose
+  // machine changed speed; see trace.h). Decode spans are then not used.
+  SpeedTrace speed;
 };
 
 struct SimResult {
@@ -98,6 +109,7 @@ struct SimResult {
   double sim_seconds = 0.0;
   std::vector<double> latency;      // measured jobs (after warm-up); +inf for unfinished
   std::vector<double> first_thread; // time to the first finished thread, measured jobs
+  std::vector<double> job_done;     // every job's finish time in arrival order (-1: unfinished)
   double jobs_per_hour = 0.0;       // measured jobs finished / their span
   double threads_per_second = 0.0;
   double tokens_per_second = 0.0;   // generated

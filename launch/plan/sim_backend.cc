@@ -33,11 +33,12 @@ absl::Status SimKv::Free(SeqId seq) {
 }
 
 SimBackend::SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, SimClock* clock,
-                       const LengthDist* per_thread)
+                       const LengthDist* per_thread, const SpeedTrace* speed)
     : kv_(std::move(index), &seqs_),
       costs_(costs),
       clock_(clock),
       per_thread_(per_thread),
+      speed_(speed),
       span_sink_(kv_.geometry().block_tokens),
       views_(static_cast<size_t>(kv_.geometry().n_kv_heads)) {
   // Per-thread lengths: the tokens 1 .. zero_hazard_ end no thread (their hazard is 0), so
@@ -170,18 +171,20 @@ absl::Status SimBackend::ForwardDecodeSpan(const std::vector<SeqId>& seqs, int64
 
 void SimBackend::Account(int64_t decode_rows, int64_t kv_tokens, int64_t prefill_tokens,
                          int64_t sampled_rows) {
-  const double secs = costs_.Seconds(decode_rows, kv_tokens, prefill_tokens, sampled_rows);
-  const double sampling = costs_.per_sampled_row * static_cast<double>(sampled_rows);
+  const double f = speed_ != nullptr ? speed_->At(clock_->Seconds()) : 1.0;
+  const double secs = f * costs_.Seconds(decode_rows, kv_tokens, prefill_tokens, sampled_rows);
+  const double sampling = f * costs_.per_sampled_row * static_cast<double>(sampled_rows);
   clock_->AdvanceSeconds(secs);
   ++tally_.steps;
   tally_.decode_rows += decode_rows;
   tally_.busy += secs;
-  if (decode_rows > 0) tally_.fixed += costs_.fixed + costs_.allreduce_per_step;
-  tally_.rows += costs_.per_decode_row * static_cast<double>(decode_rows);
-  tally_.kv += costs_.per_kv_token * static_cast<double>(kv_tokens);
-  tally_.prefill += costs_.PrefillSeconds(prefill_tokens, decode_rows > 0);
+  if (decode_rows > 0) tally_.fixed += f * (costs_.fixed + costs_.allreduce_per_step);
+  tally_.rows += f * costs_.per_decode_row * static_cast<double>(decode_rows);
+  tally_.kv += f * costs_.per_kv_token * static_cast<double>(kv_tokens);
+  tally_.prefill += f * costs_.PrefillSeconds(prefill_tokens, decode_rows > 0);
   tally_.sampling += sampling;
-  tally_.host += std::max(0.0, secs - sampling - costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens));
+  tally_.host += std::max(0.0, secs - sampling -
+                                   f * costs_.DeviceSeconds(decode_rows, kv_tokens, prefill_tokens));
 }
 
 bool SimBackend::ReserveAll(const std::vector<SeqId>& seqs, int64_t n) {

@@ -142,8 +142,10 @@ class SimBackend final : public Backend {
  public:
   // `per_thread`: every thread's own length distribution (ended by its hazard), or null (threads
   // run to the job's max_tokens). The clock is the replica's; both must outlive the backend.
+  // `speed`: step times times its factor at each step's start (null: 1); it must outlive the
+  // backend, and decode spans must be off (their steps are not looked up one by one).
   SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, SimClock* clock,
-             const LengthDist* per_thread);
+             const LengthDist* per_thread, const SpeedTrace* speed = nullptr);
   const char* name() const override { return "sim"; }
   KvCache& kv() override { return kv_; }
   const StepTally& tally() const { return tally_; }
@@ -174,6 +176,7 @@ class SimBackend final : public Backend {
   StepCosts costs_;
   SimClock* clock_;
   const LengthDist* per_thread_;
+  const SpeedTrace* speed_;
   NullSink sink_;
   StepTally tally_;
   int64_t zero_hazard_ = 0;  // per-thread lengths: tokens 1 .. this one end no thread

@@ -27,6 +27,13 @@ size_t KindIndex(int64_t decode_rows, int64_t prefill_tokens) {
 
 }  // namespace
 
+void WriteStepLogLine(std::FILE* f, const StepShape& s, double seconds, double end_s) {
+  std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%.6f,%.6f\n", static_cast<long long>(s.decode_rows),
+               static_cast<long long>(s.prefill_tokens), static_cast<long long>(s.kv_tokens),
+               static_cast<long long>(s.sampled_rows), static_cast<long long>(s.retries), seconds,
+               end_s);
+}
+
 absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<std::string>& logs) {
   std::array<StepGroup, kKinds.size()> by_kind;
   for (const std::string& path : logs) {

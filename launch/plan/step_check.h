@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "launch/plan/profile.h"
+#include "runtime/engine/engine.h"
 
 namespace dmsrt {
 
@@ -33,6 +35,13 @@ struct StepCheck {
 // last line still being written are skipped); an unreadable file or a malformed line is an
 // error naming the file and line.
 absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<std::string>& logs);
+
+// The step log's format, as `serve --step-log` (a real run) and `plan --step-log` (a simulated
+// one) write it: the header, then one line per step with end_s the seconds since the log opened
+// (serve) or on the simulated clock (plan).
+inline constexpr char kStepLogHeader[] =
+    "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n";
+void WriteStepLogLine(std::FILE* f, const StepShape& s, double seconds, double end_s);
 
 std::string StepCheckTable(const StepCheck& c);
 nlohmann::json StepCheckJson(const StepCheck& c);

@@ -1,6 +1,7 @@
 // Job traces (see trace.h).
 #include "launch/plan/trace.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/numbers.h"
@@ -54,6 +55,42 @@ absl::StatusOr<JobTrace> ReadJobTrace(const std::string& path) {
   absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (!text.ok()) return absl::NotFoundError(absl::StrCat("trace: ", text.status().message()));
   return ParseJobTrace(*text, path);
+}
+
+double SpeedTrace::At(double seconds) const {
+  if (from.empty()) return 1.0;
+  const auto it = std::upper_bound(from.begin(), from.end(), seconds);
+  return factor[it == from.begin() ? 0 : static_cast<size_t>(it - from.begin()) - 1];
+}
+
+absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::string& name) {
+  SpeedTrace t;
+  int64_t line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_no;
+    const size_t hash = line.find('#');
+    if (hash != absl::string_view::npos) line = line.substr(0, hash);
+    std::vector<absl::string_view> f = absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
+    if (f.empty()) continue;
+    double from = 0.0, factor = 0.0;
+    if (f.size() != 2 || !absl::SimpleAtod(f[0], &from) || !std::isfinite(from) ||
+        !absl::SimpleAtod(f[1], &factor) || !(factor > 0) || !std::isfinite(factor) ||
+        (!t.from.empty() && from <= t.from.back())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "speed trace ", name, " line ", line_no,
+          ": expected FROM_SECONDS FACTOR, times increasing, factor > 0"));
+    }
+    t.from.push_back(from);
+    t.factor.push_back(factor);
+  }
+  if (t.from.empty()) return absl::InvalidArgumentError(absl::StrCat("speed trace ", name, " is empty"));
+  return t;
+}
+
+absl::StatusOr<SpeedTrace> ReadSpeedTrace(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("speed trace: ", text.status().message()));
+  return ParseSpeedTrace(*text, path);
 }
 
 }  // namespace dmsrt

@@ -27,4 +27,20 @@ struct JobTrace {
 absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::string& name);
 absl::StatusOr<JobTrace> ReadJobTrace(const std::string& path);
 
+// A step-speed trace (`dmsrt plan --step-scale-trace`): how much slower (> 1) or faster than the
+// profile a run's steps were, by time. One change per line, in time order:
+//     FROM_SECONDS FACTOR
+// (the factor holds from that time until the next line's; before the first line, the first
+// factor). Times are on the job trace's clock. Used to replay a real run with the speed its
+// machine had at each moment (tests/bench/plan_validation.py derives one from a run's step log),
+// which separates the planner's error from a machine's drifting speed.
+struct SpeedTrace {
+  std::vector<double> from;    // seconds, increasing
+  std::vector<double> factor;  // > 0, one per `from`
+  double At(double seconds) const;
+  bool empty() const { return from.empty(); }
+};
+absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::string& name);
+absl::StatusOr<SpeedTrace> ReadSpeedTrace(const std::string& path);
+
 }  // namespace dmsrt

@@ -36,6 +36,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "launch/plan/step_check.h"
 #include "launch/run_options.h"
 #include "launch/service/coordinator.h"
 #include "launch/service/http_frontend.h"
@@ -337,17 +338,14 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
           absl::StrCat("--step-log ", o.step_log, ": ", std::strerror(errno)));
     }
     std::FILE* f = step_log.get();
-    std::fprintf(f, "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n");
+    std::fputs(kStepLogHeader, f);
     // end_s: when the step ended, in seconds since this header; with `seconds` it places every
     // step on serve's timeline, so the time between steps (idle or not) can be read off too.
     const auto opened = std::chrono::steady_clock::now();
     eo.on_step = [f, opened](const StepShape& s, double seconds) {
       const double end_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - opened).count();
-      std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%.6f,%.6f\n",
-                   static_cast<long long>(s.decode_rows), static_cast<long long>(s.prefill_tokens),
-                   static_cast<long long>(s.kv_tokens), static_cast<long long>(s.sampled_rows),
-                   static_cast<long long>(s.retries), seconds, end_s);
+      WriteStepLogLine(f, s, seconds, end_s);
       std::fflush(f);  // whole lines on disk: a reader may take the steps so far mid-run
     };
   }

@@ -208,7 +208,11 @@ def main():
            "latency_p50_s": pct(lat, 50), "latency_p90_s": pct(lat, 90), "latency_p99_s": pct(lat, 99),
            "first_thread_p50_s": pct(first, 50), "first_thread_p90_s": pct(first, 90),
            "prompt_tokens_error_max": max(perr) if perr else None,
-           "n": a.n, "prompt": a.prompt, "reasoning": a.reasoning, "seed": a.seed}
+           "n": a.n, "prompt": a.prompt, "reasoning": a.reasoning, "seed": a.seed,
+           # Every job in trace order (warm-up included), on this run's clock from its start:
+           # to lay beside `dmsrt plan --trace`'s job_done_s job by job.
+           "job_arrival_s": [j.arrival for j in jobs],
+           "job_done_s": [j.done if j.error is None else None for j in jobs]}
     print(json.dumps(rep))
     if a.json:
         with open(a.json, "w") as f:

@@ -23,6 +23,10 @@ speed drifts by up to 1.7x within an hour, so a profile taken once at the start 
 more than the planner's own error by the time a scenario runs; the JSON keeps both predictions
 (from the scenario's profile and from the runs' own).
 
+With --step-log each run is also replayed after the fact at the speed serve's steps had during
+it (`dmsrt plan --step-scale-trace`, factors per 10 s window from the run's step log): not a
+prediction, but it tells the planner's own error from this machine's moving speed.
+
 Writes its files (profile, traces, plans, loadgen reports, serve logs) under --workdir.
 """
 import argparse
@@ -264,6 +268,57 @@ def measure(a, sc, trace, run_dir, i, profile=None):
         srv.stop()
 
 
+SPEED_WINDOW_S = 10.0
+
+
+def run_speed_trace(a, run_dir, i, profile, report):
+    """After the fact: serve's step speed over the run, as a `dmsrt plan --step-scale-trace` file.
+
+    The run's own lines of its step log (after the calibration jobs') are cut into windows of
+    SPEED_WINDOW_S seconds by end_s; each window's factor is its steps' measured over predicted
+    seconds (`plan --check-steps` against the run's profile). Serve's log clock is put on the
+    trace's by the first prefill step of the run, which starts when the first job arrives.
+    Replaying the trace at that speed separates the planner's own error (scheduling, step
+    composition) from this machine's speed, which moves by +-25 % between windows of one run.
+    None when the log has no end_s column or the report no job records."""
+    path = os.path.join(run_dir, f"steps_{i}.csv")
+    if not os.path.exists(path) or "job_arrival_s" not in report:
+        return None
+    skip = (report.get("calibration") or {}).get("step_log_lines", 0)
+    with open(path) as f:
+        lines = [ln for ln in f.read().split("\n") if ln and not ln.startswith("decode_rows")][skip:]
+    rows = [ln.split(",") for ln in lines]
+    if not rows or len(rows[0]) < 7:
+        return None
+    first = next((r for r in rows if int(r[1]) > 0), None)
+    if first is None:
+        return None
+    offset = float(first[6]) - float(first[5]) - report["job_arrival_s"][0]
+    header = "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n"
+    out, t = [], float(rows[0][6]) - float(rows[0][5])
+    window = os.path.join(run_dir, "speed_window.csv")
+    while t <= float(rows[-1][6]):
+        part = [ln for ln, r in zip(lines, rows) if t <= float(r[6]) < t + SPEED_WINDOW_S]
+        if part:
+            with open(window, "w") as f:
+                f.write(header + "\n".join(part) + "\n")
+            rc, so, se = sh([a.binary, "plan", "--profile", profile, "--check-steps", window, "--json"])
+            if rc != 0:
+                raise RuntimeError(f"plan --check-steps failed (rc {rc}): {se}")
+            c = json.loads(so)["all"]
+            if c["predicted_s"] > 0:
+                out.append(f"{t - offset:.3f} {c['measured_s'] / c['predicted_s']:.4f}")
+        t += SPEED_WINDOW_S
+    os.remove(window)
+    if not out:
+        return None
+    trace = os.path.join(run_dir, f"speed_{i}.txt")
+    with open(trace, "w") as f:
+        f.write(f"# serve's step speed over run {i} (measured / profile), {SPEED_WINDOW_S:g} s windows\n")
+        f.write("\n".join(out) + "\n")
+    return trace
+
+
 def err(pred, meas):
     if pred is None or meas is None or meas == 0:
         return None
@@ -285,13 +340,19 @@ def run_scenario(a, sc):
     trace_plan = ["--replicas", "1", "--trace", trace, "--slo", "p90=100000"]
     pj, plan_cmd = plan(a, sc, [*trace_plan, "--out", os.path.join(d, "plan.json")], profile=rate_profile)
     pred = first_pred = predicted(pj)
-    runs, run_preds = [], []
+    runs, run_preds, replays = [], [], []
     for i in range(a.runs):
         prof = None
         if a.profile_each_run:
             prof = measure_profile(a, os.path.join(d, f"profile_{i}.json"))
         run = measure(a, sc, trace, d, i, prof or a.profile)
         runs.append(run)
+        speed = run_speed_trace(a, d, i, prof or a.profile, run) if a.step_log else None
+        if speed:
+            # After the fact, not a prediction: the run replayed at the speed serve's steps had.
+            pj_r, _ = plan(a, sc, [*trace_plan, "--step-scale-trace", speed,
+                                   "--out", os.path.join(d, f"replay_{i}.json")], profile=prof or a.profile)
+            replays.append(predicted(pj_r))
         if a.profile_each_run:
             # From what was measured before the run only: its profile, and the calibration jobs.
             scale = ["--step-scale", f"{run['calibration']['factor']:.4f}"] if a.serve_overhead else []
@@ -308,6 +369,10 @@ def run_scenario(a, sc):
         vals = [r[field] for r in runs if r.get(field) is not None]
         meas[key] = {"mean": statistics.fmean(vals) if vals else None, "min": min(vals) if vals else None,
                      "max": max(vals) if vals else None, "runs": vals}
+    replay = None
+    if replays and len(replays) == len(runs):
+        replay = {k: statistics.fmean(p[k] for p in replays) if all(p[k] is not None for p in replays) else None
+                  for k in ("jobs_per_hour", "p50", "p90", "p99")}
     failed = sum(r.get("failed_count", 0) for r in runs)
     meas["preemptions"] = [r.get("preemptions") for r in runs]
     errors = {k: err(pred[k], meas[k]["mean"]) for k in ("jobs_per_hour", "p50", "p90", "p99")}
@@ -319,6 +384,10 @@ def run_scenario(a, sc):
                                          for k in ("jobs_per_hour", "p50", "p90", "p99")},
             "predicted_per_run": run_preds, "serve_overhead_per_run": [r.get("calibration") for r in runs],
             "measured": meas, "errors_pct": errors,
+            # The runs replayed at serve's measured speed over time (after the fact; no verdict).
+            "replay_at_measured_speed": replay, "replay_per_run": replays,
+            "errors_pct_replay": {k: err(replay[k], meas[k]["mean"]) for k in ("jobs_per_hour", "p50", "p90", "p99")}
+            if replay else None,
             "failed_jobs": failed, "verdict": verdict}
 
 
@@ -329,7 +398,7 @@ def fmt(v, w=7, p=1):
 def table(results):
     lines = ["scenario              rate/h | jobs/h pred  meas (min..max)        err% | "
              "p50 pred  meas   err% | p90 pred  meas (min..max)       err% | p99 pred  meas   err% | "
-             "thr<=10% p90<=20% | preemptions pred / meas"]
+             "thr<=10% p90<=20% | preemptions pred / meas | p90 replayed at the runs' speed, err%"]
     for r in results:
         p, m, e = r["predicted"], r["measured"], r["errors_pct"]
         lines.append(
@@ -340,7 +409,9 @@ def table(results):
             f"{fmt(e['p90'], 6)} | {fmt(p['p99'], 6, 2)} {fmt(m['p99']['mean'], 6, 2)} {fmt(e['p99'], 6)} | "
             f"{'yes' if r['verdict']['throughput_within_10pct'] else 'NO':>8} "
             f"{'yes' if r['verdict']['p90_within_20pct'] else 'NO':>8} | preemptions "
-            f"{p['preemptions']} / {','.join('-' if x is None else str(int(x)) for x in m['preemptions'])}")
+            f"{p['preemptions']} / {','.join('-' if x is None else str(int(x)) for x in m['preemptions'])} | "
+            f"{fmt((r.get('replay_at_measured_speed') or {}).get('p90'), 6, 2)} "
+            f"{fmt((r.get('errors_pct_replay') or {}).get('p90'), 6)}")
     return "\n".join(lines)
 
 
@@ -361,7 +432,8 @@ def main():
                     help="measure a profile before every real run and predict the run from it")
     ap.add_argument("--step-log", action="store_true",
                     help="serve logs every engine step (steps_<run>.csv beside its log) for "
-                         "`dmsrt plan --profile P --check-steps`")
+                         "`dmsrt plan --profile P --check-steps`), and replay each run at the speed "
+                         "those steps had (plan --step-scale-trace; reported beside the prediction)")
     ap.add_argument("--serve-overhead", action="store_true",
                     help="with --profile-each-run: before each run, run a few jobs through the same "
                          "serve with its step log on, compare their steps with the profile's "

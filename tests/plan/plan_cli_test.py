@@ -3,11 +3,12 @@
 errors (a message, a non-zero exit, no crash) for a profile missing a field, a negative rate, an
 SLO no deployment meets (an answer with the closest miss) and a model that fits nowhere; a job
 trace written by tests/bench/loadgen.py simulated by --trace (and a bad trace refused); a serve
-step log checked against a profile by --check-steps. One case per ctest (label unit), seconds
-each:
+step log checked against a profile by --check-steps; a simulated run's own step log (--step-log)
+that --check-steps predicts exactly and whose timeline matches the run's. One case per ctest
+(label unit), seconds each:
 
     plan_cli_test.py BIN CASE   CASE: datasheet | bad_profile | negative_rate | no_slo | no_fit |
-                                      trace | check_steps
+                                      trace | check_steps | step_log
 """
 import json
 import os
@@ -114,6 +115,10 @@ def main():
             j = json.load(open(out))
             at = j["deployments"][0]["at_target"]
             assert at["jobs"] == 24, at
+            # Job by job: one finish time per trace line, none before its arrival.
+            done = at["job_done_s"]
+            assert len(done) == 24, done
+            assert all(d is None or d > float(r[0]) for d, r in zip(done, rows)), (done, rows)
             # The rate reported is the trace's own.
             want = 24 * 3600 / float(rows[-1][0])
             assert abs(j["workload"]["target_jobs_per_hour"] - want) < 1e-6 * want, j["workload"]
@@ -123,6 +128,50 @@ def main():
             expect_error(rc, se, "line 2")
             rc, so, se = run(bin_, "--profile", "h100-sxm", "--trace", trace)
             expect_error(rc, se, "--replicas")
+        elif case == "step_log":
+            # The simulated steps of a trace, written as serve writes its own: --check-steps on the
+            # same profile predicts each exactly, and end_s is the run's clock.
+            p = cpu_profile(tmp)
+            trace, log, out = (os.path.join(tmp, f) for f in ("jobs.trace", "sim_steps.csv", "plan.json"))
+            open(trace, "w").write("".join(f"{0.5 + 0.7 * i:.3f} {16 + 8 * (i % 3)} {20 + 10 * (i % 4)}\n"
+                                           for i in range(12)))
+            cpu = ["--profile", p, "--kv-budget", "64MiB", "--replicas", "1", "--trace", trace]
+            rc, so, se = run(bin_, *cpu, "--evict", "0.5", "--dms-window", "16", "--step-log", log,
+                             "--out", out)
+            assert rc in (0, 1), f"rc {rc}\n{se}"
+            at = json.load(open(out))["deployments"][0]["at_target"]
+            lines = open(log).read().split("\n")
+            assert lines[0] == "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s", lines[0]
+            steps = [[float(x) for x in l.split(",")] for l in lines[1:] if l]
+            assert len(steps) == at["steps"], (len(steps), at["steps"])
+            ends = [s[6] for s in steps]
+            assert ends == sorted(ends) and ends[0] > 0.5, ends[:3]
+            assert abs(ends[-1] - at["simulated_seconds"]) < 1e-5, (ends[-1], at["simulated_seconds"])
+            assert abs(max(d for d in at["job_done_s"]) - ends[-1]) < 1e-5, at["job_done_s"]
+            busy = sum(s[5] for s in steps)
+            parts = sum(at["step_seconds"].values())
+            assert abs(busy - parts) < 1e-4 * parts, (busy, at["step_seconds"])
+            rc, so, se = run(bin_, "--profile", p, "--check-steps", log, "--json")
+            assert rc == 0, f"rc {rc}\n{se}"
+            a = json.loads(so)["all"]
+            assert a["steps"] == len(steps) and abs(a["measured_s"] / a["predicted_s"] - 1) < 1e-4, a
+            # A speed trace of one factor is --step-scale; a bad one is refused with its line.
+            speed = os.path.join(tmp, "speed.txt")
+            open(speed, "w").write("# from factor\n0 1.5\n")
+            p90 = []
+            for extra in (["--step-scale-trace", speed], ["--step-scale", "1.5"]):
+                rc, so, se = run(bin_, *cpu, "--evict", "0.5", "--dms-window", "16", "--json", *extra)
+                assert rc in (0, 1), f"rc {rc}\n{se}"
+                p90.append(json.loads(so)["deployments"][0]["at_target"]["latency_p90_s"])
+            assert abs(p90[0] - p90[1]) < 1e-5, p90
+            open(speed, "w").write("0 1.5\n5 0\n")
+            rc, so, se = run(bin_, *cpu, "--step-scale-trace", speed)
+            expect_error(rc, se, "speed.txt line 2")
+            # One deployment only, and only a predicted one.
+            rc, so, se = run(bin_, *cpu, "--evict", "0,0.5", "--step-log", log)
+            expect_error(rc, se, "--step-log")
+            rc, so, se = run(bin_, "--profile", p, "--kv-budget", "64MiB", "--step-log", log)
+            expect_error(rc, se, "--step-log")
         else:
             raise SystemExit(f"unknown case {case}")
     print(f"{case}: ok")

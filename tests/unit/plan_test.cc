@@ -4,6 +4,7 @@
 // answers for bad input. Deterministic; each case runs in well under a second.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -564,6 +565,94 @@ TEST(PlanTraceTest, TraceOfTheDrawnJobsSimulatesAlike) {
   EXPECT_EQ(traced->steps, drawn->steps);
   t.generated_tokens.pop_back();
   EXPECT_FALSE(Simulate(c, 1, t, 600).ok()) << "lengths must match the arrivals";
+}
+
+TEST(PlanTraceTest, SpeedTraceParsesAndLooksUp) {
+  absl::StatusOr<SpeedTrace> t = ParseSpeedTrace("# from factor\n0 1.5\n10 0.8  # faster\n\n25 1\n", "s");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->from, (std::vector<double>{0, 10, 25}));
+  EXPECT_DOUBLE_EQ(t->At(-1.0), 1.5);  // before the first line: the first factor
+  EXPECT_DOUBLE_EQ(t->At(0.0), 1.5);
+  EXPECT_DOUBLE_EQ(t->At(9.99), 1.5);
+  EXPECT_DOUBLE_EQ(t->At(10.0), 0.8);
+  EXPECT_DOUBLE_EQ(t->At(1e9), 1.0);
+  for (const char* bad : {"", "# only\n", "1\n", "1 2 3\n", "1 0\n", "1 -2\n", "2 1\n1 1\n",
+                          "1 1\n1 2\n", "x 1\n", "1 nan\n"}) {
+    absl::StatusOr<SpeedTrace> b = ParseSpeedTrace(bad, "bad.speed");
+    EXPECT_FALSE(b.ok()) << "'" << bad << "'";
+    if (!b.ok()) {
+      EXPECT_NE(b.status().message().find("bad.speed"), std::string::npos);
+    }
+  }
+}
+
+// A constant factor is --step-scale (every term scaled alike); a factor that changes mid-run
+// changes only the steps after it.
+TEST(PlanSimTest, SpeedTraceScalesStepsByTime_dense_n4) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  const Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 25, 2400, false);
+  SimReplicaConfig scaled = c;
+  scaled.costs.ScaleAll(1.5);
+  scaled.decode_spans = false;
+  absl::StatusOr<SimResult> want = Simulate(scaled, 1, w, 600);
+  ASSERT_TRUE(want.ok()) << want.status();
+  SimReplicaConfig traced = c;
+  traced.speed.from = {0.0};
+  traced.speed.factor = {1.5};
+  absl::StatusOr<SimResult> got = Simulate(traced, 1, w, 600);
+  ASSERT_TRUE(got.ok()) << got.status();
+  // The clock counts whole nanoseconds (clock.h): each step's time rounds down there, so the
+  // two may differ by a nanosecond per step.
+  const double ns_per_step = 1e-9 * static_cast<double>(want->steps);
+  ASSERT_EQ(got->latency.size(), want->latency.size());
+  for (size_t i = 0; i < got->latency.size(); ++i) {
+    EXPECT_NEAR(got->latency[i], want->latency[i], ns_per_step) << i;
+  }
+  EXPECT_EQ(got->steps, want->steps);
+  EXPECT_NEAR(got->seconds_rows, want->seconds_rows, 1e-9 * want->seconds_rows);
+  EXPECT_NEAR(got->seconds_sampling, want->seconds_sampling, 1e-9 * want->seconds_sampling);
+  // Slower from the middle of the run on: the jobs done before are as at factor 1, the last is
+  // later than at factor 1.
+  absl::StatusOr<SimResult> base = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(base.ok());
+  const double mid = base->job_done[base->job_done.size() / 2];
+  traced.speed.from = {0.0, mid};
+  traced.speed.factor = {1.0, 2.0};
+  got = Simulate(traced, 1, w, 600);
+  ASSERT_TRUE(got.ok());
+  for (size_t i = 0; i < base->job_done.size(); ++i) {
+    if (base->job_done[i] < mid) EXPECT_DOUBLE_EQ(got->job_done[i], base->job_done[i]) << i;
+  }
+  EXPECT_GT(got->job_done.back(), base->job_done.back());
+}
+
+// The steps the simulator reports (SimReplicaConfig::on_step) are its clock: their seconds add
+// up to the busy time, each ends where the clock stands, and the last job is done at the last.
+TEST(PlanSimTest, OnStepReportsEveryStepOnTheClock_forced875) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.875;
+  c.window = 16;
+  const Workload w = Stream(4, "uniform:20:120", "uniform:100:300", 20, 2400, false);
+  int64_t steps = 0, rows = 0;
+  double busy = 0.0, last_end = 0.0;
+  bool ordered = true;
+  c.on_step = [&](int32_t replica, const StepShape& s, double seconds, double end_s) {
+    EXPECT_EQ(replica, 0);
+    ++steps;
+    rows += s.decode_rows;
+    busy += seconds;
+    ordered = ordered && end_s >= last_end + seconds - 1e-9;
+    last_end = end_s;
+  };
+  absl::StatusOr<SimResult> r = Simulate(c, 1, w, 600);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(steps, r->steps);
+  EXPECT_NEAR(busy, r->busy_seconds, 1e-9 * static_cast<double>(steps));  // whole ns per step
+  EXPECT_TRUE(ordered);
+  EXPECT_DOUBLE_EQ(last_end, *std::max_element(r->job_done.begin(), r->job_done.end()));
+  EXPECT_NEAR(static_cast<double>(rows) / static_cast<double>(steps), r->mean_batch, 1e-9);
 }
 
 PlanInputs TinyPlan() {
