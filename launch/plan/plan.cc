@@ -3,12 +3,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <limits>
-#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -254,15 +251,10 @@ absl::StatusOr<DeploymentPlan> PlanDeployment(const PlanInputs& in, int32_t tp, 
     return d;
   }
   if (in.fixed_replicas > 0) {
-    std::unique_ptr<std::FILE, int (*)(std::FILE*)> log(nullptr, &std::fclose);
+    StepLogFile log(nullptr, &std::fclose);
     if (!in.step_log_path.empty()) {
-      log.reset(std::fopen(in.step_log_path.c_str(), "w"));
-      if (log == nullptr) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--step-log ", in.step_log_path, ": ", std::strerror(errno)));
-      }
+      DMSRT_ASSIGN_OR_RETURN(log, OpenStepLog(in.step_log_path, "w"));
       std::FILE* f = log.get();
-      std::fputs(kStepLogHeader, f);
       c.on_step = [f](int32_t, const StepShape& s, double seconds, double end_s) {
         WriteStepLogLine(f, s, seconds, end_s);
       };

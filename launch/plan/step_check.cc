@@ -2,6 +2,8 @@
 #include "launch/plan/step_check.h"
 
 #include <array>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 
 #include "absl/strings/numbers.h"
@@ -32,6 +34,15 @@ void WriteStepLogLine(std::FILE* f, const StepShape& s, double seconds, double e
                static_cast<long long>(s.prefill_tokens), static_cast<long long>(s.kv_tokens),
                static_cast<long long>(s.sampled_rows), static_cast<long long>(s.retries), seconds,
                end_s);
+}
+
+absl::StatusOr<StepLogFile> OpenStepLog(const std::string& path, const char* mode) {
+  StepLogFile f(std::fopen(path.c_str(), mode), &std::fclose);
+  if (f == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--step-log ", path, ": ", std::strerror(errno)));
+  }
+  std::fputs(kStepLogHeader, f.get());
+  return f;
 }
 
 absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<std::string>& logs) {

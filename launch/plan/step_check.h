@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,10 @@ absl::StatusOr<StepCheck> CheckSteps(const StepCosts& costs, const std::vector<s
 inline constexpr char kStepLogHeader[] =
     "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n";
 void WriteStepLogLine(std::FILE* f, const StepShape& s, double seconds, double end_s);
+using StepLogFile = std::unique_ptr<std::FILE, int (*)(std::FILE*)>;
+// Opens `path` with fopen's `mode` ("a": serve, whose restarts append; "w": plan) and writes the
+// header; the error names the option and the path.
+absl::StatusOr<StepLogFile> OpenStepLog(const std::string& path, const char* mode);
 
 std::string StepCheckTable(const StepCheck& c);
 nlohmann::json StepCheckJson(const StepCheck& c);

@@ -1,8 +1,9 @@
-// Job traces (see trace.h).
+// Job and speed traces (see trace.h).
 #include "launch/plan/trace.h"
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -12,8 +13,13 @@
 
 namespace dmsrt {
 
-absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::string& name) {
-  JobTrace t;
+namespace {
+
+// Calls `fn(line_no, fields)` for every line of `text` with fields (blank-separated, after a '#'
+// comment is cut off), stopping at the first error `fn` returns.
+absl::Status ForEachFields(
+    const std::string& text,
+    const std::function<absl::Status(int64_t, const std::vector<absl::string_view>&)>& fn) {
   int64_t line_no = 0;
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     ++line_no;
@@ -21,6 +27,17 @@ absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::strin
     if (hash != absl::string_view::npos) line = line.substr(0, hash);
     std::vector<absl::string_view> f = absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (f.empty()) continue;
+    absl::Status s = fn(line_no, f);
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::string& name) {
+  JobTrace t;
+  absl::Status parsed = ForEachFields(text, [&](int64_t line_no, const std::vector<absl::string_view>& f) {
     auto bad = [&](const std::string& what) {
       return absl::InvalidArgumentError(absl::StrCat("trace ", name, " line ", line_no, ": ", what,
                                                      " (expected ARRIVAL_SECONDS [PROMPT_TOKENS GENERATED_TOKENS])"));
@@ -36,7 +53,7 @@ absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::strin
       return bad("either every job has its two lengths or none has");
     }
     t.arrivals.push_back(at);
-    if (!lengths) continue;
+    if (!lengths) return absl::OkStatus();
     int64_t prompt = 0, generated = 0;
     if (!absl::SimpleAtoi(f[1], &prompt) || prompt < 1 || !absl::SimpleAtoi(f[2], &generated) ||
         generated < 1) {
@@ -44,7 +61,9 @@ absl::StatusOr<JobTrace> ParseJobTrace(const std::string& text, const std::strin
     }
     t.prompt_tokens.push_back(prompt);
     t.generated_tokens.push_back(generated);
-  }
+    return absl::OkStatus();
+  });
+  if (!parsed.ok()) return parsed;
   if (t.arrivals.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("trace ", name, " has no job"));
   }
@@ -65,13 +84,7 @@ double SpeedTrace::At(double seconds) const {
 
 absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::string& name) {
   SpeedTrace t;
-  int64_t line_no = 0;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    ++line_no;
-    const size_t hash = line.find('#');
-    if (hash != absl::string_view::npos) line = line.substr(0, hash);
-    std::vector<absl::string_view> f = absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
-    if (f.empty()) continue;
+  absl::Status parsed = ForEachFields(text, [&](int64_t line_no, const std::vector<absl::string_view>& f) {
     double from = 0.0, factor = 0.0;
     if (f.size() != 2 || !absl::SimpleAtod(f[0], &from) || !std::isfinite(from) ||
         !absl::SimpleAtod(f[1], &factor) || !(factor > 0) || !std::isfinite(factor) ||
@@ -82,7 +95,9 @@ absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::s
     }
     t.from.push_back(from);
     t.factor.push_back(factor);
-  }
+    return absl::OkStatus();
+  });
+  if (!parsed.ok()) return parsed;
   if (t.from.empty()) return absl::InvalidArgumentError(absl::StrCat("speed trace ", name, " is empty"));
   return t;
 }

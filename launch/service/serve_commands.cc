@@ -22,11 +22,9 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
-#include <cstring>
 #include <iostream>
 #include <thread>
 
@@ -330,15 +328,10 @@ absl::Status ServeRank(const ServeOptions& o, ParallelContext& par, const ServeT
       g_stop = true;
     };
   }
-  std::unique_ptr<std::FILE, int (*)(std::FILE*)> step_log(nullptr, &std::fclose);
+  StepLogFile step_log(nullptr, &std::fclose);
   if (!o.step_log.empty()) {
-    step_log.reset(std::fopen(o.step_log.c_str(), "a"));
-    if (step_log == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--step-log ", o.step_log, ": ", std::strerror(errno)));
-    }
+    DMSRT_ASSIGN_OR_RETURN(step_log, OpenStepLog(o.step_log, "a"));
     std::FILE* f = step_log.get();
-    std::fputs(kStepLogHeader, f);
     // end_s: when the step ended, in seconds since this header; with `seconds` it places every
     // step on serve's timeline, so the time between steps (idle or not) can be read off too.
     const auto opened = std::chrono::steady_clock::now();
