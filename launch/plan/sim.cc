@@ -395,7 +395,7 @@ absl::Status Simulation::Arrive(double t) {
 
 absl::Status Simulation::StepReplica(SimReplica* rep, double t_arr, double cutoff) {
   rep->backend->SetSpanWindow(t_arr, cutoff);
-  DMSRT_RETURN_IF_ERROR(rep->engine->StepMany(cfg_.decode_spans && !cfg_.on_step && cfg_.speed.empty() ? kMaxSpan : 1).status());
+  DMSRT_RETURN_IF_ERROR(rep->engine->StepMany(cfg_.decode_spans && !cfg_.on_step ? kMaxSpan : 1).status());
   ++res_.step_calls;
   const EngineStats s = rep->engine->Stats();
   res_.peak_running_threads = std::max(res_.peak_running_threads, s.peak_running_threads);

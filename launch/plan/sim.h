@@ -97,7 +97,7 @@ struct SimReplicaConfig {
   // not used: every step is one call.
   std::function<void(int32_t replica, const StepShape&, double seconds, double end_s)> on_step;
   // Not empty: every step's time times the trace's factor at its start (a replay of a run whose
-  // machine changed speed; see trace.h). Decode spans are then not used.
+  // machine changed speed; see trace.h).
   SpeedTrace speed;
 };
 

@@ -123,13 +123,15 @@ int64_t SimBackend::DecodeSpanLimit(const std::vector<SeqId>& seqs, int64_t max_
   for (SeqId s : seqs) resident += LiveSlots(s);
   resident /= index.geometry().n_kv_heads;
   // Steps whose start is certainly inside the window: each row's resident slots grow by at
-  // most one per step, so this bounds each step's time from above; the clock arithmetic is
+  // most one per step and no later step is slowed by more than the speed trace's largest
+  // factor from now on, so this bounds each step's time from above; the clock arithmetic is
   // the clock's own.
   SimClock probe = *clock_;
+  const double slowest = speed_ != nullptr ? speed_->MaxFrom(clock_->Seconds()) : 1.0;
   int64_t m = 0;
   while (m < k && probe.Seconds() < span_before_ && probe.Seconds() <= span_until_) {
     ++m;
-    probe.AdvanceSeconds(costs_.Seconds(rows, resident + rows * m, 0, rows));
+    probe.AdvanceSeconds(slowest * costs_.Seconds(rows, resident + rows * m, 0, rows));
   }
   k = m;
   if (k < 2) return 0;

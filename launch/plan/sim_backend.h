@@ -142,8 +142,8 @@ class SimBackend final : public Backend {
  public:
   // `per_thread`: every thread's own length distribution (ended by its hazard), or null (threads
   // run to the job's max_tokens). The clock is the replica's; both must outlive the backend.
-  // `speed`: step times times its factor at each step's start (null: 1); it must outlive the
-  // backend, and decode spans must be off (their steps are not looked up one by one).
+  // `speed`: step times times its factor at each step's start (null: 1; spans included); it
+  // must outlive the backend.
   SimBackend(std::unique_ptr<KvIndex> index, const StepCosts& costs, SimClock* clock,
              const LengthDist* per_thread, const SpeedTrace* speed = nullptr);
   const char* name() const override { return "sim"; }

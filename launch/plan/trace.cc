@@ -82,6 +82,13 @@ double SpeedTrace::At(double seconds) const {
   return factor[it == from.begin() ? 0 : static_cast<size_t>(it - from.begin()) - 1];
 }
 
+double SpeedTrace::MaxFrom(double seconds) const {
+  if (from.empty()) return 1.0;
+  const auto it = std::upper_bound(from.begin(), from.end(), seconds);
+  const size_t i = it == from.begin() ? 0 : static_cast<size_t>(it - from.begin()) - 1;
+  return *std::max_element(factor.begin() + static_cast<std::ptrdiff_t>(i), factor.end());
+}
+
 absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::string& name) {
   SpeedTrace t;
   absl::Status parsed = ForEachFields(text, [&](int64_t line_no, const std::vector<absl::string_view>& f) {

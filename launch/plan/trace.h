@@ -38,6 +38,8 @@ struct SpeedTrace {
   std::vector<double> from;    // seconds, increasing
   std::vector<double> factor;  // > 0, one per `from`
   double At(double seconds) const;
+  // The largest factor at `seconds` or later (a bound on every later step's factor).
+  double MaxFrom(double seconds) const;
   bool empty() const { return from.empty(); }
 };
 absl::StatusOr<SpeedTrace> ParseSpeedTrace(const std::string& text, const std::string& name);

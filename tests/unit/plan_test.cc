@@ -486,6 +486,22 @@ TEST(PlanSpanTest, SameAsSingleSteps_forced875_w16_cutoff) {
   EXPECT_GT(r.jobs_finished, 0);
 }
 
+// A speed trace that changes every few seconds: spans bound their steps by the slowest factor
+// still ahead and give what single steps give.
+TEST(PlanSpanTest, SameAsSingleSteps_speed_trace_forced875) {
+  SimReplicaConfig c = TinyReplica(6 << 20);
+  c.costs = CpuLikeCosts();
+  c.eviction_rate = 0.875;
+  c.window = 16;
+  for (int i = 0; i < 40; ++i) {
+    c.speed.from.push_back(3.0 * i);
+    c.speed.factor.push_back(i % 3 == 0 ? 1.6 : (i % 3 == 1 ? 0.7 : 1.0));
+  }
+  const Workload w = Stream(4, "uniform:20:120", "uniform:200:700", 25, 2400, false);
+  const SimResult r = ExpectSpansChangeNothing(c, 1, w, 600, 0.5);
+  EXPECT_TRUE(r.complete);
+}
+
 // Per-thread lengths: the first 199 tokens cannot end a thread (spans), the rest can (single
 // steps).
 TEST(PlanSpanTest, SameAsSingleSteps_per_thread_uniform200_forced5) {
@@ -576,6 +592,9 @@ TEST(PlanTraceTest, SpeedTraceParsesAndLooksUp) {
   EXPECT_DOUBLE_EQ(t->At(9.99), 1.5);
   EXPECT_DOUBLE_EQ(t->At(10.0), 0.8);
   EXPECT_DOUBLE_EQ(t->At(1e9), 1.0);
+  EXPECT_DOUBLE_EQ(t->MaxFrom(-1.0), 1.5);
+  EXPECT_DOUBLE_EQ(t->MaxFrom(12.0), 1.0);
+  EXPECT_DOUBLE_EQ(t->MaxFrom(30.0), 1.0);
   for (const char* bad : {"", "# only\n", "1\n", "1 2 3\n", "1 0\n", "1 -2\n", "2 1\n1 1\n",
                           "1 1\n1 2\n", "x 1\n", "1 nan\n"}) {
     absl::StatusOr<SpeedTrace> b = ParseSpeedTrace(bad, "bad.speed");
