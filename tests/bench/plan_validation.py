@@ -286,7 +286,8 @@ def run_speed_trace(a, run_dir, i, profile, report):
         return None
     skip = (report.get("calibration") or {}).get("step_log_lines", 0)
     with open(path) as f:
-        lines = [ln for ln in f.read().split("\n") if ln and not ln.startswith("decode_rows")][skip:]
+        text = [ln for ln in f.read().split("\n") if ln]
+    header, lines = text[0] + "\n", [ln for ln in text if not ln.startswith("decode_rows")][skip:]
     rows = [ln.split(",") for ln in lines]
     if not rows or len(rows[0]) < 7:
         return None
@@ -294,21 +295,21 @@ def run_speed_trace(a, run_dir, i, profile, report):
     if first is None:
         return None
     offset = float(first[6]) - float(first[5]) - report["job_arrival_s"][0]
-    header = "decode_rows,prefill_tokens,kv_tokens,sampled_rows,retries,seconds,end_s\n"
-    out, t = [], float(rows[0][6]) - float(rows[0][5])
+    start = float(rows[0][6]) - float(rows[0][5])
+    windows = {}  # window index -> its lines, in one pass
+    for ln, r in zip(lines, rows):
+        windows.setdefault(int((float(r[6]) - start) // SPEED_WINDOW_S), []).append(ln)
+    out = []
     window = os.path.join(run_dir, "speed_window.csv")
-    while t <= float(rows[-1][6]):
-        part = [ln for ln, r in zip(lines, rows) if t <= float(r[6]) < t + SPEED_WINDOW_S]
-        if part:
-            with open(window, "w") as f:
-                f.write(header + "\n".join(part) + "\n")
-            rc, so, se = sh([a.binary, "plan", "--profile", profile, "--check-steps", window, "--json"])
-            if rc != 0:
-                raise RuntimeError(f"plan --check-steps failed (rc {rc}): {se}")
-            c = json.loads(so)["all"]
-            if c["predicted_s"] > 0:
-                out.append(f"{t - offset:.3f} {c['measured_s'] / c['predicted_s']:.4f}")
-        t += SPEED_WINDOW_S
+    for w in sorted(windows):
+        with open(window, "w") as f:
+            f.write(header + "\n".join(windows[w]) + "\n")
+        rc, so, se = sh([a.binary, "plan", "--profile", profile, "--check-steps", window, "--json"])
+        if rc != 0:
+            raise RuntimeError(f"plan --check-steps failed (rc {rc}): {se}")
+        c = json.loads(so)["all"]
+        if c["predicted_s"] > 0:
+            out.append(f"{start + w * SPEED_WINDOW_S - offset:.3f} {c['measured_s'] / c['predicted_s']:.4f}")
     os.remove(window)
     if not out:
         return None
